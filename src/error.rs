@@ -1,0 +1,110 @@
+//! The library's error type. Every message says what went wrong and what to do.
+
+use std::fmt;
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One problem found while validating a manifest (plus `--set` overrides and
+/// command-line stage names). All problems are collected and shown together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestIssue {
+    /// 1-based line in the manifest, when the problem has one.
+    pub line: Option<usize>,
+    pub stage: Option<String>,
+    /// Dotted field path, e.g. `params.num_samples` or `inputs[1]`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        if let Some(stage) = &self.stage {
+            write!(f, "stage '{stage}', ")?;
+        }
+        write!(f, "field '{}': {}", self.field, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read manifest {path}: {source}. Check the path you passed.")]
+    ManifestRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("manifest {path} is not valid TOML: {message}")]
+    ManifestSyntax { path: PathBuf, message: String },
+
+    #[error("manifest {} has {} problem(s); nothing was run or written:\n{}",
+        .path.display(), .issues.len(),
+        .issues.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+    ManifestInvalid {
+        path: PathBuf,
+        issues: Vec<ManifestIssue>,
+    },
+
+    #[error("invalid argument {arg}: {message}")]
+    Usage { arg: String, message: String },
+
+    #[error("workdir {} is in use by another genecis run ({holder}). Wait for it to finish; the lock is released as soon as that process exits, even if it is killed.", .workdir.display())]
+    Locked { workdir: PathBuf, holder: String },
+
+    #[error("stage '{stage}' cannot run now: {reason}")]
+    NotReady { stage: String, reason: String },
+
+    #[error("{action} {}: {source}", .path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("parquet error on {}: {source}. If the file is damaged, rerun the stage with --force.", .path.display())]
+    Parquet {
+        path: PathBuf,
+        source: parquet::errors::ParquetError,
+    },
+
+    #[error("corrupt run record {}: {message}. Delete the stage folder and rerun it.", .path.display())]
+    CorruptRecord { path: PathBuf, message: String },
+
+    #[error("stage '{stage}' ({kind}) failed: {message}")]
+    StageFailed {
+        stage: String,
+        kind: String,
+        message: String,
+    },
+
+    #[error("no genecis run at {}: pass a manifest (.toml) or a workdir that holds <stage>/_stage.json files (run the pipeline first)", .0.display())]
+    NoRun(PathBuf),
+
+    #[error("SQL error: {0}")]
+    Sql(#[from] datafusion::error::DataFusionError),
+
+    #[error("Arrow error: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+}
+
+impl Error {
+    /// Errors caused by what the user asked for (manifest, arguments), as
+    /// opposed to failures while working. The binary exits 2 for these.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::ManifestRead { .. }
+                | Error::ManifestSyntax { .. }
+                | Error::ManifestInvalid { .. }
+                | Error::Usage { .. }
+        )
+    }
+
+    pub fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { action, path, source }
+    }
+}

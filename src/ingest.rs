@@ -1,0 +1,557 @@
+//! `ingest`: caption files (CC3M TSV, JSONL, an image folder with a captions
+//! file) into the `captions` table; every line that cannot be used goes to
+//! `rejects` with the reason, never dropped silently.
+//!
+//! Tables:
+//! - `captions(image_id Int64, caption Utf8, image_path Utf8?, url Utf8?)`
+//! - `rejects(source Utf8, line_number Int64?, reason Utf8, raw Utf8?)`
+//!
+//! The file is cut into chunks of `chunk_rows` physical lines; chunk `k` is
+//! part `k` of both tables, so an interrupted run resumes chunk by chunk and
+//! `--shard i/N` takes the chunks `k % N == i`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
+
+use arrow::array::{ArrayRef, Int64Builder, StringBuilder};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::stage::{Stage, StageContext, StageReport, TableDef};
+
+pub static CAPTIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("image_id", DataType::Int64, false),
+        Field::new("caption", DataType::Utf8, false),
+        Field::new("image_path", DataType::Utf8, true),
+        Field::new("url", DataType::Utf8, true),
+    ]))
+});
+
+pub static REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("source", DataType::Utf8, false),
+        Field::new("line_number", DataType::Int64, true),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("raw", DataType::Utf8, true),
+    ]))
+});
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// `caption<TAB>url`, no header (Google's Train_GCC-training.tsv).
+    Cc3mTsv,
+    /// One `{"image_id", "caption", "image_path" | "url"}` object per line.
+    Jsonl,
+    /// `path` is a folder of images; `captions_file` has `file<TAB>caption`.
+    ImageFolder,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestParams {
+    pub path: PathBuf,
+    /// Inferred from `path` when absent: .tsv, .jsonl, or a folder.
+    #[serde(default)]
+    pub format: Option<Format>,
+    /// Folder the images live in; `image_path` is resolved against it.
+    #[serde(default)]
+    pub images_dir: Option<PathBuf>,
+    /// File name of image `{id}` for CC3M TSV (`{id}` or zero-padded `{id:09}`).
+    #[serde(default = "default_image_name")]
+    pub image_name: String,
+    /// For `image-folder`: the captions file (default `<path>/captions.tsv`).
+    #[serde(default)]
+    pub captions_file: Option<PathBuf>,
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: usize,
+    #[serde(default = "default_chunk_rows")]
+    pub chunk_rows: usize,
+}
+
+fn default_image_name() -> String {
+    "{id}".into()
+}
+fn default_max_line_bytes() -> usize {
+    64 * 1024
+}
+fn default_chunk_rows() -> usize {
+    100_000
+}
+
+impl IngestParams {
+    fn format(&self) -> Option<Format> {
+        self.format.or_else(|| {
+            let ext = self.path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+            match ext.as_str() {
+                "tsv" => Some(Format::Cc3mTsv),
+                "jsonl" | "ndjson" => Some(Format::Jsonl),
+                "" => Some(Format::ImageFolder),
+                _ => None,
+            }
+        })
+    }
+
+    fn captions_path(&self, base: &Path) -> PathBuf {
+        let p = crate::stage::resolve_path(base, &self.path);
+        match self.format() {
+            Some(Format::ImageFolder) => match &self.captions_file {
+                Some(c) => crate::stage::resolve_path(base, c),
+                None => p.join("captions.tsv"),
+            },
+            _ => p,
+        }
+    }
+}
+
+pub struct Ingest;
+
+impl Stage for Ingest {
+    const KIND: &'static str = "ingest";
+    const VERSION: &'static str = "1";
+    const SHARDABLE: bool = true;
+    const ABOUT: &'static str = "caption files (CC3M TSV, JSONL, image folder) -> captions, rejects";
+    type Params = IngestParams;
+
+    fn input_tables() -> &'static [&'static str] {
+        &[]
+    }
+
+    fn output_tables() -> Vec<TableDef> {
+        vec![
+            TableDef { name: "captions", schema: CAPTIONS_SCHEMA.clone() },
+            TableDef { name: "rejects", schema: REJECTS_SCHEMA.clone() },
+        ]
+    }
+
+    fn validate(p: &IngestParams, base: &Path) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if p.format().is_none() {
+            out.push((
+                "format".into(),
+                "cannot tell the format from the file name; set format = \"cc3m-tsv\", \"jsonl\" or \"image-folder\"".into(),
+            ));
+        }
+        if p.chunk_rows == 0 {
+            out.push(("chunk_rows".into(), "must be at least 1".into()));
+        }
+        if p.max_line_bytes < 16 {
+            out.push(("max_line_bytes".into(), "must be at least 16".into()));
+        }
+        if let Err(m) = ImageName::parse(&p.image_name) {
+            out.push(("image_name".into(), m));
+        }
+        if let Some(d) = &p.images_dir {
+            let d = crate::stage::resolve_path(base, d);
+            if !d.is_dir() {
+                out.push(("images_dir".into(), format!("{} is not a folder", d.display())));
+            }
+        }
+        if p.format() == Some(Format::ImageFolder) && !crate::stage::resolve_path(base, &p.path).is_dir() {
+            out.push(("path".into(), "format image-folder needs path to be a folder of images".into()));
+        }
+        out
+    }
+
+    fn files(p: &IngestParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
+        let mut v = vec![("path", crate::stage::resolve_path(base, &p.path))];
+        if p.format() == Some(Format::ImageFolder) {
+            v.push(("captions_file", p.captions_path(base)));
+        }
+        v
+    }
+
+    fn run(p: &IngestParams, ctx: &StageContext) -> Result<StageReport> {
+        let started = Instant::now();
+        let format = p.format().expect("validated");
+        let source = p.captions_path(ctx.base_dir);
+        let source_str = source.display().to_string();
+        let bytes = std::fs::read(&source).map_err(Error::io("cannot read", &source))?;
+        let lines = split_lines(&bytes);
+        let n_chunks = lines.len().div_ceil(p.chunk_rows).max(1);
+        let images_dir = p.images_dir.as_ref().map(|d| ctx.resolve(d));
+        let folder = ctx.resolve(&p.path);
+
+        // Every line's outcome; the cross-line checks (duplicates) need them all.
+        let mut outcomes: Vec<Outcome> = lines
+            .par_iter()
+            .enumerate()
+            .map(|(i, line)| match format {
+                Format::Cc3mTsv => parse_tsv(i, line, p, images_dir.as_deref()),
+                Format::Jsonl => parse_jsonl(line, p, images_dir.as_deref(), source.parent().unwrap_or(Path::new("."))),
+                Format::ImageFolder => parse_folder_line(line, p, &folder),
+            })
+            .collect();
+        mark_duplicates(&mut outcomes, format);
+        let mut orphans = Vec::new();
+        if format == Format::ImageFolder {
+            orphans = uncaptioned_images(&folder, &source, &outcomes)?;
+        }
+
+        let tabs = outcomes.iter().filter(|o| matches!(o, Outcome::Row(r) if r.had_tab)).count();
+        let rejects = outcomes.iter().filter(|o| matches!(o, Outcome::Reject(_))).count() + orphans.len();
+
+        let todo: Vec<usize> = (0..n_chunks)
+            .filter(|&k| ctx.shard.is_none_or(|s| s.owns(k)))
+            .filter(|&k| !ctx.writer.chunk_done(k))
+            .collect();
+        let resumed = (0..n_chunks).filter(|&k| ctx.writer.chunk_done(k)).count();
+        let bar = ctx.progress.bar(ctx.stage, lines.len() as u64, "lines");
+        bar.set_position(((resumed * p.chunk_rows).min(lines.len())) as u64);
+        let written = AtomicUsize::new(0);
+        todo.par_iter().try_for_each(|&k| -> Result<()> {
+            let lo = k * p.chunk_rows;
+            let hi = ((k + 1) * p.chunk_rows).min(lines.len());
+            let extra: &[(String, String)] = if k + 1 == n_chunks { &orphans } else { &[] };
+            let (caps, rej) = build_chunk(lo, &lines[lo..hi], &outcomes[lo..hi], extra, &source_str)?;
+            ctx.writer.write_chunk(k, &[("rejects", rej), ("captions", caps)])?;
+            written.fetch_add(hi - lo, Ordering::Relaxed);
+            bar.inc((hi - lo) as u64);
+            Ok(())
+        })?;
+        bar.finish_and_clear();
+
+        let mut notes = Vec::new();
+        if rejects > 0 {
+            notes.push(format!("{rejects} line(s) rejected: see table rejects for line numbers and reasons"));
+        }
+        if tabs > 0 {
+            notes.push(format!("{tabs} caption(s) contained tabs; they were replaced by spaces"));
+        }
+        if let Some(s) = ctx.shard {
+            notes.push(format!("shard {s} wrote {} of {n_chunks} chunks", todo.len()));
+        }
+        Ok(StageReport {
+            rows_in: lines.len() as u64,
+            chunks: n_chunks,
+            chunks_resumed: resumed,
+            notes,
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+/// `{id}` or `{id:0N}` inside a file name pattern.
+struct ImageName<'a> {
+    prefix: &'a str,
+    width: usize,
+    suffix: &'a str,
+}
+
+impl<'a> ImageName<'a> {
+    fn parse(pattern: &'a str) -> std::result::Result<ImageName<'a>, String> {
+        let err = || format!("'{pattern}' must contain {{id}} or {{id:0N}} once, e.g. \"{{id}}.jpg\"");
+        let start = pattern.find("{id").ok_or_else(err)?;
+        let end = start + pattern[start..].find('}').ok_or_else(err)?;
+        let spec = &pattern[start + 3..end];
+        let width = match spec {
+            "" => 0,
+            s if s.starts_with(":0") => s[2..].parse().map_err(|_| err())?,
+            _ => return Err(err()),
+        };
+        if pattern[end + 1..].contains("{id") {
+            return Err(err());
+        }
+        Ok(ImageName { prefix: &pattern[..start], width, suffix: &pattern[end + 1..] })
+    }
+
+    fn format(&self, id: usize) -> String {
+        format!("{}{:0w$}{}", self.prefix, id, self.suffix, w = self.width)
+    }
+}
+
+struct Row {
+    image_id: i64,
+    caption: String,
+    image_path: Option<String>,
+    url: Option<String>,
+    had_tab: bool,
+    /// For duplicate detection (JSONL: the id; image folder: the file).
+    key: Option<String>,
+}
+
+enum Outcome {
+    Row(Row),
+    Reject(String),
+}
+
+/// Lines without their terminator; CRLF and a leading BOM are removed. A
+/// final line without a newline still counts; a trailing newline does not
+/// start another line.
+fn split_lines(bytes: &[u8]) -> Vec<&[u8]> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let mut out = Vec::new();
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', bytes) {
+        out.push(&bytes[start..end]);
+        start = end + 1;
+    }
+    if start < bytes.len() {
+        out.push(&bytes[start..]);
+    }
+    for l in out.iter_mut() {
+        if let Some(s) = l.strip_suffix(b"\r") {
+            *l = s;
+        }
+    }
+    out
+}
+
+/// Common checks: length, UTF-8, blank, control characters.
+fn checked_text<'a>(line: &'a [u8], max: usize) -> std::result::Result<&'a str, String> {
+    if line.len() > max {
+        return Err(format!("line is {} bytes, over max_line_bytes = {max}", line.len()));
+    }
+    let text = std::str::from_utf8(line).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
+    if text.trim().is_empty() {
+        return Err("blank line".into());
+    }
+    if let Some(c) = text.chars().find(|&c| c.is_control() && c != '\t') {
+        return Err(format!("control character U+{:04X} (binary data?)", c as u32));
+    }
+    Ok(text)
+}
+
+fn clean_caption(raw: &str) -> (String, bool) {
+    let had_tab = raw.contains('\t');
+    let c = if had_tab { raw.replace('\t', " ") } else { raw.to_string() };
+    (c.trim().to_string(), had_tab)
+}
+
+fn parse_tsv(i: usize, line: &[u8], p: &IngestParams, images_dir: Option<&Path>) -> Outcome {
+    let text = match checked_text(line, p.max_line_bytes) {
+        Ok(t) => t,
+        Err(r) => return Outcome::Reject(r),
+    };
+    let Some((caption, url)) = text.rsplit_once('\t') else {
+        return Outcome::Reject("missing tab: expected caption<TAB>url".into());
+    };
+    let (caption, had_tab) = clean_caption(caption);
+    if caption.is_empty() {
+        return Outcome::Reject("empty caption".into());
+    }
+    let url = url.trim();
+    let name = ImageName::parse(&p.image_name).expect("validated");
+    Outcome::Row(Row {
+        image_id: i as i64,
+        caption,
+        image_path: images_dir.map(|d| d.join(name.format(i)).display().to_string()),
+        url: (!url.is_empty()).then(|| url.to_string()),
+        had_tab,
+        key: None,
+    })
+}
+
+#[derive(Deserialize)]
+struct JsonCaption {
+    image_id: serde_json::Value,
+    caption: String,
+    #[serde(default)]
+    image_path: Option<String>,
+    #[serde(default)]
+    url: Option<String>,
+}
+
+fn parse_jsonl(line: &[u8], p: &IngestParams, images_dir: Option<&Path>, file_dir: &Path) -> Outcome {
+    let text = match checked_text(line, p.max_line_bytes) {
+        Ok(t) => t,
+        Err(r) => return Outcome::Reject(r),
+    };
+    let j: JsonCaption = match serde_json::from_str(text) {
+        Ok(j) => j,
+        Err(e) => return Outcome::Reject(format!("not a caption object: {e}")),
+    };
+    let id = match &j.image_id {
+        serde_json::Value::Number(n) => n.as_i64(),
+        serde_json::Value::String(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    };
+    let Some(id) = id.filter(|&i| i >= 0) else {
+        return Outcome::Reject(format!("image_id must be a non-negative integer, got {}", j.image_id));
+    };
+    let (caption, had_tab) = clean_caption(&j.caption);
+    if caption.is_empty() {
+        return Outcome::Reject("empty caption".into());
+    }
+    let url = j.url.filter(|u| !u.trim().is_empty());
+    let image_path = j.image_path.filter(|s| !s.trim().is_empty()).map(|ip| {
+        let ip = Path::new(&ip);
+        let base = images_dir.unwrap_or(file_dir);
+        crate::stage::resolve_path(base, ip).display().to_string()
+    });
+    if image_path.is_none() && url.is_none() {
+        return Outcome::Reject("needs image_path or url".into());
+    }
+    Outcome::Row(Row { image_id: id, caption, image_path, url, had_tab, key: Some(id.to_string()) })
+}
+
+fn parse_folder_line(line: &[u8], p: &IngestParams, folder: &Path) -> Outcome {
+    let text = match checked_text(line, p.max_line_bytes) {
+        Ok(t) => t,
+        Err(r) => return Outcome::Reject(r),
+    };
+    let Some((file, caption)) = text.split_once('\t') else {
+        return Outcome::Reject("missing tab: expected file<TAB>caption".into());
+    };
+    let file = file.trim();
+    let (caption, had_tab) = clean_caption(caption);
+    if caption.is_empty() {
+        return Outcome::Reject("empty caption".into());
+    }
+    let path = folder.join(file);
+    if file.is_empty() || !path.is_file() {
+        return Outcome::Reject(format!("image file not found: {}", path.display()));
+    }
+    Outcome::Row(Row {
+        image_id: -1,
+        caption,
+        image_path: Some(path.display().to_string()),
+        url: None,
+        had_tab,
+        key: Some(file.to_string()),
+    })
+}
+
+/// Second and later uses of a key become rejects. Image-folder ids are the
+/// line numbers, assigned here.
+fn mark_duplicates(outcomes: &mut [Outcome], format: Format) {
+    let mut first: HashMap<String, usize> = HashMap::new();
+    for (i, o) in outcomes.iter_mut().enumerate() {
+        let Outcome::Row(r) = o else { continue };
+        if format == Format::ImageFolder {
+            r.image_id = i as i64;
+        }
+        let Some(key) = r.key.take() else { continue };
+        if let Some(&f) = first.get(&key) {
+            let what = if format == Format::Jsonl { "image_id" } else { "image file" };
+            *o = Outcome::Reject(format!("duplicate {what} {key} (first on line {})", f + 1));
+        } else {
+            first.insert(key, i);
+        }
+    }
+}
+
+const IMAGE_EXTS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif"];
+
+/// Images in the folder that no caption line names: reported, not dropped.
+fn uncaptioned_images(folder: &Path, captions: &Path, outcomes: &[Outcome]) -> Result<Vec<(String, String)>> {
+    let used: std::collections::HashSet<&str> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Row(r) => r.image_path.as_deref(),
+            _ => None,
+        })
+        .collect();
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(folder).map_err(Error::io("cannot list", folder))?;
+    let mut files: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    files.sort();
+    for f in files {
+        let ext = f.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        if f.is_file() && IMAGE_EXTS.contains(&ext.as_str()) && !used.contains(f.display().to_string().as_str()) {
+            let name = f.file_name().unwrap().to_string_lossy().to_string();
+            out.push((name, format!("image has no caption line in {}", captions.display())));
+        }
+    }
+    Ok(out)
+}
+
+fn raw_excerpt(line: &[u8]) -> String {
+    let cut = &line[..line.len().min(512)];
+    String::from_utf8_lossy(cut).into_owned()
+}
+
+fn build_chunk(
+    first_line: usize,
+    lines: &[&[u8]],
+    outcomes: &[Outcome],
+    extra_rejects: &[(String, String)],
+    source: &str,
+) -> Result<(RecordBatch, RecordBatch)> {
+    let mut id = Int64Builder::with_capacity(outcomes.len());
+    let mut cap = StringBuilder::new();
+    let mut path = StringBuilder::new();
+    let mut url = StringBuilder::new();
+    let mut r_src = StringBuilder::new();
+    let mut r_line = Int64Builder::new();
+    let mut r_reason = StringBuilder::new();
+    let mut r_raw = StringBuilder::new();
+    for (j, o) in outcomes.iter().enumerate() {
+        match o {
+            Outcome::Row(r) => {
+                id.append_value(r.image_id);
+                cap.append_value(&r.caption);
+                path.append_option(r.image_path.as_deref());
+                url.append_option(r.url.as_deref());
+            }
+            Outcome::Reject(reason) => {
+                r_src.append_value(source);
+                r_line.append_value((first_line + j + 1) as i64);
+                r_reason.append_value(reason);
+                r_raw.append_value(raw_excerpt(lines[j]));
+            }
+        }
+    }
+    for (file, reason) in extra_rejects {
+        r_src.append_value(source);
+        r_line.append_null();
+        r_reason.append_value(reason);
+        r_raw.append_value(file);
+    }
+    let caps = RecordBatch::try_new(
+        CAPTIONS_SCHEMA.clone(),
+        vec![
+            Arc::new(id.finish()) as ArrayRef,
+            Arc::new(cap.finish()),
+            Arc::new(path.finish()),
+            Arc::new(url.finish()),
+        ],
+    )?;
+    let rej = RecordBatch::try_new(
+        REJECTS_SCHEMA.clone(),
+        vec![
+            Arc::new(r_src.finish()) as ArrayRef,
+            Arc::new(r_line.finish()),
+            Arc::new(r_reason.finish()),
+            Arc::new(r_raw.finish()),
+        ],
+    )?;
+    Ok((caps, rej))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_strip_bom_and_crlf() {
+        let l = split_lines(b"\xEF\xBB\xBFa\tb\r\n\r\nc");
+        assert_eq!(l, vec![&b"a\tb"[..], b"", b"c"]);
+        assert_eq!(split_lines(b"x\n").len(), 1);
+        assert!(split_lines(b"").is_empty());
+    }
+
+    #[test]
+    fn image_name_patterns() {
+        assert_eq!(ImageName::parse("{id}").unwrap().format(7), "7");
+        assert_eq!(ImageName::parse("img_{id:05}.jpg").unwrap().format(42), "img_00042.jpg");
+        assert!(ImageName::parse("nothing").is_err());
+        assert!(ImageName::parse("{id:x}").is_err());
+    }
+
+    #[test]
+    fn control_chars_and_utf8_are_rejected() {
+        assert!(checked_text(b"a\x00b", 100).is_err());
+        assert!(checked_text(b"\xff\xfe", 100).is_err());
+        assert!(checked_text(b"   ", 100).is_err());
+        assert!(checked_text(b"caf\xc3\xa9\tu", 100).is_ok());
+        assert!(checked_text(&[b'a'; 200], 100).is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! genecis: the GeneCIS benchmark and training recipe as a pipeline of
+//! Arrow/Parquet stages. See DESIGN.md and README.md.
+
+pub mod error;
+pub mod ingest;
+pub mod manifest;
+pub mod progress;
+pub mod runner;
+pub mod sql;
+pub mod stage;
+pub mod store;
+
+pub use error::{Error, Result};

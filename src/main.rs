@@ -1,0 +1,249 @@
+//! The `genecis` command. Raw arguments (clap) are resolved into a validated
+//! plan before any work starts; usage and manifest errors exit with 2.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use genecis::manifest::{Plan, SetOverride};
+use genecis::runner::{self, RunOptions, StageState};
+use genecis::sql::{self, OutputFormat};
+use genecis::stage::{Shard, KINDS};
+
+#[derive(Parser)]
+#[command(name = "genecis", version, about = "GeneCIS pipelines on Arrow: run, inspect and query them")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a manifest's stages, skipping those that are up to date.
+    Run(RunArgs),
+    /// Show each stage as done, stale (and why) or missing.
+    Status(ManifestArgs),
+    /// Query a run's tables with SQL (interactive without QUERY).
+    Sql(SqlArgs),
+    /// List the stage kinds and their tables.
+    Kinds,
+}
+
+#[derive(Args)]
+struct ManifestArgs {
+    /// The pipeline manifest (TOML).
+    manifest: PathBuf,
+    /// Override a stage param: STAGE.PARAM=VALUE (a TOML value, else a string).
+    #[arg(long = "set", value_name = "STAGE.PARAM=VALUE")]
+    set: Vec<String>,
+    /// Use this workdir instead of the manifest's.
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    manifest: ManifestArgs,
+    /// Run only this stage; its inputs must be done.
+    #[arg(long, value_name = "STAGE")]
+    only: Option<String>,
+    /// Rerun this stage and every stage downstream of it.
+    #[arg(long, value_name = "STAGE")]
+    from: Option<String>,
+    /// Rerun even up-to-date stages (all, or the --only one).
+    #[arg(long)]
+    force: bool,
+    /// Run one shard I/N (0-based) of the shardable stages.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
+    /// No progress bars.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct SqlArgs {
+    /// A manifest (.toml) or a run's workdir.
+    target: PathBuf,
+    /// The query; without it (and without --file) an interactive prompt opens.
+    query: Option<String>,
+    /// Read the query from a .sql file.
+    #[arg(long, short, conflicts_with = "query")]
+    file: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = FormatArg::Table)]
+    format: FormatArg,
+    /// Write the result to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// With a manifest: use this workdir instead of the manifest's.
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Table,
+    Csv,
+    Json,
+    Parquet,
+}
+
+impl From<FormatArg> for OutputFormat {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Table => OutputFormat::Table,
+            FormatArg::Csv => OutputFormat::Csv,
+            FormatArg::Json => OutputFormat::Json,
+            FormatArg::Parquet => OutputFormat::Parquet,
+        }
+    }
+}
+
+fn parse_shard(s: &str) -> genecis::Result<Shard> {
+    let bad = || genecis::Error::Usage { arg: format!("--shard {s}"), message: "expected I/N with 0 <= I < N, e.g. 3/16".into() };
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (index, count) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+    if count == 0 || index >= count {
+        return Err(bad());
+    }
+    Ok(Shard { index, count })
+}
+
+impl ManifestArgs {
+    fn plan(&self) -> genecis::Result<Plan> {
+        let sets = self.set.iter().map(|s| SetOverride::parse(s)).collect::<genecis::Result<Vec<_>>>()?;
+        Plan::load(&self.manifest, &sets, self.workdir.as_deref())
+    }
+}
+
+/// Everything `run` needs, validated.
+struct ResolvedRun {
+    plan: Plan,
+    opts: RunOptions,
+}
+
+impl RunArgs {
+    fn resolve(&self) -> genecis::Result<ResolvedRun> {
+        let shard = self.shard.as_deref().map(parse_shard).transpose()?;
+        let plan = self.manifest.plan()?;
+        let opts = RunOptions {
+            only: self.only.clone(),
+            from: self.from.clone(),
+            force: self.force,
+            shard,
+            progress: !self.quiet,
+        };
+        runner::check_stage_names(&plan, &opts)?;
+        Ok(ResolvedRun { plan, opts })
+    }
+}
+
+fn sql_workdir(args: &SqlArgs) -> genecis::Result<PathBuf> {
+    let t = &args.target;
+    if t.is_file() {
+        match &args.workdir {
+            Some(w) => Ok(w.clone()),
+            None => genecis::manifest::workdir_of(t),
+        }
+    } else {
+        Ok(t.clone())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let usage = e.downcast_ref::<genecis::Error>().is_some_and(|g| g.is_usage());
+            ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Run(args) => {
+            let r = args.resolve()?;
+            println!("pipeline {} -> {}", r.plan.name, r.plan.workdir.display());
+            let started = std::time::Instant::now();
+            let outcomes = runner::run(&r.plan, &r.opts)?;
+            let ran = outcomes.iter().filter(|o| o.action == runner::Action::Ran).count();
+            let skipped = outcomes.iter().filter(|o| o.action == runner::Action::Skipped).count();
+            println!("done: {ran} ran, {skipped} up to date, {:.2} s", started.elapsed().as_secs_f64());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status(args) => {
+            let plan = args.plan()?;
+            println!("pipeline {} ({})", plan.name, plan.workdir.display());
+            for (name, state) in runner::status_lines(&plan)? {
+                match state {
+                    StageState::Done => println!("  {name:<20} done"),
+                    StageState::Missing { resumable_chunks: 0 } => println!("  {name:<20} missing"),
+                    StageState::Missing { resumable_chunks: k } => {
+                        println!("  {name:<20} missing ({k} chunk(s) of an interrupted run will be kept)")
+                    }
+                    StageState::Stale(why) => {
+                        println!("  {name:<20} stale");
+                        for w in why {
+                            println!("  {:<20}   - {w}", "");
+                        }
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Sql(args) => {
+            let workdir = sql_workdir(&args)?;
+            let query = match (&args.query, &args.file) {
+                (Some(q), _) => Some(q.clone()),
+                (None, Some(f)) => Some(std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?),
+                (None, None) => None,
+            };
+            let format: OutputFormat = args.format.into();
+            if format == OutputFormat::Parquet && args.out.is_none() {
+                return Err(genecis::Error::Usage { arg: "--format parquet".into(), message: "needs --out FILE".into() }.into());
+            }
+            let entries = sql::discover(&workdir)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let ctx = sql::session(&entries).await?;
+                match query {
+                    Some(q) => {
+                        let batches = sql::query(&ctx, &q).await?;
+                        sql::write_results(&batches, format, args.out.as_deref())?;
+                    }
+                    None => sql::repl(&ctx, &entries, &history_path(&workdir)).await?,
+                }
+                Ok::<_, genecis::Error>(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Kinds => {
+            for k in KINDS {
+                println!("{} (version {}{}): {}", k.kind(), k.version(), if k.shardable() { ", shardable" } else { "" }, k.about());
+                if !k.input_tables().is_empty() {
+                    println!("  reads: {}", k.input_tables().join(", "));
+                }
+                for t in k.output_tables() {
+                    let cols: Vec<String> = t
+                        .schema
+                        .fields()
+                        .iter()
+                        .map(|f| format!("{} {}{}", f.name(), f.data_type(), if f.is_nullable() { "?" } else { "" }))
+                        .collect();
+                    println!("  writes {}({})", t.name, cols.join(", "));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn history_path(workdir: &Path) -> PathBuf {
+    workdir.join(".sql_history")
+}

@@ -1,0 +1,438 @@
+//! Manifests: the raw TOML as written, and the validated [`Plan`] it
+//! resolves into before any work starts (kinds bound, params typed, inputs
+//! resolved, order fixed, fingerprints computed).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::error::{Error, ManifestIssue, Result};
+use crate::stage::{self, resolve_path, BoundStage, StageKind};
+use crate::store::{FileStamp, InputStamp};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    pipeline: RawPipeline,
+    #[serde(default, rename = "stage")]
+    stages: Vec<Spanned<RawStage>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    name: String,
+    workdir: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    name: Spanned<String>,
+    kind: Spanned<String>,
+    #[serde(default)]
+    inputs: Vec<Spanned<String>>,
+    #[serde(default)]
+    params: Option<Spanned<toml::Table>>,
+}
+
+/// `--set stage.param=value` from the command line.
+#[derive(Debug, Clone)]
+pub struct SetOverride {
+    pub stage: String,
+    pub param: String,
+    pub value: toml::Value,
+}
+
+impl SetOverride {
+    /// `stage.param=value`; the value is read as a TOML value (`5000`,
+    /// `true`, `"text"`), and as a plain string when it is not one.
+    pub fn parse(arg: &str) -> Result<SetOverride> {
+        let usage = |m: &str| Error::Usage { arg: format!("--set {arg}"), message: m.to_string() };
+        let (key, value) = arg.split_once('=').ok_or_else(|| usage("expected STAGE.PARAM=VALUE"))?;
+        let (stage, param) = key.trim().split_once('.').ok_or_else(|| usage("expected STAGE.PARAM=VALUE"))?;
+        if stage.is_empty() || param.is_empty() {
+            return Err(usage("expected STAGE.PARAM=VALUE"));
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        Ok(SetOverride { stage: stage.to_string(), param: param.to_string(), value })
+    }
+}
+
+/// A resolved input: a whole stage or one of its tables.
+#[derive(Debug, Clone)]
+pub struct InputBinding {
+    pub written: String,
+    pub stage: String,
+    pub tables: Vec<String>,
+}
+
+pub struct PlannedStage {
+    pub name: String,
+    pub kind: &'static dyn StageKind,
+    pub bound: Box<dyn BoundStage>,
+    pub params: serde_json::Value,
+    pub inputs: Vec<InputBinding>,
+    pub input_files: Vec<PathBuf>,
+    pub files: Vec<FileStamp>,
+    pub fingerprint: String,
+    pub line: Option<usize>,
+}
+
+impl PlannedStage {
+    pub fn input_stamps(&self, plan: &Plan) -> Vec<InputStamp> {
+        self.inputs
+            .iter()
+            .map(|b| InputStamp {
+                name: b.written.clone(),
+                stage: b.stage.clone(),
+                fingerprint: plan.stage(&b.stage).map(|s| s.fingerprint.clone()).unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// Input tables by table name -> committed folder.
+    pub fn input_dirs(&self, workdir: &Path) -> BTreeMap<String, PathBuf> {
+        let mut m = BTreeMap::new();
+        for b in &self.inputs {
+            for t in &b.tables {
+                m.insert(t.clone(), crate::store::stage_dir(workdir, &b.stage).join(t));
+            }
+        }
+        m
+    }
+}
+
+pub struct Plan {
+    pub manifest_path: PathBuf,
+    pub name: String,
+    pub base_dir: PathBuf,
+    pub workdir: PathBuf,
+    /// In dependency order (manifest order where dependencies allow).
+    pub stages: Vec<PlannedStage>,
+}
+
+impl Plan {
+    pub fn stage(&self, name: &str) -> Option<&PlannedStage> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// Names of `name` and every stage that depends on it, directly or not.
+    pub fn downstream_of(&self, name: &str) -> Vec<String> {
+        let mut out = vec![name.to_string()];
+        for s in &self.stages {
+            if s.inputs.iter().any(|b| out.contains(&b.stage)) && !out.contains(&s.name) {
+                out.push(s.name.clone());
+            }
+        }
+        out
+    }
+
+    /// Reads, validates and resolves a manifest. On any problem, returns one
+    /// error listing all of them; nothing is written.
+    pub fn load(path: &Path, sets: &[SetOverride], workdir_override: Option<&Path>) -> Result<Plan> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ManifestRead { path: path.to_path_buf(), source })?;
+        let raw: RawManifest = toml::from_str(&text)
+            .map_err(|e| Error::ManifestSyntax { path: path.to_path_buf(), message: e.to_string() })?;
+        let abs = std::path::absolute(path).map_err(Error::io("cannot resolve", path))?;
+        let base_dir = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let line_of = |offset: usize| Some(text[..offset.min(text.len())].matches('\n').count() + 1);
+
+        let mut issues = Vec::new();
+        let mut issue = |line: Option<usize>, stage: Option<&str>, field: &str, message: String| {
+            issues.push(ManifestIssue { line, stage: stage.map(str::to_string), field: field.to_string(), message })
+        };
+
+        if raw.pipeline.name.trim().is_empty() {
+            issue(None, None, "pipeline.name", "must not be empty".into());
+        }
+        if raw.stages.is_empty() {
+            issue(None, None, "stage", "the manifest has no [[stage]] tables; add at least one".into());
+        }
+        let workdir = match workdir_override {
+            Some(w) => std::path::absolute(w).map_err(Error::io("cannot resolve", w))?,
+            None => {
+                let w = raw.pipeline.workdir.clone().unwrap_or_else(|| format!("runs/{}", raw.pipeline.name));
+                resolve_path(&base_dir, Path::new(&w))
+            }
+        };
+
+        // Names: unique, usable as folder names and SQL schema names.
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for s in &raw.stages {
+            let name = s.get_ref().name.get_ref();
+            let line = line_of(s.get_ref().name.span().start);
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') || name.starts_with('-') {
+                issue(line, Some(name), "name", "use letters, digits, '_' and '-' only (it names a folder and a SQL schema)".into());
+            }
+            if let Some(first) = seen.insert(name.clone(), line.unwrap_or(0)) {
+                issue(line, Some(name), "name", format!("duplicate stage name (first used on line {first})"));
+            }
+        }
+
+        // Overrides must name a stage.
+        let mut overrides: HashMap<&str, Vec<&SetOverride>> = HashMap::new();
+        for o in sets {
+            if seen.contains_key(&o.stage) {
+                overrides.entry(o.stage.as_str()).or_default().push(o);
+            } else {
+                issue(
+                    None,
+                    Some(&o.stage),
+                    "--set",
+                    format!("no stage named '{}' in this manifest (stages: {})", o.stage, names(&raw.stages)),
+                );
+            }
+        }
+
+        // Kinds and params.
+        let mut kinds: Vec<Option<&'static dyn StageKind>> = Vec::new();
+        let mut bounds: Vec<Option<Box<dyn BoundStage>>> = Vec::new();
+        for s in &raw.stages {
+            let st = s.get_ref();
+            let name = st.name.get_ref().as_str();
+            let kind = stage::lookup(st.kind.get_ref());
+            if kind.is_none() {
+                let known: Vec<_> = stage::KINDS.iter().map(|k| k.kind()).collect();
+                issue(
+                    line_of(st.kind.span().start),
+                    Some(name),
+                    "kind",
+                    format!("unknown stage kind '{}'; known kinds: {}", st.kind.get_ref(), known.join(", ")),
+                );
+            }
+            kinds.push(kind);
+            let mut params = st.params.as_ref().map(|p| p.get_ref().clone()).unwrap_or_default();
+            for o in overrides.get(name).into_iter().flatten() {
+                params.insert(o.param.clone(), o.value.clone());
+            }
+            let params_line = st.params.as_ref().map(|p| p.span().start).and_then(line_of).or(line_of(s.span().start));
+            let bound = match kind.map(|k| k.bind(params, &base_dir)) {
+                Some(Ok(b)) => Some(b),
+                Some(Err(problems)) => {
+                    for (field, msg) in problems {
+                        issue(params_line, Some(name), &field, msg);
+                    }
+                    None
+                }
+                None => None,
+            };
+            bounds.push(bound);
+        }
+
+        // Inputs: a stage, `stage.table`, or a file.
+        let index: HashMap<&str, usize> =
+            raw.stages.iter().enumerate().map(|(i, s)| (s.get_ref().name.get_ref().as_str(), i)).collect();
+        let mut bindings: Vec<Vec<InputBinding>> = Vec::new();
+        let mut input_files: Vec<Vec<PathBuf>> = Vec::new();
+        for (i, s) in raw.stages.iter().enumerate() {
+            let st = s.get_ref();
+            let name = st.name.get_ref().as_str();
+            let mut bs = Vec::new();
+            let mut files = Vec::new();
+            for (j, inp) in st.inputs.iter().enumerate() {
+                let written = inp.get_ref().as_str();
+                let line = line_of(inp.span().start);
+                let field = format!("inputs[{j}]");
+                let (head, tail) = match written.split_once('.') {
+                    Some((h, t)) if index.contains_key(h) => (h, Some(t)),
+                    _ => (written, None),
+                };
+                if let Some(&up) = index.get(head) {
+                    if up == i {
+                        issue(line, Some(name), &field, "a stage cannot read its own output".into());
+                        continue;
+                    }
+                    let Some(up_kind) = kinds[up] else { continue };
+                    let tables: Vec<String> = up_kind.output_tables().iter().map(|t| t.name.to_string()).collect();
+                    match tail {
+                        None => bs.push(InputBinding { written: written.into(), stage: head.into(), tables }),
+                        Some(t) if tables.iter().any(|x| x == t) => {
+                            bs.push(InputBinding { written: written.into(), stage: head.into(), tables: vec![t.into()] })
+                        }
+                        Some(t) => issue(
+                            line,
+                            Some(name),
+                            &field,
+                            format!("stage '{head}' ({}) has no table '{t}'; its tables are: {}", up_kind.kind(), tables.join(", ")),
+                        ),
+                    }
+                } else {
+                    let p = resolve_path(&base_dir, Path::new(written));
+                    if p.exists() {
+                        files.push(p);
+                    } else {
+                        issue(
+                            line,
+                            Some(name),
+                            &field,
+                            format!(
+                                "'{written}' is neither a stage of this manifest (stages: {}) nor an existing file (looked for {})",
+                                names(&raw.stages),
+                                p.display()
+                            ),
+                        );
+                    }
+                }
+            }
+            // Every table the kind needs must come from exactly one input.
+            if let Some(k) = kinds[i] {
+                for need in k.input_tables() {
+                    let providers: Vec<_> =
+                        bs.iter().filter(|b: &&InputBinding| b.tables.iter().any(|t| t == need)).map(|b| b.written.as_str()).collect();
+                    match providers.len() {
+                        0 => issue(
+                            line_of(s.span().start),
+                            Some(name),
+                            "inputs",
+                            format!("kind '{}' needs a table '{need}'; list the stage that makes it in inputs", k.kind()),
+                        ),
+                        1 => {}
+                        _ => issue(
+                            line_of(s.span().start),
+                            Some(name),
+                            "inputs",
+                            format!("table '{need}' comes from several inputs ({}); name one as 'stage.{need}'", providers.join(", ")),
+                        ),
+                    }
+                }
+            }
+            bindings.push(bs);
+            input_files.push(files);
+        }
+
+        // Files the params name must exist.
+        let mut stamps: Vec<Vec<FileStamp>> = Vec::new();
+        for (i, s) in raw.stages.iter().enumerate() {
+            let name = s.get_ref().name.get_ref().as_str();
+            let mut st = Vec::new();
+            let mut all: Vec<(String, PathBuf)> =
+                input_files[i].iter().map(|p| ("inputs".to_string(), p.clone())).collect();
+            if let Some(b) = &bounds[i] {
+                all.extend(b.files(&base_dir).into_iter().map(|(f, p)| (format!("params.{f}"), p)));
+            }
+            for (field, p) in all {
+                match FileStamp::of(&p) {
+                    Ok(stamp) => st.push(stamp),
+                    Err(_) => issue(
+                        s.get_ref().params.as_ref().map(|x| x.span().start).and_then(line_of),
+                        Some(name),
+                        &field,
+                        format!("{} does not exist (relative paths are resolved against {})", p.display(), base_dir.display()),
+                    ),
+                }
+            }
+            stamps.push(st);
+        }
+
+        // Order: dependencies first, manifest order otherwise; report cycles.
+        let n = raw.stages.len();
+        let deps: Vec<Vec<usize>> =
+            bindings.iter().map(|bs| bs.iter().filter_map(|b| index.get(b.stage.as_str()).copied()).collect()).collect();
+        let mut order = Vec::with_capacity(n);
+        let mut placed = vec![false; n];
+        while order.len() < n {
+            let next = (0..n).find(|&i| !placed[i] && deps[i].iter().all(|&d| placed[d]));
+            match next {
+                Some(i) => {
+                    placed[i] = true;
+                    order.push(i);
+                }
+                None => {
+                    let stuck: Vec<_> =
+                        (0..n).filter(|&i| !placed[i]).map(|i| raw.stages[i].get_ref().name.get_ref().clone()).collect();
+                    let first = (0..n).find(|&i| !placed[i]).unwrap();
+                    issue(
+                        line_of(raw.stages[first].span().start),
+                        Some(&stuck[0]),
+                        "inputs",
+                        format!("the inputs of stages {} form a cycle", stuck.join(", ")),
+                    );
+                    break;
+                }
+            }
+        }
+
+        if !issues.is_empty() {
+            return Err(Error::ManifestInvalid { path: path.to_path_buf(), issues });
+        }
+
+        // Fingerprints, in dependency order.
+        let mut bounds: Vec<Option<Box<dyn BoundStage>>> = bounds;
+        let mut done: Vec<Option<PlannedStage>> = (0..n).map(|_| None).collect();
+        for &i in &order {
+            let st = raw.stages[i].get_ref();
+            let kind = kinds[i].unwrap();
+            let bound = bounds[i].take().unwrap();
+            let params = bound.canonical_params();
+            let inputs_fp: Vec<(String, String)> = bindings[i]
+                .iter()
+                .map(|b| (b.written.clone(), done[index[b.stage.as_str()]].as_ref().unwrap().fingerprint.clone()))
+                .collect();
+            let fingerprint = fingerprint(kind.kind(), kind.version(), &params, &inputs_fp, &stamps[i]);
+            done[i] = Some(PlannedStage {
+                name: st.name.get_ref().clone(),
+                kind,
+                bound,
+                params,
+                inputs: bindings[i].clone(),
+                input_files: input_files[i].clone(),
+                files: stamps[i].clone(),
+                fingerprint,
+                line: line_of(raw.stages[i].span().start),
+            });
+        }
+        let stages = order.iter().map(|&i| done[i].take().unwrap()).collect();
+        Ok(Plan { manifest_path: path.to_path_buf(), name: raw.pipeline.name, base_dir, workdir, stages })
+    }
+}
+
+fn names(stages: &[Spanned<RawStage>]) -> String {
+    stages.iter().map(|s| s.get_ref().name.get_ref().as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// Hash of everything that determines a stage's output.
+pub fn fingerprint(
+    kind: &str,
+    version: &str,
+    params: &serde_json::Value,
+    inputs: &[(String, String)],
+    files: &[FileStamp],
+) -> String {
+    let doc = serde_json::json!({
+        "kind": kind,
+        "version": version,
+        "params": params,
+        "inputs": inputs,
+        "files": files,
+    });
+    let hash = blake3::hash(&serde_json::to_vec(&doc).unwrap());
+    hash.to_hex()[..32].to_string()
+}
+
+/// The workdir a manifest names, without validating its stages (for `sql`,
+/// which reads finished runs even when their inputs have moved).
+pub fn workdir_of(path: &Path) -> Result<PathBuf> {
+    #[derive(Deserialize)]
+    struct Head {
+        pipeline: RawPipeline,
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| Error::ManifestRead { path: path.to_path_buf(), source })?;
+    let head: Head = toml::from_str::<toml::Table>(&text)
+        .and_then(|t| {
+            let p = t.get("pipeline").cloned().unwrap_or(toml::Value::Table(Default::default()));
+            let mut m = toml::Table::new();
+            m.insert("pipeline".into(), p);
+            toml::Value::Table(m).try_into()
+        })
+        .map_err(|e| Error::ManifestSyntax { path: path.to_path_buf(), message: e.to_string() })?;
+    let abs = std::path::absolute(path).map_err(Error::io("cannot resolve", path))?;
+    let base = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let w = head.pipeline.workdir.unwrap_or_else(|| format!("runs/{}", head.pipeline.name));
+    Ok(resolve_path(&base, Path::new(&w)))
+}

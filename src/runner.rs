@@ -1,0 +1,317 @@
+//! Running a plan: deciding what is up to date, running and committing
+//! stages, and explaining staleness for `status`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::manifest::{Plan, PlannedStage};
+use crate::progress::{thousands, Progress};
+use crate::stage::{Shard, StageContext};
+use crate::store::{self, StageRecord, StageWriter, WorkdirLock};
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Run only this stage (its inputs must be done).
+    pub only: Option<String>,
+    /// Rerun this stage and everything downstream of it.
+    pub from: Option<String>,
+    pub force: bool,
+    pub shard: Option<Shard>,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StageState {
+    Done,
+    /// Why: one line per changed thing.
+    Stale(Vec<String>),
+    /// Chunks finished by an interrupted run that a rerun will keep.
+    Missing { resumable_chunks: usize },
+}
+
+impl StageState {
+    pub fn label(&self) -> &'static str {
+        match self {
+            StageState::Done => "done",
+            StageState::Stale(_) => "stale",
+            StageState::Missing { .. } => "missing",
+        }
+    }
+}
+
+/// Compares what the manifest asks for with what the workdir holds.
+pub fn stage_state(plan: &Plan, s: &PlannedStage) -> Result<StageState> {
+    let dir = store::stage_dir(&plan.workdir, &s.name);
+    let record = StageRecord::read(&dir)?;
+    let resumable = || store::resumable_chunks(&plan.workdir, &s.name, &s.fingerprint, &s.kind.output_tables());
+    let Some(rec) = record else {
+        return Ok(StageState::Missing { resumable_chunks: resumable() });
+    };
+    if rec.fingerprint == s.fingerprint {
+        if rec.outputs_complete(&dir) {
+            return Ok(StageState::Done);
+        }
+        return Ok(StageState::Stale(vec!["output part files are missing; the stage will be rebuilt".into()]));
+    }
+    Ok(StageState::Stale(explain(plan, s, &rec)))
+}
+
+fn explain(plan: &Plan, s: &PlannedStage, rec: &StageRecord) -> Vec<String> {
+    let mut why = Vec::new();
+    if rec.kind != s.kind.kind() {
+        why.push(format!("kind changed: {} -> {}", rec.kind, s.kind.kind()));
+    } else if rec.kind_version != s.kind.version() {
+        why.push(format!("stage code version changed: {} -> {}", rec.kind_version, s.kind.version()));
+    }
+    let empty = serde_json::Map::new();
+    let old = rec.params.as_object().unwrap_or(&empty);
+    let new = s.params.as_object().unwrap_or(&empty);
+    let mut keys: Vec<&String> = old.keys().chain(new.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    for k in keys {
+        let (a, b) = (old.get(k), new.get(k));
+        if a != b {
+            let show = |v: Option<&serde_json::Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "(absent)".into());
+            why.push(format!("param {k} changed: {} -> {}", show(a), show(b)));
+        }
+    }
+    let now = s.input_stamps(plan);
+    for inp in &now {
+        match rec.inputs.iter().find(|r| r.name == inp.name) {
+            None => why.push(format!("input '{}' was added", inp.name)),
+            Some(r) if r.fingerprint != inp.fingerprint => {
+                why.push(format!("input '{}' changed (stage '{}' has new content or settings)", inp.name, inp.stage))
+            }
+            _ => {}
+        }
+    }
+    for r in &rec.inputs {
+        if !now.iter().any(|i| i.name == r.name) {
+            why.push(format!("input '{}' was removed", r.name));
+        }
+    }
+    for f in &s.files {
+        match rec.files.iter().find(|r| r.path == f.path) {
+            None => why.push(format!("now reads file {}", f.path.display())),
+            Some(r) if r != f => why.push(format!(
+                "file {} changed (size {} -> {}, modified time differs: {})",
+                f.path.display(),
+                r.size,
+                f.size,
+                r.mtime_ns != f.mtime_ns
+            )),
+            _ => {}
+        }
+    }
+    for r in &rec.files {
+        if !s.files.iter().any(|f| f.path == r.path) {
+            why.push(format!("no longer reads file {}", r.path.display()));
+        }
+    }
+    if why.is_empty() {
+        why.push("fingerprint differs (tool changes)".into());
+    }
+    why
+}
+
+/// What happened to one stage in a run.
+#[derive(Debug, Clone)]
+pub struct StageOutcome {
+    pub stage: String,
+    pub action: Action,
+    pub record: Option<StageRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Skipped,
+    Ran,
+    /// A shard finished its chunks; other shards still have work.
+    ShardDone,
+}
+
+pub fn check_stage_names(plan: &Plan, opts: &RunOptions) -> Result<()> {
+    for (flag, v) in [("--only", &opts.only), ("--from", &opts.from)] {
+        if let Some(name) = v {
+            if plan.stage(name).is_none() {
+                let names: Vec<_> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+                return Err(Error::Usage {
+                    arg: format!("{flag} {name}"),
+                    message: format!("no such stage; stages are: {}", names.join(", ")),
+                });
+            }
+        }
+    }
+    if opts.only.is_some() && opts.from.is_some() {
+        return Err(Error::Usage { arg: "--only/--from".into(), message: "use one of them, not both".into() });
+    }
+    Ok(())
+}
+
+pub fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<StageOutcome>> {
+    check_stage_names(plan, opts)?;
+    let selected: Vec<String> = match (&opts.only, &opts.from) {
+        (Some(o), _) => vec![o.clone()],
+        _ => plan.stages.iter().map(|s| s.name.clone()).collect(),
+    };
+    let forced: Vec<String> = match (&opts.from, opts.force) {
+        (_, true) => selected.clone(),
+        (Some(f), false) => plan.downstream_of(f),
+        (None, false) => Vec::new(),
+    };
+    if let Some(shard) = opts.shard {
+        if shard.count == 0 || shard.index >= shard.count {
+            return Err(Error::Usage { arg: format!("--shard {shard}"), message: "expected I/N with 0 <= I < N".into() });
+        }
+    }
+
+    let _lock = WorkdirLock::acquire(&plan.workdir, opts.shard)?;
+    let progress = Progress::new(opts.progress);
+    let mut outcomes = Vec::new();
+    for s in &plan.stages {
+        if !selected.contains(&s.name) {
+            continue;
+        }
+        let state = stage_state(plan, s)?;
+        if state == StageState::Done && !forced.contains(&s.name) {
+            println!("= {} ({}): up to date", s.name, s.kind.kind());
+            outcomes.push(StageOutcome { stage: s.name.clone(), action: Action::Skipped, record: None });
+            continue;
+        }
+        // Inputs must be committed and current.
+        for b in &s.inputs {
+            let up = plan.stage(&b.stage).expect("validated");
+            let up_state = stage_state(plan, up)?;
+            if up_state != StageState::Done {
+                return Err(Error::NotReady {
+                    stage: s.name.clone(),
+                    reason: format!(
+                        "its input stage '{}' is {}; run it first (drop --only, or run --only {})",
+                        up.name,
+                        up_state.label(),
+                        up.name
+                    ),
+                });
+            }
+        }
+        if opts.shard.is_some() && !s.kind.shardable() {
+            return Err(Error::NotReady {
+                stage: s.name.clone(),
+                reason: format!(
+                    "kind '{}' is not shardable and the stage is not done; run it without --shard first",
+                    s.kind.kind()
+                ),
+            });
+        }
+        if forced.contains(&s.name) {
+            // A forced run starts from scratch: drop kept chunks.
+            let work = plan.workdir.join(".work").join(&s.name);
+            if work.exists() && opts.shard.is_none() {
+                std::fs::remove_dir_all(&work).map_err(Error::io("cannot clear", &work))?;
+            }
+        }
+        let outcome = run_stage(plan, s, opts.shard, &progress)?;
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+fn run_stage(plan: &Plan, s: &PlannedStage, shard: Option<Shard>, progress: &Progress) -> Result<StageOutcome> {
+    let started = Instant::now();
+    let tables = s.kind.output_tables();
+    let writer = StageWriter::open(&plan.workdir, &s.name, &s.fingerprint, tables)?;
+    let inputs = s.input_dirs(&plan.workdir);
+    let ctx = StageContext {
+        stage: &s.name,
+        base_dir: &plan.base_dir,
+        inputs: &inputs,
+        input_files: &s.input_files,
+        shard,
+        writer: &writer,
+        progress,
+    };
+    let report = s.bound.run(&ctx).map_err(|e| match e {
+        Error::StageFailed { .. } | Error::Io { .. } | Error::Parquet { .. } => e,
+        other => Error::StageFailed { stage: s.name.clone(), kind: s.kind.kind().into(), message: other.to_string() },
+    })?;
+    let elapsed = started.elapsed();
+
+    if shard.is_some() {
+        let _guard = WorkdirLock::commit_guard(&plan.workdir)?;
+        if stage_state(plan, s)? == StageState::Done {
+            println!("= {} ({}): shard {} done; the stage was committed by another shard", s.name, s.kind.kind(), shard.unwrap());
+            return Ok(StageOutcome { stage: s.name.clone(), action: Action::ShardDone, record: None });
+        }
+        let missing = (0..report.chunks).filter(|&k| !writer.chunk_done(k)).count();
+        if missing > 0 {
+            println!(
+                "~ {} ({}): shard {} done in {:.2} s; {missing} of {} chunks wait for other shards",
+                s.name,
+                s.kind.kind(),
+                shard.unwrap(),
+                elapsed.as_secs_f64(),
+                report.chunks
+            );
+            return Ok(StageOutcome { stage: s.name.clone(), action: Action::ShardDone, record: None });
+        }
+    }
+
+    let record = StageRecord {
+        stage: s.name.clone(),
+        kind: s.kind.kind().into(),
+        kind_version: s.kind.version().into(),
+        fingerprint: s.fingerprint.clone(),
+        params: s.params.clone(),
+        inputs: s.input_stamps(plan),
+        files: s.files.clone(),
+        tables: Default::default(),
+        chunks: report.chunks,
+        chunks_resumed: report.chunks_resumed,
+        rows_in: report.rows_in,
+        seconds: elapsed.as_secs_f64(),
+        finished_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        tool_version: format!("genecis {}", env!("CARGO_PKG_VERSION")),
+        notes: report.notes.clone(),
+    };
+    let record = writer.commit(&plan.workdir, &s.name, record, report.chunks)?;
+    print_summary(s, &record);
+    Ok(StageOutcome { stage: s.name.clone(), action: Action::Ran, record: Some(record) })
+}
+
+fn print_summary(s: &PlannedStage, r: &StageRecord) {
+    let secs = r.seconds.max(1e-9);
+    let tables: Vec<String> = r.tables.iter().map(|(n, t)| format!("{n} {}", thousands(t.rows))).collect();
+    let resumed = if r.chunks_resumed > 0 {
+        format!(", resumed {} of {} chunks", r.chunks_resumed, r.chunks)
+    } else {
+        String::new()
+    };
+    println!(
+        "+ {} ({}): {} rows in {:.2} s, {} rows/s -> {}{resumed}",
+        s.name,
+        s.kind.kind(),
+        thousands(r.rows_in),
+        r.seconds,
+        thousands((r.rows_in as f64 / secs) as u64),
+        tables.join(", ")
+    );
+    for n in &r.notes {
+        println!("    {n}");
+    }
+}
+
+/// One line per stage for `genecis status`.
+pub fn status_lines(plan: &Plan) -> Result<Vec<(String, StageState)>> {
+    plan.stages.iter().map(|s| Ok((s.name.clone(), stage_state(plan, s)?))).collect()
+}
+
+pub fn workdir_has_run(workdir: &Path) -> bool {
+    std::fs::read_dir(workdir)
+        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.path().join(store::RECORD_FILE).is_file()))
+        .unwrap_or(false)
+}

@@ -1,0 +1,207 @@
+//! `genecis sql`: every committed table of a run, queryable by name in a
+//! DataFusion session. `table` reaches a name only one stage has;
+//! `stage.table` always works (each stage is a SQL schema).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use datafusion::common::TableReference;
+
+use crate::error::{Error, Result};
+use crate::store::{StageRecord, RECORD_FILE};
+
+#[derive(Debug, Clone)]
+pub struct TableEntry {
+    pub stage: String,
+    pub table: String,
+    pub dir: PathBuf,
+    pub rows: u64,
+}
+
+/// Committed tables of a workdir, sorted by stage then table.
+pub fn discover(workdir: &Path) -> Result<Vec<TableEntry>> {
+    let rd = std::fs::read_dir(workdir).map_err(|_| Error::NoRun(workdir.to_path_buf()))?;
+    let mut out = Vec::new();
+    for e in rd.filter_map(|e| e.ok()) {
+        let dir = e.path();
+        if !dir.join(RECORD_FILE).is_file() {
+            continue;
+        }
+        if let Some(rec) = StageRecord::read(&dir)? {
+            for (name, stat) in &rec.tables {
+                let tdir = dir.join(name);
+                if tdir.is_dir() {
+                    out.push(TableEntry { stage: rec.stage.clone(), table: name.clone(), dir: tdir, rows: stat.rows });
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::NoRun(workdir.to_path_buf()));
+    }
+    out.sort_by(|a, b| (&a.stage, &a.table).cmp(&(&b.stage, &b.table)));
+    Ok(out)
+}
+
+/// A session with every table registered (information_schema on, so
+/// `SHOW TABLES` and `DESCRIBE t` work).
+pub async fn session(entries: &[TableEntry]) -> Result<SessionContext> {
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
+    let catalog = ctx.catalog("datafusion").expect("default catalog");
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for e in entries {
+        *count.entry(e.table.as_str()).or_default() += 1;
+    }
+    for e in entries {
+        if catalog.schema(&e.stage).is_none() {
+            catalog.register_schema(&e.stage, Arc::new(MemorySchemaProvider::new()))?;
+        }
+        let url = format!("{}/", e.dir.display());
+        ctx.register_parquet(TableReference::partial(e.stage.as_str(), e.table.as_str()), &url, ParquetReadOptions::default())
+            .await?;
+        if count[e.table.as_str()] == 1 && ctx.table_exist(e.table.as_str())? == false {
+            ctx.register_parquet(TableReference::bare(e.table.as_str()), &url, ParquetReadOptions::default()).await?;
+        }
+    }
+    Ok(ctx)
+}
+
+pub async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+    Ok(ctx.sql(sql).await?.collect().await?)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Table,
+    Csv,
+    Json,
+    Parquet,
+}
+
+/// Writes query results in `format` to `out` (stdout when `None`).
+pub fn write_results(batches: &[RecordBatch], format: OutputFormat, out: Option<&Path>) -> Result<()> {
+    let mut sink: Box<dyn Write> = match out {
+        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).map_err(Error::io("cannot create", p))?)),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let io = |e| Error::Io { action: "cannot write output", path: out.map(Path::to_path_buf).unwrap_or_else(|| "<stdout>".into()), source: e };
+    match format {
+        OutputFormat::Table => {
+            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            let text = arrow::util::pretty::pretty_format_batches(batches)?;
+            writeln!(sink, "{text}").map_err(io)?;
+            writeln!(sink, "({rows} row{})", if rows == 1 { "" } else { "s" }).map_err(io)?;
+        }
+        OutputFormat::Csv => {
+            let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut sink);
+            for b in batches {
+                w.write(b)?;
+            }
+        }
+        OutputFormat::Json => {
+            let mut w = arrow::json::LineDelimitedWriter::new(&mut sink);
+            for b in batches {
+                w.write(b)?;
+            }
+            w.finish()?;
+        }
+        OutputFormat::Parquet => {
+            let path = out.ok_or_else(|| Error::Usage {
+                arg: "--format parquet".into(),
+                message: "needs --out FILE (Parquet is not written to a terminal)".into(),
+            })?;
+            drop(sink);
+            let file = std::fs::File::create(path).map_err(Error::io("cannot create", path))?;
+            let schema = batches.first().map(|b| b.schema()).unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
+            let perr = |source| Error::Parquet { path: path.to_path_buf(), source };
+            let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, None).map_err(perr)?;
+            for b in batches {
+                w.write(b).map_err(perr)?;
+            }
+            w.close().map_err(perr)?;
+            return Ok(());
+        }
+    }
+    sink.flush().map_err(io)
+}
+
+/// Text for `\d`: every table with its row count.
+pub fn describe_tables(entries: &[TableEntry]) -> String {
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for e in entries {
+        *count.entry(e.table.as_str()).or_default() += 1;
+    }
+    let mut s = String::new();
+    for e in entries {
+        let short = if count[e.table.as_str()] == 1 { format!(" (also: {})", e.table) } else { String::new() };
+        s.push_str(&format!("  {}.{}{short}: {} rows\n", e.stage, e.table, crate::progress::thousands(e.rows)));
+    }
+    s
+}
+
+/// The interactive prompt: statements end with `;`; `\d` lists tables,
+/// `\d NAME` shows a table's columns, `\q` quits. Errors are printed and the
+/// prompt goes on.
+pub async fn repl(ctx: &SessionContext, entries: &[TableEntry], history: &Path) -> Result<()> {
+    use rustyline::error::ReadlineError;
+    let mut rl = rustyline::DefaultEditor::new().map_err(|e| Error::Usage { arg: "sql".into(), message: e.to_string() })?;
+    let _ = rl.load_history(history);
+    println!("genecis sql: {} tables. End statements with ';'. \\d lists tables, \\d NAME describes one, \\q quits.", entries.len());
+    let mut buf = String::new();
+    loop {
+        let prompt = if buf.is_empty() { "genecis> " } else { "     ..> " };
+        let line = match rl.readline(prompt) {
+            Ok(l) => l,
+            Err(ReadlineError::Interrupted) => {
+                buf.clear();
+                continue;
+            }
+            Err(ReadlineError::Eof) => break,
+            Err(e) => {
+                eprintln!("error: {e}");
+                break;
+            }
+        };
+        let trimmed = line.trim();
+        if buf.is_empty() && trimmed.starts_with('\\') {
+            let _ = rl.add_history_entry(trimmed);
+            match trimmed.split_whitespace().collect::<Vec<_>>().as_slice() {
+                ["\\q"] => break,
+                ["\\d"] => print!("{}", describe_tables(entries)),
+                ["\\d", name] => match query(ctx, &format!("DESCRIBE {name}")).await {
+                    Ok(b) => {
+                        let _ = write_results(&b, OutputFormat::Table, None);
+                    }
+                    Err(e) => eprintln!("error: {e}"),
+                },
+                _ => eprintln!("unknown command {trimmed}; try \\d, \\d NAME or \\q"),
+            }
+            continue;
+        }
+        if trimmed.is_empty() {
+            continue;
+        }
+        buf.push_str(&line);
+        buf.push('\n');
+        if !trimmed.ends_with(';') {
+            continue;
+        }
+        let stmt = std::mem::take(&mut buf);
+        let _ = rl.add_history_entry(stmt.trim());
+        match query(ctx, &stmt).await {
+            Ok(b) => {
+                if let Err(e) = write_results(&b, OutputFormat::Table, None) {
+                    eprintln!("error: {e}");
+                }
+            }
+            Err(e) => eprintln!("error: {e}"),
+        }
+    }
+    let _ = rl.save_history(history);
+    Ok(())
+}

@@ -1,0 +1,341 @@
+//! The run directory: committed stages, in-progress work, part files, the
+//! `_stage.json` records and the workdir lock.
+//!
+//! ```text
+//! <workdir>/<stage>/_stage.json
+//! <workdir>/<stage>/<table>/part-00000.parquet      committed
+//! <workdir>/.work/<stage>/_work.json                 in progress (fingerprint)
+//! <workdir>/.work/<stage>/<table>/part-00000.parquet  finished chunks, kept on resume
+//! ```
+//! A chunk is finished when every output table has its part; a stage is
+//! committed by renaming its work folder into place.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::stage::TableDef;
+
+pub const RECORD_FILE: &str = "_stage.json";
+const WORK_FILE: &str = "_work.json";
+const WORK_DIR: &str = ".work";
+const LOCK_FILE: &str = ".genecis.lock";
+
+/// A file a stage read, as fingerprinted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub path: PathBuf,
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+impl FileStamp {
+    pub fn of(path: &Path) -> Result<FileStamp> {
+        let meta = fs::metadata(path).map_err(Error::io("cannot read", path))?;
+        let mtime_ns = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        Ok(FileStamp { path: path.to_path_buf(), size: meta.len(), mtime_ns })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputStamp {
+    /// As written in the manifest (`captions`, `graphs.relations`).
+    pub name: String,
+    pub stage: String,
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TableStat {
+    pub rows: u64,
+    pub parts: usize,
+}
+
+/// `_stage.json`: what was run, from what, and what it produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub stage: String,
+    pub kind: String,
+    pub kind_version: String,
+    pub fingerprint: String,
+    pub params: serde_json::Value,
+    pub inputs: Vec<InputStamp>,
+    pub files: Vec<FileStamp>,
+    pub tables: BTreeMap<String, TableStat>,
+    pub chunks: usize,
+    pub chunks_resumed: usize,
+    pub rows_in: u64,
+    pub seconds: f64,
+    pub finished_unix: u64,
+    pub tool_version: String,
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+impl StageRecord {
+    pub fn read(stage_dir: &Path) -> Result<Option<StageRecord>> {
+        let path = stage_dir.join(RECORD_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("cannot read", &path)(e)),
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::CorruptRecord { path, message: e.to_string() })
+    }
+
+    /// Whether every table folder listed still holds its parts.
+    pub fn outputs_complete(&self, stage_dir: &Path) -> bool {
+        self.tables.iter().all(|(name, stat)| {
+            (0..stat.parts).all(|k| stage_dir.join(name).join(part_name(k)).is_file())
+        })
+    }
+}
+
+pub fn part_name(chunk: usize) -> String {
+    format!("part-{chunk:05}.parquet")
+}
+
+pub fn stage_dir(workdir: &Path, stage: &str) -> PathBuf {
+    workdir.join(stage)
+}
+
+fn work_dir(workdir: &Path, stage: &str) -> PathBuf {
+    workdir.join(WORK_DIR).join(stage)
+}
+
+#[derive(Serialize, Deserialize)]
+struct WorkInfo {
+    fingerprint: String,
+}
+
+/// Writes one stage's tables chunk by chunk into its work folder, keeping
+/// chunks finished by an earlier, interrupted run with the same fingerprint.
+pub struct StageWriter {
+    dir: PathBuf,
+    tables: Vec<TableDef>,
+    props: WriterProperties,
+}
+
+impl StageWriter {
+    pub fn open(workdir: &Path, stage: &str, fingerprint: &str, tables: Vec<TableDef>) -> Result<StageWriter> {
+        let dir = work_dir(workdir, stage);
+        let info_path = dir.join(WORK_FILE);
+        let reusable = fs::read_to_string(&info_path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<WorkInfo>(&t).ok())
+            .is_some_and(|w| w.fingerprint == fingerprint);
+        if !reusable && dir.exists() {
+            fs::remove_dir_all(&dir).map_err(Error::io("cannot clear stale work folder", &dir))?;
+        }
+        for t in &tables {
+            let p = dir.join(t.name);
+            fs::create_dir_all(&p).map_err(Error::io("cannot create", &p))?;
+        }
+        if !reusable {
+            let info = serde_json::to_string(&WorkInfo { fingerprint: fingerprint.to_string() }).unwrap();
+            write_atomic(&info_path, info.as_bytes())?;
+        }
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap()))
+            .set_created_by(format!("genecis {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        Ok(StageWriter { dir, tables, props })
+    }
+
+    pub fn tables(&self) -> &[TableDef] {
+        &self.tables
+    }
+
+    /// A chunk is finished when every table has its part file.
+    pub fn chunk_done(&self, chunk: usize) -> bool {
+        self.tables.iter().all(|t| self.dir.join(t.name).join(part_name(chunk)).is_file())
+    }
+
+    /// Writes the chunk's batch for every table (empty batches included, so
+    /// that "all tables have the part" marks it finished). Each part is
+    /// written under a temp name and renamed.
+    pub fn write_chunk(&self, chunk: usize, batches: &[(&str, RecordBatch)]) -> Result<()> {
+        for t in &self.tables {
+            if !batches.iter().any(|(n, _)| *n == t.name) {
+                return Err(Error::StageFailed {
+                    stage: self.dir.display().to_string(),
+                    kind: String::new(),
+                    message: format!("internal: chunk {chunk} has no batch for table '{}'", t.name),
+                });
+            }
+        }
+        for (name, batch) in batches {
+            let final_path = self.dir.join(name).join(part_name(chunk));
+            let tmp = self.dir.join(name).join(format!(".{}.tmp", part_name(chunk)));
+            let file = File::create(&tmp).map_err(Error::io("cannot create", &tmp))?;
+            let perr = |source| Error::Parquet { path: tmp.clone(), source };
+            let mut w = ArrowWriter::try_new(file, batch.schema(), Some(self.props.clone())).map_err(perr)?;
+            w.write(batch).map_err(perr)?;
+            w.close().map_err(perr)?;
+            fs::rename(&tmp, &final_path).map_err(Error::io("cannot rename", &tmp))?;
+        }
+        Ok(())
+    }
+
+    /// Row and part counts, read from the part files' footers.
+    fn table_stats(&self, chunks: usize) -> Result<BTreeMap<String, TableStat>> {
+        let mut out = BTreeMap::new();
+        for t in &self.tables {
+            let mut rows = 0u64;
+            for k in 0..chunks {
+                let p = self.dir.join(t.name).join(part_name(k));
+                let f = File::open(&p).map_err(Error::io("cannot open", &p))?;
+                let r = SerializedFileReader::new(f).map_err(|source| Error::Parquet { path: p.clone(), source })?;
+                rows += r.metadata().file_metadata().num_rows() as u64;
+            }
+            out.insert(t.name.to_string(), TableStat { rows, parts: chunks });
+        }
+        Ok(out)
+    }
+
+    /// Moves the work folder into `<workdir>/<stage>` with its record. The
+    /// old committed folder, if any, is invalidated first (record removed),
+    /// so a crash in between leaves the stage "missing", never half-new.
+    pub fn commit(self, workdir: &Path, stage: &str, mut record: StageRecord, chunks: usize) -> Result<StageRecord> {
+        for k in 0..chunks {
+            if !self.chunk_done(k) {
+                return Err(Error::NotReady {
+                    stage: stage.to_string(),
+                    reason: format!("chunk {k} of {chunks} is not finished"),
+                });
+            }
+        }
+        record.tables = self.table_stats(chunks)?;
+        record.chunks = chunks;
+        let json = serde_json::to_string_pretty(&record).unwrap();
+        write_atomic(&self.dir.join(RECORD_FILE), json.as_bytes())?;
+        let _ = fs::remove_file(self.dir.join(WORK_FILE));
+        let dest = stage_dir(workdir, stage);
+        if dest.exists() {
+            let _ = fs::remove_file(dest.join(RECORD_FILE));
+            let trash = workdir.join(WORK_DIR).join(format!("{stage}.old"));
+            if trash.exists() {
+                fs::remove_dir_all(&trash).map_err(Error::io("cannot remove", &trash))?;
+            }
+            fs::rename(&dest, &trash).map_err(Error::io("cannot move aside", &dest))?;
+            fs::rename(&self.dir, &dest).map_err(Error::io("cannot commit", &self.dir))?;
+            fs::remove_dir_all(&trash).map_err(Error::io("cannot remove", &trash))?;
+        } else {
+            fs::rename(&self.dir, &dest).map_err(Error::io("cannot commit", &self.dir))?;
+        }
+        Ok(record)
+    }
+}
+
+/// Number of finished chunks in an interrupted run's work folder, if its
+/// fingerprint matches (for `status`).
+pub fn resumable_chunks(workdir: &Path, stage: &str, fingerprint: &str, tables: &[TableDef]) -> usize {
+    let dir = work_dir(workdir, stage);
+    let ok = fs::read_to_string(dir.join(WORK_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<WorkInfo>(&t).ok())
+        .is_some_and(|w| w.fingerprint == fingerprint);
+    if !ok || tables.is_empty() {
+        return 0;
+    }
+    let count = |t: &TableDef| {
+        fs::read_dir(dir.join(t.name))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        let n = e.file_name();
+                        let n = n.to_string_lossy();
+                        n.starts_with("part-") && n.ends_with(".parquet")
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    tables.iter().map(count).min().unwrap_or(0)
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes).map_err(Error::io("cannot write", &tmp))?;
+    fs::rename(&tmp, path).map_err(Error::io("cannot rename", &tmp))
+}
+
+/// Held for the length of a run. `flock` locks vanish with the process, so a
+/// killed run never leaves a stale lock behind.
+pub struct WorkdirLock {
+    _files: Vec<File>,
+}
+
+impl WorkdirLock {
+    /// Exclusive for a whole run; shared (plus an exclusive per-shard lock)
+    /// for `--shard` runs, so shards of one stage can run side by side but
+    /// never beside an unsharded run.
+    pub fn acquire(workdir: &Path, shard: Option<crate::stage::Shard>) -> Result<WorkdirLock> {
+        fs::create_dir_all(workdir).map_err(Error::io("cannot create workdir", workdir))?;
+        let path = workdir.join(LOCK_FILE);
+        let main = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(Error::io("cannot open lock file", &path))?;
+        let holder = || fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+        let busy = |holder: String| Error::Locked {
+            workdir: workdir.to_path_buf(),
+            holder: if holder.is_empty() { "unknown process".into() } else { holder },
+        };
+        let mut files = Vec::new();
+        match shard {
+            None => {
+                if main.try_lock().is_err() {
+                    return Err(busy(holder()));
+                }
+                fs::write(&path, format!("pid {}", std::process::id())).map_err(Error::io("cannot write", &path))?;
+                files.push(main);
+            }
+            Some(s) => {
+                if main.try_lock_shared().is_err() {
+                    return Err(busy(holder()));
+                }
+                files.push(main);
+                let sp = workdir.join(format!("{LOCK_FILE}.shard-{}-of-{}", s.index, s.count));
+                let f = fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&sp)
+                    .map_err(Error::io("cannot open lock file", &sp))?;
+                if f.try_lock().is_err() {
+                    return Err(busy(format!("shard {s} is already running")));
+                }
+                files.push(f);
+            }
+        }
+        Ok(WorkdirLock { _files: files })
+    }
+
+    /// Serialises the final commit between concurrently finishing shards.
+    pub fn commit_guard(workdir: &Path) -> Result<File> {
+        let p = workdir.join(WORK_DIR).join(".commit.lock");
+        fs::create_dir_all(p.parent().unwrap()).map_err(Error::io("cannot create", &p))?;
+        let f = File::create(&p).map_err(Error::io("cannot open lock file", &p))?;
+        f.lock().map_err(Error::io("cannot lock", &p))?;
+        Ok(f)
+    }
+}
