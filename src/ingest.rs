@@ -89,7 +89,12 @@ fn default_chunk_rows() -> usize {
 impl IngestParams {
     fn format(&self) -> Option<Format> {
         self.format.or_else(|| {
-            let ext = self.path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+            let ext = self
+                .path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("")
+                .to_ascii_lowercase();
             match ext.as_str() {
                 "tsv" => Some(Format::Cc3mTsv),
                 "jsonl" | "ndjson" => Some(Format::Jsonl),
@@ -117,7 +122,8 @@ impl Stage for Ingest {
     const KIND: &'static str = "ingest";
     const VERSION: &'static str = "1";
     const SHARDABLE: bool = true;
-    const ABOUT: &'static str = "caption files (CC3M TSV, JSONL, image folder) -> captions, rejects";
+    const ABOUT: &'static str =
+        "caption files (CC3M TSV, JSONL, image folder) -> captions, rejects";
     type Params = IngestParams;
 
     fn input_tables() -> &'static [&'static str] {
@@ -126,8 +132,14 @@ impl Stage for Ingest {
 
     fn output_tables() -> Vec<TableDef> {
         vec![
-            TableDef { name: "captions", schema: CAPTIONS_SCHEMA.clone() },
-            TableDef { name: "rejects", schema: REJECTS_SCHEMA.clone() },
+            TableDef {
+                name: "captions",
+                schema: CAPTIONS_SCHEMA.clone(),
+            },
+            TableDef {
+                name: "rejects",
+                schema: REJECTS_SCHEMA.clone(),
+            },
         ]
     }
 
@@ -151,11 +163,19 @@ impl Stage for Ingest {
         if let Some(d) = &p.images_dir {
             let d = crate::stage::resolve_path(base, d);
             if !d.is_dir() {
-                out.push(("images_dir".into(), format!("{} is not a folder", d.display())));
+                out.push((
+                    "images_dir".into(),
+                    format!("{} is not a folder", d.display()),
+                ));
             }
         }
-        if p.format() == Some(Format::ImageFolder) && !crate::stage::resolve_path(base, &p.path).is_dir() {
-            out.push(("path".into(), "format image-folder needs path to be a folder of images".into()));
+        if p.format() == Some(Format::ImageFolder)
+            && !crate::stage::resolve_path(base, &p.path).is_dir()
+        {
+            out.push((
+                "path".into(),
+                "format image-folder needs path to be a folder of images".into(),
+            ));
         }
         out
     }
@@ -185,7 +205,12 @@ impl Stage for Ingest {
             .enumerate()
             .map(|(i, line)| match format {
                 Format::Cc3mTsv => parse_tsv(i, line, p, images_dir.as_deref()),
-                Format::Jsonl => parse_jsonl(line, p, images_dir.as_deref(), source.parent().unwrap_or(Path::new("."))),
+                Format::Jsonl => parse_jsonl(
+                    line,
+                    p,
+                    images_dir.as_deref(),
+                    source.parent().unwrap_or(Path::new(".")),
+                ),
                 Format::ImageFolder => parse_folder_line(line, p, &folder),
             })
             .collect();
@@ -195,8 +220,15 @@ impl Stage for Ingest {
             orphans = uncaptioned_images(&folder, &source, &outcomes)?;
         }
 
-        let tabs = outcomes.iter().filter(|o| matches!(o, Outcome::Row(r) if r.had_tab)).count();
-        let rejects = outcomes.iter().filter(|o| matches!(o, Outcome::Reject(_))).count() + orphans.len();
+        let tabs = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Row(r) if r.had_tab))
+            .count();
+        let rejects = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Reject(_)))
+            .count()
+            + orphans.len();
 
         let todo: Vec<usize> = (0..n_chunks)
             .filter(|&k| ctx.shard.is_none_or(|s| s.owns(k)))
@@ -210,8 +242,10 @@ impl Stage for Ingest {
             let lo = k * p.chunk_rows;
             let hi = ((k + 1) * p.chunk_rows).min(lines.len());
             let extra: &[(String, String)] = if k + 1 == n_chunks { &orphans } else { &[] };
-            let (caps, rej) = build_chunk(lo, &lines[lo..hi], &outcomes[lo..hi], extra, &source_str)?;
-            ctx.writer.write_chunk(k, &[("rejects", rej), ("captions", caps)])?;
+            let (caps, rej) =
+                build_chunk(lo, &lines[lo..hi], &outcomes[lo..hi], extra, &source_str)?;
+            ctx.writer
+                .write_chunk(k, &[("rejects", rej), ("captions", caps)])?;
             written.fetch_add(hi - lo, Ordering::Relaxed);
             bar.inc((hi - lo) as u64);
             Ok(())
@@ -220,13 +254,20 @@ impl Stage for Ingest {
 
         let mut notes = Vec::new();
         if rejects > 0 {
-            notes.push(format!("{rejects} line(s) rejected: see table rejects for line numbers and reasons"));
+            notes.push(format!(
+                "{rejects} line(s) rejected: see table rejects for line numbers and reasons"
+            ));
         }
         if tabs > 0 {
-            notes.push(format!("{tabs} caption(s) contained tabs; they were replaced by spaces"));
+            notes.push(format!(
+                "{tabs} caption(s) contained tabs; they were replaced by spaces"
+            ));
         }
         if let Some(s) = ctx.shard {
-            notes.push(format!("shard {s} wrote {} of {n_chunks} chunks", todo.len()));
+            notes.push(format!(
+                "shard {s} wrote {} of {n_chunks} chunks",
+                todo.len()
+            ));
         }
         Ok(StageReport {
             rows_in: lines.len() as u64,
@@ -247,7 +288,8 @@ struct ImageName<'a> {
 
 impl<'a> ImageName<'a> {
     fn parse(pattern: &'a str) -> std::result::Result<ImageName<'a>, String> {
-        let err = || format!("'{pattern}' must contain {{id}} or {{id:0N}} once, e.g. \"{{id}}.jpg\"");
+        let err =
+            || format!("'{pattern}' must contain {{id}} or {{id:0N}} once, e.g. \"{{id}}.jpg\"");
         let start = pattern.find("{id").ok_or_else(err)?;
         let end = start + pattern[start..].find('}').ok_or_else(err)?;
         let spec = &pattern[start + 3..end];
@@ -259,7 +301,11 @@ impl<'a> ImageName<'a> {
         if pattern[end + 1..].contains("{id") {
             return Err(err());
         }
-        Ok(ImageName { prefix: &pattern[..start], width, suffix: &pattern[end + 1..] })
+        Ok(ImageName {
+            prefix: &pattern[..start],
+            width,
+            suffix: &pattern[end + 1..],
+        })
     }
 
     fn format(&self, id: usize) -> String {
@@ -305,23 +351,34 @@ fn split_lines(bytes: &[u8]) -> Vec<&[u8]> {
 }
 
 /// Common checks: length, UTF-8, blank, control characters.
-fn checked_text<'a>(line: &'a [u8], max: usize) -> std::result::Result<&'a str, String> {
+fn checked_text(line: &[u8], max: usize) -> std::result::Result<&str, String> {
     if line.len() > max {
-        return Err(format!("line is {} bytes, over max_line_bytes = {max}", line.len()));
+        return Err(format!(
+            "line is {} bytes, over max_line_bytes = {max}",
+            line.len()
+        ));
     }
-    let text = std::str::from_utf8(line).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
+    let text = std::str::from_utf8(line)
+        .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
     if text.trim().is_empty() {
         return Err("blank line".into());
     }
     if let Some(c) = text.chars().find(|&c| c.is_control() && c != '\t') {
-        return Err(format!("control character U+{:04X} (binary data?)", c as u32));
+        return Err(format!(
+            "control character U+{:04X} (binary data?)",
+            c as u32
+        ));
     }
     Ok(text)
 }
 
 fn clean_caption(raw: &str) -> (String, bool) {
     let had_tab = raw.contains('\t');
-    let c = if had_tab { raw.replace('\t', " ") } else { raw.to_string() };
+    let c = if had_tab {
+        raw.replace('\t', " ")
+    } else {
+        raw.to_string()
+    };
     (c.trim().to_string(), had_tab)
 }
 
@@ -359,7 +416,12 @@ struct JsonCaption {
     url: Option<String>,
 }
 
-fn parse_jsonl(line: &[u8], p: &IngestParams, images_dir: Option<&Path>, file_dir: &Path) -> Outcome {
+fn parse_jsonl(
+    line: &[u8],
+    p: &IngestParams,
+    images_dir: Option<&Path>,
+    file_dir: &Path,
+) -> Outcome {
     let text = match checked_text(line, p.max_line_bytes) {
         Ok(t) => t,
         Err(r) => return Outcome::Reject(r),
@@ -374,7 +436,10 @@ fn parse_jsonl(line: &[u8], p: &IngestParams, images_dir: Option<&Path>, file_di
         _ => None,
     };
     let Some(id) = id.filter(|&i| i >= 0) else {
-        return Outcome::Reject(format!("image_id must be a non-negative integer, got {}", j.image_id));
+        return Outcome::Reject(format!(
+            "image_id must be a non-negative integer, got {}",
+            j.image_id
+        ));
     };
     let (caption, had_tab) = clean_caption(&j.caption);
     if caption.is_empty() {
@@ -389,7 +454,14 @@ fn parse_jsonl(line: &[u8], p: &IngestParams, images_dir: Option<&Path>, file_di
     if image_path.is_none() && url.is_none() {
         return Outcome::Reject("needs image_path or url".into());
     }
-    Outcome::Row(Row { image_id: id, caption, image_path, url, had_tab, key: Some(id.to_string()) })
+    Outcome::Row(Row {
+        image_id: id,
+        caption,
+        image_path,
+        url,
+        had_tab,
+        key: Some(id.to_string()),
+    })
 }
 
 fn parse_folder_line(line: &[u8], p: &IngestParams, folder: &Path) -> Outcome {
@@ -430,7 +502,11 @@ fn mark_duplicates(outcomes: &mut [Outcome], format: Format) {
         }
         let Some(key) = r.key.take() else { continue };
         if let Some(&f) = first.get(&key) {
-            let what = if format == Format::Jsonl { "image_id" } else { "image file" };
+            let what = if format == Format::Jsonl {
+                "image_id"
+            } else {
+                "image file"
+            };
             *o = Outcome::Reject(format!("duplicate {what} {key} (first on line {})", f + 1));
         } else {
             first.insert(key, i);
@@ -441,7 +517,11 @@ fn mark_duplicates(outcomes: &mut [Outcome], format: Format) {
 const IMAGE_EXTS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif"];
 
 /// Images in the folder that no caption line names: reported, not dropped.
-fn uncaptioned_images(folder: &Path, captions: &Path, outcomes: &[Outcome]) -> Result<Vec<(String, String)>> {
+fn uncaptioned_images(
+    folder: &Path,
+    captions: &Path,
+    outcomes: &[Outcome],
+) -> Result<Vec<(String, String)>> {
     let used: std::collections::HashSet<&str> = outcomes
         .iter()
         .filter_map(|o| match o {
@@ -454,10 +534,20 @@ fn uncaptioned_images(folder: &Path, captions: &Path, outcomes: &[Outcome]) -> R
     let mut files: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
     files.sort();
     for f in files {
-        let ext = f.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-        if f.is_file() && IMAGE_EXTS.contains(&ext.as_str()) && !used.contains(f.display().to_string().as_str()) {
+        let ext = f
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if f.is_file()
+            && IMAGE_EXTS.contains(&ext.as_str())
+            && !used.contains(f.display().to_string().as_str())
+        {
             let name = f.file_name().unwrap().to_string_lossy().to_string();
-            out.push((name, format!("image has no caption line in {}", captions.display())));
+            out.push((
+                name,
+                format!("image has no caption line in {}", captions.display()),
+            ));
         }
     }
     Ok(out)
@@ -541,7 +631,10 @@ mod tests {
     #[test]
     fn image_name_patterns() {
         assert_eq!(ImageName::parse("{id}").unwrap().format(7), "7");
-        assert_eq!(ImageName::parse("img_{id:05}.jpg").unwrap().format(42), "img_00042.jpg");
+        assert_eq!(
+            ImageName::parse("img_{id:05}.jpg").unwrap().format(42),
+            "img_00042.jpg"
+        );
         assert!(ImageName::parse("nothing").is_err());
         assert!(ImageName::parse("{id:x}").is_err());
     }

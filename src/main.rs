@@ -13,7 +13,11 @@ use genecis::sql::{self, OutputFormat};
 use genecis::stage::{Shard, KINDS};
 
 #[derive(Parser)]
-#[command(name = "genecis", version, about = "GeneCIS pipelines on Arrow: run, inspect and query them")]
+#[command(
+    name = "genecis",
+    version,
+    about = "GeneCIS pipelines on Arrow: run, inspect and query them"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -29,6 +33,8 @@ enum Cmd {
     Sql(SqlArgs),
     /// List the stage kinds and their tables.
     Kinds,
+    /// Check the installation: libtorch loads and computes, CUDA visibility.
+    Doctor,
 }
 
 #[derive(Args)]
@@ -103,9 +109,15 @@ impl From<FormatArg> for OutputFormat {
 }
 
 fn parse_shard(s: &str) -> genecis::Result<Shard> {
-    let bad = || genecis::Error::Usage { arg: format!("--shard {s}"), message: "expected I/N with 0 <= I < N, e.g. 3/16".into() };
+    let bad = || genecis::Error::Usage {
+        arg: format!("--shard {s}"),
+        message: "expected I/N with 0 <= I < N, e.g. 3/16".into(),
+    };
     let (i, n) = s.split_once('/').ok_or_else(bad)?;
-    let (index, count) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+    let (index, count) = (
+        i.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
     if count == 0 || index >= count {
         return Err(bad());
     }
@@ -114,7 +126,11 @@ fn parse_shard(s: &str) -> genecis::Result<Shard> {
 
 impl ManifestArgs {
     fn plan(&self) -> genecis::Result<Plan> {
-        let sets = self.set.iter().map(|s| SetOverride::parse(s)).collect::<genecis::Result<Vec<_>>>()?;
+        let sets = self
+            .set
+            .iter()
+            .map(|s| SetOverride::parse(s))
+            .collect::<genecis::Result<Vec<_>>>()?;
         Plan::load(&self.manifest, &sets, self.workdir.as_deref())
     }
 }
@@ -159,7 +175,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            let usage = e.downcast_ref::<genecis::Error>().is_some_and(|g| g.is_usage());
+            let usage = e
+                .downcast_ref::<genecis::Error>()
+                .is_some_and(|g| g.is_usage());
             ExitCode::from(if usage { 2 } else { 1 })
         }
     }
@@ -172,9 +190,18 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             println!("pipeline {} -> {}", r.plan.name, r.plan.workdir.display());
             let started = std::time::Instant::now();
             let outcomes = runner::run(&r.plan, &r.opts)?;
-            let ran = outcomes.iter().filter(|o| o.action == runner::Action::Ran).count();
-            let skipped = outcomes.iter().filter(|o| o.action == runner::Action::Skipped).count();
-            println!("done: {ran} ran, {skipped} up to date, {:.2} s", started.elapsed().as_secs_f64());
+            let ran = outcomes
+                .iter()
+                .filter(|o| o.action == runner::Action::Ran)
+                .count();
+            let skipped = outcomes
+                .iter()
+                .filter(|o| o.action == runner::Action::Skipped)
+                .count();
+            println!(
+                "done: {ran} ran, {skipped} up to date, {:.2} s",
+                started.elapsed().as_secs_f64()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status(args) => {
@@ -183,8 +210,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             for (name, state) in runner::status_lines(&plan)? {
                 match state {
                     StageState::Done => println!("  {name:<20} done"),
-                    StageState::Missing { resumable_chunks: 0 } => println!("  {name:<20} missing"),
-                    StageState::Missing { resumable_chunks: k } => {
+                    StageState::Missing {
+                        resumable_chunks: 0,
+                    } => println!("  {name:<20} missing"),
+                    StageState::Missing {
+                        resumable_chunks: k,
+                    } => {
                         println!("  {name:<20} missing ({k} chunk(s) of an interrupted run will be kept)")
                     }
                     StageState::Stale(why) => {
@@ -201,12 +232,19 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let workdir = sql_workdir(&args)?;
             let query = match (&args.query, &args.file) {
                 (Some(q), _) => Some(q.clone()),
-                (None, Some(f)) => Some(std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?),
+                (None, Some(f)) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("cannot read {}", f.display()))?,
+                ),
                 (None, None) => None,
             };
             let format: OutputFormat = args.format.into();
             if format == OutputFormat::Parquet && args.out.is_none() {
-                return Err(genecis::Error::Usage { arg: "--format parquet".into(), message: "needs --out FILE".into() }.into());
+                return Err(genecis::Error::Usage {
+                    arg: "--format parquet".into(),
+                    message: "needs --out FILE".into(),
+                }
+                .into());
             }
             let entries = sql::discover(&workdir)?;
             let rt = tokio::runtime::Runtime::new()?;
@@ -223,9 +261,26 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Doctor => {
+            println!("genecis {}", env!("CARGO_PKG_VERSION"));
+            let t = tch::Tensor::from_slice(&[1f32, 2.0, 3.0]);
+            let sum = (&t * &t).sum(tch::Kind::Float).double_value(&[]);
+            println!("libtorch: loaded, CPU check 1+4+9 = {sum}");
+            println!("cuda: available = {}, devices = {}", tch::Cuda::is_available(), tch::Cuda::device_count());
+            if sum != 14.0 {
+                anyhow::bail!("libtorch computed {sum} instead of 14");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Kinds => {
             for k in KINDS {
-                println!("{} (version {}{}): {}", k.kind(), k.version(), if k.shardable() { ", shardable" } else { "" }, k.about());
+                println!(
+                    "{} (version {}{}): {}",
+                    k.kind(),
+                    k.version(),
+                    if k.shardable() { ", shardable" } else { "" },
+                    k.about()
+                );
                 if !k.input_tables().is_empty() {
                     println!("  reads: {}", k.input_tables().join(", "));
                 }
@@ -234,7 +289,14 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                         .schema
                         .fields()
                         .iter()
-                        .map(|f| format!("{} {}{}", f.name(), f.data_type(), if f.is_nullable() { "?" } else { "" }))
+                        .map(|f| {
+                            format!(
+                                "{} {}{}",
+                                f.name(),
+                                f.data_type(),
+                                if f.is_nullable() { "?" } else { "" }
+                            )
+                        })
                         .collect();
                     println!("  writes {}({})", t.name, cols.join(", "));
                 }

@@ -50,9 +50,17 @@ impl SetOverride {
     /// `stage.param=value`; the value is read as a TOML value (`5000`,
     /// `true`, `"text"`), and as a plain string when it is not one.
     pub fn parse(arg: &str) -> Result<SetOverride> {
-        let usage = |m: &str| Error::Usage { arg: format!("--set {arg}"), message: m.to_string() };
-        let (key, value) = arg.split_once('=').ok_or_else(|| usage("expected STAGE.PARAM=VALUE"))?;
-        let (stage, param) = key.trim().split_once('.').ok_or_else(|| usage("expected STAGE.PARAM=VALUE"))?;
+        let usage = |m: &str| Error::Usage {
+            arg: format!("--set {arg}"),
+            message: m.to_string(),
+        };
+        let (key, value) = arg
+            .split_once('=')
+            .ok_or_else(|| usage("expected STAGE.PARAM=VALUE"))?;
+        let (stage, param) = key
+            .trim()
+            .split_once('.')
+            .ok_or_else(|| usage("expected STAGE.PARAM=VALUE"))?;
         if stage.is_empty() || param.is_empty() {
             return Err(usage("expected STAGE.PARAM=VALUE"));
         }
@@ -60,7 +68,11 @@ impl SetOverride {
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(value.to_string()));
-        Ok(SetOverride { stage: stage.to_string(), param: param.to_string(), value })
+        Ok(SetOverride {
+            stage: stage.to_string(),
+            param: param.to_string(),
+            value,
+        })
     }
 }
 
@@ -91,7 +103,10 @@ impl PlannedStage {
             .map(|b| InputStamp {
                 name: b.written.clone(),
                 stage: b.stage.clone(),
-                fingerprint: plan.stage(&b.stage).map(|s| s.fingerprint.clone()).unwrap_or_default(),
+                fingerprint: plan
+                    .stage(&b.stage)
+                    .map(|s| s.fingerprint.clone())
+                    .unwrap_or_default(),
             })
             .collect()
     }
@@ -101,7 +116,10 @@ impl PlannedStage {
         let mut m = BTreeMap::new();
         for b in &self.inputs {
             for t in &b.tables {
-                m.insert(t.clone(), crate::store::stage_dir(workdir, &b.stage).join(t));
+                m.insert(
+                    t.clone(),
+                    crate::store::stage_dir(workdir, &b.stage).join(t),
+                );
             }
         }
         m
@@ -135,29 +153,56 @@ impl Plan {
 
     /// Reads, validates and resolves a manifest. On any problem, returns one
     /// error listing all of them; nothing is written.
-    pub fn load(path: &Path, sets: &[SetOverride], workdir_override: Option<&Path>) -> Result<Plan> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::ManifestRead { path: path.to_path_buf(), source })?;
-        let raw: RawManifest = toml::from_str(&text)
-            .map_err(|e| Error::ManifestSyntax { path: path.to_path_buf(), message: e.to_string() })?;
+    pub fn load(
+        path: &Path,
+        sets: &[SetOverride],
+        workdir_override: Option<&Path>,
+    ) -> Result<Plan> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ManifestRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let raw: RawManifest = toml::from_str(&text).map_err(|e| Error::ManifestSyntax {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         let abs = std::path::absolute(path).map_err(Error::io("cannot resolve", path))?;
-        let base_dir = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-        let line_of = |offset: usize| Some(text[..offset.min(text.len())].matches('\n').count() + 1);
+        let base_dir = abs
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let line_of =
+            |offset: usize| Some(text[..offset.min(text.len())].matches('\n').count() + 1);
 
         let mut issues = Vec::new();
         let mut issue = |line: Option<usize>, stage: Option<&str>, field: &str, message: String| {
-            issues.push(ManifestIssue { line, stage: stage.map(str::to_string), field: field.to_string(), message })
+            issues.push(ManifestIssue {
+                line,
+                stage: stage.map(str::to_string),
+                field: field.to_string(),
+                message,
+            })
         };
 
         if raw.pipeline.name.trim().is_empty() {
             issue(None, None, "pipeline.name", "must not be empty".into());
         }
         if raw.stages.is_empty() {
-            issue(None, None, "stage", "the manifest has no [[stage]] tables; add at least one".into());
+            issue(
+                None,
+                None,
+                "stage",
+                "the manifest has no [[stage]] tables; add at least one".into(),
+            );
         }
         let workdir = match workdir_override {
             Some(w) => std::path::absolute(w).map_err(Error::io("cannot resolve", w))?,
             None => {
-                let w = raw.pipeline.workdir.clone().unwrap_or_else(|| format!("runs/{}", raw.pipeline.name));
+                let w = raw
+                    .pipeline
+                    .workdir
+                    .clone()
+                    .unwrap_or_else(|| format!("runs/{}", raw.pipeline.name));
                 resolve_path(&base_dir, Path::new(&w))
             }
         };
@@ -167,11 +212,27 @@ impl Plan {
         for s in &raw.stages {
             let name = s.get_ref().name.get_ref();
             let line = line_of(s.get_ref().name.span().start);
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') || name.starts_with('-') {
-                issue(line, Some(name), "name", "use letters, digits, '_' and '-' only (it names a folder and a SQL schema)".into());
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                || name.starts_with('-')
+            {
+                issue(
+                    line,
+                    Some(name),
+                    "name",
+                    "use letters, digits, '_' and '-' only (it names a folder and a SQL schema)"
+                        .into(),
+                );
             }
             if let Some(first) = seen.insert(name.clone(), line.unwrap_or(0)) {
-                issue(line, Some(name), "name", format!("duplicate stage name (first used on line {first})"));
+                issue(
+                    line,
+                    Some(name),
+                    "name",
+                    format!("duplicate stage name (first used on line {first})"),
+                );
             }
         }
 
@@ -185,7 +246,11 @@ impl Plan {
                     None,
                     Some(&o.stage),
                     "--set",
-                    format!("no stage named '{}' in this manifest (stages: {})", o.stage, names(&raw.stages)),
+                    format!(
+                        "no stage named '{}' in this manifest (stages: {})",
+                        o.stage,
+                        names(&raw.stages)
+                    ),
                 );
             }
         }
@@ -203,15 +268,28 @@ impl Plan {
                     line_of(st.kind.span().start),
                     Some(name),
                     "kind",
-                    format!("unknown stage kind '{}'; known kinds: {}", st.kind.get_ref(), known.join(", ")),
+                    format!(
+                        "unknown stage kind '{}'; known kinds: {}",
+                        st.kind.get_ref(),
+                        known.join(", ")
+                    ),
                 );
             }
             kinds.push(kind);
-            let mut params = st.params.as_ref().map(|p| p.get_ref().clone()).unwrap_or_default();
+            let mut params = st
+                .params
+                .as_ref()
+                .map(|p| p.get_ref().clone())
+                .unwrap_or_default();
             for o in overrides.get(name).into_iter().flatten() {
                 params.insert(o.param.clone(), o.value.clone());
             }
-            let params_line = st.params.as_ref().map(|p| p.span().start).and_then(line_of).or(line_of(s.span().start));
+            let params_line = st
+                .params
+                .as_ref()
+                .map(|p| p.span().start)
+                .and_then(line_of)
+                .or(line_of(s.span().start));
             let bound = match kind.map(|k| k.bind(params, &base_dir)) {
                 Some(Ok(b)) => Some(b),
                 Some(Err(problems)) => {
@@ -226,8 +304,12 @@ impl Plan {
         }
 
         // Inputs: a stage, `stage.table`, or a file.
-        let index: HashMap<&str, usize> =
-            raw.stages.iter().enumerate().map(|(i, s)| (s.get_ref().name.get_ref().as_str(), i)).collect();
+        let index: HashMap<&str, usize> = raw
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.get_ref().name.get_ref().as_str(), i))
+            .collect();
         let mut bindings: Vec<Vec<InputBinding>> = Vec::new();
         let mut input_files: Vec<Vec<PathBuf>> = Vec::new();
         for (i, s) in raw.stages.iter().enumerate() {
@@ -245,21 +327,40 @@ impl Plan {
                 };
                 if let Some(&up) = index.get(head) {
                     if up == i {
-                        issue(line, Some(name), &field, "a stage cannot read its own output".into());
+                        issue(
+                            line,
+                            Some(name),
+                            &field,
+                            "a stage cannot read its own output".into(),
+                        );
                         continue;
                     }
                     let Some(up_kind) = kinds[up] else { continue };
-                    let tables: Vec<String> = up_kind.output_tables().iter().map(|t| t.name.to_string()).collect();
+                    let tables: Vec<String> = up_kind
+                        .output_tables()
+                        .iter()
+                        .map(|t| t.name.to_string())
+                        .collect();
                     match tail {
-                        None => bs.push(InputBinding { written: written.into(), stage: head.into(), tables }),
-                        Some(t) if tables.iter().any(|x| x == t) => {
-                            bs.push(InputBinding { written: written.into(), stage: head.into(), tables: vec![t.into()] })
-                        }
+                        None => bs.push(InputBinding {
+                            written: written.into(),
+                            stage: head.into(),
+                            tables,
+                        }),
+                        Some(t) if tables.iter().any(|x| x == t) => bs.push(InputBinding {
+                            written: written.into(),
+                            stage: head.into(),
+                            tables: vec![t.into()],
+                        }),
                         Some(t) => issue(
                             line,
                             Some(name),
                             &field,
-                            format!("stage '{head}' ({}) has no table '{t}'; its tables are: {}", up_kind.kind(), tables.join(", ")),
+                            format!(
+                                "stage '{head}' ({}) has no table '{t}'; its tables are: {}",
+                                up_kind.kind(),
+                                tables.join(", ")
+                            ),
                         ),
                     }
                 } else {
@@ -283,8 +384,11 @@ impl Plan {
             // Every table the kind needs must come from exactly one input.
             if let Some(k) = kinds[i] {
                 for need in k.input_tables() {
-                    let providers: Vec<_> =
-                        bs.iter().filter(|b: &&InputBinding| b.tables.iter().any(|t| t == need)).map(|b| b.written.as_str()).collect();
+                    let providers: Vec<_> = bs
+                        .iter()
+                        .filter(|b: &&InputBinding| b.tables.iter().any(|t| t == need))
+                        .map(|b| b.written.as_str())
+                        .collect();
                     match providers.len() {
                         0 => issue(
                             line_of(s.span().start),
@@ -311,19 +415,33 @@ impl Plan {
         for (i, s) in raw.stages.iter().enumerate() {
             let name = s.get_ref().name.get_ref().as_str();
             let mut st = Vec::new();
-            let mut all: Vec<(String, PathBuf)> =
-                input_files[i].iter().map(|p| ("inputs".to_string(), p.clone())).collect();
+            let mut all: Vec<(String, PathBuf)> = input_files[i]
+                .iter()
+                .map(|p| ("inputs".to_string(), p.clone()))
+                .collect();
             if let Some(b) = &bounds[i] {
-                all.extend(b.files(&base_dir).into_iter().map(|(f, p)| (format!("params.{f}"), p)));
+                all.extend(
+                    b.files(&base_dir)
+                        .into_iter()
+                        .map(|(f, p)| (format!("params.{f}"), p)),
+                );
             }
             for (field, p) in all {
                 match FileStamp::of(&p) {
                     Ok(stamp) => st.push(stamp),
                     Err(_) => issue(
-                        s.get_ref().params.as_ref().map(|x| x.span().start).and_then(line_of),
+                        s.get_ref()
+                            .params
+                            .as_ref()
+                            .map(|x| x.span().start)
+                            .and_then(line_of),
                         Some(name),
                         &field,
-                        format!("{} does not exist (relative paths are resolved against {})", p.display(), base_dir.display()),
+                        format!(
+                            "{} does not exist (relative paths are resolved against {})",
+                            p.display(),
+                            base_dir.display()
+                        ),
                     ),
                 }
             }
@@ -332,8 +450,14 @@ impl Plan {
 
         // Order: dependencies first, manifest order otherwise; report cycles.
         let n = raw.stages.len();
-        let deps: Vec<Vec<usize>> =
-            bindings.iter().map(|bs| bs.iter().filter_map(|b| index.get(b.stage.as_str()).copied()).collect()).collect();
+        let deps: Vec<Vec<usize>> = bindings
+            .iter()
+            .map(|bs| {
+                bs.iter()
+                    .filter_map(|b| index.get(b.stage.as_str()).copied())
+                    .collect()
+            })
+            .collect();
         let mut order = Vec::with_capacity(n);
         let mut placed = vec![false; n];
         while order.len() < n {
@@ -344,8 +468,10 @@ impl Plan {
                     order.push(i);
                 }
                 None => {
-                    let stuck: Vec<_> =
-                        (0..n).filter(|&i| !placed[i]).map(|i| raw.stages[i].get_ref().name.get_ref().clone()).collect();
+                    let stuck: Vec<_> = (0..n)
+                        .filter(|&i| !placed[i])
+                        .map(|i| raw.stages[i].get_ref().name.get_ref().clone())
+                        .collect();
                     let first = (0..n).find(|&i| !placed[i]).unwrap();
                     issue(
                         line_of(raw.stages[first].span().start),
@@ -359,7 +485,10 @@ impl Plan {
         }
 
         if !issues.is_empty() {
-            return Err(Error::ManifestInvalid { path: path.to_path_buf(), issues });
+            return Err(Error::ManifestInvalid {
+                path: path.to_path_buf(),
+                issues,
+            });
         }
 
         // Fingerprints, in dependency order.
@@ -372,9 +501,19 @@ impl Plan {
             let params = bound.canonical_params();
             let inputs_fp: Vec<(String, String)> = bindings[i]
                 .iter()
-                .map(|b| (b.written.clone(), done[index[b.stage.as_str()]].as_ref().unwrap().fingerprint.clone()))
+                .map(|b| {
+                    (
+                        b.written.clone(),
+                        done[index[b.stage.as_str()]]
+                            .as_ref()
+                            .unwrap()
+                            .fingerprint
+                            .clone(),
+                    )
+                })
                 .collect();
-            let fingerprint = fingerprint(kind.kind(), kind.version(), &params, &inputs_fp, &stamps[i]);
+            let fingerprint =
+                fingerprint(kind.kind(), kind.version(), &params, &inputs_fp, &stamps[i]);
             done[i] = Some(PlannedStage {
                 name: st.name.get_ref().clone(),
                 kind,
@@ -388,12 +527,22 @@ impl Plan {
             });
         }
         let stages = order.iter().map(|&i| done[i].take().unwrap()).collect();
-        Ok(Plan { manifest_path: path.to_path_buf(), name: raw.pipeline.name, base_dir, workdir, stages })
+        Ok(Plan {
+            manifest_path: path.to_path_buf(),
+            name: raw.pipeline.name,
+            base_dir,
+            workdir,
+            stages,
+        })
     }
 }
 
 fn names(stages: &[Spanned<RawStage>]) -> String {
-    stages.iter().map(|s| s.get_ref().name.get_ref().as_str()).collect::<Vec<_>>().join(", ")
+    stages
+        .iter()
+        .map(|s| s.get_ref().name.get_ref().as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Hash of everything that determines a stage's output.
@@ -422,17 +571,32 @@ pub fn workdir_of(path: &Path) -> Result<PathBuf> {
     struct Head {
         pipeline: RawPipeline,
     }
-    let text = std::fs::read_to_string(path).map_err(|source| Error::ManifestRead { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| Error::ManifestRead {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let head: Head = toml::from_str::<toml::Table>(&text)
         .and_then(|t| {
-            let p = t.get("pipeline").cloned().unwrap_or(toml::Value::Table(Default::default()));
+            let p = t
+                .get("pipeline")
+                .cloned()
+                .unwrap_or(toml::Value::Table(Default::default()));
             let mut m = toml::Table::new();
             m.insert("pipeline".into(), p);
             toml::Value::Table(m).try_into()
         })
-        .map_err(|e| Error::ManifestSyntax { path: path.to_path_buf(), message: e.to_string() })?;
+        .map_err(|e| Error::ManifestSyntax {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
     let abs = std::path::absolute(path).map_err(Error::io("cannot resolve", path))?;
-    let base = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let w = head.pipeline.workdir.unwrap_or_else(|| format!("runs/{}", head.pipeline.name));
+    let base = abs
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let w = head
+        .pipeline
+        .workdir
+        .unwrap_or_else(|| format!("runs/{}", head.pipeline.name));
     Ok(resolve_path(&base, Path::new(&w)))
 }

@@ -20,10 +20,20 @@ impl Progress {
     pub fn bar(&self, label: &str, total: u64, unit: &str) -> ProgressBar {
         let bar = ProgressBar::with_draw_target(
             Some(total),
-            if self.visible { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+            if self.visible {
+                ProgressDrawTarget::stderr()
+            } else {
+                ProgressDrawTarget::hidden()
+            },
         );
-        let template = format!("{{prefix}} [{{bar:32}}] {{human_pos}}/{{human_len}} {unit} {{per_sec}} eta {{eta}}");
-        bar.set_style(ProgressStyle::with_template(&template).unwrap().progress_chars("=> "));
+        let template = format!(
+            "{{prefix}} [{{bar:32}}] {{human_pos}}/{{human_len}} {unit} {{per_sec}} eta {{eta}}"
+        );
+        bar.set_style(
+            ProgressStyle::with_template(&template)
+                .unwrap()
+                .progress_chars("=> "),
+        );
         bar.set_prefix(label.to_string());
         bar
     }
@@ -34,7 +44,7 @@ pub fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -27,7 +27,9 @@ pub enum StageState {
     /// Why: one line per changed thing.
     Stale(Vec<String>),
     /// Chunks finished by an interrupted run that a rerun will keep.
-    Missing { resumable_chunks: usize },
+    Missing {
+        resumable_chunks: usize,
+    },
 }
 
 impl StageState {
@@ -44,15 +46,26 @@ impl StageState {
 pub fn stage_state(plan: &Plan, s: &PlannedStage) -> Result<StageState> {
     let dir = store::stage_dir(&plan.workdir, &s.name);
     let record = StageRecord::read(&dir)?;
-    let resumable = || store::resumable_chunks(&plan.workdir, &s.name, &s.fingerprint, &s.kind.output_tables());
+    let resumable = || {
+        store::resumable_chunks(
+            &plan.workdir,
+            &s.name,
+            &s.fingerprint,
+            &s.kind.output_tables(),
+        )
+    };
     let Some(rec) = record else {
-        return Ok(StageState::Missing { resumable_chunks: resumable() });
+        return Ok(StageState::Missing {
+            resumable_chunks: resumable(),
+        });
     };
     if rec.fingerprint == s.fingerprint {
         if rec.outputs_complete(&dir) {
             return Ok(StageState::Done);
         }
-        return Ok(StageState::Stale(vec!["output part files are missing; the stage will be rebuilt".into()]));
+        return Ok(StageState::Stale(vec![
+            "output part files are missing; the stage will be rebuilt".into(),
+        ]));
     }
     Ok(StageState::Stale(explain(plan, s, &rec)))
 }
@@ -62,7 +75,11 @@ fn explain(plan: &Plan, s: &PlannedStage, rec: &StageRecord) -> Vec<String> {
     if rec.kind != s.kind.kind() {
         why.push(format!("kind changed: {} -> {}", rec.kind, s.kind.kind()));
     } else if rec.kind_version != s.kind.version() {
-        why.push(format!("stage code version changed: {} -> {}", rec.kind_version, s.kind.version()));
+        why.push(format!(
+            "stage code version changed: {} -> {}",
+            rec.kind_version,
+            s.kind.version()
+        ));
     }
     let empty = serde_json::Map::new();
     let old = rec.params.as_object().unwrap_or(&empty);
@@ -73,7 +90,10 @@ fn explain(plan: &Plan, s: &PlannedStage, rec: &StageRecord) -> Vec<String> {
     for k in keys {
         let (a, b) = (old.get(k), new.get(k));
         if a != b {
-            let show = |v: Option<&serde_json::Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "(absent)".into());
+            let show = |v: Option<&serde_json::Value>| {
+                v.map(|v| v.to_string())
+                    .unwrap_or_else(|| "(absent)".into())
+            };
             why.push(format!("param {k} changed: {} -> {}", show(a), show(b)));
         }
     }
@@ -81,9 +101,10 @@ fn explain(plan: &Plan, s: &PlannedStage, rec: &StageRecord) -> Vec<String> {
     for inp in &now {
         match rec.inputs.iter().find(|r| r.name == inp.name) {
             None => why.push(format!("input '{}' was added", inp.name)),
-            Some(r) if r.fingerprint != inp.fingerprint => {
-                why.push(format!("input '{}' changed (stage '{}' has new content or settings)", inp.name, inp.stage))
-            }
+            Some(r) if r.fingerprint != inp.fingerprint => why.push(format!(
+                "input '{}' changed (stage '{}' has new content or settings)",
+                inp.name, inp.stage
+            )),
             _ => {}
         }
     }
@@ -145,7 +166,10 @@ pub fn check_stage_names(plan: &Plan, opts: &RunOptions) -> Result<()> {
         }
     }
     if opts.only.is_some() && opts.from.is_some() {
-        return Err(Error::Usage { arg: "--only/--from".into(), message: "use one of them, not both".into() });
+        return Err(Error::Usage {
+            arg: "--only/--from".into(),
+            message: "use one of them, not both".into(),
+        });
     }
     Ok(())
 }
@@ -163,7 +187,10 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<StageOutcome>> {
     };
     if let Some(shard) = opts.shard {
         if shard.count == 0 || shard.index >= shard.count {
-            return Err(Error::Usage { arg: format!("--shard {shard}"), message: "expected I/N with 0 <= I < N".into() });
+            return Err(Error::Usage {
+                arg: format!("--shard {shard}"),
+                message: "expected I/N with 0 <= I < N".into(),
+            });
         }
     }
 
@@ -177,7 +204,11 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<StageOutcome>> {
         let state = stage_state(plan, s)?;
         if state == StageState::Done && !forced.contains(&s.name) {
             println!("= {} ({}): up to date", s.name, s.kind.kind());
-            outcomes.push(StageOutcome { stage: s.name.clone(), action: Action::Skipped, record: None });
+            outcomes.push(StageOutcome {
+                stage: s.name.clone(),
+                action: Action::Skipped,
+                record: None,
+            });
             continue;
         }
         // Inputs must be committed and current.
@@ -218,7 +249,12 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<StageOutcome>> {
     Ok(outcomes)
 }
 
-fn run_stage(plan: &Plan, s: &PlannedStage, shard: Option<Shard>, progress: &Progress) -> Result<StageOutcome> {
+fn run_stage(
+    plan: &Plan,
+    s: &PlannedStage,
+    shard: Option<Shard>,
+    progress: &Progress,
+) -> Result<StageOutcome> {
     let started = Instant::now();
     let tables = s.kind.output_tables();
     let writer = StageWriter::open(&plan.workdir, &s.name, &s.fingerprint, tables)?;
@@ -234,27 +270,46 @@ fn run_stage(plan: &Plan, s: &PlannedStage, shard: Option<Shard>, progress: &Pro
     };
     let report = s.bound.run(&ctx).map_err(|e| match e {
         Error::StageFailed { .. } | Error::Io { .. } | Error::Parquet { .. } => e,
-        other => Error::StageFailed { stage: s.name.clone(), kind: s.kind.kind().into(), message: other.to_string() },
+        other => Error::StageFailed {
+            stage: s.name.clone(),
+            kind: s.kind.kind().into(),
+            message: other.to_string(),
+        },
     })?;
     let elapsed = started.elapsed();
 
-    if shard.is_some() {
+    if let Some(shard) = shard {
         let _guard = WorkdirLock::commit_guard(&plan.workdir)?;
         if stage_state(plan, s)? == StageState::Done {
-            println!("= {} ({}): shard {} done; the stage was committed by another shard", s.name, s.kind.kind(), shard.unwrap());
-            return Ok(StageOutcome { stage: s.name.clone(), action: Action::ShardDone, record: None });
+            println!(
+                "= {} ({}): shard {} done; the stage was committed by another shard",
+                s.name,
+                s.kind.kind(),
+                shard
+            );
+            return Ok(StageOutcome {
+                stage: s.name.clone(),
+                action: Action::ShardDone,
+                record: None,
+            });
         }
-        let missing = (0..report.chunks).filter(|&k| !writer.chunk_done(k)).count();
+        let missing = (0..report.chunks)
+            .filter(|&k| !writer.chunk_done(k))
+            .count();
         if missing > 0 {
             println!(
                 "~ {} ({}): shard {} done in {:.2} s; {missing} of {} chunks wait for other shards",
                 s.name,
                 s.kind.kind(),
-                shard.unwrap(),
+                shard,
                 elapsed.as_secs_f64(),
                 report.chunks
             );
-            return Ok(StageOutcome { stage: s.name.clone(), action: Action::ShardDone, record: None });
+            return Ok(StageOutcome {
+                stage: s.name.clone(),
+                action: Action::ShardDone,
+                record: None,
+            });
         }
     }
 
@@ -280,12 +335,20 @@ fn run_stage(plan: &Plan, s: &PlannedStage, shard: Option<Shard>, progress: &Pro
     };
     let record = writer.commit(&plan.workdir, &s.name, record, report.chunks)?;
     print_summary(s, &record);
-    Ok(StageOutcome { stage: s.name.clone(), action: Action::Ran, record: Some(record) })
+    Ok(StageOutcome {
+        stage: s.name.clone(),
+        action: Action::Ran,
+        record: Some(record),
+    })
 }
 
 fn print_summary(s: &PlannedStage, r: &StageRecord) {
     let secs = r.seconds.max(1e-9);
-    let tables: Vec<String> = r.tables.iter().map(|(n, t)| format!("{n} {}", thousands(t.rows))).collect();
+    let tables: Vec<String> = r
+        .tables
+        .iter()
+        .map(|(n, t)| format!("{n} {}", thousands(t.rows)))
+        .collect();
     let resumed = if r.chunks_resumed > 0 {
         format!(", resumed {} of {} chunks", r.chunks_resumed, r.chunks)
     } else {
@@ -307,11 +370,17 @@ fn print_summary(s: &PlannedStage, r: &StageRecord) {
 
 /// One line per stage for `genecis status`.
 pub fn status_lines(plan: &Plan) -> Result<Vec<(String, StageState)>> {
-    plan.stages.iter().map(|s| Ok((s.name.clone(), stage_state(plan, s)?))).collect()
+    plan.stages
+        .iter()
+        .map(|s| Ok((s.name.clone(), stage_state(plan, s)?)))
+        .collect()
 }
 
 pub fn workdir_has_run(workdir: &Path) -> bool {
     std::fs::read_dir(workdir)
-        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.path().join(store::RECORD_FILE).is_file()))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .any(|e| e.path().join(store::RECORD_FILE).is_file())
+        })
         .unwrap_or(false)
 }

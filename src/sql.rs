@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
 use datafusion::catalog::MemorySchemaProvider;
-use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 use datafusion::common::TableReference;
+use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 
 use crate::error::{Error, Result};
 use crate::store::{StageRecord, RECORD_FILE};
@@ -36,7 +36,12 @@ pub fn discover(workdir: &Path) -> Result<Vec<TableEntry>> {
             for (name, stat) in &rec.tables {
                 let tdir = dir.join(name);
                 if tdir.is_dir() {
-                    out.push(TableEntry { stage: rec.stage.clone(), table: name.clone(), dir: tdir, rows: stat.rows });
+                    out.push(TableEntry {
+                        stage: rec.stage.clone(),
+                        table: name.clone(),
+                        dir: tdir,
+                        rows: stat.rows,
+                    });
                 }
             }
         }
@@ -62,10 +67,19 @@ pub async fn session(entries: &[TableEntry]) -> Result<SessionContext> {
             catalog.register_schema(&e.stage, Arc::new(MemorySchemaProvider::new()))?;
         }
         let url = format!("{}/", e.dir.display());
-        ctx.register_parquet(TableReference::partial(e.stage.as_str(), e.table.as_str()), &url, ParquetReadOptions::default())
+        ctx.register_parquet(
+            TableReference::partial(e.stage.as_str(), e.table.as_str()),
+            &url,
+            ParquetReadOptions::default(),
+        )
+        .await?;
+        if count[e.table.as_str()] == 1 && !ctx.table_exist(e.table.as_str())? {
+            ctx.register_parquet(
+                TableReference::bare(e.table.as_str()),
+                &url,
+                ParquetReadOptions::default(),
+            )
             .await?;
-        if count[e.table.as_str()] == 1 && ctx.table_exist(e.table.as_str())? == false {
-            ctx.register_parquet(TableReference::bare(e.table.as_str()), &url, ParquetReadOptions::default()).await?;
         }
     }
     Ok(ctx)
@@ -84,12 +98,24 @@ pub enum OutputFormat {
 }
 
 /// Writes query results in `format` to `out` (stdout when `None`).
-pub fn write_results(batches: &[RecordBatch], format: OutputFormat, out: Option<&Path>) -> Result<()> {
+pub fn write_results(
+    batches: &[RecordBatch],
+    format: OutputFormat,
+    out: Option<&Path>,
+) -> Result<()> {
     let mut sink: Box<dyn Write> = match out {
-        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).map_err(Error::io("cannot create", p))?)),
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(Error::io("cannot create", p))?,
+        )),
         None => Box::new(std::io::stdout().lock()),
     };
-    let io = |e| Error::Io { action: "cannot write output", path: out.map(Path::to_path_buf).unwrap_or_else(|| "<stdout>".into()), source: e };
+    let io = |e| Error::Io {
+        action: "cannot write output",
+        path: out
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| "<stdout>".into()),
+        source: e,
+    };
     match format {
         OutputFormat::Table => {
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
@@ -98,7 +124,9 @@ pub fn write_results(batches: &[RecordBatch], format: OutputFormat, out: Option<
             writeln!(sink, "({rows} row{})", if rows == 1 { "" } else { "s" }).map_err(io)?;
         }
         OutputFormat::Csv => {
-            let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut sink);
+            let mut w = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut sink);
             for b in batches {
                 w.write(b)?;
             }
@@ -117,8 +145,14 @@ pub fn write_results(batches: &[RecordBatch], format: OutputFormat, out: Option<
             })?;
             drop(sink);
             let file = std::fs::File::create(path).map_err(Error::io("cannot create", path))?;
-            let schema = batches.first().map(|b| b.schema()).unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
-            let perr = |source| Error::Parquet { path: path.to_path_buf(), source };
+            let schema = batches
+                .first()
+                .map(|b| b.schema())
+                .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
+            let perr = |source| Error::Parquet {
+                path: path.to_path_buf(),
+                source,
+            };
             let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, None).map_err(perr)?;
             for b in batches {
                 w.write(b).map_err(perr)?;
@@ -138,8 +172,17 @@ pub fn describe_tables(entries: &[TableEntry]) -> String {
     }
     let mut s = String::new();
     for e in entries {
-        let short = if count[e.table.as_str()] == 1 { format!(" (also: {})", e.table) } else { String::new() };
-        s.push_str(&format!("  {}.{}{short}: {} rows\n", e.stage, e.table, crate::progress::thousands(e.rows)));
+        let short = if count[e.table.as_str()] == 1 {
+            format!(" (also: {})", e.table)
+        } else {
+            String::new()
+        };
+        s.push_str(&format!(
+            "  {}.{}{short}: {} rows\n",
+            e.stage,
+            e.table,
+            crate::progress::thousands(e.rows)
+        ));
     }
     s
 }
@@ -149,12 +192,19 @@ pub fn describe_tables(entries: &[TableEntry]) -> String {
 /// prompt goes on.
 pub async fn repl(ctx: &SessionContext, entries: &[TableEntry], history: &Path) -> Result<()> {
     use rustyline::error::ReadlineError;
-    let mut rl = rustyline::DefaultEditor::new().map_err(|e| Error::Usage { arg: "sql".into(), message: e.to_string() })?;
+    let mut rl = rustyline::DefaultEditor::new().map_err(|e| Error::Usage {
+        arg: "sql".into(),
+        message: e.to_string(),
+    })?;
     let _ = rl.load_history(history);
     println!("genecis sql: {} tables. End statements with ';'. \\d lists tables, \\d NAME describes one, \\q quits.", entries.len());
     let mut buf = String::new();
     loop {
-        let prompt = if buf.is_empty() { "genecis> " } else { "     ..> " };
+        let prompt = if buf.is_empty() {
+            "genecis> "
+        } else {
+            "     ..> "
+        };
         let line = match rl.readline(prompt) {
             Ok(l) => l,
             Err(ReadlineError::Interrupted) => {

@@ -126,7 +126,11 @@ pub trait StageKind: Sync {
     fn input_tables(&self) -> &'static [&'static str];
     fn output_tables(&self) -> Vec<TableDef>;
     /// Types the raw params; errors are (field, message) pairs.
-    fn bind(&self, raw: toml::Table, base_dir: &Path) -> Result<Box<dyn BoundStage>, Vec<(String, String)>>;
+    fn bind(
+        &self,
+        raw: toml::Table,
+        base_dir: &Path,
+    ) -> Result<Box<dyn BoundStage>, Vec<(String, String)>>;
 }
 
 /// A stage kind with typed, validated params.
@@ -141,6 +145,12 @@ pub struct Kind<S>(std::marker::PhantomData<S>);
 impl<S> Kind<S> {
     pub const fn new() -> Self {
         Kind(std::marker::PhantomData)
+    }
+}
+
+impl<S> Default for Kind<S> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -180,12 +190,21 @@ where
     fn output_tables(&self) -> Vec<TableDef> {
         S::output_tables()
     }
-    fn bind(&self, raw: toml::Table, base_dir: &Path) -> Result<Box<dyn BoundStage>, Vec<(String, String)>> {
-        let params: S::Params = serde_path_to_error::deserialize(toml::Value::Table(raw)).map_err(|e| {
-            let path = e.path().to_string();
-            let field = if path == "." { "params".to_string() } else { format!("params.{path}") };
-            vec![(field, e.into_inner().to_string())]
-        })?;
+    fn bind(
+        &self,
+        raw: toml::Table,
+        base_dir: &Path,
+    ) -> Result<Box<dyn BoundStage>, Vec<(String, String)>> {
+        let params: S::Params =
+            serde_path_to_error::deserialize(toml::Value::Table(raw)).map_err(|e| {
+                let path = e.path().to_string();
+                let field = if path == "." {
+                    "params".to_string()
+                } else {
+                    format!("params.{path}")
+                };
+                vec![(field, e.into_inner().to_string())]
+            })?;
         let problems = S::validate(&params, base_dir);
         if !problems.is_empty() {
             return Err(problems

@@ -46,7 +46,11 @@ impl FileStamp {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_nanos() as i128)
             .unwrap_or(0);
-        Ok(FileStamp { path: path.to_path_buf(), size: meta.len(), mtime_ns })
+        Ok(FileStamp {
+            path: path.to_path_buf(),
+            size: meta.len(),
+            mtime_ns,
+        })
     }
 }
 
@@ -95,7 +99,10 @@ impl StageRecord {
         };
         serde_json::from_str(&text)
             .map(Some)
-            .map_err(|e| Error::CorruptRecord { path, message: e.to_string() })
+            .map_err(|e| Error::CorruptRecord {
+                path,
+                message: e.to_string(),
+            })
     }
 
     /// Whether every table folder listed still holds its parts.
@@ -132,7 +139,12 @@ pub struct StageWriter {
 }
 
 impl StageWriter {
-    pub fn open(workdir: &Path, stage: &str, fingerprint: &str, tables: Vec<TableDef>) -> Result<StageWriter> {
+    pub fn open(
+        workdir: &Path,
+        stage: &str,
+        fingerprint: &str,
+        tables: Vec<TableDef>,
+    ) -> Result<StageWriter> {
         let dir = work_dir(workdir, stage);
         let info_path = dir.join(WORK_FILE);
         let reusable = fs::read_to_string(&info_path)
@@ -147,7 +159,10 @@ impl StageWriter {
             fs::create_dir_all(&p).map_err(Error::io("cannot create", &p))?;
         }
         if !reusable {
-            let info = serde_json::to_string(&WorkInfo { fingerprint: fingerprint.to_string() }).unwrap();
+            let info = serde_json::to_string(&WorkInfo {
+                fingerprint: fingerprint.to_string(),
+            })
+            .unwrap();
             write_atomic(&info_path, info.as_bytes())?;
         }
         let props = WriterProperties::builder()
@@ -163,7 +178,9 @@ impl StageWriter {
 
     /// A chunk is finished when every table has its part file.
     pub fn chunk_done(&self, chunk: usize) -> bool {
-        self.tables.iter().all(|t| self.dir.join(t.name).join(part_name(chunk)).is_file())
+        self.tables
+            .iter()
+            .all(|t| self.dir.join(t.name).join(part_name(chunk)).is_file())
     }
 
     /// Writes the chunk's batch for every table (empty batches included, so
@@ -175,16 +192,26 @@ impl StageWriter {
                 return Err(Error::StageFailed {
                     stage: self.dir.display().to_string(),
                     kind: String::new(),
-                    message: format!("internal: chunk {chunk} has no batch for table '{}'", t.name),
+                    message: format!(
+                        "internal: chunk {chunk} has no batch for table '{}'",
+                        t.name
+                    ),
                 });
             }
         }
         for (name, batch) in batches {
             let final_path = self.dir.join(name).join(part_name(chunk));
-            let tmp = self.dir.join(name).join(format!(".{}.tmp", part_name(chunk)));
+            let tmp = self
+                .dir
+                .join(name)
+                .join(format!(".{}.tmp", part_name(chunk)));
             let file = File::create(&tmp).map_err(Error::io("cannot create", &tmp))?;
-            let perr = |source| Error::Parquet { path: tmp.clone(), source };
-            let mut w = ArrowWriter::try_new(file, batch.schema(), Some(self.props.clone())).map_err(perr)?;
+            let perr = |source| Error::Parquet {
+                path: tmp.clone(),
+                source,
+            };
+            let mut w = ArrowWriter::try_new(file, batch.schema(), Some(self.props.clone()))
+                .map_err(perr)?;
             w.write(batch).map_err(perr)?;
             w.close().map_err(perr)?;
             fs::rename(&tmp, &final_path).map_err(Error::io("cannot rename", &tmp))?;
@@ -200,10 +227,19 @@ impl StageWriter {
             for k in 0..chunks {
                 let p = self.dir.join(t.name).join(part_name(k));
                 let f = File::open(&p).map_err(Error::io("cannot open", &p))?;
-                let r = SerializedFileReader::new(f).map_err(|source| Error::Parquet { path: p.clone(), source })?;
+                let r = SerializedFileReader::new(f).map_err(|source| Error::Parquet {
+                    path: p.clone(),
+                    source,
+                })?;
                 rows += r.metadata().file_metadata().num_rows() as u64;
             }
-            out.insert(t.name.to_string(), TableStat { rows, parts: chunks });
+            out.insert(
+                t.name.to_string(),
+                TableStat {
+                    rows,
+                    parts: chunks,
+                },
+            );
         }
         Ok(out)
     }
@@ -211,7 +247,13 @@ impl StageWriter {
     /// Moves the work folder into `<workdir>/<stage>` with its record. The
     /// old committed folder, if any, is invalidated first (record removed),
     /// so a crash in between leaves the stage "missing", never half-new.
-    pub fn commit(self, workdir: &Path, stage: &str, mut record: StageRecord, chunks: usize) -> Result<StageRecord> {
+    pub fn commit(
+        self,
+        workdir: &Path,
+        stage: &str,
+        mut record: StageRecord,
+        chunks: usize,
+    ) -> Result<StageRecord> {
         for k in 0..chunks {
             if !self.chunk_done(k) {
                 return Err(Error::NotReady {
@@ -244,7 +286,12 @@ impl StageWriter {
 
 /// Number of finished chunks in an interrupted run's work folder, if its
 /// fingerprint matches (for `status`).
-pub fn resumable_chunks(workdir: &Path, stage: &str, fingerprint: &str, tables: &[TableDef]) -> usize {
+pub fn resumable_chunks(
+    workdir: &Path,
+    stage: &str,
+    fingerprint: &str,
+    tables: &[TableDef],
+) -> usize {
     let dir = work_dir(workdir, stage);
     let ok = fs::read_to_string(dir.join(WORK_FILE))
         .ok()
@@ -295,10 +342,19 @@ impl WorkdirLock {
             .write(true)
             .open(&path)
             .map_err(Error::io("cannot open lock file", &path))?;
-        let holder = || fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+        let holder = || {
+            fs::read_to_string(&path)
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
         let busy = |holder: String| Error::Locked {
             workdir: workdir.to_path_buf(),
-            holder: if holder.is_empty() { "unknown process".into() } else { holder },
+            holder: if holder.is_empty() {
+                "unknown process".into()
+            } else {
+                holder
+            },
         };
         let mut files = Vec::new();
         match shard {
@@ -306,7 +362,8 @@ impl WorkdirLock {
                 if main.try_lock().is_err() {
                     return Err(busy(holder()));
                 }
-                fs::write(&path, format!("pid {}", std::process::id())).map_err(Error::io("cannot write", &path))?;
+                fs::write(&path, format!("pid {}", std::process::id()))
+                    .map_err(Error::io("cannot write", &path))?;
                 files.push(main);
             }
             Some(s) => {

@@ -1,0 +1,104 @@
+//! Helpers: run the real `genecis` binary on manifests written to temp dirs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_genecis"))
+}
+
+pub struct Res {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Res {
+    pub fn ok(&self) -> &Self {
+        assert_eq!(
+            self.code, 0,
+            "expected success\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+impl From<Output> for Res {
+    fn from(o: Output) -> Res {
+        Res {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+pub fn genecis(args: &[&str]) -> Res {
+    bin().args(args).output().expect("run genecis").into()
+}
+
+/// The shared data folder of a development checkout, or None (with a notice)
+/// in a user's clone, where tests that need it skip.
+pub fn shared(rel: &str) -> Option<PathBuf> {
+    let root = std::env::var_os("GENECIS_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    let p = root.join(rel);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!(
+            "NOTICE: skipping: {} is absent (tests that need ../shared skip in a plain clone)",
+            p.display()
+        );
+        None
+    }
+}
+
+pub fn write(path: &Path, content: impl AsRef<[u8]>) {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(path, content).unwrap();
+}
+
+/// A manifest with one ingest stage named `captions` over `data`.
+pub fn ingest_manifest(dir: &Path, data: &str, extra: &str) -> PathBuf {
+    let m = dir.join("m.toml");
+    write(
+        &m,
+        format!(
+            "[pipeline]\nname = \"t\"\nworkdir = \"run\"\n\n[[stage]]\nname = \"captions\"\nkind = \"ingest\"\nparams = {{ path = \"{data}\"{extra} }}\n"
+        ),
+    );
+    m
+}
+
+/// A CC3M-style TSV of `n` lines.
+pub fn synthetic_tsv(path: &Path, n: usize) {
+    let mut s = String::with_capacity(n * 60);
+    let things = ["dog", "cat", "car", "boat", "tree", "house", "bird", "cup"];
+    let places = [
+        "on a bench",
+        "in the park",
+        "next to a wall",
+        "on the beach",
+        "near a river",
+    ];
+    for i in 0..n {
+        s.push_str(&format!(
+            "a {} {} number {i} .\thttp://example.invalid/{i}.jpg\n",
+            things[i % things.len()],
+            places[(i / 7) % places.len()]
+        ));
+    }
+    write(path, s);
+}
+
+/// Rows of a SQL query as CSV lines (header first).
+pub fn sql_csv(target: &Path, query: &str) -> Vec<String> {
+    let r = genecis(&["sql", target.to_str().unwrap(), query, "--format", "csv"]);
+    r.ok();
+    r.stdout.lines().map(str::to_string).collect()
+}

@@ -1,0 +1,263 @@
+//! Running manifests: skipping, staleness, overrides, resume after kill -9,
+//! the workdir lock, --only/--from and sharding.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+fn parts(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn second_run_skips_and_param_change_is_explained_and_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("data.tsv"), 500);
+    let m = ingest_manifest(dir.path(), "data.tsv", ", chunk_rows = 100");
+    let m = m.to_str().unwrap();
+
+    let st = genecis(&["status", m]);
+    assert!(
+        st.ok().stdout.contains("captions             missing"),
+        "{}",
+        st.stdout
+    );
+    let r = genecis(&["run", m]);
+    assert!(
+        r.ok().stdout.contains("+ captions (ingest): 500 rows"),
+        "{}",
+        r.stdout
+    );
+    let r = genecis(&["run", m]);
+    assert!(
+        r.ok().stdout.contains("= captions (ingest): up to date"),
+        "{}",
+        r.stdout
+    );
+    assert!(genecis(&["status", m])
+        .stdout
+        .contains("captions             done"));
+
+    // An override changes the fingerprint like an edit would.
+    let st = genecis(&["status", m, "--set", "captions.chunk_rows=50"]);
+    assert!(st.ok().stdout.contains("stale"), "{}", st.stdout);
+    assert!(
+        st.stdout.contains("param chunk_rows changed: 100 -> 50"),
+        "{}",
+        st.stdout
+    );
+    let r = genecis(&["run", m, "--set", "captions.chunk_rows=50"]);
+    assert!(r.ok().stdout.contains("+ captions"), "{}", r.stdout);
+    assert_eq!(parts(&dir.path().join("run/captions/captions")).len(), 10);
+    // Back to the manifest's value: stale again, and says so.
+    assert!(genecis(&["status", m])
+        .stdout
+        .contains("param chunk_rows changed: 50 -> 100"));
+
+    // A changed input file is named too.
+    synthetic_tsv(&dir.path().join("data.tsv"), 501);
+    let st = genecis(&["status", m, "--set", "captions.chunk_rows=50"]);
+    assert!(
+        st.stdout.contains("data.tsv changed (size"),
+        "{}",
+        st.stdout
+    );
+}
+
+#[test]
+fn force_and_from_rerun_downstream() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("data.tsv"), 50);
+    let m = dir.path().join("m.toml");
+    write(
+        &m,
+        "[pipeline]\nname = \"t\"\nworkdir = \"run\"\n\n[[stage]]\nname = \"b\"\nkind = \"ingest\"\ninputs = [\"a\"]\nparams = { path = \"data.tsv\" }\n\n[[stage]]\nname = \"a\"\nkind = \"ingest\"\nparams = { path = \"data.tsv\" }\n\n[[stage]]\nname = \"c\"\nkind = \"ingest\"\nparams = { path = \"data.tsv\" }\n",
+    );
+    let m = m.to_str().unwrap();
+    // Dependency order: a before b although b is written first.
+    let r = genecis(&["run", m]);
+    let out = &r.ok().stdout;
+    assert!(
+        out.find("+ a (").unwrap() < out.find("+ b (").unwrap(),
+        "{out}"
+    );
+
+    let r = genecis(&["run", m, "--from", "a"]);
+    assert!(
+        r.ok().stdout.contains("+ a (") && r.stdout.contains("+ b ("),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("= c (ingest): up to date"),
+        "{}",
+        r.stdout
+    );
+
+    let r = genecis(&["run", m, "--only", "c", "--force"]);
+    assert!(
+        r.ok().stdout.contains("+ c (") && !r.stdout.contains(" a ("),
+        "{}",
+        r.stdout
+    );
+
+    // --only on a stage whose input is not done is refused.
+    std::fs::remove_dir_all(dir.path().join("run/a")).unwrap();
+    let r = genecis(&["run", m, "--only", "b", "--force"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("input stage 'a' is missing"),
+        "{}",
+        r.stderr
+    );
+    // And b is stale because its input changed under it.
+    let st = genecis(&["status", m]);
+    assert!(
+        st.stdout.contains("a                    missing"),
+        "{}",
+        st.stdout
+    );
+}
+
+#[test]
+fn kill_minus_9_then_rerun_gives_the_same_table() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("data.tsv"), 300_000);
+    let m = ingest_manifest(dir.path(), "data.tsv", ", chunk_rows = 1000");
+    let work_parts = dir.path().join("run/.work/captions/captions");
+
+    let mut killed_midway = false;
+    for _attempt in 0..3 {
+        let mut child = bin()
+            .args(["run", m.to_str().unwrap(), "-q"])
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        loop {
+            let n = std::fs::read_dir(&work_parts)
+                .map(|d| d.count())
+                .unwrap_or(0);
+            if n >= 5 || t0.elapsed() > Duration::from_secs(120) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if !dir.path().join("run/captions/_stage.json").exists() {
+            killed_midway = true;
+            break;
+        }
+        std::fs::remove_dir_all(dir.path().join("run")).unwrap();
+    }
+    assert!(
+        killed_midway,
+        "could not interrupt the ingest before it finished"
+    );
+
+    let st = genecis(&["status", m.to_str().unwrap()]);
+    assert!(
+        st.ok()
+            .stdout
+            .contains("chunk(s) of an interrupted run will be kept"),
+        "{}",
+        st.stdout
+    );
+    let r = genecis(&["run", m.to_str().unwrap(), "-q"]);
+    assert!(r.ok().stdout.contains("resumed"), "{}", r.stdout);
+
+    // An uninterrupted run elsewhere: the part files are byte-identical.
+    let clean = dir.path().join("clean");
+    let r = genecis(&[
+        "run",
+        m.to_str().unwrap(),
+        "-q",
+        "--workdir",
+        clean.to_str().unwrap(),
+    ]);
+    r.ok();
+    for table in ["captions", "rejects"] {
+        let a = parts(&dir.path().join("run/captions").join(table));
+        let b = parts(&clean.join("captions").join(table));
+        assert_eq!(a.len(), 300);
+        assert!(a == b, "table {table} differs after resume");
+    }
+    let n = sql_csv(
+        &dir.path().join("run"),
+        "SELECT count(*) AS n, count(DISTINCT image_id) AS d FROM captions",
+    );
+    assert_eq!(n[1], "300000,300000");
+}
+
+#[test]
+fn a_second_run_on_the_same_workdir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("data.tsv"), 10);
+    let m = ingest_manifest(dir.path(), "data.tsv", "");
+    let workdir = dir.path().join("run");
+    let _held = genecis::store::WorkdirLock::acquire(&workdir, None).unwrap();
+    let r = genecis(&["run", m.to_str().unwrap()]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("is in use by another genecis run"),
+        "{}",
+        r.stderr
+    );
+    assert!(!workdir.join("captions").exists());
+    // Shards may not run beside a whole run either.
+    let r = genecis(&["run", m.to_str().unwrap(), "--shard", "0/2"]);
+    assert!(r.stderr.contains("in use"), "{}", r.stderr);
+}
+
+#[test]
+fn shards_union_equals_the_unsharded_table() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("data.tsv"), 2_000);
+    let m = ingest_manifest(dir.path(), "data.tsv", ", chunk_rows = 150");
+    let m = m.to_str().unwrap();
+    let r0 = genecis(&["run", m, "--shard", "0/3"]);
+    assert!(
+        r0.ok().stdout.contains("chunks wait for other shards"),
+        "{}",
+        r0.stdout
+    );
+    assert!(genecis(&["status", m]).stdout.contains("missing"));
+    genecis(&["run", m, "--shard", "2/3"]).ok();
+    let r1 = genecis(&["run", m, "--shard", "1/3"]);
+    assert!(
+        r1.ok().stdout.contains("+ captions"),
+        "the last shard commits: {}",
+        r1.stdout
+    );
+    assert!(genecis(&["status", m]).stdout.contains("done"));
+
+    let whole = dir.path().join("whole");
+    genecis(&["run", m, "--workdir", whole.to_str().unwrap()]).ok();
+    for table in ["captions", "rejects"] {
+        assert!(
+            parts(&dir.path().join("run/captions").join(table))
+                == parts(&whole.join("captions").join(table)),
+            "{table}: shards differ from the unsharded run"
+        );
+    }
+}
+
+#[test]
+fn doctor_loads_libtorch_through_the_rpath() {
+    // No LD_LIBRARY_PATH: the binary must find libtorch by itself.
+    let out: Res = bin().arg("doctor").env_remove("LD_LIBRARY_PATH").output().unwrap().into();
+    assert!(out.ok().stdout.contains("CPU check 1+4+9 = 14"), "{}", out.stdout);
+}
