@@ -145,3 +145,19 @@ fn interactive_prompt_reads_statements_and_meta_commands() {
     assert!(out.stdout.contains("| 100 |"), "{}", out.stdout);
     assert!(out.stderr.contains("error: SQL error"), "{}", out.stderr);
 }
+
+#[test]
+fn example_queries_run() {
+    let (_dir, m) = demo_run();
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(examples).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "sql") {
+            let r = genecis(&["sql", m.to_str().unwrap(), "--file", p.to_str().unwrap(), "--format", "csv"]);
+            assert!(r.ok().stdout.lines().count() >= 1, "{}: {}", p.display(), r.stdout);
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+}
