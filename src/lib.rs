@@ -2,8 +2,10 @@
 //! Arrow/Parquet stages. See DESIGN.md and README.md.
 
 pub mod error;
+pub mod import_parses;
 pub mod ingest;
 pub mod manifest;
+pub mod mine;
 pub mod progress;
 pub mod runner;
 pub mod sql;

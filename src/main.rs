@@ -266,7 +266,11 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let t = tch::Tensor::from_slice(&[1f32, 2.0, 3.0]);
             let sum = (&t * &t).sum(tch::Kind::Float).double_value(&[]);
             println!("libtorch: loaded, CPU check 1+4+9 = {sum}");
-            println!("cuda: available = {}, devices = {}", tch::Cuda::is_available(), tch::Cuda::device_count());
+            println!(
+                "cuda: available = {}, devices = {}",
+                tch::Cuda::is_available(),
+                tch::Cuda::device_count()
+            );
             if sum != 14.0 {
                 anyhow::bail!("libtorch computed {sum} instead of 14");
             }

@@ -512,8 +512,13 @@ impl Plan {
                     )
                 })
                 .collect();
-            let fingerprint =
-                fingerprint(kind.kind(), kind.version(), &params, &inputs_fp, &stamps[i]);
+            let fingerprint = fingerprint(
+                kind.kind(),
+                &kind.code_version(),
+                &params,
+                &inputs_fp,
+                &stamps[i],
+            );
             done[i] = Some(PlannedStage {
                 name: st.name.get_ref().clone(),
                 kind,

@@ -74,11 +74,11 @@ fn explain(plan: &Plan, s: &PlannedStage, rec: &StageRecord) -> Vec<String> {
     let mut why = Vec::new();
     if rec.kind != s.kind.kind() {
         why.push(format!("kind changed: {} -> {}", rec.kind, s.kind.kind()));
-    } else if rec.kind_version != s.kind.version() {
+    } else if rec.kind_version != s.kind.code_version() {
         why.push(format!(
-            "stage code version changed: {} -> {}",
+            "stage code changed: version {} -> {}",
             rec.kind_version,
-            s.kind.version()
+            s.kind.code_version()
         ));
     }
     let empty = serde_json::Map::new();
@@ -316,7 +316,7 @@ fn run_stage(
     let record = StageRecord {
         stage: s.name.clone(),
         kind: s.kind.kind().into(),
-        kind_version: s.kind.version().into(),
+        kind_version: s.kind.code_version(),
         fingerprint: s.fingerprint.clone(),
         params: s.params.clone(),
         inputs: s.input_stamps(plan),

@@ -102,6 +102,12 @@ pub trait Stage: 'static {
     fn input_tables() -> &'static [&'static str];
     fn output_tables() -> Vec<TableDef>;
 
+    /// Code the stage loads besides its Rust (its sql/*.sql texts): hashed
+    /// into the fingerprint, so editing a query makes finished runs stale.
+    fn code() -> &'static [&'static str] {
+        &[]
+    }
+
     /// Checks beyond typing: (field, message) pairs.
     fn validate(_params: &Self::Params, _base_dir: &Path) -> Vec<(String, String)> {
         Vec::new()
@@ -121,6 +127,8 @@ pub trait Stage: 'static {
 pub trait StageKind: Sync {
     fn kind(&self) -> &'static str;
     fn version(&self) -> &'static str;
+    /// Kind version plus a digest of [`Stage::code`].
+    fn code_version(&self) -> String;
     fn shardable(&self) -> bool;
     fn about(&self) -> &'static str;
     fn input_tables(&self) -> &'static [&'static str];
@@ -178,6 +186,18 @@ where
     fn version(&self) -> &'static str {
         S::VERSION
     }
+    fn code_version(&self) -> String {
+        let code = S::code();
+        if code.is_empty() {
+            return S::VERSION.to_string();
+        }
+        let mut h = blake3::Hasher::new();
+        for c in code {
+            h.update(c.as_bytes());
+            h.update(&[0]);
+        }
+        format!("{}+sql.{}", S::VERSION, &h.finalize().to_hex()[..12])
+    }
     fn shardable(&self) -> bool {
         S::SHARDABLE
     }
@@ -217,7 +237,11 @@ where
 }
 
 /// Every stage kind, by its manifest name.
-pub static KINDS: &[&dyn StageKind] = &[&Kind::<crate::ingest::Ingest>::new()];
+pub static KINDS: &[&dyn StageKind] = &[
+    &Kind::<crate::ingest::Ingest>::new(),
+    &Kind::<crate::import_parses::ImportParses>::new(),
+    &Kind::<crate::mine::Mine>::new(),
+];
 
 pub fn lookup(kind: &str) -> Option<&'static dyn StageKind> {
     KINDS.iter().copied().find(|k| k.kind() == kind)

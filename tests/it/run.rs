@@ -258,6 +258,15 @@ fn shards_union_equals_the_unsharded_table() {
 #[test]
 fn doctor_loads_libtorch_through_the_rpath() {
     // No LD_LIBRARY_PATH: the binary must find libtorch by itself.
-    let out: Res = bin().arg("doctor").env_remove("LD_LIBRARY_PATH").output().unwrap().into();
-    assert!(out.ok().stdout.contains("CPU check 1+4+9 = 14"), "{}", out.stdout);
+    let out: Res = bin()
+        .arg("doctor")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap()
+        .into();
+    assert!(
+        out.ok().stdout.contains("CPU check 1+4+9 = 14"),
+        "{}",
+        out.stdout
+    );
 }

@@ -154,8 +154,20 @@ fn example_queries_run() {
     for e in std::fs::read_dir(examples).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "sql") {
-            let r = genecis(&["sql", m.to_str().unwrap(), "--file", p.to_str().unwrap(), "--format", "csv"]);
-            assert!(r.ok().stdout.lines().count() >= 1, "{}: {}", p.display(), r.stdout);
+            let r = genecis(&[
+                "sql",
+                m.to_str().unwrap(),
+                "--file",
+                p.to_str().unwrap(),
+                "--format",
+                "csv",
+            ]);
+            assert!(
+                r.ok().stdout.lines().count() >= 1,
+                "{}: {}",
+                p.display(),
+                r.stdout
+            );
             n += 1;
         }
     }

@@ -1,0 +1,299 @@
+//! `import-parses`: scene graphs produced elsewhere (the reference Python
+//! SceneGraphParser's JSONL: `{"row", "caption", "entities", "entity_details",
+//! "relations"}`) into the same `entities` / `relations` tables the `parse`
+//! stage writes, so mining and evaluation can run on them.
+//!
+//! Tables:
+//! - `entities(image_id Int64, entity_idx Int32, span Utf8, head Utf8, lemma_head Utf8, modifiers List<Utf8>, kind Utf8?)`
+//! - `relations(image_id Int64, relation_idx Int32, subject Utf8, relation Utf8, object Utf8, subject_idx Int32?, object_idx Int32?)`
+//! - `rejects(source, line_number, reason, raw)`
+//!
+//! `repeat = k` writes k copies with fresh image ids (`row + copy * (max_row + 1)`),
+//! to build CC3M-sized tables from a small parse file for benchmarks. One part
+//! per copy.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
+
+use arrow::array::{ArrayRef, Int32Builder, Int64Builder, ListBuilder, StringBuilder};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::ingest::REJECTS_SCHEMA;
+use crate::stage::{Stage, StageContext, StageReport, TableDef};
+
+pub static ENTITIES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("image_id", DataType::Int64, false),
+        Field::new("entity_idx", DataType::Int32, false),
+        Field::new("span", DataType::Utf8, false),
+        Field::new("head", DataType::Utf8, false),
+        Field::new("lemma_head", DataType::Utf8, false),
+        Field::new(
+            "modifiers",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            false,
+        ),
+        Field::new("kind", DataType::Utf8, true),
+    ]))
+});
+
+pub static RELATIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("image_id", DataType::Int64, false),
+        Field::new("relation_idx", DataType::Int32, false),
+        Field::new("subject", DataType::Utf8, false),
+        Field::new("relation", DataType::Utf8, false),
+        Field::new("object", DataType::Utf8, false),
+        Field::new("subject_idx", DataType::Int32, true),
+        Field::new("object_idx", DataType::Int32, true),
+    ]))
+});
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportParams {
+    pub path: PathBuf,
+    #[serde(default = "one")]
+    pub repeat: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Deserialize)]
+struct RefEntity {
+    span: String,
+    head: String,
+    lemma_head: String,
+    #[serde(default)]
+    modifiers: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct RefRelation {
+    subject: String,
+    relation: String,
+    object: String,
+}
+
+#[derive(Deserialize)]
+struct RefParse {
+    row: i64,
+    #[serde(default)]
+    entity_details: Vec<RefEntity>,
+    #[serde(default)]
+    relations: Vec<RefRelation>,
+}
+
+pub struct ImportParses;
+
+impl Stage for ImportParses {
+    const KIND: &'static str = "import-parses";
+    const VERSION: &'static str = "1";
+    const SHARDABLE: bool = true;
+    const ABOUT: &'static str =
+        "reference scene-graph parses (JSONL) -> entities, relations, rejects";
+    type Params = ImportParams;
+
+    fn input_tables() -> &'static [&'static str] {
+        &[]
+    }
+
+    fn output_tables() -> Vec<TableDef> {
+        vec![
+            TableDef {
+                name: "entities",
+                schema: ENTITIES_SCHEMA.clone(),
+            },
+            TableDef {
+                name: "relations",
+                schema: RELATIONS_SCHEMA.clone(),
+            },
+            TableDef {
+                name: "rejects",
+                schema: REJECTS_SCHEMA.clone(),
+            },
+        ]
+    }
+
+    fn validate(p: &ImportParams, _base: &Path) -> Vec<(String, String)> {
+        if p.repeat == 0 {
+            return vec![("repeat".into(), "must be at least 1".into())];
+        }
+        Vec::new()
+    }
+
+    fn files(p: &ImportParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
+        vec![("path", crate::stage::resolve_path(base, &p.path))]
+    }
+
+    fn run(p: &ImportParams, ctx: &StageContext) -> Result<StageReport> {
+        let started = Instant::now();
+        let path = ctx.resolve(&p.path);
+        let text = std::fs::read(&path).map_err(Error::io("cannot read", &path))?;
+        let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+        let parsed: Vec<std::result::Result<RefParse, String>> = lines
+            .par_iter()
+            .map(|l| {
+                let l = l.strip_suffix(b"\r").unwrap_or(l);
+                serde_json::from_slice::<RefParse>(l)
+                    .map_err(|e| format!("not a parse object: {e}"))
+            })
+            .collect();
+        // A trailing newline leaves one empty last line: not a record.
+        let n = if lines.last().is_some_and(|l| l.is_empty()) {
+            lines.len() - 1
+        } else {
+            lines.len()
+        };
+        let stride = parsed[..n]
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|r| r.row)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let source = path.display().to_string();
+        let bar = ctx.progress.bar(ctx.stage, p.repeat as u64, "copies");
+        let todo: Vec<usize> = (0..p.repeat)
+            .filter(|&k| ctx.shard.is_none_or(|s| s.owns(k)) && !ctx.writer.chunk_done(k))
+            .collect();
+        let resumed = (0..p.repeat).filter(|&k| ctx.writer.chunk_done(k)).count();
+        todo.par_iter().try_for_each(|&copy| -> Result<()> {
+            let offset = copy as i64 * stride;
+            let (ents, rels, rej) = build(&parsed[..n], &lines, offset, copy == 0, &source)?;
+            ctx.writer.write_chunk(
+                copy,
+                &[("entities", ents), ("relations", rels), ("rejects", rej)],
+            )?;
+            bar.inc(1);
+            Ok(())
+        })?;
+        bar.finish_and_clear();
+        let bad = parsed[..n].iter().filter(|r| r.is_err()).count();
+        let mut notes = Vec::new();
+        if bad > 0 {
+            notes.push(format!("{bad} line(s) rejected: see table rejects"));
+        }
+        Ok(StageReport {
+            rows_in: (n * p.repeat) as u64,
+            chunks: p.repeat,
+            chunks_resumed: resumed,
+            notes,
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+type Batches = (RecordBatch, RecordBatch, RecordBatch);
+
+fn build(
+    parsed: &[std::result::Result<RefParse, String>],
+    lines: &[&[u8]],
+    offset: i64,
+    with_rejects: bool,
+    source: &str,
+) -> Result<Batches> {
+    let mut e_img = Int64Builder::new();
+    let mut e_idx = Int32Builder::new();
+    let mut e_span = StringBuilder::new();
+    let mut e_head = StringBuilder::new();
+    let mut e_lemma = StringBuilder::new();
+    let mut e_mods = ListBuilder::new(StringBuilder::new());
+    let mut e_kind = StringBuilder::new();
+    let mut r_img = Int64Builder::new();
+    let mut r_idx = Int32Builder::new();
+    let mut r_s = StringBuilder::new();
+    let mut r_r = StringBuilder::new();
+    let mut r_o = StringBuilder::new();
+    let mut r_si = Int32Builder::new();
+    let mut r_oi = Int32Builder::new();
+    let mut x_src = StringBuilder::new();
+    let mut x_line = Int64Builder::new();
+    let mut x_reason = StringBuilder::new();
+    let mut x_raw = StringBuilder::new();
+    for (i, p) in parsed.iter().enumerate() {
+        let p = match p {
+            Ok(p) => p,
+            Err(reason) => {
+                if with_rejects {
+                    x_src.append_value(source);
+                    x_line.append_value(i as i64 + 1);
+                    x_reason.append_value(reason);
+                    x_raw.append_value(String::from_utf8_lossy(
+                        &lines[i][..lines[i].len().min(512)],
+                    ));
+                }
+                continue;
+            }
+        };
+        let img = p.row + offset;
+        for (j, e) in p.entity_details.iter().enumerate() {
+            e_img.append_value(img);
+            e_idx.append_value(j as i32);
+            e_span.append_value(&e.span);
+            e_head.append_value(&e.head);
+            e_lemma.append_value(&e.lemma_head);
+            for m in &e.modifiers {
+                e_mods.values().append_value(m);
+            }
+            e_mods.append(true);
+            e_kind.append_null();
+        }
+        let idx_of = |h: &str| {
+            p.entity_details
+                .iter()
+                .position(|e| e.head == h)
+                .map(|x| x as i32)
+        };
+        for (j, r) in p.relations.iter().enumerate() {
+            r_img.append_value(img);
+            r_idx.append_value(j as i32);
+            r_s.append_value(&r.subject);
+            r_r.append_value(&r.relation);
+            r_o.append_value(&r.object);
+            r_si.append_option(idx_of(&r.subject));
+            r_oi.append_option(idx_of(&r.object));
+        }
+    }
+    let ents = RecordBatch::try_new(
+        ENTITIES_SCHEMA.clone(),
+        vec![
+            Arc::new(e_img.finish()) as ArrayRef,
+            Arc::new(e_idx.finish()),
+            Arc::new(e_span.finish()),
+            Arc::new(e_head.finish()),
+            Arc::new(e_lemma.finish()),
+            Arc::new(e_mods.finish()),
+            Arc::new(e_kind.finish()),
+        ],
+    )?;
+    let rels = RecordBatch::try_new(
+        RELATIONS_SCHEMA.clone(),
+        vec![
+            Arc::new(r_img.finish()) as ArrayRef,
+            Arc::new(r_idx.finish()),
+            Arc::new(r_s.finish()),
+            Arc::new(r_r.finish()),
+            Arc::new(r_o.finish()),
+            Arc::new(r_si.finish()),
+            Arc::new(r_oi.finish()),
+        ],
+    )?;
+    let rej = RecordBatch::try_new(
+        REJECTS_SCHEMA.clone(),
+        vec![
+            Arc::new(x_src.finish()) as ArrayRef,
+            Arc::new(x_line.finish()),
+            Arc::new(x_reason.finish()),
+            Arc::new(x_raw.finish()),
+        ],
+    )?;
+    Ok((ents, rels, rej))
+}

@@ -1,0 +1,856 @@
+//! `mine`: (reference, target, distractor, condition) triplets from the
+//! `relations` table, with the law of GeneCIS's CCConditionalDistractor +
+//! DeterministicDatasetWithConcreteness (DESIGN.md §4).
+//!
+//! Tables:
+//! - `triplets(sample_id, ref_image_id, ref_relation_idx, target_image_id, target_relation_idx,
+//!   distractor_image_id, distractor_relation_idx, subject, relation, object, condition,
+//!   concreteness Float64?, attempts)`
+//! - `exhausted(sample_id, attempts)`: samples with no accepted attempt within `max_attempts`
+//! - `subjects(subject, n_images, n_objects, n_rows, probability, viable)`: the candidate subjects
+//! - `concreteness(word, score)`: the ratings with plural forms added
+//!
+//! The relational work (row ids, candidate subjects, row lists per subject,
+//! per (subject, object) and per object, the join back) is SQL in
+//! `sql/mine/`; the proposal loop runs in Rust over the Arrow arrays those
+//! queries return. Attempt `k` of sample `s` uses uniform draws hashed from
+//! `(seed, s, k, ...)` and the first accepted attempt wins, so a sample is
+//! the same whatever the sharding, chunking or thread count.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
+
+use arrow::array::{
+    ArrayRef, AsArray, BooleanArray, Float64Array, Float64Builder, StringArray, UInt32Array,
+    UInt64Array,
+};
+use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use rayon::prelude::*;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{Error, Result};
+use crate::stage::{Stage, StageContext, StageReport, TableDef};
+
+pub static TRIPLETS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("sample_id", DataType::UInt64, false),
+        Field::new("ref_image_id", DataType::Int64, false),
+        Field::new("ref_relation_idx", DataType::Int32, false),
+        Field::new("target_image_id", DataType::Int64, false),
+        Field::new("target_relation_idx", DataType::Int32, false),
+        Field::new("distractor_image_id", DataType::Int64, false),
+        Field::new("distractor_relation_idx", DataType::Int32, false),
+        Field::new("subject", DataType::Utf8, false),
+        Field::new("relation", DataType::Utf8, false),
+        Field::new("object", DataType::Utf8, false),
+        Field::new("condition", DataType::Utf8, false),
+        Field::new("concreteness", DataType::Float64, true),
+        Field::new("attempts", DataType::UInt32, false),
+    ]))
+});
+
+pub static EXHAUSTED_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("sample_id", DataType::UInt64, false),
+        Field::new("attempts", DataType::UInt32, false),
+    ]))
+});
+
+pub static SUBJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("subject", DataType::Utf8, false),
+        Field::new("n_images", DataType::Int64, false),
+        Field::new("n_objects", DataType::Int64, false),
+        Field::new("n_rows", DataType::Int64, false),
+        Field::new("probability", DataType::Float64, false),
+        Field::new("viable", DataType::Boolean, false),
+    ]))
+});
+
+pub static CONCRETENESS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("word", DataType::Utf8, false),
+        Field::new("score", DataType::Float64, false),
+    ]))
+});
+
+const SQL_ROWS: &str = include_str!("../sql/mine/rows.sql");
+const SQL_CANDIDATES: &str = include_str!("../sql/mine/candidates.sql");
+const SQL_SUBJECT_OBJECTS: &str = include_str!("../sql/mine/subject_objects.sql");
+const SQL_OBJECT_ROWS: &str = include_str!("../sql/mine/object_rows.sql");
+const SQL_TRIPLETS: &str = include_str!("../sql/mine/triplets.sql");
+
+/// A concreteness threshold, or `"none"` to switch the filter off.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Threshold(pub Option<f64>);
+
+impl Serialize for Threshold {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(v) => s.serialize_f64(v),
+            None => s.serialize_str("none"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Threshold {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum T {
+            F(f64),
+            I(i64),
+            S(String),
+        }
+        match T::deserialize(d)? {
+            T::F(v) => Ok(Threshold(Some(v))),
+            T::I(v) => Ok(Threshold(Some(v as f64))),
+            T::S(s) if s == "none" => Ok(Threshold(None)),
+            T::S(s) => Err(serde::de::Error::custom(format!(
+                "expected a number or \"none\", got \"{s}\""
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MineParams {
+    #[serde(default = "d_num_samples")]
+    pub num_samples: u64,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "d_min_images")]
+    pub min_images_with_subject: u64,
+    #[serde(default = "d_min_objects")]
+    pub min_objects_per_subject: u64,
+    #[serde(default = "d_threshold")]
+    pub concreteness_threshold: Threshold,
+    /// The Brysbaert ratings file (tab-separated: Word, Bigram, Conc.M, ...).
+    #[serde(default)]
+    pub concreteness_path: Option<PathBuf>,
+    /// Proposals per sample before it is given up (and listed in `exhausted`).
+    #[serde(default = "d_max_attempts")]
+    pub max_attempts: u32,
+    /// Target redraws per proposal while the target repeats the reference's
+    /// object or image (the original's cap is 100).
+    #[serde(default = "d_max_target_redraws")]
+    pub max_target_redraws: u32,
+    /// Samples per part file (the unit of resume and sharding).
+    #[serde(default = "d_chunk_samples")]
+    pub chunk_samples: u64,
+}
+
+fn d_num_samples() -> u64 {
+    1_600_000
+}
+fn d_min_images() -> u64 {
+    5
+}
+fn d_min_objects() -> u64 {
+    2
+}
+fn d_threshold() -> Threshold {
+    Threshold(Some(4.8))
+}
+fn d_max_attempts() -> u32 {
+    1000
+}
+fn d_max_target_redraws() -> u32 {
+    100
+}
+fn d_chunk_samples() -> u64 {
+    250_000
+}
+
+pub struct Mine;
+
+impl Stage for Mine {
+    const KIND: &'static str = "mine";
+    const VERSION: &'static str = "1";
+    const SHARDABLE: bool = true;
+    const ABOUT: &'static str =
+        "relations + concreteness ratings -> triplets (GeneCIS CC3M mining)";
+    type Params = MineParams;
+
+    fn input_tables() -> &'static [&'static str] {
+        &["relations"]
+    }
+
+    fn output_tables() -> Vec<TableDef> {
+        vec![
+            TableDef {
+                name: "triplets",
+                schema: TRIPLETS_SCHEMA.clone(),
+            },
+            TableDef {
+                name: "exhausted",
+                schema: EXHAUSTED_SCHEMA.clone(),
+            },
+            TableDef {
+                name: "subjects",
+                schema: SUBJECTS_SCHEMA.clone(),
+            },
+            TableDef {
+                name: "concreteness",
+                schema: CONCRETENESS_SCHEMA.clone(),
+            },
+        ]
+    }
+
+    fn code() -> &'static [&'static str] {
+        &[
+            SQL_ROWS,
+            SQL_CANDIDATES,
+            SQL_SUBJECT_OBJECTS,
+            SQL_OBJECT_ROWS,
+            SQL_TRIPLETS,
+        ]
+    }
+
+    fn validate(p: &MineParams, _base: &Path) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if p.num_samples == 0 {
+            out.push(("num_samples".into(), "must be at least 1".into()));
+        }
+        if p.chunk_samples == 0 {
+            out.push(("chunk_samples".into(), "must be at least 1".into()));
+        }
+        if p.max_attempts == 0 || p.max_target_redraws == 0 {
+            out.push((
+                "max_attempts".into(),
+                "max_attempts and max_target_redraws must be at least 1".into(),
+            ));
+        }
+        if p.min_objects_per_subject < 2 {
+            out.push((
+                "min_objects_per_subject".into(),
+                "must be at least 2 (the target's object must differ from the reference's)".into(),
+            ));
+        }
+        if p.concreteness_threshold.0.is_some() && p.concreteness_path.is_none() {
+            out.push((
+                "concreteness_path".into(),
+                "the concreteness filter is on: give the ratings file, or set concreteness_threshold = \"none\"".into(),
+            ));
+        }
+        out
+    }
+
+    fn files(p: &MineParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
+        p.concreteness_path
+            .iter()
+            .map(|c| ("concreteness_path", crate::stage::resolve_path(base, c)))
+            .collect()
+    }
+
+    fn run(p: &MineParams, ctx: &StageContext) -> Result<StageReport> {
+        let started = Instant::now();
+        let ratings = match &p.concreteness_path {
+            Some(c) => read_concreteness(&ctx.resolve(c))?,
+            None => Vec::new(),
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(rayon::current_num_threads().max(1))
+            .enable_all()
+            .build()
+            .map_err(Error::io("cannot start the query runtime", ctx.stage))?;
+        rt.block_on(mine(p, ctx, ratings, started))
+    }
+}
+
+/// Reads the Brysbaert file into (word, score), lower-cased, and adds the
+/// plural of every word that is not itself in the file.
+pub fn read_concreteness(path: &Path) -> Result<Vec<(String, f64)>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(Error::io("cannot read concreteness ratings", path))?;
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or("");
+    let cols: Vec<&str> = header.split('\t').collect();
+    let (Some(wi), Some(ci)) = (
+        cols.iter().position(|c| *c == "Word"),
+        cols.iter().position(|c| *c == "Conc.M"),
+    ) else {
+        return Err(Error::StageFailed {
+            stage: "mine".into(),
+            kind: "mine".into(),
+            message: format!(
+                "{} is not a Brysbaert ratings file: its header needs the columns Word and Conc.M (tab-separated)",
+                path.display()
+            ),
+        });
+    };
+    let mut scores: Vec<(String, f64)> = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (n, line) in lines.enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split('\t').collect();
+        let parsed = f.get(ci).and_then(|s| s.trim().parse::<f64>().ok());
+        let (Some(word), Some(score)) = (f.get(wi), parsed) else {
+            return Err(Error::StageFailed {
+                stage: "mine".into(),
+                kind: "mine".into(),
+                message: format!("{}:{}: cannot read word and Conc.M", path.display(), n + 2),
+            });
+        };
+        let word = word.trim().to_lowercase();
+        if let Some(&i) = seen.get(&word) {
+            scores[i].1 = score; // the file's later entry wins, as in a dict
+        } else {
+            seen.insert(word.clone(), scores.len());
+            scores.push((word, score));
+        }
+    }
+    let singles = scores.len();
+    let plurals: Vec<(String, f64)> = scores[..singles]
+        .par_iter()
+        .map(|(w, s)| (pluralizer::pluralize(w, 2, false), *s))
+        .collect();
+    for (pl, s) in plurals {
+        if !seen.contains_key(&pl) {
+            seen.insert(pl.clone(), scores.len());
+            scores.push((pl, s));
+        }
+    }
+    Ok(scores)
+}
+
+async fn collect(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+    Ok(ctx.sql(sql).await?.collect().await?)
+}
+
+fn concat(batches: &[RecordBatch], schema: SchemaRef) -> Result<RecordBatch> {
+    Ok(arrow::compute::concat_batches(&schema, batches)?)
+}
+
+/// The sampler's view of the data: row arrays and CSR row lists.
+struct Index {
+    image: Vec<i64>,
+    object: Vec<u32>,
+    subj_score: Vec<f64>,
+    obj_score: Vec<f64>,
+    /// Per viable candidate: cumulative image weight.
+    cum_weight: Vec<u64>,
+    /// Per viable candidate: range into `groups`.
+    subj_groups: Vec<(u32, u32)>,
+    /// Per (subject, object) group: range into `group_rows`.
+    groups: Vec<(u32, u32)>,
+    group_rows: Vec<u32>,
+    /// Per object: range into `object_rows`.
+    obj_ranges: Vec<(u32, u32)>,
+    object_rows: Vec<u32>,
+}
+
+async fn mine(
+    p: &MineParams,
+    ctx: &StageContext<'_>,
+    ratings: Vec<(String, f64)>,
+    started: Instant,
+) -> Result<StageReport> {
+    let df = SessionContext::new_with_config(
+        SessionConfig::new().with_target_partitions(rayon::current_num_threads().max(1)),
+    );
+    let rel_dir = &ctx.inputs["relations"];
+    df.register_parquet(
+        "relations",
+        format!("{}/", rel_dir.display()),
+        ParquetReadOptions::default(),
+    )
+    .await?;
+
+    let conc = RecordBatch::try_new(
+        CONCRETENESS_SCHEMA.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                ratings.iter().map(|(w, _)| w.as_str()),
+            )) as ArrayRef,
+            Arc::new(Float64Array::from_iter_values(
+                ratings.iter().map(|(_, s)| *s),
+            )),
+        ],
+    )?;
+    df.register_table(
+        "concreteness",
+        Arc::new(MemTable::try_new(
+            CONCRETENESS_SCHEMA.clone(),
+            vec![vec![conc.clone()]],
+        )?),
+    )?;
+
+    // Row table, materialised once.
+    let rows = collect(&df, SQL_ROWS).await?;
+    let rows_schema = rows
+        .first()
+        .map(|b| b.schema())
+        .ok_or_else(|| no_rows(ctx))?;
+    let rows = concat(&rows, rows_schema.clone())?;
+    if rows.num_rows() == 0 {
+        return Err(no_rows(ctx));
+    }
+    df.register_table(
+        "mine_rows",
+        Arc::new(MemTable::try_new(
+            rows_schema.clone(),
+            vec![vec![rows.clone()]],
+        )?),
+    )?;
+
+    let cand_sql = SQL_CANDIDATES
+        .replace(
+            "{{min_images_with_subject}}",
+            &p.min_images_with_subject.to_string(),
+        )
+        .replace(
+            "{{min_objects_per_subject}}",
+            &p.min_objects_per_subject.to_string(),
+        );
+    let cands = collect(&df, &cand_sql).await?;
+    let cand_schema = cands
+        .first()
+        .map(|b| b.schema())
+        .unwrap_or_else(|| rows_schema.clone());
+    let cands = if cands.is_empty() {
+        RecordBatch::new_empty(SUBJECTS_SCHEMA.clone())
+    } else {
+        concat(&cands, cand_schema.clone())?
+    };
+    if cands.num_rows() == 0 {
+        return Err(Error::StageFailed {
+            stage: ctx.stage.into(),
+            kind: "mine".into(),
+            message: format!(
+                "no subject appears in >= {} images with >= {} objects; lower min_images_with_subject or give more relations",
+                p.min_images_with_subject, p.min_objects_per_subject
+            ),
+        });
+    }
+    df.register_table(
+        "mine_candidates",
+        Arc::new(MemTable::try_new(
+            cands.schema(),
+            vec![vec![cands.clone()]],
+        )?),
+    )?;
+    let groups = collect(&df, SQL_SUBJECT_OBJECTS).await?;
+    let objects = collect(&df, SQL_OBJECT_ROWS).await?;
+
+    // The sampler indexes rows by position: row_id must be 0..n in order.
+    let row_ids = i64s(rows.column_by_name("row_id"), "row_id")?;
+    if row_ids.iter().enumerate().any(|(i, &r)| r != i as i64) {
+        return Err(internal(
+            "sql/mine/rows.sql must return row_id 0..n in order".into(),
+        ));
+    }
+    let image = i64s(rows.column_by_name("image_id"), "image_id")?;
+    let object: Vec<u32> = i64s(rows.column_by_name("object_id"), "object_id")?
+        .iter()
+        .map(|&v| v as u32)
+        .collect();
+    let subj_score = f64s(rows.column_by_name("subject_score"), "subject_score")?;
+    let obj_score = f64s(rows.column_by_name("object_score"), "object_score")?;
+    let cand_subject_arr = utf8(cands.column(0))?;
+    let cand_subject = cand_subject_arr.as_string::<i32>();
+    let cand_images = i64s(Some(cands.column(1)), "n_images")?;
+
+    // A subject that cannot reach the threshold even with every other head
+    // at the maximum rating has acceptance 0: leaving it out of the draw
+    // does not change the law of accepted triplets, only the work.
+    let max_rating = ratings.iter().map(|r| r.1).fold(f64::MIN, f64::max);
+    let subj_rating: HashMap<&str, f64> = ratings.iter().map(|(w, s)| (w.as_str(), *s)).collect();
+    let viable: Vec<bool> = (0..cands.num_rows())
+        .map(|i| match p.concreteness_threshold.0 {
+            None => true,
+            Some(t) => {
+                let c = subj_rating
+                    .get(cand_subject.value(i))
+                    .copied()
+                    .unwrap_or(-1.0);
+                (2.0 * c + 4.0 * max_rating) / 6.0 > t
+            }
+        })
+        .collect();
+
+    // Groups per candidate subject, in candidate order.
+    let mut subj_pos: HashMap<&str, usize> = HashMap::new();
+    for i in 0..cands.num_rows() {
+        subj_pos.insert(cand_subject.value(i), i);
+    }
+    let mut per_cand: Vec<(u32, u32)> = vec![(0, 0); cands.num_rows()];
+    let mut group_ranges = Vec::new();
+    let mut group_rows: Vec<u32> = Vec::new();
+    for b in &groups {
+        let subj_arr = utf8(b.column(0))?;
+        let subj = subj_arr.as_string::<i32>();
+        let lists = b.column(2).as_list::<i32>();
+        for r in 0..b.num_rows() {
+            let c = subj_pos[subj.value(r)];
+            let g = group_ranges.len() as u32;
+            if per_cand[c].1 == 0 {
+                per_cand[c] = (g, g + 1);
+            } else {
+                per_cand[c].1 = g + 1;
+            }
+            let start = group_rows.len() as u32;
+            group_rows.extend(
+                i64s(Some(&lists.value(r)), "row_ids")?
+                    .iter()
+                    .map(|&v| v as u32),
+            );
+            group_ranges.push((start, group_rows.len() as u32));
+        }
+    }
+    let mut obj_ranges = Vec::new();
+    let mut object_rows: Vec<u32> = Vec::new();
+    for b in &objects {
+        let lists = b.column(1).as_list::<i32>();
+        for r in 0..b.num_rows() {
+            let start = object_rows.len() as u32;
+            object_rows.extend(
+                i64s(Some(&lists.value(r)), "row_ids")?
+                    .iter()
+                    .map(|&v| v as u32),
+            );
+            obj_ranges.push((start, object_rows.len() as u32));
+        }
+    }
+    let mut cum_weight = Vec::new();
+    let mut subj_groups = Vec::new();
+    let mut acc = 0u64;
+    for i in 0..cands.num_rows() {
+        if viable[i] {
+            acc += cand_images[i] as u64;
+            cum_weight.push(acc);
+            subj_groups.push(per_cand[i]);
+        }
+    }
+    let n_viable = subj_groups.len();
+    let index = Index {
+        image,
+        object,
+        subj_score,
+        obj_score,
+        cum_weight,
+        subj_groups,
+        groups: group_ranges,
+        group_rows,
+        obj_ranges,
+        object_rows,
+    };
+
+    let subjects = RecordBatch::try_new(
+        SUBJECTS_SCHEMA.clone(),
+        vec![
+            cand_subject_arr.clone(),
+            arrow::compute::cast(cands.column(1), &DataType::Int64)?,
+            arrow::compute::cast(cands.column(2), &DataType::Int64)?,
+            arrow::compute::cast(cands.column(3), &DataType::Int64)?,
+            arrow::compute::cast(cands.column(4), &DataType::Float64)?,
+            Arc::new(BooleanArray::from(viable.clone())) as ArrayRef,
+        ],
+    )?;
+
+    // Chunks of samples.
+    let n_chunks = p.num_samples.div_ceil(p.chunk_samples) as usize;
+    let todo: Vec<usize> = (0..n_chunks)
+        .filter(|&k| ctx.shard.is_none_or(|s| s.owns(k)) && !ctx.writer.chunk_done(k))
+        .collect();
+    let resumed = (0..n_chunks).filter(|&k| ctx.writer.chunk_done(k)).count();
+    let bar = ctx.progress.bar(ctx.stage, p.num_samples, "samples");
+    bar.set_position((resumed as u64 * p.chunk_samples).min(p.num_samples));
+    let mut exhausted_total = 0u64;
+    let mut attempts_total = 0u64;
+    let mut accepted_total = 0u64;
+    for k in todo {
+        let lo = k as u64 * p.chunk_samples;
+        let hi = ((k as u64 + 1) * p.chunk_samples).min(p.num_samples);
+        let draws: Vec<Draw> = (lo..hi)
+            .into_par_iter()
+            .map(|s| draw_sample(&index, p, s))
+            .collect();
+        let (ok, bad): (Vec<&Draw>, Vec<&Draw>) = draws.iter().partition(|d| d.rows.is_some());
+        attempts_total += draws.iter().map(|d| d.attempts as u64).sum::<u64>();
+        accepted_total += ok.len() as u64;
+        exhausted_total += bad.len() as u64;
+        let draw_batch = draws_batch(
+            &ok,
+            p.concreteness_threshold.0.is_some() || !ratings.is_empty(),
+        )?;
+        let _ = df.deregister_table("mine_draws")?;
+        df.register_table(
+            "mine_draws",
+            Arc::new(MemTable::try_new(
+                draw_batch.schema(),
+                vec![vec![draw_batch]],
+            )?),
+        )?;
+        let trip = collect(&df, SQL_TRIPLETS).await?;
+        let trip = if trip.is_empty() {
+            RecordBatch::new_empty(TRIPLETS_SCHEMA.clone())
+        } else {
+            concat(&trip, trip[0].schema())?
+        };
+        let trip = conform(&trip, &TRIPLETS_SCHEMA)?;
+        let exh = RecordBatch::try_new(
+            EXHAUSTED_SCHEMA.clone(),
+            vec![
+                Arc::new(UInt64Array::from_iter_values(bad.iter().map(|d| d.sample))) as ArrayRef,
+                Arc::new(UInt32Array::from_iter_values(
+                    bad.iter().map(|d| d.attempts),
+                )),
+            ],
+        )?;
+        // The small tables ride with chunk 0; other chunks carry empty parts.
+        let (subj, cn) = if k == 0 {
+            (subjects.clone(), conc.clone())
+        } else {
+            (
+                RecordBatch::new_empty(SUBJECTS_SCHEMA.clone()),
+                RecordBatch::new_empty(CONCRETENESS_SCHEMA.clone()),
+            )
+        };
+        ctx.writer.write_chunk(
+            k,
+            &[
+                ("triplets", trip),
+                ("exhausted", exh),
+                ("subjects", subj),
+                ("concreteness", cn),
+            ],
+        )?;
+        bar.inc(hi - lo);
+    }
+    bar.finish_and_clear();
+
+    let mut notes = vec![format!(
+        "{} candidate subjects, {} can pass the concreteness threshold; {} relation rows",
+        cands.num_rows(),
+        n_viable,
+        rows.num_rows()
+    )];
+    if accepted_total + exhausted_total > 0 {
+        notes.push(format!(
+            "this run: {} accepted, {} exhausted after {} attempts (table exhausted), {:.1} proposals per sample",
+            accepted_total,
+            exhausted_total,
+            p.max_attempts,
+            attempts_total as f64 / (accepted_total + exhausted_total) as f64
+        ));
+    }
+    Ok(StageReport {
+        rows_in: p.num_samples,
+        chunks: n_chunks,
+        chunks_resumed: resumed,
+        notes,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Casts SQL's output columns to the table's declared types.
+fn conform(b: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    let cols = schema
+        .fields()
+        .iter()
+        .zip(b.columns())
+        .map(|(f, c)| arrow::compute::cast(c, f.data_type()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), cols)?)
+}
+
+/// A string column as plain Utf8 (Parquet scans give Utf8View).
+fn utf8(col: &ArrayRef) -> Result<ArrayRef> {
+    Ok(arrow::compute::cast(col, &DataType::Utf8)?)
+}
+
+/// A numeric column as i64 values, whatever integer type SQL gave it.
+fn i64s(col: Option<&ArrayRef>, name: &str) -> Result<Vec<i64>> {
+    let col = col.ok_or_else(|| internal(format!("mining SQL lost column {name}")))?;
+    let c = arrow::compute::cast(col, &DataType::Int64)?;
+    Ok(c.as_primitive::<Int64Type>().values().to_vec())
+}
+
+fn f64s(col: Option<&ArrayRef>, name: &str) -> Result<Vec<f64>> {
+    let col = col.ok_or_else(|| internal(format!("mining SQL lost column {name}")))?;
+    let c = arrow::compute::cast(col, &DataType::Float64)?;
+    Ok(c.as_primitive::<Float64Type>().values().to_vec())
+}
+
+fn internal(message: String) -> Error {
+    Error::StageFailed {
+        stage: "mine".into(),
+        kind: "mine".into(),
+        message,
+    }
+}
+
+fn no_rows(ctx: &StageContext) -> Error {
+    Error::StageFailed {
+        stage: ctx.stage.into(),
+        kind: "mine".into(),
+        message: "the relations table is empty: nothing to mine".into(),
+    }
+}
+
+struct Draw {
+    sample: u64,
+    /// (ref, target, distractor) rows of the accepted attempt.
+    rows: Option<[u32; 3]>,
+    concreteness: f64,
+    attempts: u32,
+}
+
+fn draws_batch(ok: &[&Draw], with_score: bool) -> Result<RecordBatch> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("sample_id", DataType::UInt64, false),
+        Field::new("ref_row", DataType::UInt64, false),
+        Field::new("target_row", DataType::UInt64, false),
+        Field::new("distractor_row", DataType::UInt64, false),
+        Field::new("concreteness", DataType::Float64, true),
+        Field::new("attempts", DataType::UInt32, false),
+    ]));
+    let col = |i: usize| {
+        Arc::new(UInt64Array::from_iter_values(
+            ok.iter().map(|d| d.rows.unwrap()[i] as u64),
+        )) as ArrayRef
+    };
+    let mut score = Float64Builder::with_capacity(ok.len());
+    for d in ok {
+        score.append_option(with_score.then_some(d.concreteness));
+    }
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(UInt64Array::from_iter_values(ok.iter().map(|d| d.sample))) as ArrayRef,
+            col(0),
+            col(1),
+            col(2),
+            Arc::new(score.finish()),
+            Arc::new(UInt32Array::from_iter_values(ok.iter().map(|d| d.attempts))),
+        ],
+    )?)
+}
+
+/// SplitMix64 finaliser: a well-mixed 64-bit hash.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
+}
+
+/// The uniform draw `slot` of (seed, sample, attempt, redraw), as 64 bits.
+fn draw64(seed: u64, sample: u64, attempt: u32, redraw: u32, slot: u32) -> u64 {
+    let mut h = mix(seed ^ 0x9e3779b97f4a7c15);
+    h = mix(h ^ sample);
+    h = mix(h ^ ((attempt as u64) << 32 | redraw as u64));
+    mix(h ^ slot as u64)
+}
+
+/// Uniform integer in [0, n) (multiply-shift; bias below n / 2^64).
+fn below(h: u64, n: u64) -> u64 {
+    ((h as u128 * n as u128) >> 64) as u64
+}
+
+/// One sample: attempts in order until one is accepted.
+fn draw_sample(ix: &Index, p: &MineParams, sample: u64) -> Draw {
+    let total = *ix.cum_weight.last().unwrap_or(&0);
+    for attempt in 0..p.max_attempts {
+        if total == 0 {
+            return Draw {
+                sample,
+                rows: None,
+                concreteness: f64::NAN,
+                attempts: p.max_attempts,
+            };
+        }
+        let d = |redraw: u32, slot: u32| draw64(p.seed, sample, attempt, redraw, slot);
+        // Subject with p ∝ distinct images.
+        let x = below(d(0, 0), total);
+        let s = ix.cum_weight.partition_point(|&c| c <= x);
+        let (g0, g1) = ix.subj_groups[s];
+        // Reference row uniform among the subject's rows (its groups, concatenated).
+        let (r0, _) = ix.groups[g0 as usize];
+        let (_, r1) = ix.groups[g1 as usize - 1];
+        let ref_row = ix.group_rows[(r0 as u64 + below(d(0, 1), (r1 - r0) as u64)) as usize];
+        // Target: object uniform among the subject's objects, row uniform in (subject, object).
+        let mut target = None;
+        for redraw in 0..p.max_target_redraws {
+            let g = g0 + below(d(redraw, 2), (g1 - g0) as u64) as u32;
+            let (a, b) = ix.groups[g as usize];
+            let row = ix.group_rows[(a as u64 + below(d(redraw, 3), (b - a) as u64)) as usize];
+            if ix.object[row as usize] != ix.object[ref_row as usize]
+                && ix.image[row as usize] != ix.image[ref_row as usize]
+            {
+                target = Some(row);
+                break;
+            }
+        }
+        let Some(target_row) = target else { continue };
+        // Distractor: uniform among all rows with the target's object.
+        let (a, b) = ix.obj_ranges[ix.object[target_row as usize] as usize];
+        let distractor_row = ix.object_rows[(a as u64 + below(d(0, 4), (b - a) as u64)) as usize];
+        let rows = [ref_row, target_row, distractor_row];
+        let score = rows
+            .iter()
+            .map(|&r| ix.subj_score[r as usize] + ix.obj_score[r as usize])
+            .sum::<f64>()
+            / 6.0;
+        if p.concreteness_threshold.0.is_none_or(|t| score > t) {
+            return Draw {
+                sample,
+                rows: Some(rows),
+                concreteness: score,
+                attempts: attempt + 1,
+            };
+        }
+    }
+    Draw {
+        sample,
+        rows: None,
+        concreteness: f64::NAN,
+        attempts: p.max_attempts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn below_is_in_range_and_roughly_uniform() {
+        let mut counts = [0u32; 7];
+        for i in 0..70_000u64 {
+            let v = below(mix(i), 7);
+            counts[v as usize] += 1;
+        }
+        for c in counts {
+            assert!((9_500..10_500).contains(&c), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn threshold_accepts_number_or_none() {
+        #[derive(Deserialize)]
+        struct W {
+            t: Threshold,
+        }
+        assert_eq!(
+            toml::from_str::<W>("t = 4.8").unwrap().t,
+            Threshold(Some(4.8))
+        );
+        assert_eq!(
+            toml::from_str::<W>("t = 4").unwrap().t,
+            Threshold(Some(4.0))
+        );
+        assert_eq!(
+            toml::from_str::<W>("t = \"none\"").unwrap().t,
+            Threshold(None)
+        );
+        assert!(toml::from_str::<W>("t = \"off\"").is_err());
+    }
+}
