@@ -3,5 +3,6 @@
 mod common;
 mod ingest;
 mod manifest;
+mod mine;
 mod run;
 mod sql;
