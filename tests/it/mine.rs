@@ -31,7 +31,9 @@ fn check_constraints(run: &Path, threshold: f64, expect_n: u64) {
 fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
     let subjects = ["dog", "cat", "man", "woman", "idea", "boat"];
     let rels = ["on", "next to", "in", "near"];
-    let objects = ["bench", "table", "beach", "grass", "freedom", "car", "river"];
+    let objects = [
+        "bench", "table", "beach", "grass", "freedom", "car", "river",
+    ];
     let mut s = String::new();
     let mut state = 12345u64;
     let mut rnd = |n: usize| {
@@ -87,7 +89,12 @@ fn parts(dir: &Path) -> Vec<(String, Vec<u8>)> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
         .collect();
     v.sort();
     v
@@ -140,13 +147,22 @@ fn same_samples_whatever_shards_chunks_or_threads() {
     r.ok();
     for table in ["triplets", "exhausted"] {
         assert!(
-            parts(&dir.path().join("run/triplets").join(table)) == parts(&one.join("triplets").join(table)),
+            parts(&dir.path().join("run/triplets").join(table))
+                == parts(&one.join("triplets").join(table)),
             "{table}: sharded run differs from the one-thread run"
         );
     }
     // Another chunking gives other part files but the same samples.
     let other = dir.path().join("other-chunks");
-    genecis(&["run", m, "--workdir", other.to_str().unwrap(), "--set", "triplets.chunk_samples=777"]).ok();
+    genecis(&[
+        "run",
+        m,
+        "--workdir",
+        other.to_str().unwrap(),
+        "--set",
+        "triplets.chunk_samples=777",
+    ])
+    .ok();
     let q = "SELECT count(*) FROM (SELECT * FROM triplets EXCEPT SELECT * FROM t2)";
     let a = dir.path().join("run/triplets/triplets");
     let b = other.join("triplets/triplets");
@@ -174,13 +190,29 @@ fn same_samples_whatever_shards_chunks_or_threads() {
 fn bad_mining_params_are_reported_before_running() {
     let dir = tempfile::tempdir().unwrap();
     let (parses, _) = fixture(dir.path());
-    let m = manifest(dir.path(), &parses, "num_samples = 10, concreteness_threshold = 4.8");
+    let m = manifest(
+        dir.path(),
+        &parses,
+        "num_samples = 10, concreteness_threshold = 4.8",
+    );
     let r = genecis(&["run", m.to_str().unwrap()]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("field 'params.concreteness_path'"), "{}", r.stderr);
-    let m = manifest(dir.path(), &parses, "num_samples = 10, concreteness_threshold = \"off\"");
+    assert!(
+        r.stderr.contains("field 'params.concreteness_path'"),
+        "{}",
+        r.stderr
+    );
+    let m = manifest(
+        dir.path(),
+        &parses,
+        "num_samples = 10, concreteness_threshold = \"off\"",
+    );
     let r = genecis(&["run", m.to_str().unwrap()]);
-    assert!(r.stderr.contains("params.concreteness_threshold"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("params.concreteness_threshold"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -190,7 +222,10 @@ fn example_queries_over_triplets() {
     let m = manifest(
         dir.path(),
         &parses,
-        &format!("num_samples = 2000, concreteness_path = \"{}\"", ratings.display()),
+        &format!(
+            "num_samples = 2000, concreteness_path = \"{}\"",
+            ratings.display()
+        ),
     );
     genecis(&["run", m.to_str().unwrap()]).ok();
     let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/examples");
@@ -201,11 +236,21 @@ fn example_queries_over_triplets() {
         ("triplets_with_relations.sql", 5),
         ("attempts_profile.sql", 2),
     ] {
-        let r = genecis(&["sql", m.to_str().unwrap(), "--file", ex.join(file).to_str().unwrap(), "--format", "csv"]);
+        let r = genecis(&[
+            "sql",
+            m.to_str().unwrap(),
+            "--file",
+            ex.join(file).to_str().unwrap(),
+            "--format",
+            "csv",
+        ]);
         let lines = r.ok().stdout.lines().count();
         assert!(lines > min_rows, "{file}: {}", r.stdout);
     }
-    let top = sql_csv(&m, "SELECT sum(triplets) FROM (SELECT count(*) AS triplets FROM triplets GROUP BY condition)");
+    let top = sql_csv(
+        &m,
+        "SELECT sum(triplets) FROM (SELECT count(*) AS triplets FROM triplets GROUP BY condition)",
+    );
     assert_eq!(top[1], "2000");
 }
 
@@ -221,11 +266,18 @@ fn real_parses_constraints() {
     let m = manifest(
         dir.path(),
         &parses,
-        &format!("num_samples = 20000, seed = 1, concreteness_path = \"{}\"", ratings.display()),
+        &format!(
+            "num_samples = 20000, seed = 1, concreteness_path = \"{}\"",
+            ratings.display()
+        ),
     );
     genecis(&["run", m.to_str().unwrap()]).ok();
-    let n = sql_csv(&dir.path().join("run"), "SELECT count(*) FROM triplets")[1].parse::<u64>().unwrap();
-    let ex = sql_csv(&dir.path().join("run"), "SELECT count(*) FROM exhausted")[1].parse::<u64>().unwrap();
+    let n = sql_csv(&dir.path().join("run"), "SELECT count(*) FROM triplets")[1]
+        .parse::<u64>()
+        .unwrap();
+    let ex = sql_csv(&dir.path().join("run"), "SELECT count(*) FROM exhausted")[1]
+        .parse::<u64>()
+        .unwrap();
     assert_eq!(n + ex, 20000);
     check_constraints(&dir.path().join("run"), 4.8, n);
 }
@@ -234,7 +286,9 @@ fn real_parses_constraints() {
 /// among candidate subjects (total variation < 0.02).
 #[test]
 fn real_parses_subject_law() {
-    let Some(parses) = shared("data/cc3m/reference_parses.dev.jsonl") else { return };
+    let Some(parses) = shared("data/cc3m/reference_parses.dev.jsonl") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let m = manifest(
         dir.path(),
@@ -249,7 +303,9 @@ fn real_parses_subject_law() {
     );
     let (tv, subjects) = tv[1].split_once(',').unwrap();
     let tv: f64 = tv.parse().unwrap();
-    eprintln!("subject law: total variation {tv:.4} over {subjects} candidate subjects, 1M samples");
+    eprintln!(
+        "subject law: total variation {tv:.4} over {subjects} candidate subjects, 1M samples"
+    );
     assert!(tv < 0.02, "total variation {tv}");
     check_constraints(&dir.path().join("run"), -100.0, 1_000_000);
 }
