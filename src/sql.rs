@@ -85,8 +85,16 @@ pub async fn session(entries: &[TableEntry]) -> Result<SessionContext> {
     Ok(ctx)
 }
 
+/// Runs a query. An empty result still carries one empty batch, so CSV gets
+/// its header and Parquet its schema.
 pub async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
-    Ok(ctx.sql(sql).await?.collect().await?)
+    let df = ctx.sql(sql).await?;
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let mut batches = df.collect().await?;
+    if batches.is_empty() {
+        batches.push(RecordBatch::new_empty(schema));
+    }
+    Ok(batches)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
