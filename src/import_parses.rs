@@ -3,56 +3,26 @@
 //! "relations"}`) into the same `entities` / `relations` tables the `parse`
 //! stage writes, so mining and evaluation can run on them.
 //!
-//! Tables:
-//! - `entities(image_id Int64, entity_idx Int32, span Utf8, head Utf8, lemma_head Utf8, modifiers List<Utf8>, kind Utf8?)`
-//! - `relations(image_id Int64, relation_idx Int32, subject Utf8, relation Utf8, object Utf8, subject_idx Int32?, object_idx Int32?)`
-//! - `rejects(source, line_number, reason, raw)`
+//! Tables: `entities` and `relations` as in [`crate::parse`], and
+//! `rejects(source, line_number, reason, raw)`.
 //!
 //! `repeat = k` writes k copies with fresh image ids (`row + copy * (max_row + 1)`),
 //! to build CC3M-sized tables from a small parse file for benchmarks. One part
 //! per copy.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::{ArrayRef, Int32Builder, Int64Builder, ListBuilder, StringBuilder};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::ingest::REJECTS_SCHEMA;
+use crate::parse::{ENTITIES_SCHEMA, RELATIONS_SCHEMA};
 use crate::stage::{Stage, StageContext, StageReport, TableDef};
-
-pub static ENTITIES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        Field::new("image_id", DataType::Int64, false),
-        Field::new("entity_idx", DataType::Int32, false),
-        Field::new("span", DataType::Utf8, false),
-        Field::new("head", DataType::Utf8, false),
-        Field::new("lemma_head", DataType::Utf8, false),
-        Field::new(
-            "modifiers",
-            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
-            false,
-        ),
-        Field::new("kind", DataType::Utf8, true),
-    ]))
-});
-
-pub static RELATIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        Field::new("image_id", DataType::Int64, false),
-        Field::new("relation_idx", DataType::Int32, false),
-        Field::new("subject", DataType::Utf8, false),
-        Field::new("relation", DataType::Utf8, false),
-        Field::new("object", DataType::Utf8, false),
-        Field::new("subject_idx", DataType::Int32, true),
-        Field::new("object_idx", DataType::Int32, true),
-    ]))
-});
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -35,6 +35,24 @@ enum Cmd {
     Kinds,
     /// Check the installation: libtorch loads and computes, CUDA visibility.
     Doctor,
+    /// Score the caption parser against reference SceneGraphParser output.
+    ParseEval(ParseEvalArgs),
+}
+
+#[derive(Args)]
+struct ParseEvalArgs {
+    /// Hand-picked captions with reference output (JSON list; sg_gold.dev.json).
+    #[arg(long)]
+    gold: Option<PathBuf>,
+    /// Real captions with reference output (JSONL; reference_parses.dev.jsonl).
+    #[arg(long)]
+    dev: Option<PathBuf>,
+    /// Score the post-0.1.0 behaviour (strict_v010 = false).
+    #[arg(long)]
+    loose: bool,
+    /// Print the gold captions that do not match.
+    #[arg(long)]
+    misses: bool,
 }
 
 #[derive(Args)]
@@ -273,6 +291,38 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             );
             if sum != 14.0 {
                 anyhow::bail!("libtorch computed {sum} instead of 14");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::ParseEval(a) => {
+            if a.gold.is_none() && a.dev.is_none() {
+                return Err(genecis::Error::Usage {
+                    arg: "parse-eval".into(),
+                    message: "give --gold FILE and/or --dev FILE".into(),
+                }
+                .into());
+            }
+            let strict = !a.loose;
+            if let Some(g) = &a.gold {
+                let s = genecis::parse::eval::score_gold(g, strict)?;
+                if a.misses {
+                    for m in &s.misses {
+                        println!("MISS {m}");
+                    }
+                }
+                println!(
+                    "gold {}: relations exact {}/{}, exact or listed alternative {}/{}, entity heads exact {}/{}",
+                    g.display(), s.exact, s.n, s.exact_or_alternative, s.n, s.entities_exact, s.n
+                );
+            }
+            if let Some(d) = &a.dev {
+                let s = genecis::parse::eval::score_dev(d, strict)?;
+                println!(
+                    "dev {} ({} captions): relation triples P {:.4} R {:.4} F1 {:.4}; entity heads P {:.4} R {:.4} F1 {:.4}; captions with identical relations {}",
+                    d.display(), s.captions,
+                    s.relations.precision(), s.relations.recall(), s.relations.f1(),
+                    s.entities.precision(), s.entities.recall(), s.entities.f1(), s.exact_captions
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

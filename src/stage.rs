@@ -239,6 +239,7 @@ where
 /// Every stage kind, by its manifest name.
 pub static KINDS: &[&dyn StageKind] = &[
     &Kind::<crate::ingest::Ingest>::new(),
+    &Kind::<crate::parse::Parse>::new(),
     &Kind::<crate::import_parses::ImportParses>::new(),
     &Kind::<crate::mine::Mine>::new(),
 ];

@@ -1,0 +1,513 @@
+//! The rules of SceneGraphParser 0.1.0 (on spaCy en_core_web_sm) rebuilt
+//! over Penn tags: tag fix-ups for captions, NP chunking, multi-word
+//! prepositions, and a left-to-right predicate pass that decides subjects,
+//! objects and PP attachment the way the spaCy parse usually does.
+//! `../shared/research/sgparser.md` explains each rule.
+
+use std::collections::HashSet;
+use std::sync::LazyLock;
+
+/// A tagged token: lower-cased surface, Penn tag (or AUX), lemma.
+#[derive(Debug, Clone)]
+pub struct Tok {
+    pub word: String,
+    pub tag: &'static str,
+    pub lemma: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Np {
+    pub start: usize,
+    pub end: usize,
+    /// Token indices of the head nouns (0.1.0: at most the last two).
+    pub head_toks: Vec<usize>,
+    pub mods: Vec<usize>,
+    conj: Option<usize>,
+    conj_of: Option<usize>,
+    pobj_of: Option<Attach>,
+    prep: String,
+    of_head: Option<usize>,
+    dobj_of: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Attach {
+    /// To a noun phrase.
+    N(usize),
+    /// To the verb at this item index.
+    V(usize),
+    /// The agent of a passive verb at this item index.
+    By(usize),
+    Drop,
+}
+
+#[derive(Debug, Clone)]
+enum Item {
+    Np(usize),
+    /// A token that is not part of a noun phrase, with its (possibly
+    /// rewritten) kind: a tag, or "V" once it is taken as a verb.
+    Tok(&'static str, usize),
+    /// A multi-word preposition ("in front of") or adjective+preposition
+    /// ("next to"); `true` for the former.
+    Prep(String, bool),
+}
+
+pub struct Graph {
+    pub nps: Vec<Np>,
+    /// Indices into `nps` of the entities, in order (fake nouns removed).
+    pub entities: Vec<usize>,
+    /// (subject np, relation text, object np).
+    pub relations: Vec<(usize, String, usize)>,
+}
+
+const NOUN: &[&str] = &["NN", "NNS", "NNP", "NNPS"];
+const ADJ: &[&str] = &["JJ", "JJR", "JJS"];
+const AUX: &[&str] = &[
+    "is", "are", "was", "were", "be", "been", "being", "'s", "'re", "am",
+];
+const PRON: &[&str] = &[
+    "he", "she", "it", "they", "we", "i", "you", "him", "her", "them", "us", "me",
+];
+const PHRASAL_PREPS: &[&str] = &[
+    "in front of",
+    "on top of",
+    "on the side of",
+    "on side of",
+    "in addition to",
+    "in spite of",
+    "on account of",
+    "with regard to",
+    "in regard to",
+    "in reference to",
+];
+/// Adjective/adverb + preposition pairs that spaCy hangs as amod/advmod of
+/// the noun before them (rule 7: "next to").
+const ADV_PREPS: &[(&str, &str)] = &[
+    ("next", "to"),
+    ("close", "to"),
+    ("closer", "to"),
+    ("far", "from"),
+    ("away", "from"),
+    ("ahead", "of"),
+    ("full", "of"),
+    ("outside", "of"),
+    ("inside", "of"),
+    ("similar", "to"),
+    ("prior", "to"),
+    ("back", "to"),
+    ("suitable", "for"),
+    ("worthy", "of"),
+    ("reminiscent", "of"),
+    ("regardless", "of"),
+    ("critical", "of"),
+    ("ready", "for"),
+];
+
+pub static PHRASAL_VERBS: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
+    include_str!("lexicon/phrasal_verbs.txt")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+});
+
+fn is(tag: &str, set: &[&str]) -> bool {
+    set.contains(&tag)
+}
+
+/// Caption-specific corrections of the Brill tagger, in order.
+pub fn fix_tags(t: &mut [Tok]) {
+    let n = t.len();
+    for i in 0..n {
+        let prev = if i > 0 { Some(t[i - 1].tag) } else { None };
+        let next = t.get(i + 1).map(|x| x.tag);
+        let tag = t[i].tag;
+        let w = t[i].word.as_str();
+        let new = if AUX.contains(&w) {
+            "AUX"
+        } else if matches!(tag, "VBZ" | "VBP")
+            && matches!(
+                prev,
+                Some("VBG" | "VBN" | "DT" | "JJ" | "CD" | "PRP$" | "IN")
+            )
+        {
+            if w.ends_with('s') {
+                "NNS"
+            } else {
+                "NN"
+            }
+        } else if matches!(tag, "JJ" | "JJR")
+            && matches!(prev, Some("DT" | "JJ"))
+            && (next.is_none() || matches!(next, Some("IN" | "." | "CC")))
+        {
+            "NN"
+        } else if tag == "NNS"
+            && matches!(prev, Some("NN" | "NNS"))
+            && matches!(next, Some("DT" | "PRP$"))
+        {
+            "VBZ"
+        } else if tag == "TO" && matches!(next, Some("DT" | "NN" | "NNS" | "PRP$" | "JJ" | "CD")) {
+            "IN"
+        } else if tag == "RP" && matches!(next, Some("DT" | "NN" | "NNS" | "PRP$" | "JJ")) {
+            "IN"
+        } else if tag == "VBG"
+            && matches!(prev, Some("DT" | "JJ" | "PRP$"))
+            && next.is_some_and(|x| is(x, NOUN))
+        {
+            "JJ"
+        } else {
+            tag
+        };
+        t[i].tag = new;
+    }
+}
+
+fn chunk(t: &[Tok], nps: &mut Vec<Np>) -> Vec<Item> {
+    let n = t.len();
+    let mut items = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let mut j = i;
+        while j < n && matches!(t[j].tag, "DT" | "PDT" | "PRP$" | "CD") {
+            j += 1;
+        }
+        while j < n
+            && (is(t[j].tag, ADJ)
+                || (t[j].tag == "CC"
+                    && j + 1 < n
+                    && is(t[j + 1].tag, ADJ)
+                    && j > i
+                    && is(t[j - 1].tag, ADJ)))
+        {
+            j += 1;
+        }
+        let mut k = j;
+        while k < n && is(t[k].tag, NOUN) {
+            k += 1;
+        }
+        if k > j {
+            let head_toks: Vec<usize> = (j.max(k.saturating_sub(2))..k).collect();
+            let mods = (i..j)
+                .filter(|&x| !matches!(t[x].tag, "CC" | "PRP$"))
+                .collect();
+            items.push(Item::Np(nps.len()));
+            nps.push(Np::new(i, k, head_toks, mods));
+            i = k;
+        } else if t[i].tag == "PRP" && PRON.contains(&t[i].word.as_str()) {
+            items.push(Item::Np(nps.len()));
+            nps.push(Np::new(i, i + 1, vec![i], Vec::new()));
+            i += 1;
+        } else {
+            items.push(Item::Tok(t[i].tag, i));
+            i += 1;
+        }
+    }
+    items
+}
+
+impl Np {
+    fn new(start: usize, end: usize, head_toks: Vec<usize>, mods: Vec<usize>) -> Np {
+        Np {
+            start,
+            end,
+            head_toks,
+            mods,
+            conj: None,
+            conj_of: None,
+            pobj_of: None,
+            prep: String::new(),
+            of_head: None,
+            dobj_of: None,
+        }
+    }
+
+    pub fn head(&self, t: &[Tok]) -> String {
+        join(self.head_toks.iter().map(|&i| t[i].word.as_str()))
+    }
+}
+
+fn join<'a>(words: impl Iterator<Item = &'a str>) -> String {
+    let mut s = String::new();
+    for w in words {
+        if !s.is_empty() {
+            s.push(' ');
+        }
+        s.push_str(w);
+    }
+    s
+}
+
+/// Words of an item (an NP spans several tokens).
+fn item_words<'a>(it: &Item, t: &'a [Tok], nps: &[Np]) -> Vec<&'a str> {
+    match it {
+        Item::Np(k) => (nps[*k].start..nps[*k].end)
+            .map(|x| t[x].word.as_str())
+            .collect(),
+        Item::Tok(_, i) => vec![t[*i].word.as_str()],
+        Item::Prep(..) => Vec::new(),
+    }
+}
+
+/// Collapses phrasal prepositions and adjective+preposition pairs.
+fn collapse(items: Vec<Item>, t: &[Tok], nps: &[Np]) -> Vec<Item> {
+    let mut out = Vec::with_capacity(items.len());
+    let mut i = 0;
+    'outer: while i < items.len() {
+        if let Item::Tok(_, ti) = items[i] {
+            for mw in PHRASAL_PREPS {
+                let ws: Vec<&str> = mw.split(' ').collect();
+                if t[ti].word != ws[0] {
+                    continue;
+                }
+                let mut toks: Vec<&str> = Vec::new();
+                let mut k = i;
+                while k < items.len() && toks.len() < ws.len() {
+                    toks.extend(item_words(&items[k], t, nps));
+                    k += 1;
+                }
+                if toks == ws {
+                    out.push(Item::Prep(mw.to_string(), true));
+                    i = k;
+                    continue 'outer;
+                }
+            }
+            if let Some(Item::Tok(_, tj)) = items.get(i + 1) {
+                let pair = (t[ti].word.as_str(), t[*tj].word.as_str());
+                if ADV_PREPS.contains(&pair) {
+                    out.push(Item::Prep(format!("{} {}", pair.0, pair.1), false));
+                    i += 2;
+                    continue;
+                }
+            }
+        }
+        out.push(items[i].clone());
+        i += 1;
+    }
+    out
+}
+
+/// The scene graph of one tagged caption.
+pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
+    let _ = strict_v010;
+    fix_tags(&mut t);
+    let mut nps = Vec::new();
+    let items = chunk(&t, &mut nps);
+    let mut items = collapse(items, &t, &nps);
+
+    let mut rels: Vec<(usize, String, usize)> = Vec::new();
+    let mut subj_of: Vec<Option<usize>> = vec![None; items.len()];
+    let mut last_np: Option<usize> = None;
+    let mut verb: Option<usize> = None;
+    let mut pending: Option<(String, Attach)> = None;
+    let mut prev_kind: &str = "";
+    let mut passive: Option<usize> = None;
+    let mut clause_subj: Option<usize> = None;
+
+    for idx in 0..items.len() {
+        match items[idx].clone() {
+            Item::Np(np) => {
+                if let Some((rel, att)) = pending.take() {
+                    match att {
+                        Attach::N(h) => rels.push((h, rel.clone(), np)),
+                        Attach::V(v) => {
+                            if let Some(s) = subj_of[v] {
+                                rels.push((s, rel.clone(), np));
+                            }
+                        }
+                        Attach::By(v) => {
+                            subj_of[v] = Some(np);
+                            if let Some(p) = passive {
+                                if let Item::Tok(_, vt) = items[v] {
+                                    rels.push((np, t[vt].word.clone(), p));
+                                }
+                            }
+                        }
+                        Attach::Drop => {}
+                    }
+                    nps[np].pobj_of = Some(att);
+                    nps[np].prep = rel.rsplit(' ').next().unwrap_or("").to_string();
+                    if rel == "of" {
+                        if let Attach::N(h) = att {
+                            nps[np].of_head = Some(h);
+                        }
+                    }
+                } else if prev_kind == "CC"
+                    && last_np.is_some()
+                    && idx >= 2
+                    && matches!(items[idx - 2], Item::Np(_))
+                {
+                    let Item::Np(prev_np) = items[idx - 2] else {
+                        unreachable!()
+                    };
+                    let host = nps[prev_np].of_head.unwrap_or(prev_np);
+                    if nps[host].conj.is_none() {
+                        nps[host].conj = Some(np);
+                    }
+                    nps[np].conj_of = Some(host);
+                    if let Some(a) = nps[host].pobj_of {
+                        nps[np].pobj_of = Some(a);
+                        nps[np].prep = nps[host].prep.clone();
+                    }
+                    last_np = Some(np);
+                } else if let (Some(v), true) = (verb, prev_kind == "V" || prev_kind == "AUX") {
+                    let Item::Tok(_, vt) = items[v] else {
+                        unreachable!()
+                    };
+                    if prev_kind == "AUX" {
+                        if let Some(cs) = clause_subj {
+                            rels.push((cs, t[vt].word.clone(), np));
+                        }
+                    } else if let Some(s) = subj_of[v] {
+                        rels.push((s, t[vt].word.clone(), np));
+                    }
+                    nps[np].dobj_of = Some(v);
+                    last_np = Some(np);
+                } else {
+                    last_np = Some(np);
+                    if clause_subj.is_none() {
+                        clause_subj = Some(np);
+                    }
+                }
+                prev_kind = "NP";
+            }
+            Item::Prep(p, phrasal) => {
+                let prev = if idx > 0 { Some(&items[idx - 1]) } else { None };
+                pending = Some(if phrasal {
+                    match prev {
+                        Some(Item::Np(h)) => (p, Attach::N(*h)),
+                        _ => (p, Attach::Drop),
+                    }
+                } else {
+                    (
+                        p.clone(),
+                        attach_prep(&p, prev, idx, &t, &nps, &subj_of, passive, &items),
+                    )
+                });
+                prev_kind = "P";
+            }
+            Item::Tok(tag, ti) => {
+                if matches!(tag, "IN" | "TO") {
+                    let prev = if idx > 0 { Some(&items[idx - 1]) } else { None };
+                    let p = t[ti].word.clone();
+                    let att = attach_prep(&p, prev, idx, &t, &nps, &subj_of, passive, &items);
+                    // Phrasal verb: "sitting on" keeps the verb when its lemma + P is listed.
+                    let rel = match prev {
+                        Some(Item::Tok("V", vt))
+                            if PHRASAL_VERBS
+                                .contains(format!("{} {}", t[*vt].lemma, p).as_str()) =>
+                        {
+                            format!("{} {}", t[*vt].word, p)
+                        }
+                        _ => p,
+                    };
+                    pending = Some((rel, att));
+                    prev_kind = "P";
+                } else if tag == "AUX" {
+                    verb = Some(idx);
+                    prev_kind = "AUX";
+                    if last_np.is_some() {
+                        clause_subj = last_np;
+                    }
+                } else if matches!(tag, "VBG" | "VBN" | "VBZ" | "VBD" | "VBP" | "VB") {
+                    items[idx] = Item::Tok("V", ti);
+                    if prev_kind == "AUX" {
+                        if tag == "VBN" {
+                            passive = clause_subj;
+                        } else if clause_subj.is_some() {
+                            subj_of[idx] = clause_subj;
+                        }
+                    } else if prev_kind == "NP" {
+                        if let Some(ln) = last_np {
+                            subj_of[idx] = if matches!(tag, "VBZ" | "VBD" | "VBP" | "VB")
+                                && nps[ln].conj_of.is_some()
+                            {
+                                nps[ln].conj_of
+                            } else {
+                                Some(ln)
+                            };
+                        }
+                    }
+                    verb = Some(idx);
+                    prev_kind = "V";
+                } else {
+                    prev_kind = tag;
+                }
+            }
+        }
+    }
+
+    // Conjunctions expand one level (0.1.0 does not recurse).
+    let mut relations = Vec::new();
+    for (s, r, o) in rels {
+        let ss: Vec<usize> = std::iter::once(s).chain(nps[s].conj).collect();
+        let os: Vec<usize> = std::iter::once(o).chain(nps[o].conj).collect();
+        for &x in &ss {
+            for &y in &os {
+                relations.push((x, r.clone(), y));
+            }
+        }
+    }
+    let entities = items
+        .iter()
+        .filter_map(|it| match it {
+            Item::Np(k) => Some(*k),
+            _ => None,
+        })
+        .collect();
+    (
+        t,
+        Graph {
+            nps,
+            entities,
+            relations,
+        },
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attach_prep(
+    p: &str,
+    prev: Option<&Item>,
+    _idx: usize,
+    _t: &[Tok],
+    nps: &[Np],
+    subj_of: &[Option<usize>],
+    passive: Option<usize>,
+    _items: &[Item],
+) -> Attach {
+    match prev {
+        Some(Item::Tok("V", _)) => {
+            let v = _idx - 1;
+            if p == "by" && passive.is_some() {
+                Attach::By(v)
+            } else {
+                Attach::V(v)
+            }
+        }
+        Some(Item::Tok("AUX", _)) => Attach::Drop,
+        Some(Item::Np(k)) => {
+            let np = &nps[*k];
+            if p == "of" {
+                Attach::N(*k)
+            } else if let Some(v) = np.dobj_of.filter(|&v| subj_of[v].is_some()) {
+                Attach::V(v)
+            } else if let Some(host) = np.pobj_of {
+                if np.prep == "with" || np.prep == "by" || matches!(host, Attach::By(_)) {
+                    Attach::N(*k)
+                } else if np.prep == "of" {
+                    match host {
+                        Attach::N(h) => Attach::N(h),
+                        other => other,
+                    }
+                } else {
+                    host
+                }
+            } else if let Some(c) = np.conj_of {
+                Attach::N(c)
+            } else {
+                Attach::N(*k)
+            }
+        }
+        _ => Attach::Drop,
+    }
+}

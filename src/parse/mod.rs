@@ -1,0 +1,357 @@
+//! `parse`: captions -> scene graphs with SceneGraphParser 0.1.0's output
+//! shape and quirks, in pure Rust (Brill tagger + caption rules; no model).
+//!
+//! Tables:
+//! - `entities(image_id Int64, entity_idx Int32, span Utf8, head Utf8, lemma_head Utf8, modifiers List<Utf8>, kind Utf8?)`
+//! - `relations(image_id Int64, relation_idx Int32, subject Utf8, relation Utf8, object Utf8, subject_idx Int32?, object_idx Int32?)`
+//!
+//! One output part per input part of `captions`, so resume and `--shard`
+//! follow the ingest chunks.
+
+pub mod eval;
+pub mod grammar;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
+
+use arrow::array::{ArrayRef, AsArray, Int32Builder, Int64Builder, ListBuilder, StringBuilder};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::stage::{Stage, StageContext, StageReport, TableDef};
+use grammar::Tok;
+
+pub static ENTITIES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("image_id", DataType::Int64, false),
+        Field::new("entity_idx", DataType::Int32, false),
+        Field::new("span", DataType::Utf8, false),
+        Field::new("head", DataType::Utf8, false),
+        Field::new("lemma_head", DataType::Utf8, false),
+        Field::new(
+            "modifiers",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            false,
+        ),
+        Field::new("kind", DataType::Utf8, true),
+    ]))
+});
+
+pub static RELATIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("image_id", DataType::Int64, false),
+        Field::new("relation_idx", DataType::Int32, false),
+        Field::new("subject", DataType::Utf8, false),
+        Field::new("relation", DataType::Utf8, false),
+        Field::new("object", DataType::Utf8, false),
+        Field::new("subject_idx", DataType::Int32, true),
+        Field::new("object_idx", DataType::Int32, true),
+    ]))
+});
+
+static SCENE_NOUNS: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
+    include_str!("lexicon/scene_nouns.txt")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+});
+
+static TAGGER: LazyLock<english_pos_tagger::Tagger> =
+    LazyLock::new(english_pos_tagger::Tagger::new);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParseParams {
+    /// true: SceneGraphParser 0.1.0 exactly, quirks included (GeneCIS parity).
+    #[serde(default = "yes")]
+    pub strict_v010: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One parsed entity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entity {
+    pub span: String,
+    pub head: String,
+    pub lemma_head: String,
+    pub modifiers: Vec<String>,
+    pub kind: &'static str,
+}
+
+/// One relation between entities (indices into the entity list).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Relation {
+    pub subject: usize,
+    pub relation: String,
+    pub object: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SceneGraph {
+    pub entities: Vec<Entity>,
+    pub relations: Vec<Relation>,
+}
+
+fn intern_tag(tag: &str) -> &'static str {
+    const TAGS: &[&str] = &[
+        "CC", "CD", "DT", "EX", "FW", "IN", "JJ", "JJR", "JJS", "LS", "MD", "NN", "NNS", "NNP",
+        "NNPS", "PDT", "POS", "PRP", "PRP$", "RB", "RBR", "RBS", "RP", "SYM", "TO", "UH", "VB",
+        "VBD", "VBG", "VBN", "VBP", "VBZ", "WDT", "WP", "WP$", "WRB", ".", ",", ":", "(", ")",
+        "``", "''", "#", "$",
+    ];
+    TAGS.iter().copied().find(|t| *t == tag).unwrap_or("XX")
+}
+
+/// Tags a caption with the Brill tagger. spaCy's lemma quirks that change
+/// relations are mirrored ("riding" -> "rid", so "riding on" stays "on").
+pub fn tag(caption: &str) -> Vec<Tok> {
+    let lower = caption.to_lowercase();
+    let mut toks: Vec<Tok> = TAGGER
+        .tag_sentence(&lower)
+        .into_iter()
+        .map(|t| {
+            let word = t.value.to_lowercase();
+            let tag = intern_tag(t.pos.as_deref().unwrap_or(""));
+            let lemma = match word.as_str() {
+                "riding" => "rid".to_string(),
+                _ => t.lemma.unwrap_or_else(|| word.clone()),
+            };
+            Tok { word, tag, lemma }
+        })
+        .collect();
+    while toks.last().is_some_and(|t| t.word == ".") {
+        toks.pop();
+    }
+    toks
+}
+
+/// Parses one caption. Never panics, whatever the input.
+pub fn parse_caption(caption: &str, strict_v010: bool) -> SceneGraph {
+    if caption.trim().is_empty() {
+        return SceneGraph::default();
+    }
+    let (t, g) = grammar::parse(tag(caption), strict_v010);
+    let mut pos = vec![usize::MAX; g.nps.len()];
+    let mut entities = Vec::with_capacity(g.entities.len());
+    for &k in &g.entities {
+        let np = &g.nps[k];
+        pos[k] = entities.len();
+        let head = np.head(&t);
+        let lemma_head = np
+            .head_toks
+            .iter()
+            .map(|&i| t[i].lemma.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let last = lemma_head.rsplit(' ').next().unwrap_or("");
+        let kind = if SCENE_NOUNS.contains(lemma_head.as_str()) || SCENE_NOUNS.contains(last) {
+            "scene"
+        } else {
+            "unknown"
+        };
+        entities.push(Entity {
+            span: (np.start..np.end)
+                .map(|i| t[i].word.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+            head,
+            lemma_head,
+            modifiers: np.mods.iter().map(|&i| t[i].word.clone()).collect(),
+            kind,
+        });
+    }
+    let relations = g
+        .relations
+        .into_iter()
+        .filter(|(s, _, o)| pos[*s] != usize::MAX && pos[*o] != usize::MAX)
+        .map(|(s, r, o)| Relation {
+            subject: pos[s],
+            relation: r,
+            object: pos[o],
+        })
+        .collect();
+    SceneGraph {
+        entities,
+        relations,
+    }
+}
+
+pub struct Parse;
+
+impl Stage for Parse {
+    const KIND: &'static str = "parse";
+    const VERSION: &'static str = "1";
+    const SHARDABLE: bool = true;
+    const ABOUT: &'static str =
+        "captions -> scene graphs (SceneGraphParser 0.1.0 semantics): entities, relations";
+    type Params = ParseParams;
+
+    fn input_tables() -> &'static [&'static str] {
+        &["captions"]
+    }
+
+    fn output_tables() -> Vec<TableDef> {
+        vec![
+            TableDef {
+                name: "entities",
+                schema: ENTITIES_SCHEMA.clone(),
+            },
+            TableDef {
+                name: "relations",
+                schema: RELATIONS_SCHEMA.clone(),
+            },
+        ]
+    }
+
+    fn run(p: &ParseParams, ctx: &StageContext) -> Result<StageReport> {
+        let started = Instant::now();
+        let dir = &ctx.inputs["captions"];
+        let parts = part_files(dir)?;
+        let n_chunks = parts.len();
+        let todo: Vec<usize> = (0..n_chunks)
+            .filter(|&k| ctx.shard.is_none_or(|s| s.owns(k)) && !ctx.writer.chunk_done(k))
+            .collect();
+        let resumed = n_chunks - (0..n_chunks).filter(|&k| !ctx.writer.chunk_done(k)).count();
+        let bar = ctx.progress.bar(ctx.stage, n_chunks as u64, "parts");
+        bar.set_position(resumed as u64);
+        let mut rows = 0u64;
+        for k in todo {
+            let (ids, caps) = read_captions(&parts[k])?;
+            let graphs: Vec<SceneGraph> = caps
+                .par_iter()
+                .map(|c| parse_caption(c, p.strict_v010))
+                .collect();
+            rows += caps.len() as u64;
+            let (e, r) = to_batches(&ids, &graphs)?;
+            ctx.writer
+                .write_chunk(k, &[("entities", e), ("relations", r)])?;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        Ok(StageReport {
+            rows_in: rows,
+            chunks: n_chunks,
+            chunks_resumed: resumed,
+            notes: Vec::new(),
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+fn part_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map_err(Error::io("cannot list", dir))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn read_captions(path: &Path) -> Result<(Vec<i64>, Vec<String>)> {
+    let perr = |source| Error::Parquet {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(Error::io("cannot open", path))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+        .map_err(perr)?
+        .build()
+        .map_err(perr)?;
+    let (mut ids, mut caps) = (Vec::new(), Vec::new());
+    for b in reader {
+        let b = b?;
+        let id = arrow::compute::cast(
+            b.column_by_name("image_id").expect("captions schema"),
+            &DataType::Int64,
+        )?;
+        let cap = arrow::compute::cast(
+            b.column_by_name("caption").expect("captions schema"),
+            &DataType::Utf8,
+        )?;
+        ids.extend(id.as_primitive::<Int64Type>().values().iter().copied());
+        caps.extend(
+            cap.as_string::<i32>()
+                .iter()
+                .map(|s| s.unwrap_or("").to_string()),
+        );
+    }
+    Ok((ids, caps))
+}
+
+/// Entity and relation batches for captions `ids` with their graphs.
+pub fn to_batches(ids: &[i64], graphs: &[SceneGraph]) -> Result<(RecordBatch, RecordBatch)> {
+    let mut e_img = Int64Builder::new();
+    let mut e_idx = Int32Builder::new();
+    let mut e_span = StringBuilder::new();
+    let mut e_head = StringBuilder::new();
+    let mut e_lemma = StringBuilder::new();
+    let mut e_mods = ListBuilder::new(StringBuilder::new());
+    let mut e_kind = StringBuilder::new();
+    let mut r_img = Int64Builder::new();
+    let mut r_idx = Int32Builder::new();
+    let mut r_s = StringBuilder::new();
+    let mut r_r = StringBuilder::new();
+    let mut r_o = StringBuilder::new();
+    let mut r_si = Int32Builder::new();
+    let mut r_oi = Int32Builder::new();
+    for (&id, g) in ids.iter().zip(graphs) {
+        for (j, e) in g.entities.iter().enumerate() {
+            e_img.append_value(id);
+            e_idx.append_value(j as i32);
+            e_span.append_value(&e.span);
+            e_head.append_value(&e.head);
+            e_lemma.append_value(&e.lemma_head);
+            for m in &e.modifiers {
+                e_mods.values().append_value(m);
+            }
+            e_mods.append(true);
+            e_kind.append_value(e.kind);
+        }
+        for (j, r) in g.relations.iter().enumerate() {
+            r_img.append_value(id);
+            r_idx.append_value(j as i32);
+            r_s.append_value(&g.entities[r.subject].head);
+            r_r.append_value(&r.relation);
+            r_o.append_value(&g.entities[r.object].head);
+            r_si.append_value(r.subject as i32);
+            r_oi.append_value(r.object as i32);
+        }
+    }
+    let e = RecordBatch::try_new(
+        ENTITIES_SCHEMA.clone(),
+        vec![
+            Arc::new(e_img.finish()) as ArrayRef,
+            Arc::new(e_idx.finish()),
+            Arc::new(e_span.finish()),
+            Arc::new(e_head.finish()),
+            Arc::new(e_lemma.finish()),
+            Arc::new(e_mods.finish()),
+            Arc::new(e_kind.finish()),
+        ],
+    )?;
+    let r = RecordBatch::try_new(
+        RELATIONS_SCHEMA.clone(),
+        vec![
+            Arc::new(r_img.finish()) as ArrayRef,
+            Arc::new(r_idx.finish()),
+            Arc::new(r_s.finish()),
+            Arc::new(r_r.finish()),
+            Arc::new(r_o.finish()),
+            Arc::new(r_si.finish()),
+            Arc::new(r_oi.finish()),
+        ],
+    )?;
+    Ok((e, r))
+}
