@@ -53,6 +53,11 @@ struct ParseEvalArgs {
     /// Print the gold captions that do not match.
     #[arg(long)]
     misses: bool,
+    /// Print the first N dev captions whose relations (or, with --entities, heads) differ.
+    #[arg(long, value_name = "N")]
+    dev_misses: Option<usize>,
+    #[arg(long)]
+    entities: bool,
 }
 
 #[derive(Args)]
@@ -314,6 +319,11 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     "gold {}: relations exact {}/{}, exact or listed alternative {}/{}, entity heads exact {}/{}",
                     g.display(), s.exact, s.n, s.exact_or_alternative, s.n, s.entities_exact, s.n
                 );
+            }
+            if let (Some(d), Some(n)) = (&a.dev, a.dev_misses) {
+                for m in genecis::parse::eval::dev_misses(d, strict, a.entities, n)? {
+                    println!("DIFF {m}");
+                }
             }
             if let Some(d) = &a.dev {
                 let s = genecis::parse::eval::score_dev(d, strict)?;

@@ -157,6 +157,49 @@ pub struct DevScore {
     pub exact_captions: usize,
 }
 
+/// Captions of the dev set where the parse differs, with both sides.
+pub fn dev_misses(path: &Path, strict: bool, entities: bool, limit: usize) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(Error::io("cannot read", path))?;
+    let mut out = Vec::new();
+    for l in text.lines().filter(|l| !l.trim().is_empty()) {
+        let d: DevItem = serde_json::from_str(l).map_err(|e| Error::CorruptRecord {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        let (ents, rels) = predicted(&d.caption, strict);
+        let exp = triples(&d.relations);
+        let bad = if entities {
+            ents != d.entities
+        } else {
+            rels != exp
+        };
+        if bad {
+            let tags: Vec<String> = super::tag(&d.caption)
+                .iter()
+                .map(|t| format!("{}/{}", t.word, t.tag))
+                .collect();
+            out.push(if entities {
+                format!(
+                    "{}\n    {}\n    got {ents:?}\n    exp {:?}",
+                    d.caption,
+                    tags.join(" "),
+                    d.entities
+                )
+            } else {
+                format!(
+                    "{}\n    {}\n    got {rels:?}\n    exp {exp:?}",
+                    d.caption,
+                    tags.join(" ")
+                )
+            });
+            if out.len() >= limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
 pub fn score_dev(path: &Path, strict: bool) -> Result<DevScore> {
     let text = std::fs::read_to_string(path).map_err(Error::io("cannot read", path))?;
     let items: Vec<DevItem> = text

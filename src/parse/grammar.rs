@@ -68,6 +68,23 @@ const AUX: &[&str] = &[
 const PRON: &[&str] = &[
     "he", "she", "it", "they", "we", "i", "you", "him", "her", "them", "us", "me",
 ];
+/// Subordinators the tagger calls IN: never relation words.
+const NOT_PREP: &[&str] = &[
+    "that", "while", "whilst", "because", "although", "though", "if", "unless", "whether", "since",
+    "so",
+];
+const REL_PRON: &[&str] = &["that", "which", "who", "what"];
+const QUANT_PRON: &[&str] = &[
+    "some", "many", "most", "all", "both", "each", "several", "one", "few",
+];
+
+fn is_verb_like(tag: &str) -> bool {
+    matches!(
+        tag,
+        "VB" | "VBD" | "VBG" | "VBN" | "VBP" | "VBZ" | "AUX" | "MD"
+    )
+}
+
 const PHRASAL_PREPS: &[&str] = &[
     "in front of",
     "on top of",
@@ -123,8 +140,20 @@ pub fn fix_tags(t: &mut [Tok]) {
         let next = t.get(i + 1).map(|x| x.tag);
         let tag = t[i].tag;
         let w = t[i].word.as_str();
-        let new = if AUX.contains(&w) {
+        let new = if w == "'s" {
+            // Possessive unless a verb phrase or an attribute follows.
+            if matches!(
+                next,
+                Some("DT" | "VBG" | "VBN" | "RB" | "IN" | "JJ" | "PRP$" | "CD")
+            ) {
+                "AUX"
+            } else {
+                "POS"
+            }
+        } else if AUX.contains(&w) {
             "AUX"
+        } else if NOT_PREP.contains(&w) && matches!(tag, "IN" | "WDT") {
+            "SUB"
         } else if matches!(tag, "VBZ" | "VBP")
             && matches!(
                 prev,
@@ -148,7 +177,10 @@ pub fn fix_tags(t: &mut [Tok]) {
             "VBZ"
         } else if tag == "TO" && matches!(next, Some("DT" | "NN" | "NNS" | "PRP$" | "JJ" | "CD")) {
             "IN"
-        } else if tag == "RP" && matches!(next, Some("DT" | "NN" | "NNS" | "PRP$" | "JJ")) {
+        } else if tag == "RP"
+            && !matches!(w, "up" | "out" | "off")
+            && matches!(next, Some("DT" | "NN" | "NNS" | "PRP$" | "JJ"))
+        {
             "IN"
         } else if tag == "VBG"
             && matches!(prev, Some("DT" | "JJ" | "PRP$"))
@@ -185,6 +217,28 @@ fn chunk(t: &[Tok], nps: &mut Vec<Np>) -> Vec<Item> {
         while k < n && is(t[k].tag, NOUN) {
             k += 1;
         }
+        // "person 's house": the possessor is inside the chunk of "house".
+        if k > j && k + 1 < n && t[k].tag == "POS" && (k + 1 < n) {
+            let mut m = k + 1;
+            while m < n && (matches!(t[m].tag, "DT" | "CD" | "PRP$") || is(t[m].tag, ADJ)) {
+                m += 1;
+            }
+            let mut e = m;
+            while e < n && is(t[e].tag, NOUN) {
+                e += 1;
+            }
+            if e > m {
+                let head_toks: Vec<usize> = (m.max(e.saturating_sub(2))..e).collect();
+                let mods = (i..j)
+                    .chain(k + 1..m)
+                    .filter(|&x| !matches!(t[x].tag, "CC" | "PRP$" | "POS"))
+                    .collect();
+                items.push(Item::Np(nps.len()));
+                nps.push(Np::new(i, e, head_toks, mods));
+                i = e;
+                continue;
+            }
+        }
         if k > j {
             let head_toks: Vec<usize> = (j.max(k.saturating_sub(2))..k).collect();
             let mods = (i..j)
@@ -193,7 +247,15 @@ fn chunk(t: &[Tok], nps: &mut Vec<Np>) -> Vec<Item> {
             items.push(Item::Np(nps.len()));
             nps.push(Np::new(i, k, head_toks, mods));
             i = k;
-        } else if t[i].tag == "PRP" && PRON.contains(&t[i].word.as_str()) {
+        } else if (t[i].tag == "PRP" && PRON.contains(&t[i].word.as_str()))
+            || (REL_PRON.contains(&t[i].word.as_str())
+                && t.get(i + 1).is_some_and(|x| is_verb_like(x.tag)))
+            || (QUANT_PRON.contains(&t[i].word.as_str())
+                && t.get(i + 1).is_some_and(|x| x.word == "of"))
+        {
+            // Pronouns are chunks of their own in spaCy 3 (0.1.0 keeps them),
+            // and so are relative pronouns that are subjects ("that featured")
+            // and quantifiers before "of" ("some of").
             items.push(Item::Np(nps.len()));
             nps.push(Np::new(i, i + 1, vec![i], Vec::new()));
             i += 1;
@@ -410,7 +472,9 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
                     }
                 } else if matches!(tag, "VBG" | "VBN" | "VBZ" | "VBD" | "VBP" | "VB") {
                     items[idx] = Item::Tok("V", ti);
-                    if prev_kind == "AUX" {
+                    if prev_kind == "MD" {
+                        subj_of[idx] = last_np.or(clause_subj);
+                    } else if prev_kind == "AUX" {
                         if tag == "VBN" {
                             passive = clause_subj;
                         } else if clause_subj.is_some() {

@@ -112,16 +112,57 @@ fn intern_tag(tag: &str) -> &'static str {
     TAGS.iter().copied().find(|t| *t == tag).unwrap_or("XX")
 }
 
+fn is_symbol(w: &str) -> bool {
+    !w.is_empty()
+        && w.chars().all(|c| !c.is_alphanumeric())
+        && !matches!(w, "." | "," | ":" | ";" | "!" | "?" | "'s" | "'")
+}
+
+/// CC3M captions are already tokenised with spaces ("a dog , on the bed .");
+/// split on whitespace, then peel off edge punctuation and a possessive
+/// "'s". Alphanumerics such as "3d" or "1950s" stay whole.
+pub fn tokenize(s: &str) -> Vec<&str> {
+    const EDGE: &[char] = &[',', '.', ':', ';', '!', '?', '(', ')', '"', '[', ']'];
+    let mut out = Vec::new();
+    for piece in s.split_whitespace() {
+        let mut p = piece;
+        let mut tail = Vec::new();
+        while p.len() > 1 && p.ends_with(EDGE) {
+            let c = p.len() - p.chars().next_back().unwrap().len_utf8();
+            tail.push(&p[c..]);
+            p = &p[..c];
+        }
+        while p.len() > 1 && p.starts_with(EDGE) {
+            let c = p.chars().next().unwrap().len_utf8();
+            out.push(&p[..c]);
+            p = &p[c..];
+        }
+        if p.len() > 2 && p.ends_with("'s") {
+            out.push(&p[..p.len() - 2]);
+            out.push("'s");
+        } else if !p.is_empty() {
+            out.push(p);
+        }
+        out.extend(tail.into_iter().rev());
+    }
+    out
+}
+
 /// Tags a caption with the Brill tagger. spaCy's lemma quirks that change
 /// relations are mirrored ("riding" -> "rid", so "riding on" stays "on").
 pub fn tag(caption: &str) -> Vec<Tok> {
     let lower = caption.to_lowercase();
+    let raw = tokenize(&lower);
     let mut toks: Vec<Tok> = TAGGER
-        .tag_sentence(&lower)
+        .tag_raw_tokens(&raw)
         .into_iter()
         .map(|t| {
             let word = t.value.to_lowercase();
-            let tag = intern_tag(t.pos.as_deref().unwrap_or(""));
+            let tag = if is_symbol(&word) {
+                "SYM"
+            } else {
+                intern_tag(t.pos.as_deref().unwrap_or(""))
+            };
             let lemma = match word.as_str() {
                 "riding" => "rid".to_string(),
                 _ => t.lemma.unwrap_or_else(|| word.clone()),
