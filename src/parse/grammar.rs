@@ -540,10 +540,13 @@ fn attach_prep(
     _items: &[Item],
 ) -> Attach {
     match prev {
-        Some(Item::Tok("V", _)) => {
+        Some(Item::Tok("V", vt)) => {
             let v = _idx - 1;
             if p == "by" && passive.is_some() {
                 Attach::By(v)
+            } else if p == "by" && _t[*vt].tag == "VBN" {
+                // The agent of a reduced passive ("surrounded by bushes"): rule 2 skips it.
+                Attach::Drop
             } else {
                 Attach::V(v)
             }
@@ -557,6 +560,8 @@ fn attach_prep(
                 Attach::V(v)
             } else if let Some(host) = np.pobj_of {
                 if np.prep == "with" || np.prep == "by" || matches!(host, Attach::By(_)) {
+                    Attach::N(*k)
+                } else if np.prep == "of" && matches!(p, "by" | "with" | "for") {
                     Attach::N(*k)
                 } else if np.prep == "of" {
                     match host {
