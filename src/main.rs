@@ -37,6 +37,23 @@ enum Cmd {
     Doctor,
     /// Score the caption parser against reference SceneGraphParser output.
     ParseEval(ParseEvalArgs),
+    /// Benchmarks (build with --release first).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Parse captions from a CC3M TSV, repeated to at least --min-captions,
+    /// with rayon over chunks; prints captions/s and peak memory.
+    Parse {
+        /// A CC3M-style TSV (caption<TAB>url).
+        captions: PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        min_captions: usize,
+        #[arg(long, default_value_t = 4096)]
+        chunk: usize,
+    },
 }
 
 #[derive(Args)]
@@ -336,6 +353,39 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Bench(BenchCmd::Parse {
+            captions,
+            min_captions,
+            chunk,
+        }) => {
+            use rayon::prelude::*;
+            let text = std::fs::read_to_string(&captions)
+                .with_context(|| format!("cannot read {}", captions.display()))?;
+            let base: Vec<&str> = text
+                .lines()
+                .map(|l| l.rsplit_once('\t').map_or(l, |(c, _)| c))
+                .collect();
+            anyhow::ensure!(!base.is_empty(), "{} has no captions", captions.display());
+            let copies = min_captions.div_ceil(base.len()).max(1);
+            let all: Vec<&str> = (0..copies).flat_map(|_| base.iter().copied()).collect();
+            let _ = genecis::parse::parse_caption("warm up the tagger", true);
+            let t0 = std::time::Instant::now();
+            let (ents, rels) = all
+                .par_chunks(chunk.max(1))
+                .map(|c| {
+                    c.iter().fold((0usize, 0usize), |(e, r), cap| {
+                        let g = genecis::parse::parse_caption(cap, true);
+                        (e + g.entities.len(), r + g.relations.len())
+                    })
+                })
+                .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let secs = t0.elapsed().as_secs_f64();
+            println!(
+                "parsed {} captions ({} x {}) in {secs:.2} s on {} threads: {:.0} captions/s; {} entities, {} relations; peak RSS {}",
+                all.len(), copies, base.len(), rayon::current_num_threads(), all.len() as f64 / secs, ents, rels, peak_rss()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Kinds => {
             for k in KINDS {
                 println!(
@@ -368,6 +418,18 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Peak resident memory of this process (Linux), for benchmark reports.
+fn peak_rss() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l["VmHWM:".len()..].trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn history_path(workdir: &Path) -> PathBuf {

@@ -4,5 +4,6 @@ mod common;
 mod ingest;
 mod manifest;
 mod mine;
+mod parse;
 mod run;
 mod sql;

@@ -1,0 +1,205 @@
+//! The caption parser: reference scores, robustness, and the stage.
+
+use genecis::parse::parse_caption;
+
+use crate::common::*;
+
+fn triples(caption: &str) -> Vec<(String, String, String)> {
+    let g = parse_caption(caption, true);
+    let mut v: Vec<_> = g
+        .relations
+        .iter()
+        .map(|r| {
+            (
+                g.entities[r.subject].head.clone(),
+                r.relation.clone(),
+                g.entities[r.object].head.clone(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn t(s: &str, r: &str, o: &str) -> (String, String, String) {
+    (s.into(), r.into(), o.into())
+}
+
+#[test]
+fn v010_semantics_and_quirks() {
+    assert_eq!(
+        triples("a man riding a horse on the beach"),
+        vec![t("man", "on", "beach"), t("man", "riding", "horse")]
+    );
+    assert_eq!(
+        triples("a young woman sitting on a wooden bench"),
+        vec![t("woman", "sitting on", "bench")]
+    );
+    assert_eq!(
+        triples("a bird on top of a tree"),
+        vec![t("bird", "on top of", "tree")]
+    );
+    assert_eq!(
+        triples("a woman standing next to a car"),
+        vec![t("woman", "next to", "car")]
+    );
+    assert_eq!(
+        triples("cars and trucks on the highway"),
+        vec![t("cars", "on", "highway"), t("trucks", "on", "highway")]
+    );
+    // Quirks of 0.1.0 on spaCy 3: copula + PP and VERB + "in front of" give nothing.
+    assert!(triples("the dog is on the bed").is_empty());
+    assert!(triples("a man standing in front of a building").is_empty());
+    // Heads are surface text with one compound level; pronouns are kept.
+    let g = parse_caption("ice cream cone on a white background", true);
+    assert_eq!(g.entities[0].head, "cream cone");
+    assert_eq!(
+        triples("she is playing the piano"),
+        vec![t("she", "playing", "piano")]
+    );
+    let g = parse_caption("two dogs on the beach", true);
+    assert_eq!(g.entities[0].head, "dogs");
+    assert_eq!(g.entities[0].lemma_head, "dog");
+    assert_eq!(g.entities[0].modifiers, vec!["two"]);
+    assert_eq!(g.entities[1].kind, "scene");
+}
+
+#[test]
+fn gold_captions_at_least_55_of_58() {
+    let Some(gold) = shared("data/cc3m/sg_gold.dev.json") else {
+        return;
+    };
+    let s = genecis::parse::eval::score_gold(&gold, true).unwrap();
+    eprintln!(
+        "gold: {}/{} exact, {}/{} with alternatives",
+        s.exact, s.n, s.exact_or_alternative, s.n
+    );
+    assert_eq!(s.n, 58);
+    assert!(
+        s.exact >= 55,
+        "{} of 58 exact:\n{}",
+        s.exact,
+        s.misses.join("\n")
+    );
+}
+
+/// A floor against regressions; the figures are printed (the issue's
+/// targets are higher and not met yet: see the closing notes).
+#[test]
+fn dev_set_scores() {
+    let Some(dev) = shared("data/cc3m/reference_parses.dev.jsonl") else {
+        return;
+    };
+    let s = genecis::parse::eval::score_dev(&dev, true).unwrap();
+    eprintln!(
+        "dev: relation F1 {:.4} (P {:.4} R {:.4}), entity F1 {:.4}",
+        s.relations.f1(),
+        s.relations.precision(),
+        s.relations.recall(),
+        s.entities.f1()
+    );
+    assert_eq!(s.captions, 7917);
+    assert!(s.relations.f1() > 0.55, "relation F1 {}", s.relations.f1());
+    assert!(s.entities.f1() > 0.87, "entity F1 {}", s.entities.f1());
+}
+
+#[test]
+fn hostile_captions_never_panic() {
+    let long = "dog ".repeat(10_000);
+    for c in [
+        "",
+        "   ",
+        "\t\n",
+        "...",
+        "!!! ??? ,,, ;;",
+        "日本語のキャプション",
+        "ça va très bien à côté du café",
+        &long,
+        "'s 's 's",
+        "( ) [ ] \" '",
+    ] {
+        let g = parse_caption(c, true);
+        for r in &g.relations {
+            assert!(r.subject < g.entities.len() && r.object < g.entities.len());
+        }
+    }
+    // Random strings over a mixed alphabet (seeded, so failures reproduce).
+    let alphabet: Vec<char> =
+        "abcdefghij klmnop qrstuvwxyz  ,.:;!?'\"-()[]#$£~0123456789éüñ日本🙂\t"
+            .chars()
+            .collect();
+    let words = [
+        "a",
+        "the",
+        "dog",
+        "on",
+        "in front of",
+        "is",
+        "and",
+        ",",
+        "sitting",
+        "of",
+        "by",
+        "'s",
+        "that",
+        "next",
+        "to",
+    ];
+    let mut state = 0x2545F4914F6CDD1Du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..3000 {
+        let n = (next() % 40) as usize;
+        let mut s = String::new();
+        for _ in 0..n {
+            if next() % 2 == 0 {
+                s.push(alphabet[(next() % alphabet.len() as u64) as usize]);
+            } else {
+                s.push_str(words[(next() % words.len() as u64) as usize]);
+                s.push(' ');
+            }
+        }
+        let g = parse_caption(&s, true);
+        for r in &g.relations {
+            assert!(
+                r.subject < g.entities.len() && r.object < g.entities.len(),
+                "{s:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn parse_stage_writes_entities_and_relations() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir.path().join("c.tsv"),
+        "a dog sitting on a bench .\tu0\n\ta man riding a horse on the beach\tu1\ntwo cats sleeping on a wooden table\tu2\n",
+    );
+    let m = dir.path().join("m.toml");
+    write(
+        &m,
+        "[pipeline]\nname = \"p\"\nworkdir = \"run\"\n\n[[stage]]\nname = \"captions\"\nkind = \"ingest\"\nparams = { path = \"c.tsv\", chunk_rows = 2 }\n\n[[stage]]\nname = \"graphs\"\nkind = \"parse\"\ninputs = [\"captions\"]\n",
+    );
+    let r = genecis(&["run", m.to_str().unwrap()]);
+    assert!(r.ok().stdout.contains("+ graphs (parse)"), "{}", r.stdout);
+    let rel = sql_csv(&m, "SELECT image_id, subject, relation, object, subject_idx, object_idx FROM relations ORDER BY image_id, relation_idx");
+    assert_eq!(
+        rel[1..],
+        [
+            "0,dog,sitting on,bench,0,1",
+            "1,man,riding,horse,0,1",
+            "1,man,on,beach,0,2",
+            "2,cats,sleeping on,table,0,1"
+        ]
+    );
+    let ent = sql_csv(&m, "SELECT head, lemma_head, array_to_string(modifiers, '|'), kind FROM entities WHERE image_id = 2 ORDER BY entity_idx");
+    assert_eq!(
+        ent[1..],
+        ["cats,cat,two,unknown", "table,table,a|wooden,unknown"]
+    );
+}
