@@ -175,11 +175,10 @@ pub fn fix_tags(t: &mut [Tok]) {
             && matches!(next, Some("DT" | "PRP$"))
         {
             "VBZ"
-        } else if tag == "TO" && matches!(next, Some("DT" | "NN" | "NNS" | "PRP$" | "JJ" | "CD")) {
-            "IN"
-        } else if tag == "RP"
-            && !matches!(w, "up" | "out" | "off")
-            && matches!(next, Some("DT" | "NN" | "NNS" | "PRP$" | "JJ"))
+        } else if (tag == "TO" && matches!(next, Some("DT" | "NN" | "NNS" | "PRP$" | "JJ" | "CD")))
+            || (tag == "RP"
+                && !matches!(w, "up" | "out" | "off")
+                && matches!(next, Some("DT" | "NN" | "NNS" | "PRP$" | "JJ")))
         {
             "IN"
         } else if tag == "VBG"
@@ -218,7 +217,7 @@ fn chunk(t: &[Tok], nps: &mut Vec<Np>) -> Vec<Item> {
             k += 1;
         }
         // "person 's house": the possessor is inside the chunk of "house".
-        if k > j && k + 1 < n && t[k].tag == "POS" && (k + 1 < n) {
+        if k > j && k + 1 < n && t[k].tag == "POS" {
             let mut m = k + 1;
             while m < n && (matches!(t[m].tag, "DT" | "CD" | "PRP$") || is(t[m].tag, ADJ)) {
                 m += 1;
@@ -559,9 +558,11 @@ fn attach_prep(
             } else if let Some(v) = np.dobj_of.filter(|&v| subj_of[v].is_some()) {
                 Attach::V(v)
             } else if let Some(host) = np.pobj_of {
-                if np.prep == "with" || np.prep == "by" || matches!(host, Attach::By(_)) {
-                    Attach::N(*k)
-                } else if np.prep == "of" && matches!(p, "by" | "with" | "for") {
+                let low = np.prep == "with"
+                    || np.prep == "by"
+                    || matches!(host, Attach::By(_))
+                    || (np.prep == "of" && matches!(p, "by" | "with" | "for"));
+                if low {
                     Attach::N(*k)
                 } else if np.prep == "of" {
                     match host {
