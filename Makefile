@@ -14,7 +14,7 @@ build: setup
 demo: setup
 	cargo run --quiet -- run pipelines/demo.toml
 	cargo run --quiet -- status pipelines/demo.toml
-	cargo run --quiet -- sql pipelines/demo.toml "SELECT image_id, caption FROM captions ORDER BY image_id LIMIT 10"
+	cargo run --quiet -- sql pipelines/demo.toml "SELECT c.caption, r.subject, r.relation, r.object FROM captions c JOIN relations r USING (image_id) ORDER BY image_id, relation_idx LIMIT 12"
 
 test: setup
 	cargo test
