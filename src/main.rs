@@ -75,6 +75,9 @@ struct ParseEvalArgs {
     dev_misses: Option<usize>,
     #[arg(long)]
     entities: bool,
+    /// Captions to parse and show (tags, entities, relations).
+    #[arg(long = "show", value_name = "CAPTION")]
+    captions: Vec<String>,
 }
 
 #[derive(Args)]
@@ -317,7 +320,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::ParseEval(a) => {
-            if a.gold.is_none() && a.dev.is_none() {
+            if a.gold.is_none() && a.dev.is_none() && a.captions.is_empty() {
                 return Err(genecis::Error::Usage {
                     arg: "parse-eval".into(),
                     message: "give --gold FILE and/or --dev FILE".into(),
@@ -335,6 +338,29 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 println!(
                     "gold {}: relations exact {}/{}, exact or listed alternative {}/{}, entity heads exact {}/{}",
                     g.display(), s.exact, s.n, s.exact_or_alternative, s.n, s.entities_exact, s.n
+                );
+            }
+            for c in &a.captions {
+                let tags: Vec<String> = genecis::parse::tag(c)
+                    .iter()
+                    .map(|t| format!("{}/{}", t.word, t.tag))
+                    .collect();
+                let g = genecis::parse::parse_caption(c, strict);
+                let heads: Vec<&str> = g.entities.iter().map(|e| e.head.as_str()).collect();
+                let rels: Vec<String> = g
+                    .relations
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "({} | {} | {})",
+                            heads[r.subject], r.relation, heads[r.object]
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{c}\n  tags: {}\n  entities: {heads:?}\n  relations: {}",
+                    tags.join(" "),
+                    rels.join(" ")
                 );
             }
             if let (Some(d), Some(n)) = (&a.dev, a.dev_misses) {

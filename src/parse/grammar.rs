@@ -68,6 +68,12 @@ const AUX: &[&str] = &[
 const PRON: &[&str] = &[
     "he", "she", "it", "they", "we", "i", "you", "him", "her", "them", "us", "me",
 ];
+const VBG_COMPOUNDS: &[&str] = &[
+    "sitting", "swimming", "living", "dining", "parking", "shopping", "cutting", "baking",
+    "washing", "wedding", "waiting", "boarding", "changing", "dressing", "skating", "skiing",
+    "camping",
+];
+
 /// Subordinators the tagger calls IN: never relation words.
 const NOT_PREP: &[&str] = &[
     "that", "while", "whilst", "because", "although", "though", "if", "unless", "whether", "since",
@@ -167,8 +173,13 @@ pub fn fix_tags(t: &mut [Tok]) {
             }
         } else if matches!(tag, "JJ" | "JJR")
             && matches!(prev, Some("DT" | "JJ"))
-            && (next.is_none() || matches!(next, Some("IN" | "." | "CC")))
+            && (next.is_none()
+                || matches!(next, Some("IN" | "."))
+                || (next == Some("CC") && !t.get(i + 2).is_some_and(|x| is(x.tag, ADJ))))
         {
+            "NN"
+        } else if tag == "VBG" && next.is_some_and(|x| is(x, NOUN)) && VBG_COMPOUNDS.contains(&w) {
+            // Lexicalised "-ing" modifiers ("sitting room", "swimming pool").
             "NN"
         } else if tag == "NNS"
             && matches!(prev, Some("NN" | "NNS"))
@@ -193,7 +204,9 @@ pub fn fix_tags(t: &mut [Tok]) {
     }
 }
 
-fn chunk(t: &[Tok], nps: &mut Vec<Np>) -> Vec<Item> {
+fn chunk(t: &[Tok], nps: &mut Vec<Np>, strict: bool) -> Vec<Item> {
+    // 0.1.0 prepends only the direct compound child: the last two nouns.
+    let keep = if strict { 2 } else { usize::MAX };
     let n = t.len();
     let mut items = Vec::new();
     let mut i = 0;
@@ -227,7 +240,7 @@ fn chunk(t: &[Tok], nps: &mut Vec<Np>) -> Vec<Item> {
                 e += 1;
             }
             if e > m {
-                let head_toks: Vec<usize> = (m.max(e.saturating_sub(2))..e).collect();
+                let head_toks: Vec<usize> = (m.max(e.saturating_sub(keep))..e).collect();
                 let mods = (i..j)
                     .chain(k + 1..m)
                     .filter(|&x| !matches!(t[x].tag, "CC" | "PRP$" | "POS"))
@@ -239,7 +252,7 @@ fn chunk(t: &[Tok], nps: &mut Vec<Np>) -> Vec<Item> {
             }
         }
         if k > j {
-            let head_toks: Vec<usize> = (j.max(k.saturating_sub(2))..k).collect();
+            let head_toks: Vec<usize> = (j.max(k.saturating_sub(keep))..k).collect();
             let mods = (i..j)
                 .filter(|&x| !matches!(t[x].tag, "CC" | "PRP$"))
                 .collect();
@@ -349,10 +362,9 @@ fn collapse(items: Vec<Item>, t: &[Tok], nps: &[Np]) -> Vec<Item> {
 
 /// The scene graph of one tagged caption.
 pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
-    let _ = strict_v010;
     fix_tags(&mut t);
     let mut nps = Vec::new();
-    let items = chunk(&t, &mut nps);
+    let items = chunk(&t, &mut nps, strict_v010);
     let mut items = collapse(items, &t, &nps);
 
     let mut rels: Vec<(usize, String, usize)> = Vec::new();
@@ -436,12 +448,26 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
                 pending = Some(if phrasal {
                     match prev {
                         Some(Item::Np(h)) => (p, Attach::N(*h)),
+                        // 0.1.0 drops a phrasal preposition after a verb or copula (rule 5).
+                        Some(Item::Tok("V", _)) if !strict_v010 => (p, Attach::V(idx - 1)),
+                        Some(Item::Tok("AUX", _)) if !strict_v010 => {
+                            (p, clause_subj.map_or(Attach::Drop, Attach::N))
+                        }
                         _ => (p, Attach::Drop),
                     }
                 } else {
                     (
                         p.clone(),
-                        attach_prep(&p, prev, idx, &t, &nps, &subj_of, passive, &items),
+                        attach_prep(
+                            &p,
+                            prev,
+                            idx,
+                            &t,
+                            &nps,
+                            &subj_of,
+                            passive,
+                            (!strict_v010).then_some(clause_subj).flatten(),
+                        ),
                     )
                 });
                 prev_kind = "P";
@@ -450,7 +476,16 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
                 if matches!(tag, "IN" | "TO") {
                     let prev = if idx > 0 { Some(&items[idx - 1]) } else { None };
                     let p = t[ti].word.clone();
-                    let att = attach_prep(&p, prev, idx, &t, &nps, &subj_of, passive, &items);
+                    let att = attach_prep(
+                        &p,
+                        prev,
+                        idx,
+                        &t,
+                        &nps,
+                        &subj_of,
+                        passive,
+                        (!strict_v010).then_some(clause_subj).flatten(),
+                    );
                     // Phrasal verb: "sitting on" keeps the verb when its lemma + P is listed.
                     let rel = match prev {
                         Some(Item::Tok("V", vt))
@@ -536,7 +571,7 @@ fn attach_prep(
     nps: &[Np],
     subj_of: &[Option<usize>],
     passive: Option<usize>,
-    _items: &[Item],
+    copula_subject: Option<usize>,
 ) -> Attach {
     match prev {
         Some(Item::Tok("V", vt)) => {
@@ -550,7 +585,9 @@ fn attach_prep(
                 Attach::V(v)
             }
         }
-        Some(Item::Tok("AUX", _)) => Attach::Drop,
+        // Copula + PP: no relation in 0.1.0 on spaCy 3; the later AUX rule
+        // gives (subject, P, object) (`copula_subject` is set only then).
+        Some(Item::Tok("AUX", _)) => copula_subject.map_or(Attach::Drop, Attach::N),
         Some(Item::Np(k)) => {
             let np = &nps[*k];
             if p == "of" {

@@ -203,3 +203,29 @@ fn parse_stage_writes_entities_and_relations() {
         ["cats,cat,two,unknown", "table,table,a|wooden,unknown"]
     );
 }
+
+#[test]
+fn strict_v010_false_switches_on_the_later_fixes() {
+    let loose = |c: &str| {
+        let g = parse_caption(c, false);
+        g.relations
+            .iter()
+            .map(|r| {
+                (
+                    g.entities[r.subject].head.clone(),
+                    r.relation.clone(),
+                    g.entities[r.object].head.clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(loose("the dog is on the bed"), vec![t("dog", "on", "bed")]);
+    assert_eq!(
+        loose("a man standing in front of a building"),
+        vec![t("man", "in front of", "building")]
+    );
+    assert_eq!(
+        parse_caption("ice cream cone on a white background", false).entities[0].head,
+        "ice cream cone"
+    );
+}
