@@ -83,7 +83,6 @@ const SQL_ROWS: &str = include_str!("../sql/mine/rows.sql");
 const SQL_CANDIDATES: &str = include_str!("../sql/mine/candidates.sql");
 const SQL_SUBJECT_OBJECTS: &str = include_str!("../sql/mine/subject_objects.sql");
 const SQL_OBJECT_ROWS: &str = include_str!("../sql/mine/object_rows.sql");
-const SQL_TRIPLETS: &str = include_str!("../sql/mine/triplets.sql");
 
 /// A concreteness threshold, or `"none"` to switch the filter off.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -209,7 +208,6 @@ impl Stage for Mine {
             SQL_CANDIDATES,
             SQL_SUBJECT_OBJECTS,
             SQL_OBJECT_ROWS,
-            SQL_TRIPLETS,
         ]
     }
 
@@ -384,6 +382,12 @@ async fn mine(
         )?),
     )?;
 
+    let mut phases: Vec<(&str, f64)> = Vec::new();
+    let mut clock = Instant::now();
+    let mut lap = |name: &'static str, phases: &mut Vec<(&str, f64)>| {
+        phases.push((name, clock.elapsed().as_secs_f64()));
+        clock = Instant::now();
+    };
     // Row table, materialised once.
     let rows = collect(&df, SQL_ROWS).await?;
     let rows_schema = rows
@@ -401,6 +405,7 @@ async fn mine(
             vec![vec![rows.clone()]],
         )?),
     )?;
+    lap("rows.sql", &mut phases);
 
     let cand_sql = SQL_CANDIDATES
         .replace(
@@ -438,8 +443,11 @@ async fn mine(
             vec![vec![cands.clone()]],
         )?),
     )?;
+    lap("candidates.sql", &mut phases);
     let groups = collect(&df, SQL_SUBJECT_OBJECTS).await?;
+    lap("subject_objects.sql", &mut phases);
     let objects = collect(&df, SQL_OBJECT_ROWS).await?;
+    lap("object_rows.sql", &mut phases);
 
     // The sampler indexes rows by position: row_id must be 0..n in order.
     let row_ids = i64s(rows.column_by_name("row_id"), "row_id")?;
@@ -482,43 +490,61 @@ async fn mine(
     for i in 0..cands.num_rows() {
         subj_pos.insert(cand_subject.value(i), i);
     }
+    // Cut the sorted (subject, object_id, row_id) list into groups.
     let mut per_cand: Vec<(u32, u32)> = vec![(0, 0); cands.num_rows()];
-    let mut group_ranges = Vec::new();
+    let mut group_ranges: Vec<(u32, u32)> = Vec::new();
     let mut group_rows: Vec<u32> = Vec::new();
+    let mut last: Option<(usize, i64)> = None;
     for b in &groups {
         let subj_arr = utf8(b.column(0))?;
         let subj = subj_arr.as_string::<i32>();
-        let lists = b.column(2).as_list::<i32>();
+        let obj = i64s(Some(b.column(1)), "object_id")?;
+        let row = i64s(Some(b.column(2)), "row_id")?;
         for r in 0..b.num_rows() {
             let c = subj_pos[subj.value(r)];
-            let g = group_ranges.len() as u32;
-            if per_cand[c].1 == 0 {
-                per_cand[c] = (g, g + 1);
-            } else {
-                per_cand[c].1 = g + 1;
+            if last != Some((c, obj[r])) {
+                if let Some(g) = group_ranges.last_mut() {
+                    g.1 = group_rows.len() as u32;
+                }
+                let g = group_ranges.len() as u32;
+                if per_cand[c].1 == 0 {
+                    per_cand[c] = (g, g + 1);
+                } else {
+                    per_cand[c].1 = g + 1;
+                }
+                group_ranges.push((group_rows.len() as u32, 0));
+                last = Some((c, obj[r]));
             }
-            let start = group_rows.len() as u32;
-            group_rows.extend(
-                i64s(Some(&lists.value(r)), "row_ids")?
-                    .iter()
-                    .map(|&v| v as u32),
-            );
-            group_ranges.push((start, group_rows.len() as u32));
+            group_rows.push(row[r] as u32);
         }
     }
-    let mut obj_ranges = Vec::new();
+    if let Some(g) = group_ranges.last_mut() {
+        g.1 = group_rows.len() as u32;
+    }
+    // Cut the sorted (object_id, row_id) list; object ids are dense from 0.
+    let mut obj_ranges: Vec<(u32, u32)> = Vec::new();
     let mut object_rows: Vec<u32> = Vec::new();
     for b in &objects {
-        let lists = b.column(1).as_list::<i32>();
+        let obj = i64s(Some(b.column(0)), "object_id")?;
+        let row = i64s(Some(b.column(1)), "row_id")?;
         for r in 0..b.num_rows() {
-            let start = object_rows.len() as u32;
-            object_rows.extend(
-                i64s(Some(&lists.value(r)), "row_ids")?
-                    .iter()
-                    .map(|&v| v as u32),
-            );
-            obj_ranges.push((start, object_rows.len() as u32));
+            let o = obj[r] as usize;
+            if o != obj_ranges.len().wrapping_sub(1) {
+                if o != obj_ranges.len() {
+                    return Err(internal(
+                        "sql/mine/object_rows.sql must return dense object ids in order".into(),
+                    ));
+                }
+                if let Some(g) = obj_ranges.last_mut() {
+                    g.1 = object_rows.len() as u32;
+                }
+                obj_ranges.push((object_rows.len() as u32, 0));
+            }
+            object_rows.push(row[r] as u32);
         }
+    }
+    if let Some(g) = obj_ranges.last_mut() {
+        g.1 = object_rows.len() as u32;
     }
     let mut cum_weight = Vec::new();
     let mut subj_groups = Vec::new();
@@ -531,6 +557,8 @@ async fn mine(
         }
     }
     let n_viable = subj_groups.len();
+    lap("index arrays", &mut phases);
+    let (mut t_draw, mut t_join, mut t_write) = (0.0, 0.0, 0.0);
     let index = Index {
         image,
         object,
@@ -570,33 +598,22 @@ async fn mine(
     for k in todo {
         let lo = k as u64 * p.chunk_samples;
         let hi = ((k as u64 + 1) * p.chunk_samples).min(p.num_samples);
+        let t0 = Instant::now();
         let draws: Vec<Draw> = (lo..hi)
             .into_par_iter()
             .map(|s| draw_sample(&index, p, s))
             .collect();
+        t_draw += t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
         let (ok, bad): (Vec<&Draw>, Vec<&Draw>) = draws.iter().partition(|d| d.rows.is_some());
         attempts_total += draws.iter().map(|d| d.attempts as u64).sum::<u64>();
         accepted_total += ok.len() as u64;
         exhausted_total += bad.len() as u64;
-        let draw_batch = draws_batch(
+        let trip = gather(
+            &rows,
             &ok,
             p.concreteness_threshold.0.is_some() || !ratings.is_empty(),
         )?;
-        let _ = df.deregister_table("mine_draws")?;
-        df.register_table(
-            "mine_draws",
-            Arc::new(MemTable::try_new(
-                draw_batch.schema(),
-                vec![vec![draw_batch]],
-            )?),
-        )?;
-        let trip = collect(&df, SQL_TRIPLETS).await?;
-        let trip = if trip.is_empty() {
-            RecordBatch::new_empty(TRIPLETS_SCHEMA.clone())
-        } else {
-            concat(&trip, trip[0].schema())?
-        };
-        let trip = conform(&trip, &TRIPLETS_SCHEMA)?;
         let exh = RecordBatch::try_new(
             EXHAUSTED_SCHEMA.clone(),
             vec![
@@ -606,6 +623,8 @@ async fn mine(
                 )),
             ],
         )?;
+        t_join += t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
         // The small tables ride with chunk 0; other chunks carry empty parts.
         let (subj, cn) = if k == 0 {
             (subjects.clone(), conc.clone())
@@ -624,8 +643,12 @@ async fn mine(
                 ("concreteness", cn),
             ],
         )?;
+        t_write += t0.elapsed().as_secs_f64();
         bar.inc(hi - lo);
     }
+    phases.push(("sampling", t_draw));
+    phases.push(("gather", t_join));
+    phases.push(("write", t_write));
     bar.finish_and_clear();
 
     let mut notes = vec![format!(
@@ -643,6 +666,14 @@ async fn mine(
             attempts_total as f64 / (accepted_total + exhausted_total) as f64
         ));
     }
+    notes.push(format!(
+        "time: {}",
+        phases
+            .iter()
+            .map(|(n, s)| format!("{n} {s:.2} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     Ok(StageReport {
         rows_in: p.num_samples,
         chunks: n_chunks,
@@ -650,17 +681,6 @@ async fn mine(
         notes,
         elapsed: started.elapsed(),
     })
-}
-
-/// Casts SQL's output columns to the table's declared types.
-fn conform(b: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
-    let cols = schema
-        .fields()
-        .iter()
-        .zip(b.columns())
-        .map(|(f, c)| arrow::compute::cast(c, f.data_type()))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok(RecordBatch::try_new(schema.clone(), cols)?)
 }
 
 /// A string column as plain Utf8 (Parquet scans give Utf8View).
@@ -705,35 +725,52 @@ struct Draw {
     attempts: u32,
 }
 
-fn draws_batch(ok: &[&Draw], with_score: bool) -> Result<RecordBatch> {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("sample_id", DataType::UInt64, false),
-        Field::new("ref_row", DataType::UInt64, false),
-        Field::new("target_row", DataType::UInt64, false),
-        Field::new("distractor_row", DataType::UInt64, false),
-        Field::new("concreteness", DataType::Float64, true),
-        Field::new("attempts", DataType::UInt32, false),
-    ]));
-    let col = |i: usize| {
-        Arc::new(UInt64Array::from_iter_values(
-            ok.iter().map(|d| d.rows.unwrap()[i] as u64),
-        )) as ArrayRef
+/// The triplets of the accepted draws: the reference, target and
+/// distractor rows of `mine_rows` gathered by row id (row_id == position).
+fn gather(rows: &RecordBatch, ok: &[&Draw], with_score: bool) -> Result<RecordBatch> {
+    let idx =
+        |i: usize| UInt32Array::from_iter_values(ok.iter().map(|d| d.rows.expect("accepted")[i]));
+    let (r, t, x) = (idx(0), idx(1), idx(2));
+    let col = |name: &str, ix: &UInt32Array| -> Result<ArrayRef> {
+        let c = rows
+            .column_by_name(name)
+            .ok_or_else(|| internal(format!("mining SQL lost column {name}")))?;
+        Ok(arrow::compute::take(c, ix, None)?)
     };
+    let relation = utf8(&col("relation", &t)?)?;
+    let object = utf8(&col("object", &t)?)?;
+    let condition: StringArray = relation
+        .as_string::<i32>()
+        .iter()
+        .zip(object.as_string::<i32>().iter())
+        .map(|(r, o)| Some(format!("{} {}", r.unwrap_or(""), o.unwrap_or(""))))
+        .collect();
     let mut score = Float64Builder::with_capacity(ok.len());
     for d in ok {
         score.append_option(with_score.then_some(d.concreteness));
     }
-    Ok(RecordBatch::try_new(
-        schema,
-        vec![
-            Arc::new(UInt64Array::from_iter_values(ok.iter().map(|d| d.sample))) as ArrayRef,
-            col(0),
-            col(1),
-            col(2),
-            Arc::new(score.finish()),
-            Arc::new(UInt32Array::from_iter_values(ok.iter().map(|d| d.attempts))),
-        ],
-    )?)
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from_iter_values(ok.iter().map(|d| d.sample))),
+        col("image_id", &r)?,
+        col("relation_idx", &r)?,
+        col("image_id", &t)?,
+        col("relation_idx", &t)?,
+        col("image_id", &x)?,
+        col("relation_idx", &x)?,
+        col("subject", &t)?,
+        relation,
+        object,
+        Arc::new(condition),
+        Arc::new(score.finish()),
+        Arc::new(UInt32Array::from_iter_values(ok.iter().map(|d| d.attempts))),
+    ];
+    let cols = TRIPLETS_SCHEMA
+        .fields()
+        .iter()
+        .zip(cols)
+        .map(|(f, c)| arrow::compute::cast(&c, f.data_type()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(TRIPLETS_SCHEMA.clone(), cols)?)
 }
 
 /// SplitMix64 finaliser: a well-mixed 64-bit hash.

@@ -1,13 +1,10 @@
--- mine/subject_objects.sql: for each candidate subject, its objects and the
--- rows of each (subject, object) pair. A subject's rows are the
--- concatenation of its groups, so one query gives both the reference row
--- list (uniform over the subject's rows) and the target lists (uniform over
--- objects, then over the pair's rows).
-SELECT
-  c.subject,
-  m.object_id,
-  array_agg(m.row_id ORDER BY m.row_id) AS row_ids
+-- mine/subject_objects.sql: the rows of every candidate subject, grouped by
+-- (subject, object) and sorted. A subject's rows are the concatenation of its
+-- groups, so one ordered list gives both the reference rows (uniform over
+-- the subject's rows) and the target lists (uniform over the subject's
+-- objects, then over the pair's rows). The sampler cuts it into groups where
+-- (subject, object_id) changes.
+SELECT c.subject, m.object_id, m.row_id
 FROM mine_rows m
 JOIN mine_candidates c ON c.subject = m.subject
-GROUP BY c.subject, m.object_id
-ORDER BY c.subject, m.object_id
+ORDER BY c.subject, m.object_id, m.row_id
