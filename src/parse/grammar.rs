@@ -80,6 +80,63 @@ const NOT_PREP: &[&str] = &[
     "so",
 ];
 const REL_PRON: &[&str] = &["that", "which", "who", "what"];
+const DEMONSTRATIVES: &[&str] = &["this", "these", "those", "all"];
+/// Nouns that a demonstrative or "last"/"next" turns into a time adverbial
+/// (spaCy's npadvmod, never a chunk root): "this year", "last night".
+const TIME_NOUNS: &[&str] = &[
+    "year",
+    "years",
+    "day",
+    "days",
+    "night",
+    "nights",
+    "week",
+    "weeks",
+    "month",
+    "months",
+    "morning",
+    "evening",
+    "afternoon",
+    "weekend",
+    "season",
+    "summer",
+    "winter",
+    "spring",
+    "today",
+    "tonight",
+    "time",
+];
+const TIME_DETS: &[&str] = &["this", "last", "next", "every", "each", "that"];
+/// Nationality nouns hang on the last noun directly, so two compounds come
+/// out reversed in 0.1.0 ("american football player" -> "football american player").
+const DEMONYMS: &[&str] = &[
+    "american",
+    "british",
+    "english",
+    "french",
+    "german",
+    "italian",
+    "spanish",
+    "chinese",
+    "japanese",
+    "indian",
+    "african",
+    "european",
+    "asian",
+    "australian",
+    "canadian",
+    "mexican",
+    "russian",
+    "irish",
+    "scottish",
+    "korean",
+    "brazilian",
+    "christian",
+    "dutch",
+    "greek",
+    "swedish",
+    "thai",
+];
 const QUANT_PRON: &[&str] = &[
     "some", "many", "most", "all", "both", "each", "several", "one", "few",
 ];
@@ -252,7 +309,10 @@ fn chunk(t: &[Tok], nps: &mut Vec<Np>, strict: bool) -> Vec<Item> {
             }
         }
         if k > j {
-            let head_toks: Vec<usize> = (j.max(k.saturating_sub(keep))..k).collect();
+            let mut head_toks: Vec<usize> = (j.max(k.saturating_sub(keep))..k).collect();
+            if strict && k - j >= 3 && DEMONYMS.contains(&t[k - 3].word.as_str()) {
+                head_toks = vec![k - 2, k - 3, k - 1];
+            }
             let mods = (i..j)
                 .filter(|&x| !matches!(t[x].tag, "CC" | "PRP$"))
                 .collect();
@@ -264,6 +324,15 @@ fn chunk(t: &[Tok], nps: &mut Vec<Np>, strict: bool) -> Vec<Item> {
                 && t.get(i + 1).is_some_and(|x| is_verb_like(x.tag)))
             || (QUANT_PRON.contains(&t[i].word.as_str())
                 && t.get(i + 1).is_some_and(|x| x.word == "of"))
+            || (DEMONSTRATIVES.contains(&t[i].word.as_str())
+                && t.get(i + 1)
+                    .is_none_or(|x| is_verb_like(x.tag) || matches!(x.tag, "IN" | "," | "." | ":")))
+            || (t[i].word == "her"
+                && t.get(i + 1)
+                    .is_none_or(|x| !is(x.tag, NOUN) && !is(x.tag, ADJ) && x.tag != "CD"))
+            || (t[i].word == "what"
+                && t.get(i + 1)
+                    .is_some_and(|x| !matches!(x.tag, "DT" | "JJ" | "NN" | "NNS")))
         {
             // Pronouns are chunks of their own in spaCy 3 (0.1.0 keeps them),
             // and so are relative pronouns that are subjects ("that featured")
@@ -547,8 +616,9 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
     }
     let entities = items
         .iter()
-        .filter_map(|it| match it {
-            Item::Np(k) => Some(*k),
+        .enumerate()
+        .filter_map(|(idx, it)| match it {
+            Item::Np(k) if !is_adverbial(&nps[*k], &t, items.get(idx + 1)) => Some(*k),
             _ => None,
         })
         .collect();
@@ -560,6 +630,23 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
             relations,
         },
     )
+}
+
+/// Noun phrases spaCy attaches as npadvmod (never chunk roots): "this
+/// year", "last night", and the noun of "hand drawn".
+fn is_adverbial(np: &Np, t: &[Tok], next: Option<&Item>) -> bool {
+    let first = t[np.start].word.as_str();
+    let head = np
+        .head_toks
+        .last()
+        .map(|&h| t[h].word.as_str())
+        .unwrap_or("");
+    if np.end - np.start >= 2 && TIME_DETS.contains(&first) && TIME_NOUNS.contains(&head) {
+        return true;
+    }
+    np.end - np.start == 1
+        && matches!(head, "hand" | "home" | "machine" | "custom" | "self")
+        && matches!(next, Some(Item::Tok(_, v)) if t[*v].tag == "VBN" && *v == np.end)
 }
 
 #[allow(clippy::too_many_arguments)]

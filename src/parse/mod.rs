@@ -63,8 +63,25 @@ static SCENE_NOUNS: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
         .collect()
 });
 
-static TAGGER: LazyLock<english_pos_tagger::Tagger> =
-    LazyLock::new(english_pos_tagger::Tagger::new);
+/// The Brill tagger with caption-domain corrections of its lexicon.
+static TAGGER: LazyLock<english_pos_tagger::Tagger> = LazyLock::new(|| {
+    let mut t = english_pos_tagger::Tagger::new();
+    t.update_lexicon(
+        include_str!("lexicon/tag_overrides.tsv")
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .filter_map(|l| l.split_once('\t'))
+            .map(|(w, tags)| {
+                (
+                    w.trim().to_string(),
+                    tags.split_whitespace()
+                        .map(str::to_string)
+                        .collect::<Vec<_>>(),
+                )
+            }),
+    );
+    t
+});
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,6 +189,16 @@ pub fn tag(caption: &str) -> Vec<Tok> {
         .collect();
     while toks.last().is_some_and(|t| t.word == ".") {
         toks.pop();
+    }
+    // "close - up" is one noun phrase with head "close up" in the reference.
+    let mut i = 0;
+    while i + 2 < toks.len() {
+        if toks[i].word == "close" && toks[i + 1].word == "-" && toks[i + 2].word == "up" {
+            toks.remove(i + 1);
+            toks[i].tag = "NN";
+            toks[i + 1].tag = "NN";
+        }
+        i += 1;
     }
     toks
 }
