@@ -48,7 +48,10 @@ pub fn shared(rel: &str) -> Option<PathBuf> {
     if p.exists() {
         Some(p)
     } else {
-        eprintln!(
+        // Written past libtest's capture so the notice shows in a normal run.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
             "NOTICE: skipping: {} is absent (tests that need ../shared skip in a plain clone)",
             p.display()
         );
