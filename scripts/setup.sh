@@ -18,6 +18,14 @@ if [ "${have%%+*}" != "$TORCH_VERSION" ]; then
   .venv/bin/pip install --disable-pip-version-check -q "torch==$TORCH_VERSION"
 fi
 
+# Fixture generators for the model parity tests: OpenAI's model code and
+# tokenizer (openai-clip, without its torchvision dependency), numpy, ftfy, regex.
+if ! .venv/bin/python -c 'import numpy, ftfy, regex, importlib.util as u; assert u.find_spec("clip")' 2>/dev/null; then
+  echo "setup: installing parity-fixture packages into .venv"
+  .venv/bin/pip install --disable-pip-version-check -q numpy ftfy regex
+  .venv/bin/pip install --disable-pip-version-check -q --no-deps openai-clip==1.0.1
+fi
+
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 target="$site/torch"
 if [ "$(readlink .libtorch 2>/dev/null || true)" != "$target" ]; then

@@ -6,6 +6,7 @@ pub mod import_parses;
 pub mod ingest;
 pub mod manifest;
 pub mod mine;
+pub mod model;
 pub mod parse;
 pub mod progress;
 pub mod runner;

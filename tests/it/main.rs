@@ -4,6 +4,7 @@ mod common;
 mod ingest;
 mod manifest;
 mod mine;
+mod model;
 mod parse;
 mod run;
 mod sql;

@@ -1,0 +1,128 @@
+"""Tiny CLIP models in OpenAI's layout, a Combiner, and reference outputs,
+for the Rust parity tests. Usage: make_clip_fixtures.py OUT_DIR
+
+Uses OpenAI's model code from the `openai-clip` package (installed by
+scripts/setup.sh with --no-deps; its model.py needs only torch) and the
+package's BPE tokenizer (ftfy, regex). Everything is seeded: rerunning gives
+the same files.
+"""
+import importlib.util
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+out = sys.argv[1]
+os.makedirs(out, exist_ok=True)
+pkg = importlib.util.find_spec("clip").submodule_search_locations[0]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"clip_{name}", os.path.join(pkg, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+clip_model = load("model")
+torch.manual_seed(0)
+CONFIGS = {
+    "vit": dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8),
+    "rn": dict(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=64, vision_patch_size=None),
+}
+TEXT = dict(context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)  # heads = width // 64, as build_model infers
+
+
+def tokens_batch(n):
+    g = torch.Generator().manual_seed(1)
+    t = torch.zeros(n, 77, dtype=torch.long)
+    for i in range(n):
+        length = 5 + 7 * i
+        t[i, 0] = 49406
+        t[i, 1 : length - 1] = torch.randint(1, 49405, (length - 2,), generator=g)
+        t[i, length - 1] = 49407
+    return t
+
+
+for name, cfg in CONFIGS.items():
+    model = clip_model.CLIP(**cfg, **TEXT).float().eval()
+    # BatchNorm statistics other than the defaults, so eval-mode BN is exercised.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    res = cfg["image_resolution"]
+    images = torch.randn(2, 3, res, res, generator=torch.Generator().manual_seed(2))
+    tokens = tokens_batch(3)
+    with torch.no_grad():
+        img = model.encode_image(images)
+        txt = model.encode_text(tokens)
+    sd = model.state_dict()
+    torch.save(sd, f"{out}/{name}_state.pt")
+    torch.save({"module." + k: v for k, v in sd.items()}, f"{out}/{name}_module_state.pt")
+    traced = torch.jit.trace(model, (images, tokens), check_trace=False)
+    traced.save(f"{out}/{name}_jit.pt")
+    torch.save({"images": images, "tokens": tokens, "image_features": img, "text_features": txt}, f"{out}/{name}_ref.pt")
+
+
+class Combiner(nn.Module):
+    """models/combiner_model.py's architecture (DESIGN.md section 4)."""
+
+    def __init__(self, d, proj=2560, hidden=5120):
+        super().__init__()
+        self.text_projection_layer = nn.Linear(d, proj)
+        self.image_projection_layer = nn.Linear(d, proj)
+        self.dropout1 = nn.Dropout(0.5)
+        self.dropout2 = nn.Dropout(0.5)
+        self.combiner_layer = nn.Linear(2 * proj, hidden)
+        self.output_layer = nn.Linear(hidden, d)
+        self.dropout3 = nn.Dropout(0.5)
+        self.dynamic_scalar = nn.Sequential(nn.Linear(2 * proj, hidden), nn.ReLU(), nn.Dropout(0.5), nn.Linear(hidden, 1), nn.Sigmoid())
+
+    def forward(self, image, text):
+        t = self.dropout1(F.relu(self.text_projection_layer(text)))
+        i = self.dropout2(F.relu(self.image_projection_layer(image)))
+        raw = torch.cat((t, i), -1)
+        c = self.dropout3(F.relu(self.combiner_layer(raw)))
+        s = self.dynamic_scalar(raw)
+        return F.normalize(self.output_layer(c) + s * text + (1 - s) * image, dim=-1)
+
+
+torch.manual_seed(3)
+comb = Combiner(32, proj=64, hidden=128).eval()
+image = torch.randn(4, 32)
+text = torch.randn(4, 32)
+with torch.no_grad():
+    combined = comb(image, text)
+torch.save(comb.state_dict(), f"{out}/combiner_state.pt")
+torch.save({"image": image, "text": text, "combined": combined}, f"{out}/combiner_ref.pt")
+
+# Tokenizer: clip.tokenize(truncate=True) semantics on the package's BPE.
+tok = load("simple_tokenizer").SimpleTokenizer()
+texts = [
+    "a photo of a dog",
+    "A Red CAR parked next to a brick building!",
+    "on beach",
+    "café crème — naïve résumé",
+    "  spaces   and\ttabs  ",
+    "",
+    " ".join(["word"] * 100),
+]
+sot, eot = tok.encoder["<|startoftext|>"], tok.encoder["<|endoftext|>"]
+rows = []
+for t in texts:
+    ids = [sot] + tok.encode(t) + [eot]
+    if len(ids) > 77:
+        ids = ids[:77]
+        ids[-1] = eot
+    rows.append(ids + [0] * (77 - len(ids)))
+torch.save({"tokens": torch.tensor(rows)}, f"{out}/tokenizer_ref.pt")
+with open(f"{out}/tokenizer_texts.txt", "w", encoding="utf-8") as f:
+    for t in texts:
+        f.write(t.replace("\t", "\\t") + "\n")
+print(f"fixtures written to {out}")

@@ -1,0 +1,180 @@
+//! Image preprocessing: the VAW attribute crop (datasets/vaw_dataset.py,
+//! dilation 0.7, centred black pad to a square) and CLIP's transform
+//! (bicubic resize of the shorter side, centre crop, normalise).
+
+use std::path::Path;
+
+use image::{imageops, DynamicImage, ImageBuffer, Rgb, RgbImage};
+use rayon::prelude::*;
+use tch::Tensor;
+
+pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+pub const DILATION: f64 = 0.7;
+
+/// Python's `round` (half to even), which PIL's `crop` applies to a float box.
+fn round_half_even(x: f64) -> i64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && (r as i64) % 2 != 0 {
+        (r - x.signum()) as i64
+    } else {
+        r as i64
+    }
+}
+
+/// The crop box (left, top, right, bottom) of a VAW `instance_bbox`
+/// (x, y, w, h) in an image of `width` x `height`. It grows left and up by
+/// 0.7 of the box and keeps 1.7 box sizes from there (so an unclipped box
+/// grows only left and up), as the original does.
+pub fn vaw_crop_box(bbox: [f64; 4], width: u32, height: u32) -> (i64, i64, i64, i64) {
+    let [x, y, w, h] = bbox;
+    let left = (x - DILATION * w).max(0.0);
+    let top = (y - DILATION * h).max(0.0);
+    let right = (left + (1.0 + DILATION) * w).min(width as f64);
+    let bottom = (top + (1.0 + DILATION) * h).min(height as f64);
+    (
+        round_half_even(left),
+        round_half_even(top),
+        round_half_even(right),
+        round_half_even(bottom),
+    )
+}
+
+/// Crops (pixels outside the image are black, like PIL) and pads the crop to
+/// a centred square with black.
+pub fn crop_pad_square(img: &RgbImage, bx: (i64, i64, i64, i64)) -> RgbImage {
+    let (l, t, r, b) = bx;
+    let (cw, ch) = ((r - l).max(1) as u32, (b - t).max(1) as u32);
+    let mut crop: RgbImage = ImageBuffer::from_pixel(cw, ch, Rgb([0, 0, 0]));
+    for yy in 0..ch {
+        for xx in 0..cw {
+            let (sx, sy) = (l + xx as i64, t + yy as i64);
+            if sx >= 0 && sy >= 0 && (sx as u32) < img.width() && (sy as u32) < img.height() {
+                crop.put_pixel(xx, yy, *img.get_pixel(sx as u32, sy as u32));
+            }
+        }
+    }
+    if cw == ch {
+        return crop;
+    }
+    let side = cw.max(ch);
+    let mut sq: RgbImage = ImageBuffer::from_pixel(side, side, Rgb([0, 0, 0]));
+    let (ox, oy) = if cw > ch {
+        (0, (cw - ch) / 2)
+    } else {
+        ((ch - cw) / 2, 0)
+    };
+    imageops::replace(&mut sq, &crop, ox as i64, oy as i64);
+    sq
+}
+
+/// Resize (shorter side to `n_px`, bicubic) and centre crop, as RGB bytes.
+pub fn resize_center_crop(img: &DynamicImage, n_px: u32) -> RgbImage {
+    let rgb = img.to_rgb8();
+    let (w, h) = rgb.dimensions();
+    let (nw, nh) = if w <= h {
+        (n_px, ((n_px as u64 * h as u64) / w as u64) as u32)
+    } else {
+        (((n_px as u64 * w as u64) / h as u64) as u32, n_px)
+    };
+    let resized = imageops::resize(&rgb, nw.max(1), nh.max(1), imageops::FilterType::CatmullRom);
+    let left = ((nw as f64 - n_px as f64) / 2.0).round().max(0.0) as u32;
+    let top = ((nh as f64 - n_px as f64) / 2.0).round().max(0.0) as u32;
+    imageops::crop_imm(&resized, left, top, n_px.min(nw), n_px.min(nh)).to_image()
+}
+
+/// CLIP's normalised [3, n, n] float tensor.
+pub fn to_tensor(img: &RgbImage) -> Tensor {
+    let (w, h) = img.dimensions();
+    let mut data = vec![0f32; (3 * w * h) as usize];
+    let plane = (w * h) as usize;
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            data[c * plane + i] = (p[c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
+        }
+    }
+    Tensor::from_slice(&data).view([3, h as i64, w as i64])
+}
+
+/// An image key: a file plus, for attribute tasks, a VAW bbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageKey<'a> {
+    pub path: &'a Path,
+    pub bbox: Option<[f64; 4]>,
+}
+
+/// Decodes and preprocesses a batch in parallel; per image an error
+/// message instead of a panic.
+pub fn load_batch(keys: &[ImageKey], n_px: u32) -> Vec<Result<Tensor, String>> {
+    let prepared: Vec<Result<RgbImage, String>> = keys
+        .par_iter()
+        .map(|k| {
+            let img = image::open(k.path).map_err(|e| format!("{}: {e}", k.path.display()))?;
+            let img = match k.bbox {
+                Some(b) => {
+                    let rgb = img.to_rgb8();
+                    DynamicImage::ImageRgb8(crop_pad_square(
+                        &rgb,
+                        vaw_crop_box(b, rgb.width(), rgb.height()),
+                    ))
+                }
+                None => img,
+            };
+            Ok(resize_center_crop(&img, n_px))
+        })
+        .collect();
+    prepared
+        .into_iter()
+        .map(|r| r.map(|img| to_tensor(&img)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vaw_box_grows_left_and_up_and_clips() {
+        // Unclipped: left/top move by 0.7 w/h, right/bottom = left/top + 1.7 w/h.
+        assert_eq!(
+            vaw_crop_box([100.0, 100.0, 50.0, 20.0], 1000, 1000),
+            (65, 86, 150, 120)
+        );
+        // Clipped at the origin: the box then extends 1.7 sizes from 0.
+        assert_eq!(
+            vaw_crop_box([10.0, 5.0, 40.0, 40.0], 1000, 1000),
+            (0, 0, 68, 68)
+        );
+        // Clipped at the far edges.
+        assert_eq!(
+            vaw_crop_box([480.0, 300.0, 40.0, 100.0], 500, 350),
+            (452, 230, 500, 350)
+        );
+        // PIL rounds half to even.
+        assert_eq!(round_half_even(2.5), 2);
+        assert_eq!(round_half_even(3.5), 4);
+        assert_eq!(round_half_even(-0.5), 0);
+    }
+
+    #[test]
+    fn pad_is_centred_black() {
+        let img: RgbImage = ImageBuffer::from_pixel(10, 4, Rgb([255, 255, 255]));
+        let sq = crop_pad_square(&img, (0, 0, 10, 4));
+        assert_eq!(sq.dimensions(), (10, 10));
+        assert_eq!(sq.get_pixel(5, 2), &Rgb([0, 0, 0]));
+        assert_eq!(sq.get_pixel(5, 3), &Rgb([255, 255, 255]));
+        assert_eq!(sq.get_pixel(5, 6), &Rgb([255, 255, 255]));
+        assert_eq!(sq.get_pixel(5, 7), &Rgb([0, 0, 0]));
+    }
+
+    #[test]
+    fn resize_short_side_then_centre_crop() {
+        let img = DynamicImage::ImageRgb8(ImageBuffer::from_pixel(64, 32, Rgb([10, 20, 30])));
+        let out = resize_center_crop(&img, 16);
+        assert_eq!(out.dimensions(), (16, 16));
+        let t = to_tensor(&out);
+        assert_eq!(t.size(), vec![3, 16, 16]);
+        let v = t.double_value(&[0, 8, 8]);
+        assert!((v - (10.0 / 255.0 - CLIP_MEAN[0] as f64) / CLIP_STD[0] as f64).abs() < 1e-5);
+    }
+}
