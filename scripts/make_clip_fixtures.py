@@ -126,3 +126,32 @@ with open(f"{out}/tokenizer_texts.txt", "w", encoding="utf-8") as f:
     for t in texts:
         f.write(t.replace("\t", "\\t") + "\n")
 print(f"fixtures written to {out}")
+
+# Preprocessing (Pillow 10.4, pinned by setup.sh): PIL's bicubic resize of the shorter side + centre crop (what
+# torchvision's Resize/CenterCrop do on PIL images), on generated PNG and JPEG
+# files; pixels before normalisation.
+from PIL import Image
+
+g = torch.Generator().manual_seed(4)
+pre = {}
+for i, (w, h) in enumerate([(37, 53), (200, 120), (64, 64), (301, 199), (40, 400)]):
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    base = torch.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 7) % 256], -1)
+    noise = torch.randint(0, 64, (h, w, 3), generator=g)
+    arr = ((base + noise) % 256).to(torch.uint8)
+    img = Image.frombytes("RGB", (w, h), bytes(arr.flatten().tolist()))
+    for ext in ("png", "jpg"):
+        path = f"{out}/pre_{i}.{ext}"
+        img.save(path, quality=90) if ext == "jpg" else img.save(path)
+        src = Image.open(path)
+        n = 32
+        if w <= h:
+            size = (n, int(n * h / w))
+        else:
+            size = (int(n * w / h), n)
+        r = src.resize(size, Image.BICUBIC)
+        left = int(round((size[0] - n) / 2.0))
+        top = int(round((size[1] - n) / 2.0))
+        c = r.crop((left, top, left + n, top + n)).convert("RGB")
+        pre[f"pre_{i}_{ext}"] = torch.tensor(list(c.tobytes()), dtype=torch.uint8).view(n, n, 3)
+torch.save(pre, f"{out}/preprocess_ref.pt")

@@ -20,9 +20,9 @@ fi
 
 # Fixture generators for the model parity tests: OpenAI's model code and
 # tokenizer (openai-clip, without its torchvision dependency), numpy, ftfy, regex.
-if ! .venv/bin/python -c 'import numpy, ftfy, regex, importlib.util as u; assert u.find_spec("clip")' 2>/dev/null; then
+if ! .venv/bin/python -c 'import numpy, ftfy, regex, PIL, importlib.util as u; assert u.find_spec("clip") and PIL.__version__ == "10.4.0"' 2>/dev/null; then
   echo "setup: installing parity-fixture packages into .venv"
-  .venv/bin/pip install --disable-pip-version-check -q numpy ftfy regex
+  .venv/bin/pip install --disable-pip-version-check -q numpy ftfy regex "pillow==10.4.0"
   .venv/bin/pip install --disable-pip-version-check -q --no-deps openai-clip==1.0.1
 fi
 

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use tch::Tensor;
 
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 pub const DILATION: f64 = 0.7;
 
@@ -68,6 +69,104 @@ pub fn crop_pad_square(img: &RgbImage, bx: (i64, i64, i64, i64)) -> RgbImage {
     sq
 }
 
+/// Pillow's bicubic filter (a = -0.5).
+fn bicubic(x: f64) -> f64 {
+    let a = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    } else {
+        0.0
+    }
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Fixed-point coefficients of one axis, as Pillow's `precompute_coeffs`
+/// and `normalize_coeffs_8bpc` make them: (first input index, weights).
+fn coeffs(in_size: u32, out_size: u32) -> Vec<(usize, Vec<i32>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = (((center + support + 0.5) as i64).min(in_size as i64) as usize)
+                .saturating_sub(xmin);
+            let mut k: Vec<f64> = (0..xmax)
+                .map(|x| bicubic((x as f64 + xmin as f64 - center + 0.5) / filterscale))
+                .collect();
+            let ww: f64 = k.iter().sum();
+            if ww != 0.0 {
+                k.iter_mut().for_each(|v| *v /= ww);
+            }
+            let one = (1u64 << PRECISION_BITS) as f64;
+            let kk = k
+                .iter()
+                .map(|&v| {
+                    if v < 0.0 {
+                        (-0.5 + v * one) as i32
+                    } else {
+                        (0.5 + v * one) as i32
+                    }
+                })
+                .collect();
+            (xmin, kk)
+        })
+        .collect()
+}
+
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Bicubic resize with Pillow's exact arithmetic (horizontal pass, then
+/// vertical, 8-bit intermediate), so outputs match `Image.resize` of Pillow
+/// 10 bit for bit (Pillow 11+ may run the vertical pass first, which moves
+/// some pixels by one level).
+pub fn pil_resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let src = img.as_raw();
+    let horiz: Vec<u8> = if out_w != w {
+        let cx = coeffs(w, out_w);
+        let mut tmp = vec![0u8; (out_w * h * 3) as usize];
+        for y in 0..h as usize {
+            for (xx, (xmin, kk)) in cx.iter().enumerate() {
+                for c in 0..3 {
+                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                    for (x, &k) in kk.iter().enumerate() {
+                        ss += src[(y * w as usize + xmin + x) * 3 + c] as i64 * k as i64;
+                    }
+                    tmp[(y * out_w as usize + xx) * 3 + c] = clip8(ss);
+                }
+            }
+        }
+        tmp
+    } else {
+        src.to_vec()
+    };
+    if out_h == h {
+        return ImageBuffer::from_raw(out_w, out_h, horiz).expect("sized buffer");
+    }
+    let cy = coeffs(h, out_h);
+    let mut out = vec![0u8; (out_w * out_h * 3) as usize];
+    for (yy, (ymin, kk)) in cy.iter().enumerate() {
+        for x in 0..out_w as usize {
+            for c in 0..3 {
+                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                for (y, &k) in kk.iter().enumerate() {
+                    ss += horiz[((ymin + y) * out_w as usize + x) * 3 + c] as i64 * k as i64;
+                }
+                out[(yy * out_w as usize + x) * 3 + c] = clip8(ss);
+            }
+        }
+    }
+    ImageBuffer::from_raw(out_w, out_h, out).expect("sized buffer")
+}
+
 /// Resize (shorter side to `n_px`, bicubic) and centre crop, as RGB bytes.
 pub fn resize_center_crop(img: &DynamicImage, n_px: u32) -> RgbImage {
     let rgb = img.to_rgb8();
@@ -77,9 +176,10 @@ pub fn resize_center_crop(img: &DynamicImage, n_px: u32) -> RgbImage {
     } else {
         (((n_px as u64 * w as u64) / h as u64) as u32, n_px)
     };
-    let resized = imageops::resize(&rgb, nw.max(1), nh.max(1), imageops::FilterType::CatmullRom);
-    let left = ((nw as f64 - n_px as f64) / 2.0).round().max(0.0) as u32;
-    let top = ((nh as f64 - n_px as f64) / 2.0).round().max(0.0) as u32;
+    let resized = pil_resize_bicubic(&rgb, nw.max(1), nh.max(1));
+    // torchvision's CenterCrop: int(round((size - n) / 2)), Python rounding.
+    let left = round_half_even((nw as f64 - n_px as f64) / 2.0).max(0) as u32;
+    let top = round_half_even((nh as f64 - n_px as f64) / 2.0).max(0) as u32;
     imageops::crop_imm(&resized, left, top, n_px.min(nw), n_px.min(nh)).to_image()
 }
 

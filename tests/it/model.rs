@@ -175,3 +175,42 @@ fn resnet_torchscript_archive_with_batchnorm_buffers() {
     );
     check_parity(&Clip::new(sd).unwrap(), &refs);
 }
+
+#[test]
+fn preprocessing_matches_pil() {
+    use genecis::model::preprocess::resize_center_crop;
+    let refs = reference("preprocess_ref.pt");
+    let (mut worst_png, mut worst_jpg, mut sum_jpg, mut n_jpg) = (0i64, 0i64, 0f64, 0f64);
+    for i in 0..5 {
+        for ext in ["png", "jpg"] {
+            let img = image::open(fixtures().join(format!("pre_{i}.{ext}"))).unwrap();
+            let ours = resize_center_crop(&img, 32);
+            let theirs = refs[&format!("pre_{i}_{ext}")].to_kind(tch::Kind::Int64);
+            let ours = Tensor::from_slice(ours.as_raw().as_slice())
+                .view([32, 32, 3])
+                .to_kind(tch::Kind::Int64);
+            let d = (ours - theirs).abs();
+            let max = d.max().int64_value(&[]);
+            if ext == "png" {
+                worst_png = worst_png.max(max);
+            } else {
+                worst_jpg = worst_jpg.max(max);
+                sum_jpg += d
+                    .to_kind(tch::Kind::Double)
+                    .sum(tch::Kind::Double)
+                    .double_value(&[]);
+                n_jpg += d.numel() as f64;
+            }
+        }
+    }
+    eprintln!("JPEG: max {worst_jpg} levels, mean {:.3}", sum_jpg / n_jpg);
+    // Resize and crop are bit-exact with Pillow 10 (checked on PNG, where
+    // decoding is lossless). JPEG decoders (libjpeg vs the image crate)
+    // differ in chroma upsampling, by a fraction of a level on average.
+    assert_eq!(worst_png, 0, "PNG pixels differ by up to {worst_png}");
+    assert!(
+        sum_jpg / n_jpg < 1.0,
+        "JPEG pixels differ by {} on average",
+        sum_jpg / n_jpg
+    );
+}
