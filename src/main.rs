@@ -44,6 +44,14 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Decode + CLIP-preprocess every image in a folder (rayon), images/s.
+    Preprocess {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 224)]
+        n_px: u32,
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
     /// Parse captions from a CC3M TSV, repeated to at least --min-captions,
     /// with rayon over chunks; prints captions/s and peak memory.
     Parse {
@@ -377,6 +385,41 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     s.entities.precision(), s.entities.recall(), s.entities.f1(), s.exact_captions
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::Preprocess { dir, n_px, repeat }) => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .with_context(|| format!("cannot list {}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .is_some_and(|x| matches!(x.to_str(), Some("jpg" | "jpeg" | "png")))
+                })
+                .collect();
+            files.sort();
+            anyhow::ensure!(!files.is_empty(), "no .jpg/.png files in {}", dir.display());
+            let keys: Vec<genecis::model::preprocess::ImageKey> = files
+                .iter()
+                .map(|p| genecis::model::preprocess::ImageKey {
+                    path: p,
+                    bbox: None,
+                })
+                .collect();
+            let t0 = std::time::Instant::now();
+            let mut ok = 0usize;
+            for _ in 0..repeat.max(1) {
+                ok += genecis::model::preprocess::load_batch(&keys, n_px)
+                    .iter()
+                    .filter(|r| r.is_ok())
+                    .count();
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            println!(
+                "preprocessed {ok} images ({} files x {repeat}) to {n_px}px in {secs:.2} s on {} threads: {:.1} images/s",
+                files.len(),
+                rayon::current_num_threads(),
+                ok as f64 / secs
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench(BenchCmd::Parse {

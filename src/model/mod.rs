@@ -167,6 +167,42 @@ fn is_safetensors(path: &Path, head: &[u8]) -> bool {
     path.extension().is_some_and(|e| e == "safetensors") || (head.len() > 8 && head[8] == b'{')
 }
 
+/// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when libtorch sees a GPU).
+pub fn select_device(spec: &str) -> std::result::Result<Device, String> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::cuda_if_available()),
+        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        s if s.starts_with("cuda:") => {
+            let i: usize = s[5..]
+                .parse()
+                .map_err(|_| format!("bad device '{s}': expected cuda:N"))?;
+            if i < tch::Cuda::device_count() as usize {
+                Ok(Device::Cuda(i))
+            } else {
+                Err(format!(
+                    "device '{s}' is not available: libtorch sees {} CUDA device(s)",
+                    tch::Cuda::device_count()
+                ))
+            }
+        }
+        "cuda" => Err("no CUDA device is visible to libtorch; use --device cpu or auto".into()),
+        s => Err(format!(
+            "unknown device '{s}': use cpu, cuda, cuda:N or auto"
+        )),
+    }
+}
+
+/// Runs `f` under bf16/fp16 autocast when `mixed` is set and the device is
+/// a GPU (CPU runs stay in fp32).
+pub fn with_precision<T>(device: Device, mixed: bool, f: impl FnOnce() -> T) -> T {
+    if mixed && device.is_cuda() {
+        tch::autocast(true, f)
+    } else {
+        f()
+    }
+}
+
 /// `x @ w.T + b` (nn.Linear).
 pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     x.linear(w, b)

@@ -126,42 +126,53 @@ fn clip8(v: i64) -> u8 {
 /// Bicubic resize with Pillow's exact arithmetic (horizontal pass, then
 /// vertical, 8-bit intermediate), so outputs match `Image.resize` of Pillow
 /// 10 bit for bit (Pillow 11+ may run the vertical pass first, which moves
-/// some pixels by one level).
+/// some pixels by one level). Accumulates in i32 like Pillow.
 pub fn pil_resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
     let (w, h) = img.dimensions();
     let src = img.as_raw();
-    let horiz: Vec<u8> = if out_w != w {
-        let cx = coeffs(w, out_w);
-        let mut tmp = vec![0u8; (out_w * h * 3) as usize];
-        for y in 0..h as usize {
+    let (w, h, ow, oh) = (w as usize, h as usize, out_w as usize, out_h as usize);
+    let horiz: Vec<u8> = if ow != w {
+        let cx = coeffs(w as u32, out_w);
+        let mut tmp = vec![0u8; ow * h * 3];
+        for (row_in, row_out) in src.chunks_exact(w * 3).zip(tmp.chunks_exact_mut(ow * 3)) {
             for (xx, (xmin, kk)) in cx.iter().enumerate() {
-                for c in 0..3 {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                    for (x, &k) in kk.iter().enumerate() {
-                        ss += src[(y * w as usize + xmin + x) * 3 + c] as i64 * k as i64;
-                    }
-                    tmp[(y * out_w as usize + xx) * 3 + c] = clip8(ss);
+                let px = &row_in[xmin * 3..(xmin + kk.len()) * 3];
+                let (mut r, mut g, mut b) = (
+                    1i32 << (PRECISION_BITS - 1),
+                    1i32 << (PRECISION_BITS - 1),
+                    1i32 << (PRECISION_BITS - 1),
+                );
+                for (p, &k) in px.chunks_exact(3).zip(kk) {
+                    r += p[0] as i32 * k;
+                    g += p[1] as i32 * k;
+                    b += p[2] as i32 * k;
                 }
+                row_out[xx * 3] = clip8(r as i64);
+                row_out[xx * 3 + 1] = clip8(g as i64);
+                row_out[xx * 3 + 2] = clip8(b as i64);
             }
         }
         tmp
     } else {
         src.to_vec()
     };
-    if out_h == h {
+    if oh == h {
         return ImageBuffer::from_raw(out_w, out_h, horiz).expect("sized buffer");
     }
-    let cy = coeffs(h, out_h);
-    let mut out = vec![0u8; (out_w * out_h * 3) as usize];
-    for (yy, (ymin, kk)) in cy.iter().enumerate() {
-        for x in 0..out_w as usize {
-            for c in 0..3 {
-                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                for (y, &k) in kk.iter().enumerate() {
-                    ss += horiz[((ymin + y) * out_w as usize + x) * 3 + c] as i64 * k as i64;
-                }
-                out[(yy * out_w as usize + x) * 3 + c] = clip8(ss);
+    let cy = coeffs(h as u32, out_h);
+    let stride = ow * 3;
+    let mut out = vec![0u8; ow * oh * 3];
+    let mut acc = vec![0i32; stride];
+    for ((ymin, kk), row_out) in cy.iter().zip(out.chunks_exact_mut(stride)) {
+        acc.iter_mut().for_each(|a| *a = 1 << (PRECISION_BITS - 1));
+        for (y, &k) in kk.iter().enumerate() {
+            let row = &horiz[(ymin + y) * stride..(ymin + y + 1) * stride];
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a += p as i32 * k;
             }
+        }
+        for (o, &a) in row_out.iter_mut().zip(&acc) {
+            *o = clip8(a as i64);
         }
     }
     ImageBuffer::from_raw(out_w, out_h, out).expect("sized buffer")
