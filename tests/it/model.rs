@@ -12,17 +12,27 @@ use genecis::model::tokenizer::ClipTokenizer;
 use genecis::model::{ModelError, StateDict};
 use tch::{Device, Tensor};
 
-/// Generated once per test run into a temp folder.
+/// Generated once into a temp folder named after the generator script's
+/// hash, and reused while the script is unchanged (written to a scratch
+/// folder, then renamed, so concurrent test runs never see half a set).
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir =
-            std::env::temp_dir().join(format!("genecis-clip-fixtures-{}", std::process::id()));
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let script = root.join("scripts/make_clip_fixtures.py");
+        let hash = blake3::hash(&std::fs::read(&script).unwrap()).to_hex()[..12].to_string();
+        let dir = std::env::temp_dir().join(format!("genecis-clip-fixtures-{hash}"));
+        if dir.join("preprocess_ref.pt").is_file() {
+            return dir;
+        }
+        let scratch = std::env::temp_dir().join(format!(
+            "genecis-clip-fixtures-{hash}.{}",
+            std::process::id()
+        ));
         let py = root.join(".venv/bin/python");
         let out = std::process::Command::new(&py)
-            .arg(root.join("scripts/make_clip_fixtures.py"))
-            .arg(&dir)
+            .arg(&script)
+            .arg(&scratch)
             .output()
             .unwrap_or_else(|e| panic!("cannot run {} (run scripts/setup.sh): {e}", py.display()));
         assert!(
@@ -30,6 +40,10 @@ fn fixtures() -> &'static Path {
             "fixture script failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if std::fs::rename(&scratch, &dir).is_err() {
+            // Another run got there first.
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
         dir
     })
 }
@@ -87,9 +101,13 @@ fn vit_matches_pytorch_from_every_checkpoint_format() {
     check_parity(&clip_from("vit_jit.pt"), &refs);
     // safetensors: written from the loaded state dict, read back.
     let sd = StateDict::load(&fixtures().join("vit_state.pt"), Device::Cpu).unwrap();
-    let st = fixtures().join("vit.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let st = tmp.path().join("vit.safetensors");
     sd.write_safetensors(&st).unwrap();
-    check_parity(&clip_from("vit.safetensors"), &refs);
+    check_parity(
+        &Clip::new(StateDict::load(&st, Device::Cpu).unwrap()).unwrap(),
+        &refs,
+    );
 }
 
 #[test]
@@ -159,7 +177,8 @@ fn missing_or_misshaped_tensors_are_named() {
         e.to_string().contains("'visual.proj' has shape [3, 3]"),
         "{e}"
     );
-    let bad = fixtures().join("not_a_checkpoint.pt");
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("not_a_checkpoint.pt");
     std::fs::write(&bad, b"hello").unwrap();
     let e = StateDict::load(&bad, Device::Cpu).err().unwrap();
     assert!(e.to_string().contains("cannot load checkpoint"), "{e}");
