@@ -138,7 +138,7 @@ const DEMONYMS: &[&str] = &[
     "thai",
 ];
 const QUANT_PRON: &[&str] = &[
-    "some", "many", "most", "all", "both", "each", "several", "one", "few",
+    "some", "many", "most", "all", "both", "each", "several", "few",
 ];
 
 fn is_verb_like(tag: &str) -> bool {
@@ -238,6 +238,9 @@ pub fn fix_tags(t: &mut [Tok]) {
         } else if tag == "VBG" && next.is_some_and(|x| is(x, NOUN)) && VBG_COMPOUNDS.contains(&w) {
             // Lexicalised "-ing" modifiers ("sitting room", "swimming pool").
             "NN"
+        } else if tag == "NNS" && i > 0 && REL_PRON.contains(&t[i - 1].word.as_str()) {
+            // "that travels", "which features": a verb after a relative pronoun.
+            "VBZ"
         } else if tag == "NNS"
             && matches!(prev, Some("NN" | "NNS"))
             && matches!(next, Some("DT" | "PRP$"))
@@ -321,7 +324,9 @@ fn chunk(t: &[Tok], nps: &mut Vec<Np>, strict: bool) -> Vec<Item> {
             i = k;
         } else if (t[i].tag == "PRP" && PRON.contains(&t[i].word.as_str()))
             || (REL_PRON.contains(&t[i].word.as_str())
-                && t.get(i + 1).is_some_and(|x| is_verb_like(x.tag)))
+                && (t.get(i + 1).is_some_and(|x| is_verb_like(x.tag))
+                    || (t.get(i + 1).is_some_and(|x| x.tag == "RB")
+                        && t.get(i + 2).is_some_and(|x| is_verb_like(x.tag)))))
             || (QUANT_PRON.contains(&t[i].word.as_str())
                 && t.get(i + 1).is_some_and(|x| x.word == "of"))
             || (DEMONSTRATIVES.contains(&t[i].word.as_str())
