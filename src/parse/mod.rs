@@ -190,6 +190,7 @@ pub fn tag(caption: &str) -> Vec<Tok> {
     while toks.last().is_some_and(|t| t.word == ".") {
         toks.pop();
     }
+    retag_verbs_after_people(&mut toks);
     // "close - up" is one noun phrase with head "close up" in the reference.
     let mut i = 0;
     while i + 2 < toks.len() {
@@ -201,6 +202,64 @@ pub fn tag(caption: &str) -> Vec<Tok> {
         i += 1;
     }
     toks
+}
+
+/// Nouns naming people: CC3M's anonymised "person" and the like. A
+/// verb right after one of them is often tagged as the second noun of a
+/// compound ("person sang", "man drinks").
+const PEOPLE: &[&str] = &[
+    "person",
+    "people",
+    "man",
+    "men",
+    "woman",
+    "women",
+    "boy",
+    "girl",
+    "child",
+    "children",
+    "actor",
+    "actress",
+    "artist",
+    "player",
+    "team",
+    "couple",
+    "family",
+    "bride",
+    "groom",
+    "singer",
+    "model",
+    "politician",
+    "athlete",
+];
+
+/// The tag the tagger gives `word` as the verb of a pronoun subject, when
+/// that is a verb tag.
+fn verb_reading(word: &str) -> Option<&'static str> {
+    let subject = if word.ends_with('s') { "he" } else { "they" };
+    let probe = TAGGER.tag_raw_tokens(&[subject, word]);
+    let tag = intern_tag(probe.get(1)?.pos.as_deref()?);
+    matches!(tag, "VBZ" | "VBD" | "VBP").then_some(tag)
+}
+
+fn retag_verbs_after_people(toks: &mut [Tok]) {
+    for i in 1..toks.len() {
+        let next_ok = toks.get(i + 1).is_none_or(|n| {
+            matches!(
+                n.tag,
+                "DT" | "IN" | "PRP$" | "TO" | "RB" | "CD" | "," | "." | "PRP" | "JJ"
+            )
+        });
+        if matches!(toks[i].tag, "NN" | "NNS")
+            && matches!(toks[i - 1].tag, "NN" | "NNS")
+            && PEOPLE.contains(&toks[i - 1].word.as_str())
+            && next_ok
+        {
+            if let Some(v) = verb_reading(&toks[i].word) {
+                toks[i].tag = v;
+            }
+        }
+    }
 }
 
 /// Parses one caption. Never panics, whatever the input.
