@@ -137,6 +137,47 @@ const DEMONYMS: &[&str] = &[
     "swedish",
     "thai",
 ];
+/// Nouns that modify a participle as spaCy's npadvmod ("hand drawn",
+/// "snow covered", "middle aged"): not chunk roots.
+const NOUN_PARTICIPLE_MODIFIERS: &[&str] = &[
+    "hand",
+    "home",
+    "machine",
+    "custom",
+    "self",
+    "snow",
+    "ice",
+    "sun",
+    "moss",
+    "ivy",
+    "water",
+    "fog",
+    "mist",
+    "cloud",
+    "rock",
+    "stone",
+    "wood",
+    "oil",
+    "salt",
+    "sugar",
+    "chocolate",
+    "cream",
+    "rain",
+    "tree",
+    "grass",
+    "flower",
+    "gold",
+    "silver",
+    "blood",
+    "mud",
+    "sand",
+    "middle",
+    "computer",
+    "sea",
+    "star",
+    "sky",
+    "wind",
+];
 const QUANT_PRON: &[&str] = &[
     "some", "many", "most", "all", "both", "each", "several", "few",
 ];
@@ -650,7 +691,7 @@ fn is_adverbial(np: &Np, t: &[Tok], next: Option<&Item>) -> bool {
         return true;
     }
     np.end - np.start == 1
-        && matches!(head, "hand" | "home" | "machine" | "custom" | "self")
+        && NOUN_PARTICIPLE_MODIFIERS.contains(&head)
         && matches!(next, Some(Item::Tok(_, v)) if t[*v].tag == "VBN" && *v == np.end)
 }
 

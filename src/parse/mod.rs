@@ -243,6 +243,14 @@ fn verb_reading(word: &str) -> Option<&'static str> {
 }
 
 fn retag_verbs_after_people(toks: &mut [Tok]) {
+    // A caption that opens with an imperative ("love the idea of ...").
+    if toks.len() > 1
+        && toks[0].tag == "NN"
+        && matches!(toks[1].tag, "DT" | "PRP$")
+        && verb_reading(&toks[0].word).is_some()
+    {
+        toks[0].tag = "VB";
+    }
     for i in 1..toks.len() {
         let next_ok = toks.get(i + 1).is_none_or(|n| {
             matches!(
