@@ -14,14 +14,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{ArrayRef, Int32Builder, Int64Builder, ListBuilder, StringBuilder};
+use arrow::array::{ArrayRef, Int64Builder, StringBuilder};
 use arrow::record_batch::RecordBatch;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::ingest::REJECTS_SCHEMA;
-use crate::parse::{ENTITIES_SCHEMA, RELATIONS_SCHEMA};
+use crate::parse::{GraphRows, ENTITIES_SCHEMA, RELATIONS_SCHEMA};
 use crate::stage::{Stage, StageContext, StageReport, TableDef};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -170,20 +170,7 @@ fn build(
     with_rejects: bool,
     source: &str,
 ) -> Result<Batches> {
-    let mut e_img = Int64Builder::new();
-    let mut e_idx = Int32Builder::new();
-    let mut e_span = StringBuilder::new();
-    let mut e_head = StringBuilder::new();
-    let mut e_lemma = StringBuilder::new();
-    let mut e_mods = ListBuilder::new(StringBuilder::new());
-    let mut e_kind = StringBuilder::new();
-    let mut r_img = Int64Builder::new();
-    let mut r_idx = Int32Builder::new();
-    let mut r_s = StringBuilder::new();
-    let mut r_r = StringBuilder::new();
-    let mut r_o = StringBuilder::new();
-    let mut r_si = Int32Builder::new();
-    let mut r_oi = Int32Builder::new();
+    let mut rows = GraphRows::default();
     let mut x_src = StringBuilder::new();
     let mut x_line = Int64Builder::new();
     let mut x_reason = StringBuilder::new();
@@ -205,57 +192,23 @@ fn build(
         };
         let img = p.row + offset;
         for (j, e) in p.entity_details.iter().enumerate() {
-            e_img.append_value(img);
-            e_idx.append_value(j as i32);
-            e_span.append_value(&e.span);
-            e_head.append_value(&e.head);
-            e_lemma.append_value(&e.lemma_head);
-            for m in &e.modifiers {
-                e_mods.values().append_value(m);
-            }
-            e_mods.append(true);
-            e_kind.append_null();
+            rows.entity(img, j, &e.span, &e.head, &e.lemma_head, &e.modifiers, None);
         }
-        let idx_of = |h: &str| {
-            p.entity_details
-                .iter()
-                .position(|e| e.head == h)
-                .map(|x| x as i32)
-        };
+        // The reference names relation ends by head; the index is the first entity with that head.
+        let idx_of = |h: &str| p.entity_details.iter().position(|e| e.head == h);
         for (j, r) in p.relations.iter().enumerate() {
-            r_img.append_value(img);
-            r_idx.append_value(j as i32);
-            r_s.append_value(&r.subject);
-            r_r.append_value(&r.relation);
-            r_o.append_value(&r.object);
-            r_si.append_option(idx_of(&r.subject));
-            r_oi.append_option(idx_of(&r.object));
+            rows.relation(
+                img,
+                j,
+                &r.subject,
+                &r.relation,
+                &r.object,
+                idx_of(&r.subject),
+                idx_of(&r.object),
+            );
         }
     }
-    let ents = RecordBatch::try_new(
-        ENTITIES_SCHEMA.clone(),
-        vec![
-            Arc::new(e_img.finish()) as ArrayRef,
-            Arc::new(e_idx.finish()),
-            Arc::new(e_span.finish()),
-            Arc::new(e_head.finish()),
-            Arc::new(e_lemma.finish()),
-            Arc::new(e_mods.finish()),
-            Arc::new(e_kind.finish()),
-        ],
-    )?;
-    let rels = RecordBatch::try_new(
-        RELATIONS_SCHEMA.clone(),
-        vec![
-            Arc::new(r_img.finish()) as ArrayRef,
-            Arc::new(r_idx.finish()),
-            Arc::new(r_s.finish()),
-            Arc::new(r_r.finish()),
-            Arc::new(r_o.finish()),
-            Arc::new(r_si.finish()),
-            Arc::new(r_oi.finish()),
-        ],
-    )?;
+    let (ents, rels) = rows.finish()?;
     let rej = RecordBatch::try_new(
         REJECTS_SCHEMA.clone(),
         vec![

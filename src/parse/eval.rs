@@ -35,7 +35,7 @@ struct DevItem {
     relations: Vec<RefRel>,
 }
 
-type Triple = (String, String, String);
+pub type Triple = (String, String, String);
 
 fn triples(r: &[RefRel]) -> Vec<Triple> {
     let mut v: Vec<Triple> = r
@@ -46,7 +46,8 @@ fn triples(r: &[RefRel]) -> Vec<Triple> {
     v
 }
 
-fn predicted(caption: &str, strict: bool) -> (Vec<String>, Vec<Triple>) {
+/// Entity heads and sorted (subject, relation, object) head triples of a caption.
+pub fn predicted(caption: &str, strict: bool) -> (Vec<String>, Vec<Triple>) {
     let g = super::parse_caption(caption, strict);
     let ents = g.entities.iter().map(|e| e.head.clone()).collect();
     let mut rels: Vec<Triple> = g

@@ -425,68 +425,132 @@ fn read_captions(path: &Path) -> Result<(Vec<i64>, Vec<String>)> {
     Ok((ids, caps))
 }
 
-/// Entity and relation batches for captions `ids` with their graphs.
-pub fn to_batches(ids: &[i64], graphs: &[SceneGraph]) -> Result<(RecordBatch, RecordBatch)> {
-    let mut e_img = Int64Builder::new();
-    let mut e_idx = Int32Builder::new();
-    let mut e_span = StringBuilder::new();
-    let mut e_head = StringBuilder::new();
-    let mut e_lemma = StringBuilder::new();
-    let mut e_mods = ListBuilder::new(StringBuilder::new());
-    let mut e_kind = StringBuilder::new();
-    let mut r_img = Int64Builder::new();
-    let mut r_idx = Int32Builder::new();
-    let mut r_s = StringBuilder::new();
-    let mut r_r = StringBuilder::new();
-    let mut r_o = StringBuilder::new();
-    let mut r_si = Int32Builder::new();
-    let mut r_oi = Int32Builder::new();
-    for (&id, g) in ids.iter().zip(graphs) {
+/// Row builders for the `entities` and `relations` tables, shared by the
+/// stages that write scene graphs.
+#[derive(Default)]
+pub struct GraphRows {
+    e_img: Int64Builder,
+    e_idx: Int32Builder,
+    e_span: StringBuilder,
+    e_head: StringBuilder,
+    e_lemma: StringBuilder,
+    e_mods: ListBuilder<StringBuilder>,
+    e_kind: StringBuilder,
+    r_img: Int64Builder,
+    r_idx: Int32Builder,
+    r_s: StringBuilder,
+    r_r: StringBuilder,
+    r_o: StringBuilder,
+    r_si: Int32Builder,
+    r_oi: Int32Builder,
+}
+
+impl GraphRows {
+    #[allow(clippy::too_many_arguments)]
+    pub fn entity(
+        &mut self,
+        image_id: i64,
+        idx: usize,
+        span: &str,
+        head: &str,
+        lemma: &str,
+        mods: &[String],
+        kind: Option<&str>,
+    ) {
+        self.e_img.append_value(image_id);
+        self.e_idx.append_value(idx as i32);
+        self.e_span.append_value(span);
+        self.e_head.append_value(head);
+        self.e_lemma.append_value(lemma);
+        for m in mods {
+            self.e_mods.values().append_value(m);
+        }
+        self.e_mods.append(true);
+        self.e_kind.append_option(kind);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn relation(
+        &mut self,
+        image_id: i64,
+        idx: usize,
+        s: &str,
+        r: &str,
+        o: &str,
+        si: Option<usize>,
+        oi: Option<usize>,
+    ) {
+        self.r_img.append_value(image_id);
+        self.r_idx.append_value(idx as i32);
+        self.r_s.append_value(s);
+        self.r_r.append_value(r);
+        self.r_o.append_value(o);
+        self.r_si.append_option(si.map(|v| v as i32));
+        self.r_oi.append_option(oi.map(|v| v as i32));
+    }
+
+    /// A parsed graph for one image.
+    pub fn graph(&mut self, image_id: i64, g: &SceneGraph) {
         for (j, e) in g.entities.iter().enumerate() {
-            e_img.append_value(id);
-            e_idx.append_value(j as i32);
-            e_span.append_value(&e.span);
-            e_head.append_value(&e.head);
-            e_lemma.append_value(&e.lemma_head);
-            for m in &e.modifiers {
-                e_mods.values().append_value(m);
-            }
-            e_mods.append(true);
-            e_kind.append_value(e.kind);
+            self.entity(
+                image_id,
+                j,
+                &e.span,
+                &e.head,
+                &e.lemma_head,
+                &e.modifiers,
+                Some(e.kind),
+            );
         }
         for (j, r) in g.relations.iter().enumerate() {
-            r_img.append_value(id);
-            r_idx.append_value(j as i32);
-            r_s.append_value(&g.entities[r.subject].head);
-            r_r.append_value(&r.relation);
-            r_o.append_value(&g.entities[r.object].head);
-            r_si.append_value(r.subject as i32);
-            r_oi.append_value(r.object as i32);
+            let (s, o) = (&g.entities[r.subject].head, &g.entities[r.object].head);
+            self.relation(
+                image_id,
+                j,
+                s,
+                &r.relation,
+                o,
+                Some(r.subject),
+                Some(r.object),
+            );
         }
     }
-    let e = RecordBatch::try_new(
-        ENTITIES_SCHEMA.clone(),
-        vec![
-            Arc::new(e_img.finish()) as ArrayRef,
-            Arc::new(e_idx.finish()),
-            Arc::new(e_span.finish()),
-            Arc::new(e_head.finish()),
-            Arc::new(e_lemma.finish()),
-            Arc::new(e_mods.finish()),
-            Arc::new(e_kind.finish()),
-        ],
-    )?;
-    let r = RecordBatch::try_new(
-        RELATIONS_SCHEMA.clone(),
-        vec![
-            Arc::new(r_img.finish()) as ArrayRef,
-            Arc::new(r_idx.finish()),
-            Arc::new(r_s.finish()),
-            Arc::new(r_r.finish()),
-            Arc::new(r_o.finish()),
-            Arc::new(r_si.finish()),
-            Arc::new(r_oi.finish()),
-        ],
-    )?;
-    Ok((e, r))
+
+    /// (entities, relations) batches.
+    pub fn finish(mut self) -> Result<(RecordBatch, RecordBatch)> {
+        let e = RecordBatch::try_new(
+            ENTITIES_SCHEMA.clone(),
+            vec![
+                Arc::new(self.e_img.finish()) as ArrayRef,
+                Arc::new(self.e_idx.finish()),
+                Arc::new(self.e_span.finish()),
+                Arc::new(self.e_head.finish()),
+                Arc::new(self.e_lemma.finish()),
+                Arc::new(self.e_mods.finish()),
+                Arc::new(self.e_kind.finish()),
+            ],
+        )?;
+        let r = RecordBatch::try_new(
+            RELATIONS_SCHEMA.clone(),
+            vec![
+                Arc::new(self.r_img.finish()) as ArrayRef,
+                Arc::new(self.r_idx.finish()),
+                Arc::new(self.r_s.finish()),
+                Arc::new(self.r_r.finish()),
+                Arc::new(self.r_o.finish()),
+                Arc::new(self.r_si.finish()),
+                Arc::new(self.r_oi.finish()),
+            ],
+        )?;
+        Ok((e, r))
+    }
+}
+
+/// Entity and relation batches for captions `ids` with their graphs.
+pub fn to_batches(ids: &[i64], graphs: &[SceneGraph]) -> Result<(RecordBatch, RecordBatch)> {
+    let mut rows = GraphRows::default();
+    for (&id, g) in ids.iter().zip(graphs) {
+        rows.graph(id, g);
+    }
+    rows.finish()
 }

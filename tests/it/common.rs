@@ -105,3 +105,20 @@ pub fn sql_csv(target: &Path, query: &str) -> Vec<String> {
     r.ok();
     r.stdout.lines().map(str::to_string).collect()
 }
+
+/// A table folder's part files (name, bytes), sorted, for byte comparisons.
+pub fn parts(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}

@@ -84,22 +84,6 @@ fn manifest(dir: &Path, parses: &Path, mine_params: &str) -> PathBuf {
     m
 }
 
-fn parts(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn fixture_triplets_satisfy_every_constraint() {
     let dir = tempfile::tempdir().unwrap();

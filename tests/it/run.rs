@@ -1,26 +1,9 @@
 //! Running manifests: skipping, staleness, overrides, resume after kill -9,
 //! the workdir lock, --only/--from and sharding.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-
-fn parts(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
 
 #[test]
 fn second_run_skips_and_param_change_is_explained_and_rerun() {
