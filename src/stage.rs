@@ -102,8 +102,9 @@ pub trait Stage: 'static {
     fn input_tables() -> &'static [&'static str];
     fn output_tables() -> Vec<TableDef>;
 
-    /// Code the stage loads besides its Rust (its sql/*.sql texts): hashed
-    /// into the fingerprint, so editing a query makes finished runs stale.
+    /// Code and data the stage embeds besides its Rust (sql/*.sql texts,
+    /// lexicons): hashed into the fingerprint, so editing one makes finished
+    /// runs stale.
     fn code() -> &'static [&'static str] {
         &[]
     }
@@ -196,7 +197,7 @@ where
             h.update(c.as_bytes());
             h.update(&[0]);
         }
-        format!("{}+sql.{}", S::VERSION, &h.finalize().to_hex()[..12])
+        format!("{}+{}", S::VERSION, &h.finalize().to_hex()[..12])
     }
     fn shardable(&self) -> bool {
         S::SHARDABLE

@@ -335,6 +335,14 @@ impl Stage for Parse {
         &["captions"]
     }
 
+    fn code() -> &'static [&'static str] {
+        &[
+            include_str!("lexicon/phrasal_verbs.txt"),
+            include_str!("lexicon/scene_nouns.txt"),
+            include_str!("lexicon/tag_overrides.tsv"),
+        ]
+    }
+
     fn output_tables() -> Vec<TableDef> {
         vec![
             TableDef {
