@@ -28,6 +28,8 @@ pub struct Np {
     prep: String,
     of_head: Option<usize>,
     dobj_of: Option<usize>,
+    /// A pronoun chunk (PRON in spaCy): never the noun a PP hangs on (rule 6 needs NOUN).
+    pron: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -384,7 +386,9 @@ fn chunk(t: &[Tok], nps: &mut Vec<Np>, strict: bool) -> Vec<Item> {
             // and so are relative pronouns that are subjects ("that featured")
             // and quantifiers before "of" ("some of").
             items.push(Item::Np(nps.len()));
-            nps.push(Np::new(i, i + 1, vec![i], Vec::new()));
+            let mut np = Np::new(i, i + 1, vec![i], Vec::new());
+            np.pron = true;
+            nps.push(np);
             i += 1;
         } else {
             items.push(Item::Tok(t[i].tag, i));
@@ -407,6 +411,7 @@ impl Np {
             prep: String::new(),
             of_head: None,
             dobj_of: None,
+            pron: false,
         }
     }
 
@@ -527,7 +532,10 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
                     let Item::Np(prev_np) = items[idx - 2] else {
                         unreachable!()
                     };
-                    let host = nps[prev_np].of_head.unwrap_or(prev_np);
+                    // "a cup of coffee and a book": a determined conjunct joins
+                    // X of "X of Y"; a bare one ("fruits and nuts") joins Y.
+                    let determined = matches!(t[nps[np].start].tag, "DT" | "PRP$" | "CD");
+                    let host = if determined { nps[prev_np].of_head.unwrap_or(prev_np) } else { prev_np };
                     if nps[host].conj.is_none() {
                         nps[host].conj = Some(np);
                     }
@@ -721,6 +729,7 @@ fn attach_prep(
         // Copula + PP: no relation in 0.1.0 on spaCy 3; the later AUX rule
         // gives (subject, P, object) (`copula_subject` is set only then).
         Some(Item::Tok("AUX", _)) => copula_subject.map_or(Attach::Drop, Attach::N),
+        Some(Item::Np(k)) if nps[*k].pron && nps[*k].dobj_of.is_none() && nps[*k].pobj_of.is_none() => Attach::Drop,
         Some(Item::Np(k)) => {
             let np = &nps[*k];
             if p == "of" {
