@@ -535,7 +535,11 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
                     // "a cup of coffee and a book": a determined conjunct joins
                     // X of "X of Y"; a bare one ("fruits and nuts") joins Y.
                     let determined = matches!(t[nps[np].start].tag, "DT" | "PRP$" | "CD");
-                    let host = if determined { nps[prev_np].of_head.unwrap_or(prev_np) } else { prev_np };
+                    let host = if determined {
+                        nps[prev_np].of_head.unwrap_or(prev_np)
+                    } else {
+                        prev_np
+                    };
                     if nps[host].conj.is_none() {
                         nps[host].conj = Some(np);
                     }
@@ -729,7 +733,11 @@ fn attach_prep(
         // Copula + PP: no relation in 0.1.0 on spaCy 3; the later AUX rule
         // gives (subject, P, object) (`copula_subject` is set only then).
         Some(Item::Tok("AUX", _)) => copula_subject.map_or(Attach::Drop, Attach::N),
-        Some(Item::Np(k)) if nps[*k].pron && nps[*k].dobj_of.is_none() && nps[*k].pobj_of.is_none() => Attach::Drop,
+        Some(Item::Np(k))
+            if nps[*k].pron && nps[*k].dobj_of.is_none() && nps[*k].pobj_of.is_none() =>
+        {
+            Attach::Drop
+        }
         Some(Item::Np(k)) => {
             let np = &nps[*k];
             if p == "of" {

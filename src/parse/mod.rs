@@ -191,13 +191,22 @@ pub fn tag(caption: &str) -> Vec<Tok> {
         toks.pop();
     }
     retag_verbs_after_people(&mut toks);
-    // "close - up" is one noun phrase with head "close up" in the reference.
+    // Hyphenated words ("t - shirt", "sold - out", "close - up"): the parts
+    // of a noun become a compound, other parts adjectives.
     let mut i = 0;
     while i + 2 < toks.len() {
-        if toks[i].word == "close" && toks[i + 1].word == "-" && toks[i + 2].word == "up" {
+        let alnum = |w: &str| w.chars().all(|c| c.is_alphanumeric());
+        if toks[i + 1].word == "-" && alnum(&toks[i].word) && alnum(&toks[i + 2].word) {
             toks.remove(i + 1);
-            toks[i].tag = "NN";
-            toks[i + 1].tag = "NN";
+            if toks[i].word == "close" && toks[i + 1].word == "up" {
+                toks[i].tag = "NN";
+                toks[i + 1].tag = "NN";
+            } else if matches!(toks[i + 1].tag, "NN" | "NNS") {
+                toks[i].tag = "NN";
+            } else {
+                toks[i].tag = "JJ";
+                toks[i + 1].tag = "JJ";
+            }
         }
         i += 1;
     }
