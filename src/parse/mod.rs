@@ -252,6 +252,32 @@ fn verb_reading(word: &str) -> Option<&'static str> {
 }
 
 fn retag_verbs_after_people(toks: &mut [Tok]) {
+    // Infinitives: "to see the", "to catch mice" (the tagger often says NN).
+    for i in 1..toks.len() {
+        if toks[i - 1].word == "to"
+            && matches!(toks[i].tag, "NN" | "VBP")
+            && toks.get(i + 1).is_some_and(|n| {
+                matches!(n.tag, "DT" | "PRP$" | "NN" | "NNS" | "PRP" | "JJ" | "CD")
+            })
+            && !toks[i].word.ends_with('s')
+            && verb_reading(&toks[i].word).is_some()
+        {
+            toks[i].tag = "VB";
+            toks[i - 1].tag = "TO";
+        }
+    }
+    // "as he comes": a subordinator before a subject pronoun.
+    for i in 0..toks.len().saturating_sub(1) {
+        if matches!(
+            toks[i].word.as_str(),
+            "as" | "when" | "where" | "after" | "before" | "until"
+        ) && matches!(
+            toks[i + 1].word.as_str(),
+            "he" | "she" | "they" | "we" | "i" | "you" | "it"
+        ) {
+            toks[i].tag = "SUB";
+        }
+    }
     // A caption that opens with an imperative ("love the idea of ...").
     if toks.len() > 1
         && toks[0].tag == "NN"
