@@ -641,6 +641,12 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
                         } else if clause_subj.is_some() {
                             subj_of[idx] = clause_subj;
                         }
+                    } else if prev_kind == "NP" && matches!(tag, "VBN" | "VBG") {
+                        // A participle (acl) hangs on the noun right before it,
+                        // even inside a PP ("pair of sneakers isolated on ...").
+                        if let Some(Item::Np(p)) = items.get(idx.wrapping_sub(1)) {
+                            subj_of[idx] = Some(*p);
+                        }
                     } else if prev_kind == "NP" {
                         if let Some(ln) = last_np {
                             subj_of[idx] = if matches!(tag, "VBZ" | "VBD" | "VBP" | "VB")
