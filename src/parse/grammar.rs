@@ -752,6 +752,7 @@ fn attach_prep(
                 Attach::V(v)
             } else if let Some(host) = np.pobj_of {
                 let low = np.prep == "with"
+                    || np.prep == "for"
                     || np.prep == "by"
                     || matches!(host, Attach::By(_))
                     || (np.prep == "of" && matches!(p, "by" | "with" | "for"));
