@@ -753,6 +753,7 @@ fn attach_prep(
             } else if let Some(host) = np.pobj_of {
                 let low = np.prep == "with"
                     || np.prep == "for"
+                    || np.prep == "during"
                     || np.prep == "by"
                     || matches!(host, Attach::By(_))
                     || (np.prep == "of" && matches!(p, "by" | "with" | "for"));
