@@ -266,6 +266,18 @@ fn retag_verbs_after_people(toks: &mut [Tok]) {
             toks[i - 1].tag = "TO";
         }
     }
+    // "he hikes", "they sang": a verb right after a subject pronoun.
+    for i in 1..toks.len() {
+        if matches!(
+            toks[i - 1].word.as_str(),
+            "he" | "she" | "it" | "they" | "we" | "i" | "you"
+        ) && matches!(toks[i].tag, "NN" | "NNS")
+        {
+            if let Some(v) = verb_reading(&toks[i].word) {
+                toks[i].tag = v;
+            }
+        }
+    }
     // "as he comes": a subordinator before a subject pronoun.
     for i in 0..toks.len().saturating_sub(1) {
         if matches!(
