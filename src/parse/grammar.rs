@@ -661,7 +661,10 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
                     verb = Some(idx);
                     prev_kind = "V";
                 } else {
-                    prev_kind = tag;
+                    // "image may contain : person": the colon does not end the verb phrase.
+                    if !(tag == ":" && prev_kind == "V") {
+                        prev_kind = tag;
+                    }
                 }
             }
         }
