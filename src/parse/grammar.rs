@@ -300,6 +300,15 @@ pub fn fix_tags(t: &mut [Tok]) {
             && next.is_some_and(|x| is(x, NOUN))
         {
             "JJ"
+        } else if tag == "VBN"
+            && matches!(
+                prev,
+                Some("DT" | "JJ" | "PRP$" | "VB" | "VBZ" | "VBP" | "VBD" | "VBG" | "IN" | "CD")
+            )
+            && next.is_some_and(|x| is(x, NOUN))
+        {
+            // "added beauty", "the cobbled streets": a participle before its noun.
+            "JJ"
         } else {
             tag
         };

@@ -86,7 +86,7 @@ fn dev_set_scores() {
         s.entities.f1()
     );
     assert_eq!(s.captions, 7917);
-    assert!(s.relations.f1() > 0.58, "relation F1 {}", s.relations.f1());
+    assert!(s.relations.f1() > 0.61, "relation F1 {}", s.relations.f1());
     assert!(s.entities.f1() > 0.89, "entity F1 {}", s.entities.f1());
 }
 
