@@ -760,7 +760,7 @@ fn attach_prep(
             let np = &nps[*k];
             if p == "of" {
                 Attach::N(*k)
-            } else if let Some(v) = np.dobj_of.filter(|&v| subj_of[v].is_some()) {
+            } else if let Some(v) = np.dobj_of.filter(|&v| subj_of[v].is_some() && p != "for") {
                 Attach::V(v)
             } else if let Some(host) = np.pobj_of {
                 let low = np.prep == "with"
