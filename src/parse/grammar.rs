@@ -609,6 +609,16 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
                 prev_kind = "P";
             }
             Item::Tok(tag, ti) => {
+                let particle = matches!(
+                    t[ti].word.as_str(),
+                    "up" | "out" | "off" | "away" | "back"
+                ) && matches!(items.get(idx.wrapping_sub(1)), Some(Item::Tok("V", vt))
+                        if !PHRASAL_VERBS.contains(format!("{} {}", t[*vt].lemma, t[ti].word).as_str()));
+                if particle {
+                    // "opening up a fireplace": a verb particle, not a preposition;
+                    // the noun after it is the verb's object.
+                    continue;
+                }
                 if matches!(tag, "IN" | "TO") {
                     let prev = if idx > 0 { Some(&items[idx - 1]) } else { None };
                     let p = t[ti].word.clone();
