@@ -614,6 +614,19 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
                     "up" | "out" | "off" | "away" | "back"
                 ) && matches!(items.get(idx.wrapping_sub(1)), Some(Item::Tok("V", vt))
                         if !PHRASAL_VERBS.contains(format!("{} {}", t[*vt].lemma, t[ti].word).as_str()));
+                let subordinator = matches!(
+                    t[ti].word.as_str(),
+                    "after" | "before" | "as" | "until" | "since"
+                ) && matches!(items.get(idx + 1), Some(Item::Np(_)))
+                    && matches!(
+                        items.get(idx + 2),
+                        Some(Item::Tok("VBZ" | "VBD" | "VBP" | "MD" | "AUX", _))
+                    );
+                if subordinator {
+                    // "after airliner returned": a clause follows, not a noun phrase.
+                    prev_kind = "SUB";
+                    continue;
+                }
                 if particle {
                     // "opening up a fireplace": a verb particle, not a preposition;
                     // the noun after it is the verb's object.
