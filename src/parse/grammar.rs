@@ -660,8 +660,9 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
                 } else if tag == "AUX" {
                     verb = Some(idx);
                     prev_kind = "AUX";
-                    if last_np.is_some() {
-                        clause_subj = last_np;
+                    if let Some(ln) = last_np {
+                        // "a man and a woman are ...": the first conjunct is the subject.
+                        clause_subj = Some(nps[ln].conj_of.unwrap_or(ln));
                     }
                 } else if matches!(tag, "VBG" | "VBN" | "VBZ" | "VBD" | "VBP" | "VB") {
                     items[idx] = Item::Tok("V", ti);
