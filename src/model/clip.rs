@@ -320,7 +320,7 @@ impl Clip {
                 {
                     x = batch_norm(&conv(&x, &v, c, if i == 0 { 2 } else { 1 }, 1)?, &v, b)?.relu();
                 }
-                x = x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>);
+                x = avg_pool(&x, 2);
                 for (li, &blocks) in layers.iter().enumerate() {
                     for bi in 0..blocks {
                         let stride = if li > 0 && bi == 0 { 2 } else { 1 };
@@ -362,6 +362,11 @@ impl Clip {
     }
 }
 
+/// nn.AvgPool2d(k) (stride k, no padding).
+fn avg_pool(x: &Tensor, k: i64) -> Tensor {
+    x.avg_pool2d([k, k], [k, k], [0, 0], false, true, None::<i64>)
+}
+
 fn bottleneck(x: &Tensor, w: &StateDict, p: &str, stride: i64) -> Result<Tensor> {
     let out = batch_norm(
         &conv(x, w, &format!("{p}.conv1"), 1, 0)?,
@@ -376,14 +381,7 @@ fn bottleneck(x: &Tensor, w: &StateDict, p: &str, stride: i64) -> Result<Tensor>
     )?
     .relu();
     if stride > 1 {
-        out = out.avg_pool2d(
-            [stride, stride],
-            [stride, stride],
-            [0, 0],
-            false,
-            true,
-            None::<i64>,
-        );
+        out = avg_pool(&out, stride);
     }
     let out = batch_norm(
         &conv(&out, w, &format!("{p}.conv3"), 1, 0)?,
@@ -392,14 +390,7 @@ fn bottleneck(x: &Tensor, w: &StateDict, p: &str, stride: i64) -> Result<Tensor>
     )?;
     let identity = if w.has(&format!("{p}.downsample.0.weight")) {
         let d = if stride > 1 {
-            x.avg_pool2d(
-                [stride, stride],
-                [stride, stride],
-                [0, 0],
-                false,
-                true,
-                None::<i64>,
-            )
+            avg_pool(x, stride)
         } else {
             x.shallow_clone()
         };

@@ -753,8 +753,8 @@ fn is_adverbial(np: &Np, t: &[Tok], next: Option<&Item>) -> bool {
 fn attach_prep(
     p: &str,
     prev: Option<&Item>,
-    _idx: usize,
-    _t: &[Tok],
+    idx: usize,
+    t: &[Tok],
     nps: &[Np],
     subj_of: &[Option<usize>],
     passive: Option<usize>,
@@ -762,10 +762,10 @@ fn attach_prep(
 ) -> Attach {
     match prev {
         Some(Item::Tok("V", vt)) => {
-            let v = _idx - 1;
+            let v = idx - 1;
             if p == "by" && passive.is_some() {
                 Attach::By(v)
-            } else if p == "by" && _t[*vt].tag == "VBN" {
+            } else if p == "by" && t[*vt].tag == "VBN" {
                 // The agent of a reduced passive ("surrounded by bushes"): rule 2 skips it.
                 Attach::Drop
             } else {
