@@ -48,6 +48,10 @@ pub enum Error {
         issues: Vec<ManifestIssue>,
     },
 
+    #[error("{} problem(s) with the data this run would read; nothing was run or written:\n{}\nFix them (`genecis check MANIFEST` shows the full report), or pass --skip-check to run anyway.",
+        .problems.len(), .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    CheckFailed { problems: Vec<String> },
+
     #[error("invalid argument {arg}: {message}")]
     Usage { arg: String, message: String },
 
@@ -100,6 +104,7 @@ impl Error {
                 | Error::ManifestSyntax { .. }
                 | Error::ManifestInvalid { .. }
                 | Error::Usage { .. }
+                | Error::CheckFailed { .. }
         )
     }
 

@@ -1,6 +1,7 @@
 //! genecis: the GeneCIS benchmark and training recipe as a pipeline of
 //! Arrow/Parquet stages. See DESIGN.md and README.md.
 
+pub mod embed;
 pub mod error;
 pub mod import_parses;
 pub mod ingest;
@@ -10,8 +11,10 @@ pub mod model;
 pub mod parse;
 pub mod progress;
 pub mod runner;
+pub mod score;
 pub mod sql;
 pub mod stage;
 pub mod store;
+pub mod templates;
 
 pub use error::{Error, Result};

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use genecis::manifest::{Plan, SetOverride};
 use genecis::runner::{self, RunOptions, StageState};
 use genecis::sql::{self, OutputFormat};
-use genecis::stage::{Shard, KINDS};
+use genecis::stage::{Severity, Shard, KINDS};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +29,9 @@ enum Cmd {
     Run(RunArgs),
     /// Show each stage as done, stale (and why) or missing.
     Status(ManifestArgs),
+    /// Validate the data a manifest reads (template files, image folders,
+    /// checkpoints) and say what to fix; `run` does the same first.
+    Check(ManifestArgs),
     /// Query a run's tables with SQL (interactive without QUERY).
     Sql(SqlArgs),
     /// List the stage kinds and their tables.
@@ -119,6 +122,9 @@ struct RunArgs {
     /// No progress bars.
     #[arg(long, short)]
     quiet: bool,
+    /// Do not validate the data (templates, images, checkpoints) first.
+    #[arg(long)]
+    skip_check: bool,
 }
 
 #[derive(Args)]
@@ -202,6 +208,7 @@ impl RunArgs {
             force: self.force,
             shard,
             progress: !self.quiet,
+            skip_check: self.skip_check,
         };
         runner::check_stage_names(&plan, &opts)?;
         Ok(ResolvedRun { plan, opts })
@@ -277,6 +284,43 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     }
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check(args) => {
+            let plan = args.plan()?;
+            println!(
+                "checking pipeline {} ({} stages)",
+                plan.name,
+                plan.stages.len()
+            );
+            let findings = runner::check_plan(&plan, None);
+            let mut errors = 0;
+            for s in &plan.stages {
+                let mine: Vec<_> = findings.iter().filter(|(n, _)| *n == s.name).collect();
+                if mine.is_empty() {
+                    println!("  ok    {} ({})", s.name, s.kind.kind());
+                }
+                for (_, f) in mine {
+                    let tag = match f.severity {
+                        Severity::Error => {
+                            errors += 1;
+                            "ERROR"
+                        }
+                        Severity::Warning => "warn ",
+                    };
+                    println!(
+                        "  {tag} {} ({}) {}: {}",
+                        s.name,
+                        s.kind.kind(),
+                        f.field,
+                        f.message
+                    );
+                }
+            }
+            if errors > 0 {
+                anyhow::bail!("{errors} problem(s) to fix before running");
+            }
+            println!("all checks passed");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Sql(args) => {

@@ -7,7 +7,7 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::manifest::{Plan, PlannedStage};
 use crate::progress::{thousands, Progress};
-use crate::stage::{Shard, StageContext};
+use crate::stage::{Finding, Severity, Shard, StageContext};
 use crate::store::{self, StageRecord, StageWriter, WorkdirLock};
 
 #[derive(Debug, Clone, Default)]
@@ -19,6 +19,8 @@ pub struct RunOptions {
     pub force: bool,
     pub shard: Option<Shard>,
     pub progress: bool,
+    /// Skip the data checks ([`check_plan`]) before running.
+    pub skip_check: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +196,30 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<StageOutcome>> {
         }
     }
 
+    // Data checks of the stages that will run, before anything is written.
+    if !opts.skip_check {
+        let mut to_run = Vec::new();
+        for s in &plan.stages {
+            if selected.contains(&s.name)
+                && (forced.contains(&s.name) || stage_state(plan, s)? != StageState::Done)
+            {
+                to_run.push(s.name.clone());
+            }
+        }
+        let findings = check_plan(plan, Some(&to_run));
+        let mut problems = Vec::new();
+        for (stage, f) in &findings {
+            let line = format!("stage '{stage}', field '{}': {}", f.field, f.message);
+            match f.severity {
+                Severity::Error => problems.push(line),
+                Severity::Warning => eprintln!("warning: {line}"),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::CheckFailed { problems });
+        }
+    }
+
     let _lock = WorkdirLock::acquire(&plan.workdir, opts.shard)?;
     let progress = Progress::new(opts.progress);
     let mut outcomes = Vec::new();
@@ -366,6 +392,21 @@ fn print_summary(s: &PlannedStage, r: &StageRecord) {
     for n in &r.notes {
         println!("    {n}");
     }
+}
+
+/// The data checks ([`crate::stage::Stage::check`]) of the named stages (all
+/// when `None`), in manifest order.
+pub fn check_plan(plan: &Plan, stages: Option<&[String]>) -> Vec<(String, Finding)> {
+    plan.stages
+        .iter()
+        .filter(|s| stages.is_none_or(|names| names.contains(&s.name)))
+        .flat_map(|s| {
+            s.bound
+                .check(&plan.base_dir)
+                .into_iter()
+                .map(|f| (s.name.clone(), f))
+        })
+        .collect()
 }
 
 /// One line per stage for `genecis status`.

@@ -121,7 +121,47 @@ pub trait Stage: 'static {
         Vec::new()
     }
 
+    /// Deeper checks of the data the stage will read (file contents, folder
+    /// completeness, loadable checkpoints), run by `genecis check` and
+    /// before a run starts, so a long run does not fail late.
+    fn check(_params: &Self::Params, _base_dir: &Path) -> Vec<Finding> {
+        Vec::new()
+    }
+
     fn run(params: &Self::Params, ctx: &StageContext) -> Result<StageReport>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One result of [`Stage::check`]: what is wrong (or suspicious) and how
+/// to fix it.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub severity: Severity,
+    /// The param the finding is about, e.g. `coco_dir`.
+    pub field: String,
+    pub message: String,
+}
+
+impl Finding {
+    pub fn error(field: impl Into<String>, message: impl Into<String>) -> Finding {
+        Finding {
+            severity: Severity::Error,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+    pub fn warning(field: impl Into<String>, message: impl Into<String>) -> Finding {
+        Finding {
+            severity: Severity::Warning,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
 }
 
 /// Object-safe view of a [`Stage`], for the registry.
@@ -146,6 +186,7 @@ pub trait StageKind: Sync {
 pub trait BoundStage: Send + Sync {
     fn canonical_params(&self) -> serde_json::Value;
     fn files(&self, base_dir: &Path) -> Vec<(&'static str, PathBuf)>;
+    fn check(&self, base_dir: &Path) -> Vec<Finding>;
     fn run(&self, ctx: &StageContext) -> Result<StageReport>;
 }
 
@@ -171,6 +212,9 @@ impl<S: Stage> BoundStage for Bound<S> {
     }
     fn files(&self, base_dir: &Path) -> Vec<(&'static str, PathBuf)> {
         S::files(&self.0, base_dir)
+    }
+    fn check(&self, base_dir: &Path) -> Vec<Finding> {
+        S::check(&self.0, base_dir)
     }
     fn run(&self, ctx: &StageContext) -> Result<StageReport> {
         S::run(&self.0, ctx)
@@ -243,6 +287,9 @@ pub static KINDS: &[&dyn StageKind] = &[
     &Kind::<crate::parse::Parse>::new(),
     &Kind::<crate::import_parses::ImportParses>::new(),
     &Kind::<crate::mine::Mine>::new(),
+    &Kind::<crate::templates::Templates>::new(),
+    &Kind::<crate::embed::Embed>::new(),
+    &Kind::<crate::score::Score>::new(),
 ];
 
 pub fn lookup(kind: &str) -> Option<&'static dyn StageKind> {

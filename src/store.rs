@@ -176,6 +176,25 @@ impl StageWriter {
         &self.tables
     }
 
+    /// Where `name` lands once the stage is committed.
+    pub fn committed_path(&self, name: &str) -> PathBuf {
+        let stage = self.dir.file_name().unwrap_or_default();
+        let workdir = self
+            .dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("."));
+        stage_dir(workdir, &stage.to_string_lossy()).join(name)
+    }
+
+    /// Writes a side file (a report, a chart) that is committed with the
+    /// tables into `<workdir>/<stage>/<name>`.
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<PathBuf> {
+        let p = self.dir.join(name);
+        write_atomic(&p, bytes)?;
+        Ok(p)
+    }
+
     /// A chunk is finished when every table has its part file.
     pub fn chunk_done(&self, chunk: usize) -> bool {
         self.tables
@@ -314,6 +333,43 @@ pub fn resumable_chunks(
             .unwrap_or(0)
     };
     tables.iter().map(count).min().unwrap_or(0)
+}
+
+/// The part files of a table folder, in chunk order.
+pub fn part_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .map_err(Error::io("cannot list", dir))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "parquet")
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("part-"))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Every batch of a table folder (all parts, in chunk order).
+pub fn read_table(dir: &Path) -> Result<Vec<RecordBatch>> {
+    let mut out = Vec::new();
+    for p in part_files(dir)? {
+        let perr = |source| Error::Parquet {
+            path: p.clone(),
+            source,
+        };
+        let f = File::open(&p).map_err(Error::io("cannot open", &p))?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+            .map_err(perr)?
+            .with_batch_size(65536)
+            .build()
+            .map_err(perr)?;
+        for b in reader {
+            out.push(b?);
+        }
+    }
+    Ok(out)
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

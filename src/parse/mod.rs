@@ -406,7 +406,7 @@ impl Stage for Parse {
     fn run(p: &ParseParams, ctx: &StageContext) -> Result<StageReport> {
         let started = Instant::now();
         let dir = &ctx.inputs["captions"];
-        let parts = part_files(dir)?;
+        let parts = crate::store::part_files(dir)?;
         let n_chunks = parts.len();
         let todo: Vec<usize> = (0..n_chunks)
             .filter(|&k| ctx.shard.is_none_or(|s| s.owns(k)) && !ctx.writer.chunk_done(k))
@@ -436,17 +436,6 @@ impl Stage for Parse {
             elapsed: started.elapsed(),
         })
     }
-}
-
-fn part_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .map_err(Error::io("cannot list", dir))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
-        .collect();
-    v.sort();
-    Ok(v)
 }
 
 fn read_captions(path: &Path) -> Result<(Vec<i64>, Vec<String>)> {

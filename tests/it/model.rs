@@ -15,7 +15,7 @@ use tch::{Device, Tensor};
 /// Generated once into a temp folder named after the generator script's
 /// hash, and reused while the script is unchanged (written to a scratch
 /// folder, then renamed, so concurrent test runs never see half a set).
-fn fixtures() -> &'static Path {
+pub fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -1,0 +1,472 @@
+//! `embed`: CLIP embeddings of every distinct image key and text, once per
+//! model. Reads `image_keys` (and `texts`, when an input has it), e.g. from
+//! a `templates` stage.
+//!
+//! Tables:
+//! - `image_embeddings(image_key, model, embedding fixed_size_list<f32>[d])`: raw
+//!   `encode_image` output (not normalised; `score` normalises).
+//! - `text_embeddings(text, model, embedding fixed_size_list<f32>[d])`
+//! - `rejects(image_key, path, reason)`: images that could not be read.
+//!
+//! Keys are sorted and cut into chunks of `chunk_size`; chunk k holds the
+//! k-th slice of images and of texts, so a run resumes (and shards) by chunk.
+//! A missing or corrupt image that a template needs (`required`) fails the
+//! stage, naming the first few; the other chunks are kept for the rerun.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use arrow::array::{
+    Array, ArrayBuilder, ArrayRef, AsArray, FixedSizeListArray, Float32Array, RecordBatch,
+    StringArray, StringBuilder,
+};
+use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::clip::Clip;
+use crate::model::preprocess::{load_batch, ImageKey};
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::{select_device, with_precision, StateDict};
+use crate::stage::{resolve_path, Finding, Stage, StageContext, StageReport, TableDef};
+
+/// `fixed_size_list<f32>` of `dim` (the schema below shows dim 0: the real
+/// width is the model's embed dim).
+pub fn embedding_type(dim: i32) -> DataType {
+    DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), dim)
+}
+
+pub static IMAGE_EMBEDDINGS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("image_key", DataType::Utf8, false),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("embedding", embedding_type(0), false),
+    ]))
+});
+
+pub static TEXT_EMBEDDINGS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("text", DataType::Utf8, false),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("embedding", embedding_type(0), false),
+    ]))
+});
+
+pub static EMBED_REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("image_key", DataType::Utf8, false),
+        Field::new("path", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+    ]))
+});
+
+fn with_dim(schema: &SchemaRef, dim: i32) -> SchemaRef {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            if f.name() == "embedding" {
+                Field::new("embedding", embedding_type(dim), false)
+            } else {
+                f.as_ref().clone()
+            }
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedParams {
+    /// CLIP weights: OpenAI's TorchScript .pt, a torch.save state dict, or
+    /// .safetensors.
+    pub checkpoint: PathBuf,
+    /// Name stored in the `model` column (default: the checkpoint's file stem).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// `auto` (GPU when libtorch sees one), `cpu`, `cuda`, `cuda:N`.
+    #[serde(default = "auto")]
+    pub device: String,
+    /// fp16 autocast on a GPU (ignored on CPU).
+    #[serde(default)]
+    pub mixed_precision: bool,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Images (and texts) per part file: the unit of resume and sharding.
+    #[serde(default = "default_chunk")]
+    pub chunk_size: usize,
+}
+
+fn auto() -> String {
+    "auto".into()
+}
+fn default_batch() -> usize {
+    64
+}
+fn default_chunk() -> usize {
+    2048
+}
+
+impl EmbedParams {
+    pub fn model_name(&self) -> String {
+        self.model.clone().unwrap_or_else(|| {
+            self.checkpoint
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "clip".into())
+        })
+    }
+}
+
+/// One row of `image_keys`.
+#[derive(Debug, Clone)]
+pub struct KeyRow {
+    pub key: String,
+    pub path: PathBuf,
+    pub bbox: Option<[f64; 4]>,
+    pub required: bool,
+}
+
+/// Distinct keys of an `image_keys` table, sorted.
+pub fn read_image_keys(dir: &Path) -> Result<Vec<KeyRow>> {
+    let mut out: BTreeMap<String, KeyRow> = BTreeMap::new();
+    for b in crate::store::read_table(dir)? {
+        let col = |n: &str| {
+            b.column_by_name(n)
+                .cloned()
+                .ok_or_else(|| Error::StageFailed {
+                    stage: dir.display().to_string(),
+                    kind: "embed".into(),
+                    message: format!("table image_keys has no column '{n}'"),
+                })
+        };
+        let key = col("image_key")?;
+        let key = key.as_string::<i32>();
+        let path = col("path")?;
+        let path = path.as_string::<i32>();
+        let bb: Vec<ArrayRef> = ["bbox_x", "bbox_y", "bbox_w", "bbox_h"]
+            .iter()
+            .map(|n| col(n))
+            .collect::<Result<_>>()?;
+        let bb: Vec<_> = bb.iter().map(|a| a.as_primitive::<Float64Type>()).collect();
+        let req = col("required")?;
+        let req = req.as_boolean();
+        for i in 0..b.num_rows() {
+            let bbox = if bb.iter().all(|a| a.is_valid(i)) {
+                Some([
+                    bb[0].value(i),
+                    bb[1].value(i),
+                    bb[2].value(i),
+                    bb[3].value(i),
+                ])
+            } else {
+                None
+            };
+            let row = KeyRow {
+                key: key.value(i).to_string(),
+                path: PathBuf::from(path.value(i)),
+                bbox,
+                required: req.value(i),
+            };
+            out.entry(row.key.clone())
+                .and_modify(|r| r.required |= row.required)
+                .or_insert(row);
+        }
+    }
+    Ok(out.into_values().collect())
+}
+
+/// Distinct values of a text column, sorted.
+pub fn read_texts(dir: &Path, column: &str) -> Result<Vec<String>> {
+    let mut out = std::collections::BTreeSet::new();
+    for b in crate::store::read_table(dir)? {
+        if let Some(c) = b.column_by_name(column) {
+            let c = arrow::compute::cast(c, &DataType::Utf8)?;
+            out.extend(c.as_string::<i32>().iter().flatten().map(str::to_string));
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+fn fixed_list(values: Vec<f32>, dim: i32) -> Result<FixedSizeListArray> {
+    Ok(FixedSizeListArray::try_new(
+        Arc::new(Field::new("item", DataType::Float32, false)),
+        dim,
+        Arc::new(Float32Array::from(values)),
+        None,
+    )?)
+}
+
+fn tensor_rows(t: &Tensor) -> Result<Vec<f32>, tch::TchError> {
+    let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+    Vec::<f32>::try_from(t.view([-1]))
+}
+
+pub struct Embed;
+
+impl Stage for Embed {
+    const KIND: &'static str = "embed";
+    const VERSION: &'static str = "1";
+    const SHARDABLE: bool = true;
+    const ABOUT: &'static str =
+        "image_keys (+ texts) -> CLIP image_embeddings, text_embeddings, rejects";
+    type Params = EmbedParams;
+
+    fn input_tables() -> &'static [&'static str] {
+        &["image_keys"]
+    }
+
+    fn output_tables() -> Vec<TableDef> {
+        vec![
+            TableDef {
+                name: "image_embeddings",
+                schema: IMAGE_EMBEDDINGS_SCHEMA.clone(),
+            },
+            TableDef {
+                name: "text_embeddings",
+                schema: TEXT_EMBEDDINGS_SCHEMA.clone(),
+            },
+            TableDef {
+                name: "rejects",
+                schema: EMBED_REJECTS_SCHEMA.clone(),
+            },
+        ]
+    }
+
+    fn validate(p: &EmbedParams, _base: &Path) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if p.batch_size == 0 {
+            out.push(("batch_size".into(), "must be at least 1".into()));
+        }
+        if p.chunk_size == 0 {
+            out.push(("chunk_size".into(), "must be at least 1".into()));
+        }
+        if let Err(m) = select_device(&p.device) {
+            out.push(("device".into(), m));
+        }
+        if p.model.as_deref().is_some_and(|m| m.trim().is_empty()) {
+            out.push(("model".into(), "must not be empty".into()));
+        }
+        out
+    }
+
+    fn files(p: &EmbedParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
+        vec![("checkpoint", resolve_path(base, &p.checkpoint))]
+    }
+
+    fn check(p: &EmbedParams, base: &Path) -> Vec<Finding> {
+        let path = resolve_path(base, &p.checkpoint);
+        match StateDict::load(&path, Device::Cpu).and_then(Clip::new) {
+            Ok(_) => Vec::new(),
+            Err(e) => vec![Finding::error("checkpoint", e.to_string())],
+        }
+    }
+
+    fn run(p: &EmbedParams, ctx: &StageContext) -> Result<StageReport> {
+        let started = Instant::now();
+        let fail = |message: String| Error::StageFailed {
+            stage: ctx.stage.into(),
+            kind: Self::KIND.into(),
+            message,
+        };
+        let keys = read_image_keys(&ctx.inputs["image_keys"])?;
+        let texts = match ctx.inputs.get("texts") {
+            Some(d) => read_texts(d, "text")?,
+            None => Vec::new(),
+        };
+        // Missing files a template needs: fail before any encoding.
+        let missing: Vec<&KeyRow> = keys
+            .par_iter()
+            .filter(|k| k.required && !k.path.is_file())
+            .collect();
+        if !missing.is_empty() {
+            let first: Vec<String> = missing
+                .iter()
+                .take(5)
+                .map(|k| k.path.display().to_string())
+                .collect();
+            return Err(fail(format!(
+                "{} image(s) that templates need do not exist, e.g. {}. Run `genecis check` on the manifest to see what to fix",
+                missing.len(),
+                first.join(", ")
+            )));
+        }
+
+        let device = select_device(&p.device).map_err(&fail)?;
+        let ckpt = ctx.resolve(&p.checkpoint);
+        let clip = StateDict::load(&ckpt, device)
+            .and_then(Clip::new)
+            .map_err(|e| fail(e.to_string()))?;
+        let dim = clip.config.embed_dim as i32;
+        let n_px = clip.config.image_resolution as u32;
+        let tokenizer = ClipTokenizer::new(clip.config.context_length as usize);
+        let model = p.model_name();
+
+        let cs = p.chunk_size;
+        let n_chunks = keys.len().div_ceil(cs).max(texts.len().div_ceil(cs)).max(1);
+        let todo: Vec<usize> = (0..n_chunks)
+            .filter(|&k| ctx.shard.is_none_or(|s| s.owns(k)) && !ctx.writer.chunk_done(k))
+            .collect();
+        let resumed = (0..n_chunks).filter(|&k| ctx.writer.chunk_done(k)).count();
+        let slice = |v_len: usize, k: usize| (k * cs).min(v_len)..((k + 1) * cs).min(v_len);
+        let todo_images: usize = todo.iter().map(|&k| slice(keys.len(), k).len()).sum();
+        let bar = ctx.progress.bar(ctx.stage, todo_images as u64, "images");
+
+        let img_schema = with_dim(&IMAGE_EMBEDDINGS_SCHEMA, dim);
+        let txt_schema = with_dim(&TEXT_EMBEDDINGS_SCHEMA, dim);
+        let mut failed: Vec<(String, String)> = Vec::new();
+        let (mut t_decode, mut t_model) = (Duration::ZERO, Duration::ZERO);
+        let (mut n_images, mut n_rejected) = (0usize, 0usize);
+        for &k in &todo {
+            // Images.
+            let chunk = &keys[slice(keys.len(), k)];
+            let mut e_key = StringBuilder::new();
+            let mut e_vals: Vec<f32> = Vec::with_capacity(chunk.len() * dim as usize);
+            let mut r_key = StringBuilder::new();
+            let mut r_path = StringBuilder::new();
+            let mut r_reason = StringBuilder::new();
+            let mut chunk_ok = true;
+            for batch in chunk.chunks(p.batch_size) {
+                let t0 = Instant::now();
+                let ik: Vec<ImageKey> = batch
+                    .iter()
+                    .map(|r| ImageKey {
+                        path: &r.path,
+                        bbox: r.bbox,
+                    })
+                    .collect();
+                let loaded = load_batch(&ik, n_px);
+                t_decode += t0.elapsed();
+                let mut ok_rows = Vec::new();
+                let mut tensors = Vec::new();
+                for (r, t) in batch.iter().zip(loaded) {
+                    match t {
+                        Ok(t) => {
+                            ok_rows.push(r);
+                            tensors.push(t);
+                        }
+                        Err(reason) => {
+                            r_key.append_value(&r.key);
+                            r_path.append_value(r.path.to_string_lossy());
+                            r_reason.append_value(&reason);
+                            n_rejected += 1;
+                            if r.required {
+                                chunk_ok = false;
+                                failed.push((r.key.clone(), reason));
+                            }
+                        }
+                    }
+                }
+                if !tensors.is_empty() {
+                    let t1 = Instant::now();
+                    let x = Tensor::stack(&tensors, 0).to_device(device);
+                    let feats = tch::no_grad(|| {
+                        with_precision(device, p.mixed_precision, || clip.encode_image(&x))
+                    })
+                    .map_err(|e| fail(e.to_string()))?;
+                    let v = tensor_rows(&feats).map_err(|e| fail(e.to_string()))?;
+                    t_model += t1.elapsed();
+                    e_vals.extend(v);
+                    for r in ok_rows {
+                        e_key.append_value(&r.key);
+                    }
+                }
+                n_images += batch.len();
+                bar.inc(batch.len() as u64);
+            }
+            if !chunk_ok {
+                // Not written: a rerun after the fix redoes just this chunk.
+                continue;
+            }
+            // Texts.
+            let tchunk = &texts[slice(texts.len(), k)];
+            let mut tt_key = StringBuilder::new();
+            let mut t_vals: Vec<f32> = Vec::with_capacity(tchunk.len() * dim as usize);
+            for batch in tchunk.chunks(p.batch_size.max(64)) {
+                let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+                let toks = tokenizer.batch(&refs).to_device(device);
+                let feats = tch::no_grad(|| {
+                    with_precision(device, p.mixed_precision, || clip.encode_text(&toks))
+                })
+                .map_err(|e| fail(e.to_string()))?;
+                t_vals.extend(tensor_rows(&feats).map_err(|e| fail(e.to_string()))?);
+                for t in batch {
+                    tt_key.append_value(t);
+                }
+            }
+            let n_img = e_key.len();
+            let n_txt = tt_key.len();
+            let model_col =
+                |n: usize| -> ArrayRef { Arc::new(StringArray::from(vec![model.as_str(); n])) };
+            let img = RecordBatch::try_new(
+                img_schema.clone(),
+                vec![
+                    Arc::new(e_key.finish()) as ArrayRef,
+                    model_col(n_img),
+                    Arc::new(fixed_list(e_vals, dim)?),
+                ],
+            )?;
+            let txt = RecordBatch::try_new(
+                txt_schema.clone(),
+                vec![
+                    Arc::new(tt_key.finish()) as ArrayRef,
+                    model_col(n_txt),
+                    Arc::new(fixed_list(t_vals, dim)?),
+                ],
+            )?;
+            let rej = RecordBatch::try_new(
+                EMBED_REJECTS_SCHEMA.clone(),
+                vec![
+                    Arc::new(r_key.finish()) as ArrayRef,
+                    Arc::new(r_path.finish()),
+                    Arc::new(r_reason.finish()),
+                ],
+            )?;
+            ctx.writer.write_chunk(
+                k,
+                &[
+                    ("image_embeddings", img),
+                    ("text_embeddings", txt),
+                    ("rejects", rej),
+                ],
+            )?;
+        }
+        bar.finish_and_clear();
+        if !failed.is_empty() {
+            let first: Vec<String> = failed
+                .iter()
+                .take(5)
+                .map(|(k, r)| format!("{k} ({r})"))
+                .collect();
+            return Err(fail(format!(
+                "{} image(s) that templates need could not be read: {}. Replace the files and rerun; finished chunks are kept",
+                failed.len(),
+                first.join("; ")
+            )));
+        }
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let mut notes = vec![format!(
+            "model {model} on {device:?}: {n_images} images in {secs:.2} s = {:.1} images/s (decode+preprocess {:.2} s, model {:.2} s); {} texts",
+            n_images as f64 / secs,
+            t_decode.as_secs_f64(),
+            t_model.as_secs_f64(),
+            texts.len()
+        )];
+        if n_rejected > 0 {
+            notes.push(format!(
+                "{n_rejected} image(s) could not be read (see the rejects table)"
+            ));
+        }
+        Ok(StageReport {
+            rows_in: keys.len() as u64,
+            chunks: n_chunks,
+            chunks_resumed: resumed,
+            notes,
+            elapsed: started.elapsed(),
+        })
+    }
+}

@@ -1,0 +1,697 @@
+//! `templates`: the GeneCIS benchmark templates (the official JSON files of
+//! facebookresearch/genecis, any subset of the four tasks) as tables. Every
+//! image is named by an *image key* (file plus crop box), so `embed` encodes
+//! each distinct image once however many templates use it.
+//!
+//! Tables:
+//! - `templates(task, template_id, condition, reference_key, target_key, gallery_keys list<utf8>)`:
+//!   `template_id` is the index in the file's array; candidate 0 is the target.
+//! - `image_keys(image_key, source, path, bbox_x, bbox_y, bbox_w, bbox_h, required)`:
+//!   distinct over all tasks; `source` is `coco` or `vg`; bbox only for `vg`.
+//! - `texts(text)`: the distinct conditions.
+//! - `rejects(source, line_number, reason, raw)`: malformed templates
+//!   (`line_number` = index in the file's array).
+//!
+//! Formats (per record, whatever the task): COCO style
+//! `{"val_image_id": 189213}` -> `<coco_dir>/000000189213.jpg`; VAW style
+//! `{"image_id": 2373917, "instance_bbox": [x, y, w, h]}` -> `<vg_dir>/2373917.jpg`,
+//! cropped as in DESIGN.md section 4.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, StringBuilder,
+    UInt32Builder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::ingest::REJECTS_SCHEMA;
+use crate::stage::{resolve_path, Finding, Stage, StageContext, StageReport, TableDef};
+
+pub static TEMPLATES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("task", DataType::Utf8, false),
+        Field::new("template_id", DataType::UInt32, false),
+        Field::new("condition", DataType::Utf8, false),
+        Field::new("reference_key", DataType::Utf8, false),
+        Field::new("target_key", DataType::Utf8, false),
+        Field::new(
+            "gallery_keys",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            false,
+        ),
+    ]))
+});
+
+pub static IMAGE_KEYS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("image_key", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("path", DataType::Utf8, false),
+        Field::new("bbox_x", DataType::Float64, true),
+        Field::new("bbox_y", DataType::Float64, true),
+        Field::new("bbox_w", DataType::Float64, true),
+        Field::new("bbox_h", DataType::Float64, true),
+        Field::new("required", DataType::Boolean, false),
+    ]))
+});
+
+pub static TEXTS_SCHEMA: LazyLock<SchemaRef> =
+    LazyLock::new(|| Arc::new(Schema::new(vec![Field::new("text", DataType::Utf8, false)])));
+
+/// The four GeneCIS tasks, in the paper's order.
+pub const TASKS: [&str; 4] = [
+    "focus_attribute",
+    "change_attribute",
+    "focus_object",
+    "change_object",
+];
+
+/// Image counts of the official image folders, for `check`.
+const COCO_VAL2017_IMAGES: usize = 5_000;
+const VG_IMAGES: usize = 108_249;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplatesParams {
+    #[serde(default)]
+    pub focus_attribute: Option<PathBuf>,
+    #[serde(default)]
+    pub change_attribute: Option<PathBuf>,
+    #[serde(default)]
+    pub focus_object: Option<PathBuf>,
+    #[serde(default)]
+    pub change_object: Option<PathBuf>,
+    /// COCO val2017 images (`{id:012d}.jpg`), for COCO-style templates.
+    #[serde(default)]
+    pub coco_dir: Option<PathBuf>,
+    /// Visual Genome images, all in one folder (`{image_id}.jpg`), for
+    /// VAW-style templates.
+    #[serde(default)]
+    pub vg_dir: Option<PathBuf>,
+}
+
+impl TemplatesParams {
+    /// (task, file) for the tasks given, in [`TASKS`] order.
+    pub fn tasks(&self) -> Vec<(&'static str, &Path)> {
+        let files = [
+            &self.focus_attribute,
+            &self.change_attribute,
+            &self.focus_object,
+            &self.change_object,
+        ];
+        TASKS
+            .iter()
+            .zip(files)
+            .filter_map(|(t, f)| f.as_deref().map(|f| (*t, f)))
+            .collect()
+    }
+}
+
+/// One image of a template, as the JSON names it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageRef {
+    Coco(u64),
+    Vaw { image_id: String, bbox: [f64; 4] },
+}
+
+impl ImageRef {
+    pub fn key(&self) -> String {
+        match self {
+            ImageRef::Coco(id) => format!("coco/{id:012}.jpg"),
+            ImageRef::Vaw { image_id, bbox } => format!(
+                "vg/{image_id}.jpg#{},{},{},{}",
+                bbox[0], bbox[1], bbox[2], bbox[3]
+            ),
+        }
+    }
+
+    fn source(&self) -> &'static str {
+        match self {
+            ImageRef::Coco(_) => "coco",
+            ImageRef::Vaw { .. } => "vg",
+        }
+    }
+
+    /// The file, or the param that must be set to find it.
+    pub fn path(&self, coco: Option<&Path>, vg: Option<&Path>) -> Result<PathBuf, String> {
+        match self {
+            ImageRef::Coco(id) => coco
+                .map(|d| d.join(format!("{id:012}.jpg")))
+                .ok_or_else(|| {
+                    "a COCO-style image (val_image_id) but params.coco_dir is not set".into()
+                }),
+            ImageRef::Vaw { image_id, .. } => vg
+                .map(|d| d.join(format!("{image_id}.jpg")))
+                .ok_or_else(|| {
+                    "a VAW-style image (image_id + instance_bbox) but params.vg_dir is not set"
+                        .into()
+                }),
+        }
+    }
+
+    fn parse(v: &Value) -> Result<ImageRef, String> {
+        let obj = v.as_object().ok_or("an image entry is not an object")?;
+        if let Some(id) = obj.get("val_image_id") {
+            let id = id
+                .as_u64()
+                .or_else(|| id.as_str().and_then(|s| s.parse().ok()))
+                .ok_or_else(|| format!("val_image_id {id} is not a non-negative integer"))?;
+            return Ok(ImageRef::Coco(id));
+        }
+        if let Some(id) = obj.get("image_id") {
+            let image_id = match id {
+                Value::Number(n) if n.is_u64() => n.to_string(),
+                Value::String(s)
+                    if !s.is_empty()
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+                {
+                    s.clone()
+                }
+                other => return Err(format!("image_id {other} is not an id")),
+            };
+            let bbox = obj
+                .get("instance_bbox")
+                .ok_or("a VAW-style image (image_id) without instance_bbox")?;
+            let nums: Vec<f64> = bbox
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default();
+            if nums.len() != 4 || bbox.as_array().map(Vec::len) != Some(4) {
+                return Err(format!("instance_bbox {bbox} is not [x, y, w, h]"));
+            }
+            if nums[2] <= 0.0 || nums[3] <= 0.0 || nums.iter().any(|x| !x.is_finite()) {
+                return Err(format!("instance_bbox {bbox} has no area"));
+            }
+            return Ok(ImageRef::Vaw {
+                image_id,
+                bbox: [nums[0], nums[1], nums[2], nums[3]],
+            });
+        }
+        Err("an image entry has neither val_image_id (COCO style) nor image_id + instance_bbox (VAW style)".into())
+    }
+}
+
+/// One parsed template.
+#[derive(Debug, Clone)]
+pub struct Template {
+    pub condition: String,
+    pub reference: ImageRef,
+    pub target: ImageRef,
+    pub gallery: Vec<ImageRef>,
+}
+
+impl Template {
+    fn parse(v: &Value) -> Result<Template, String> {
+        let obj = v.as_object().ok_or("a template is not an object")?;
+        let condition = obj
+            .get("condition")
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .ok_or("no condition (a non-empty string)")?
+            .to_string();
+        let field = |name: &str| -> Result<ImageRef, String> {
+            ImageRef::parse(obj.get(name).ok_or_else(|| format!("no {name}"))?)
+                .map_err(|e| format!("{name}: {e}"))
+        };
+        let reference = field("reference")?;
+        let target = field("target")?;
+        let gallery = obj
+            .get("gallery")
+            .and_then(Value::as_array)
+            .ok_or("no gallery (an array of images)")?
+            .iter()
+            .enumerate()
+            .map(|(i, g)| ImageRef::parse(g).map_err(|e| format!("gallery[{i}]: {e}")))
+            .collect::<Result<Vec<_>, String>>()?;
+        if gallery.is_empty() {
+            return Err("the gallery is empty".into());
+        }
+        Ok(Template {
+            condition,
+            reference,
+            target,
+            gallery,
+        })
+    }
+
+    pub fn images(&self) -> impl Iterator<Item = &ImageRef> {
+        std::iter::once(&self.reference)
+            .chain(std::iter::once(&self.target))
+            .chain(self.gallery.iter())
+    }
+}
+
+/// A template file: the parsed templates by index, and the malformed ones.
+pub struct TemplateFile {
+    pub ok: Vec<(usize, Template)>,
+    pub bad: Vec<(usize, String, String)>,
+}
+
+/// Reads one template file. A file that is not a JSON array of templates
+/// is an error; a malformed template is a reject.
+pub fn read_template_file(path: &Path) -> Result<TemplateFile, String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let v: Value = serde_json::from_slice(&text)
+        .map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+    let arr = v.as_array().ok_or_else(|| {
+        format!(
+            "{} is not a GeneCIS template file: expected a JSON array of templates",
+            path.display()
+        )
+    })?;
+    let mut ok = Vec::new();
+    let mut bad = Vec::new();
+    for (i, t) in arr.iter().enumerate() {
+        match Template::parse(t) {
+            Ok(t) => ok.push((i, t)),
+            Err(reason) => {
+                let mut raw = t.to_string();
+                if raw.len() > 2000 {
+                    let mut cut = 2000;
+                    while !raw.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    raw.truncate(cut);
+                }
+                bad.push((i, reason, raw))
+            }
+        }
+    }
+    Ok(TemplateFile { ok, bad })
+}
+
+pub struct Templates;
+
+impl Stage for Templates {
+    const KIND: &'static str = "templates";
+    const VERSION: &'static str = "1";
+    const ABOUT: &'static str =
+        "GeneCIS template JSONs (COCO or VAW style) -> templates, image_keys, texts, rejects";
+    type Params = TemplatesParams;
+
+    fn input_tables() -> &'static [&'static str] {
+        &[]
+    }
+
+    fn output_tables() -> Vec<TableDef> {
+        vec![
+            TableDef {
+                name: "templates",
+                schema: TEMPLATES_SCHEMA.clone(),
+            },
+            TableDef {
+                name: "image_keys",
+                schema: IMAGE_KEYS_SCHEMA.clone(),
+            },
+            TableDef {
+                name: "texts",
+                schema: TEXTS_SCHEMA.clone(),
+            },
+            TableDef {
+                name: "rejects",
+                schema: REJECTS_SCHEMA.clone(),
+            },
+        ]
+    }
+
+    fn validate(p: &TemplatesParams, _base: &Path) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let tasks = p.tasks();
+        if tasks.is_empty() {
+            out.push((
+                "params".into(),
+                format!("name at least one task file: {}", TASKS.join(", ")),
+            ));
+        }
+        let has = |suffix: &str| tasks.iter().any(|(t, _)| t.ends_with(suffix));
+        if has("_object") && p.coco_dir.is_none() {
+            out.push((
+                "coco_dir".into(),
+                "the object tasks use COCO val2017 images: set coco_dir to the folder of 000000xxxxxx.jpg files".into(),
+            ));
+        }
+        if has("_attribute") && p.vg_dir.is_none() {
+            out.push((
+                "vg_dir".into(),
+                "the attribute tasks use Visual Genome images: set vg_dir to the one folder holding all VG images".into(),
+            ));
+        }
+        out
+    }
+
+    fn files(p: &TemplatesParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
+        let mut v: Vec<(&'static str, PathBuf)> = p
+            .tasks()
+            .into_iter()
+            .map(|(t, f)| (t, resolve_path(base, f)))
+            .collect();
+        if let Some(d) = &p.coco_dir {
+            v.push(("coco_dir", resolve_path(base, d)));
+        }
+        if let Some(d) = &p.vg_dir {
+            v.push(("vg_dir", resolve_path(base, d)));
+        }
+        v
+    }
+
+    fn check(p: &TemplatesParams, base: &Path) -> Vec<Finding> {
+        check(p, base)
+    }
+
+    fn run(p: &TemplatesParams, ctx: &StageContext) -> Result<StageReport> {
+        let started = Instant::now();
+        let coco = p.coco_dir.as_ref().map(|d| ctx.resolve(d));
+        let vg = p.vg_dir.as_ref().map(|d| ctx.resolve(d));
+        let mut t_task = StringBuilder::new();
+        let mut t_id = UInt32Builder::new();
+        let mut t_cond = StringBuilder::new();
+        let mut t_ref = StringBuilder::new();
+        let mut t_tgt = StringBuilder::new();
+        let mut t_gal = ListBuilder::new(StringBuilder::new());
+        let mut r_src = StringBuilder::new();
+        let mut r_line = Int64Builder::new();
+        let mut r_reason = StringBuilder::new();
+        let mut r_raw = StringBuilder::new();
+        let mut keys: BTreeMap<String, (ImageRef, PathBuf)> = BTreeMap::new();
+        let mut texts: BTreeSet<String> = BTreeSet::new();
+        let mut notes = Vec::new();
+        let mut rows_in = 0u64;
+        for (task, file) in p.tasks() {
+            let path = ctx.resolve(file);
+            let tf = read_template_file(&path).map_err(|m| Error::StageFailed {
+                stage: ctx.stage.into(),
+                kind: Self::KIND.into(),
+                message: format!("task {task}: {m}"),
+            })?;
+            rows_in += (tf.ok.len() + tf.bad.len()) as u64;
+            let source = path.display().to_string();
+            let mut bad = tf.bad;
+            let mut n_ok = 0usize;
+            for (i, t) in &tf.ok {
+                let resolved: Result<Vec<PathBuf>, String> = t
+                    .images()
+                    .map(|im| im.path(coco.as_deref(), vg.as_deref()))
+                    .collect();
+                let paths = match resolved {
+                    Ok(p) => p,
+                    Err(reason) => {
+                        bad.push((*i, reason, String::new()));
+                        continue;
+                    }
+                };
+                for (im, path) in t.images().zip(paths) {
+                    keys.entry(im.key()).or_insert((im.clone(), path));
+                }
+                texts.insert(t.condition.clone());
+                t_task.append_value(task);
+                t_id.append_value(*i as u32);
+                t_cond.append_value(&t.condition);
+                t_ref.append_value(t.reference.key());
+                t_tgt.append_value(t.target.key());
+                for g in &t.gallery {
+                    t_gal.values().append_value(g.key());
+                }
+                t_gal.append(true);
+                n_ok += 1;
+            }
+            bad.sort_by_key(|b| b.0);
+            for (i, reason, raw) in &bad {
+                r_src.append_value(&source);
+                r_line.append_value(*i as i64);
+                r_reason.append_value(reason);
+                r_raw.append_value(raw);
+            }
+            notes.push(format!(
+                "{task}: {n_ok} templates{}",
+                if bad.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} rejected (see the rejects table)", bad.len())
+                }
+            ));
+        }
+        let templates = RecordBatch::try_new(
+            TEMPLATES_SCHEMA.clone(),
+            vec![
+                Arc::new(t_task.finish()) as ArrayRef,
+                Arc::new(t_id.finish()),
+                Arc::new(t_cond.finish()),
+                Arc::new(t_ref.finish()),
+                Arc::new(t_tgt.finish()),
+                Arc::new(t_gal.finish()),
+            ],
+        )?;
+        let mut k_key = StringBuilder::new();
+        let mut k_src = StringBuilder::new();
+        let mut k_path = StringBuilder::new();
+        let mut bb: [Float64Builder; 4] = Default::default();
+        let mut k_req = BooleanBuilder::new();
+        for (key, (im, path)) in &keys {
+            k_key.append_value(key);
+            k_src.append_value(im.source());
+            k_path.append_value(path.to_string_lossy());
+            match im {
+                ImageRef::Vaw { bbox, .. } => {
+                    for (b, v) in bb.iter_mut().zip(bbox) {
+                        b.append_value(*v);
+                    }
+                }
+                ImageRef::Coco(_) => bb.iter_mut().for_each(|b| b.append_null()),
+            }
+            k_req.append_value(true);
+        }
+        let [mut bx, mut by, mut bw, mut bh] = bb;
+        let image_keys = RecordBatch::try_new(
+            IMAGE_KEYS_SCHEMA.clone(),
+            vec![
+                Arc::new(k_key.finish()) as ArrayRef,
+                Arc::new(k_src.finish()),
+                Arc::new(k_path.finish()),
+                Arc::new(bx.finish()),
+                Arc::new(by.finish()),
+                Arc::new(bw.finish()),
+                Arc::new(bh.finish()),
+                Arc::new(k_req.finish()),
+            ],
+        )?;
+        let mut tx = StringBuilder::new();
+        for t in &texts {
+            tx.append_value(t);
+        }
+        let texts_b = RecordBatch::try_new(TEXTS_SCHEMA.clone(), vec![Arc::new(tx.finish())])?;
+        let rejects = RecordBatch::try_new(
+            REJECTS_SCHEMA.clone(),
+            vec![
+                Arc::new(r_src.finish()) as ArrayRef,
+                Arc::new(r_line.finish()),
+                Arc::new(r_reason.finish()),
+                Arc::new(r_raw.finish()),
+            ],
+        )?;
+        notes.push(format!(
+            "{} distinct images, {} distinct conditions",
+            keys.len(),
+            texts.len()
+        ));
+        ctx.writer.write_chunk(
+            0,
+            &[
+                ("templates", templates),
+                ("image_keys", image_keys),
+                ("texts", texts_b),
+                ("rejects", rejects),
+            ],
+        )?;
+        Ok(StageReport {
+            rows_in,
+            chunks: 1,
+            chunks_resumed: 0,
+            notes,
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+fn count_jpgs(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .to_ascii_lowercase()
+                        .ends_with(".jpg")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn thousands(n: usize) -> String {
+    crate::progress::thousands(n as u64)
+}
+
+/// What `genecis check` verifies for the benchmark data: each file parses
+/// with the expected schema, the image folders look like the official ones,
+/// and every image a template names exists.
+fn check(p: &TemplatesParams, base: &Path) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let coco = p.coco_dir.as_ref().map(|d| resolve_path(base, d));
+    let vg = p.vg_dir.as_ref().map(|d| resolve_path(base, d));
+    let folder = |field: &str, dir: &Path, expected: usize, what: &str, out: &mut Vec<Finding>| {
+        if !dir.is_dir() {
+            out.push(Finding::error(
+                field,
+                format!("{} is not a folder", dir.display()),
+            ));
+            return;
+        }
+        let n = count_jpgs(dir);
+        if n != expected {
+            out.push(Finding::warning(
+                field,
+                format!(
+                    "{} holds {} .jpg images; {what} has {}. A subset is fine as long as every template image is there (checked below)",
+                    dir.display(),
+                    thousands(n),
+                    thousands(expected)
+                ),
+            ));
+        }
+    };
+    if let Some(d) = &coco {
+        folder("coco_dir", d, COCO_VAL2017_IMAGES, "COCO val2017", &mut out);
+        if count_jpgs(d) == 0 && d.join("val2017").is_dir() {
+            out.push(Finding::error(
+                "coco_dir",
+                format!(
+                    "{} holds no images but has a val2017 folder: set coco_dir = \"{}\"",
+                    d.display(),
+                    d.join("val2017").display()
+                ),
+            ));
+        }
+    }
+    if let Some(d) = &vg {
+        folder("vg_dir", d, VG_IMAGES, "Visual Genome 1.2", &mut out);
+        let parts: Vec<&str> = ["VG_100K", "VG_100K_2"]
+            .into_iter()
+            .filter(|s| d.join(s).is_dir())
+            .collect();
+        if !parts.is_empty() {
+            out.push(Finding::error(
+                "vg_dir",
+                format!(
+                    "{} has the {} folder(s) Visual Genome ships; GeneCIS needs all images in one folder. Fix: mkdir {all} && ln {d}/VG_100K/*.jpg {d}/VG_100K_2/*.jpg {all}/ (or mv), then set vg_dir = \"{all}\"",
+                    d.display(),
+                    parts.join(" and "),
+                    d = d.display(),
+                    all = d.join("images").display()
+                ),
+            ));
+        }
+    }
+    let mut missing: Vec<(String, usize, PathBuf)> = Vec::new();
+    let mut n_missing = 0usize;
+    let mut seen: BTreeSet<PathBuf> = BTreeSet::new();
+    for (task, file) in p.tasks() {
+        let path = resolve_path(base, file);
+        let tf = match read_template_file(&path) {
+            Ok(tf) => tf,
+            Err(m) => {
+                out.push(Finding::error(task, m));
+                continue;
+            }
+        };
+        if !tf.bad.is_empty() {
+            let first: Vec<String> = tf
+                .bad
+                .iter()
+                .take(3)
+                .map(|(i, r, _)| format!("#{i}: {r}"))
+                .collect();
+            out.push(Finding::error(
+                task,
+                format!(
+                    "{} of {} templates in {} are malformed ({}); they would be rejected",
+                    tf.bad.len(),
+                    tf.bad.len() + tf.ok.len(),
+                    path.display(),
+                    first.join("; ")
+                ),
+            ));
+        }
+        // The official files: object tasks are COCO style, attribute tasks VAW style.
+        let want_coco = task.ends_with("_object");
+        if let Some((i, t)) = tf
+            .ok
+            .iter()
+            .find(|(_, t)| matches!(t.reference, ImageRef::Coco(_)) != want_coco)
+        {
+            out.push(Finding::warning(
+                task,
+                format!(
+                    "template #{i} of {} is {} style, but the official {task} templates are {} style: are the files swapped?",
+                    path.display(),
+                    if want_coco { "VAW" } else { "COCO" },
+                    if want_coco { "COCO" } else { "VAW" },
+                    i = i,
+                    task = task
+                ),
+            ));
+            let _ = t;
+        }
+        let mut unresolved = BTreeSet::new();
+        for (i, t) in &tf.ok {
+            for im in t.images() {
+                match im.path(coco.as_deref(), vg.as_deref()) {
+                    Ok(p) => {
+                        if seen.insert(p.clone()) && !p.is_file() {
+                            n_missing += 1;
+                            if missing.len() < 5 {
+                                missing.push((task.to_string(), *i, p));
+                            }
+                        }
+                    }
+                    Err(m) => {
+                        unresolved.insert(m);
+                    }
+                }
+            }
+        }
+        for m in unresolved {
+            out.push(Finding::error(task, format!("templates name {m}")));
+        }
+    }
+    if n_missing > 0 {
+        let list: Vec<String> = missing
+            .iter()
+            .map(|(t, i, p)| format!("{} ({t} #{i})", p.display()))
+            .collect();
+        out.push(Finding::error(
+            if coco.is_some() && vg.is_none() {
+                "coco_dir"
+            } else if vg.is_some() && coco.is_none() {
+                "vg_dir"
+            } else {
+                "images"
+            },
+            format!(
+                "{} template image(s) do not exist, e.g. {}",
+                thousands(n_missing),
+                list.join(", ")
+            ),
+        ));
+    }
+    out
+}
