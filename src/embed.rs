@@ -330,54 +330,67 @@ impl Stage for Embed {
             let mut r_path = StringBuilder::new();
             let mut r_reason = StringBuilder::new();
             let mut chunk_ok = true;
-            for batch in chunk.chunks(p.batch_size) {
-                let t0 = Instant::now();
-                let ik: Vec<ImageKey> = batch
-                    .iter()
-                    .map(|r| ImageKey {
-                        path: &r.path,
-                        bbox: r.bbox,
-                    })
-                    .collect();
-                let loaded = load_batch(&ik, n_px);
-                t_decode += t0.elapsed();
-                let mut ok_rows = Vec::new();
-                let mut tensors = Vec::new();
-                for (r, t) in batch.iter().zip(loaded) {
-                    match t {
-                        Ok(t) => {
-                            ok_rows.push(r);
-                            tensors.push(t);
+            // Decoding the next batch (rayon) overlaps the model on this one.
+            std::thread::scope(|scope| -> Result<()> {
+                let (tx, rx) = std::sync::mpsc::sync_channel(2);
+                let bs = p.batch_size;
+                scope.spawn(move || {
+                    for batch in chunk.chunks(bs) {
+                        let t0 = Instant::now();
+                        let ik: Vec<ImageKey> = batch
+                            .iter()
+                            .map(|r| ImageKey {
+                                path: &r.path,
+                                bbox: r.bbox,
+                            })
+                            .collect();
+                        let loaded = load_batch(&ik, n_px);
+                        if tx.send((batch, loaded, t0.elapsed())).is_err() {
+                            break;
                         }
-                        Err(reason) => {
-                            r_key.append_value(&r.key);
-                            r_path.append_value(r.path.to_string_lossy());
-                            r_reason.append_value(&reason);
-                            n_rejected += 1;
-                            if r.required {
-                                chunk_ok = false;
-                                failed.push((r.key.clone(), reason));
+                    }
+                });
+                for (batch, loaded, dt) in rx {
+                    t_decode += dt;
+                    let mut ok_rows = Vec::new();
+                    let mut tensors = Vec::new();
+                    for (r, t) in batch.iter().zip(loaded) {
+                        match t {
+                            Ok(t) => {
+                                ok_rows.push(r);
+                                tensors.push(t);
+                            }
+                            Err(reason) => {
+                                r_key.append_value(&r.key);
+                                r_path.append_value(r.path.to_string_lossy());
+                                r_reason.append_value(&reason);
+                                n_rejected += 1;
+                                if r.required {
+                                    chunk_ok = false;
+                                    failed.push((r.key.clone(), reason));
+                                }
                             }
                         }
                     }
-                }
-                if !tensors.is_empty() {
-                    let t1 = Instant::now();
-                    let x = Tensor::stack(&tensors, 0).to_device(device);
-                    let feats = tch::no_grad(|| {
-                        with_precision(device, p.mixed_precision, || clip.encode_image(&x))
-                    })
-                    .map_err(|e| fail(e.to_string()))?;
-                    let v = tensor_rows(&feats).map_err(|e| fail(e.to_string()))?;
-                    t_model += t1.elapsed();
-                    e_vals.extend(v);
-                    for r in ok_rows {
-                        e_key.append_value(&r.key);
+                    if !tensors.is_empty() {
+                        let t1 = Instant::now();
+                        let x = Tensor::stack(&tensors, 0).to_device(device);
+                        let feats = tch::no_grad(|| {
+                            with_precision(device, p.mixed_precision, || clip.encode_image(&x))
+                        })
+                        .map_err(|e| fail(e.to_string()))?;
+                        let v = tensor_rows(&feats).map_err(|e| fail(e.to_string()))?;
+                        t_model += t1.elapsed();
+                        e_vals.extend(v);
+                        for r in ok_rows {
+                            e_key.append_value(&r.key);
+                        }
                     }
+                    n_images += batch.len();
+                    bar.inc(batch.len() as u64);
                 }
-                n_images += batch.len();
-                bar.inc(batch.len() as u64);
-            }
+                Ok(())
+            })?;
             if !chunk_ok {
                 // Not written: a rerun after the fix redoes just this chunk.
                 continue;
@@ -450,7 +463,7 @@ impl Stage for Embed {
         }
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         let mut notes = vec![format!(
-            "model {model} on {device:?}: {n_images} images in {secs:.2} s = {:.1} images/s (decode+preprocess {:.2} s, model {:.2} s); {} texts",
+            "model {model} on {device:?}: {n_images} images in {secs:.2} s = {:.1} images/s (decode+preprocess {:.2} s, overlapping the model {:.2} s); {} texts",
             n_images as f64 / secs,
             t_decode.as_secs_f64(),
             t_model.as_secs_f64(),
