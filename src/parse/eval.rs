@@ -8,6 +8,7 @@ use std::path::Path;
 use rayon::prelude::*;
 use serde::Deserialize;
 
+use super::attach::{self, AttachModel, Example};
 use crate::error::{Error, Result};
 
 #[derive(Deserialize, Clone)]
@@ -27,7 +28,7 @@ struct GoldItem {
     acceptable_alternative_relations: Option<Vec<RefRel>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 struct DevItem {
     caption: String,
     #[serde(default)]
@@ -48,7 +49,16 @@ fn triples(r: &[RefRel]) -> Vec<Triple> {
 
 /// Entity heads and sorted (subject, relation, object) head triples of a caption.
 pub fn predicted(caption: &str, strict: bool) -> (Vec<String>, Vec<Triple>) {
-    let g = super::parse_caption(caption, strict);
+    predicted_with(caption, strict, super::attach::DEFAULT.as_ref())
+}
+
+/// [`predicted`] with a given attachment model (None: rules only).
+pub fn predicted_with(
+    caption: &str,
+    strict: bool,
+    model: Option<&AttachModel>,
+) -> (Vec<String>, Vec<Triple>) {
+    let g = super::parse_caption_with(caption, strict, model);
     let ents = g.entities.iter().map(|e| e.head.clone()).collect();
     let mut rels: Vec<Triple> = g
         .relations
@@ -201,21 +211,32 @@ pub fn dev_misses(path: &Path, strict: bool, entities: bool, limit: usize) -> Re
     Ok(out)
 }
 
-pub fn score_dev(path: &Path, strict: bool) -> Result<DevScore> {
+fn read_dev(path: &Path) -> Result<Vec<DevItem>> {
     let text = std::fs::read_to_string(path).map_err(Error::io("cannot read", path))?;
-    let items: Vec<DevItem> = text
-        .lines()
+    text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(serde_json::from_str)
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| Error::CorruptRecord {
             path: path.into(),
             message: e.to_string(),
-        })?;
+        })
+}
+
+pub fn score_dev(path: &Path, strict: bool) -> Result<DevScore> {
+    score_dev_with(path, strict, attach::DEFAULT.as_ref())
+}
+
+/// [`score_dev`] with a given attachment model (None: rules only).
+pub fn score_dev_with(path: &Path, strict: bool, model: Option<&AttachModel>) -> Result<DevScore> {
+    Ok(score_items(&read_dev(path)?, strict, model))
+}
+
+fn score_items(items: &[DevItem], strict: bool, model: Option<&AttachModel>) -> DevScore {
     let per: Vec<(usize, usize, usize, usize, usize, usize, bool)> = items
         .par_iter()
         .map(|d| {
-            let (ents, rels) = predicted(&d.caption, strict);
+            let (ents, rels) = predicted_with(&d.caption, strict, model);
             let exp = triples(&d.relations);
             (
                 overlap(&exp, &rels),
@@ -237,5 +258,123 @@ pub fn score_dev(path: &Path, strict: bool) -> Result<DevScore> {
         s.entities.add(d, e, f);
         s.exact_captions += x as usize;
     }
-    Ok(s)
+    s
+}
+
+/// The attachment decisions of a caption's rule parse, labelled with the
+/// options whose relations agree best with the reference: each triple an
+/// option makes counts +1 when the reference has it and -1 otherwise (no
+/// relation: 0). Decisions where all options tie teach nothing and are left out.
+fn examples(d: &DevItem, strict: bool) -> Vec<Example> {
+    let mut trace = Vec::new();
+    super::parse_traced(&d.caption, strict, None, Some(&mut trace));
+    let exp = triples(&d.relations);
+    trace
+        .into_iter()
+        .filter_map(|dec| {
+            let net: Vec<i32> =
+                dec.subjects
+                    .iter()
+                    .map(|ss| {
+                        ss.iter()
+                            .map(|s| {
+                                if exp.iter().any(|(a, r, o)| {
+                                    a == s && *r == dec.relation && *o == dec.object
+                                }) {
+                                    1
+                                } else {
+                                    -1
+                                }
+                            })
+                            .sum()
+                    })
+                    .collect();
+            let best = *net.iter().max()?;
+            if net.iter().all(|&n| n == best) {
+                return None;
+            }
+            let gold = (0..net.len()).filter(|&i| net[i] == best).collect();
+            Some(Example {
+                decision: dec,
+                gold,
+            })
+        })
+        .collect()
+}
+
+/// Training of the attachment model on a dev file, with a cross-validated
+/// estimate: the captions are split in two halves by position (even/odd);
+/// each half is scored with a model trained on the other.
+pub struct TrainOutcome {
+    pub model: AttachModel,
+    pub examples: usize,
+    /// Labelled decisions where the rules already choose a reference option.
+    pub rule_right: usize,
+    /// (rule option kind -> reference option kinds, count), most frequent first.
+    pub breakdown: Vec<(String, usize)>,
+    /// Per fold: (captions, rules-only relation score, model relation score).
+    pub folds: Vec<(usize, Prf, Prf)>,
+}
+
+pub fn train_attachment(
+    path: &Path,
+    strict: bool,
+    epochs: usize,
+    rule_bonus: f32,
+) -> Result<TrainOutcome> {
+    let items = read_dev(path)?;
+    let per: Vec<Vec<Example>> = items.par_iter().map(|d| examples(d, strict)).collect();
+    let mut folds = Vec::new();
+    for f in 0..2 {
+        let train_ex: Vec<&Example> = per
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 2 != f)
+            .flat_map(|(_, e)| e.iter())
+            .collect();
+        let mut m = attach::train_refs(&train_ex, epochs);
+        m.add_rule_bonus(rule_bonus);
+        let held: Vec<&DevItem> = items
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 2 == f)
+            .map(|(_, d)| d)
+            .collect();
+        let held: Vec<DevItem> = held.into_iter().cloned().collect();
+        let rules = score_items(&held, strict, None).relations;
+        let learned = score_items(&held, strict, Some(&m)).relations;
+        folds.push((held.len(), rules, learned));
+    }
+    let all: Vec<&Example> = per.iter().flat_map(|e| e.iter()).collect();
+    let mut model = attach::train_refs(&all, epochs);
+    model.add_rule_bonus(rule_bonus);
+    let rule_of = |e: &Example| {
+        e.decision
+            .options
+            .iter()
+            .position(|o| o.iter().any(|f| f == "rule"))
+            .unwrap_or(0)
+    };
+    let rule_right = all.iter().filter(|e| e.gold.contains(&rule_of(e))).count();
+    let mut table: std::collections::BTreeMap<String, usize> = Default::default();
+    for e in &all {
+        let kind = |i: usize| e.decision.options[i][0].clone();
+        let g: Vec<String> = e.gold.iter().map(|&i| kind(i)).collect();
+        *table
+            .entry(format!(
+                "rules {} -> reference {}",
+                kind(rule_of(e)),
+                g.join("/")
+            ))
+            .or_default() += 1;
+    }
+    let mut breakdown: Vec<(String, usize)> = table.into_iter().collect();
+    breakdown.sort_by_key(|x| std::cmp::Reverse(x.1));
+    Ok(TrainOutcome {
+        model,
+        examples: all.len(),
+        rule_right,
+        breakdown,
+        folds,
+    })
 }

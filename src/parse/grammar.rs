@@ -7,6 +7,8 @@
 use std::collections::HashSet;
 use std::sync::LazyLock;
 
+use super::attach::{AttachModel, Decision};
+
 /// A tagged token: lower-cased surface, Penn tag (or AUX), lemma.
 #[derive(Debug, Clone)]
 pub struct Tok {
@@ -490,7 +492,186 @@ fn collapse(items: Vec<Item>, t: &[Tok], nps: &[Np]) -> Vec<Item> {
 }
 
 /// The scene graph of one tagged caption.
-pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
+/// Attachment options for a PP after noun phrase `k`: the noun itself, then
+/// up the chain of what it hangs on (conjunct host, the verb it is the
+/// object of, the noun or verb its own PP hangs on), the clause subject, and
+/// no attachment. Each with an edge label and its depth in the chain.
+fn candidates(
+    k: usize,
+    nps: &[Np],
+    clause_subj: Option<usize>,
+) -> Vec<(Attach, &'static str, usize)> {
+    let mut v = vec![(Attach::N(k), "low", 0)];
+    let mut cur = Some(k);
+    let mut depth = 0;
+    while let Some(j) = cur {
+        depth += 1;
+        cur = None;
+        if depth > 4 {
+            break;
+        }
+        let np = &nps[j];
+        if let Some(c) = np.conj_of {
+            v.push((Attach::N(c), "conj", depth));
+            cur = Some(c);
+        } else if let Some(vv) = np.dobj_of {
+            v.push((Attach::V(vv), "dobj", depth));
+        } else {
+            match np.pobj_of {
+                Some(Attach::N(h)) => {
+                    v.push((Attach::N(h), "pobjN", depth));
+                    cur = Some(h);
+                }
+                Some(Attach::V(vv)) => v.push((Attach::V(vv), "pobjV", depth)),
+                _ => {}
+            }
+        }
+    }
+    if let Some(cs) = clause_subj {
+        v.push((Attach::N(cs), "clause", 0));
+    }
+    v.push((Attach::Drop, "drop", 0));
+    let mut seen = Vec::new();
+    v.retain(|(a, _, _)| {
+        let new = !seen.contains(a);
+        seen.push(*a);
+        new
+    });
+    v
+}
+
+/// The options of a pending PP, decided when its object is known.
+struct Pending {
+    opts: Vec<(Attach, &'static str, usize)>,
+    rule: usize,
+    prep: String,
+    /// Item index of the preposition.
+    at: usize,
+    /// The preposition of the noun phrase before it ("" when none).
+    prev_prep: String,
+}
+
+fn bucket(d: usize) -> &'static str {
+    match d {
+        0 | 1 => "1",
+        2 => "2",
+        3 => "3",
+        4 | 5 => "4-5",
+        _ => "6+",
+    }
+}
+
+fn last_word(s: &str) -> &str {
+    s.rsplit(' ').next().unwrap_or("")
+}
+
+/// Emits the features of each option of `pd` for object `obj` as
+/// `(option, feature)` (into a reused buffer: scoring allocates nothing per
+/// feature), and returns each option's subject noun phrase.
+fn option_features(
+    pd: &Pending,
+    obj: usize,
+    t: &[Tok],
+    nps: &[Np],
+    items: &[Item],
+    subj_of: &[Option<usize>],
+    mut emit: impl FnMut(usize, &str),
+) -> Vec<Option<usize>> {
+    let oh = last_word(&nps[obj].head(t)).to_string();
+    let p = &pd.prep;
+    let pp = if pd.prev_prep.is_empty() {
+        "-"
+    } else {
+        pd.prev_prep.as_str()
+    };
+    let mut subjects = Vec::with_capacity(pd.opts.len());
+    let mut buf = String::new();
+    let first_tag = t.first().map(|x| x.tag).unwrap_or("-");
+    let verb_before = items[..pd.at.min(items.len())]
+        .iter()
+        .any(|it| matches!(it, Item::Tok("V" | "AUX", _)));
+    let first_np = items.iter().find_map(|it| match it {
+        Item::Np(j) => Some(*j),
+        _ => None,
+    });
+    let low = match pd.opts.first() {
+        Some((Attach::N(j), _, _)) => last_word(&nps[*j].head(t)).to_string(),
+        _ => "-".into(),
+    };
+    let n = pd.opts.len();
+    for (i, (a, k, depth)) in pd.opts.iter().enumerate() {
+        let (subject, pos, vt, vl) = match *a {
+            Attach::N(j) => (
+                Some(j),
+                items
+                    .iter()
+                    .position(|it| matches!(it, Item::Np(x) if *x == j)),
+                "-",
+                "-".to_string(),
+            ),
+            Attach::V(v) => {
+                let (tag, lemma) = match items[v] {
+                    Item::Tok(_, vt) => (t[vt].tag, t[vt].lemma.clone()),
+                    _ => ("-", "-".to_string()),
+                };
+                (subj_of[v], Some(v), tag, lemma)
+            }
+            _ => (None, None, "-", "-".to_string()),
+        };
+        let sh = subject
+            .map(|j| last_word(&nps[j].head(t)).to_string())
+            .unwrap_or_else(|| "-".into());
+        let dist = pos.map(|x| bucket(pd.at.saturating_sub(x))).unwrap_or("-");
+        use std::fmt::Write;
+        let mut put = |args: std::fmt::Arguments| {
+            buf.clear();
+            let _ = buf.write_fmt(args);
+            emit(i, &buf);
+        };
+        put(format_args!("{k}"));
+        put(format_args!("{k}|d={depth}"));
+        put(format_args!("{k}|p={p}"));
+        put(format_args!("{k}|pp={pp}"));
+        put(format_args!("{k}|p={p}|pp={pp}"));
+        put(format_args!("{k}|sh={sh}"));
+        put(format_args!("{k}|p={p}|sh={sh}"));
+        put(format_args!("{k}|oh={oh}"));
+        put(format_args!("{k}|p={p}|oh={oh}"));
+        put(format_args!("{k}|dist={dist}"));
+        put(format_args!("{k}|p={p}|dist={dist}"));
+        put(format_args!("{k}|vt={vt}"));
+        put(format_args!("{k}|vl={vl}"));
+        put(format_args!("{k}|p={p}|vl={vl}"));
+        put(format_args!("{k}|none={}", subject.is_none()));
+        put(format_args!("{k}|first={first_tag}"));
+        put(format_args!("{k}|vb4={verb_before}"));
+        put(format_args!(
+            "{k}|sfirst={}",
+            subject.is_some() && subject == first_np
+        ));
+        put(format_args!("{k}|p={p}|lh={low}"));
+        put(format_args!("{k}|lh={low}|oh={oh}"));
+        put(format_args!("{k}|sh={sh}|oh={oh}"));
+        put(format_args!("{k}|n={n}"));
+        if i == pd.rule {
+            put(format_args!("rule"));
+            put(format_args!("rule|{k}"));
+            put(format_args!("rule|p={p}"));
+            put(format_args!("rule|p={p}|pp={pp}"));
+        }
+        subjects.push(subject);
+    }
+    subjects
+}
+
+/// Parses with the rules, and with `model` choosing PP attachments when
+/// given; `trace` receives every attachment decision (for training).
+pub fn parse(
+    mut t: Vec<Tok>,
+    strict_v010: bool,
+    model: Option<&AttachModel>,
+    mut trace: Option<&mut Vec<Decision>>,
+) -> (Vec<Tok>, Graph) {
     fix_tags(&mut t);
     let mut nps = Vec::new();
     let items = chunk(&t, &mut nps, strict_v010);
@@ -504,11 +685,51 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
     let mut prev_kind: &str = "";
     let mut passive: Option<usize> = None;
     let mut clause_subj: Option<usize> = None;
+    let mut pending_opts: Option<Pending> = None;
 
     for idx in 0..items.len() {
         match items[idx].clone() {
             Item::Np(np) => {
-                if let Some((rel, att)) = pending.take() {
+                if let Some((rel, mut att)) = pending.take() {
+                    if let Some(pd) = pending_opts.take() {
+                        let n = pd.opts.len();
+                        let mut feats: Vec<Vec<String>> = vec![Vec::new(); n];
+                        let mut scores = vec![0f32; n];
+                        let tracing = trace.is_some();
+                        let subjects =
+                            option_features(&pd, np, &t, &nps, &items, &subj_of, |i, f| {
+                                if let Some(m) = model {
+                                    scores[i] += m.weight(f);
+                                }
+                                if tracing {
+                                    feats[i].push(f.to_string());
+                                }
+                            });
+                        let chosen = match model {
+                            Some(_) => super::attach::argmax(&scores),
+                            None => pd.rule,
+                        };
+                        att = pd.opts[chosen].0;
+                        if let Some(tr) = trace.as_deref_mut() {
+                            tr.push(Decision {
+                                options: feats,
+                                subjects: subjects
+                                    .iter()
+                                    .map(|s| {
+                                        s.map(|j| {
+                                            std::iter::once(j)
+                                                .chain(nps[j].conj)
+                                                .map(|x| nps[x].head(&t))
+                                                .collect()
+                                        })
+                                        .unwrap_or_default()
+                                    })
+                                    .collect(),
+                                relation: rel.clone(),
+                                object: nps[np].head(&t),
+                            });
+                        }
+                    }
                     match att {
                         Attach::N(h) => rels.push((h, rel.clone(), np)),
                         Attach::V(v) => {
@@ -581,6 +802,7 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
             }
             Item::Prep(p, phrasal) => {
                 let prev = if idx > 0 { Some(&items[idx - 1]) } else { None };
+                pending_opts = None;
                 pending = Some(if phrasal {
                     match prev {
                         Some(Item::Np(h)) => (p, Attach::N(*h)),
@@ -592,19 +814,18 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
                         _ => (p, Attach::Drop),
                     }
                 } else {
-                    (
-                        p.clone(),
-                        attach_prep(
-                            &p,
-                            prev,
-                            idx,
-                            &t,
-                            &nps,
-                            &subj_of,
-                            passive,
-                            (!strict_v010).then_some(clause_subj).flatten(),
-                        ),
-                    )
+                    let att = attach_prep(
+                        &p,
+                        prev,
+                        idx,
+                        &t,
+                        &nps,
+                        &subj_of,
+                        passive,
+                        (!strict_v010).then_some(clause_subj).flatten(),
+                    );
+                    pending_opts = options_for(&p, prev, att, idx, &nps, clause_subj);
+                    (p.clone(), att)
                 });
                 prev_kind = "P";
             }
@@ -645,6 +866,7 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
                         passive,
                         (!strict_v010).then_some(clause_subj).flatten(),
                     );
+                    pending_opts = options_for(&p, prev, att, idx, &nps, clause_subj);
                     // Phrasal verb: "sitting on" keeps the verb when its lemma + P is listed.
                     let rel = match prev {
                         Some(Item::Tok("V", vt))
@@ -730,6 +952,40 @@ pub fn parse(mut t: Vec<Tok>, strict_v010: bool) -> (Vec<Tok>, Graph) {
             relations,
         },
     )
+}
+
+/// The options to decide between when a PP follows a noun phrase (not for
+/// "of", which always hangs on its noun, nor after a bare pronoun).
+fn options_for(
+    p: &str,
+    prev: Option<&Item>,
+    rule: Attach,
+    idx: usize,
+    nps: &[Np],
+    clause_subj: Option<usize>,
+) -> Option<Pending> {
+    let Some(Item::Np(k)) = prev else {
+        return None;
+    };
+    let np = &nps[*k];
+    if p == "of" || (np.pron && np.dobj_of.is_none() && np.pobj_of.is_none()) {
+        return None;
+    }
+    let mut opts = candidates(*k, nps, clause_subj);
+    let rule_idx = match opts.iter().position(|(a, _, _)| *a == rule) {
+        Some(i) => i,
+        None => {
+            opts.push((rule, "rulex", 0));
+            opts.len() - 1
+        }
+    };
+    Some(Pending {
+        opts,
+        rule: rule_idx,
+        prep: p.to_string(),
+        at: idx,
+        prev_prep: np.prep.clone(),
+    })
 }
 
 /// Noun phrases spaCy attaches as npadvmod (never chunk roots): "this

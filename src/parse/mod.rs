@@ -8,6 +8,7 @@
 //! One output part per input part of `captions`, so resume and `--shard`
 //! follow the ingest chunks.
 
+pub mod attach;
 pub mod eval;
 pub mod grammar;
 
@@ -89,6 +90,10 @@ pub struct ParseParams {
     /// true: SceneGraphParser 0.1.0 exactly, quirks included (GeneCIS parity).
     #[serde(default = "yes")]
     pub strict_v010: bool,
+    /// Let the learned model (lexicon/attach_weights.tsv) choose where a PP
+    /// after a noun hangs; false: the hand-written rules alone.
+    #[serde(default = "yes")]
+    pub learned_attachment: bool,
 }
 
 fn yes() -> bool {
@@ -317,12 +322,32 @@ fn retag_verbs_after_people(toks: &mut [Tok]) {
     }
 }
 
-/// Parses one caption. Never panics, whatever the input.
+/// Parses one caption with the shipped attachment model. Never panics,
+/// whatever the input.
 pub fn parse_caption(caption: &str, strict_v010: bool) -> SceneGraph {
+    parse_caption_with(caption, strict_v010, attach::DEFAULT.as_ref())
+}
+
+/// Parses one caption; `model` (None: rules only) chooses PP attachments.
+pub fn parse_caption_with(
+    caption: &str,
+    strict_v010: bool,
+    model: Option<&attach::AttachModel>,
+) -> SceneGraph {
+    parse_traced(caption, strict_v010, model, None)
+}
+
+/// [`parse_caption_with`], recording attachment decisions into `trace`.
+pub fn parse_traced(
+    caption: &str,
+    strict_v010: bool,
+    model: Option<&attach::AttachModel>,
+    trace: Option<&mut Vec<attach::Decision>>,
+) -> SceneGraph {
     if caption.trim().is_empty() {
         return SceneGraph::default();
     }
-    let (t, g) = grammar::parse(tag(caption), strict_v010);
+    let (t, g) = grammar::parse(tag(caption), strict_v010, model, trace);
     let mut pos = vec![usize::MAX; g.nps.len()];
     let mut entities = Vec::with_capacity(g.entities.len());
     for &k in &g.entities {
@@ -387,6 +412,7 @@ impl Stage for Parse {
             include_str!("lexicon/phrasal_verbs.txt"),
             include_str!("lexicon/scene_nouns.txt"),
             include_str!("lexicon/tag_overrides.tsv"),
+            attach::WEIGHTS_TSV,
         ]
     }
 
@@ -419,7 +445,17 @@ impl Stage for Parse {
             let (ids, caps) = read_captions(&parts[k])?;
             let graphs: Vec<SceneGraph> = caps
                 .par_iter()
-                .map(|c| parse_caption(c, p.strict_v010))
+                .map(|c| {
+                    parse_caption_with(
+                        c,
+                        p.strict_v010,
+                        if p.learned_attachment {
+                            attach::DEFAULT.as_ref()
+                        } else {
+                            None
+                        },
+                    )
+                })
                 .collect();
             rows += caps.len() as u64;
             let (e, r) = to_batches(&ids, &graphs)?;
