@@ -215,7 +215,7 @@ mod tests {
     fn perceptron_learns_a_separable_choice_and_round_trips() {
         // Option "b" is right when the prep is "with", "a" otherwise.
         let mut ex = Vec::new();
-        for p in ["with", "on", "with", "in", "with"] {
+        for p in ["with", "on", "with", "on", "with"] {
             let d = Decision {
                 options: vec![
                     f(&["a", &format!("a|p={p}")]),
@@ -230,7 +230,7 @@ mod tests {
                 gold: vec![if p == "with" { 1 } else { 0 }],
             });
         }
-        let m = train(&ex, 5);
+        let m = train(&ex, 20);
         for e in &ex {
             assert_eq!(m.choose(&e.decision.options), e.gold[0]);
         }
