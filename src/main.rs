@@ -453,7 +453,15 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     .iter()
                     .map(|t| format!("{}/{}", t.word, t.tag))
                     .collect();
-                let g = genecis::parse::parse_caption(c, strict);
+                let g = genecis::parse::parse_caption_with(
+                    c,
+                    strict,
+                    if a.rules_only {
+                        None
+                    } else {
+                        genecis::parse::attach::DEFAULT.as_ref()
+                    },
+                );
                 let heads: Vec<&str> = g.entities.iter().map(|e| e.head.as_str()).collect();
                 let rels: Vec<String> = g
                     .relations

@@ -265,6 +265,10 @@ fn score_items(items: &[DevItem], strict: bool, model: Option<&AttachModel>) -> 
 /// options whose relations agree best with the reference: each triple an
 /// option makes counts +1 when the reference has it and -1 otherwise (no
 /// relation: 0). Decisions where all options tie teach nothing and are left out.
+fn last(s: &str) -> &str {
+    s.rsplit(' ').next().unwrap_or("")
+}
+
 fn examples(d: &DevItem, strict: bool) -> Vec<Example> {
     let mut trace = Vec::new();
     super::parse_traced(&d.caption, strict, None, Some(&mut trace));
@@ -272,23 +276,27 @@ fn examples(d: &DevItem, strict: bool) -> Vec<Example> {
     trace
         .into_iter()
         .filter_map(|dec| {
-            let net: Vec<i32> =
-                dec.subjects
-                    .iter()
-                    .map(|ss| {
-                        ss.iter()
-                            .map(|s| {
-                                if exp.iter().any(|(a, r, o)| {
-                                    a == s && *r == dec.relation && *o == dec.object
-                                }) {
-                                    1
-                                } else {
-                                    -1
-                                }
-                            })
-                            .sum()
-                    })
-                    .collect();
+            let net: Vec<i32> = dec
+                .subjects
+                .iter()
+                .map(|ss| {
+                    ss.iter()
+                        .map(|s| {
+                            // Heads compared by their last word: a compound
+                            // the chunker got wrong is not an attachment error.
+                            if exp.iter().any(|(a, r, o)| {
+                                last(a) == last(s)
+                                    && *r == dec.relation
+                                    && last(o) == last(&dec.object)
+                            }) {
+                                1
+                            } else {
+                                -1
+                            }
+                        })
+                        .sum()
+                })
+                .collect();
             let best = *net.iter().max()?;
             if net.iter().all(|&n| n == best) {
                 return None;

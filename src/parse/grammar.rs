@@ -686,6 +686,9 @@ pub fn parse(
     let mut passive: Option<usize> = None;
     let mut clause_subj: Option<usize> = None;
     let mut pending_opts: Option<Pending> = None;
+    // Verb particles ("looking up in the air"): a PP after one hangs as if
+    // the particle were not there.
+    let mut particle_at = vec![false; items.len()];
 
     for idx in 0..items.len() {
         match items[idx].clone() {
@@ -851,15 +854,20 @@ pub fn parse(
                 if particle {
                     // "opening up a fireplace": a verb particle, not a preposition;
                     // the noun after it is the verb's object.
+                    particle_at[idx] = true;
                     continue;
                 }
                 if matches!(tag, "IN" | "TO") {
-                    let prev = if idx > 0 { Some(&items[idx - 1]) } else { None };
+                    let mut pi = idx;
+                    while pi > 0 && particle_at[pi - 1] {
+                        pi -= 1;
+                    }
+                    let prev = if pi > 0 { Some(&items[pi - 1]) } else { None };
                     let p = t[ti].word.clone();
                     let att = attach_prep(
                         &p,
                         prev,
-                        idx,
+                        pi,
                         &t,
                         &nps,
                         &subj_of,
@@ -870,8 +878,9 @@ pub fn parse(
                     // Phrasal verb: "sitting on" keeps the verb when its lemma + P is listed.
                     let rel = match prev {
                         Some(Item::Tok("V", vt))
-                            if PHRASAL_VERBS
-                                .contains(format!("{} {}", t[*vt].lemma, p).as_str()) =>
+                            if pi == idx
+                                && PHRASAL_VERBS
+                                    .contains(format!("{} {}", t[*vt].lemma, p).as_str()) =>
                         {
                             format!("{} {}", t[*vt].word, p)
                         }
