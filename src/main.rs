@@ -536,6 +536,32 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 rayon::current_num_threads(),
                 ok as f64 / secs
             );
+            // Where the time goes, one thread: decode alone, then the rest.
+            let t1 = std::time::Instant::now();
+            let decoded: Vec<image::RgbImage> = files
+                .iter()
+                .filter_map(|f| image::open(f).ok().map(|i| i.into_rgb8()))
+                .collect();
+            let dec = t1.elapsed().as_secs_f64();
+            let t2 = std::time::Instant::now();
+            for d in &decoded {
+                let _ = genecis::model::preprocess::to_tensor(
+                    &genecis::model::preprocess::resize_center_crop_rgb(d, n_px),
+                );
+            }
+            let rest = t2.elapsed().as_secs_f64();
+            let t3 = std::time::Instant::now();
+            for d in &decoded {
+                let _ = genecis::model::preprocess::resize_center_crop_rgb(d, n_px);
+            }
+            let resize = t3.elapsed().as_secs_f64();
+            let n = decoded.len().max(1) as f64;
+            println!(
+                "one thread: decode {:.2} ms/image, resize + crop {:.2} ms/image, + normalise to a tensor {:.2} ms/image",
+                1000.0 * dec / n,
+                1000.0 * resize / n,
+                1000.0 * rest / n
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench(BenchCmd::Parse {

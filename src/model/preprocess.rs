@@ -123,75 +123,127 @@ fn clip8(v: i64) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// One output row of the horizontal pass (interleaved RGB).
+fn h_row(row_in: &[u8], cx: &[(usize, Vec<i32>)], row_out: &mut [u8]) {
+    let half = 1i32 << (PRECISION_BITS - 1);
+    for ((xmin, kk), out) in cx.iter().zip(row_out.chunks_exact_mut(3)) {
+        let px = &row_in[xmin * 3..(xmin + kk.len()) * 3];
+        let (mut r, mut g, mut b) = (half, half, half);
+        for (p, &k) in px.chunks_exact(3).zip(kk) {
+            r += p[0] as i32 * k;
+            g += p[1] as i32 * k;
+            b += p[2] as i32 * k;
+        }
+        out[0] = clip8(r as i64);
+        out[1] = clip8(g as i64);
+        out[2] = clip8(b as i64);
+    }
+}
+
+/// One output row of the vertical pass: `rows` holds the kk.len() input rows.
+fn v_row(rows: &[u8], kk: &[i32], stride: usize, acc: &mut [i32], row_out: &mut [u8]) {
+    acc.iter_mut().for_each(|a| *a = 1 << (PRECISION_BITS - 1));
+    for (row, &k) in rows.chunks_exact(stride).zip(kk) {
+        for (a, &p) in acc.iter_mut().zip(row) {
+            *a += p as i32 * k;
+        }
+    }
+    for (o, &a) in row_out.iter_mut().zip(acc.iter()) {
+        *o = clip8(a as i64);
+    }
+}
+
 /// Bicubic resize with Pillow's exact arithmetic (horizontal pass, then
 /// vertical, 8-bit intermediate), so outputs match `Image.resize` of Pillow
 /// 10 bit for bit (Pillow 11+ may run the vertical pass first, which moves
 /// some pixels by one level). Accumulates in i32 like Pillow.
 pub fn pil_resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
+    pil_resize_bicubic_window(img, out_w, out_h, (0, 0, out_w, out_h))
+}
+
+/// [`pil_resize_bicubic`] computing only the window `(x, y, w, h)` of the
+/// resized image: each output pixel depends only on its own coefficients,
+/// so a crop of the full resize is the same bytes, for less work.
+pub fn pil_resize_bicubic_window(
+    img: &RgbImage,
+    out_w: u32,
+    out_h: u32,
+    window: (u32, u32, u32, u32),
+) -> RgbImage {
     let (w, h) = img.dimensions();
     let src = img.as_raw();
     let (w, h, ow, oh) = (w as usize, h as usize, out_w as usize, out_h as usize);
+    let (wx, wy, ww, wh) = (
+        window.0 as usize,
+        window.1 as usize,
+        window.2 as usize,
+        window.3 as usize,
+    );
+    // Input rows the vertical pass reads for the window's rows.
+    let cy = (oh != h).then(|| coeffs(h as u32, out_h));
+    let (r0, r1) = match &cy {
+        Some(cy) => {
+            let rows = &cy[wy..wy + wh];
+            (
+                rows.iter().map(|(m, _)| *m).min().unwrap_or(0),
+                rows.iter().map(|(m, k)| m + k.len()).max().unwrap_or(0),
+            )
+        }
+        None => (wy, wy + wh),
+    };
+    let stride = ww * 3;
+    // Horizontal pass over rows r0..r1, window columns only.
     let horiz: Vec<u8> = if ow != w {
         let cx = coeffs(w as u32, out_w);
-        let mut tmp = vec![0u8; ow * h * 3];
-        for (row_in, row_out) in src.chunks_exact(w * 3).zip(tmp.chunks_exact_mut(ow * 3)) {
-            for (xx, (xmin, kk)) in cx.iter().enumerate() {
-                let px = &row_in[xmin * 3..(xmin + kk.len()) * 3];
-                let (mut r, mut g, mut b) = (
-                    1i32 << (PRECISION_BITS - 1),
-                    1i32 << (PRECISION_BITS - 1),
-                    1i32 << (PRECISION_BITS - 1),
-                );
-                for (p, &k) in px.chunks_exact(3).zip(kk) {
-                    r += p[0] as i32 * k;
-                    g += p[1] as i32 * k;
-                    b += p[2] as i32 * k;
-                }
-                row_out[xx * 3] = clip8(r as i64);
-                row_out[xx * 3 + 1] = clip8(g as i64);
-                row_out[xx * 3 + 2] = clip8(b as i64);
-            }
+        let cx = &cx[wx..wx + ww];
+        let mut tmp = vec![0u8; (r1 - r0) * stride];
+        for (row_in, row_out) in src[r0 * w * 3..r1 * w * 3]
+            .chunks_exact(w * 3)
+            .zip(tmp.chunks_exact_mut(stride))
+        {
+            h_row(row_in, cx, row_out);
         }
         tmp
     } else {
-        src.to_vec()
+        let mut tmp = Vec::with_capacity((r1 - r0) * stride);
+        for y in r0..r1 {
+            tmp.extend_from_slice(&src[(y * w + wx) * 3..(y * w + wx + ww) * 3]);
+        }
+        tmp
     };
-    if oh == h {
-        return ImageBuffer::from_raw(out_w, out_h, horiz).expect("sized buffer");
-    }
-    let cy = coeffs(h as u32, out_h);
-    let stride = ow * 3;
-    let mut out = vec![0u8; ow * oh * 3];
+    let Some(cy) = cy else {
+        return ImageBuffer::from_raw(ww as u32, wh as u32, horiz).expect("sized buffer");
+    };
+    let mut out = vec![0u8; stride * wh];
     let mut acc = vec![0i32; stride];
-    for ((ymin, kk), row_out) in cy.iter().zip(out.chunks_exact_mut(stride)) {
-        acc.iter_mut().for_each(|a| *a = 1 << (PRECISION_BITS - 1));
-        for (y, &k) in kk.iter().enumerate() {
-            let row = &horiz[(ymin + y) * stride..(ymin + y + 1) * stride];
-            for (a, &p) in acc.iter_mut().zip(row) {
-                *a += p as i32 * k;
-            }
-        }
-        for (o, &a) in row_out.iter_mut().zip(&acc) {
-            *o = clip8(a as i64);
-        }
+    for ((ymin, kk), row_out) in cy[wy..wy + wh].iter().zip(out.chunks_exact_mut(stride)) {
+        let rows = &horiz[(ymin - r0) * stride..(ymin - r0 + kk.len()) * stride];
+        v_row(rows, kk, stride, &mut acc, row_out);
     }
-    ImageBuffer::from_raw(out_w, out_h, out).expect("sized buffer")
+    ImageBuffer::from_raw(ww as u32, wh as u32, out).expect("sized buffer")
 }
 
 /// Resize (shorter side to `n_px`, bicubic) and centre crop, as RGB bytes.
 pub fn resize_center_crop(img: &DynamicImage, n_px: u32) -> RgbImage {
-    let rgb = img.to_rgb8();
+    match img {
+        DynamicImage::ImageRgb8(rgb) => resize_center_crop_rgb(rgb, n_px),
+        other => resize_center_crop_rgb(&other.to_rgb8(), n_px),
+    }
+}
+
+/// [`resize_center_crop`] of an RGB image: only the crop window is resized.
+pub fn resize_center_crop_rgb(rgb: &RgbImage, n_px: u32) -> RgbImage {
     let (w, h) = rgb.dimensions();
     let (nw, nh) = if w <= h {
         (n_px, ((n_px as u64 * h as u64) / w as u64) as u32)
     } else {
         (((n_px as u64 * w as u64) / h as u64) as u32, n_px)
     };
-    let resized = pil_resize_bicubic(&rgb, nw.max(1), nh.max(1));
+    let (nw, nh) = (nw.max(1), nh.max(1));
     // torchvision's CenterCrop: int(round((size - n) / 2)), Python rounding.
     let left = round_half_even((nw as f64 - n_px as f64) / 2.0).max(0) as u32;
     let top = round_half_even((nh as f64 - n_px as f64) / 2.0).max(0) as u32;
-    imageops::crop_imm(&resized, left, top, n_px.min(nw), n_px.min(nh)).to_image()
+    pil_resize_bicubic_window(rgb, nw, nh, (left, top, n_px.min(nw), n_px.min(nh)))
 }
 
 /// CLIP's normalised [3, n, n] float tensor.
@@ -223,7 +275,7 @@ pub fn load_batch(keys: &[ImageKey], n_px: u32) -> Vec<Result<Tensor, String>> {
             let img = image::open(k.path).map_err(|e| format!("{}: {e}", k.path.display()))?;
             let img = match k.bbox {
                 Some(b) => {
-                    let rgb = img.to_rgb8();
+                    let rgb = img.into_rgb8();
                     DynamicImage::ImageRgb8(crop_pad_square(
                         &rgb,
                         vaw_crop_box(b, rgb.width(), rgb.height()),
@@ -276,6 +328,30 @@ mod tests {
         assert_eq!(sq.get_pixel(5, 3), &Rgb([255, 255, 255]));
         assert_eq!(sq.get_pixel(5, 6), &Rgb([255, 255, 255]));
         assert_eq!(sq.get_pixel(5, 7), &Rgb([0, 0, 0]));
+    }
+
+    #[test]
+    fn window_resize_is_the_crop_of_the_full_resize() {
+        let img: RgbImage = ImageBuffer::from_fn(97, 61, |x, y| {
+            Rgb([
+                (x * 7 % 256) as u8,
+                (y * 13 % 256) as u8,
+                ((x * y) % 251) as u8,
+            ])
+        });
+        for (ow, oh, win) in [
+            (40, 25, (7, 3, 20, 19)),
+            (200, 130, (0, 50, 200, 1)),
+            (97, 30, (5, 0, 90, 30)),
+        ] {
+            let full = pil_resize_bicubic(&img, ow, oh);
+            let crop = imageops::crop_imm(&full, win.0, win.1, win.2, win.3).to_image();
+            assert_eq!(
+                pil_resize_bicubic_window(&img, ow, oh, win),
+                crop,
+                "{ow}x{oh} {win:?}"
+            );
+        }
     }
 
     #[test]
