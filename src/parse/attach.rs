@@ -44,9 +44,39 @@ impl std::hash::Hasher for FxHasher {
 
 type Map<V> = HashMap<String, V, std::hash::BuildHasherDefault<FxHasher>>;
 
+/// FNV-1a over the concatenation of `parts`: a feature is hashed from its
+/// pieces without building its string.
+fn fnv(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in p.as_bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The hash is already a hash.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys")
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct AttachModel {
     w: Map<f32>,
+    /// The same weights by the FNV hash of the feature, for parsing.
+    by_hash: HashMap<u64, f32, std::hash::BuildHasherDefault<IdHasher>>,
 }
 
 impl AttachModel {
@@ -60,7 +90,17 @@ impl AttachModel {
                 Some((f.to_string(), v.trim().parse().ok()?))
             })
             .collect();
-        AttachModel { w }
+        AttachModel::from_map(w)
+    }
+
+    fn from_map(w: Map<f32>) -> AttachModel {
+        let by_hash = w.iter().map(|(f, v)| (fnv(&[f]), *v)).collect();
+        AttachModel { w, by_hash }
+    }
+
+    /// The weight of the feature spelled by `parts` concatenated.
+    pub fn weight_of_parts(&self, parts: &[&str]) -> f32 {
+        self.by_hash.get(&fnv(parts)).copied().unwrap_or(0.0)
     }
 
     pub fn to_tsv(&self, header: &str) -> String {
@@ -82,6 +122,7 @@ impl AttachModel {
     /// only when it is that much surer.
     pub fn add_rule_bonus(&mut self, bonus: f32) {
         *self.w.entry("rule".into()).or_default() += bonus;
+        *self.by_hash.entry(fnv(&["rule"])).or_default() += bonus;
     }
 
     pub fn len(&self) -> usize {
@@ -200,7 +241,7 @@ pub fn train_refs(examples: &[&Example], epochs: usize) -> AttachModel {
             avg.insert(f.clone(), a);
         }
     }
-    AttachModel { w: avg }
+    AttachModel::from_map(avg)
 }
 
 #[cfg(test)]

@@ -551,6 +551,8 @@ struct Pending {
     prev_prep: String,
 }
 
+const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+
 fn bucket(d: usize) -> &'static str {
     match d {
         0 | 1 => "1",
@@ -575,7 +577,7 @@ fn option_features(
     nps: &[Np],
     items: &[Item],
     subj_of: &[Option<usize>],
-    mut emit: impl FnMut(usize, &str),
+    mut emit: impl FnMut(usize, &[&str]),
 ) -> Vec<Option<usize>> {
     let oh = last_word(&nps[obj].head(t)).to_string();
     let p = &pd.prep;
@@ -585,7 +587,6 @@ fn option_features(
         pd.prev_prep.as_str()
     };
     let mut subjects = Vec::with_capacity(pd.opts.len());
-    let mut buf = String::new();
     let first_tag = t.first().map(|x| x.tag).unwrap_or("-");
     let verb_before = items[..pd.at.min(items.len())]
         .iter()
@@ -622,42 +623,43 @@ fn option_features(
             .map(|j| last_word(&nps[j].head(t)).to_string())
             .unwrap_or_else(|| "-".into());
         let dist = pos.map(|x| bucket(pd.at.saturating_sub(x))).unwrap_or("-");
-        use std::fmt::Write;
-        let mut put = |args: std::fmt::Arguments| {
-            buf.clear();
-            let _ = buf.write_fmt(args);
-            emit(i, &buf);
+        let none = if subject.is_none() { "true" } else { "false" };
+        let sfirst = if subject.is_some() && subject == first_np {
+            "true"
+        } else {
+            "false"
         };
-        put(format_args!("{k}"));
-        put(format_args!("{k}|d={depth}"));
-        put(format_args!("{k}|p={p}"));
-        put(format_args!("{k}|pp={pp}"));
-        put(format_args!("{k}|p={p}|pp={pp}"));
-        put(format_args!("{k}|sh={sh}"));
-        put(format_args!("{k}|p={p}|sh={sh}"));
-        put(format_args!("{k}|oh={oh}"));
-        put(format_args!("{k}|p={p}|oh={oh}"));
-        put(format_args!("{k}|dist={dist}"));
-        put(format_args!("{k}|p={p}|dist={dist}"));
-        put(format_args!("{k}|vt={vt}"));
-        put(format_args!("{k}|vl={vl}"));
-        put(format_args!("{k}|p={p}|vl={vl}"));
-        put(format_args!("{k}|none={}", subject.is_none()));
-        put(format_args!("{k}|first={first_tag}"));
-        put(format_args!("{k}|vb4={verb_before}"));
-        put(format_args!(
-            "{k}|sfirst={}",
-            subject.is_some() && subject == first_np
-        ));
-        put(format_args!("{k}|p={p}|lh={low}"));
-        put(format_args!("{k}|lh={low}|oh={oh}"));
-        put(format_args!("{k}|sh={sh}|oh={oh}"));
-        put(format_args!("{k}|n={n}"));
+        let vb4 = if verb_before { "true" } else { "false" };
+        let d = DIGITS[(*depth).min(9)];
+        let nn = DIGITS[n.min(9)];
+        let mut put = |parts: &[&str]| emit(i, parts);
+        put(&[k]);
+        put(&[k, "|d=", d]);
+        put(&[k, "|p=", p]);
+        put(&[k, "|pp=", pp]);
+        put(&[k, "|p=", p, "|pp=", pp]);
+        put(&[k, "|sh=", &sh]);
+        put(&[k, "|p=", p, "|sh=", &sh]);
+        put(&[k, "|oh=", &oh]);
+        put(&[k, "|p=", p, "|oh=", &oh]);
+        put(&[k, "|dist=", dist]);
+        put(&[k, "|p=", p, "|dist=", dist]);
+        put(&[k, "|vt=", vt]);
+        put(&[k, "|vl=", &vl]);
+        put(&[k, "|p=", p, "|vl=", &vl]);
+        put(&[k, "|none=", none]);
+        put(&[k, "|first=", first_tag]);
+        put(&[k, "|vb4=", vb4]);
+        put(&[k, "|sfirst=", sfirst]);
+        put(&[k, "|p=", p, "|lh=", &low]);
+        put(&[k, "|lh=", &low, "|oh=", &oh]);
+        put(&[k, "|sh=", &sh, "|oh=", &oh]);
+        put(&[k, "|n=", nn]);
         if i == pd.rule {
-            put(format_args!("rule"));
-            put(format_args!("rule|{k}"));
-            put(format_args!("rule|p={p}"));
-            put(format_args!("rule|p={p}|pp={pp}"));
+            put(&["rule"]);
+            put(&["rule|", k]);
+            put(&["rule|p=", p]);
+            put(&["rule|p=", p, "|pp=", pp]);
         }
         subjects.push(subject);
     }
@@ -702,10 +704,10 @@ pub fn parse(
                         let subjects =
                             option_features(&pd, np, &t, &nps, &items, &subj_of, |i, f| {
                                 if let Some(m) = model {
-                                    scores[i] += m.weight(f);
+                                    scores[i] += m.weight_of_parts(f);
                                 }
                                 if tracing {
-                                    feats[i].push(f.to_string());
+                                    feats[i].push(f.concat());
                                 }
                             });
                         let chosen = match model {
