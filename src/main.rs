@@ -615,10 +615,16 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                         .fields()
                         .iter()
                         .map(|f| {
+                            // A width-0 fixed-size list stands for "the model's width".
+                            let ty = match f.data_type() {
+                                arrow::datatypes::DataType::FixedSizeList(item, 0) => {
+                                    format!("FixedSizeList(d x {})", item.data_type())
+                                }
+                                other => other.to_string(),
+                            };
                             format!(
-                                "{} {}{}",
+                                "{} {ty}{}",
                                 f.name(),
-                                f.data_type(),
                                 if f.is_nullable() { "?" } else { "" }
                             )
                         })

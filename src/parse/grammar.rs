@@ -696,7 +696,10 @@ pub fn parse(
         match items[idx].clone() {
             Item::Np(np) => {
                 if let Some((rel, mut att)) = pending.take() {
-                    if let Some(pd) = pending_opts.take() {
+                    if let Some(pd) = pending_opts
+                        .take()
+                        .filter(|_| model.is_some() || trace.is_some())
+                    {
                         let n = pd.opts.len();
                         let mut feats: Vec<Vec<String>> = vec![Vec::new(); n];
                         let mut scores = vec![0f32; n];
