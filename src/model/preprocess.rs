@@ -276,10 +276,16 @@ pub fn load_batch(keys: &[ImageKey], n_px: u32) -> Vec<Result<Tensor, String>> {
             let img = match k.bbox {
                 Some(b) => {
                     let rgb = img.into_rgb8();
-                    DynamicImage::ImageRgb8(crop_pad_square(
-                        &rgb,
-                        vaw_crop_box(b, rgb.width(), rgb.height()),
-                    ))
+                    let bx = vaw_crop_box(b, rgb.width(), rgb.height());
+                    if bx.2 <= bx.0 || bx.3 <= bx.1 {
+                        return Err(format!(
+                            "{}: instance_bbox {b:?} lies outside the {}x{} image",
+                            k.path.display(),
+                            rgb.width(),
+                            rgb.height()
+                        ));
+                    }
+                    DynamicImage::ImageRgb8(crop_pad_square(&rgb, bx))
                 }
                 None => img,
             };
@@ -317,6 +323,33 @@ mod tests {
         assert_eq!(round_half_even(2.5), 2);
         assert_eq!(round_half_even(3.5), 4);
         assert_eq!(round_half_even(-0.5), 0);
+    }
+
+    #[test]
+    fn a_box_outside_the_image_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("genecis-pre-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.png");
+        RgbImage::from_pixel(100, 80, Rgb([9, 9, 9]))
+            .save(&p)
+            .unwrap();
+        let keys = [
+            ImageKey {
+                path: &p,
+                bbox: Some([2000.0, 10.0, 10.0, 10.0]),
+            },
+            ImageKey {
+                path: &p,
+                bbox: Some([10.0, 10.0, 10.0, 10.0]),
+            },
+        ];
+        let out = load_batch(&keys, 16);
+        assert!(out[0]
+            .as_ref()
+            .unwrap_err()
+            .contains("outside the 100x80 image"));
+        assert!(out[1].is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
