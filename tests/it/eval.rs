@@ -736,3 +736,59 @@ params = {{ combiner = "{}" }}
         ["average,3920", "change_object,1960", "focus_object,1960"]
     );
 }
+
+#[test]
+fn embed_resumes_after_kill_minus_9_with_the_same_embeddings() {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let w = small_world(tmp.path());
+    let m = manifest(tmp.path(), &w, false);
+    let ms = m.to_str().unwrap();
+    let one = ["--set", "embed.chunk_size=1"];
+    genecis(&["run", ms, "-q", "--only", "templates"]).ok();
+    let parts = tmp.path().join("run/.work/embed/image_embeddings");
+    let mut killed_midway = false;
+    for _attempt in 0..5 {
+        let mut child = crate::common::bin()
+            .args(["run", ms, "-q", "--only", "embed", one[0], one[1]])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        loop {
+            let n = std::fs::read_dir(&parts).map(|d| d.count()).unwrap_or(0);
+            if n >= 3 || t0.elapsed() > Duration::from_secs(120) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if !tmp.path().join("run/embed/_stage.json").exists() {
+            killed_midway = true;
+            break;
+        }
+        std::fs::remove_dir_all(tmp.path().join("run/embed")).unwrap();
+    }
+    assert!(
+        killed_midway,
+        "could not interrupt embed before it finished"
+    );
+    let r = genecis(&["run", ms, "-q", "--only", "embed", one[0], one[1]]);
+    r.ok();
+    assert!(r.stdout.contains("resumed"), "{}", r.stdout);
+    let resumed = embeddings(&tmp.path().join("run/embed/image_embeddings"), "image_key");
+
+    let fresh = tempfile::tempdir().unwrap();
+    let w2 = small_world(fresh.path());
+    let m2 = manifest(fresh.path(), &w2, false);
+    genecis(&["run", m2.to_str().unwrap(), "-q", one[0], one[1]]).ok();
+    let whole = embeddings(
+        &fresh.path().join("run/embed/image_embeddings"),
+        "image_key",
+    );
+    assert_eq!(resumed.len(), whole.len());
+    for (k, v) in &whole {
+        assert_eq!(&resumed[k], v, "{k}");
+    }
+}
