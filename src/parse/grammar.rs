@@ -652,8 +652,6 @@ fn option_features(
         put(&[k, "|vb4=", vb4]);
         put(&[k, "|sfirst=", sfirst]);
         put(&[k, "|p=", p, "|lh=", &low]);
-        put(&[k, "|lh=", &low, "|oh=", &oh]);
-        put(&[k, "|sh=", &sh, "|oh=", &oh]);
         put(&[k, "|n=", nn]);
         if i == pd.rule {
             put(&["rule"]);
@@ -688,6 +686,8 @@ pub fn parse(
     let mut passive: Option<usize> = None;
     let mut clause_subj: Option<usize> = None;
     let mut pending_opts: Option<Pending> = None;
+    // Attachment options are listed only when something will use them.
+    let deciding = model.is_some() || trace.is_some();
     // Verb particles ("looking up in the air"): a PP after one hangs as if
     // the particle were not there.
     let mut particle_at = vec![false; items.len()];
@@ -696,10 +696,7 @@ pub fn parse(
         match items[idx].clone() {
             Item::Np(np) => {
                 if let Some((rel, mut att)) = pending.take() {
-                    if let Some(pd) = pending_opts
-                        .take()
-                        .filter(|_| model.is_some() || trace.is_some())
-                    {
+                    if let Some(pd) = pending_opts.take() {
                         let n = pd.opts.len();
                         let mut feats: Vec<Vec<String>> = vec![Vec::new(); n];
                         let mut scores = vec![0f32; n];
@@ -832,7 +829,9 @@ pub fn parse(
                         passive,
                         (!strict_v010).then_some(clause_subj).flatten(),
                     );
-                    pending_opts = options_for(&p, prev, att, idx, &nps, clause_subj);
+                    pending_opts = deciding
+                        .then(|| options_for(&p, prev, att, idx, &nps, clause_subj))
+                        .flatten();
                     (p.clone(), att)
                 });
                 prev_kind = "P";
@@ -879,7 +878,9 @@ pub fn parse(
                         passive,
                         (!strict_v010).then_some(clause_subj).flatten(),
                     );
-                    pending_opts = options_for(&p, prev, att, idx, &nps, clause_subj);
+                    pending_opts = deciding
+                        .then(|| options_for(&p, prev, att, idx, &nps, clause_subj))
+                        .flatten();
                     // Phrasal verb: "sitting on" keeps the verb when its lemma + P is listed.
                     let rel = match prev {
                         Some(Item::Tok("V", vt))
