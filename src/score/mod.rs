@@ -163,7 +163,8 @@ fn read_embeddings(
         models.extend(m.as_string::<i32>().iter().flatten().map(str::to_string));
     }
     let chosen = match model {
-        Some(m) if models.contains(m) => m.to_string(),
+        // An empty table (no conditions to encode) holds no model at all.
+        Some(m) if models.contains(m) || models.is_empty() => m.to_string(),
         Some(m) => {
             return Err(format!(
                 "no embeddings of model '{m}' in {}; it holds: {}",
@@ -422,23 +423,12 @@ impl Stage for Score {
             p.model.as_deref(),
         )
         .map_err(|m| fail(format!("image_embeddings: {m}")))?;
-        let (_, txt) = read_embeddings(&ctx.inputs["text_embeddings"], "text", Some(&model))
-            .or_else(|e| {
-                if txt_is_empty(&ctx.inputs["text_embeddings"]) {
-                    Ok((
-                        model.clone(),
-                        Embeddings {
-                            index: HashMap::new(),
-                            values: Vec::new(),
-                            dim: img.dim,
-                        },
-                    ))
-                } else {
-                    Err(e)
-                }
-            })
+        let (_, mut txt) = read_embeddings(&ctx.inputs["text_embeddings"], "text", Some(&model))
             .map_err(|m| fail(format!("text_embeddings: {m}")))?;
-        if img.dim != txt.dim && !txt.index.is_empty() {
+        if txt.index.is_empty() {
+            txt.dim = img.dim;
+        }
+        if img.dim != txt.dim {
             return Err(fail(format!(
                 "image embeddings have width {} but text embeddings {}: they come from different models",
                 img.dim, txt.dim
@@ -610,12 +600,6 @@ impl Stage for Score {
             elapsed: started.elapsed(),
         })
     }
-}
-
-fn txt_is_empty(dir: &Path) -> bool {
-    crate::store::read_table(dir)
-        .map(|bs| bs.iter().all(|b| b.num_rows() == 0))
-        .unwrap_or(false)
 }
 
 fn results_batch(recalls: &[Recall]) -> Result<RecordBatch> {
