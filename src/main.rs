@@ -103,9 +103,12 @@ struct ParseTrainArgs {
     /// Real captions with reference output (JSONL; reference_parses.dev.jsonl).
     #[arg(long)]
     dev: PathBuf,
-    /// Where to write the weights (the parser ships src/parse/lexicon/attach_weights.tsv).
+    /// Where to write the attachment weights (the parser ships src/parse/lexicon/attach_weights.tsv).
     #[arg(long)]
     out: PathBuf,
+    /// Where to write the chunk-role weights (the parser ships src/parse/lexicon/chunk_weights.tsv).
+    #[arg(long)]
+    chunks_out: PathBuf,
     #[arg(long, default_value_t = 10)]
     epochs: usize,
     /// Added to the rule choice's score: the model overrides the rules only
@@ -398,7 +401,11 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::ParseTrain(a) => {
-            let o = genecis::parse::eval::train_attachment(&a.dev, true, a.epochs, a.rule_bonus)?;
+            let o = genecis::parse::eval::train_parser(&a.dev, true, a.epochs, a.rule_bonus)?;
+            println!(
+                "{} chunk-role tokens with a label ({} captions left out: their reference spans do not line up with the tokens)",
+                o.chunk_examples, o.chunk_unaligned
+            );
             println!(
                 "{} attachment decisions with a label; the rules choose a reference attachment in {}",
                 o.examples, o.rule_right
@@ -408,23 +415,49 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     println!("{n:7} {k}");
                 }
             }
-            for (i, (n, rules, learned)) in o.folds.iter().enumerate() {
-                println!(
-                    "fold {i} ({n} held-out captions): relation F1 rules {:.4} (P {:.4} R {:.4}) -> learned {:.4} (P {:.4} R {:.4})",
-                    rules.f1(), rules.precision(), rules.recall(),
-                    learned.f1(), learned.precision(), learned.recall()
-                );
+            for (i, f) in o.folds.iter().enumerate() {
+                println!("fold {i} ({} held-out captions):", f.captions);
+                for (name, s) in [
+                    ("rules", f.rules),
+                    ("+ chunk roles", f.chunks),
+                    ("+ chunk roles + attachment", f.both),
+                ] {
+                    println!(
+                        "  {name:28} relation F1 {:.4} (P {:.4} R {:.4})  entity F1 {:.4}",
+                        s.relations.f1(),
+                        s.relations.precision(),
+                        s.relations.recall(),
+                        s.entities.f1()
+                    );
+                }
             }
+            let dev_name = a
+                .dev
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let header = format!(
-                "PP-attachment weights for the parse stage (src/parse/attach.rs).\nTrained by: genecis parse-train --dev {} --epochs {} --rule-bonus {}\n{} decisions; features with |weight| < 0.001 dropped.",
-                a.dev.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
-                a.epochs,
-                a.rule_bonus,
-                o.examples
+                "PP-attachment weights for the parse stage (src/parse/attach.rs).\nTrained by: genecis parse-train --dev {dev_name} --epochs {} --rule-bonus {}\n{} decisions; features with |weight| < 0.001 dropped.",
+                a.epochs, a.rule_bonus, o.examples
             );
-            std::fs::write(&a.out, o.model.to_tsv(&header))
+            std::fs::write(&a.out, o.attach.to_tsv(&header))
                 .with_context(|| format!("cannot write {}", a.out.display()))?;
-            println!("{} weights -> {}", o.model.len(), a.out.display());
+            println!(
+                "{} attachment weights -> {}",
+                o.attach.len(),
+                a.out.display()
+            );
+            let header = format!(
+                "Chunk-role weights for the parse stage (src/parse/chunks.rs): feature, then O, M, H.\nTrained by: genecis parse-train --dev {dev_name} --epochs {}\n{} tokens; features whose weights are all under 0.05 dropped.",
+                a.epochs, o.chunk_examples
+            );
+            std::fs::write(&a.chunks_out, o.chunks.to_tsv(&header))
+                .with_context(|| format!("cannot write {}", a.chunks_out.display()))?;
+            println!(
+                "{} chunk-role weights -> {}",
+                o.chunks.len(),
+                a.chunks_out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::ParseEval(a) => {
@@ -453,15 +486,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     .iter()
                     .map(|t| format!("{}/{}", t.word, t.tag))
                     .collect();
-                let g = genecis::parse::parse_caption_with(
-                    c,
-                    strict,
-                    if a.rules_only {
-                        None
-                    } else {
-                        genecis::parse::attach::DEFAULT.as_ref()
-                    },
-                );
+                let learned = if a.rules_only {
+                    genecis::parse::Learned::none()
+                } else {
+                    genecis::parse::Learned::shipped()
+                };
+                let g = genecis::parse::parse_caption_with(c, strict, learned);
                 let heads: Vec<&str> = g.entities.iter().map(|e| e.head.as_str()).collect();
                 let rels: Vec<String> = g
                     .relations
@@ -485,14 +515,14 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 }
             }
             if let Some(d) = &a.dev {
-                let model = if a.rules_only {
-                    None
+                let learned = if a.rules_only {
+                    genecis::parse::Learned::none()
                 } else {
-                    genecis::parse::attach::DEFAULT.as_ref()
+                    genecis::parse::Learned::shipped()
                 };
-                let s = genecis::parse::eval::score_dev_with(d, strict, model)?;
-                if model.is_some() {
-                    println!("note: the shipped PP-attachment model was trained on reference_parses.dev.jsonl, so its dev score is in-sample; `genecis parse-train` prints the cross-validated score (and --rules-only scores the rules alone)");
+                let s = genecis::parse::eval::score_dev_with(d, strict, learned)?;
+                if !a.rules_only {
+                    println!("note: the shipped chunk-role and PP-attachment models were trained on reference_parses.dev.jsonl, so their dev score is in-sample; `genecis parse-train` prints the cross-validated score (and --rules-only scores the rules alone)");
                 }
                 println!(
                     "dev {} ({} captions): relation triples P {:.4} R {:.4} F1 {:.4}; entity heads P {:.4} R {:.4} F1 {:.4}; captions with identical relations {}",

@@ -46,7 +46,7 @@ type Map<V> = HashMap<String, V, std::hash::BuildHasherDefault<FxHasher>>;
 
 /// FNV-1a over the concatenation of `parts`: a feature is hashed from its
 /// pieces without building its string.
-fn fnv(parts: &[&str]) -> u64 {
+pub fn fnv(parts: &[&str]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
         for &b in p.as_bytes() {
@@ -54,6 +54,30 @@ fn fnv(parts: &[&str]) -> u64 {
         }
     }
     h
+}
+
+/// A weights file: `header` as `#` lines, then one line per feature in
+/// feature order (so a retrain on the same data gives the same bytes).
+pub fn weights_tsv<V>(
+    header: &str,
+    w: &HashMap<String, V, impl std::hash::BuildHasher>,
+    fmt: impl Fn(&V) -> String,
+) -> String {
+    let mut v: Vec<(&String, &V)> = w.iter().collect();
+    v.sort_by(|a, b| a.0.cmp(b.0));
+    let mut s = String::new();
+    for l in header.lines() {
+        s.push_str("# ");
+        s.push_str(l);
+        s.push('\n');
+    }
+    for (f, w) in v {
+        s.push_str(f);
+        s.push('\t');
+        s.push_str(&fmt(w));
+        s.push('\n');
+    }
+    s
 }
 
 /// The hash is already a hash.
@@ -104,18 +128,7 @@ impl AttachModel {
     }
 
     pub fn to_tsv(&self, header: &str) -> String {
-        let mut v: Vec<(&String, &f32)> = self.w.iter().collect();
-        v.sort_by(|a, b| a.0.cmp(b.0));
-        let mut s = String::new();
-        for l in header.lines() {
-            s.push_str("# ");
-            s.push_str(l);
-            s.push('\n');
-        }
-        for (f, w) in v {
-            s.push_str(&format!("{f}\t{w:.4}\n"));
-        }
-        s
+        weights_tsv(header, &self.w, |w| format!("{w:.4}"))
     }
 
     /// Favours the rule choice by `bonus`: the model overrides the rules

@@ -9,6 +9,8 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use super::attach::{self, AttachModel, Example};
+use super::chunks::{self, ChunkModel};
+use super::Learned;
 use crate::error::{Error, Result};
 
 #[derive(Deserialize, Clone)]
@@ -29,10 +31,18 @@ struct GoldItem {
 }
 
 #[derive(Deserialize, Clone)]
+struct RefEntity {
+    span: String,
+    head: String,
+}
+
+#[derive(Deserialize, Clone)]
 struct DevItem {
     caption: String,
     #[serde(default)]
     entities: Vec<String>,
+    #[serde(default)]
+    entity_details: Vec<RefEntity>,
     relations: Vec<RefRel>,
 }
 
@@ -49,16 +59,12 @@ fn triples(r: &[RefRel]) -> Vec<Triple> {
 
 /// Entity heads and sorted (subject, relation, object) head triples of a caption.
 pub fn predicted(caption: &str, strict: bool) -> (Vec<String>, Vec<Triple>) {
-    predicted_with(caption, strict, super::attach::DEFAULT.as_ref())
+    predicted_with(caption, strict, Learned::shipped())
 }
 
-/// [`predicted`] with a given attachment model (None: rules only).
-pub fn predicted_with(
-    caption: &str,
-    strict: bool,
-    model: Option<&AttachModel>,
-) -> (Vec<String>, Vec<Triple>) {
-    let g = super::parse_caption_with(caption, strict, model);
+/// [`predicted`] with the given learned parts.
+pub fn predicted_with(caption: &str, strict: bool, learned: Learned) -> (Vec<String>, Vec<Triple>) {
+    let g = super::parse_caption_with(caption, strict, learned);
     let ents = g.entities.iter().map(|e| e.head.clone()).collect();
     let mut rels: Vec<Triple> = g
         .relations
@@ -224,19 +230,19 @@ fn read_dev(path: &Path) -> Result<Vec<DevItem>> {
 }
 
 pub fn score_dev(path: &Path, strict: bool) -> Result<DevScore> {
-    score_dev_with(path, strict, attach::DEFAULT.as_ref())
+    score_dev_with(path, strict, Learned::shipped())
 }
 
-/// [`score_dev`] with a given attachment model (None: rules only).
-pub fn score_dev_with(path: &Path, strict: bool, model: Option<&AttachModel>) -> Result<DevScore> {
-    Ok(score_items(&read_dev(path)?, strict, model))
+/// [`score_dev`] with the given learned parts.
+pub fn score_dev_with(path: &Path, strict: bool, learned: Learned) -> Result<DevScore> {
+    Ok(score_items(&read_dev(path)?, strict, learned))
 }
 
-fn score_items(items: &[DevItem], strict: bool, model: Option<&AttachModel>) -> DevScore {
+fn score_items(items: &[DevItem], strict: bool, learned: Learned) -> DevScore {
     let per: Vec<(usize, usize, usize, usize, usize, usize, bool)> = items
         .par_iter()
         .map(|d| {
-            let (ents, rels) = predicted_with(&d.caption, strict, model);
+            let (ents, rels) = predicted_with(&d.caption, strict, learned);
             let exp = triples(&d.relations);
             (
                 overlap(&exp, &rels),
@@ -269,9 +275,13 @@ fn last(s: &str) -> &str {
     s.rsplit(' ').next().unwrap_or("")
 }
 
-fn examples(d: &DevItem, strict: bool) -> Vec<Example> {
+fn examples(d: &DevItem, strict: bool, chunks: Option<&ChunkModel>) -> Vec<Example> {
     let mut trace = Vec::new();
-    super::parse_traced(&d.caption, strict, None, Some(&mut trace));
+    let learned = Learned {
+        attach: None,
+        chunks,
+    };
+    super::parse_traced(&d.caption, strict, learned, Some(&mut trace));
     let exp = triples(&d.relations);
     trace
         .into_iter()
@@ -310,52 +320,120 @@ fn examples(d: &DevItem, strict: bool) -> Vec<Example> {
         .collect()
 }
 
-/// Training of the attachment model on a dev file, with a cross-validated
+/// Chunk-role training tokens of a caption; None when its reference
+/// spans do not line up with the tokens.
+fn chunk_examples(d: &DevItem) -> Option<Vec<chunks::Example>> {
+    let t = super::rule_tokens(&d.caption);
+    let spans: Vec<(String, String)> = d
+        .entity_details
+        .iter()
+        .map(|e| (e.span.clone(), e.head.clone()))
+        .collect();
+    let roles = chunks::reference_roles(&t, &spans)?;
+    Some(chunks::examples(&t, &roles))
+}
+
+/// Relation and entity scores of one configuration on held-out captions.
+#[derive(Debug, Clone, Copy)]
+pub struct Scores {
+    pub relations: Prf,
+    pub entities: Prf,
+}
+
+pub struct Fold {
+    pub captions: usize,
+    pub rules: Scores,
+    /// Rules + learned chunk roles.
+    pub chunks: Scores,
+    /// Rules + learned chunk roles + learned attachment.
+    pub both: Scores,
+}
+
+/// Training of the learned parts on a dev file, with a cross-validated
 /// estimate: the captions are split in two halves by position (even/odd);
-/// each half is scored with a model trained on the other.
+/// each half is scored with models trained on the other.
 pub struct TrainOutcome {
-    pub model: AttachModel,
+    pub attach: AttachModel,
+    pub chunks: ChunkModel,
+    /// Labelled attachment decisions.
     pub examples: usize,
+    /// Labelled chunk-role tokens, and captions left out because their
+    /// reference spans do not line up with the tokens.
+    pub chunk_examples: usize,
+    pub chunk_unaligned: usize,
     /// Labelled decisions where the rules already choose a reference option.
     pub rule_right: usize,
     /// (rule option kind -> reference option kinds, count), most frequent first.
     pub breakdown: Vec<(String, usize)>,
-    /// Per fold: (captions, rules-only relation score, model relation score).
-    pub folds: Vec<(usize, Prf, Prf)>,
+    pub folds: Vec<Fold>,
 }
 
-pub fn train_attachment(
+/// Both models from `items`: chunk roles first, then attachment decisions
+/// traced over the chunks the chunk model gives.
+fn train_both(
+    items: &[&DevItem],
+    chunk_ex: &[Option<Vec<chunks::Example>>],
+    strict: bool,
+    epochs: usize,
+    rule_bonus: f32,
+) -> (ChunkModel, AttachModel, Vec<Example>) {
+    let ce: Vec<&chunks::Example> = chunk_ex.iter().flatten().flatten().collect();
+    let cm = chunks::train(&ce, epochs);
+    let per: Vec<Vec<Example>> = items
+        .par_iter()
+        .map(|d| examples(d, strict, Some(&cm)))
+        .collect();
+    let all: Vec<Example> = per.into_iter().flatten().collect();
+    let refs: Vec<&Example> = all.iter().collect();
+    let mut am = attach::train_refs(&refs, epochs);
+    am.add_rule_bonus(rule_bonus);
+    (cm, am, all)
+}
+
+pub fn train_parser(
     path: &Path,
     strict: bool,
     epochs: usize,
     rule_bonus: f32,
 ) -> Result<TrainOutcome> {
     let items = read_dev(path)?;
-    let per: Vec<Vec<Example>> = items.par_iter().map(|d| examples(d, strict)).collect();
+    let chunk_ex: Vec<Option<Vec<chunks::Example>>> =
+        items.par_iter().map(chunk_examples).collect();
+    let scores = |held: &[DevItem], learned: Learned| {
+        let s = score_items(held, strict, learned);
+        Scores {
+            relations: s.relations,
+            entities: s.entities,
+        }
+    };
     let mut folds = Vec::new();
     for f in 0..2 {
-        let train_ex: Vec<&Example> = per
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| i % 2 != f)
-            .flat_map(|(_, e)| e.iter())
-            .collect();
-        let mut m = attach::train_refs(&train_ex, epochs);
-        m.add_rule_bonus(rule_bonus);
-        let held: Vec<&DevItem> = items
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| i % 2 == f)
-            .map(|(_, d)| d)
-            .collect();
-        let held: Vec<DevItem> = held.into_iter().cloned().collect();
-        let rules = score_items(&held, strict, None).relations;
-        let learned = score_items(&held, strict, Some(&m)).relations;
-        folds.push((held.len(), rules, learned));
+        let train_items: Vec<&DevItem> = items.iter().skip(1 - f).step_by(2).collect();
+        let train_chunks: Vec<Option<Vec<chunks::Example>>> =
+            chunk_ex.iter().skip(1 - f).step_by(2).cloned().collect();
+        let (cm, am, _) = train_both(&train_items, &train_chunks, strict, epochs, rule_bonus);
+        let held: Vec<DevItem> = items.iter().skip(f).step_by(2).cloned().collect();
+        folds.push(Fold {
+            captions: held.len(),
+            rules: scores(&held, Learned::none()),
+            chunks: scores(
+                &held,
+                Learned {
+                    attach: None,
+                    chunks: Some(&cm),
+                },
+            ),
+            both: scores(
+                &held,
+                Learned {
+                    attach: Some(&am),
+                    chunks: Some(&cm),
+                },
+            ),
+        });
     }
-    let all: Vec<&Example> = per.iter().flat_map(|e| e.iter()).collect();
-    let mut model = attach::train_refs(&all, epochs);
-    model.add_rule_bonus(rule_bonus);
+    let all_items: Vec<&DevItem> = items.iter().collect();
+    let (chunk_model, model, all) = train_both(&all_items, &chunk_ex, strict, epochs, rule_bonus);
     let rule_of = |e: &Example| {
         e.decision
             .options
@@ -379,8 +457,11 @@ pub fn train_attachment(
     let mut breakdown: Vec<(String, usize)> = table.into_iter().collect();
     breakdown.sort_by_key(|x| std::cmp::Reverse(x.1));
     Ok(TrainOutcome {
-        model,
+        attach: model,
+        chunks: chunk_model,
         examples: all.len(),
+        chunk_examples: chunk_ex.iter().flatten().map(Vec::len).sum(),
+        chunk_unaligned: chunk_ex.iter().filter(|c| c.is_none()).count(),
         rule_right,
         breakdown,
         folds,

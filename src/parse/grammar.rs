@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::sync::LazyLock;
 
 use super::attach::{AttachModel, Decision};
+use super::chunks::{self, ChunkModel};
 
 /// A tagged token: lower-cased surface, Penn tag (or AUX), lemma.
 #[derive(Debug, Clone)]
@@ -15,6 +16,9 @@ pub struct Tok {
     pub word: String,
     pub tag: &'static str,
     pub lemma: String,
+    /// The chunk role the learned model gives (`chunks::O/M/H`); None
+    /// without a model or for tokens it does not decide.
+    pub role: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -367,8 +371,18 @@ fn chunk(t: &[Tok], nps: &mut Vec<Np>, strict: bool) -> Vec<Item> {
         }
         if k > j {
             let mut head_toks: Vec<usize> = (j.max(k.saturating_sub(keep))..k).collect();
-            if strict && k - j >= 3 && DEMONYMS.contains(&t[k - 3].word.as_str()) {
-                head_toks = vec![k - 2, k - 3, k - 1];
+            if strict && k - j >= 3 {
+                if t[j..k - 2].iter().any(|x| x.role.is_some()) {
+                    // Nouns the model puts in the head are further direct
+                    // compounds of the root: 0.1.0 prepends each in turn,
+                    // so they come out right to left ("hop hip artist").
+                    head_toks = std::iter::once(k - 2)
+                        .chain((j..k - 2).rev().filter(|&x| t[x].role == Some(chunks::H)))
+                        .chain(std::iter::once(k - 1))
+                        .collect();
+                } else if DEMONYMS.contains(&t[k - 3].word.as_str()) {
+                    head_toks = vec![k - 2, k - 3, k - 1];
+                }
             }
             let mods = (i..j)
                 .filter(|&x| !matches!(t[x].tag, "CC" | "PRP$"))
@@ -664,15 +678,20 @@ fn option_features(
     subjects
 }
 
-/// Parses with the rules, and with `model` choosing PP attachments when
-/// given; `trace` receives every attachment decision (for training).
+/// Parses with the rules; `chunks` corrects chunk roles and `model`
+/// chooses PP attachments when given; `trace` receives every attachment
+/// decision (for training).
 pub fn parse(
     mut t: Vec<Tok>,
     strict_v010: bool,
     model: Option<&AttachModel>,
+    chunks: Option<&ChunkModel>,
     mut trace: Option<&mut Vec<Decision>>,
 ) -> (Vec<Tok>, Graph) {
     fix_tags(&mut t);
+    if let Some(c) = chunks {
+        c.apply(&mut t, strict_v010);
+    }
     let mut nps = Vec::new();
     let items = chunk(&t, &mut nps, strict_v010);
     let mut items = collapse(items, &t, &nps);

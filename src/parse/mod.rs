@@ -9,6 +9,7 @@
 //! follow the ingest chunks.
 
 pub mod attach;
+pub mod chunks;
 pub mod eval;
 pub mod grammar;
 
@@ -94,6 +95,40 @@ pub struct ParseParams {
     /// after a noun hangs; false: the hand-written rules alone.
     #[serde(default = "yes")]
     pub learned_attachment: bool,
+    /// Let the learned chunk-role model (lexicon/chunk_weights.tsv) correct
+    /// tags that put a word in or out of a noun chunk; false: rules alone.
+    #[serde(default = "yes")]
+    pub learned_chunks: bool,
+}
+
+/// The learned parts of the parser; None parts fall back to the rules.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Learned<'a> {
+    pub attach: Option<&'a attach::AttachModel>,
+    pub chunks: Option<&'a chunks::ChunkModel>,
+}
+
+impl Learned<'static> {
+    /// The models that ship in `lexicon/`.
+    pub fn shipped() -> Learned<'static> {
+        Learned {
+            attach: attach::DEFAULT.as_ref(),
+            chunks: chunks::DEFAULT.as_ref(),
+        }
+    }
+
+    /// The hand-written rules alone.
+    pub fn none() -> Learned<'static> {
+        Learned::default()
+    }
+
+    fn from_params(p: &ParseParams) -> Learned<'static> {
+        let s = Learned::shipped();
+        Learned {
+            attach: s.attach.filter(|_| p.learned_attachment),
+            chunks: s.chunks.filter(|_| p.learned_chunks),
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -189,7 +224,12 @@ pub fn tag(caption: &str) -> Vec<Tok> {
                 "riding" => "rid".to_string(),
                 _ => t.lemma.unwrap_or_else(|| word.clone()),
             };
-            Tok { word, tag, lemma }
+            Tok {
+                word,
+                tag,
+                lemma,
+                role: None,
+            }
         })
         .collect();
     while toks.last().is_some_and(|t| t.word == ".") {
@@ -322,32 +362,42 @@ fn retag_verbs_after_people(toks: &mut [Tok]) {
     }
 }
 
-/// Parses one caption with the shipped attachment model. Never panics,
-/// whatever the input.
+/// Parses one caption with the shipped models. Never panics, whatever the
+/// input.
 pub fn parse_caption(caption: &str, strict_v010: bool) -> SceneGraph {
-    parse_caption_with(caption, strict_v010, attach::DEFAULT.as_ref())
+    parse_caption_with(caption, strict_v010, Learned::shipped())
 }
 
-/// Parses one caption; `model` (None: rules only) chooses PP attachments.
-pub fn parse_caption_with(
-    caption: &str,
-    strict_v010: bool,
-    model: Option<&attach::AttachModel>,
-) -> SceneGraph {
-    parse_traced(caption, strict_v010, model, None)
+/// Parses one caption with the given learned parts.
+pub fn parse_caption_with(caption: &str, strict_v010: bool, learned: Learned) -> SceneGraph {
+    parse_traced(caption, strict_v010, learned, None)
+}
+
+/// The tokens as the chunker sees them before any learned correction:
+/// tagged, with the caption fix-ups applied.
+pub fn rule_tokens(caption: &str) -> Vec<Tok> {
+    let mut t = tag(caption);
+    grammar::fix_tags(&mut t);
+    t
 }
 
 /// [`parse_caption_with`], recording attachment decisions into `trace`.
 pub fn parse_traced(
     caption: &str,
     strict_v010: bool,
-    model: Option<&attach::AttachModel>,
+    learned: Learned,
     trace: Option<&mut Vec<attach::Decision>>,
 ) -> SceneGraph {
     if caption.trim().is_empty() {
         return SceneGraph::default();
     }
-    let (t, g) = grammar::parse(tag(caption), strict_v010, model, trace);
+    let (t, g) = grammar::parse(
+        tag(caption),
+        strict_v010,
+        learned.attach,
+        learned.chunks,
+        trace,
+    );
     let mut pos = vec![usize::MAX; g.nps.len()];
     let mut entities = Vec::with_capacity(g.entities.len());
     for &k in &g.entities {
@@ -397,7 +447,7 @@ pub struct Parse;
 
 impl Stage for Parse {
     const KIND: &'static str = "parse";
-    const VERSION: &'static str = "1";
+    const VERSION: &'static str = "2";
     const SHARDABLE: bool = true;
     const ABOUT: &'static str =
         "captions -> scene graphs (SceneGraphParser 0.1.0 semantics): entities, relations";
@@ -413,6 +463,7 @@ impl Stage for Parse {
             include_str!("lexicon/scene_nouns.txt"),
             include_str!("lexicon/tag_overrides.tsv"),
             attach::WEIGHTS_TSV,
+            chunks::WEIGHTS_TSV,
         ]
     }
 
@@ -443,19 +494,10 @@ impl Stage for Parse {
         let mut rows = 0u64;
         for k in todo {
             let (ids, caps) = read_captions(&parts[k])?;
+            let learned = Learned::from_params(p);
             let graphs: Vec<SceneGraph> = caps
                 .par_iter()
-                .map(|c| {
-                    parse_caption_with(
-                        c,
-                        p.strict_v010,
-                        if p.learned_attachment {
-                            attach::DEFAULT.as_ref()
-                        } else {
-                            None
-                        },
-                    )
-                })
+                .map(|c| parse_caption_with(c, p.strict_v010, learned))
                 .collect();
             rows += caps.len() as u64;
             let (e, r) = to_batches(&ids, &graphs)?;

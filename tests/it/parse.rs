@@ -86,8 +86,22 @@ fn dev_set_scores() {
         s.entities.f1()
     );
     assert_eq!(s.captions, 7917);
-    assert!(s.relations.f1() > 0.61, "relation F1 {}", s.relations.f1());
-    assert!(s.entities.f1() > 0.89, "entity F1 {}", s.entities.f1());
+    // The shipped models were trained on this set: floors against
+    // regressions, not estimates (parse-train prints held-out scores).
+    assert!(s.relations.f1() > 0.82, "relation F1 {}", s.relations.f1());
+    assert!(s.entities.f1() > 0.97, "entity F1 {}", s.entities.f1());
+    let rules =
+        genecis::parse::eval::score_dev_with(&dev, true, genecis::parse::Learned::none()).unwrap();
+    assert!(
+        rules.relations.f1() > 0.61,
+        "rules: relation F1 {}",
+        rules.relations.f1()
+    );
+    assert!(
+        rules.entities.f1() > 0.89,
+        "rules: entity F1 {}",
+        rules.entities.f1()
+    );
 }
 
 #[test]
@@ -205,56 +219,86 @@ fn strict_v010_false_switches_on_the_later_fixes() {
     );
 }
 
-/// The shipped attachment weights are what `parse-train` makes from the dev
-/// parses with the current rules (a rule change needs a retrain), and the
-/// learned model beats the rules on held-out halves.
+/// The shipped chunk-role and attachment weights are what `parse-train`
+/// makes from the dev parses with the current rules (a rule change needs a
+/// retrain), and each learned part beats the rules on held-out halves.
 #[test]
-fn attachment_weights_are_reproducible_and_help_held_out() {
+fn learned_weights_are_reproducible_and_help_held_out() {
     let Some(dev) = shared("data/cc3m/reference_parses.dev.jsonl") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("w.tsv");
+    let out = tmp.path().join("attach.tsv");
+    let chunks_out = tmp.path().join("chunks.tsv");
     let r = genecis(&[
         "parse-train",
         "--dev",
         dev.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
+        "--chunks-out",
+        chunks_out.to_str().unwrap(),
         "--rule-bonus",
         "8",
     ]);
     r.ok();
     eprintln!("{}", r.stdout);
-    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("src/parse/lexicon/attach_weights.tsv");
-    assert!(
-        std::fs::read(&out).unwrap() == std::fs::read(&shipped).unwrap(),
-        "the shipped weights are stale: run genecis parse-train --dev {} --rule-bonus 8 --out src/parse/lexicon/attach_weights.tsv",
-        dev.display()
-    );
-    let folds: Vec<(f64, f64)> = r
+    let lexicon = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/parse/lexicon");
+    for (made, shipped) in [
+        (&out, "attach_weights.tsv"),
+        (&chunks_out, "chunk_weights.tsv"),
+    ] {
+        assert!(
+            std::fs::read(made).unwrap() == std::fs::read(lexicon.join(shipped)).unwrap(),
+            "the shipped {shipped} is stale: run genecis parse-train --dev {} --rule-bonus 8 --out src/parse/lexicon/attach_weights.tsv --chunks-out src/parse/lexicon/chunk_weights.tsv",
+            dev.display()
+        );
+    }
+    // Per fold: rules, + chunk roles, + both; (relation F1, entity F1).
+    let rows: Vec<(f64, f64)> = r
         .stdout
         .lines()
-        .filter(|l| l.starts_with("fold "))
+        .filter(|l| l.contains("relation F1 "))
         .map(|l| {
             let num = |key: &str| -> f64 {
                 let i = l.find(key).unwrap() + key.len();
                 l[i..].split_whitespace().next().unwrap().parse().unwrap()
             };
-            (num("rules "), num("learned "))
+            (num("relation F1 "), num("entity F1 "))
         })
         .collect();
-    assert_eq!(folds.len(), 2);
-    for (rules, learned) in folds {
-        assert!(learned > rules, "held-out F1 {learned} <= rules {rules}");
+    assert_eq!(rows.len(), 6, "two folds of three rows");
+    for fold in rows.chunks(3) {
+        let (rules, chunks, both) = (fold[0], fold[1], fold[2]);
+        assert!(
+            chunks.1 > rules.1 + 0.01,
+            "held-out entity F1 {} vs rules {}",
+            chunks.1,
+            rules.1
+        );
+        assert!(
+            chunks.0 > rules.0,
+            "held-out relation F1 {} vs rules {}",
+            chunks.0,
+            rules.0
+        );
+        assert!(
+            both.0 > chunks.0,
+            "held-out relation F1 {} vs chunk roles alone {}",
+            both.0,
+            chunks.0
+        );
     }
 }
 
 #[test]
 fn learned_attachment_can_be_switched_off() {
     let c = "single cowboy guiding a line of horses through the desert";
-    let rules = genecis::parse::parse_caption_with(c, true, None);
+    let no_attach = genecis::parse::Learned {
+        attach: None,
+        ..genecis::parse::Learned::shipped()
+    };
+    let rules = genecis::parse::parse_caption_with(c, true, no_attach);
     let learned = genecis::parse::parse_caption(c, true);
     let trip = |g: &genecis::parse::SceneGraph| -> Vec<(String, String, String)> {
         g.relations
@@ -271,4 +315,38 @@ fn learned_attachment_can_be_switched_off() {
     eprintln!("rules {:?}\nlearned {:?}", trip(&rules), trip(&learned));
     assert!(trip(&rules).contains(&t("line", "through", "desert")));
     assert_eq!(trip(&rules).len(), trip(&learned).len());
+}
+
+/// `learned_chunks = false` parses with the tagger's reading alone: there
+/// "beginning" stays a verb and is no entity; the chunk-role model makes it
+/// the head noun, as spaCy does.
+#[test]
+fn learned_chunk_roles_can_be_switched_off() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir.path().join("c.tsv"),
+        "the beginning of the trail\tu0\nhip hop artist performs live on stage\tu1\n",
+    );
+    let m = dir.path().join("m.toml");
+    write(
+        &m,
+        "[pipeline]\nname = \"p\"\nworkdir = \"run\"\n\n[[stage]]\nname = \"captions\"\nkind = \"ingest\"\nparams = { path = \"c.tsv\" }\n\n[[stage]]\nname = \"graphs\"\nkind = \"parse\"\ninputs = [\"captions\"]\n",
+    );
+    let heads = || {
+        sql_csv(&m, "SELECT image_id, string_agg(head, '|' ORDER BY entity_idx) FROM entities GROUP BY image_id ORDER BY image_id")
+    };
+    genecis(&["run", m.to_str().unwrap()]).ok();
+    // Two direct compounds come out right to left, as in 0.1.0.
+    assert_eq!(
+        heads()[1..],
+        ["0,beginning|trail", "1,hop hip artist|stage"]
+    );
+    genecis(&[
+        "run",
+        m.to_str().unwrap(),
+        "--set",
+        "graphs.learned_chunks=false",
+    ])
+    .ok();
+    assert_eq!(heads()[1..], ["0,trail", "1,hop artist|stage"]);
 }
