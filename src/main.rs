@@ -115,6 +115,9 @@ struct ParseTrainArgs {
     /// when it is at least this much surer.
     #[arg(long, default_value_t = 0.0)]
     rule_bonus: f32,
+    /// The same for the verb-subject choice.
+    #[arg(long, default_value_t = 0.0)]
+    verb_rule_bonus: f32,
     /// Print how the rules' choices compare with the reference, by option kind.
     #[arg(long)]
     breakdown: bool,
@@ -401,7 +404,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::ParseTrain(a) => {
-            let o = genecis::parse::eval::train_parser(&a.dev, true, a.epochs, a.rule_bonus)?;
+            let o = genecis::parse::eval::train_parser(
+                &a.dev,
+                true,
+                a.epochs,
+                (a.rule_bonus, a.verb_rule_bonus),
+            )?;
             println!(
                 "{} chunk-role tokens with a label ({} captions left out: their reference spans do not line up with the tokens)",
                 o.chunk_examples, o.chunk_unaligned
@@ -437,8 +445,8 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let header = format!(
-                "PP-attachment weights for the parse stage (src/parse/attach.rs).\nTrained by: genecis parse-train --dev {dev_name} --epochs {} --rule-bonus {}\n{} decisions; features with |weight| < 0.001 dropped.",
-                a.epochs, a.rule_bonus, o.examples
+                "PP-attachment and verb-subject weights for the parse stage (src/parse/attach.rs).\nTrained by: genecis parse-train --dev {dev_name} --epochs {} --rule-bonus {} --verb-rule-bonus {}\n{} decisions; features with |weight| < 0.001 dropped.",
+                a.epochs, a.rule_bonus, a.verb_rule_bonus, o.examples
             );
             std::fs::write(&a.out, o.attach.to_tsv(&header))
                 .with_context(|| format!("cannot write {}", a.out.display()))?;

@@ -1,12 +1,13 @@
-//! A learned PP-attachment chooser. Where a preposition follows a noun
-//! phrase, the predicate pass lists the places the PP may hang on (the noun
-//! itself, the nouns and verbs it hangs on in turn, the clause subject, or
-//! nowhere) and a linear model over sparse features picks one. The rule
+//! A learned chooser for the predicate pass's two subject decisions. Where
+//! a preposition follows a noun phrase, it lists the places the PP may hang
+//! on (the noun itself, the nouns and verbs it hangs on in turn, the clause
+//! subject, or nowhere); at a verb, the noun phrases that may be its subject
+//! (or none). A linear model over sparse features picks one. The rule
 //! choice is itself a feature, so the model learns corrections to the rules.
 //!
 //! It is trained (averaged perceptron) on the reference parser's output: a
-//! choice is right when its subject head, with the PP's relation and object,
-//! is a reference triple. `genecis parse-train` trains it and reports a
+//! choice is right when its subject head, with the relations and objects it
+//! takes, makes reference triples. `genecis parse-train` trains it and reports a
 //! cross-validated score; the weights ship in `lexicon/attach_weights.tsv`.
 
 use std::collections::HashMap;
@@ -133,9 +134,12 @@ impl AttachModel {
 
     /// Favours the rule choice by `bonus`: the model overrides the rules
     /// only when it is that much surer.
-    pub fn add_rule_bonus(&mut self, bonus: f32) {
-        *self.w.entry("rule".into()).or_default() += bonus;
-        *self.by_hash.entry(fnv(&["rule"])).or_default() += bonus;
+    /// `pp` for PP attachments, `verb` for verb subjects.
+    pub fn add_rule_bonus(&mut self, pp: f32, verb: f32) {
+        for (f, bonus) in [("rule", pp), ("vrule", verb)] {
+            *self.w.entry(f.into()).or_default() += bonus;
+            *self.by_hash.entry(fnv(&[f])).or_default() += bonus;
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -188,8 +192,9 @@ pub struct Decision {
     /// Subject heads each option gives (the noun and its conjunct, as the
     /// relations expand; empty: no relation).
     pub subjects: Vec<Vec<String>>,
-    pub relation: String,
-    pub object: String,
+    /// The (relation, object head) pairs the decided subject takes: one for
+    /// a PP, those of the verb's object and PPs for a verb subject.
+    pub pairs: Vec<(String, String)>,
 }
 
 /// A decision with the options that agree with the reference.
@@ -276,8 +281,7 @@ mod tests {
                     f(&["b", &format!("b|p={p}")]),
                 ],
                 subjects: vec![vec!["x".into()], vec!["y".into()]],
-                relation: p.into(),
-                object: "o".into(),
+                pairs: vec![(p.into(), "o".into())],
             };
             ex.push(Example {
                 decision: d,

@@ -290,21 +290,18 @@ fn examples(d: &DevItem, strict: bool, chunks: Option<&ChunkModel>) -> Vec<Examp
                 .subjects
                 .iter()
                 .map(|ss| {
-                    ss.iter()
-                        .map(|s| {
+                    let mut n = 0;
+                    for s in ss {
+                        for (rel, obj) in &dec.pairs {
                             // Heads compared by their last word: a compound
                             // the chunker got wrong is not an attachment error.
-                            if exp.iter().any(|(a, r, o)| {
-                                last(a) == last(s)
-                                    && *r == dec.relation
-                                    && last(o) == last(&dec.object)
-                            }) {
-                                1
-                            } else {
-                                -1
-                            }
-                        })
-                        .sum()
+                            let hit = exp.iter().any(|(a, r, o)| {
+                                last(a) == last(s) && r == rel && last(o) == last(obj)
+                            });
+                            n += if hit { 1 } else { -1 };
+                        }
+                    }
+                    n
                 })
                 .collect();
             let best = *net.iter().max()?;
@@ -375,7 +372,7 @@ fn train_both(
     chunk_ex: &[Option<Vec<chunks::Example>>],
     strict: bool,
     epochs: usize,
-    rule_bonus: f32,
+    rule_bonus: (f32, f32),
 ) -> (ChunkModel, AttachModel, Vec<Example>) {
     let ce: Vec<&chunks::Example> = chunk_ex.iter().flatten().flatten().collect();
     let cm = chunks::train(&ce, epochs);
@@ -386,7 +383,7 @@ fn train_both(
     let all: Vec<Example> = per.into_iter().flatten().collect();
     let refs: Vec<&Example> = all.iter().collect();
     let mut am = attach::train_refs(&refs, epochs);
-    am.add_rule_bonus(rule_bonus);
+    am.add_rule_bonus(rule_bonus.0, rule_bonus.1);
     (cm, am, all)
 }
 
@@ -394,7 +391,7 @@ pub fn train_parser(
     path: &Path,
     strict: bool,
     epochs: usize,
-    rule_bonus: f32,
+    rule_bonus: (f32, f32),
 ) -> Result<TrainOutcome> {
     let items = read_dev(path)?;
     let chunk_ex: Vec<Option<Vec<chunks::Example>>> =
@@ -438,7 +435,7 @@ pub fn train_parser(
         e.decision
             .options
             .iter()
-            .position(|o| o.iter().any(|f| f == "rule"))
+            .position(|o| o.iter().any(|f| f == "rule" || f == "vrule"))
             .unwrap_or(0)
     };
     let rule_right = all.iter().filter(|e| e.gold.contains(&rule_of(e))).count();

@@ -678,6 +678,113 @@ fn option_features(
     subjects
 }
 
+/// The heads a subject expands to (itself and its conjunct; none: empty).
+fn with_conjunct(s: Option<usize>, nps: &[Np], t: &[Tok]) -> Vec<String> {
+    s.map(|j| {
+        std::iter::once(j)
+            .chain(nps[j].conj)
+            .map(|x| nps[x].head(t))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// The subjects a verb may take: (subject, kinds naming it, is the rules'
+/// choice), one entry per distinct subject.
+type VerbOptions = Vec<(Option<usize>, Vec<&'static str>, bool)>;
+
+/// Candidate subjects of the verb at item `idx`: the noun phrase right
+/// before it, the last one, that one's conjunct host or the noun its PP
+/// hangs on, the clause subject, the previous verb's subject, or none.
+fn verb_options(
+    idx: usize,
+    rule: Option<usize>,
+    last_np: Option<usize>,
+    clause_subj: Option<usize>,
+    prev_verb_subj: Option<usize>,
+    items: &[Item],
+    nps: &[Np],
+) -> VerbOptions {
+    let prev = match items.get(idx.wrapping_sub(1)) {
+        Some(Item::Np(p)) => Some(*p),
+        _ => None,
+    };
+    let head = last_np.and_then(|l| match nps[l].pobj_of {
+        Some(Attach::N(h)) => Some(h),
+        _ => None,
+    });
+    let cands: [(&'static str, Option<usize>); 7] = [
+        ("v:prev", prev),
+        ("v:last", last_np),
+        ("v:host", last_np.and_then(|l| nps[l].conj_of)),
+        ("v:head", head),
+        ("v:clause", clause_subj),
+        ("v:pverb", prev_verb_subj),
+        ("v:none", None),
+    ];
+    let mut v: VerbOptions = Vec::new();
+    for (k, s) in cands {
+        if s.is_none() && k != "v:none" {
+            continue;
+        }
+        match v.iter_mut().find(|o| o.0 == s) {
+            Some(o) => o.1.push(k),
+            None => v.push((s, vec![k], false)),
+        }
+    }
+    match v.iter_mut().find(|o| o.0 == rule) {
+        Some(o) => o.2 = true,
+        None => v.push((rule, vec!["v:rule"], true)),
+    }
+    v
+}
+
+/// Emits `(option, feature)` for each verb-subject option.
+fn verb_option_features(
+    opts: &VerbOptions,
+    verb: &Tok,
+    prev_kind: &str,
+    t: &[Tok],
+    nps: &[Np],
+    mut emit: impl FnMut(usize, &[&str]),
+) {
+    let (vt, vw) = (verb.tag, verb.word.as_str());
+    let pk = if prev_kind.is_empty() { "-" } else { prev_kind };
+    for (i, (s, kinds, rule)) in opts.iter().enumerate() {
+        let h = s.map(|j| last_word(&nps[j].head(t)).to_string());
+        let h = h.as_deref().unwrap_or("-");
+        let pp = s.map_or("-", |j| {
+            if nps[j].prep.is_empty() {
+                "-"
+            } else {
+                nps[j].prep.as_str()
+            }
+        });
+        let pron = if s.is_some_and(|j| nps[j].pron) {
+            "pron"
+        } else {
+            "-"
+        };
+        let mut put = |parts: &[&str]| emit(i, parts);
+        for k in kinds {
+            put(&[k]);
+            put(&[k, "|vt=", vt]);
+            put(&[k, "|pk=", pk]);
+            put(&[k, "|vt=", vt, "|pk=", pk]);
+            put(&[k, "|vw=", vw]);
+            put(&[k, "|h=", h]);
+            put(&[k, "|pp=", pp]);
+            put(&[k, "|pron=", pron]);
+        }
+        put(&["v:h=", h, "|vw=", vw]);
+        put(&["v:pp=", pp, "|vt=", vt]);
+        if *rule {
+            put(&["vrule"]);
+            put(&["vrule|vt=", vt, "|pk=", pk]);
+        }
+    }
+}
+
 /// Parses with the rules; `chunks` corrects chunk roles and `model`
 /// chooses PP attachments when given; `trace` receives every attachment
 /// decision (for training).
@@ -710,6 +817,10 @@ pub fn parse(
     // Verb particles ("looking up in the air"): a PP after one hangs as if
     // the particle were not there.
     let mut particle_at = vec![false; items.len()];
+    // Per verb item, the (relation, object) pairs its subject takes; and the
+    // traced verb-subject decisions (verb item, trace index) to label with them.
+    let mut verb_pairs: Vec<Vec<(String, usize)>> = vec![Vec::new(); items.len()];
+    let mut verb_decisions: Vec<(usize, usize)> = Vec::new();
 
     for idx in 0..items.len() {
         match items[idx].clone() {
@@ -739,24 +850,16 @@ pub fn parse(
                                 options: feats,
                                 subjects: subjects
                                     .iter()
-                                    .map(|s| {
-                                        s.map(|j| {
-                                            std::iter::once(j)
-                                                .chain(nps[j].conj)
-                                                .map(|x| nps[x].head(&t))
-                                                .collect()
-                                        })
-                                        .unwrap_or_default()
-                                    })
+                                    .map(|s| with_conjunct(*s, &nps, &t))
                                     .collect(),
-                                relation: rel.clone(),
-                                object: nps[np].head(&t),
+                                pairs: vec![(rel.clone(), nps[np].head(&t))],
                             });
                         }
                     }
                     match att {
                         Attach::N(h) => rels.push((h, rel.clone(), np)),
                         Attach::V(v) => {
+                            verb_pairs[v].push((rel.clone(), np));
                             if let Some(s) = subj_of[v] {
                                 rels.push((s, rel.clone(), np));
                             }
@@ -811,8 +914,11 @@ pub fn parse(
                         if let Some(cs) = clause_subj {
                             rels.push((cs, t[vt].word.clone(), np));
                         }
-                    } else if let Some(s) = subj_of[v] {
-                        rels.push((s, t[vt].word.clone(), np));
+                    } else {
+                        verb_pairs[v].push((t[vt].word.clone(), np));
+                        if let Some(s) = subj_of[v] {
+                            rels.push((s, t[vt].word.clone(), np));
+                        }
                     }
                     nps[np].dobj_of = Some(v);
                     last_np = Some(np);
@@ -947,6 +1053,45 @@ pub fn parse(
                             };
                         }
                     }
+                    if deciding {
+                        let opts = verb_options(
+                            idx,
+                            subj_of[idx],
+                            last_np,
+                            clause_subj,
+                            verb.and_then(|v| subj_of[v]),
+                            &items,
+                            &nps,
+                        );
+                        if opts.len() > 1 {
+                            let n = opts.len();
+                            let mut feats: Vec<Vec<String>> = vec![Vec::new(); n];
+                            let mut scores = vec![0f32; n];
+                            let tracing = trace.is_some();
+                            verb_option_features(&opts, &t[ti], prev_kind, &t, &nps, |i, f| {
+                                if let Some(m) = model {
+                                    scores[i] += m.weight_of_parts(f);
+                                }
+                                if tracing {
+                                    feats[i].push(f.concat());
+                                }
+                            });
+                            if model.is_some() {
+                                subj_of[idx] = opts[super::attach::argmax(&scores)].0;
+                            }
+                            if let Some(tr) = trace.as_deref_mut() {
+                                verb_decisions.push((idx, tr.len()));
+                                tr.push(Decision {
+                                    options: feats,
+                                    subjects: opts
+                                        .iter()
+                                        .map(|(s, _, _)| with_conjunct(*s, &nps, &t))
+                                        .collect(),
+                                    pairs: Vec::new(),
+                                });
+                            }
+                        }
+                    }
                     verb = Some(idx);
                     prev_kind = "V";
                 } else {
@@ -959,6 +1104,18 @@ pub fn parse(
         }
     }
 
+    if let Some(tr) = trace {
+        for (v, at) in verb_decisions {
+            tr[at].pairs = verb_pairs[v]
+                .iter()
+                .flat_map(|(r, o)| {
+                    std::iter::once(*o)
+                        .chain(nps[*o].conj)
+                        .map(|x| (r.clone(), nps[x].head(&t)))
+                })
+                .collect();
+        }
+    }
     // Conjunctions expand one level (0.1.0 does not recurse).
     let mut relations = Vec::new();
     for (s, r, o) in rels {
