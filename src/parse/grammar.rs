@@ -545,13 +545,18 @@ fn candidates(
         v.push((Attach::N(cs), "clause", 0));
     }
     v.push((Attach::Drop, "drop", 0));
+    first_of_each(&mut v);
+    v
+}
+
+/// Keeps the first option for each attachment.
+fn first_of_each(v: &mut Vec<(Attach, &'static str, usize)>) {
     let mut seen = Vec::new();
     v.retain(|(a, _, _)| {
         let new = !seen.contains(a);
         seen.push(*a);
         new
     });
-    v
 }
 
 /// The options of a pending PP, decided when its object is known.
@@ -563,6 +568,8 @@ struct Pending {
     at: usize,
     /// The preposition of the noun phrase before it ("" when none).
     prev_prep: String,
+    /// What the preposition follows: "np", or the tag of the item before it.
+    ctx: &'static str,
 }
 
 const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
@@ -667,9 +674,14 @@ fn option_features(
         put(&[k, "|sfirst=", sfirst]);
         put(&[k, "|p=", p, "|lh=", &low]);
         put(&[k, "|n=", nn]);
+        if pd.ctx != "np" {
+            put(&[k, "|ctx=", pd.ctx]);
+            put(&[k, "|ctx=", pd.ctx, "|p=", p]);
+        }
         if i == pd.rule {
             put(&["rule"]);
             put(&["rule|", k]);
+            put(&["rule|ctx=", pd.ctx]);
             put(&["rule|p=", p]);
             put(&["rule|p=", p, "|pp=", pp]);
         }
@@ -955,7 +967,7 @@ pub fn parse(
                         (!strict_v010).then_some(clause_subj).flatten(),
                     );
                     pending_opts = deciding
-                        .then(|| options_for(&p, prev, att, idx, &nps, clause_subj))
+                        .then(|| options_for(&p, prev, att, idx, &nps, clause_subj, last_np, verb))
                         .flatten();
                     (p.clone(), att)
                 });
@@ -1004,7 +1016,7 @@ pub fn parse(
                         (!strict_v010).then_some(clause_subj).flatten(),
                     );
                     pending_opts = deciding
-                        .then(|| options_for(&p, prev, att, idx, &nps, clause_subj))
+                        .then(|| options_for(&p, prev, att, idx, &nps, clause_subj, last_np, verb))
                         .flatten();
                     // Phrasal verb: "sitting on" keeps the verb when its lemma + P is listed.
                     let rel = match prev {
@@ -1147,6 +1159,7 @@ pub fn parse(
 
 /// The options to decide between when a PP follows a noun phrase (not for
 /// "of", which always hangs on its noun, nor after a bare pronoun).
+#[allow(clippy::too_many_arguments)]
 fn options_for(
     p: &str,
     prev: Option<&Item>,
@@ -1154,15 +1167,47 @@ fn options_for(
     idx: usize,
     nps: &[Np],
     clause_subj: Option<usize>,
+    last_np: Option<usize>,
+    verb: Option<usize>,
 ) -> Option<Pending> {
-    let Some(Item::Np(k)) = prev else {
-        return None;
-    };
-    let np = &nps[*k];
-    if p == "of" || (np.pron && np.dobj_of.is_none() && np.pobj_of.is_none()) {
+    if p == "of" {
         return None;
     }
-    let mut opts = candidates(*k, nps, clause_subj);
+    let (mut opts, prev_prep, ctx) = match prev {
+        Some(Item::Np(k)) => {
+            let np = &nps[*k];
+            if np.pron && np.dobj_of.is_none() && np.pobj_of.is_none() {
+                return None;
+            }
+            (candidates(*k, nps, clause_subj), np.prep.clone(), "np")
+        }
+        // Right after its verb or copula a PP keeps the rules' reading
+        // ("sitting on"; 0.1.0 drops copula + PP, later versions do not).
+        Some(Item::Tok("V" | "AUX", _)) => return None,
+        // After an adverb, adjective, comma...: the verb, then the last noun
+        // phrase and what it hangs on.
+        _ => {
+            let mut v = Vec::new();
+            if let Some(vv) = verb {
+                v.push((Attach::V(vv), "verb", 0));
+            }
+            match last_np {
+                Some(k) => v.extend(candidates(k, nps, clause_subj)),
+                None => v.extend(clause_subj.map(|cs| (Attach::N(cs), "clause", 0))),
+            }
+            v.push((Attach::Drop, "drop", 0));
+            first_of_each(&mut v);
+            let ctx = match prev {
+                Some(Item::Tok(tag, _)) => *tag,
+                Some(_) => "prep",
+                None => "start",
+            };
+            (v, String::new(), ctx)
+        }
+    };
+    if opts.len() < 2 {
+        return None;
+    }
     let rule_idx = match opts.iter().position(|(a, _, _)| *a == rule) {
         Some(i) => i,
         None => {
@@ -1175,7 +1220,8 @@ fn options_for(
         rule: rule_idx,
         prep: p.to_string(),
         at: idx,
-        prev_prep: np.prep.clone(),
+        prev_prep,
+        ctx,
     })
 }
 
