@@ -198,6 +198,7 @@ pub struct Decision {
 }
 
 /// A decision with the options that agree with the reference.
+#[derive(Debug, Clone)]
 pub struct Example {
     pub decision: Decision,
     pub gold: Vec<usize>,

@@ -275,12 +275,8 @@ fn last(s: &str) -> &str {
     s.rsplit(' ').next().unwrap_or("")
 }
 
-fn examples(d: &DevItem, strict: bool, chunks: Option<&ChunkModel>) -> Vec<Example> {
+fn examples(d: &DevItem, strict: bool, learned: Learned) -> Vec<Example> {
     let mut trace = Vec::new();
-    let learned = Learned {
-        attach: None,
-        chunks,
-    };
     super::parse_traced(&d.caption, strict, learned, Some(&mut trace));
     let exp = triples(&d.relations);
     trace
@@ -376,13 +372,27 @@ fn train_both(
 ) -> (ChunkModel, AttachModel, Vec<Example>) {
     let ce: Vec<&chunks::Example> = chunk_ex.iter().flatten().flatten().collect();
     let cm = chunks::train(&ce, epochs);
-    let per: Vec<Vec<Example>> = items
-        .par_iter()
-        .map(|d| examples(d, strict, Some(&cm)))
-        .collect();
-    let all: Vec<Example> = per.into_iter().flatten().collect();
+    let traced = |attach: Option<&AttachModel>| -> Vec<Example> {
+        let learned = Learned {
+            attach,
+            chunks: Some(&cm),
+        };
+        let per: Vec<Vec<Example>> = items
+            .par_iter()
+            .map(|d| examples(d, strict, learned))
+            .collect();
+        per.into_iter().flatten().collect()
+    };
+    let all = traced(None);
     let refs: Vec<&Example> = all.iter().collect();
     let mut am = attach::train_refs(&refs, epochs);
+    am.add_rule_bonus(rule_bonus.0, rule_bonus.1);
+    // The model's own choices change what later decisions see: trace again
+    // with it and retrain on both sets of decisions (one round of DAgger;
+    // more rounds did not help held-out).
+    let more = traced(Some(&am));
+    let refs: Vec<&Example> = all.iter().chain(more.iter()).collect();
+    am = attach::train_refs(&refs, epochs);
     am.add_rule_bonus(rule_bonus.0, rule_bonus.1);
     (cm, am, all)
 }
