@@ -160,15 +160,18 @@ impl ChunkModel {
     }
 
     /// The role of token `i`; ties go to the earliest role.
-    pub fn role(&self, t: &[Tok], i: usize) -> usize {
+    /// `prev`: the role given to the token before, if it was decided.
+    pub fn role(&self, t: &[Tok], i: usize, prev: Option<usize>) -> usize {
         let mut s = [0f32; 3];
-        features(t, i, &mut |parts| {
+        let mut add = |parts: &[&str]| {
             if let Some(v) = self.by_hash.get(&fnv(parts)) {
                 for k in 0..3 {
                     s[k] += v[k];
                 }
             }
-        });
+        };
+        features(t, i, &mut add);
+        add(&["pr=", prev.map_or("-", |r| ROLES[r]), "|", t[i].tag]);
         super::attach::argmax(&s)
     }
 
@@ -178,9 +181,11 @@ impl ChunkModel {
     /// compound level; with `strict_v010 = false` a noun before a noun stays
     /// a noun, so that the whole compound is the head.
     pub fn apply(&self, t: &mut [Tok], strict_v010: bool) {
-        let roles: Vec<Option<usize>> = (0..t.len())
-            .map(|i| decidable(t[i].tag).then(|| self.role(t, i)))
-            .collect();
+        let mut roles: Vec<Option<usize>> = Vec::with_capacity(t.len());
+        for i in 0..t.len() {
+            let prev = roles.last().copied().flatten();
+            roles.push(decidable(t[i].tag).then(|| self.role(t, i, prev)));
+        }
         for i in (0..t.len()).rev() {
             if let Some(r) = roles[i] {
                 let keep = !strict_v010
@@ -231,6 +236,9 @@ fn retag(tok: &mut Tok, role: usize) {
 pub struct Example {
     pub feats: Vec<String>,
     pub role: usize,
+    pub tag: &'static str,
+    /// The token before was decided too: the model's role for it is a feature.
+    pub after_decided: bool,
 }
 
 /// The roles of `t` from a caption's reference entity spans and heads, or
@@ -269,6 +277,8 @@ pub fn examples(t: &[Tok], roles: &[usize]) -> Vec<Example> {
             Example {
                 feats,
                 role: roles[i],
+                tag: t[i].tag,
+                after_decided: i > 0 && decidable(t[i - 1].tag),
             }
         })
         .collect()
@@ -294,13 +304,19 @@ pub fn train(examples: &[&Example], epochs: usize) -> ChunkModel {
     let mut stamp: HashMap<String, u64> = HashMap::new();
     let mut t: u64 = 0;
     for _ in 0..epochs {
+        // Tokens in caption order: the previous role is the model's own.
+        let mut prev: Option<usize> = None;
         for ex in examples {
             t += 1;
-            let pred = super::attach::argmax(&scores(&w, &ex.feats));
+            let mut feats = ex.feats.clone();
+            let p = if ex.after_decided { prev } else { None };
+            feats.push(format!("pr={}|{}", p.map_or("-", |r| ROLES[r]), ex.tag));
+            let pred = super::attach::argmax(&scores(&w, &feats));
+            prev = Some(pred);
             if pred == ex.role {
                 continue;
             }
-            for f in &ex.feats {
+            for f in &feats {
                 let cur = w.entry(f.clone()).or_default();
                 let last = stamp.entry(f.clone()).or_default();
                 let tot = total.entry(f.clone()).or_default();
