@@ -490,15 +490,20 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 );
             }
             for c in &a.captions {
-                let tags: Vec<String> = genecis::parse::tag(c)
-                    .iter()
-                    .map(|t| format!("{}/{}", t.word, t.tag))
-                    .collect();
                 let learned = if a.rules_only {
                     genecis::parse::Learned::none()
                 } else {
                     genecis::parse::Learned::shipped()
                 };
+                // The tags the chunker sees: fix-ups and chunk roles applied.
+                let mut toks = genecis::parse::rule_tokens(c);
+                if let Some(m) = learned.chunks {
+                    m.apply(&mut toks, strict);
+                }
+                let tags: Vec<String> = toks
+                    .iter()
+                    .map(|t| format!("{}/{}", t.word, t.tag))
+                    .collect();
                 let g = genecis::parse::parse_caption_with(c, strict, learned);
                 let heads: Vec<&str> = g.entities.iter().map(|e| e.head.as_str()).collect();
                 let rels: Vec<String> = g

@@ -191,7 +191,11 @@ pub fn dev_misses(path: &Path, strict: bool, entities: bool, limit: usize) -> Re
             rels != exp
         };
         if bad {
-            let tags: Vec<String> = super::tag(&d.caption)
+            let mut toks = super::rule_tokens(&d.caption);
+            if let Some(m) = Learned::shipped().chunks {
+                m.apply(&mut toks, strict);
+            }
+            let tags: Vec<String> = toks
                 .iter()
                 .map(|t| format!("{}/{}", t.word, t.tag))
                 .collect();
