@@ -103,10 +103,10 @@ struct ParseTrainArgs {
     /// Real captions with reference output (JSONL; reference_parses.dev.jsonl).
     #[arg(long)]
     dev: PathBuf,
-    /// Where to write the attachment weights (the parser ships src/parse/lexicon/attach_weights.tsv).
+    /// Where to write the attachment weights (gzip; the parser ships src/parse/lexicon/attach_weights.tsv.gz).
     #[arg(long)]
     out: PathBuf,
-    /// Where to write the chunk-role weights (the parser ships src/parse/lexicon/chunk_weights.tsv).
+    /// Where to write the chunk-role weights (gzip; the parser ships src/parse/lexicon/chunk_weights.tsv.gz).
     #[arg(long)]
     chunks_out: PathBuf,
     #[arg(long, default_value_t = 10)]
@@ -448,24 +448,28 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 "PP-attachment and verb-subject weights for the parse stage (src/parse/attach.rs).\nTrained by: genecis parse-train --dev {dev_name} --epochs {} --rule-bonus {} --verb-rule-bonus {}\n{} decisions; features with |weight| < 0.001 dropped.",
                 a.epochs, a.rule_bonus, a.verb_rule_bonus, o.examples
             );
-            std::fs::write(&a.out, o.attach.to_tsv(&header))
-                .with_context(|| format!("cannot write {}", a.out.display()))?;
-            println!(
-                "{} attachment weights -> {}",
+            let write = |path: &PathBuf, tsv: String, n: usize, what: &str| {
+                std::fs::write(path, genecis::parse::attach::gzip(&tsv))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                println!("{n} {what} weights -> {}", path.display());
+                anyhow::Ok(())
+            };
+            write(
+                &a.out,
+                o.attach.to_tsv(&header),
                 o.attach.len(),
-                a.out.display()
-            );
+                "attachment",
+            )?;
             let header = format!(
                 "Chunk-role weights for the parse stage (src/parse/chunks.rs): feature, then O, M, H.\nTrained by: genecis parse-train --dev {dev_name} --epochs {}\n{} tokens; features whose weights are all under 0.05 dropped.",
                 a.epochs, o.chunk_examples
             );
-            std::fs::write(&a.chunks_out, o.chunks.to_tsv(&header))
-                .with_context(|| format!("cannot write {}", a.chunks_out.display()))?;
-            println!(
-                "{} chunk-role weights -> {}",
+            write(
+                &a.chunks_out,
+                o.chunks.to_tsv(&header),
                 o.chunks.len(),
-                a.chunks_out.display()
-            );
+                "chunk-role",
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::ParseEval(a) => {

@@ -8,18 +8,43 @@
 //! It is trained (averaged perceptron) on the reference parser's output: a
 //! choice is right when its subject head, with the relations and objects it
 //! takes, makes reference triples. `genecis parse-train` trains it and reports a
-//! cross-validated score; the weights ship in `lexicon/attach_weights.tsv`.
+//! cross-validated score; the weights ship in `lexicon/attach_weights.tsv.gz`.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-/// Weights as shipped (empty file: rules only).
-pub const WEIGHTS_TSV: &str = include_str!("lexicon/attach_weights.tsv");
+/// Weights as shipped, gzip-compressed (the text runs to megabytes; read
+/// it with `zcat`). An empty file means rules only.
+pub static WEIGHTS_TSV: LazyLock<String> =
+    LazyLock::new(|| gunzip(include_bytes!("lexicon/attach_weights.tsv.gz")));
 
 pub static DEFAULT: LazyLock<Option<AttachModel>> = LazyLock::new(|| {
-    let m = AttachModel::from_tsv(WEIGHTS_TSV);
+    let m = AttachModel::from_tsv(&WEIGHTS_TSV);
     (!m.w.is_empty()).then_some(m)
 });
+
+/// The text of a shipped weights file. They are built into the binary and
+/// checked by the tests, so a bad one is a build defect.
+pub fn gunzip(bytes: &[u8]) -> String {
+    use std::io::Read;
+    let mut s = String::new();
+    if !bytes.is_empty() {
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_string(&mut s)
+            .expect("shipped weights are valid gzip'd UTF-8");
+    }
+    s
+}
+
+/// A weights file as shipped: gzip with no name or time in the header, so
+/// the same weights give the same bytes.
+pub fn gzip(text: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::GzBuilder::new().write(Vec::new(), flate2::Compression::best());
+    e.write_all(text.as_bytes())
+        .expect("writing to memory cannot fail");
+    e.finish().expect("writing to memory cannot fail")
+}
 
 /// rustc's Fx hash: the feature keys are short strings looked up on the
 /// hot path of parsing, where SipHash dominated.

@@ -7,7 +7,7 @@
 //!
 //! Trained (averaged perceptron) on the reference parser's entity spans:
 //! `genecis parse-train` aligns each span with the tokens, and reports a
-//! cross-validated score; the weights ship in `lexicon/chunk_weights.tsv`.
+//! cross-validated score; the weights ship in `lexicon/chunk_weights.tsv.gz`.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -15,11 +15,12 @@ use std::sync::LazyLock;
 use super::attach::{fnv, IdHasher};
 use super::grammar::Tok;
 
-/// Weights as shipped (empty file: rules only).
-pub const WEIGHTS_TSV: &str = include_str!("lexicon/chunk_weights.tsv");
+/// Weights as shipped, gzip-compressed like the attachment weights.
+pub static WEIGHTS_TSV: LazyLock<String> =
+    LazyLock::new(|| super::attach::gunzip(include_bytes!("lexicon/chunk_weights.tsv.gz")));
 
 pub static DEFAULT: LazyLock<Option<ChunkModel>> = LazyLock::new(|| {
-    let m = ChunkModel::from_tsv(WEIGHTS_TSV);
+    let m = ChunkModel::from_tsv(&WEIGHTS_TSV);
     (!m.w.is_empty()).then_some(m)
 });
 

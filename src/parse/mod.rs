@@ -91,11 +91,11 @@ pub struct ParseParams {
     /// true: SceneGraphParser 0.1.0 exactly, quirks included (GeneCIS parity).
     #[serde(default = "yes")]
     pub strict_v010: bool,
-    /// Let the learned model (lexicon/attach_weights.tsv) choose where a PP
+    /// Let the learned model (lexicon/attach_weights.tsv.gz) choose where a PP
     /// after a noun hangs; false: the hand-written rules alone.
     #[serde(default = "yes")]
     pub learned_attachment: bool,
-    /// Let the learned chunk-role model (lexicon/chunk_weights.tsv) correct
+    /// Let the learned chunk-role model (lexicon/chunk_weights.tsv.gz) correct
     /// tags that put a word in or out of a noun chunk; false: rules alone.
     #[serde(default = "yes")]
     pub learned_chunks: bool,
@@ -458,13 +458,16 @@ impl Stage for Parse {
     }
 
     fn code() -> &'static [&'static str] {
-        &[
-            include_str!("lexicon/phrasal_verbs.txt"),
-            include_str!("lexicon/scene_nouns.txt"),
-            include_str!("lexicon/tag_overrides.tsv"),
-            attach::WEIGHTS_TSV,
-            chunks::WEIGHTS_TSV,
-        ]
+        static CODE: LazyLock<[&'static str; 5]> = LazyLock::new(|| {
+            [
+                include_str!("lexicon/phrasal_verbs.txt"),
+                include_str!("lexicon/scene_nouns.txt"),
+                include_str!("lexicon/tag_overrides.tsv"),
+                attach::WEIGHTS_TSV.as_str(),
+                chunks::WEIGHTS_TSV.as_str(),
+            ]
+        });
+        &*CODE
     }
 
     fn output_tables() -> Vec<TableDef> {

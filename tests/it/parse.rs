@@ -247,12 +247,12 @@ fn learned_weights_are_reproducible_and_help_held_out() {
     eprintln!("{}", r.stdout);
     let lexicon = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/parse/lexicon");
     for (made, shipped) in [
-        (&out, "attach_weights.tsv"),
-        (&chunks_out, "chunk_weights.tsv"),
+        (&out, "attach_weights.tsv.gz"),
+        (&chunks_out, "chunk_weights.tsv.gz"),
     ] {
         assert!(
             std::fs::read(made).unwrap() == std::fs::read(lexicon.join(shipped)).unwrap(),
-            "the shipped {shipped} is stale: run genecis parse-train --dev {} --rule-bonus 4 --verb-rule-bonus 12 --out src/parse/lexicon/attach_weights.tsv --chunks-out src/parse/lexicon/chunk_weights.tsv",
+            "the shipped {shipped} is stale: run genecis parse-train --dev {} --rule-bonus 4 --verb-rule-bonus 12 --out src/parse/lexicon/attach_weights.tsv.gz --chunks-out src/parse/lexicon/chunk_weights.tsv.gz",
             dev.display()
         );
     }
