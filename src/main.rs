@@ -67,11 +67,17 @@ enum BenchCmd {
         min_captions: usize,
         #[arg(long, default_value_t = 4096)]
         chunk: usize,
+        /// "spacy" (the reference pipeline, ported) or "rules" (the fast engine).
+        #[arg(long, default_value = "spacy")]
+        engine: genecis::parse::Engine,
     },
 }
 
 #[derive(Args)]
 struct ParseEvalArgs {
+    /// "spacy" (the reference pipeline, ported) or "rules" (the fast engine).
+    #[arg(long, default_value = "spacy")]
+    engine: genecis::parse::Engine,
     /// Hand-picked captions with reference output (JSON list; sg_gold.dev.json).
     #[arg(long)]
     gold: Option<PathBuf>,
@@ -81,8 +87,8 @@ struct ParseEvalArgs {
     /// Score the post-0.1.0 behaviour (strict_v010 = false).
     #[arg(long)]
     loose: bool,
-    /// Score the dev set with the hand-written rules alone (no learned
-    /// PP attachment).
+    /// With --engine rules: score the hand-written rules alone (no learned
+    /// chunk roles or PP attachment).
     #[arg(long)]
     rules_only: bool,
     /// Print the gold captions that do not match.
@@ -121,6 +127,12 @@ struct ParseTrainArgs {
     /// Print how the rules' choices compare with the reference, by option kind.
     #[arg(long)]
     breakdown: bool,
+    /// Print up to N held-out captions per fold that the trained parser gets wrong.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    heldout_misses: usize,
+    /// With --heldout-misses: compare entity heads instead of relations.
+    #[arg(long)]
+    entities: bool,
 }
 
 #[derive(Args)]
@@ -409,6 +421,10 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 true,
                 a.epochs,
                 (a.rule_bonus, a.verb_rule_bonus),
+                genecis::parse::eval::MissReport {
+                    per_fold: a.heldout_misses,
+                    entities: a.entities,
+                },
             )?;
             println!(
                 "{} chunk-role tokens with a label ({} captions left out: their reference spans do not line up with the tokens)",
@@ -424,6 +440,9 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 }
             }
             for (i, f) in o.folds.iter().enumerate() {
+                for m in &f.misses {
+                    println!("{m}");
+                }
                 println!("fold {i} ({} held-out captions):", f.captions);
                 for (name, s) in [
                     ("rules", f.rules),
@@ -481,8 +500,16 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 .into());
             }
             let strict = !a.loose;
+            let engine = a.engine;
+            if engine == genecis::parse::Engine::Spacy && (a.loose || a.rules_only) {
+                return Err(genecis::Error::Usage {
+                    arg: if a.loose { "--loose" } else { "--rules-only" }.into(),
+                    message: "applies to --engine rules only (the spacy engine is SceneGraphParser 0.1.0 exactly)".into(),
+                }
+                .into());
+            }
             if let Some(g) = &a.gold {
-                let s = genecis::parse::eval::score_gold(g, strict)?;
+                let s = genecis::parse::eval::score_gold(g, strict, engine)?;
                 if a.misses {
                     for m in &s.misses {
                         println!("MISS {m}");
@@ -493,7 +520,42 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     g.display(), s.exact, s.n, s.exact_or_alternative, s.n, s.entities_exact, s.n
                 );
             }
-            for c in &a.captions {
+            if engine == genecis::parse::Engine::Spacy && !a.captions.is_empty() {
+                let caps: Vec<&str> = a.captions.iter().map(String::as_str).collect();
+                let docs = genecis::parse::spacy::analyse(&caps)?;
+                let graphs = genecis::parse::spacy::parse_batch(&caps)?;
+                for ((c, d), g) in caps.iter().zip(docs).zip(graphs) {
+                    let toks: Vec<String> = d
+                        .tokens
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| {
+                            format!("{i}:{}/{}/{} {}<-{}", t.text, t.tag, t.pos, t.dep, t.head)
+                        })
+                        .collect();
+                    let heads: Vec<&str> = g.entities.iter().map(|e| e.head.as_str()).collect();
+                    let rels: Vec<String> = g
+                        .relations
+                        .iter()
+                        .map(|r| {
+                            format!(
+                                "({} | {} | {})",
+                                heads[r.subject], r.relation, heads[r.object]
+                            )
+                        })
+                        .collect();
+                    println!(
+                        "{c}\n  tokens: {}\n  entities: {heads:?}\n  relations: {}",
+                        toks.join("  "),
+                        rels.join(" ")
+                    );
+                }
+            }
+            for c in a
+                .captions
+                .iter()
+                .filter(|_| engine == genecis::parse::Engine::Rules)
+            {
                 let learned = if a.rules_only {
                     genecis::parse::Learned::none()
                 } else {
@@ -506,7 +568,13 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 }
                 let tags: Vec<String> = toks
                     .iter()
-                    .map(|t| format!("{}/{}", t.word, t.tag))
+                    .map(|t| {
+                        if t.lemma == t.word {
+                            format!("{}/{}", t.word, t.tag)
+                        } else {
+                            format!("{}/{}({})", t.word, t.tag, t.lemma)
+                        }
+                    })
                     .collect();
                 let g = genecis::parse::parse_caption_with(c, strict, learned);
                 let heads: Vec<&str> = g.entities.iter().map(|e| e.head.as_str()).collect();
@@ -527,7 +595,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 );
             }
             if let (Some(d), Some(n)) = (&a.dev, a.dev_misses) {
-                for m in genecis::parse::eval::dev_misses(d, strict, a.entities, n)? {
+                for m in genecis::parse::eval::dev_misses(d, strict, engine, a.entities, n)? {
                     println!("DIFF {m}");
                 }
             }
@@ -537,8 +605,8 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 } else {
                     genecis::parse::Learned::shipped()
                 };
-                let s = genecis::parse::eval::score_dev_with(d, strict, learned)?;
-                if !a.rules_only {
+                let s = genecis::parse::eval::score_dev_with(d, strict, engine, learned)?;
+                if engine == genecis::parse::Engine::Rules && !a.rules_only {
                     println!("note: the shipped chunk-role and PP-attachment models were trained on reference_parses.dev.jsonl, so their dev score is in-sample; `genecis parse-train` prints the cross-validated score (and --rules-only scores the rules alone)");
                 }
                 println!(
@@ -615,6 +683,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             captions,
             min_captions,
             chunk,
+            engine,
         }) => {
             use rayon::prelude::*;
             let text = std::fs::read_to_string(&captions)
@@ -626,20 +695,40 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             anyhow::ensure!(!base.is_empty(), "{} has no captions", captions.display());
             let copies = min_captions.div_ceil(base.len()).max(1);
             let all: Vec<&str> = (0..copies).flat_map(|_| base.iter().copied()).collect();
-            let _ = genecis::parse::parse_caption("warm up the tagger", true);
+            // Warm up: load the tagger lexicon or unpack the model.
+            genecis::parse::parse_captions(
+                &["warm up the parser"],
+                engine,
+                true,
+                genecis::parse::Learned::shipped(),
+            )?;
             let t0 = std::time::Instant::now();
             let (ents, rels) = all
                 .par_chunks(chunk.max(1))
                 .map(|c| {
-                    c.iter().fold((0usize, 0usize), |(e, r), cap| {
-                        let g = genecis::parse::parse_caption(cap, true);
-                        (e + g.entities.len(), r + g.relations.len())
+                    // One chunk per task, parsed on this thread (the engine's
+                    // own batching stays inside the chunk).
+                    let gs = match engine {
+                        genecis::parse::Engine::Spacy => c
+                            .chunks(genecis::parse::spacy::BATCH)
+                            .map(genecis::parse::spacy::parse_batch)
+                            .collect::<genecis::Result<Vec<_>>>()
+                            .map(|v| v.into_iter().flatten().collect::<Vec<_>>()),
+                        genecis::parse::Engine::Rules => Ok(c
+                            .iter()
+                            .map(|cap| genecis::parse::parse_caption(cap, true))
+                            .collect()),
+                    };
+                    gs.map(|gs| {
+                        gs.iter().fold((0usize, 0usize), |(e, r), g| {
+                            (e + g.entities.len(), r + g.relations.len())
+                        })
                     })
                 })
-                .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+                .try_reduce(|| (0, 0), |a, b| Ok((a.0 + b.0, a.1 + b.1)))?;
             let secs = t0.elapsed().as_secs_f64();
             println!(
-                "parsed {} captions ({} x {}) in {secs:.2} s on {} threads: {:.0} captions/s; {} entities, {} relations; peak RSS {}",
+                "parsed {} captions ({} x {}) with the {engine:?} engine in {secs:.2} s on {} threads: {:.0} captions/s; {} entities, {} relations; peak RSS {}",
                 all.len(), copies, base.len(), rayon::current_num_threads(), all.len() as f64 / secs, ents, rels, peak_rss()
             );
             Ok(ExitCode::SUCCESS)

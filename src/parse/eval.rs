@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::attach::{self, AttachModel, Example};
 use super::chunks::{self, ChunkModel};
-use super::Learned;
+use super::{Engine, Learned};
 use crate::error::{Error, Result};
 
 #[derive(Deserialize, Clone)]
@@ -64,7 +64,23 @@ pub fn predicted(caption: &str, strict: bool) -> (Vec<String>, Vec<Triple>) {
 
 /// [`predicted`] with the given learned parts.
 pub fn predicted_with(caption: &str, strict: bool, learned: Learned) -> (Vec<String>, Vec<Triple>) {
-    let g = super::parse_caption_with(caption, strict, learned);
+    heads_and_triples(&super::parse_caption_with(caption, strict, learned))
+}
+
+/// [`predicted`] for many captions with either engine.
+pub fn predicted_all(
+    captions: &[&str],
+    strict: bool,
+    engine: Engine,
+    learned: Learned,
+) -> Result<Vec<(Vec<String>, Vec<Triple>)>> {
+    Ok(super::parse_captions(captions, engine, strict, learned)?
+        .iter()
+        .map(heads_and_triples)
+        .collect())
+}
+
+fn heads_and_triples(g: &super::SceneGraph) -> (Vec<String>, Vec<Triple>) {
     let ents = g.entities.iter().map(|e| e.head.clone()).collect();
     let mut rels: Vec<Triple> = g
         .relations
@@ -137,7 +153,7 @@ pub struct GoldScore {
     pub misses: Vec<String>,
 }
 
-pub fn score_gold(path: &Path, strict: bool) -> Result<GoldScore> {
+pub fn score_gold(path: &Path, strict: bool, engine: Engine) -> Result<GoldScore> {
     let text = std::fs::read_to_string(path).map_err(Error::io("cannot read", path))?;
     let items: Vec<GoldItem> = serde_json::from_str(&text).map_err(|e| Error::CorruptRecord {
         path: path.into(),
@@ -147,8 +163,9 @@ pub fn score_gold(path: &Path, strict: bool) -> Result<GoldScore> {
         n: items.len(),
         ..Default::default()
     };
-    for g in &items {
-        let (ents, rels) = predicted(&g.caption, strict);
+    let caps: Vec<&str> = items.iter().map(|g| g.caption.as_str()).collect();
+    let pred = predicted_all(&caps, strict, engine, Learned::shipped())?;
+    for (g, (ents, rels)) in items.iter().zip(pred) {
         let exp = triples(&g.relations);
         let exact = rels == exp;
         let alt = g
@@ -175,50 +192,97 @@ pub struct DevScore {
 }
 
 /// Captions of the dev set where the parse differs, with both sides.
-pub fn dev_misses(path: &Path, strict: bool, entities: bool, limit: usize) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(Error::io("cannot read", path))?;
+pub fn dev_misses(
+    path: &Path,
+    strict: bool,
+    engine: Engine,
+    entities: bool,
+    limit: usize,
+) -> Result<Vec<String>> {
+    let items = read_dev(path)?;
+    if engine == Engine::Rules {
+        return Ok(misses(&items, strict, Learned::shipped(), entities, limit));
+    }
+    let caps: Vec<&str> = items.iter().map(|d| d.caption.as_str()).collect();
+    let pred = predicted_all(&caps, strict, engine, Learned::none())?;
+    let docs = super::spacy::analyse(&caps)?;
     let mut out = Vec::new();
-    for l in text.lines().filter(|l| !l.trim().is_empty()) {
-        let d: DevItem = serde_json::from_str(l).map_err(|e| Error::CorruptRecord {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
-        let (ents, rels) = predicted(&d.caption, strict);
+    for ((d, (ents, rels)), doc) in items.iter().zip(pred).zip(docs) {
         let exp = triples(&d.relations);
         let bad = if entities {
             ents != d.entities
         } else {
             rels != exp
         };
-        if bad {
-            let mut toks = super::rule_tokens(&d.caption);
-            if let Some(m) = Learned::shipped().chunks {
-                m.apply(&mut toks, strict);
-            }
-            let tags: Vec<String> = toks
-                .iter()
-                .map(|t| format!("{}/{}", t.word, t.tag))
-                .collect();
-            out.push(if entities {
-                format!(
-                    "{}\n    {}\n    got {ents:?}\n    exp {:?}",
-                    d.caption,
-                    tags.join(" "),
-                    d.entities
-                )
-            } else {
-                format!(
-                    "{}\n    {}\n    got {rels:?}\n    exp {exp:?}",
-                    d.caption,
-                    tags.join(" ")
-                )
-            });
-            if out.len() >= limit {
-                break;
-            }
+        if !bad {
+            continue;
+        }
+        let arcs: Vec<String> = doc
+            .tokens
+            .iter()
+            .map(|t| format!("{}/{}/{}<{}", t.text, t.tag, t.dep, t.head))
+            .collect();
+        let (got, want) = if entities {
+            (format!("{ents:?}"), format!("{:?}", d.entities))
+        } else {
+            (format!("{rels:?}"), format!("{exp:?}"))
+        };
+        out.push(format!(
+            "{}\n    {}\n    got {got}\n    exp {want}",
+            d.caption,
+            arcs.join(" ")
+        ));
+        if out.len() >= limit {
+            break;
         }
     }
     Ok(out)
+}
+
+/// Captions of `items` where the parse with `learned` differs, with both
+/// sides and the tags the chunker sees.
+fn misses(
+    items: &[DevItem],
+    strict: bool,
+    learned: Learned,
+    entities: bool,
+    limit: usize,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in items {
+        if out.len() >= limit {
+            break;
+        }
+        let (ents, rels) = predicted_with(&d.caption, strict, learned);
+        let exp = triples(&d.relations);
+        let bad = if entities {
+            ents != d.entities
+        } else {
+            rels != exp
+        };
+        if !bad {
+            continue;
+        }
+        let mut toks = super::rule_tokens(&d.caption);
+        if let Some(m) = learned.chunks {
+            m.apply(&mut toks, strict);
+        }
+        let tags: Vec<String> = toks
+            .iter()
+            .map(|t| format!("{}/{}", t.word, t.tag))
+            .collect();
+        let (got, want) = if entities {
+            (format!("{ents:?}"), format!("{:?}", d.entities))
+        } else {
+            (format!("{rels:?}"), format!("{exp:?}"))
+        };
+        out.push(format!(
+            "{}\n    {}\n    got {got}\n    exp {want}",
+            d.caption,
+            tags.join(" ")
+        ));
+    }
+    out
 }
 
 fn read_dev(path: &Path) -> Result<Vec<DevItem>> {
@@ -233,20 +297,39 @@ fn read_dev(path: &Path) -> Result<Vec<DevItem>> {
         })
 }
 
-pub fn score_dev(path: &Path, strict: bool) -> Result<DevScore> {
-    score_dev_with(path, strict, Learned::shipped())
+pub fn score_dev(path: &Path, strict: bool, engine: Engine) -> Result<DevScore> {
+    score_dev_with(path, strict, engine, Learned::shipped())
 }
 
-/// [`score_dev`] with the given learned parts.
-pub fn score_dev_with(path: &Path, strict: bool, learned: Learned) -> Result<DevScore> {
-    Ok(score_items(&read_dev(path)?, strict, learned))
+/// [`score_dev`] with the given learned parts (rules engine).
+pub fn score_dev_with(
+    path: &Path,
+    strict: bool,
+    engine: Engine,
+    learned: Learned,
+) -> Result<DevScore> {
+    let items = read_dev(path)?;
+    if engine == Engine::Rules {
+        return Ok(score_items(&items, strict, learned));
+    }
+    let caps: Vec<&str> = items.iter().map(|d| d.caption.as_str()).collect();
+    let pred = predicted_all(&caps, strict, engine, learned)?;
+    Ok(tally(&items, pred))
 }
 
 fn score_items(items: &[DevItem], strict: bool, learned: Learned) -> DevScore {
-    let per: Vec<(usize, usize, usize, usize, usize, usize, bool)> = items
+    let pred: Vec<(Vec<String>, Vec<Triple>)> = items
         .par_iter()
-        .map(|d| {
-            let (ents, rels) = predicted_with(&d.caption, strict, learned);
+        .map(|d| predicted_with(&d.caption, strict, learned))
+        .collect();
+    tally(items, pred)
+}
+
+fn tally(items: &[DevItem], pred: Vec<(Vec<String>, Vec<Triple>)>) -> DevScore {
+    let per: Vec<(usize, usize, usize, usize, usize, usize, bool)> = items
+        .iter()
+        .zip(pred)
+        .map(|(d, (ents, rels))| {
             let exp = triples(&d.relations);
             (
                 overlap(&exp, &rels),
@@ -344,6 +427,9 @@ pub struct Fold {
     pub chunks: Scores,
     /// Rules + learned chunk roles + learned attachment.
     pub both: Scores,
+    /// Held-out captions the full configuration gets wrong (up to the
+    /// requested number).
+    pub misses: Vec<String>,
 }
 
 /// Training of the learned parts on a dev file, with a cross-validated
@@ -401,11 +487,20 @@ fn train_both(
     (cm, am, all)
 }
 
+/// What to print of the held-out misses: how many per fold, and whether
+/// entity heads (else relations) are compared.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MissReport {
+    pub per_fold: usize,
+    pub entities: bool,
+}
+
 pub fn train_parser(
     path: &Path,
     strict: bool,
     epochs: usize,
     rule_bonus: (f32, f32),
+    report: MissReport,
 ) -> Result<TrainOutcome> {
     let items = read_dev(path)?;
     let chunk_ex: Vec<Option<Vec<chunks::Example>>> =
@@ -424,7 +519,12 @@ pub fn train_parser(
             chunk_ex.iter().skip(1 - f).step_by(2).cloned().collect();
         let (cm, am, _) = train_both(&train_items, &train_chunks, strict, epochs, rule_bonus);
         let held: Vec<DevItem> = items.iter().skip(f).step_by(2).cloned().collect();
+        let full = Learned {
+            attach: Some(&am),
+            chunks: Some(&cm),
+        };
         folds.push(Fold {
+            misses: misses(&held, strict, full, report.entities, report.per_fold),
             captions: held.len(),
             rules: scores(&held, Learned::none()),
             chunks: scores(
@@ -434,13 +534,7 @@ pub fn train_parser(
                     chunks: Some(&cm),
                 },
             ),
-            both: scores(
-                &held,
-                Learned {
-                    attach: Some(&am),
-                    chunks: Some(&cm),
-                },
-            ),
+            both: scores(&held, full),
         });
     }
     let all_items: Vec<&DevItem> = items.iter().collect();

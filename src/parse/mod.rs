@@ -12,6 +12,7 @@ pub mod attach;
 pub mod chunks;
 pub mod eval;
 pub mod grammar;
+pub mod spacy;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -85,9 +86,38 @@ static TAGGER: LazyLock<english_pos_tagger::Tagger> = LazyLock::new(|| {
     t
 });
 
+/// Which parser makes the scene graphs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// SceneGraphParser 0.1.0 over a port of spaCy's en_core_web_sm 3.8.0:
+    /// the reference output itself.
+    #[default]
+    Spacy,
+    /// Tagger, hand-written rules and small learned models: several times
+    /// faster, and further from the reference.
+    Rules,
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Engine, String> {
+        match s {
+            "spacy" => Ok(Engine::Spacy),
+            "rules" => Ok(Engine::Rules),
+            other => Err(format!(
+                "unknown engine '{other}': use \"spacy\" or \"rules\""
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParseParams {
+    /// "spacy" (default): the reference pipeline, ported; "rules": faster.
+    #[serde(default)]
+    pub engine: Engine,
     /// true: SceneGraphParser 0.1.0 exactly, quirks included (GeneCIS parity).
     #[serde(default = "yes")]
     pub strict_v010: bool,
@@ -362,8 +392,41 @@ fn retag_verbs_after_people(toks: &mut [Tok]) {
     }
 }
 
-/// Parses one caption with the shipped models. Never panics, whatever the
-/// input.
+/// Parses captions with the given engine. The `spacy` engine gives
+/// SceneGraphParser 0.1.0's output only (`strict_v010` must be true); the
+/// `rules` engine uses `learned`. Never panics, whatever the input.
+pub fn parse_captions(
+    captions: &[&str],
+    engine: Engine,
+    strict_v010: bool,
+    learned: Learned,
+) -> Result<Vec<SceneGraph>> {
+    match engine {
+        Engine::Spacy => {
+            if !strict_v010 {
+                return Err(Error::Usage {
+                    arg: "strict_v010".into(),
+                    message: "the spacy engine reproduces SceneGraphParser 0.1.0 only; use engine = \"rules\" for the later upstream behaviour".into(),
+                });
+            }
+            let per: Vec<Result<Vec<SceneGraph>>> = captions
+                .par_chunks(spacy::BATCH)
+                .map(spacy::parse_batch)
+                .collect();
+            let mut out = Vec::with_capacity(captions.len());
+            for p in per {
+                out.extend(p?);
+            }
+            Ok(out)
+        }
+        Engine::Rules => Ok(captions
+            .par_iter()
+            .map(|c| parse_caption_with(c, strict_v010, learned))
+            .collect()),
+    }
+}
+
+/// Parses one caption with the rules engine and the shipped models.
 pub fn parse_caption(caption: &str, strict_v010: bool) -> SceneGraph {
     parse_caption_with(caption, strict_v010, Learned::shipped())
 }
@@ -447,7 +510,7 @@ pub struct Parse;
 
 impl Stage for Parse {
     const KIND: &'static str = "parse";
-    const VERSION: &'static str = "2";
+    const VERSION: &'static str = "3";
     const SHARDABLE: bool = true;
     const ABOUT: &'static str =
         "captions -> scene graphs (SceneGraphParser 0.1.0 semantics): entities, relations";
@@ -458,8 +521,11 @@ impl Stage for Parse {
     }
 
     fn code() -> &'static [&'static str] {
-        static CODE: LazyLock<[&'static str; 5]> = LazyLock::new(|| {
+        static MODEL_DIGEST: LazyLock<String> =
+            LazyLock::new(|| blake3::hash(spacy::model_bytes()).to_hex().to_string());
+        static CODE: LazyLock<[&'static str; 6]> = LazyLock::new(|| {
             [
+                MODEL_DIGEST.as_str(),
                 include_str!("lexicon/phrasal_verbs.txt"),
                 include_str!("lexicon/scene_nouns.txt"),
                 include_str!("lexicon/tag_overrides.tsv"),
@@ -468,6 +534,23 @@ impl Stage for Parse {
             ]
         });
         &*CODE
+    }
+
+    fn validate(p: &ParseParams, _base: &Path) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if p.engine == Engine::Spacy && !p.strict_v010 {
+            out.push((
+                "strict_v010".into(),
+                "the spacy engine reproduces SceneGraphParser 0.1.0 only; set engine = \"rules\" for the later upstream behaviour".into(),
+            ));
+        }
+        if p.engine == Engine::Spacy && (!p.learned_attachment || !p.learned_chunks) {
+            out.push((
+                "engine".into(),
+                "learned_attachment and learned_chunks belong to the rules engine; set engine = \"rules\" to switch them off".into(),
+            ));
+        }
+        out
     }
 
     fn output_tables() -> Vec<TableDef> {
@@ -498,10 +581,8 @@ impl Stage for Parse {
         for k in todo {
             let (ids, caps) = read_captions(&parts[k])?;
             let learned = Learned::from_params(p);
-            let graphs: Vec<SceneGraph> = caps
-                .par_iter()
-                .map(|c| parse_caption_with(c, p.strict_v010, learned))
-                .collect();
+            let refs: Vec<&str> = caps.iter().map(String::as_str).collect();
+            let graphs = parse_captions(&refs, p.engine, p.strict_v010, learned)?;
             rows += caps.len() as u64;
             let (e, r) = to_batches(&ids, &graphs)?;
             ctx.writer

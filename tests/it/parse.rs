@@ -1,11 +1,19 @@
 //! The caption parser: reference scores, robustness, and the stage.
 
-use genecis::parse::parse_caption;
+use genecis::parse::{parse_caption, Engine};
 
 use crate::common::*;
 
-fn triples(caption: &str) -> Vec<(String, String, String)> {
-    genecis::parse::eval::predicted(caption, true).1
+fn triples_with(engine: Engine, caption: &str) -> Vec<(String, String, String)> {
+    genecis::parse::eval::predicted_all(
+        &[caption],
+        true,
+        engine,
+        genecis::parse::Learned::shipped(),
+    )
+    .unwrap()
+    .remove(0)
+    .1
 }
 
 fn t(s: &str, r: &str, o: &str) -> (String, String, String) {
@@ -14,6 +22,18 @@ fn t(s: &str, r: &str, o: &str) -> (String, String, String) {
 
 #[test]
 fn v010_semantics_and_quirks() {
+    for engine in [Engine::Spacy, Engine::Rules] {
+        v010_semantics_and_quirks_of(engine);
+    }
+}
+
+fn v010_semantics_and_quirks_of(engine: Engine) {
+    let triples = |c: &str| triples_with(engine, c);
+    let parse_caption = |c: &str, _strict: bool| {
+        genecis::parse::parse_captions(&[c], engine, true, genecis::parse::Learned::shipped())
+            .unwrap()
+            .remove(0)
+    };
     assert_eq!(
         triples("a man riding a horse on the beach"),
         vec![t("man", "on", "beach"), t("man", "riding", "horse")]
@@ -52,11 +72,11 @@ fn v010_semantics_and_quirks() {
 }
 
 #[test]
-fn gold_captions_at_least_55_of_58() {
+fn rules_engine_gold_captions_at_least_55_of_58() {
     let Some(gold) = shared("data/cc3m/sg_gold.dev.json") else {
         return;
     };
-    let s = genecis::parse::eval::score_gold(&gold, true).unwrap();
+    let s = genecis::parse::eval::score_gold(&gold, true, Engine::Rules).unwrap();
     eprintln!(
         "gold: {}/{} exact, {}/{} with alternatives",
         s.exact, s.n, s.exact_or_alternative, s.n
@@ -73,11 +93,11 @@ fn gold_captions_at_least_55_of_58() {
 /// A floor against regressions; the figures are printed (the issue's
 /// targets are higher and not met yet: see the closing notes).
 #[test]
-fn dev_set_scores() {
+fn rules_engine_dev_set_scores() {
     let Some(dev) = shared("data/cc3m/reference_parses.dev.jsonl") else {
         return;
     };
-    let s = genecis::parse::eval::score_dev(&dev, true).unwrap();
+    let s = genecis::parse::eval::score_dev(&dev, true, Engine::Rules).unwrap();
     eprintln!(
         "dev: relation F1 {:.4} (P {:.4} R {:.4}), entity F1 {:.4}",
         s.relations.f1(),
@@ -90,8 +110,13 @@ fn dev_set_scores() {
     // regressions, not estimates (parse-train prints held-out scores).
     assert!(s.relations.f1() > 0.82, "relation F1 {}", s.relations.f1());
     assert!(s.entities.f1() > 0.97, "entity F1 {}", s.entities.f1());
-    let rules =
-        genecis::parse::eval::score_dev_with(&dev, true, genecis::parse::Learned::none()).unwrap();
+    let rules = genecis::parse::eval::score_dev_with(
+        &dev,
+        true,
+        Engine::Rules,
+        genecis::parse::Learned::none(),
+    )
+    .unwrap();
     assert!(
         rules.relations.f1() > 0.61,
         "rules: relation F1 {}",
@@ -332,7 +357,7 @@ fn learned_chunk_roles_can_be_switched_off() {
     let m = dir.path().join("m.toml");
     write(
         &m,
-        "[pipeline]\nname = \"p\"\nworkdir = \"run\"\n\n[[stage]]\nname = \"captions\"\nkind = \"ingest\"\nparams = { path = \"c.tsv\" }\n\n[[stage]]\nname = \"graphs\"\nkind = \"parse\"\ninputs = [\"captions\"]\n",
+        "[pipeline]\nname = \"p\"\nworkdir = \"run\"\n\n[[stage]]\nname = \"captions\"\nkind = \"ingest\"\nparams = { path = \"c.tsv\" }\n\n[[stage]]\nname = \"graphs\"\nkind = \"parse\"\ninputs = [\"captions\"]\nparams = { engine = \"rules\" }\n",
     );
     let heads = || {
         sql_csv(&m, "SELECT image_id, string_agg(head, '|' ORDER BY entity_idx) FROM entities GROUP BY image_id ORDER BY image_id")
@@ -351,4 +376,170 @@ fn learned_chunk_roles_can_be_switched_off() {
     ])
     .ok();
     assert_eq!(heads()[1..], ["0,trail", "1,hop artist|stage"]);
+}
+
+/// The spacy engine against spaCy itself, token by token, on hand-written
+/// captions (tests/fixtures/spacy_parity.jsonl, written by
+/// scripts/make_spacy_parity_fixture.py with spaCy 3.8 and en_core_web_sm).
+#[test]
+fn spacy_engine_matches_spacy_token_by_token() {
+    let text = include_str!("../fixtures/spacy_parity.jsonl");
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(rows.len() >= 40);
+    let caps: Vec<&str> = rows
+        .iter()
+        .map(|r| r["caption"].as_str().unwrap())
+        .collect();
+    let docs = genecis::parse::spacy::analyse(&caps).unwrap();
+    let graphs = genecis::parse::spacy::parse_batch(&caps).unwrap();
+    let mut bad = Vec::new();
+    for ((r, d), g) in rows.iter().zip(&docs).zip(&graphs) {
+        let got: Vec<serde_json::Value> = d
+            .tokens
+            .iter()
+            .map(|t| serde_json::json!([t.text, t.norm, t.tag, t.pos, t.dep, t.head, t.lemma]))
+            .collect();
+        if serde_json::Value::Array(got.clone()) != r["tokens"] {
+            bad.push(format!(
+                "{}\n  spaCy {}\n  ours  {}",
+                r["caption"],
+                r["tokens"],
+                serde_json::Value::Array(got)
+            ));
+        }
+        let ents: Vec<serde_json::Value> = g
+            .entities
+            .iter()
+            .map(|e| serde_json::json!([e.span, e.head, e.lemma_head, e.modifiers, e.kind]))
+            .collect();
+        let rels: Vec<serde_json::Value> = g
+            .relations
+            .iter()
+            .map(|x| serde_json::json!([x.subject, x.relation, x.object]))
+            .collect();
+        if serde_json::Value::Array(ents.clone()) != r["entities"]
+            || serde_json::Value::Array(rels.clone()) != r["relations"]
+        {
+            bad.push(format!(
+                "{}\n  SGP  {} {}\n  ours {:?} {:?}",
+                r["caption"], r["entities"], r["relations"], ents, rels
+            ));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} differences:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}
+
+/// The spacy engine on the reference parses: every gold caption, and the
+/// dev set to the last triple (printed; the floor allows a float tie).
+#[test]
+fn spacy_engine_reproduces_the_reference() {
+    let (Some(gold), Some(dev)) = (
+        shared("data/cc3m/sg_gold.dev.json"),
+        shared("data/cc3m/reference_parses.dev.jsonl"),
+    ) else {
+        return;
+    };
+    let g = genecis::parse::eval::score_gold(&gold, true, Engine::Spacy).unwrap();
+    assert_eq!(
+        (g.exact, g.entities_exact),
+        (58, 58),
+        "{}",
+        g.misses.join("\n")
+    );
+    let s = genecis::parse::eval::score_dev(&dev, true, Engine::Spacy).unwrap();
+    eprintln!(
+        "spacy engine, dev: relation F1 {:.4}, entity F1 {:.4}, identical captions {}/{}",
+        s.relations.f1(),
+        s.entities.f1(),
+        s.exact_captions,
+        s.captions
+    );
+    assert!(
+        s.relations.f1() >= 0.999,
+        "relation F1 {}",
+        s.relations.f1()
+    );
+    assert!(s.entities.f1() >= 0.999, "entity F1 {}", s.entities.f1());
+}
+
+#[test]
+fn spacy_engine_survives_hostile_captions() {
+    let long = "dog ".repeat(3_000);
+    let mut caps: Vec<String> = [
+        "",
+        "   ",
+        "\t\n",
+        "...",
+        "!!! ??? ,,, ;;",
+        "日本語のキャプション",
+        "ça va très bien à côté du café",
+        "'s 's 's",
+        "( ) [ ] \" '",
+        "🙂🙂 -- ~~ $$ £",
+        "a\u{0}b",
+        "x".repeat(500).as_str(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    caps.push(long);
+    let alphabet: Vec<char> =
+        "abcdefghij klmnop qrstuvwxyz  ,.:;!?'\"-()[]#$£~0123456789éüñ日本🙂\t"
+            .chars()
+            .collect();
+    let mut state = 0x9E3779B97F4A7C15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..300 {
+        let n = (next() % 60) as usize;
+        caps.push(
+            (0..n)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect(),
+        );
+    }
+    let refs: Vec<&str> = caps.iter().map(String::as_str).collect();
+    let graphs = genecis::parse::spacy::parse_batch(&refs).unwrap();
+    assert_eq!(graphs.len(), caps.len());
+    for (c, g) in caps.iter().zip(&graphs) {
+        for r in &g.relations {
+            assert!(
+                r.subject < g.entities.len() && r.object < g.entities.len(),
+                "{c:?}"
+            );
+        }
+    }
+}
+
+/// Parsing in one batch or caption by caption gives the same graphs: the
+/// pad rows keep each caption's context its own.
+#[test]
+fn spacy_engine_batching_does_not_change_results() {
+    let caps = [
+        "a man riding a horse on the beach",
+        "dog",
+        "the piano is played by a woman in the room",
+        "",
+        "two dogs and a cat sleeping on the sofa",
+    ];
+    let together = genecis::parse::spacy::parse_batch(&caps).unwrap();
+    for (c, g) in caps.iter().zip(&together) {
+        assert_eq!(
+            &genecis::parse::spacy::parse_batch(&[c]).unwrap()[0],
+            g,
+            "{c}"
+        );
+    }
 }
