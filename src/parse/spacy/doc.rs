@@ -3,7 +3,7 @@
 //! tagger, parser, attribute_ruler, lemmatizer; NER and senter play no
 //! part in noun chunks).
 
-use super::model::{Model, RulerEntry, TokSpec};
+use super::model::{Model, Move, RulerEntry, TokSpec};
 use super::nn;
 use super::state::State;
 use super::tokenize::tokenize;
@@ -13,10 +13,10 @@ pub struct Token {
     pub text: String,
     pub space_after: bool,
     pub norm: String,
-    pub tag: String,
-    pub pos: String,
-    pub morph: String,
-    pub dep: String,
+    pub tag: &'static str,
+    pub pos: &'static str,
+    pub morph: &'static str,
+    pub dep: &'static str,
     pub head: usize,
     pub lemma: String,
 }
@@ -52,7 +52,7 @@ impl Doc {
 }
 
 /// Parses captions together: one batch of matrix products for all tokens.
-pub fn analyse(m: &Model, captions: &[&str]) -> Vec<Doc> {
+pub fn analyse(m: &'static Model, captions: &[&str]) -> Vec<Doc> {
     let raw: Vec<_> = captions.iter().map(|c| tokenize(c, &m.special)).collect();
     let lens: Vec<usize> = raw.iter().map(Vec::len).collect();
     let mut docs: Vec<Doc> = Vec::with_capacity(raw.len());
@@ -73,10 +73,10 @@ pub fn analyse(m: &Model, captions: &[&str]) -> Vec<Doc> {
                 text: t.text,
                 space_after: t.space_after,
                 norm,
-                tag: String::new(),
-                pos: String::new(),
-                morph: String::new(),
-                dep: String::new(),
+                tag: "",
+                pos: "",
+                morph: "",
+                dep: "",
                 head: 0,
                 lemma: String::new(),
             });
@@ -94,7 +94,7 @@ pub fn analyse(m: &Model, captions: &[&str]) -> Vec<Doc> {
     let mut scores = Vec::new();
     for (d, &len) in docs.iter_mut().zip(&lens) {
         for (k, t) in d.tokens.iter_mut().enumerate() {
-            t.tag = m.tags[tags[start + k]].clone();
+            t.tag = m.tags[tags[start + k]].as_str();
         }
         let dpre = &pre[start * row..(start + len) * row];
         let mut st = State::new(len);
@@ -104,9 +104,16 @@ pub fn analyse(m: &Model, captions: &[&str]) -> Vec<Doc> {
         while !st.is_final() && steps < 10 * len + 10 {
             steps += 1;
             nn::parser_scores(m, dpre, &st.context(), &mut scores);
+            let valid = [
+                st.is_valid(Move::Shift),
+                st.is_valid(Move::Reduce),
+                st.is_valid(Move::Left),
+                st.is_valid(Move::Right),
+                st.is_valid(Move::Break),
+            ];
             let mut best: Option<usize> = None;
             for (a, act) in m.actions.iter().enumerate() {
-                if st.is_valid(act.mv) && best.is_none_or(|b| scores[a] > scores[b]) {
+                if valid[act.mv as usize] && best.is_none_or(|b| scores[a] > scores[b]) {
                     best = Some(a);
                 }
             }
@@ -119,9 +126,9 @@ pub fn analyse(m: &Model, captions: &[&str]) -> Vec<Doc> {
         for (i, t) in d.tokens.iter_mut().enumerate() {
             t.head = heads[i] as usize;
             t.dep = if t.head == i {
-                "ROOT".into()
+                "ROOT"
             } else {
-                m.actions[labels[i] as usize].label.clone()
+                m.actions[labels[i] as usize].label.as_str()
             };
         }
         deprojectivize(d);
@@ -140,11 +147,7 @@ pub fn analyse(m: &Model, captions: &[&str]) -> Vec<Doc> {
 /// head (breadth first), as spaCy's nonproj.deprojectivize.
 fn deprojectivize(d: &mut Doc) {
     for i in 0..d.tokens.len() {
-        let Some((new_label, head_label)) = d.tokens[i]
-            .dep
-            .split_once("||")
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-        else {
+        let Some((new_label, head_label)) = d.tokens[i].dep.split_once("||") else {
             continue;
         };
         let head = d.tokens[i].head;
@@ -173,56 +176,67 @@ fn deprojectivize(d: &mut Doc) {
     }
 }
 
-fn spec_matches(s: &TokSpec, t: &Token) -> bool {
-    let is_space = t.text.chars().all(char::is_whitespace);
-    s.lower
-        .as_ref()
-        .is_none_or(|c| c.test(&t.text.to_lowercase()))
-        && s.tag.as_ref().is_none_or(|c| c.test(&t.tag))
-        && s.dep.as_ref().is_none_or(|c| c.test(&t.dep))
-        && s.is_space.is_none_or(|b| b == is_space)
+fn spec_matches(s: &TokSpec, t: &Token, lower: &str) -> bool {
+    s.tag.as_ref().is_none_or(|c| c.test(t.tag))
+        && s.dep.as_ref().is_none_or(|c| c.test(t.dep))
+        && s.lower.as_ref().is_none_or(|c| c.test(lower))
+        && s.is_space
+            .is_none_or(|b| b == t.text.chars().all(char::is_whitespace))
 }
 
 /// The attribute ruler: every pattern that matches sets its attributes;
 /// later patterns win.
-fn attribute_ruler(m: &Model, d: &mut Doc) {
+fn attribute_ruler(m: &'static Model, d: &mut Doc) {
     let n = d.tokens.len();
-    let apply = |e: &RulerEntry, t: &mut Token| {
+    let lower: Vec<String> = d.tokens.iter().map(|t| t.text.to_lowercase()).collect();
+    let apply = |e: &'static RulerEntry, t: &mut Token| {
         if let Some(p) = &e.pos {
-            t.pos = p.clone();
+            t.pos = p;
         }
         if let Some(x) = &e.morph {
-            t.morph = if x == "_" { String::new() } else { x.clone() };
+            t.morph = if x == "_" { "" } else { x };
         }
         if let Some(x) = &e.lemma {
             t.lemma = x.clone();
         }
         if let Some(x) = &e.tag {
-            t.tag = x.clone();
+            t.tag = x;
         }
         if let Some(x) = &e.dep {
-            t.dep = x.clone();
+            t.dep = x;
         }
     };
-    for e in &m.ruler {
-        for pat in &e.patterns {
-            let k = pat.len();
-            if k == 0 || k > n {
-                continue;
-            }
-            for start in 0..=n - k {
-                if (0..k).all(|j| spec_matches(&pat[j], &d.tokens[start + j])) {
+    // Match everything against the tagged and parsed doc first, then set
+    // the attributes in ruler order (later entries win), as spaCy does.
+    let mut hits: Vec<(usize, usize)> = Vec::new();
+    for start in 0..n {
+        let cands = m
+            .ruler_by_tag
+            .get(d.tokens[start].tag)
+            .unwrap_or(&m.ruler_any);
+        for &ei in cands {
+            let e = &m.ruler[ei];
+            for pat in &e.patterns {
+                let k = pat.len();
+                if k == 0 || start + k > n {
+                    continue;
+                }
+                if (0..k).all(|j| spec_matches(&pat[j], &d.tokens[start + j], &lower[start + j])) {
                     let idx = if e.index < 0 {
                         k as i64 + e.index
                     } else {
                         e.index
                     };
                     if (0..k as i64).contains(&idx) {
-                        apply(e, &mut d.tokens[start + idx as usize]);
+                        hits.push((ei, start + idx as usize));
                     }
                 }
             }
         }
+    }
+    hits.sort_by_key(|h| h.0);
+    for (ei, t) in hits {
+        apply(&m.ruler[ei], &mut d.tokens[t]);
     }
 }
 
@@ -240,7 +254,7 @@ fn lemmatize(m: &Model, t: &Token) -> String {
     if pos.is_empty() || pos == "eol" || pos == "space" {
         return t.text.to_lowercase();
     }
-    let mg = |k: &str| morph_get(&t.morph, k);
+    let mg = |k: &str| morph_get(t.morph, k);
     let base = (pos == "noun" && mg("Number") == Some("Sing"))
         || (pos == "verb" && mg("VerbForm") == Some("Inf"))
         || (pos == "verb"

@@ -25,7 +25,8 @@ pub fn bytes() -> &'static [u8] {
 
 /// Maxout (nO=96 outputs, nP pieces) followed by layer norm.
 pub struct MaxoutLn {
-    /// (nO * nP) x nI, row-major.
+    /// (nP * nO) x nI, row-major, piece-major (thinc stores nO x nP rows;
+    /// grouping by piece makes the max an elementwise one over whole rows).
     pub w: Vec<f32>,
     pub b: Vec<f32>,
     pub g: Vec<f32>,
@@ -42,11 +43,11 @@ pub struct Action {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Move {
-    Shift,
-    Reduce,
-    Left,
-    Right,
-    Break,
+    Shift = 0,
+    Reduce = 1,
+    Left = 2,
+    Right = 3,
+    Break = 4,
 }
 
 /// One token spec of an attribute-ruler pattern.
@@ -96,6 +97,10 @@ pub struct Model {
     pub seeds: Vec<u32>,
     pub embed: Vec<Vec<f32>>,
     pub mix: MaxoutLn,
+    /// Embedding rows through the mixing layer ([`super::nn::mix_tables`]).
+    pub mix_tables: Vec<Vec<f32>>,
+    /// The first encoder layer's output for an all-zero window.
+    pub enc0_const: Vec<f32>,
     pub enc: Vec<MaxoutLn>,
     pub tagger_w: Vec<f32>,
     pub tagger_b: Vec<f32>,
@@ -106,10 +111,16 @@ pub struct Model {
     pub lower_b: Vec<f32>,
     pub lower_pad: Vec<f32>,
     pub upper_w: Vec<f32>,
+    /// `upper_w` transposed (hidden x actions), for a row-at-a-time product.
+    pub upper_wt: Vec<f32>,
     pub upper_b: Vec<f32>,
     pub tags: Vec<String>,
     pub actions: Vec<Action>,
     pub ruler: Vec<RulerEntry>,
+    /// Ruler entries that can match a pattern starting at a token with
+    /// this tag, in ruler order; `ruler_any` for other tags.
+    pub ruler_by_tag: HashMap<String, Vec<usize>>,
+    pub ruler_any: Vec<usize>,
     pub lemma: Lemma,
     /// Keyed by the string hash of the exact token text.
     pub lexeme_norm: HashMap<u64, String>,
@@ -227,9 +238,20 @@ impl Model {
             embed.push(take(&format!("t2v.embed.{i}"), r * WIDTH)?);
         }
         let mut maxout = |name: &str, n_in: usize| -> std::result::Result<MaxoutLn, String> {
+            let w = take(&format!("{name}.W"), WIDTH * 3 * n_in)?;
+            let b = take(&format!("{name}.b"), WIDTH * 3)?;
+            let (mut wp, mut bp) = (vec![0f32; w.len()], vec![0f32; b.len()]);
+            for o in 0..WIDTH {
+                for p in 0..3 {
+                    let (from, to) = (o * 3 + p, p * WIDTH + o);
+                    wp[to * n_in..(to + 1) * n_in]
+                        .copy_from_slice(&w[from * n_in..(from + 1) * n_in]);
+                    bp[to] = b[from];
+                }
+            }
             Ok(MaxoutLn {
-                w: take(&format!("{name}.W"), WIDTH * 3 * n_in)?,
-                b: take(&format!("{name}.b"), WIDTH * 3)?,
+                w: wp,
+                b: bp,
                 g: take(&format!("{name}.G"), WIDTH)?,
                 ln_b: take(&format!("{name}.ln_b"), WIDTH)?,
                 n_in,
@@ -309,6 +331,36 @@ impl Model {
             });
         }
 
+        // An entry whose every pattern starts with TAG == t can only match
+        // at a token tagged t; the rest are tried everywhere.
+        let first_tag = |e: &RulerEntry| -> Option<String> {
+            let tags: Vec<Option<&str>> = e
+                .patterns
+                .iter()
+                .map(|p| match p.first().and_then(|t| t.tag.as_ref()) {
+                    Some(Cond::Eq(t)) => Some(t.as_str()),
+                    _ => None,
+                })
+                .collect();
+            match tags.first() {
+                Some(Some(t)) if tags.iter().all(|x| *x == Some(*t)) => Some(t.to_string()),
+                _ => None,
+            }
+        };
+        let ruler_any: Vec<usize> = (0..ruler.len())
+            .filter(|&i| first_tag(&ruler[i]).is_none())
+            .collect();
+        let mut ruler_by_tag: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, e) in ruler.iter().enumerate() {
+            if let Some(t) = first_tag(e) {
+                ruler_by_tag.entry(t).or_default().push(i);
+            }
+        }
+        for v in ruler_by_tag.values_mut() {
+            v.extend(&ruler_any);
+            v.sort_unstable();
+        }
+
         let lem = &header["lemma"];
         let mut rules = HashMap::new();
         for (pos, v) in lem["rules"].as_object().ok_or("lemma rules")? {
@@ -359,9 +411,19 @@ impl Model {
         let set = |k: &str| -> std::result::Result<HashSet<String>, String> {
             Ok(strings(&header[k])?.into_iter().collect())
         };
+        let mix_tables = super::nn::mix_tables(&embed, &mix);
+        let mut upper_wt = vec![0f32; na * HIDDEN];
+        for a in 0..na {
+            for j in 0..HIDDEN {
+                upper_wt[j * na + a] = upper_w[a * HIDDEN + j];
+            }
+        }
+        let enc0_const = super::nn::zero_window_output(&enc[0]);
         Ok(Model {
             seeds,
             embed,
+            mix_tables,
+            enc0_const,
             mix,
             enc,
             tagger_w,
@@ -372,10 +434,13 @@ impl Model {
             lower_b,
             lower_pad,
             upper_w,
+            upper_wt,
             upper_b,
             tags,
             actions,
             ruler,
+            ruler_by_tag,
+            ruler_any,
             lemma: Lemma { rules, exc, index },
             lexeme_norm,
             base_norms,

@@ -4,6 +4,31 @@
 
 use super::model::{MaxoutLn, Model, HIDDEN, N_FEATS, PIECES, WIDTH};
 
+/// Defines `fn name(args)` whose body is compiled twice, for AVX2 and for
+/// the baseline, and picked at run time. Rust does not contract `a * b + c`
+/// into FMA, so both give the same numbers.
+macro_rules! avx2_or_plain {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn fast($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (checked just above).
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 /// spaCy's string hash: MurmurHash64A, seed 1, over the UTF-8 bytes.
 pub fn hash_string(s: &str) -> u64 {
     if s.is_empty() {
@@ -153,56 +178,148 @@ fn linear(x: &[f32], n: usize, k: usize, w: &[f32], m: usize, bias: &[f32], out:
 }
 
 fn maxout_ln(layer: &MaxoutLn, x: &[f32], n: usize, scratch: &mut Vec<f32>, out: &mut Vec<f32>) {
-    let np = layer.pieces;
     linear(
         x,
         n,
         layer.n_in,
         &layer.w,
-        layer.n_out * np,
+        layer.n_out * layer.pieces,
         &layer.b,
         scratch,
     );
+    finish_maxout_ln(layer, scratch, out);
+}
+
+/// Maxout over the pieces, then layer norm, of pre-activations (rows of
+/// pieces * n_out, piece-major, bias included).
+fn finish_maxout_ln(layer: &MaxoutLn, pre: &[f32], out: &mut Vec<f32>) {
+    let rows = pre.len() / (layer.n_out * layer.pieces);
     out.clear();
-    out.resize(n * layer.n_out, 0.0);
-    let d = layer.n_out as f32;
-    for (row, y) in scratch
-        .chunks_exact(layer.n_out * np)
-        .zip(out.chunks_exact_mut(layer.n_out))
-    {
-        for (o, p) in y.iter_mut().zip(row.chunks_exact(np)) {
-            *o = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    out.resize(rows * layer.n_out, 0.0);
+    finish_maxout_ln_rows(layer, pre, out);
+}
+
+/// Sum in eight interleaved lanes (as numpy's pairwise sum does in its
+/// blocks), so the loop vectorises.
+#[inline(always)]
+fn lane_sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
         }
-        let mu = y.iter().sum::<f32>() / d;
-        let var = y.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d + 1e-8;
+    }
+    let mut total =
+        ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for x in chunks.remainder() {
+        total += x;
+    }
+    total
+}
+
+avx2_or_plain! {
+fn finish_maxout_ln_rows(layer: &MaxoutLn, pre: &[f32], out: &mut [f32]) {
+    let (no, np) = (layer.n_out, layer.pieces);
+    let d = no as f32;
+    let mut dev = [0f32; 256];
+    for (row, y) in pre.chunks_exact(no * np).zip(out.chunks_exact_mut(no)) {
+        y.copy_from_slice(&row[..no]);
+        for p in 1..np {
+            for (o, &v) in y.iter_mut().zip(&row[p * no..(p + 1) * no]) {
+                *o = if v > *o { v } else { *o };
+            }
+        }
+        let mu = lane_sum(y) / d;
+        let dev = &mut dev[..no];
+        for (s, v) in dev.iter_mut().zip(y.iter()) {
+            *s = (v - mu) * (v - mu);
+        }
+        let var = lane_sum(dev) / d + 1e-8;
         let inv = 1.0 / var.sqrt();
         for ((v, g), b) in y.iter_mut().zip(&layer.g).zip(&layer.ln_b) {
             *v = (*v - mu) * inv * g + b;
         }
     }
 }
+}
 
-/// Token vectors (n x 96) for the tokens of several docs laid end to end;
-/// `lens` are the docs' token counts (the window never crosses a doc).
-pub fn tok2vec(m: &Model, feats: &[[u64; 6]], lens: &[usize]) -> Vec<f32> {
-    let n = feats.len();
-    let mut x = vec![0f32; n * WIDTH * 6];
-    for (t, f) in feats.iter().enumerate() {
-        for c in 0..6 {
-            let table = &m.embed[c];
+/// A layer's output for an all-zero input window: maxout and layer norm of
+/// the bias.
+pub fn zero_window_output(layer: &MaxoutLn) -> Vec<f32> {
+    let mut out = Vec::new();
+    finish_maxout_ln(layer, &layer.b, &mut out);
+    out
+}
+
+/// The embedding tables pushed through the mixing layer: row r of table c
+/// times c's block of the mixing weights (rows x 288). A token's mixing
+/// pre-activation is then the bias plus 24 gathered rows, instead of a
+/// 576-wide product.
+pub fn mix_tables(embed: &[Vec<f32>], mix: &MaxoutLn) -> Vec<Vec<f32>> {
+    let m = mix.n_out * mix.pieces;
+    embed
+        .iter()
+        .enumerate()
+        .map(|(c, table)| {
             let rows = table.len() / WIDTH;
-            let dst = &mut x[t * WIDTH * 6 + c * WIDTH..t * WIDTH * 6 + (c + 1) * WIDTH];
-            for key in hash_ids(f[c], m.seeds[c]) {
+            let mut out = vec![0f32; rows * m];
+            // SAFETY: table is rows x 96; the weight block starts at column
+            // c*96 of the m x 576 matrix; out is rows x m.
+            unsafe {
+                matrixmultiply::sgemm(
+                    rows,
+                    WIDTH,
+                    m,
+                    1.0,
+                    table.as_ptr(),
+                    WIDTH as isize,
+                    1,
+                    mix.w.as_ptr().add(c * WIDTH),
+                    1,
+                    mix.n_in as isize,
+                    0.0,
+                    out.as_mut_ptr(),
+                    m as isize,
+                    1,
+                );
+            }
+            out
+        })
+        .collect()
+}
+
+avx2_or_plain! {
+/// Each token's mixing pre-activation: the bias (already in `pre`) plus
+/// its 24 hashed rows of the mixed tables.
+fn gather_mix(m: &Model, feats: &[[u64; 6]], pre: &mut [f32]) {
+    let pm = m.mix.n_out * m.mix.pieces;
+    for (f, dst) in feats.iter().zip(pre.chunks_exact_mut(pm)) {
+        for ((table, &id), &seed) in m.mix_tables.iter().zip(f).zip(&m.seeds) {
+            let rows = table.len() / pm;
+            for key in hash_ids(id, seed) {
                 let r = key as usize % rows;
-                for (d, e) in dst.iter_mut().zip(&table[r * WIDTH..(r + 1) * WIDTH]) {
+                for (d, e) in dst.iter_mut().zip(&table[r * pm..(r + 1) * pm]) {
                     *d += e;
                 }
             }
         }
     }
-    let mut scratch = Vec::new();
+}
+}
+
+/// Token vectors (n x 96) for the tokens of several docs laid end to end;
+/// `lens` are the docs' token counts (the window never crosses a doc).
+pub fn tok2vec(m: &Model, feats: &[[u64; 6]], lens: &[usize]) -> Vec<f32> {
+    let n = feats.len();
+    let pm = m.mix.n_out * m.mix.pieces;
+    let mut pre = Vec::with_capacity(n * pm);
+    for _ in feats {
+        pre.extend_from_slice(&m.mix.b);
+    }
+    gather_mix(m, feats, &mut pre);
     let mut mixed = Vec::new();
-    maxout_ln(&m.mix, &x, n, &mut scratch, &mut mixed);
+    finish_maxout_ln(&m.mix, &pre, &mut mixed);
     // thinc's with_array(pad=4) lays the docs end to end with four zero
     // rows before, between and after them, and the encoder runs over the
     // pad rows too: they are the context of each doc's first and last words.
@@ -221,26 +338,55 @@ pub fn tok2vec(m: &Model, feats: &[[u64; 6]], lens: &[usize]) -> Vec<f32> {
         }
         at += PAD;
     }
-    let mut win = vec![0f32; total * WIDTH * 3];
+    // Distance of each row to the nearest word: layer L (0-based) is only
+    // needed where a later layer can still reach a word (distance <= 3 - L).
+    let mut dist = vec![usize::MAX; total];
+    for &r in &rows {
+        dist[r] = 0;
+    }
+    for r in 1..total {
+        dist[r] = dist[r].min(dist[r - 1].saturating_add(1));
+    }
+    for r in (0..total - 1).rev() {
+        dist[r] = dist[r].min(dist[r + 1].saturating_add(1));
+    }
+    let mut win = Vec::new();
+    let mut y_pre = Vec::new();
     let mut y = Vec::new();
-    for layer in &m.enc {
-        for t in 0..total {
-            let dst = &mut win[t * WIDTH * 3..(t + 1) * WIDTH * 3];
+    let mut sel = Vec::new();
+    for (l, layer) in m.enc.iter().enumerate() {
+        let reach = 3 - l;
+        sel.clear();
+        // At the first layer a pad row two or more rows from any word sees
+        // only zeros: its output is the layer's constant.
+        sel.extend((0..total).filter(|&r| dist[r] <= reach && (l > 0 || dist[r] <= 1)));
+        win.clear();
+        win.resize(sel.len() * WIDTH * 3, 0.0);
+        for (k, &t) in sel.iter().enumerate() {
+            let dst = &mut win[k * WIDTH * 3..(k + 1) * WIDTH * 3];
             if t > 0 {
                 dst[..WIDTH].copy_from_slice(&h[(t - 1) * WIDTH..t * WIDTH]);
-            } else {
-                dst[..WIDTH].fill(0.0);
             }
             dst[WIDTH..2 * WIDTH].copy_from_slice(&h[t * WIDTH..(t + 1) * WIDTH]);
             if t + 1 < total {
                 dst[2 * WIDTH..].copy_from_slice(&h[(t + 1) * WIDTH..(t + 2) * WIDTH]);
-            } else {
-                dst[2 * WIDTH..].fill(0.0);
             }
         }
-        maxout_ln(layer, &win, total, &mut scratch, &mut y);
-        for (a, b) in h.iter_mut().zip(&y) {
-            *a += b;
+        maxout_ln(layer, &win, sel.len(), &mut y_pre, &mut y);
+        for (k, &t) in sel.iter().enumerate() {
+            for (a, b) in h[t * WIDTH..(t + 1) * WIDTH]
+                .iter_mut()
+                .zip(&y[k * WIDTH..(k + 1) * WIDTH])
+            {
+                *a += b;
+            }
+        }
+        if l == 0 {
+            for r in 0..total {
+                if (2..=reach).contains(&dist[r]) {
+                    h[r * WIDTH..(r + 1) * WIDTH].copy_from_slice(&m.enc0_const);
+                }
+            }
         }
     }
     let mut out = Vec::with_capacity(n * WIDTH);
@@ -297,6 +443,13 @@ pub fn parser_precompute(m: &Model, vecs: &[f32]) -> Vec<f32> {
 /// Action scores of one parser state from its context token ids (-1: none).
 /// `pre` holds the doc's rows of [`parser_precompute`].
 pub fn parser_scores(m: &Model, pre: &[f32], ids: &[i32; N_FEATS], scores: &mut Vec<f32>) {
+    scores.clear();
+    scores.extend_from_slice(&m.upper_b);
+    parser_scores_body(m, pre, ids, scores);
+}
+
+avx2_or_plain! {
+fn parser_scores_body(m: &Model, pre: &[f32], ids: &[i32; N_FEATS], scores: &mut [f32]) {
     const FO: usize = HIDDEN * PIECES;
     let mut unmaxed = [0f32; FO];
     for (f, &id) in ids.iter().enumerate() {
@@ -316,13 +469,14 @@ pub fn parser_scores(m: &Model, pre: &[f32], ids: &[i32; N_FEATS], scores: &mut 
         let b = unmaxed[j * PIECES + 1] + m.lower_b[j * PIECES + 1];
         *h = if b > a { b } else { a };
     }
-    let na = m.actions.len();
-    scores.clear();
-    scores.extend_from_slice(&m.upper_b);
-    for (a, s) in scores.iter_mut().enumerate().take(na) {
-        let w = &m.upper_w[a * HIDDEN..(a + 1) * HIDDEN];
-        *s += w.iter().zip(&hidden).map(|(x, y)| x * y).sum::<f32>();
+    let na = scores.len();
+    for (j, &hj) in hidden.iter().enumerate() {
+        let w = &m.upper_wt[j * na..(j + 1) * na];
+        for (s, x) in scores.iter_mut().zip(w) {
+            *s += x * hj;
+        }
     }
+}
 }
 
 #[cfg(test)]

@@ -23,14 +23,14 @@ pub fn noun_chunks(d: &Doc) -> Vec<(usize, usize, usize)> {
     let mut out = Vec::new();
     let mut prev_end: i64 = -1;
     for (i, w) in d.tokens.iter().enumerate() {
-        if !matches!(w.pos.as_str(), "NOUN" | "PROPN" | "PRON") {
+        if !matches!(w.pos, "NOUN" | "PROPN" | "PRON") {
             continue;
         }
         let le = d.left_edge(i);
         if le as i64 <= prev_end {
             continue;
         }
-        if NP_DEPS.contains(&w.dep.as_str()) {
+        if NP_DEPS.contains(&w.dep) {
             prev_end = i as i64;
             out.push((le, i + 1, i));
         } else if w.dep == "conj" {
@@ -43,7 +43,7 @@ pub fn noun_chunks(d: &Doc) -> Vec<(usize, usize, usize)> {
                 head = d.tokens[head].head;
                 guard += 1;
             }
-            if NP_DEPS.contains(&d.tokens[head].dep.as_str()) {
+            if NP_DEPS.contains(&d.tokens[head].dep) {
                 prev_end = i as i64;
                 out.push((le, i + 1, i));
             }
@@ -79,7 +79,7 @@ pub fn scene_graph(m: &Model, d: &Doc) -> SceneGraph {
         let mut lemma_head = t[root].lemma.clone();
         let mut modifiers = Vec::new();
         for x in d.children(root) {
-            match t[x].dep.as_str() {
+            match t[x].dep {
                 "det" | "nummod" => modifiers.push(t[x].text.clone()),
                 "amod" => {
                     modifiers.extend(flatten_conj(d, x).into_iter().map(|y| t[y].text.clone()))
@@ -127,7 +127,7 @@ pub fn scene_graph(m: &Model, d: &Doc) -> SceneGraph {
     for &(_, _, e) in &chunks {
         let h = t[e].head;
         let hh = t[h].head;
-        if matches!(t[e].dep.as_str(), "dobj" | "attr") && subj[h].is_some() {
+        if matches!(t[e].dep, "dobj" | "attr") && subj[h].is_some() {
             rels.push((subj[h].unwrap(), e, t[h].text.clone()));
         } else if t[e].dep == "pobj" {
             let hhh = t[hh].head;
@@ -151,9 +151,9 @@ pub fn scene_graph(m: &Model, d: &Doc) -> SceneGraph {
                 rels.push((t[hhh].head, e, span_text(d, hhh, h + 1)));
             } else if t[hh].pos == "NOUN" {
                 rels.push((hh, e, t[h].text.clone()));
-            } else if matches!(t[hh].dep.as_str(), "amod" | "advmod") && t[hhh].pos == "NOUN" {
+            } else if matches!(t[hh].dep, "amod" | "advmod") && t[hhh].pos == "NOUN" {
                 rels.push((hhh, e, format!("{} {}", t[hh].text, t[h].text)));
-            } else if matches!(t[hh].dep.as_str(), "amod" | "advmod")
+            } else if matches!(t[hh].dep, "amod" | "advmod")
                 && t[hhh].pos == "VERB"
                 && subj[hhh].is_some()
             {
