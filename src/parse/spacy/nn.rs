@@ -486,7 +486,8 @@ mod tests {
     #[test]
     fn shapes_follow_spacy() {
         assert_eq!(word_shape("Hello"), "Xxxxx");
-        assert_eq!(word_shape("1990s"), "dddx");
+        assert_eq!(word_shape("1990s"), "ddddx");
+        assert_eq!(word_shape("199000s"), "ddddx");
         assert_eq!(word_shape("aaaaaaa"), "xxxx");
         assert_eq!(word_shape("t-shirt"), "x-xxxx");
     }
