@@ -543,3 +543,31 @@ fn spacy_engine_batching_does_not_change_results() {
         );
     }
 }
+
+/// The spacy engine is 0.1.0 exactly: asking it for the later behaviour or
+/// for the rules engine's switches is a manifest error, and nothing runs.
+#[test]
+fn spacy_engine_rejects_rules_only_params() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("c.tsv"), "a dog on a bench\tu0\n");
+    let m = dir.path().join("m.toml");
+    write(
+        &m,
+        "[pipeline]\nname = \"p\"\nworkdir = \"run\"\n\n[[stage]]\nname = \"captions\"\nkind = \"ingest\"\nparams = { path = \"c.tsv\" }\n\n[[stage]]\nname = \"graphs\"\nkind = \"parse\"\ninputs = [\"captions\"]\nparams = { strict_v010 = false }\n",
+    );
+    let r = genecis(&["run", m.to_str().unwrap()]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("strict_v010") && r.stderr.contains("engine = \"rules\""),
+        "{}",
+        r.stderr
+    );
+    assert!(!dir.path().join("run").join("captions").exists());
+    let r = genecis(&[
+        "run",
+        m.to_str().unwrap(),
+        "--set",
+        "graphs.engine=\"rules\"",
+    ]);
+    r.ok();
+}
