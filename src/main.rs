@@ -501,10 +501,10 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             let strict = !a.loose;
             let engine = a.engine;
-            if engine == genecis::parse::Engine::Spacy && (a.loose || a.rules_only) {
+            if engine == genecis::parse::Engine::Spacy && a.rules_only {
                 return Err(genecis::Error::Usage {
-                    arg: if a.loose { "--loose" } else { "--rules-only" }.into(),
-                    message: "applies to --engine rules only (the spacy engine is SceneGraphParser 0.1.0 exactly)".into(),
+                    arg: "--rules-only".into(),
+                    message: "applies to --engine rules only (the spacy engine has no learned parts to switch off)".into(),
                 }
                 .into());
             }
@@ -523,7 +523,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             if engine == genecis::parse::Engine::Spacy && !a.captions.is_empty() {
                 let caps: Vec<&str> = a.captions.iter().map(String::as_str).collect();
                 let docs = genecis::parse::spacy::analyse(&caps)?;
-                let graphs = genecis::parse::spacy::parse_batch(&caps)?;
+                let graphs = genecis::parse::spacy::parse_batch_with(&caps, strict)?;
                 for ((c, d), g) in caps.iter().zip(docs).zip(graphs) {
                     let toks: Vec<String> = d
                         .tokens

@@ -392,9 +392,8 @@ fn retag_verbs_after_people(toks: &mut [Tok]) {
     }
 }
 
-/// Parses captions with the given engine. The `spacy` engine gives
-/// SceneGraphParser 0.1.0's output only (`strict_v010` must be true); the
-/// `rules` engine uses `learned`. Never panics, whatever the input.
+/// Parses captions with the given engine (`learned` is the rules engine's).
+/// Never panics, whatever the input.
 pub fn parse_captions(
     captions: &[&str],
     engine: Engine,
@@ -403,15 +402,9 @@ pub fn parse_captions(
 ) -> Result<Vec<SceneGraph>> {
     match engine {
         Engine::Spacy => {
-            if !strict_v010 {
-                return Err(Error::Usage {
-                    arg: "strict_v010".into(),
-                    message: "the spacy engine reproduces SceneGraphParser 0.1.0 only; use engine = \"rules\" for the later upstream behaviour".into(),
-                });
-            }
             let per: Vec<Result<Vec<SceneGraph>>> = captions
                 .par_chunks(spacy::BATCH)
-                .map(spacy::parse_batch)
+                .map(|c| spacy::parse_batch_with(c, strict_v010))
                 .collect();
             let mut out = Vec::with_capacity(captions.len());
             for p in per {
@@ -538,12 +531,6 @@ impl Stage for Parse {
 
     fn validate(p: &ParseParams, _base: &Path) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        if p.engine == Engine::Spacy && !p.strict_v010 {
-            out.push((
-                "strict_v010".into(),
-                "the spacy engine reproduces SceneGraphParser 0.1.0 only; set engine = \"rules\" for the later upstream behaviour".into(),
-            ));
-        }
         if p.engine == Engine::Spacy && (!p.learned_attachment || !p.learned_chunks) {
             out.push((
                 "engine".into(),

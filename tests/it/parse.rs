@@ -544,8 +544,8 @@ fn spacy_engine_batching_does_not_change_results() {
     }
 }
 
-/// The spacy engine is 0.1.0 exactly: asking it for the later behaviour or
-/// for the rules engine's switches is a manifest error, and nothing runs.
+/// The rules engine's switches mean nothing to the spacy engine: asking
+/// for them is a manifest error, and nothing runs.
 #[test]
 fn spacy_engine_rejects_rules_only_params() {
     let dir = tempfile::tempdir().unwrap();
@@ -553,21 +553,72 @@ fn spacy_engine_rejects_rules_only_params() {
     let m = dir.path().join("m.toml");
     write(
         &m,
-        "[pipeline]\nname = \"p\"\nworkdir = \"run\"\n\n[[stage]]\nname = \"captions\"\nkind = \"ingest\"\nparams = { path = \"c.tsv\" }\n\n[[stage]]\nname = \"graphs\"\nkind = \"parse\"\ninputs = [\"captions\"]\nparams = { strict_v010 = false }\n",
+        "[pipeline]\nname = \"p\"\nworkdir = \"run\"\n\n[[stage]]\nname = \"captions\"\nkind = \"ingest\"\nparams = { path = \"c.tsv\" }\n\n[[stage]]\nname = \"graphs\"\nkind = \"parse\"\ninputs = [\"captions\"]\nparams = { learned_chunks = false }\n",
     );
     let r = genecis(&["run", m.to_str().unwrap()]);
     assert_ne!(r.code, 0);
     assert!(
-        r.stderr.contains("strict_v010") && r.stderr.contains("engine = \"rules\""),
+        r.stderr.contains("learned_chunks") && r.stderr.contains("engine = \"rules\""),
         "{}",
         r.stderr
     );
     assert!(!dir.path().join("run").join("captions").exists());
-    let r = genecis(&[
+    genecis(&[
         "run",
         m.to_str().unwrap(),
         "--set",
         "graphs.engine=\"rules\"",
-    ]);
-    r.ok();
+    ])
+    .ok();
+}
+
+/// `strict_v010 = false` on the spacy engine: the later upstream fixes on
+/// top of the same parse.
+#[test]
+fn spacy_engine_later_upstream_fixes() {
+    let caps = [
+        "the dog is on the bed",
+        "a man standing in front of a building",
+        "ice cream cone on a white background",
+        "she is playing the piano",
+        "a table with cups , plates and bowls",
+        "a cat is next to a dog",
+    ];
+    let strict = genecis::parse::spacy::parse_batch_with(&caps, true).unwrap();
+    let loose = genecis::parse::spacy::parse_batch_with(&caps, false).unwrap();
+    let trip = |g: &genecis::parse::SceneGraph| -> Vec<(String, String, String)> {
+        let mut v: Vec<_> = g
+            .relations
+            .iter()
+            .map(|r| {
+                (
+                    g.entities[r.subject].head.clone(),
+                    r.relation.clone(),
+                    g.entities[r.object].head.clone(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    // Copula + PP, and a phrasal preposition after a verb: nothing in 0.1.0.
+    assert!(trip(&strict[0]).is_empty() && trip(&strict[1]).is_empty());
+    assert_eq!(trip(&loose[0]), vec![t("dog", "on", "bed")]);
+    assert_eq!(trip(&loose[1]), vec![t("man", "in front of", "building")]);
+    // Compounds recurse.
+    assert_eq!(strict[2].entities[0].head, "cream cone");
+    assert_eq!(loose[2].entities[0].head, "ice cream cone");
+    // Pronouns are no entities.
+    assert_eq!(strict[3].entities[0].head, "she");
+    assert!(loose[3].entities.iter().all(|e| e.head != "she"));
+    // Conjunctions recurse: 0.1.0 stops at the first conjunct.
+    assert_eq!(
+        trip(&strict[4]),
+        vec![t("table", "with", "cups"), t("table", "with", "plates")]
+    );
+    assert_eq!(trip(&loose[4]).len(), 3);
+    assert!(trip(&loose[4]).contains(&t("table", "with", "bowls")));
+    // "is next to": "next" hangs on the copula as acomp.
+    assert!(trip(&strict[5]).is_empty());
+    assert_eq!(trip(&loose[5]), vec![t("cat", "next to", "dog")]);
 }

@@ -36,13 +36,18 @@ pub fn analyse(captions: &[&str]) -> Result<Vec<Doc>> {
 /// Scene graphs of `captions`, as SceneGraphParser 0.1.0 with
 /// en_core_web_sm 3.8.0 gives them.
 pub fn parse_batch(captions: &[&str]) -> Result<Vec<SceneGraph>> {
+    parse_batch_with(captions, true)
+}
+
+/// [`parse_batch`]; `strict_v010 = false` applies the later upstream fixes.
+pub fn parse_batch_with(captions: &[&str], strict_v010: bool) -> Result<Vec<SceneGraph>> {
     let m = model()?;
     Ok(captions
         .chunks(BATCH)
         .flat_map(|c| {
             doc::analyse(m, c)
                 .iter()
-                .map(|d| sgp::scene_graph(m, d))
+                .map(|d| sgp::scene_graph(m, d, strict_v010))
                 .collect::<Vec<_>>()
         })
         .collect())

@@ -63,34 +63,76 @@ fn span_text(d: &Doc, start: usize, end: usize) -> String {
     s
 }
 
-/// The token and its direct `conj` children (0.1.0 does not recurse).
-fn flatten_conj(d: &Doc, i: usize) -> Vec<usize> {
+/// The token and its `conj` children: direct ones only in 0.1.0, the
+/// whole chain in the later versions (`deep`).
+fn flatten_conj(d: &Doc, i: usize, deep: bool) -> Vec<usize> {
     let mut v = vec![i];
-    v.extend(d.children(i).filter(|&c| d.tokens[c].dep == "conj"));
+    let mut k = 0;
+    while k < v.len() {
+        let at = v[k];
+        for c in d.children(at).filter(|&c| d.tokens[c].dep == "conj") {
+            if !v.contains(&c) {
+                v.push(c);
+            }
+        }
+        if !deep {
+            break;
+        }
+        k += 1;
+    }
     v
 }
 
-pub fn scene_graph(m: &Model, d: &Doc) -> SceneGraph {
+/// Modifiers and compound words of a chunk root: its direct children in
+/// 0.1.0; later versions also walk into the compounds (`deep`), so "ice
+/// cream cone" keeps all three words.
+fn describe(
+    d: &Doc,
+    node: usize,
+    deep: bool,
+    head: &mut String,
+    lemma_head: &mut String,
+    modifiers: &mut Vec<String>,
+    depth: usize,
+) {
     let t = &d.tokens;
-    let chunks = noun_chunks(d);
+    for x in d.children(node) {
+        match t[x].dep {
+            "det" | "nummod" => modifiers.push(t[x].text.clone()),
+            "amod" => modifiers.extend(
+                flatten_conj(d, x, deep)
+                    .into_iter()
+                    .map(|y| t[y].text.clone()),
+            ),
+            "compound" => {
+                *head = format!("{} {head}", t[x].text);
+                *lemma_head = format!("{} {lemma_head}", t[x].lemma);
+                if deep && depth < t.len() {
+                    describe(d, x, deep, head, lemma_head, modifiers, depth + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// SceneGraphParser's graph of a parsed caption: 0.1.0 (`strict`), or with
+/// the later upstream fixes: recursive compounds and conjunctions, no
+/// pronoun entities, PPs on a copula ("the dog is on the bed"), and
+/// "in front of" / "next to" after a verb or copula given to its subject.
+pub fn scene_graph(m: &Model, d: &Doc, strict: bool) -> SceneGraph {
+    let t = &d.tokens;
+    let deep = !strict;
+    let chunks: Vec<(usize, usize, usize)> = noun_chunks(d)
+        .into_iter()
+        .filter(|&(_, _, root)| strict || t[root].pos != "PRON")
+        .collect();
     let mut entities = Vec::new();
     for &(start, end, root) in &chunks {
         let mut head = t[root].text.clone();
         let mut lemma_head = t[root].lemma.clone();
         let mut modifiers = Vec::new();
-        for x in d.children(root) {
-            match t[x].dep {
-                "det" | "nummod" => modifiers.push(t[x].text.clone()),
-                "amod" => {
-                    modifiers.extend(flatten_conj(d, x).into_iter().map(|y| t[y].text.clone()))
-                }
-                "compound" => {
-                    head = format!("{} {head}", t[x].text);
-                    lemma_head = format!("{} {lemma_head}", t[x].lemma);
-                }
-                _ => {}
-            }
-        }
+        describe(d, root, deep, &mut head, &mut lemma_head, &mut modifiers, 0);
         let last = lemma_head.rsplit(' ').next().unwrap_or("");
         let kind = if m.scene_nouns.contains(&lemma_head) || m.scene_nouns.contains(last) {
             "scene"
@@ -121,6 +163,9 @@ pub fn scene_graph(m: &Model, d: &Doc) -> SceneGraph {
         }
     }
 
+    // Later versions: a copula's subject is its nsubj too (already in
+    // `subj`), and PP rules accept AUX where 0.1.0 wants VERB.
+    let verbish = |i: usize| t[i].pos == "VERB" || (!strict && t[i].pos == "AUX");
     // (subject token, object token, relation text)
     let mut rels: Vec<(usize, usize, String)> = Vec::new();
     let mut fake = vec![false; n];
@@ -144,17 +189,27 @@ pub fn scene_graph(m: &Model, d: &Doc) -> SceneGraph {
                     e,
                     format!("{} {}", t[hh].text, t[h].text),
                 ));
-            } else if (t[hh].pos == "VERB" || t[hh].dep == "acl") && subj[hh].is_some() {
+            } else if (verbish(hh) || t[hh].dep == "acl") && subj[hh].is_some() {
                 rels.push((subj[hh].unwrap(), e, t[h].text.clone()));
             } else if t[hh].dep == "pobj" && hhh <= h && m.phrasal_preps.contains(&prep_span()) {
                 fake[hh] = true;
-                rels.push((t[hhh].head, e, span_text(d, hhh, h + 1)));
+                let above = t[hhh].head;
+                // 0.1.0 keeps the raw token, so after a verb the relation is
+                // dropped; later versions map a verb or copula to its subject.
+                let s = if !strict && verbish(above) {
+                    subj[above]
+                } else {
+                    Some(above)
+                };
+                if let Some(s) = s {
+                    rels.push((s, e, span_text(d, hhh, h + 1)));
+                }
             } else if t[hh].pos == "NOUN" {
                 rels.push((hh, e, t[h].text.clone()));
             } else if matches!(t[hh].dep, "amod" | "advmod") && t[hhh].pos == "NOUN" {
                 rels.push((hhh, e, format!("{} {}", t[hh].text, t[h].text)));
-            } else if matches!(t[hh].dep, "amod" | "advmod")
-                && t[hhh].pos == "VERB"
+            } else if (matches!(t[hh].dep, "amod" | "advmod") || !strict && t[hh].dep == "acomp")
+                && verbish(hhh)
                 && subj[hhh].is_some()
             {
                 rels.push((
@@ -176,8 +231,8 @@ pub fn scene_graph(m: &Model, d: &Doc) -> SceneGraph {
     };
     let mut relations = Vec::new();
     for (s, o, r) in rels {
-        for x in flatten_conj(d, s) {
-            for y in flatten_conj(d, o) {
+        for x in flatten_conj(d, s, deep) {
+            for y in flatten_conj(d, o, deep) {
                 if let (Some(a), Some(b)) = (locate(x), locate(y)) {
                     relations.push(Relation {
                         subject: a,
