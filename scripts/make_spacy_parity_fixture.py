@@ -1,10 +1,17 @@
-"""Writes tests/fixtures/spacy_parity.jsonl: for hand-written captions (no
-dataset text), what spaCy en_core_web_sm 3.8.0 and SceneGraphParser 0.1.0
-give. tests/it/parse.rs checks the `spacy` engine against it token by token.
+"""Writes what spaCy en_core_web_sm 3.8.0 and SceneGraphParser 0.1.0 give
+for captions, one JSON line each, for `genecis parse-eval --parity FILE` to
+compare the `spacy` engine with token by token.
+
+With no --captions: the hand-written captions below (no dataset text) into
+tests/fixtures/spacy_parity.jsonl, which tests/it/parse.rs checks.
 
     /tmp/spv/bin/python scripts/make_spacy_parity_fixture.py tests/fixtures/spacy_parity.jsonl
+    /tmp/spv/bin/python scripts/make_spacy_parity_fixture.py /tmp/val.jsonl \
+        --captions ../shared/data/cc3m/Validation_GCC-1.1.0-Validation.tsv
+    genecis parse-eval --parity /tmp/val.jsonl
 
-(the virtual environment of scripts/convert_spacy_sm.py).
+(the virtual environment of scripts/convert_spacy_sm.py). A --captions file
+holds one caption per line; a tab ends the caption (CC3M TSV).
 """
 import json
 import sys
@@ -65,11 +72,11 @@ CAPTIONS = [
 ]
 
 
-def main(out):
+def main(out, captions):
     nlp = spacy.load(MODEL, exclude=["ner", "senter"])
     parser = sng_parser.Parser("spacy", model=MODEL)
     with open(out, "w") as f:
-        for cap in CAPTIONS:
+        for cap in captions:
             d = nlp(cap)
             g = parser.parse(cap)
             ents = g["entities"]
@@ -79,8 +86,15 @@ def main(out):
                 "entities": [[e["span"], e["head"], e["lemma_head"], [m["span"] for m in e["modifiers"]], e["type"]] for e in ents],
                 "relations": [[r["subject"], r["relation"], r["object"]] for r in g["relations"]],
             }) + "\n")
-    print(f"{len(CAPTIONS)} captions -> {out}")
+    print(f"{len(captions)} captions -> {out}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    args = sys.argv[1:]
+    caps = CAPTIONS
+    if "--captions" in args:
+        i = args.index("--captions")
+        with open(args[i + 1], encoding="utf-8") as f:
+            caps = [l.rstrip("\n").split("\t")[0] for l in f]
+        del args[i:i + 2]
+    main(args[0], caps)

@@ -99,6 +99,10 @@ struct ParseEvalArgs {
     dev_misses: Option<usize>,
     #[arg(long)]
     entities: bool,
+    /// Compare the spacy engine with spaCy itself on a parity file written by
+    /// scripts/make_spacy_parity_fixture.py (token by token, and the graphs).
+    #[arg(long, value_name = "FILE")]
+    parity: Option<PathBuf>,
     /// Captions to parse and show (tags, entities, relations).
     #[arg(long = "show", value_name = "CAPTION")]
     captions: Vec<String>,
@@ -492,10 +496,23 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::ParseEval(a) => {
+            if let Some(f) = &a.parity {
+                let p = genecis::parse::eval::spacy_parity(f, 20)?;
+                for e in &p.examples {
+                    println!("DIFF {e}");
+                }
+                println!(
+                    "parity {} ({} captions): token lists differ {}, norms/tags/POS/arcs/lemmas differ {}, scene graphs differ {}",
+                    f.display(), p.captions, p.tokens_differ, p.analysis_differs, p.graphs_differ
+                );
+                if a.gold.is_none() && a.dev.is_none() && a.captions.is_empty() {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
             if a.gold.is_none() && a.dev.is_none() && a.captions.is_empty() {
                 return Err(genecis::Error::Usage {
                     arg: "parse-eval".into(),
-                    message: "give --gold FILE and/or --dev FILE".into(),
+                    message: "give --gold FILE, --dev FILE, --parity FILE or --show CAPTION".into(),
                 }
                 .into());
             }

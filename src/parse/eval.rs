@@ -572,3 +572,92 @@ pub fn train_parser(
         folds,
     })
 }
+
+/// How the `spacy` engine compares with spaCy + SceneGraphParser on the
+/// captions of a parity file (scripts/make_spacy_parity_fixture.py).
+#[derive(Debug, Default)]
+pub struct Parity {
+    pub captions: usize,
+    /// Captions whose token texts differ.
+    pub tokens_differ: usize,
+    /// Captions with the same tokens but another norm, tag, POS, arc or lemma.
+    pub analysis_differs: usize,
+    /// Captions whose scene graph (entities or relations) differs.
+    pub graphs_differ: usize,
+    pub examples: Vec<String>,
+}
+
+pub fn spacy_parity(path: &Path, max_examples: usize) -> Result<Parity> {
+    let corrupt = |message: String| Error::CorruptRecord {
+        path: path.into(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(Error::io("cannot read", path))?;
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| corrupt(e.to_string())))
+        .collect::<Result<_>>()?;
+    let caps: Vec<&str> = rows
+        .iter()
+        .map(|r| {
+            r["caption"]
+                .as_str()
+                .ok_or_else(|| corrupt("a line has no caption".into()))
+        })
+        .collect::<Result<_>>()?;
+    let mut p = Parity {
+        captions: caps.len(),
+        ..Default::default()
+    };
+    for (chunk_rows, chunk_caps) in rows.chunks(4096).zip(caps.chunks(4096)) {
+        let docs = super::spacy::analyse(chunk_caps)?;
+        let graphs = super::parse_captions(chunk_caps, Engine::Spacy, true, Learned::none())?;
+        for ((r, d), g) in chunk_rows.iter().zip(&docs).zip(&graphs) {
+            let texts: Vec<&str> = d.tokens.iter().map(|t| t.text.as_str()).collect();
+            let want_texts: Vec<&str> = r["tokens"]
+                .as_array()
+                .map(|a| a.iter().map(|t| t[0].as_str().unwrap_or("")).collect())
+                .unwrap_or_default();
+            let toks = serde_json::Value::Array(
+                d.tokens
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!([t.text, t.norm, t.tag, t.pos, t.dep, t.head, t.lemma])
+                    })
+                    .collect(),
+            );
+            let ents = serde_json::Value::Array(
+                g.entities
+                    .iter()
+                    .map(|e| serde_json::json!([e.span, e.head, e.lemma_head, e.modifiers, e.kind]))
+                    .collect(),
+            );
+            let rels = serde_json::Value::Array(
+                g.relations
+                    .iter()
+                    .map(|x| serde_json::json!([x.subject, x.relation, x.object]))
+                    .collect(),
+            );
+            let mut bad = false;
+            if texts != want_texts {
+                p.tokens_differ += 1;
+                bad = true;
+            } else if toks != r["tokens"] {
+                p.analysis_differs += 1;
+                bad = true;
+            }
+            if ents != r["entities"] || rels != r["relations"] {
+                p.graphs_differ += 1;
+                bad = true;
+            }
+            if bad && p.examples.len() < max_examples {
+                p.examples.push(format!(
+                    "{}\n  spaCy {} {} {}\n  ours  {toks} {ents} {rels}",
+                    r["caption"], r["tokens"], r["entities"], r["relations"]
+                ));
+            }
+        }
+    }
+    Ok(p)
+}
