@@ -483,6 +483,27 @@ fn parser_scores_body(m: &Model, pre: &[f32], ids: &[i32; N_FEATS], scores: &mut
 mod tests {
     use super::*;
 
+    /// Values from spaCy's StringStore and thinc's NumpyOps().hash.
+    #[test]
+    fn hashes_match_spacy_and_thinc() {
+        assert_eq!(hash_string("the"), 7425985699627899538);
+        assert_eq!(hash_string("faux"), 7955077185209643164);
+        assert_eq!(hash_string("xxxx"), 13110060611322374290);
+        assert_eq!(hash_string(""), 0);
+        assert_eq!(
+            hash_ids(7425985699627899538, 8),
+            [2332737498, 1315472909, 1351622599, 1973209364]
+        );
+        assert_eq!(
+            hash_ids(1, 8),
+            [1161550108, 2247783286, 1742325162, 1224191281]
+        );
+        assert_eq!(
+            hash_ids(432, 8),
+            [57223276, 3286657089, 2233318562, 635018337]
+        );
+    }
+
     #[test]
     fn shapes_follow_spacy() {
         assert_eq!(word_shape("Hello"), "Xxxxx");
