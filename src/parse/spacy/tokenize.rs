@@ -119,6 +119,29 @@ fn find_suffix(s: &str) -> usize {
     }
 }
 
+/// A web address spaCy's url_match keeps whole ("www.example.com/page").
+/// An approximation of its URL pattern: a scheme or "www.", or a dotted
+/// host ending in a common top-level domain, with an optional path.
+fn url_like(s: &str) -> bool {
+    let l = s.to_ascii_lowercase();
+    if (l.starts_with("http://") || l.starts_with("https://") || l.starts_with("www."))
+        && l.len() > 8
+        && l[4..].contains('.')
+    {
+        return true;
+    }
+    let host = l.split('/').next().unwrap_or("");
+    let labels: Vec<&str> = host.split('.').collect();
+    labels.len() >= 2
+        && labels
+            .iter()
+            .all(|x| !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        && matches!(
+            *labels.last().unwrap(),
+            "com" | "org" | "net" | "edu" | "gov" | "io" | "co" | "uk" | "de" | "info"
+        )
+}
+
 /// Splits one space-free chunk into tokens, as spaCy's _split_affixes and
 /// _attach_tokens: strip a prefix and a suffix per round until a special
 /// case or nothing is left, then split infixes.
@@ -128,7 +151,7 @@ fn split_chunk(chunk: &str, special: &Special, out: &mut Vec<RawTok>) {
     let mut suffixes: Vec<&str> = Vec::new();
     let mut last_len = usize::MAX;
     while !s.is_empty() && s.len() != last_len {
-        if special.contains_key(s) {
+        if special.contains_key(s) || url_like(s) {
             break;
         }
         last_len = s.len();
@@ -175,6 +198,8 @@ fn split_chunk(chunk: &str, special: &Special, out: &mut Vec<RawTok>) {
                 space_after: false,
                 norm: n.clone(),
             }));
+        } else if url_like(s) {
+            out.push(plain(s));
         } else {
             split_infixes(s, out);
         }
