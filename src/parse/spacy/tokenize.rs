@@ -123,6 +123,9 @@ fn find_suffix(s: &str) -> usize {
 /// An approximation of its URL pattern: a scheme or "www.", or a dotted
 /// host ending in a common top-level domain, with an optional path.
 fn url_like(s: &str) -> bool {
+    if !s.contains('.') {
+        return false;
+    }
     let l = s.to_ascii_lowercase();
     if (l.starts_with("http://") || l.starts_with("https://") || l.starts_with("www."))
         && l.len() > 8
