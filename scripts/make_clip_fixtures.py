@@ -71,7 +71,7 @@ for name, cfg in CONFIGS.items():
 
 
 class Combiner(nn.Module):
-    """models/combiner_model.py's architecture (DESIGN.md section 4)."""
+    """models/combiner_model.py's architecture (ARCHITECTURE.md, "Semantics kept from the original")."""
 
     def __init__(self, d, proj=2560, hidden=5120):
         super().__init__()

@@ -32,29 +32,32 @@ use crate::model::clip::Clip;
 use crate::model::preprocess::{load_batch, ImageKey};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{select_device, with_precision, StateDict};
-use crate::stage::{resolve_path, Finding, Stage, StageContext, StageReport, TableDef};
+use crate::stage::{
+    resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
+};
 
-/// `fixed_size_list<f32>` of `dim` (the schema below shows dim 0: the real
-/// width is the model's embed dim).
+/// `fixed_size_list<f32>` of `dim`, the model's embedding width.
 pub fn embedding_type(dim: i32) -> DataType {
     DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), dim)
 }
 
-pub static IMAGE_EMBEDDINGS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+/// `image_embeddings` with embeddings of width `dim`.
+pub fn image_embeddings_schema(dim: i32) -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("image_key", DataType::Utf8, false),
         Field::new("model", DataType::Utf8, false),
-        Field::new("embedding", embedding_type(0), false),
+        Field::new("embedding", embedding_type(dim), false),
     ]))
-});
+}
 
-pub static TEXT_EMBEDDINGS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+/// `text_embeddings` with embeddings of width `dim`.
+pub fn text_embeddings_schema(dim: i32) -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("text", DataType::Utf8, false),
         Field::new("model", DataType::Utf8, false),
-        Field::new("embedding", embedding_type(0), false),
+        Field::new("embedding", embedding_type(dim), false),
     ]))
-});
+}
 
 pub static EMBED_REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -63,21 +66,6 @@ pub static EMBED_REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("reason", DataType::Utf8, false),
     ]))
 });
-
-fn with_dim(schema: &SchemaRef, dim: i32) -> SchemaRef {
-    let fields: Vec<Field> = schema
-        .fields()
-        .iter()
-        .map(|f| {
-            if f.name() == "embedding" {
-                Field::new("embedding", embedding_type(dim), false)
-            } else {
-                f.as_ref().clone()
-            }
-        })
-        .collect();
-    Arc::new(Schema::new(fields))
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,15 +123,7 @@ pub struct KeyRow {
 pub fn read_image_keys(dir: &Path) -> Result<Vec<KeyRow>> {
     let mut out: BTreeMap<String, KeyRow> = BTreeMap::new();
     for b in crate::store::read_table(dir)? {
-        let col = |n: &str| {
-            b.column_by_name(n)
-                .cloned()
-                .ok_or_else(|| Error::StageFailed {
-                    stage: dir.display().to_string(),
-                    kind: "embed".into(),
-                    message: format!("table image_keys has no column '{n}'"),
-                })
-        };
+        let col = |n: &str| crate::store::column(&b, n).cloned();
         let key = col("image_key")?;
         let key = key.as_string::<i32>();
         let path = col("path")?;
@@ -216,24 +196,21 @@ impl Stage for Embed {
         "image_keys (+ texts) -> CLIP image_embeddings, text_embeddings, rejects";
     type Params = EmbedParams;
 
-    fn input_tables() -> &'static [&'static str] {
-        &["image_keys"]
+    type Work = Encoding;
+
+    fn input_tables() -> &'static [InputTable] {
+        const INPUTS: &[InputTable] = &[
+            InputTable::required("image_keys"),
+            InputTable::optional("texts"),
+        ];
+        INPUTS
     }
 
     fn output_tables() -> Vec<TableDef> {
         vec![
-            TableDef {
-                name: "image_embeddings",
-                schema: IMAGE_EMBEDDINGS_SCHEMA.clone(),
-            },
-            TableDef {
-                name: "text_embeddings",
-                schema: TEXT_EMBEDDINGS_SCHEMA.clone(),
-            },
-            TableDef {
-                name: "rejects",
-                schema: EMBED_REJECTS_SCHEMA.clone(),
-            },
+            TableDef::embedding("image_embeddings", image_embeddings_schema, "embedding"),
+            TableDef::embedding("text_embeddings", text_embeddings_schema, "embedding"),
+            TableDef::new("rejects", EMBED_REJECTS_SCHEMA.clone()),
         ]
     }
 
@@ -266,15 +243,9 @@ impl Stage for Embed {
         }
     }
 
-    fn run(p: &EmbedParams, ctx: &StageContext) -> Result<StageReport> {
-        let started = Instant::now();
-        let fail = |message: String| Error::StageFailed {
-            stage: ctx.stage.into(),
-            kind: Self::KIND.into(),
-            message,
-        };
-        let keys = read_image_keys(&ctx.inputs["image_keys"])?;
-        let texts = match ctx.inputs.get("texts") {
+    fn plan(p: &EmbedParams, ctx: &StageContext) -> Result<Chunks<Encoding>> {
+        let keys = read_image_keys(ctx.input("image_keys")?)?;
+        let texts = match ctx.optional_input("texts") {
             Some(d) => read_texts(d, "text")?,
             None => Vec::new(),
         };
@@ -289,197 +260,236 @@ impl Stage for Embed {
                 .take(5)
                 .map(|k| k.path.display().to_string())
                 .collect();
-            return Err(fail(format!(
+            return Err(Error::Data(format!(
                 "{} image(s) that templates need do not exist, e.g. {}. Run `genecis check` on the manifest to see what to fix",
                 missing.len(),
                 first.join(", ")
             )));
         }
-
-        let device = select_device(&p.device).map_err(&fail)?;
-        let ckpt = ctx.resolve(&p.checkpoint);
-        let clip = StateDict::load(&ckpt, device)
-            .and_then(Clip::new)
-            .map_err(|e| fail(e.to_string()))?;
+        let device = select_device(&p.device).map_err(Error::Data)?;
+        let clip = Clip::new(StateDict::load(&ctx.resolve(&p.checkpoint), device)?)?;
         let dim = clip.config.embed_dim as i32;
-        let n_px = clip.config.image_resolution as u32;
         let tokenizer = ClipTokenizer::new(clip.config.context_length as usize);
-        let model = p.model_name();
-
         let cs = p.chunk_size;
         let n_chunks = keys.len().div_ceil(cs).max(texts.len().div_ceil(cs)).max(1);
-        let todo: Vec<usize> = (0..n_chunks)
-            .filter(|&k| ctx.shard.is_none_or(|s| s.owns(k)) && !ctx.writer.chunk_done(k))
+        let sizes = (0..n_chunks)
+            .map(|k| slice(keys.len(), cs, k).len() as u64)
             .collect();
-        let resumed = (0..n_chunks).filter(|&k| ctx.writer.chunk_done(k)).count();
-        let slice = |v_len: usize, k: usize| (k * cs).min(v_len)..((k + 1) * cs).min(v_len);
-        let todo_images: usize = todo.iter().map(|&k| slice(keys.len(), k).len()).sum();
-        let bar = ctx.progress.bar(ctx.stage, todo_images as u64, "images");
+        Ok(Chunks {
+            work: Encoding {
+                keys,
+                texts,
+                device,
+                dim,
+                model: p.model_name(),
+                state: std::sync::Mutex::new(EncodeState {
+                    clip,
+                    tokenizer,
+                    failed: Vec::new(),
+                    t_decode: Duration::ZERO,
+                    t_model: Duration::ZERO,
+                    n_images: 0,
+                    n_rejected: 0,
+                    started: Instant::now(),
+                }),
+            },
+            sizes,
+            unit: "images",
+            parallel: false,
+            width: Some(dim),
+        })
+    }
 
-        let img_schema = with_dim(&IMAGE_EMBEDDINGS_SCHEMA, dim);
-        let txt_schema = with_dim(&TEXT_EMBEDDINGS_SCHEMA, dim);
-        let mut failed: Vec<(String, String)> = Vec::new();
-        let (mut t_decode, mut t_model) = (Duration::ZERO, Duration::ZERO);
-        let (mut n_images, mut n_rejected) = (0usize, 0usize);
-        for &k in &todo {
-            // Images.
-            let chunk = &keys[slice(keys.len(), k)];
-            let mut e_key = StringBuilder::new();
-            let mut e_vals: Vec<f32> = Vec::with_capacity(chunk.len() * dim as usize);
-            let mut r_key = StringBuilder::new();
-            let mut r_path = StringBuilder::new();
-            let mut r_reason = StringBuilder::new();
-            let mut chunk_ok = true;
-            // Decoding the next batch (rayon) overlaps the model on this one.
-            std::thread::scope(|scope| -> Result<()> {
-                let (tx, rx) = std::sync::mpsc::sync_channel(2);
-                let bs = p.batch_size;
-                scope.spawn(move || {
-                    for batch in chunk.chunks(bs) {
-                        let t0 = Instant::now();
-                        let ik: Vec<ImageKey> = batch
-                            .iter()
-                            .map(|r| ImageKey {
-                                path: &r.path,
-                                bbox: r.bbox,
-                            })
-                            .collect();
-                        let loaded = load_batch(&ik, n_px);
-                        if tx.send((batch, loaded, t0.elapsed())).is_err() {
-                            break;
-                        }
-                    }
-                });
-                for (batch, loaded, dt) in rx {
-                    t_decode += dt;
-                    let mut ok_rows = Vec::new();
-                    let mut tensors = Vec::new();
-                    for (r, t) in batch.iter().zip(loaded) {
-                        match t {
-                            Ok(t) => {
-                                ok_rows.push(r);
-                                tensors.push(t);
-                            }
-                            Err(reason) => {
-                                r_key.append_value(&r.key);
-                                r_path.append_value(r.path.to_string_lossy());
-                                r_reason.append_value(&reason);
-                                n_rejected += 1;
-                                if r.required {
-                                    chunk_ok = false;
-                                    failed.push((r.key.clone(), reason));
-                                }
-                            }
-                        }
-                    }
-                    if !tensors.is_empty() {
-                        let t1 = Instant::now();
-                        let x = Tensor::stack(&tensors, 0).to_device(device);
-                        let feats = tch::no_grad(|| {
-                            with_precision(device, p.mixed_precision, || clip.encode_image(&x))
+    fn run_chunk(
+        p: &EmbedParams,
+        w: &Encoding,
+        k: usize,
+        _ctx: &StageContext,
+    ) -> Result<Option<ChunkTables>> {
+        let mut st = w.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &mut *st;
+        let (device, dim) = (w.device, w.dim);
+        let n_px = st.clip.config.image_resolution as u32;
+        // Images.
+        let chunk = &w.keys[slice(w.keys.len(), p.chunk_size, k)];
+        let mut e_key = StringBuilder::new();
+        let mut e_vals: Vec<f32> = Vec::with_capacity(chunk.len() * dim as usize);
+        let mut r_key = StringBuilder::new();
+        let mut r_path = StringBuilder::new();
+        let mut r_reason = StringBuilder::new();
+        let mut chunk_ok = true;
+        // Decoding the next batch (rayon) overlaps the model on this one.
+        std::thread::scope(|scope| -> Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            let bs = p.batch_size;
+            scope.spawn(move || {
+                for batch in chunk.chunks(bs) {
+                    let t0 = Instant::now();
+                    let ik: Vec<ImageKey> = batch
+                        .iter()
+                        .map(|r| ImageKey {
+                            path: &r.path,
+                            bbox: r.bbox,
                         })
-                        .map_err(|e| fail(e.to_string()))?;
-                        let v = tensor_rows(&feats).map_err(|e| fail(e.to_string()))?;
-                        t_model += t1.elapsed();
-                        e_vals.extend(v);
-                        for r in ok_rows {
-                            e_key.append_value(&r.key);
+                        .collect();
+                    let loaded = load_batch(&ik, n_px);
+                    if tx.send((batch, loaded, t0.elapsed())).is_err() {
+                        break;
+                    }
+                }
+            });
+            for (batch, loaded, dt) in rx {
+                st.t_decode += dt;
+                let mut ok_rows = Vec::new();
+                let mut tensors = Vec::new();
+                for (r, t) in batch.iter().zip(loaded) {
+                    match t {
+                        Ok(t) => {
+                            ok_rows.push(r);
+                            tensors.push(t);
+                        }
+                        Err(reason) => {
+                            r_key.append_value(&r.key);
+                            r_path.append_value(r.path.to_string_lossy());
+                            r_reason.append_value(&reason);
+                            st.n_rejected += 1;
+                            if r.required {
+                                chunk_ok = false;
+                                st.failed.push((r.key.clone(), reason));
+                            }
                         }
                     }
-                    n_images += batch.len();
-                    bar.inc(batch.len() as u64);
                 }
-                Ok(())
-            })?;
-            if !chunk_ok {
-                // Not written: a rerun after the fix redoes just this chunk.
-                continue;
-            }
-            // Texts.
-            let tchunk = &texts[slice(texts.len(), k)];
-            let mut tt_key = StringBuilder::new();
-            let mut t_vals: Vec<f32> = Vec::with_capacity(tchunk.len() * dim as usize);
-            for batch in tchunk.chunks(p.batch_size.max(64)) {
-                let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
-                let toks = tokenizer.batch(&refs).to_device(device);
-                let feats = tch::no_grad(|| {
-                    with_precision(device, p.mixed_precision, || clip.encode_text(&toks))
-                })
-                .map_err(|e| fail(e.to_string()))?;
-                t_vals.extend(tensor_rows(&feats).map_err(|e| fail(e.to_string()))?);
-                for t in batch {
-                    tt_key.append_value(t);
+                if !tensors.is_empty() {
+                    let t1 = Instant::now();
+                    let x = Tensor::stack(&tensors, 0).to_device(device);
+                    let feats = tch::no_grad(|| {
+                        with_precision(device, p.mixed_precision, || st.clip.encode_image(&x))
+                    })?;
+                    e_vals.extend(tensor_rows(&feats)?);
+                    st.t_model += t1.elapsed();
+                    for r in ok_rows {
+                        e_key.append_value(&r.key);
+                    }
                 }
+                st.n_images += batch.len();
             }
-            let n_img = e_key.len();
-            let n_txt = tt_key.len();
-            let model_col =
-                |n: usize| -> ArrayRef { Arc::new(StringArray::from(vec![model.as_str(); n])) };
-            let img = RecordBatch::try_new(
-                img_schema.clone(),
-                vec![
-                    Arc::new(e_key.finish()) as ArrayRef,
-                    model_col(n_img),
-                    Arc::new(fixed_list(e_vals, dim)?),
-                ],
-            )?;
-            let txt = RecordBatch::try_new(
-                txt_schema.clone(),
-                vec![
-                    Arc::new(tt_key.finish()) as ArrayRef,
-                    model_col(n_txt),
-                    Arc::new(fixed_list(t_vals, dim)?),
-                ],
-            )?;
-            let rej = RecordBatch::try_new(
-                EMBED_REJECTS_SCHEMA.clone(),
-                vec![
-                    Arc::new(r_key.finish()) as ArrayRef,
-                    Arc::new(r_path.finish()),
-                    Arc::new(r_reason.finish()),
-                ],
-            )?;
-            ctx.writer.write_chunk(
-                k,
-                &[
-                    ("image_embeddings", img),
-                    ("text_embeddings", txt),
-                    ("rejects", rej),
-                ],
-            )?;
+            Ok(())
+        })?;
+        if !chunk_ok {
+            // Not written: a rerun after the fix redoes just this chunk.
+            return Ok(None);
         }
-        bar.finish_and_clear();
-        if !failed.is_empty() {
-            let first: Vec<String> = failed
+        // Texts.
+        let tchunk = &w.texts[slice(w.texts.len(), p.chunk_size, k)];
+        let mut tt_key = StringBuilder::new();
+        let mut t_vals: Vec<f32> = Vec::with_capacity(tchunk.len() * dim as usize);
+        for batch in tchunk.chunks(p.batch_size.max(64)) {
+            let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+            let toks = st.tokenizer.batch(&refs).to_device(device);
+            let feats = tch::no_grad(|| {
+                with_precision(device, p.mixed_precision, || st.clip.encode_text(&toks))
+            })?;
+            t_vals.extend(tensor_rows(&feats)?);
+            for t in batch {
+                tt_key.append_value(t);
+            }
+        }
+        let n_img = e_key.len();
+        let n_txt = tt_key.len();
+        let model_col =
+            |n: usize| -> ArrayRef { Arc::new(StringArray::from(vec![w.model.as_str(); n])) };
+        let img = RecordBatch::try_new(
+            image_embeddings_schema(dim),
+            vec![
+                Arc::new(e_key.finish()) as ArrayRef,
+                model_col(n_img),
+                Arc::new(fixed_list(e_vals, dim)?),
+            ],
+        )?;
+        let txt = RecordBatch::try_new(
+            text_embeddings_schema(dim),
+            vec![
+                Arc::new(tt_key.finish()) as ArrayRef,
+                model_col(n_txt),
+                Arc::new(fixed_list(t_vals, dim)?),
+            ],
+        )?;
+        let rej = RecordBatch::try_new(
+            EMBED_REJECTS_SCHEMA.clone(),
+            vec![
+                Arc::new(r_key.finish()) as ArrayRef,
+                Arc::new(r_path.finish()),
+                Arc::new(r_reason.finish()),
+            ],
+        )?;
+        Ok(Some(vec![
+            ("image_embeddings", img),
+            ("text_embeddings", txt),
+            ("rejects", rej),
+        ]))
+    }
+
+    fn finish(_p: &EmbedParams, w: Encoding, ctx: &StageContext) -> Result<()> {
+        let st = w.state.into_inner().unwrap_or_else(|e| e.into_inner());
+        if !st.failed.is_empty() {
+            let first: Vec<String> = st
+                .failed
                 .iter()
                 .take(5)
                 .map(|(k, r)| format!("{k} ({r})"))
                 .collect();
-            return Err(fail(format!(
+            return Err(Error::Data(format!(
                 "{} image(s) that templates need could not be read: {}. Replace the files and rerun; finished chunks are kept",
-                failed.len(),
+                st.failed.len(),
                 first.join("; ")
             )));
         }
-        let secs = started.elapsed().as_secs_f64().max(1e-9);
-        let mut notes = vec![format!(
-            "model {model} on {device:?}: {n_images} images in {secs:.2} s = {:.1} images/s (decode+preprocess {:.2} s, overlapping the model {:.2} s); {} texts",
-            n_images as f64 / secs,
-            t_decode.as_secs_f64(),
-            t_model.as_secs_f64(),
-            texts.len()
-        )];
-        if n_rejected > 0 {
-            notes.push(format!(
-                "{n_rejected} image(s) could not be read (see the rejects table)"
+        let secs = st.started.elapsed().as_secs_f64().max(1e-9);
+        ctx.note(format!(
+            "model {} on {:?}: {} images in {secs:.2} s = {:.1} images/s (decode+preprocess {:.2} s, overlapping the model {:.2} s); {} texts",
+            w.model,
+            w.device,
+            st.n_images,
+            st.n_images as f64 / secs,
+            st.t_decode.as_secs_f64(),
+            st.t_model.as_secs_f64(),
+            w.texts.len()
+        ));
+        if st.n_rejected > 0 {
+            ctx.note(format!(
+                "{} image(s) could not be read (see the rejects table)",
+                st.n_rejected
             ));
         }
-        Ok(StageReport {
-            rows_in: keys.len() as u64,
-            chunks: n_chunks,
-            chunks_resumed: resumed,
-            notes,
-            elapsed: started.elapsed(),
-        })
+        Ok(())
     }
+}
+
+/// Chunk `k`'s range of a list of `len` items cut into chunks of `cs`.
+fn slice(len: usize, cs: usize, k: usize) -> std::ops::Range<usize> {
+    (k * cs).min(len)..((k + 1) * cs).min(len)
+}
+
+/// The distinct keys and texts, and the model that encodes them.
+pub struct Encoding {
+    keys: Vec<KeyRow>,
+    texts: Vec<String>,
+    device: Device,
+    dim: i32,
+    model: String,
+    /// libtorch tensors are not `Sync`: chunks take the model in turn.
+    state: std::sync::Mutex<EncodeState>,
+}
+
+struct EncodeState {
+    clip: Clip,
+    tokenizer: ClipTokenizer,
+    /// Required images that could not be read: (key, reason).
+    failed: Vec<(String, String)>,
+    t_decode: Duration,
+    t_model: Duration,
+    n_images: usize,
+    n_rejected: usize,
+    started: Instant,
 }

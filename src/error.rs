@@ -1,4 +1,6 @@
-//! The library's error type. Every message says what went wrong and what to do.
+//! The library's error type. Every message says what went wrong and what to
+//! do; causes stay reachable through `source()`, so a message never repeats
+//! its cause's text (print the chain with [`report`]).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -31,7 +33,7 @@ impl fmt::Display for ManifestIssue {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read manifest {path}: {source}. Check the path you passed.")]
+    #[error("cannot read manifest {}; check the path you passed", .path.display())]
     ManifestRead {
         path: PathBuf,
         source: std::io::Error,
@@ -61,14 +63,46 @@ pub enum Error {
     #[error("stage '{stage}' cannot run now: {reason}")]
     NotReady { stage: String, reason: String },
 
-    #[error("{action} {}: {source}", .path.display())]
+    /// A stage's work failed; the cause says why.
+    #[error("stage '{stage}' ({kind}) failed")]
+    StageFailed {
+        /// As the manifest names it.
+        stage: String,
+        kind: String,
+        source: Box<Error>,
+    },
+
+    /// The data a stage reads is unusable (empty, inconsistent, missing
+    /// files); the message says what to change.
+    #[error("{0}")]
+    Data(String),
+
+    /// A file the user handed in (templates, gold, dev or parity files) does
+    /// not have the expected content.
+    #[error("{what} {} is not usable: {message}. {advice}", .path.display())]
+    BadInputFile {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+        advice: &'static str,
+    },
+
+    /// A committed part file that no longer reads as Parquet.
+    #[error("part file {} of stage '{stage}' is damaged (truncated or overwritten). Rebuild the stage: genecis run MANIFEST --only {stage} --force", .path.display())]
+    DamagedPart {
+        path: PathBuf,
+        stage: String,
+        source: parquet::errors::ParquetError,
+    },
+
+    #[error("{action} {}", .path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
 
-    #[error("parquet error on {}: {source}. If the file is damaged, rerun the stage with --force.", .path.display())]
+    #[error("cannot write Parquet file {}", .path.display())]
     Parquet {
         path: PathBuf,
         source: parquet::errors::ParquetError,
@@ -77,23 +111,27 @@ pub enum Error {
     #[error("corrupt run record {}: {message}. Delete the stage folder and rerun it.", .path.display())]
     CorruptRecord { path: PathBuf, message: String },
 
-    #[error("stage '{stage}' ({kind}) failed: {message}")]
-    StageFailed {
-        stage: String,
-        kind: String,
-        message: String,
-    },
-
     #[error("no genecis run at {}: pass a manifest (.toml) or a workdir that holds <stage>/_stage.json files (run the pipeline first)", .0.display())]
     NoRun(PathBuf),
 
     #[error("the embedded spaCy model (.spacy/en_core_web_sm.bin.gz) is unreadable: {0}. Delete .spacy/ and run `make setup` (scripts/setup.sh converts it again), then rebuild.")]
     ParserModel(String),
-    #[error("SQL error: {0}")]
+
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+
+    #[error("libtorch")]
+    Torch(#[from] tch::TchError),
+
+    #[error("SQL error")]
     Sql(#[from] datafusion::error::DataFusionError),
 
-    #[error("Arrow error: {0}")]
+    #[error("Arrow error")]
     Arrow(#[from] arrow::error::ArrowError),
+
+    /// A broken invariant: not the user's input, but our code.
+    #[error("internal error: {0}. This is a bug in genecis; please report it with the command you ran.")]
+    Internal(String),
 }
 
 impl Error {
@@ -121,4 +159,22 @@ impl Error {
             source,
         }
     }
+}
+
+/// An error and its causes on one line, `a: b: c`. A cause whose text its
+/// parent already shows (as DataFusion's wrappers do) is left out.
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut last = out.clone();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !last.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
+        cur = c.source();
+    }
+    out
 }

@@ -12,7 +12,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use arrow::array::{ArrayRef, Int64Builder, StringBuilder};
 use arrow::record_batch::RecordBatch;
@@ -22,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::ingest::REJECTS_SCHEMA;
 use crate::parse::{GraphRows, ENTITIES_SCHEMA, RELATIONS_SCHEMA};
-use crate::stage::{Stage, StageContext, StageReport, TableDef};
+use crate::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,24 +70,17 @@ impl Stage for ImportParses {
         "reference scene-graph parses (JSONL) -> entities, relations, rejects";
     type Params = ImportParams;
 
-    fn input_tables() -> &'static [&'static str] {
+    type Work = Parsed;
+
+    fn input_tables() -> &'static [InputTable] {
         &[]
     }
 
     fn output_tables() -> Vec<TableDef> {
         vec![
-            TableDef {
-                name: "entities",
-                schema: ENTITIES_SCHEMA.clone(),
-            },
-            TableDef {
-                name: "relations",
-                schema: RELATIONS_SCHEMA.clone(),
-            },
-            TableDef {
-                name: "rejects",
-                schema: REJECTS_SCHEMA.clone(),
-            },
+            TableDef::new("entities", ENTITIES_SCHEMA.clone()),
+            TableDef::new("relations", RELATIONS_SCHEMA.clone()),
+            TableDef::new("rejects", REJECTS_SCHEMA.clone()),
         ]
     }
 
@@ -103,11 +95,14 @@ impl Stage for ImportParses {
         vec![("path", crate::stage::resolve_path(base, &p.path))]
     }
 
-    fn run(p: &ImportParams, ctx: &StageContext) -> Result<StageReport> {
-        let started = Instant::now();
+    fn plan(p: &ImportParams, ctx: &StageContext) -> Result<Chunks<Parsed>> {
         let path = ctx.resolve(&p.path);
         let text = std::fs::read(&path).map_err(Error::io("cannot read", &path))?;
-        let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+        let mut lines: Vec<Vec<u8>> = text.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+        // A trailing newline leaves one empty last line: not a record.
+        if lines.last().is_some_and(|l| l.is_empty()) {
+            lines.pop();
+        }
         let parsed: Vec<std::result::Result<RefParse, String>> = lines
             .par_iter()
             .map(|l| {
@@ -116,56 +111,62 @@ impl Stage for ImportParses {
                     .map_err(|e| format!("not a parse object: {e}"))
             })
             .collect();
-        // A trailing newline leaves one empty last line: not a record.
-        let n = if lines.last().is_some_and(|l| l.is_empty()) {
-            lines.len() - 1
-        } else {
-            lines.len()
-        };
-        let stride = parsed[..n]
+        let stride = parsed
             .iter()
             .filter_map(|r| r.as_ref().ok())
             .map(|r| r.row)
             .max()
             .unwrap_or(0)
             + 1;
-        let source = path.display().to_string();
-        let bar = ctx.progress.bar(ctx.stage, p.repeat as u64, "copies");
-        let todo: Vec<usize> = (0..p.repeat)
-            .filter(|&k| ctx.shard.is_none_or(|s| s.owns(k)) && !ctx.writer.chunk_done(k))
-            .collect();
-        let resumed = (0..p.repeat).filter(|&k| ctx.writer.chunk_done(k)).count();
-        todo.par_iter().try_for_each(|&copy| -> Result<()> {
-            let offset = copy as i64 * stride;
-            let (ents, rels, rej) = build(&parsed[..n], &lines, offset, copy == 0, &source)?;
-            ctx.writer.write_chunk(
-                copy,
-                &[("entities", ents), ("relations", rels), ("rejects", rej)],
-            )?;
-            bar.inc(1);
-            Ok(())
-        })?;
-        bar.finish_and_clear();
-        let bad = parsed[..n].iter().filter(|r| r.is_err()).count();
-        let mut notes = Vec::new();
+        let bad = parsed.iter().filter(|r| r.is_err()).count();
         if bad > 0 {
-            notes.push(format!("{bad} line(s) rejected: see table rejects"));
+            ctx.note(format!("{bad} line(s) rejected: see table rejects"));
         }
-        Ok(StageReport {
-            rows_in: (n * p.repeat) as u64,
-            chunks: p.repeat,
-            chunks_resumed: resumed,
-            notes,
-            elapsed: started.elapsed(),
+        let n = parsed.len() as u64;
+        Ok(Chunks {
+            work: Parsed {
+                source: path.display().to_string(),
+                lines,
+                parsed,
+                stride,
+            },
+            sizes: vec![n; p.repeat],
+            unit: "parses",
+            parallel: true,
+            width: None,
         })
     }
+
+    fn run_chunk(
+        _p: &ImportParams,
+        w: &Parsed,
+        copy: usize,
+        _ctx: &StageContext,
+    ) -> Result<Option<ChunkTables>> {
+        let offset = copy as i64 * w.stride;
+        let (ents, rels, rej) = build(&w.parsed, &w.lines, offset, copy == 0, &w.source)?;
+        Ok(Some(vec![
+            ("entities", ents),
+            ("relations", rels),
+            ("rejects", rej),
+        ]))
+    }
+}
+
+/// The parse file, line by line; each copy is one chunk.
+pub struct Parsed {
+    source: String,
+    lines: Vec<Vec<u8>>,
+    parsed: Vec<std::result::Result<RefParse, String>>,
+    /// Image-id offset between copies.
+    stride: i64,
 }
 
 type Batches = (RecordBatch, RecordBatch, RecordBatch);
 
 fn build(
     parsed: &[std::result::Result<RefParse, String>],
-    lines: &[&[u8]],
+    lines: &[Vec<u8>],
     offset: i64,
     with_rejects: bool,
     source: &str,

@@ -12,9 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::Instant;
 
 use arrow::array::{ArrayRef, Int64Builder, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -23,7 +21,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::stage::{Stage, StageContext, StageReport, TableDef};
+use crate::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
 
 pub static CAPTIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -126,20 +124,16 @@ impl Stage for Ingest {
         "caption files (CC3M TSV, JSONL, image folder) -> captions, rejects";
     type Params = IngestParams;
 
-    fn input_tables() -> &'static [&'static str] {
+    type Work = Lines;
+
+    fn input_tables() -> &'static [InputTable] {
         &[]
     }
 
     fn output_tables() -> Vec<TableDef> {
         vec![
-            TableDef {
-                name: "captions",
-                schema: CAPTIONS_SCHEMA.clone(),
-            },
-            TableDef {
-                name: "rejects",
-                schema: REJECTS_SCHEMA.clone(),
-            },
+            TableDef::new("captions", CAPTIONS_SCHEMA.clone()),
+            TableDef::new("rejects", REJECTS_SCHEMA.clone()),
         ]
     }
 
@@ -188,14 +182,13 @@ impl Stage for Ingest {
         v
     }
 
-    fn run(p: &IngestParams, ctx: &StageContext) -> Result<StageReport> {
-        let started = Instant::now();
-        let format = p.format().expect("validated");
+    fn plan(p: &IngestParams, ctx: &StageContext) -> Result<Chunks<Lines>> {
+        let format = p
+            .format()
+            .ok_or_else(|| Error::Internal("ingest format unknown after validation".into()))?;
         let source = p.captions_path(ctx.base_dir);
-        let source_str = source.display().to_string();
         let bytes = std::fs::read(&source).map_err(Error::io("cannot read", &source))?;
         let lines = split_lines(&bytes);
-        let n_chunks = lines.len().div_ceil(p.chunk_rows).max(1);
         let images_dir = p.images_dir.as_ref().map(|d| ctx.resolve(d));
         let folder = ctx.resolve(&p.path);
 
@@ -229,54 +222,65 @@ impl Stage for Ingest {
             .filter(|o| matches!(o, Outcome::Reject(_)))
             .count()
             + orphans.len();
-
-        let todo: Vec<usize> = (0..n_chunks)
-            .filter(|&k| ctx.shard.is_none_or(|s| s.owns(k)))
-            .filter(|&k| !ctx.writer.chunk_done(k))
-            .collect();
-        let resumed = (0..n_chunks).filter(|&k| ctx.writer.chunk_done(k)).count();
-        let bar = ctx.progress.bar(ctx.stage, lines.len() as u64, "lines");
-        bar.set_position(((resumed * p.chunk_rows).min(lines.len())) as u64);
-        let written = AtomicUsize::new(0);
-        todo.par_iter().try_for_each(|&k| -> Result<()> {
-            let lo = k * p.chunk_rows;
-            let hi = ((k + 1) * p.chunk_rows).min(lines.len());
-            let extra: &[(String, String)] = if k + 1 == n_chunks { &orphans } else { &[] };
-            let (caps, rej) =
-                build_chunk(lo, &lines[lo..hi], &outcomes[lo..hi], extra, &source_str)?;
-            ctx.writer
-                .write_chunk(k, &[("rejects", rej), ("captions", caps)])?;
-            written.fetch_add(hi - lo, Ordering::Relaxed);
-            bar.inc((hi - lo) as u64);
-            Ok(())
-        })?;
-        bar.finish_and_clear();
-
-        let mut notes = Vec::new();
         if rejects > 0 {
-            notes.push(format!(
+            ctx.note(format!(
                 "{rejects} line(s) rejected: see table rejects for line numbers and reasons"
             ));
         }
         if tabs > 0 {
-            notes.push(format!(
+            ctx.note(format!(
                 "{tabs} caption(s) contained tabs; they were replaced by spaces"
             ));
         }
-        if let Some(s) = ctx.shard {
-            notes.push(format!(
-                "shard {s} wrote {} of {n_chunks} chunks",
-                todo.len()
-            ));
-        }
-        Ok(StageReport {
-            rows_in: lines.len() as u64,
-            chunks: n_chunks,
-            chunks_resumed: resumed,
-            notes,
-            elapsed: started.elapsed(),
-        })
+        let ranges = lines
+            .iter()
+            .map(|l| {
+                let start = l.as_ptr() as usize - bytes.as_ptr() as usize;
+                start..start + l.len()
+            })
+            .collect::<Vec<_>>();
+        let n = ranges.len() as u64;
+        let mut chunks = Chunks::even(
+            Lines {
+                source: source.display().to_string(),
+                bytes,
+                ranges,
+                outcomes,
+                orphans,
+            },
+            n,
+            p.chunk_rows as u64,
+            "lines",
+        );
+        chunks.parallel = true;
+        Ok(chunks)
     }
+
+    fn run_chunk(
+        p: &IngestParams,
+        w: &Lines,
+        k: usize,
+        _ctx: &StageContext,
+    ) -> Result<Option<ChunkTables>> {
+        let n = w.ranges.len();
+        let lo = (k * p.chunk_rows).min(n);
+        let hi = ((k + 1) * p.chunk_rows).min(n);
+        let last = k + 1 == n.div_ceil(p.chunk_rows).max(1);
+        let extra: &[(String, String)] = if last { &w.orphans } else { &[] };
+        let lines: Vec<&[u8]> = w.ranges[lo..hi].iter().map(|r| &w.bytes[r.clone()]).collect();
+        let (caps, rej) = build_chunk(lo, &lines, &w.outcomes[lo..hi], extra, &w.source)?;
+        Ok(Some(vec![("rejects", rej), ("captions", caps)]))
+    }
+}
+
+/// The source file cut into lines, each with its outcome.
+pub struct Lines {
+    source: String,
+    bytes: Vec<u8>,
+    ranges: Vec<std::ops::Range<usize>>,
+    outcomes: Vec<Outcome>,
+    /// Image files no caption names (image-folder format): rejects of the last chunk.
+    orphans: Vec<(String, String)>,
 }
 
 /// `{id}` or `{id:0N}` inside a file name pattern.

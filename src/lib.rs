@@ -1,6 +1,7 @@
 //! genecis: the GeneCIS benchmark and training recipe as a pipeline of
-//! Arrow/Parquet stages. See DESIGN.md and README.md.
+//! Arrow/Parquet stages. ARCHITECTURE.md says where everything is.
 
+pub mod devtools;
 pub mod embed;
 pub mod error;
 pub mod import_parses;

@@ -381,27 +381,29 @@ impl Plan {
                     }
                 }
             }
-            // Every table the kind needs must come from exactly one input.
+            // Every table the kind needs must come from exactly one input;
+            // an optional one from at most one.
             if let Some(k) = kinds[i] {
                 for need in k.input_tables() {
                     let providers: Vec<_> = bs
                         .iter()
-                        .filter(|b: &&InputBinding| b.tables.iter().any(|t| t == need))
+                        .filter(|b: &&InputBinding| b.tables.iter().any(|t| t == need.name))
                         .map(|b| b.written.as_str())
                         .collect();
                     match providers.len() {
+                        0 if need.optional => {}
                         0 => issue(
                             line_of(s.span().start),
                             Some(name),
                             "inputs",
-                            format!("kind '{}' needs a table '{need}'; list the stage that makes it in inputs", k.kind()),
+                            format!("kind '{}' needs a table '{}'; list the stage that makes it in inputs", k.kind(), need.name),
                         ),
                         1 => {}
                         _ => issue(
                             line_of(s.span().start),
                             Some(name),
                             "inputs",
-                            format!("table '{need}' comes from several inputs ({}); name one as 'stage.{need}'", providers.join(", ")),
+                            format!("table '{}' comes from several inputs ({}); name one as 'stage.{}'", need.name, providers.join(", "), need.name),
                         ),
                     }
                 }

@@ -1,6 +1,6 @@
 //! `mine`: (reference, target, distractor, condition) triplets from the
 //! `relations` table, with the law of GeneCIS's CCConditionalDistractor +
-//! DeterministicDatasetWithConcreteness (DESIGN.md §4).
+//! DeterministicDatasetWithConcreteness (ARCHITECTURE.md, "Semantics kept from the original").
 //!
 //! Tables:
 //! - `triplets(sample_id, ref_image_id, ref_relation_idx, target_image_id, target_relation_idx,
@@ -34,7 +34,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
-use crate::stage::{Stage, StageContext, StageReport, TableDef};
+use crate::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
 
 pub static TRIPLETS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -177,28 +177,19 @@ impl Stage for Mine {
         "relations + concreteness ratings -> triplets (GeneCIS CC3M mining)";
     type Params = MineParams;
 
-    fn input_tables() -> &'static [&'static str] {
-        &["relations"]
+    type Work = Sampler;
+
+    fn input_tables() -> &'static [InputTable] {
+        const INPUTS: &[InputTable] = &[InputTable::required("relations")];
+        INPUTS
     }
 
     fn output_tables() -> Vec<TableDef> {
         vec![
-            TableDef {
-                name: "triplets",
-                schema: TRIPLETS_SCHEMA.clone(),
-            },
-            TableDef {
-                name: "exhausted",
-                schema: EXHAUSTED_SCHEMA.clone(),
-            },
-            TableDef {
-                name: "subjects",
-                schema: SUBJECTS_SCHEMA.clone(),
-            },
-            TableDef {
-                name: "concreteness",
-                schema: CONCRETENESS_SCHEMA.clone(),
-            },
+            TableDef::new("triplets", TRIPLETS_SCHEMA.clone()),
+            TableDef::new("exhausted", EXHAUSTED_SCHEMA.clone()),
+            TableDef::new("subjects", SUBJECTS_SCHEMA.clone()),
+            TableDef::new("concreteness", CONCRETENESS_SCHEMA.clone()),
         ]
     }
 
@@ -247,8 +238,7 @@ impl Stage for Mine {
             .collect()
     }
 
-    fn run(p: &MineParams, ctx: &StageContext) -> Result<StageReport> {
-        let started = Instant::now();
+    fn plan(p: &MineParams, ctx: &StageContext) -> Result<Chunks<Sampler>> {
         let ratings = match &p.concreteness_path {
             Some(c) => read_concreteness(&ctx.resolve(c))?,
             None => Vec::new(),
@@ -258,8 +248,113 @@ impl Stage for Mine {
             .enable_all()
             .build()
             .map_err(Error::io("cannot start the query runtime", ctx.stage))?;
-        rt.block_on(mine(p, ctx, ratings, started))
+        let sampler = rt.block_on(index(p, ctx, ratings))?;
+        Ok(Chunks::even(sampler, p.num_samples, p.chunk_samples, "samples"))
     }
+
+    fn run_chunk(
+        p: &MineParams,
+        w: &Sampler,
+        k: usize,
+        _ctx: &StageContext,
+    ) -> Result<Option<ChunkTables>> {
+        let lo = k as u64 * p.chunk_samples;
+        let hi = ((k as u64 + 1) * p.chunk_samples).min(p.num_samples);
+        let t0 = Instant::now();
+        let draws: Vec<Draw> = (lo..hi)
+            .into_par_iter()
+            .map(|s| draw_sample(&w.index, p, s))
+            .collect();
+        let t_draw = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let (ok, bad): (Vec<&Draw>, Vec<&Draw>) = draws.iter().partition(|d| d.rows.is_some());
+        let trip = gather(&w.rows, &ok, w.with_score)?;
+        let exh = RecordBatch::try_new(
+            EXHAUSTED_SCHEMA.clone(),
+            vec![
+                Arc::new(UInt64Array::from_iter_values(bad.iter().map(|d| d.sample))) as ArrayRef,
+                Arc::new(UInt32Array::from_iter_values(
+                    bad.iter().map(|d| d.attempts),
+                )),
+            ],
+        )?;
+        // The small tables ride with chunk 0; other chunks carry empty parts.
+        let (subj, cn) = if k == 0 {
+            (w.subjects.clone(), w.conc.clone())
+        } else {
+            (
+                RecordBatch::new_empty(SUBJECTS_SCHEMA.clone()),
+                RecordBatch::new_empty(CONCRETENESS_SCHEMA.clone()),
+            )
+        };
+        let mut st = w.stats.lock().unwrap_or_else(|e| e.into_inner());
+        st.attempts += draws.iter().map(|d| d.attempts as u64).sum::<u64>();
+        st.accepted += ok.len() as u64;
+        st.exhausted += bad.len() as u64;
+        st.draw += t_draw;
+        st.gather += t0.elapsed().as_secs_f64();
+        Ok(Some(vec![
+            ("triplets", trip),
+            ("exhausted", exh),
+            ("subjects", subj),
+            ("concreteness", cn),
+        ]))
+    }
+
+    fn finish(p: &MineParams, w: Sampler, ctx: &StageContext) -> Result<()> {
+        let st = w.stats.into_inner().unwrap_or_else(|e| e.into_inner());
+        ctx.note(format!(
+            "{} candidate subjects, {} can pass the concreteness threshold; {} relation rows",
+            w.subjects.num_rows(),
+            w.index.subj_groups.len(),
+            w.rows.num_rows()
+        ));
+        if st.accepted + st.exhausted > 0 {
+            ctx.note(format!(
+                "this run: {} accepted, {} exhausted after {} attempts (table exhausted), {:.1} proposals per sample",
+                st.accepted,
+                st.exhausted,
+                p.max_attempts,
+                st.attempts as f64 / (st.accepted + st.exhausted) as f64
+            ));
+        }
+        let mut phases = w.phases;
+        phases.push(("sampling", st.draw));
+        phases.push(("gather", st.gather));
+        ctx.note(format!(
+            "time: {}",
+            phases
+                .iter()
+                .map(|(n, s)| format!("{n} {s:.2} s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        Ok(())
+    }
+}
+
+/// The indexed relation rows the chunks draw from, and this run's counters.
+pub struct Sampler {
+    index: Index,
+    /// `mine_rows`, gathered by row id into triplets.
+    rows: RecordBatch,
+    /// Candidate subjects and the ratings table: written with chunk 0.
+    subjects: RecordBatch,
+    conc: RecordBatch,
+    /// Whether triplets carry a concreteness score.
+    with_score: bool,
+    /// Seconds of each indexing step.
+    phases: Vec<(&'static str, f64)>,
+    stats: std::sync::Mutex<Stats>,
+}
+
+#[derive(Default)]
+struct Stats {
+    attempts: u64,
+    accepted: u64,
+    exhausted: u64,
+    draw: f64,
+    gather: f64,
 }
 
 /// Reads the Brysbaert file into (word, score), lower-cased, and adds the
@@ -274,13 +369,11 @@ pub fn read_concreteness(path: &Path) -> Result<Vec<(String, f64)>> {
         cols.iter().position(|c| *c == "Word"),
         cols.iter().position(|c| *c == "Conc.M"),
     ) else {
-        return Err(Error::StageFailed {
-            stage: "mine".into(),
-            kind: "mine".into(),
-            message: format!(
-                "{} is not a Brysbaert ratings file: its header needs the columns Word and Conc.M (tab-separated)",
-                path.display()
-            ),
+        return Err(Error::BadInputFile {
+            what: "concreteness ratings file",
+            path: path.to_path_buf(),
+            message: "its header needs the columns Word and Conc.M (tab-separated)".into(),
+            advice: "Give Brysbaert et al.'s Concreteness_ratings_Brysbaert_et_al_BRM.txt as concreteness_path",
         });
     };
     let mut scores: Vec<(String, f64)> = Vec::new();
@@ -292,10 +385,11 @@ pub fn read_concreteness(path: &Path) -> Result<Vec<(String, f64)>> {
         let f: Vec<&str> = line.split('\t').collect();
         let parsed = f.get(ci).and_then(|s| s.trim().parse::<f64>().ok());
         let (Some(word), Some(score)) = (f.get(wi), parsed) else {
-            return Err(Error::StageFailed {
-                stage: "mine".into(),
-                kind: "mine".into(),
-                message: format!("{}:{}: cannot read word and Conc.M", path.display(), n + 2),
+            return Err(Error::BadInputFile {
+                what: "concreteness ratings file",
+                path: path.to_path_buf(),
+                message: format!("line {}: cannot read word and Conc.M", n + 2),
+                advice: "Give Brysbaert et al.'s Concreteness_ratings_Brysbaert_et_al_BRM.txt as concreteness_path",
             });
         };
         let word = word.trim().to_lowercase();
@@ -346,16 +440,16 @@ struct Index {
     object_rows: Vec<u32>,
 }
 
-async fn mine(
+/// Runs the mining SQL and indexes its results for the sampler.
+async fn index(
     p: &MineParams,
     ctx: &StageContext<'_>,
     ratings: Vec<(String, f64)>,
-    started: Instant,
-) -> Result<StageReport> {
+) -> Result<Sampler> {
     let df = SessionContext::new_with_config(
         SessionConfig::new().with_target_partitions(rayon::current_num_threads().max(1)),
     );
-    let rel_dir = &ctx.inputs["relations"];
+    let rel_dir = ctx.input("relations")?;
     df.register_parquet(
         "relations",
         format!("{}/", rel_dir.display()),
@@ -382,9 +476,9 @@ async fn mine(
         )?),
     )?;
 
-    let mut phases: Vec<(&str, f64)> = Vec::new();
+    let mut phases: Vec<(&'static str, f64)> = Vec::new();
     let mut clock = Instant::now();
-    let mut lap = |name: &'static str, phases: &mut Vec<(&str, f64)>| {
+    let mut lap = |name: &'static str, phases: &mut Vec<(&'static str, f64)>| {
         phases.push((name, clock.elapsed().as_secs_f64()));
         clock = Instant::now();
     };
@@ -393,10 +487,10 @@ async fn mine(
     let rows_schema = rows
         .first()
         .map(|b| b.schema())
-        .ok_or_else(|| no_rows(ctx))?;
+        .ok_or_else(|| no_rows())?;
     let rows = concat(&rows, rows_schema.clone())?;
     if rows.num_rows() == 0 {
-        return Err(no_rows(ctx));
+        return Err(no_rows());
     }
     df.register_table(
         "mine_rows",
@@ -427,14 +521,10 @@ async fn mine(
         concat(&cands, cand_schema.clone())?
     };
     if cands.num_rows() == 0 {
-        return Err(Error::StageFailed {
-            stage: ctx.stage.into(),
-            kind: "mine".into(),
-            message: format!(
-                "no subject appears in >= {} images with >= {} objects; lower min_images_with_subject or give more relations",
-                p.min_images_with_subject, p.min_objects_per_subject
-            ),
-        });
+        return Err(Error::Data(format!(
+            "no subject appears in >= {} images with >= {} objects; lower min_images_with_subject or give more relations",
+            p.min_images_with_subject, p.min_objects_per_subject
+        )));
     }
     df.register_table(
         "mine_candidates",
@@ -556,9 +646,7 @@ async fn mine(
             subj_groups.push(per_cand[i]);
         }
     }
-    let n_viable = subj_groups.len();
     lap("index arrays", &mut phases);
-    let (mut t_draw, mut t_join, mut t_write) = (0.0, 0.0, 0.0);
     let index = Index {
         image,
         object,
@@ -584,102 +672,14 @@ async fn mine(
         ],
     )?;
 
-    // Chunks of samples.
-    let n_chunks = p.num_samples.div_ceil(p.chunk_samples) as usize;
-    let todo: Vec<usize> = (0..n_chunks)
-        .filter(|&k| ctx.shard.is_none_or(|s| s.owns(k)) && !ctx.writer.chunk_done(k))
-        .collect();
-    let resumed = (0..n_chunks).filter(|&k| ctx.writer.chunk_done(k)).count();
-    let bar = ctx.progress.bar(ctx.stage, p.num_samples, "samples");
-    bar.set_position((resumed as u64 * p.chunk_samples).min(p.num_samples));
-    let mut exhausted_total = 0u64;
-    let mut attempts_total = 0u64;
-    let mut accepted_total = 0u64;
-    for k in todo {
-        let lo = k as u64 * p.chunk_samples;
-        let hi = ((k as u64 + 1) * p.chunk_samples).min(p.num_samples);
-        let t0 = Instant::now();
-        let draws: Vec<Draw> = (lo..hi)
-            .into_par_iter()
-            .map(|s| draw_sample(&index, p, s))
-            .collect();
-        t_draw += t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        let (ok, bad): (Vec<&Draw>, Vec<&Draw>) = draws.iter().partition(|d| d.rows.is_some());
-        attempts_total += draws.iter().map(|d| d.attempts as u64).sum::<u64>();
-        accepted_total += ok.len() as u64;
-        exhausted_total += bad.len() as u64;
-        let trip = gather(
-            &rows,
-            &ok,
-            p.concreteness_threshold.0.is_some() || !ratings.is_empty(),
-        )?;
-        let exh = RecordBatch::try_new(
-            EXHAUSTED_SCHEMA.clone(),
-            vec![
-                Arc::new(UInt64Array::from_iter_values(bad.iter().map(|d| d.sample))) as ArrayRef,
-                Arc::new(UInt32Array::from_iter_values(
-                    bad.iter().map(|d| d.attempts),
-                )),
-            ],
-        )?;
-        t_join += t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        // The small tables ride with chunk 0; other chunks carry empty parts.
-        let (subj, cn) = if k == 0 {
-            (subjects.clone(), conc.clone())
-        } else {
-            (
-                RecordBatch::new_empty(SUBJECTS_SCHEMA.clone()),
-                RecordBatch::new_empty(CONCRETENESS_SCHEMA.clone()),
-            )
-        };
-        ctx.writer.write_chunk(
-            k,
-            &[
-                ("triplets", trip),
-                ("exhausted", exh),
-                ("subjects", subj),
-                ("concreteness", cn),
-            ],
-        )?;
-        t_write += t0.elapsed().as_secs_f64();
-        bar.inc(hi - lo);
-    }
-    phases.push(("sampling", t_draw));
-    phases.push(("gather", t_join));
-    phases.push(("write", t_write));
-    bar.finish_and_clear();
-
-    let mut notes = vec![format!(
-        "{} candidate subjects, {} can pass the concreteness threshold; {} relation rows",
-        cands.num_rows(),
-        n_viable,
-        rows.num_rows()
-    )];
-    if accepted_total + exhausted_total > 0 {
-        notes.push(format!(
-            "this run: {} accepted, {} exhausted after {} attempts (table exhausted), {:.1} proposals per sample",
-            accepted_total,
-            exhausted_total,
-            p.max_attempts,
-            attempts_total as f64 / (accepted_total + exhausted_total) as f64
-        ));
-    }
-    notes.push(format!(
-        "time: {}",
-        phases
-            .iter()
-            .map(|(n, s)| format!("{n} {s:.2} s"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    Ok(StageReport {
-        rows_in: p.num_samples,
-        chunks: n_chunks,
-        chunks_resumed: resumed,
-        notes,
-        elapsed: started.elapsed(),
+    Ok(Sampler {
+        index,
+        subjects,
+        conc,
+        with_score: p.concreteness_threshold.0.is_some() || !ratings.is_empty(),
+        rows,
+        phases,
+        stats: Default::default(),
     })
 }
 
@@ -702,19 +702,11 @@ fn f64s(col: Option<&ArrayRef>, name: &str) -> Result<Vec<f64>> {
 }
 
 fn internal(message: String) -> Error {
-    Error::StageFailed {
-        stage: "mine".into(),
-        kind: "mine".into(),
-        message,
-    }
+    Error::Internal(message)
 }
 
-fn no_rows(ctx: &StageContext) -> Error {
-    Error::StageFailed {
-        stage: ctx.stage.into(),
-        kind: "mine".into(),
-        message: "the relations table is empty: nothing to mine".into(),
-    }
+fn no_rows() -> Error {
+    Error::Data("the relations table is empty: nothing to mine".into())
 }
 
 struct Draw {

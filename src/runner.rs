@@ -7,21 +7,8 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::manifest::{Plan, PlannedStage};
 use crate::progress::{thousands, Progress};
-use crate::stage::{Finding, Severity, Shard, StageContext};
+use crate::stage::{Driver, Finding, Severity, Shard, StageContext};
 use crate::store::{self, StageRecord, StageWriter, WorkdirLock};
-
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    /// Run only this stage (its inputs must be done).
-    pub only: Option<String>,
-    /// Rerun this stage and everything downstream of it.
-    pub from: Option<String>,
-    pub force: bool,
-    pub shard: Option<Shard>,
-    pub progress: bool,
-    /// Skip the data checks ([`check_plan`]) before running.
-    pub skip_check: bool,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StageState {
@@ -62,12 +49,17 @@ pub fn stage_state(plan: &Plan, s: &PlannedStage) -> Result<StageState> {
         });
     };
     if rec.fingerprint == s.fingerprint {
-        if rec.outputs_complete(&dir) {
+        let damaged = rec.damaged_parts(&dir);
+        if damaged.is_empty() {
             return Ok(StageState::Done);
         }
-        return Ok(StageState::Stale(vec![
-            "output part files are missing; the stage will be rebuilt".into(),
-        ]));
+        let mut why = damaged;
+        why.push(format!(
+            "the stage will be rebuilt by the next run (or now: genecis run {} --only {} --force)",
+            plan.manifest_path.display(),
+            s.name
+        ));
+        return Ok(StageState::Stale(why));
     }
     Ok(StageState::Stale(explain(plan, s, &rec)))
 }
@@ -155,49 +147,75 @@ pub enum Action {
     ShardDone,
 }
 
-pub fn check_stage_names(plan: &Plan, opts: &RunOptions) -> Result<()> {
-    for (flag, v) in [("--only", &opts.only), ("--from", &opts.from)] {
-        if let Some(name) = v {
-            if plan.stage(name).is_none() {
-                let names: Vec<_> = plan.stages.iter().map(|s| s.name.as_str()).collect();
-                return Err(Error::Usage {
-                    arg: format!("{flag} {name}"),
-                    message: format!("no such stage; stages are: {}", names.join(", ")),
-                });
-            }
-        }
-    }
-    if opts.only.is_some() && opts.from.is_some() {
-        return Err(Error::Usage {
-            arg: "--only/--from".into(),
-            message: "use one of them, not both".into(),
-        });
-    }
-    Ok(())
+/// Which stages a run touches, validated against the plan once.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// Stages to consider, in plan order.
+    selected: Vec<String>,
+    /// Stages to rerun even when up to date.
+    forced: Vec<String>,
+    pub shard: Option<Shard>,
+    pub progress: bool,
+    /// Skip the data checks ([`check_plan`]) before running.
+    pub skip_check: bool,
 }
 
-pub fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<StageOutcome>> {
-    check_stage_names(plan, opts)?;
-    let selected: Vec<String> = match (&opts.only, &opts.from) {
-        (Some(o), _) => vec![o.clone()],
-        _ => plan.stages.iter().map(|s| s.name.clone()).collect(),
-    };
-    let forced: Vec<String> = match (&opts.from, opts.force) {
-        (_, true) => selected.clone(),
-        (Some(f), false) => plan.downstream_of(f),
-        (None, false) => Vec::new(),
-    };
-    if let Some(shard) = opts.shard {
-        if shard.count == 0 || shard.index >= shard.count {
+impl RunRequest {
+    /// `only`: run just this stage (its inputs must be done); `from`: rerun
+    /// this stage and everything downstream; `force`: rerun the selected
+    /// stages even when up to date.
+    pub fn new(
+        plan: &Plan,
+        only: Option<&str>,
+        from: Option<&str>,
+        force: bool,
+        shard: Option<Shard>,
+    ) -> Result<RunRequest> {
+        for (flag, v) in [("--only", only), ("--from", from)] {
+            if let Some(name) = v {
+                if plan.stage(name).is_none() {
+                    let names: Vec<_> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+                    return Err(Error::Usage {
+                        arg: format!("{flag} {name}"),
+                        message: format!("no such stage; stages are: {}", names.join(", ")),
+                    });
+                }
+            }
+        }
+        if only.is_some() && from.is_some() {
             return Err(Error::Usage {
-                arg: format!("--shard {shard}"),
-                message: "expected I/N with 0 <= I < N".into(),
+                arg: "--only/--from".into(),
+                message: "use one of them, not both".into(),
             });
         }
+        let selected: Vec<String> = match only {
+            Some(o) => vec![o.to_string()],
+            None => plan.stages.iter().map(|s| s.name.clone()).collect(),
+        };
+        let forced = match (from, force) {
+            (_, true) => selected.clone(),
+            (Some(f), false) => plan.downstream_of(f),
+            (None, false) => Vec::new(),
+        };
+        Ok(RunRequest {
+            selected,
+            forced,
+            shard,
+            progress: true,
+            skip_check: false,
+        })
     }
 
+    /// Every stage, nothing forced.
+    pub fn all(plan: &Plan) -> RunRequest {
+        RunRequest::new(plan, None, None, false, None).expect("no names to check")
+    }
+}
+
+pub fn run(plan: &Plan, req: &RunRequest) -> Result<Vec<StageOutcome>> {
+    let (selected, forced) = (&req.selected, &req.forced);
     // Data checks of the stages that will run, before anything is written.
-    if !opts.skip_check {
+    if !req.skip_check {
         let mut to_run = Vec::new();
         for s in &plan.stages {
             if selected.contains(&s.name)
@@ -220,8 +238,8 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<StageOutcome>> {
         }
     }
 
-    let _lock = WorkdirLock::acquire(&plan.workdir, opts.shard)?;
-    let progress = Progress::new(opts.progress);
+    let _lock = WorkdirLock::acquire(&plan.workdir, req.shard)?;
+    let progress = Progress::new(req.progress);
     let mut outcomes = Vec::new();
     for s in &plan.stages {
         if !selected.contains(&s.name) {
@@ -239,7 +257,9 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<StageOutcome>> {
         }
         // Inputs must be committed and current.
         for b in &s.inputs {
-            let up = plan.stage(&b.stage).expect("validated");
+            let up = plan
+                .stage(&b.stage)
+                .ok_or_else(|| Error::Internal(format!("input stage '{}' is not in the plan", b.stage)))?;
             let up_state = stage_state(plan, up)?;
             if up_state != StageState::Done {
                 return Err(Error::NotReady {
@@ -253,7 +273,7 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<StageOutcome>> {
                 });
             }
         }
-        if opts.shard.is_some() && !s.kind.shardable() {
+        if req.shard.is_some() && !s.kind.shardable() {
             return Err(Error::NotReady {
                 stage: s.name.clone(),
                 reason: format!(
@@ -265,11 +285,18 @@ pub fn run(plan: &Plan, opts: &RunOptions) -> Result<Vec<StageOutcome>> {
         if forced.contains(&s.name) {
             // A forced run starts from scratch: drop kept chunks.
             let work = plan.workdir.join(".work").join(&s.name);
-            if work.exists() && opts.shard.is_none() {
+            if work.exists() && req.shard.is_none() {
                 std::fs::remove_dir_all(&work).map_err(Error::io("cannot clear", &work))?;
             }
         }
-        let outcome = run_stage(plan, s, opts.shard, &progress)?;
+        let outcome = run_stage(plan, s, req.shard, &progress).map_err(|e| match e {
+            e @ Error::StageFailed { .. } => e,
+            other => Error::StageFailed {
+                stage: s.name.clone(),
+                kind: s.kind.kind().into(),
+                source: Box::new(other),
+            },
+        })?;
         outcomes.push(outcome);
     }
     Ok(outcomes)
@@ -282,26 +309,25 @@ fn run_stage(
     progress: &Progress,
 ) -> Result<StageOutcome> {
     let started = Instant::now();
-    let tables = s.kind.output_tables();
-    let writer = StageWriter::open(&plan.workdir, &s.name, &s.fingerprint, tables)?;
+    let mut writer = StageWriter::open(&plan.workdir, &s.name, &s.fingerprint)?;
     let inputs = s.input_dirs(&plan.workdir);
     let ctx = StageContext {
         stage: &s.name,
         base_dir: &plan.base_dir,
         inputs: &inputs,
         input_files: &s.input_files,
-        shard,
-        writer: &writer,
-        progress,
+        work_dir: writer.dir().to_path_buf(),
+        committed_dir: store::stage_dir(&plan.workdir, &s.name),
+        notes: Default::default(),
     };
-    let report = s.bound.run(&ctx).map_err(|e| match e {
-        Error::StageFailed { .. } | Error::Io { .. } | Error::Parquet { .. } => e,
-        other => Error::StageFailed {
-            stage: s.name.clone(),
-            kind: s.kind.kind().into(),
-            message: other.to_string(),
+    let driven = s.bound.run(
+        &ctx,
+        Driver {
+            shard,
+            progress,
+            writer: &mut writer,
         },
-    })?;
+    )?;
     let elapsed = started.elapsed();
 
     if let Some(shard) = shard {
@@ -319,7 +345,7 @@ fn run_stage(
                 record: None,
             });
         }
-        let missing = (0..report.chunks)
+        let missing = (0..driven.chunks)
             .filter(|&k| !writer.chunk_done(k))
             .count();
         if missing > 0 {
@@ -329,7 +355,7 @@ fn run_stage(
                 s.kind.kind(),
                 shard,
                 elapsed.as_secs_f64(),
-                report.chunks
+                driven.chunks
             );
             return Ok(StageOutcome {
                 stage: s.name.clone(),
@@ -337,6 +363,11 @@ fn run_stage(
                 record: None,
             });
         }
+    } else if driven.chunks_missing > 0 {
+        return Err(Error::Internal(format!(
+            "{} of {} chunks are unwritten, yet the stage reported no error",
+            driven.chunks_missing, driven.chunks
+        )));
     }
 
     let record = StageRecord {
@@ -348,18 +379,18 @@ fn run_stage(
         inputs: s.input_stamps(plan),
         files: s.files.clone(),
         tables: Default::default(),
-        chunks: report.chunks,
-        chunks_resumed: report.chunks_resumed,
-        rows_in: report.rows_in,
+        chunks: driven.chunks,
+        chunks_resumed: driven.chunks_resumed,
+        rows_in: driven.units,
         seconds: elapsed.as_secs_f64(),
         finished_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
         tool_version: format!("genecis {}", env!("CARGO_PKG_VERSION")),
-        notes: report.notes.clone(),
+        notes: driven.notes,
     };
-    let record = writer.commit(&plan.workdir, &s.name, record, report.chunks)?;
+    let record = writer.commit(&plan.workdir, &s.name, record, driven.chunks)?;
     print_summary(s, &record);
     Ok(StageOutcome {
         stage: s.name.clone(),
@@ -415,6 +446,68 @@ pub fn status_lines(plan: &Plan) -> Result<Vec<(String, StageState)>> {
         .iter()
         .map(|s| Ok((s.name.clone(), stage_state(plan, s)?)))
         .collect()
+}
+
+/// `genecis status`: each stage done, missing, or stale with the reasons.
+pub fn status_text(plan: &Plan) -> Result<String> {
+    let mut out = format!("pipeline {} ({})\n", plan.name, plan.workdir.display());
+    for (name, state) in status_lines(plan)? {
+        match state {
+            StageState::Done => out.push_str(&format!("  {name:<20} done\n")),
+            StageState::Missing {
+                resumable_chunks: 0,
+            } => out.push_str(&format!("  {name:<20} missing\n")),
+            StageState::Missing {
+                resumable_chunks: k,
+            } => out.push_str(&format!(
+                "  {name:<20} missing ({k} chunk(s) of an interrupted run will be kept)\n"
+            )),
+            StageState::Stale(why) => {
+                out.push_str(&format!("  {name:<20} stale\n"));
+                for w in why {
+                    out.push_str(&format!("  {:<20}   - {w}\n", ""));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `genecis check`: the report, and the number of errors in it.
+pub fn check_text(plan: &Plan) -> (String, usize) {
+    let mut out = format!(
+        "checking pipeline {} ({} stages)\n",
+        plan.name,
+        plan.stages.len()
+    );
+    let findings = check_plan(plan, None);
+    let mut errors = 0;
+    for s in &plan.stages {
+        let mine: Vec<_> = findings.iter().filter(|(n, _)| *n == s.name).collect();
+        if mine.is_empty() {
+            out.push_str(&format!("  ok    {} ({})\n", s.name, s.kind.kind()));
+        }
+        for (_, f) in mine {
+            let tag = match f.severity {
+                Severity::Error => {
+                    errors += 1;
+                    "ERROR"
+                }
+                Severity::Warning => "warn ",
+            };
+            out.push_str(&format!(
+                "  {tag} {} ({}) {}: {}\n",
+                s.name,
+                s.kind.kind(),
+                f.field,
+                f.message
+            ));
+        }
+    }
+    if errors == 0 {
+        out.push_str("all checks passed\n");
+    }
+    (out, errors)
 }
 
 pub fn workdir_has_run(workdir: &Path) -> bool {

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arrow::array::Array;
 use arrow::record_batch::RecordBatch;
 use datafusion::catalog::MemorySchemaProvider;
 use datafusion::common::TableReference;
@@ -36,6 +37,11 @@ pub fn discover(workdir: &Path) -> Result<Vec<TableEntry>> {
             for (name, stat) in &rec.tables {
                 let tdir = dir.join(name);
                 if tdir.is_dir() {
+                    // A truncated or overwritten part is named here, once,
+                    // instead of failing every query that touches it.
+                    for part in crate::store::part_files(&tdir)? {
+                        crate::store::part_rows(&part)?;
+                    }
                     out.push(TableEntry {
                         stage: rec.stage.clone(),
                         table: name.clone(),
@@ -53,11 +59,38 @@ pub fn discover(workdir: &Path) -> Result<Vec<TableEntry>> {
     Ok(out)
 }
 
+/// `genecis sql`: runs `query` over the run in `workdir` and writes the
+/// result, or opens the interactive prompt when there is no query.
+pub fn run_cli(
+    workdir: &Path,
+    query_text: Option<&str>,
+    format: OutputFormat,
+    out: Option<&Path>,
+) -> Result<()> {
+    if format == OutputFormat::Parquet && out.is_none() {
+        return Err(Error::Usage {
+            arg: "--format parquet".into(),
+            message: "needs --out FILE (Parquet is not written to a terminal)".into(),
+        });
+    }
+    let entries = discover(workdir)?;
+    let rt = tokio::runtime::Runtime::new().map_err(Error::io("cannot start the query runtime", workdir))?;
+    rt.block_on(async {
+        let ctx = session(&entries).await?;
+        match query_text {
+            Some(q) => write_results(&query(&ctx, q).await?, format, out),
+            None => repl(&ctx, &entries, &workdir.join(".sql_history")).await,
+        }
+    })
+}
+
 /// A session with every table registered (information_schema on, so
 /// `SHOW TABLES` and `DESCRIBE t` work).
 pub async fn session(entries: &[TableEntry]) -> Result<SessionContext> {
     let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
-    let catalog = ctx.catalog("datafusion").expect("default catalog");
+    let catalog = ctx
+        .catalog("datafusion")
+        .ok_or_else(|| Error::Internal("DataFusion has no default catalog".into()))?;
     let mut count: HashMap<&str, usize> = HashMap::new();
     for e in entries {
         *count.entry(e.table.as_str()).or_default() += 1;
@@ -136,7 +169,7 @@ pub fn write_results(
                 .with_header(true)
                 .build(&mut sink);
             for b in batches {
-                w.write(b)?;
+                w.write(&lists_as_text(b)?)?;
             }
         }
         OutputFormat::Json => {
@@ -170,6 +203,42 @@ pub fn write_results(
         }
     }
     sink.flush().map_err(io)
+}
+
+/// CSV has no nested values: list columns (`scores.similarities`,
+/// embeddings) become text as DuckDB prints them, `[a, b, ...]`.
+fn lists_as_text(batch: &RecordBatch) -> Result<RecordBatch> {
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::util::display::{ArrayFormatter, FormatOptions};
+    let nested = |t: &DataType| {
+        matches!(
+            t,
+            DataType::List(_)
+                | DataType::LargeList(_)
+                | DataType::FixedSizeList(..)
+                | DataType::Struct(_)
+                | DataType::Map(..)
+        )
+    };
+    if !batch.schema().fields().iter().any(|f| nested(f.data_type())) {
+        return Ok(batch.clone());
+    }
+    let mut fields = Vec::new();
+    let mut columns = Vec::new();
+    for (f, col) in batch.schema().fields().iter().zip(batch.columns()) {
+        if !nested(f.data_type()) {
+            fields.push(f.as_ref().clone());
+            columns.push(col.clone());
+            continue;
+        }
+        let fmt = ArrayFormatter::try_new(col.as_ref(), &FormatOptions::default())?;
+        let text: arrow::array::StringArray = (0..col.len())
+            .map(|i| col.is_valid(i).then(|| fmt.value(i).to_string()))
+            .collect();
+        fields.push(Field::new(f.name(), DataType::Utf8, true));
+        columns.push(Arc::new(text) as arrow::array::ArrayRef);
+    }
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
 }
 
 /// Text for `\d`: every table with its row count.

@@ -1,27 +1,124 @@
 //! The stage contract: one Rust type per stage kind behind [`Stage`], and the
 //! registry that maps manifest `kind = "..."` strings to them.
+//!
+//! A stage declares its work as chunks ([`Stage::plan`]) and computes one
+//! chunk at a time ([`Stage::run_chunk`]); the framework ([`drive`]) decides
+//! which chunks this shard owns, skips those an interrupted run finished,
+//! writes each chunk's tables, and keeps the progress bar and the timing.
+//! A stage that is not chunked declares one chunk.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use rayon::prelude::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::store::StageWriter;
 
-/// An output (or expected input) table of a stage kind.
+/// The columns of a table: fixed, or with an embedding column whose width
+/// (the model's embedding width `d`) each run sets.
+#[derive(Debug, Clone)]
+pub enum Columns {
+    Fixed(SchemaRef),
+    Embedding {
+        build: fn(i32) -> SchemaRef,
+        /// The `fixed_size_list<f32>[d]` column.
+        column: &'static str,
+    },
+}
+
+/// An output table of a stage kind.
 #[derive(Debug, Clone)]
 pub struct TableDef {
     pub name: &'static str,
-    pub schema: SchemaRef,
+    pub columns: Columns,
 }
 
-/// Run one shard `index` of `count` (0-based): a shardable stage processes
-/// the chunks `k` with `k % count == index`.
+impl TableDef {
+    pub fn new(name: &'static str, schema: SchemaRef) -> TableDef {
+        TableDef {
+            name,
+            columns: Columns::Fixed(schema),
+        }
+    }
+
+    /// A table with an embedding column of the run's width.
+    pub fn embedding(name: &'static str, build: fn(i32) -> SchemaRef, column: &'static str) -> TableDef {
+        TableDef {
+            name,
+            columns: Columns::Embedding { build, column },
+        }
+    }
+
+    /// The exact schema of this run's parts: `width` is the embedding width
+    /// the stage's plan found.
+    pub fn schema(&self, width: Option<i32>) -> Result<SchemaRef> {
+        match (&self.columns, width) {
+            (Columns::Fixed(s), _) => Ok(s.clone()),
+            (Columns::Embedding { build, .. }, Some(d)) => Ok(build(d)),
+            (Columns::Embedding { .. }, None) => Err(Error::Internal(format!(
+                "table '{}' has an embedding column but the stage's plan set no width",
+                self.name
+            ))),
+        }
+    }
+
+    /// `name(col type, ...)`, `?` marking nullable columns, `d` the
+    /// per-run embedding width.
+    pub fn describe(&self) -> String {
+        let (schema, wide) = match &self.columns {
+            Columns::Fixed(s) => (s.clone(), None),
+            Columns::Embedding { build, column } => (build(1), Some(*column)),
+        };
+        let cols: Vec<String> = schema
+            .fields()
+            .iter()
+            .map(|f| {
+                let ty = match f.data_type() {
+                    DataType::FixedSizeList(item, _) if Some(f.name().as_str()) == wide => {
+                        format!("FixedSizeList(d x {})", item.data_type())
+                    }
+                    other => other.to_string(),
+                };
+                format!("{} {ty}{}", f.name(), if f.is_nullable() { "?" } else { "" })
+            })
+            .collect();
+        format!("{}({})", self.name, cols.join(", "))
+    }
+}
+
+/// A table a kind reads from its inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct InputTable {
+    pub name: &'static str,
+    /// Read when an input provides it; the stage works without it.
+    pub optional: bool,
+}
+
+impl InputTable {
+    pub const fn required(name: &'static str) -> InputTable {
+        InputTable {
+            name,
+            optional: false,
+        }
+    }
+    pub const fn optional(name: &'static str) -> InputTable {
+        InputTable {
+            name,
+            optional: true,
+        }
+    }
+}
+
+/// Run one shard `index` of `count` (0-based): the chunks `k` with
+/// `k % count == index`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
     pub index: usize,
@@ -40,8 +137,24 @@ impl std::fmt::Display for Shard {
     }
 }
 
+impl std::str::FromStr for Shard {
+    type Err = String;
+    /// `I/N` with `0 <= I < N`.
+    fn from_str(s: &str) -> std::result::Result<Shard, String> {
+        let bad = || format!("'{s}': expected I/N with 0 <= I < N, e.g. 3/16");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let index: usize = i.trim().parse().map_err(|_| bad())?;
+        let count: usize = n.trim().parse().map_err(|_| bad())?;
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
 /// What a stage may use while running.
 pub struct StageContext<'a> {
+    /// The stage's name in the manifest.
     pub stage: &'a str,
     /// Folder that relative paths in params are resolved against.
     pub base_dir: &'a Path,
@@ -49,14 +162,41 @@ pub struct StageContext<'a> {
     pub inputs: &'a BTreeMap<String, PathBuf>,
     /// File inputs listed in `inputs` (already resolved and checked to exist).
     pub input_files: &'a [PathBuf],
-    pub shard: Option<Shard>,
-    pub writer: &'a StageWriter,
-    pub progress: &'a Progress,
+    pub(crate) work_dir: PathBuf,
+    pub(crate) committed_dir: PathBuf,
+    pub(crate) notes: Mutex<Vec<String>>,
 }
 
 impl StageContext<'_> {
     pub fn resolve(&self, p: &Path) -> PathBuf {
         resolve_path(self.base_dir, p)
+    }
+
+    /// The folder of a required input table (the manifest guarantees it).
+    pub fn input(&self, table: &str) -> Result<&Path> {
+        self.inputs.get(table).map(PathBuf::as_path).ok_or_else(|| {
+            Error::Internal(format!(
+                "stage '{}' has no input table '{table}' although the manifest was validated",
+                self.stage
+            ))
+        })
+    }
+
+    /// The folder of an optional input table, when an input provides it.
+    pub fn optional_input(&self, table: &str) -> Option<&Path> {
+        self.inputs.get(table).map(PathBuf::as_path)
+    }
+
+    /// A line for the run summary.
+    pub fn note(&self, line: impl Into<String>) {
+        self.notes.lock().unwrap_or_else(|e| e.into_inner()).push(line.into());
+    }
+
+    /// Writes a side file (a report, a chart) that is committed with the
+    /// tables into `<workdir>/<stage>/<name>`; returns where it will be.
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<PathBuf> {
+        crate::store::write_atomic(&self.work_dir.join(name), bytes)?;
+        Ok(self.committed_dir.join(name))
     }
 }
 
@@ -68,19 +208,50 @@ pub fn resolve_path(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
-/// What a finished `run` reports for the summary line.
-#[derive(Debug, Default, Clone)]
-pub struct StageReport {
-    /// Input rows processed (for rows/s); chunks kept from an earlier run
-    /// count too, so the rate is per row of the table.
-    pub rows_in: u64,
-    /// Total chunks the stage's tables consist of.
-    pub chunks: usize,
-    /// Chunks taken over from an interrupted run.
-    pub chunks_resumed: usize,
-    /// Extra facts for the summary (e.g. "12 captions contained tabs").
-    pub notes: Vec<String>,
-    pub elapsed: Duration,
+/// One batch per output table, by table name.
+pub type ChunkTables = Vec<(&'static str, RecordBatch)>;
+
+/// A stage's work, cut into chunks.
+pub struct Chunks<W> {
+    /// Whatever every chunk reads (input rows, a loaded model, counters).
+    pub work: W,
+    /// Work units per chunk (lines, captions, samples, images): the chunk
+    /// count, the progress bar's steps and the summary's rows/s.
+    pub sizes: Vec<u64>,
+    pub unit: &'static str,
+    /// Chunks may be computed side by side on the thread pool (each on one
+    /// thread); otherwise one after another, each using the pool inside.
+    pub parallel: bool,
+    /// The embedding width of the tables that have one.
+    pub width: Option<i32>,
+}
+
+impl<W> Chunks<W> {
+    /// A stage that is not chunked: one chunk of `units`.
+    pub fn single(work: W, units: u64, unit: &'static str) -> Chunks<W> {
+        Chunks {
+            work,
+            sizes: vec![units],
+            unit,
+            parallel: false,
+            width: None,
+        }
+    }
+
+    /// `total` units cut into chunks of `per_chunk` (at least one chunk).
+    pub fn even(work: W, total: u64, per_chunk: u64, unit: &'static str) -> Chunks<W> {
+        let n = total.div_ceil(per_chunk.max(1)).max(1);
+        let sizes = (0..n)
+            .map(|k| (total - (k * per_chunk).min(total)).min(per_chunk))
+            .collect();
+        Chunks {
+            work,
+            sizes,
+            unit,
+            parallel: false,
+            width: None,
+        }
+    }
 }
 
 /// One stage kind. Adding a kind means one file implementing this, plus one
@@ -97,14 +268,16 @@ pub trait Stage: 'static {
     /// Parsed with `deny_unknown_fields`; defaults filled in, so the
     /// canonical (re-serialised) form is what the fingerprint hashes.
     type Params: Serialize + DeserializeOwned + Send + Sync;
+    /// What [`Stage::plan`] prepares for the chunks.
+    type Work: Send + Sync;
 
-    /// Tables this kind needs among its inputs, by table name.
-    fn input_tables() -> &'static [&'static str];
+    /// Tables this kind reads from its inputs.
+    fn input_tables() -> &'static [InputTable];
     fn output_tables() -> Vec<TableDef>;
 
-    /// Code and data the stage embeds besides its Rust (sql/*.sql texts,
-    /// lexicons): hashed into the fingerprint, so editing one makes finished
-    /// runs stale.
+    /// Code and data the stage embeds besides its Rust (sql/*.sql texts, a
+    /// model file): hashed into the fingerprint, so editing one makes
+    /// finished runs stale.
     fn code() -> &'static [&'static str] {
         &[]
     }
@@ -128,7 +301,24 @@ pub trait Stage: 'static {
         Vec::new()
     }
 
-    fn run(params: &Self::Params, ctx: &StageContext) -> Result<StageReport>;
+    /// Reads what every chunk needs and cuts the work into chunks. Runs in
+    /// every process of a sharded run, so it must give the same chunks.
+    fn plan(params: &Self::Params, ctx: &StageContext) -> Result<Chunks<Self::Work>>;
+
+    /// Computes chunk `k`: one batch per output table. `None` leaves the
+    /// chunk unwritten (a rerun redoes it); [`Stage::finish`] must then say why.
+    fn run_chunk(
+        params: &Self::Params,
+        work: &Self::Work,
+        k: usize,
+        ctx: &StageContext,
+    ) -> Result<Option<ChunkTables>>;
+
+    /// After this process's chunks: notes for the summary, or the error
+    /// that explains unwritten chunks.
+    fn finish(_params: &Self::Params, _work: Self::Work, _ctx: &StageContext) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +354,77 @@ impl Finding {
     }
 }
 
+/// How the framework runs a stage's chunks in this process.
+pub struct Driver<'a> {
+    pub shard: Option<Shard>,
+    pub progress: &'a Progress,
+    pub writer: &'a mut StageWriter,
+}
+
+/// What [`drive`] did.
+#[derive(Debug, Default, Clone)]
+pub struct Driven {
+    /// Units of every chunk of the stage (kept chunks included), for rows/s.
+    pub units: u64,
+    pub chunks: usize,
+    /// Chunks an interrupted run had finished.
+    pub chunks_resumed: usize,
+    /// Chunks still unwritten after this process (other shards' or failed).
+    pub chunks_missing: usize,
+    pub notes: Vec<String>,
+}
+
+/// The chunk loop every stage shares: plan, pick this shard's unfinished
+/// chunks, compute and write them, finish.
+pub fn drive<S: Stage>(params: &S::Params, ctx: &StageContext, d: Driver) -> Result<Driven> {
+    let chunks = S::plan(params, ctx)?;
+    let tables = S::output_tables()
+        .into_iter()
+        .map(|t| Ok((t.name, t.schema(chunks.width)?)))
+        .collect::<Result<Vec<_>>>()?;
+    d.writer.declare(tables)?;
+    let writer = &*d.writer;
+    let n = chunks.sizes.len();
+    let done: Vec<bool> = (0..n).map(|k| writer.chunk_done(k)).collect();
+    let todo: Vec<usize> = (0..n)
+        .filter(|&k| !done[k] && d.shard.is_none_or(|s| s.owns(k)))
+        .collect();
+    let resumed = done.iter().filter(|&&x| x).count();
+    let units: u64 = chunks.sizes.iter().sum();
+    let bar = d.progress.bar(ctx.stage, units, chunks.unit);
+    bar.set_position((0..n).filter(|&k| done[k]).map(|k| chunks.sizes[k]).sum());
+    let written = AtomicU64::new(0);
+    let one = |k: usize| -> Result<()> {
+        if let Some(tables) = S::run_chunk(params, &chunks.work, k, ctx)? {
+            writer.write_chunk(k, &tables)?;
+            written.fetch_add(1, Ordering::Relaxed);
+        }
+        bar.inc(chunks.sizes[k]);
+        Ok(())
+    };
+    if chunks.parallel {
+        todo.par_iter().try_for_each(|&k| one(k))?;
+    } else {
+        todo.iter().try_for_each(|&k| one(k))?;
+    }
+    bar.finish_and_clear();
+    S::finish(params, chunks.work, ctx)?;
+    let missing = (0..n).filter(|&k| !writer.chunk_done(k)).count();
+    if let Some(s) = d.shard {
+        ctx.note(format!(
+            "shard {s} wrote {} of {n} chunks",
+            written.load(Ordering::Relaxed)
+        ));
+    }
+    Ok(Driven {
+        units,
+        chunks: n,
+        chunks_resumed: resumed,
+        chunks_missing: missing,
+        notes: std::mem::take(&mut *ctx.notes.lock().unwrap_or_else(|e| e.into_inner())),
+    })
+}
+
 /// Object-safe view of a [`Stage`], for the registry.
 pub trait StageKind: Sync {
     fn kind(&self) -> &'static str;
@@ -172,7 +433,7 @@ pub trait StageKind: Sync {
     fn code_version(&self) -> String;
     fn shardable(&self) -> bool;
     fn about(&self) -> &'static str;
-    fn input_tables(&self) -> &'static [&'static str];
+    fn input_tables(&self) -> &'static [InputTable];
     fn output_tables(&self) -> Vec<TableDef>;
     /// Types the raw params; errors are (field, message) pairs.
     fn bind(
@@ -187,7 +448,7 @@ pub trait BoundStage: Send + Sync {
     fn canonical_params(&self) -> serde_json::Value;
     fn files(&self, base_dir: &Path) -> Vec<(&'static str, PathBuf)>;
     fn check(&self, base_dir: &Path) -> Vec<Finding>;
-    fn run(&self, ctx: &StageContext) -> Result<StageReport>;
+    fn run(&self, ctx: &StageContext, d: Driver) -> Result<Driven>;
 }
 
 pub struct Kind<S>(std::marker::PhantomData<S>);
@@ -216,8 +477,8 @@ impl<S: Stage> BoundStage for Bound<S> {
     fn check(&self, base_dir: &Path) -> Vec<Finding> {
         S::check(&self.0, base_dir)
     }
-    fn run(&self, ctx: &StageContext) -> Result<StageReport> {
-        S::run(&self.0, ctx)
+    fn run(&self, ctx: &StageContext, d: Driver) -> Result<Driven> {
+        drive::<S>(&self.0, ctx, d)
     }
 }
 
@@ -249,7 +510,7 @@ where
     fn about(&self) -> &'static str {
         S::ABOUT
     }
-    fn input_tables(&self) -> &'static [&'static str] {
+    fn input_tables(&self) -> &'static [InputTable] {
         S::input_tables()
     }
     fn output_tables(&self) -> Vec<TableDef> {
@@ -294,4 +555,30 @@ pub static KINDS: &[&dyn StageKind] = &[
 
 pub fn lookup(kind: &str) -> Option<&'static dyn StageKind> {
     KINDS.iter().copied().find(|k| k.kind() == kind)
+}
+
+/// `genecis kinds`: each kind, what it reads (`?` = optional) and writes.
+pub fn describe_kinds() -> String {
+    let mut out = String::new();
+    for k in KINDS {
+        out.push_str(&format!(
+            "{} (version {}{}): {}\n",
+            k.kind(),
+            k.version(),
+            if k.shardable() { ", shardable" } else { "" },
+            k.about()
+        ));
+        if !k.input_tables().is_empty() {
+            let reads: Vec<String> = k
+                .input_tables()
+                .iter()
+                .map(|t| format!("{}{}", t.name, if t.optional { "?" } else { "" }))
+                .collect();
+            out.push_str(&format!("  reads: {}\n", reads.join(", ")));
+        }
+        for t in k.output_tables() {
+            out.push_str(&format!("  writes {}\n", t.describe()));
+        }
+    }
+    out
 }

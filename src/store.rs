@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -66,6 +67,10 @@ pub struct InputStamp {
 pub struct TableStat {
     pub rows: u64,
     pub parts: usize,
+    /// Size of each part file, so `status` notices one that was truncated
+    /// or overwritten after the commit (absent in records of older runs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub part_bytes: Vec<u64>,
 }
 
 /// `_stage.json`: what was run, from what, and what it produced.
@@ -105,11 +110,25 @@ impl StageRecord {
             })
     }
 
-    /// Whether every table folder listed still holds its parts.
-    pub fn outputs_complete(&self, stage_dir: &Path) -> bool {
-        self.tables.iter().all(|(name, stat)| {
-            (0..stat.parts).all(|k| stage_dir.join(name).join(part_name(k)).is_file())
-        })
+    /// What is wrong with the committed part files: missing ones, and ones
+    /// whose size differs from the record. Empty when all are intact.
+    pub fn damaged_parts(&self, stage_dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, stat) in &self.tables {
+            for k in 0..stat.parts {
+                let p = stage_dir.join(name).join(part_name(k));
+                match (fs::metadata(&p), stat.part_bytes.get(k)) {
+                    (Err(_), _) => out.push(format!("part file {} is missing", p.display())),
+                    (Ok(m), Some(&want)) if m.len() != want => out.push(format!(
+                        "part file {} has {} bytes, the stage wrote {want} (truncated or overwritten)",
+                        p.display(),
+                        m.len()
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        out
     }
 }
 
@@ -132,19 +151,16 @@ struct WorkInfo {
 
 /// Writes one stage's tables chunk by chunk into its work folder, keeping
 /// chunks finished by an earlier, interrupted run with the same fingerprint.
+/// Every batch must match its table's declared schema exactly.
 pub struct StageWriter {
     dir: PathBuf,
-    tables: Vec<TableDef>,
+    tables: Vec<(&'static str, SchemaRef)>,
     props: WriterProperties,
 }
 
 impl StageWriter {
-    pub fn open(
-        workdir: &Path,
-        stage: &str,
-        fingerprint: &str,
-        tables: Vec<TableDef>,
-    ) -> Result<StageWriter> {
+    /// Opens (or, when its fingerprint differs, clears) the work folder.
+    pub fn open(workdir: &Path, stage: &str, fingerprint: &str) -> Result<StageWriter> {
         let dir = work_dir(workdir, stage);
         let info_path = dir.join(WORK_FILE);
         let reusable = fs::read_to_string(&info_path)
@@ -154,68 +170,74 @@ impl StageWriter {
         if !reusable && dir.exists() {
             fs::remove_dir_all(&dir).map_err(Error::io("cannot clear stale work folder", &dir))?;
         }
-        for t in &tables {
-            let p = dir.join(t.name);
-            fs::create_dir_all(&p).map_err(Error::io("cannot create", &p))?;
-        }
+        fs::create_dir_all(&dir).map_err(Error::io("cannot create", &dir))?;
         if !reusable {
             let info = serde_json::to_string(&WorkInfo {
                 fingerprint: fingerprint.to_string(),
             })
-            .unwrap();
+            .map_err(|e| Error::Internal(format!("work record: {e}")))?;
             write_atomic(&info_path, info.as_bytes())?;
         }
         let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap()))
+            .set_compression(Compression::ZSTD(
+                ZstdLevel::try_new(1).map_err(|e| Error::Internal(format!("zstd level: {e}")))?,
+            ))
             .set_created_by(format!("genecis {}", env!("CARGO_PKG_VERSION")))
             .build();
-        Ok(StageWriter { dir, tables, props })
+        Ok(StageWriter {
+            dir,
+            tables: Vec::new(),
+            props,
+        })
     }
 
-    pub fn tables(&self) -> &[TableDef] {
-        &self.tables
+    /// The tables and their exact schemas, known once the stage has planned.
+    pub fn declare(&mut self, tables: Vec<(&'static str, SchemaRef)>) -> Result<()> {
+        for (name, _) in &tables {
+            let p = self.dir.join(name);
+            fs::create_dir_all(&p).map_err(Error::io("cannot create", &p))?;
+        }
+        self.tables = tables;
+        Ok(())
     }
 
-    /// Where `name` lands once the stage is committed.
-    pub fn committed_path(&self, name: &str) -> PathBuf {
-        let stage = self.dir.file_name().unwrap_or_default();
-        let workdir = self
-            .dir
-            .parent()
-            .and_then(Path::parent)
-            .unwrap_or(Path::new("."));
-        stage_dir(workdir, &stage.to_string_lossy()).join(name)
-    }
-
-    /// Writes a side file (a report, a chart) that is committed with the
-    /// tables into `<workdir>/<stage>/<name>`.
-    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<PathBuf> {
-        let p = self.dir.join(name);
-        write_atomic(&p, bytes)?;
-        Ok(p)
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// A chunk is finished when every table has its part file.
     pub fn chunk_done(&self, chunk: usize) -> bool {
-        self.tables
-            .iter()
-            .all(|t| self.dir.join(t.name).join(part_name(chunk)).is_file())
+        !self.tables.is_empty()
+            && self
+                .tables
+                .iter()
+                .all(|(t, _)| self.dir.join(t).join(part_name(chunk)).is_file())
     }
 
     /// Writes the chunk's batch for every table (empty batches included, so
     /// that "all tables have the part" marks it finished). Each part is
     /// written under a temp name and renamed.
     pub fn write_chunk(&self, chunk: usize, batches: &[(&str, RecordBatch)]) -> Result<()> {
-        for t in &self.tables {
-            if !batches.iter().any(|(n, _)| *n == t.name) {
-                return Err(Error::StageFailed {
-                    stage: self.dir.display().to_string(),
-                    kind: String::new(),
-                    message: format!(
-                        "internal: chunk {chunk} has no batch for table '{}'",
-                        t.name
-                    ),
-                });
+        for (name, _) in &self.tables {
+            let n = batches.iter().filter(|(b, _)| b == name).count();
+            if n != 1 {
+                return Err(Error::Internal(format!(
+                    "chunk {chunk} has {n} batches for table '{name}', expected one"
+                )));
+            }
+        }
+        for (name, batch) in batches {
+            let Some((_, schema)) = self.tables.iter().find(|(t, _)| t == name) else {
+                return Err(Error::Internal(format!(
+                    "chunk {chunk} has a batch for '{name}', which the stage does not declare"
+                )));
+            };
+            if batch.schema().fields() != schema.fields() {
+                return Err(Error::Internal(format!(
+                    "chunk {chunk} of table '{name}' has columns ({}) but the table declares ({})",
+                    batch.schema().fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", "),
+                    schema.fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", "),
+                )));
             }
         }
         for (name, batch) in batches {
@@ -238,14 +260,16 @@ impl StageWriter {
         Ok(())
     }
 
-    /// Row and part counts, read from the part files' footers.
+    /// Row counts (from the part files' footers) and part sizes.
     fn table_stats(&self, chunks: usize) -> Result<BTreeMap<String, TableStat>> {
         let mut out = BTreeMap::new();
-        for t in &self.tables {
+        for (t, _) in &self.tables {
             let mut rows = 0u64;
+            let mut part_bytes = Vec::with_capacity(chunks);
             for k in 0..chunks {
-                let p = self.dir.join(t.name).join(part_name(k));
+                let p = self.dir.join(t).join(part_name(k));
                 let f = File::open(&p).map_err(Error::io("cannot open", &p))?;
+                part_bytes.push(f.metadata().map_err(Error::io("cannot read", &p))?.len());
                 let r = SerializedFileReader::new(f).map_err(|source| Error::Parquet {
                     path: p.clone(),
                     source,
@@ -253,10 +277,11 @@ impl StageWriter {
                 rows += r.metadata().file_metadata().num_rows() as u64;
             }
             out.insert(
-                t.name.to_string(),
+                t.to_string(),
                 TableStat {
                     rows,
                     parts: chunks,
+                    part_bytes,
                 },
             );
         }
@@ -283,7 +308,8 @@ impl StageWriter {
         }
         record.tables = self.table_stats(chunks)?;
         record.chunks = chunks;
-        let json = serde_json::to_string_pretty(&record).unwrap();
+        let json = serde_json::to_string_pretty(&record)
+            .map_err(|e| Error::Internal(format!("stage record: {e}")))?;
         write_atomic(&self.dir.join(RECORD_FILE), json.as_bytes())?;
         let _ = fs::remove_file(self.dir.join(WORK_FILE));
         let dest = stage_dir(workdir, stage);
@@ -351,25 +377,68 @@ pub fn part_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// The stage a committed table folder belongs to (`<workdir>/<stage>/<table>`).
+fn stage_of(table_dir: &Path) -> String {
+    table_dir
+        .parent()
+        .and_then(Path::file_name)
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Rows of a committed part file, from its footer; a file that does not
+/// read as Parquet is named with the fix.
+pub fn part_rows(path: &Path) -> Result<u64> {
+    let f = File::open(path).map_err(Error::io("cannot open", path))?;
+    let r = SerializedFileReader::new(f).map_err(|source| Error::DamagedPart {
+        path: path.to_path_buf(),
+        stage: stage_of(path.parent().unwrap_or(path)),
+        source,
+    })?;
+    Ok(r.metadata().file_metadata().num_rows() as u64)
+}
+
+/// Every batch of one committed part file.
+pub fn read_part(path: &Path) -> Result<Vec<RecordBatch>> {
+    let damaged = |source| Error::DamagedPart {
+        path: path.to_path_buf(),
+        stage: stage_of(path.parent().unwrap_or(path)),
+        source,
+    };
+    let f = File::open(path).map_err(Error::io("cannot open", path))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        .map_err(damaged)?
+        .with_batch_size(65536)
+        .build()
+        .map_err(damaged)?;
+    reader
+        .map(|b| b.map_err(|e| damaged(e.into())))
+        .collect()
+}
+
 /// Every batch of a table folder (all parts, in chunk order).
 pub fn read_table(dir: &Path) -> Result<Vec<RecordBatch>> {
     let mut out = Vec::new();
     for p in part_files(dir)? {
-        let perr = |source| Error::Parquet {
-            path: p.clone(),
-            source,
-        };
-        let f = File::open(&p).map_err(Error::io("cannot open", &p))?;
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-            .map_err(perr)?
-            .with_batch_size(65536)
-            .build()
-            .map_err(perr)?;
-        for b in reader {
-            out.push(b?);
-        }
+        out.extend(read_part(&p)?);
     }
     Ok(out)
+}
+
+/// A column of a batch from one of our own tables, by name.
+pub fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow::array::ArrayRef> {
+    batch.column_by_name(name).ok_or_else(|| {
+        Error::Internal(format!(
+            "an input batch has no column '{name}' (columns: {})",
+            batch
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -450,5 +519,47 @@ impl WorkdirLock {
         let f = File::create(&p).map_err(Error::io("cannot open lock file", &p))?;
         f.lock().map_err(Error::io("cannot lock", &p))?;
         Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    fn schema(ty: DataType) -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("x", ty, false)]))
+    }
+
+    #[test]
+    fn every_batch_is_checked_against_the_declared_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = StageWriter::open(dir.path(), "s", "fp").unwrap();
+        w.declare(vec![("t", schema(DataType::Int64))]).unwrap();
+        let ints = RecordBatch::try_new(
+            schema(DataType::Int64),
+            vec![Arc::new(Int64Array::from(vec![1, 2]))],
+        )
+        .unwrap();
+        let strings = RecordBatch::try_new(
+            schema(DataType::Utf8),
+            vec![Arc::new(StringArray::from(vec!["a"]))],
+        )
+        .unwrap();
+        let e = w.write_chunk(0, &[("t", strings)]).unwrap_err();
+        assert!(matches!(e, Error::Internal(ref m) if m.contains("declares")), "{e}");
+        let e = w.write_chunk(0, &[]).unwrap_err();
+        assert!(matches!(e, Error::Internal(_)), "{e}");
+        let e = w
+            .write_chunk(0, &[("t", ints.clone()), ("u", ints.clone())])
+            .unwrap_err();
+        assert!(matches!(e, Error::Internal(ref m) if m.contains("'u'")), "{e}");
+        assert!(!w.chunk_done(0));
+        w.write_chunk(0, &[("t", ints)]).unwrap();
+        assert!(w.chunk_done(0));
     }
 }

@@ -15,12 +15,11 @@
 //! Formats (per record, whatever the task): COCO style
 //! `{"val_image_id": 189213}` -> `<coco_dir>/000000189213.jpg`; VAW style
 //! `{"image_id": 2373917, "instance_bbox": [x, y, w, h]}` -> `<vg_dir>/2373917.jpg`,
-//! cropped as in DESIGN.md section 4.
+//! cropped as in the original (ARCHITECTURE.md, "Semantics kept from the original").
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
-use std::time::Instant;
 
 use arrow::array::{
     ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, StringBuilder,
@@ -33,7 +32,9 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::ingest::REJECTS_SCHEMA;
-use crate::stage::{resolve_path, Finding, Stage, StageContext, StageReport, TableDef};
+use crate::stage::{
+    resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
+};
 
 pub static TEMPLATES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -299,28 +300,19 @@ impl Stage for Templates {
         "GeneCIS template JSONs (COCO or VAW style) -> templates, image_keys, texts, rejects";
     type Params = TemplatesParams;
 
-    fn input_tables() -> &'static [&'static str] {
+    /// Each task's template file, read.
+    type Work = Vec<(&'static str, PathBuf, TemplateFile)>;
+
+    fn input_tables() -> &'static [InputTable] {
         &[]
     }
 
     fn output_tables() -> Vec<TableDef> {
         vec![
-            TableDef {
-                name: "templates",
-                schema: TEMPLATES_SCHEMA.clone(),
-            },
-            TableDef {
-                name: "image_keys",
-                schema: IMAGE_KEYS_SCHEMA.clone(),
-            },
-            TableDef {
-                name: "texts",
-                schema: TEXTS_SCHEMA.clone(),
-            },
-            TableDef {
-                name: "rejects",
-                schema: REJECTS_SCHEMA.clone(),
-            },
+            TableDef::new("templates", TEMPLATES_SCHEMA.clone()),
+            TableDef::new("image_keys", IMAGE_KEYS_SCHEMA.clone()),
+            TableDef::new("texts", TEXTS_SCHEMA.clone()),
+            TableDef::new("rejects", REJECTS_SCHEMA.clone()),
         ]
     }
 
@@ -368,8 +360,29 @@ impl Stage for Templates {
         check(p, base)
     }
 
-    fn run(p: &TemplatesParams, ctx: &StageContext) -> Result<StageReport> {
-        let started = Instant::now();
+    fn plan(p: &TemplatesParams, ctx: &StageContext) -> Result<Chunks<Self::Work>> {
+        let mut files = Vec::new();
+        let mut n = 0u64;
+        for (task, file) in p.tasks() {
+            let path = ctx.resolve(file);
+            let tf = read_template_file(&path).map_err(|m| Error::BadInputFile {
+                what: "template file",
+                path: path.clone(),
+                message: format!("task {task}: {m}"),
+                advice: "Give the official GeneCIS JSON for this task (genecis/README.md says where it comes from); `genecis check MANIFEST` validates all four",
+            })?;
+            n += (tf.ok.len() + tf.bad.len()) as u64;
+            files.push((task, path, tf));
+        }
+        Ok(Chunks::single(files, n, "templates"))
+    }
+
+    fn run_chunk(
+        p: &TemplatesParams,
+        files: &Self::Work,
+        _k: usize,
+        ctx: &StageContext,
+    ) -> Result<Option<ChunkTables>> {
         let coco = p.coco_dir.as_ref().map(|d| ctx.resolve(d));
         let vg = p.vg_dir.as_ref().map(|d| ctx.resolve(d));
         let mut t_task = StringBuilder::new();
@@ -384,18 +397,9 @@ impl Stage for Templates {
         let mut r_raw = StringBuilder::new();
         let mut keys: BTreeMap<String, (ImageRef, PathBuf)> = BTreeMap::new();
         let mut texts: BTreeSet<String> = BTreeSet::new();
-        let mut notes = Vec::new();
-        let mut rows_in = 0u64;
-        for (task, file) in p.tasks() {
-            let path = ctx.resolve(file);
-            let tf = read_template_file(&path).map_err(|m| Error::StageFailed {
-                stage: ctx.stage.into(),
-                kind: Self::KIND.into(),
-                message: format!("task {task}: {m}"),
-            })?;
-            rows_in += (tf.ok.len() + tf.bad.len()) as u64;
+        for (task, path, tf) in files {
             let source = path.display().to_string();
-            let mut bad = tf.bad;
+            let mut bad = tf.bad.clone();
             let mut n_ok = 0usize;
             for (i, t) in &tf.ok {
                 let resolved: Result<Vec<PathBuf>, String> = t
@@ -431,7 +435,7 @@ impl Stage for Templates {
                 r_reason.append_value(reason);
                 r_raw.append_value(raw);
             }
-            notes.push(format!(
+            ctx.note(format!(
                 "{task}: {n_ok} templates{}",
                 if bad.is_empty() {
                     String::new()
@@ -498,27 +502,17 @@ impl Stage for Templates {
                 Arc::new(r_raw.finish()),
             ],
         )?;
-        notes.push(format!(
+        ctx.note(format!(
             "{} distinct images, {} distinct conditions",
             keys.len(),
             texts.len()
         ));
-        ctx.writer.write_chunk(
-            0,
-            &[
-                ("templates", templates),
-                ("image_keys", image_keys),
-                ("texts", texts_b),
-                ("rejects", rejects),
-            ],
-        )?;
-        Ok(StageReport {
-            rows_in,
-            chunks: 1,
-            chunks_resumed: 0,
-            notes,
-            elapsed: started.elapsed(),
-        })
+        Ok(Some(vec![
+            ("templates", templates),
+            ("image_keys", image_keys),
+            ("texts", texts_b),
+            ("rejects", rejects),
+        ]))
     }
 }
 

@@ -5,12 +5,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use rayon::prelude::*;
 use serde::Deserialize;
 
-use super::attach::{self, AttachModel, Example};
-use super::chunks::{self, ChunkModel};
-use super::{Engine, Learned};
 use crate::error::{Error, Result};
 
 #[derive(Deserialize, Clone)]
@@ -31,18 +27,10 @@ struct GoldItem {
 }
 
 #[derive(Deserialize, Clone)]
-struct RefEntity {
-    span: String,
-    head: String,
-}
-
-#[derive(Deserialize, Clone)]
 struct DevItem {
     caption: String,
     #[serde(default)]
     entities: Vec<String>,
-    #[serde(default)]
-    entity_details: Vec<RefEntity>,
     relations: Vec<RefRel>,
 }
 
@@ -57,24 +45,12 @@ fn triples(r: &[RefRel]) -> Vec<Triple> {
     v
 }
 
-/// Entity heads and sorted (subject, relation, object) head triples of a caption.
-pub fn predicted(caption: &str, strict: bool) -> (Vec<String>, Vec<Triple>) {
-    predicted_with(caption, strict, Learned::shipped())
-}
-
-/// [`predicted`] with the given learned parts.
-pub fn predicted_with(caption: &str, strict: bool, learned: Learned) -> (Vec<String>, Vec<Triple>) {
-    heads_and_triples(&super::parse_caption_with(caption, strict, learned))
-}
-
-/// [`predicted`] for many captions with either engine.
+/// Entity heads and sorted head triples of each caption's parse.
 pub fn predicted_all(
     captions: &[&str],
     strict: bool,
-    engine: Engine,
-    learned: Learned,
 ) -> Result<Vec<(Vec<String>, Vec<Triple>)>> {
-    Ok(super::parse_captions(captions, engine, strict, learned)?
+    Ok(super::parse_captions(captions, strict)?
         .iter()
         .map(heads_and_triples)
         .collect())
@@ -154,18 +130,26 @@ pub struct GoldScore {
     pub misses: Vec<String>,
 }
 
-pub fn score_gold(path: &Path, strict: bool, engine: Engine) -> Result<GoldScore> {
-    let text = std::fs::read_to_string(path).map_err(Error::io("cannot read", path))?;
-    let items: Vec<GoldItem> = serde_json::from_str(&text).map_err(|e| Error::CorruptRecord {
+/// A reference file (gold, dev, parity) that does not parse.
+fn bad_file(what: &'static str, path: &Path, message: String) -> Error {
+    Error::BadInputFile {
+        what,
         path: path.into(),
-        message: e.to_string(),
-    })?;
+        message,
+        advice: "Pass the file the README names (sg_gold.dev.json: a JSON list; reference_parses.dev.jsonl: one object per line), or rewrite a parity file with scripts/make_spacy_parity_fixture.py",
+    }
+}
+
+pub fn score_gold(path: &Path, strict: bool) -> Result<GoldScore> {
+    let text = std::fs::read_to_string(path).map_err(Error::io("cannot read", path))?;
+    let items: Vec<GoldItem> =
+        serde_json::from_str(&text).map_err(|e| bad_file("gold file", path, e.to_string()))?;
     let mut s = GoldScore {
         n: items.len(),
         ..Default::default()
     };
     let caps: Vec<&str> = items.iter().map(|g| g.caption.as_str()).collect();
-    let pred = predicted_all(&caps, strict, engine, Learned::shipped())?;
+    let pred = predicted_all(&caps, strict)?;
     for (g, (ents, rels)) in items.iter().zip(pred) {
         let exp = triples(&g.relations);
         let exact = rels == exp;
@@ -196,16 +180,12 @@ pub struct DevScore {
 pub fn dev_misses(
     path: &Path,
     strict: bool,
-    engine: Engine,
     entities: bool,
     limit: usize,
 ) -> Result<Vec<String>> {
     let items = read_dev(path)?;
-    if engine == Engine::Rules {
-        return Ok(misses(&items, strict, Learned::shipped(), entities, limit));
-    }
     let caps: Vec<&str> = items.iter().map(|d| d.caption.as_str()).collect();
-    let pred = predicted_all(&caps, strict, engine, Learned::none())?;
+    let pred = predicted_all(&caps, strict)?;
     let mut out = Vec::new();
     for (d, (ents, rels)) in items.iter().zip(pred) {
         // Only the captions that miss are analysed again, for their arcs.
@@ -224,37 +204,6 @@ pub fn dev_misses(
         }
     }
     Ok(out)
-}
-
-/// Captions of `items` where the parse with `learned` differs, with both
-/// sides and the tags the chunker sees.
-fn misses(
-    items: &[DevItem],
-    strict: bool,
-    learned: Learned,
-    entities: bool,
-    limit: usize,
-) -> Vec<String> {
-    let mut out = Vec::new();
-    for d in items {
-        if out.len() >= limit {
-            break;
-        }
-        let (ents, rels) = predicted_with(&d.caption, strict, learned);
-        let line = || {
-            let mut toks = super::rule_tokens(&d.caption);
-            if let Some(m) = learned.chunks {
-                m.apply(&mut toks, strict);
-            }
-            let tags: Vec<String> = toks
-                .iter()
-                .map(|t| format!("{}/{}", t.word, t.tag))
-                .collect();
-            tags.join(" ")
-        };
-        out.extend(miss_text(d, &ents, &rels, entities, line));
-    }
-    out
 }
 
 /// The report of a caption whose entity heads (or relations) differ from
@@ -291,38 +240,14 @@ fn read_dev(path: &Path) -> Result<Vec<DevItem>> {
         .filter(|l| !l.trim().is_empty())
         .map(serde_json::from_str)
         .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::CorruptRecord {
-            path: path.into(),
-            message: e.to_string(),
-        })
+        .map_err(|e| bad_file("dev file", path, e.to_string()))
 }
 
-pub fn score_dev(path: &Path, strict: bool, engine: Engine) -> Result<DevScore> {
-    score_dev_with(path, strict, engine, Learned::shipped())
-}
-
-/// [`score_dev`] with the given learned parts (rules engine).
-pub fn score_dev_with(
-    path: &Path,
-    strict: bool,
-    engine: Engine,
-    learned: Learned,
-) -> Result<DevScore> {
+pub fn score_dev(path: &Path, strict: bool) -> Result<DevScore> {
     let items = read_dev(path)?;
-    if engine == Engine::Rules {
-        return Ok(score_items(&items, strict, learned));
-    }
     let caps: Vec<&str> = items.iter().map(|d| d.caption.as_str()).collect();
-    let pred = predicted_all(&caps, strict, engine, learned)?;
+    let pred = predicted_all(&caps, strict)?;
     Ok(tally(&items, pred))
-}
-
-fn score_items(items: &[DevItem], strict: bool, learned: Learned) -> DevScore {
-    let pred: Vec<(Vec<String>, Vec<Triple>)> = items
-        .par_iter()
-        .map(|d| predicted_with(&d.caption, strict, learned))
-        .collect();
-    tally(items, pred)
 }
 
 fn tally(items: &[DevItem], pred: Vec<(Vec<String>, Vec<Triple>)>) -> DevScore {
@@ -354,225 +279,6 @@ fn tally(items: &[DevItem], pred: Vec<(Vec<String>, Vec<Triple>)>) -> DevScore {
     s
 }
 
-/// The attachment decisions of a caption's rule parse, labelled with the
-/// options whose relations agree best with the reference: each triple an
-/// option makes counts +1 when the reference has it and -1 otherwise (no
-/// relation: 0). Decisions where all options tie teach nothing and are left out.
-fn last(s: &str) -> &str {
-    s.rsplit(' ').next().unwrap_or("")
-}
-
-fn examples(d: &DevItem, strict: bool, learned: Learned) -> Vec<Example> {
-    let mut trace = Vec::new();
-    super::parse_traced(&d.caption, strict, learned, Some(&mut trace));
-    let exp = triples(&d.relations);
-    trace
-        .into_iter()
-        .filter_map(|dec| {
-            let net: Vec<i32> = dec
-                .subjects
-                .iter()
-                .map(|ss| {
-                    let mut n = 0;
-                    for s in ss {
-                        for (rel, obj) in &dec.pairs {
-                            // Heads compared by their last word: a compound
-                            // the chunker got wrong is not an attachment error.
-                            let hit = exp.iter().any(|(a, r, o)| {
-                                last(a) == last(s) && r == rel && last(o) == last(obj)
-                            });
-                            n += if hit { 1 } else { -1 };
-                        }
-                    }
-                    n
-                })
-                .collect();
-            let best = *net.iter().max()?;
-            if net.iter().all(|&n| n == best) {
-                return None;
-            }
-            let gold = (0..net.len()).filter(|&i| net[i] == best).collect();
-            Some(Example {
-                decision: dec,
-                gold,
-            })
-        })
-        .collect()
-}
-
-/// Chunk-role training tokens of a caption; None when its reference
-/// spans do not line up with the tokens.
-fn chunk_examples(d: &DevItem) -> Option<Vec<chunks::Example>> {
-    let t = super::rule_tokens(&d.caption);
-    let spans: Vec<(String, String)> = d
-        .entity_details
-        .iter()
-        .map(|e| (e.span.clone(), e.head.clone()))
-        .collect();
-    let roles = chunks::reference_roles(&t, &spans)?;
-    Some(chunks::examples(&t, &roles))
-}
-
-/// Relation and entity scores of one configuration on held-out captions.
-#[derive(Debug, Clone, Copy)]
-pub struct Scores {
-    pub relations: Prf,
-    pub entities: Prf,
-}
-
-pub struct Fold {
-    pub captions: usize,
-    pub rules: Scores,
-    /// Rules + learned chunk roles.
-    pub chunks: Scores,
-    /// Rules + learned chunk roles + learned attachment.
-    pub both: Scores,
-    /// Held-out captions the full configuration gets wrong (up to the
-    /// requested number).
-    pub misses: Vec<String>,
-}
-
-/// Training of the learned parts on a dev file, with a cross-validated
-/// estimate: the captions are split in two halves by position (even/odd);
-/// each half is scored with models trained on the other.
-pub struct TrainOutcome {
-    pub attach: AttachModel,
-    pub chunks: ChunkModel,
-    /// Labelled attachment decisions.
-    pub examples: usize,
-    /// Labelled chunk-role tokens, and captions left out because their
-    /// reference spans do not line up with the tokens.
-    pub chunk_examples: usize,
-    pub chunk_unaligned: usize,
-    /// Labelled decisions where the rules already choose a reference option.
-    pub rule_right: usize,
-    /// (rule option kind -> reference option kinds, count), most frequent first.
-    pub breakdown: Vec<(String, usize)>,
-    pub folds: Vec<Fold>,
-}
-
-/// Both models from `items`: chunk roles first, then attachment decisions
-/// traced over the chunks the chunk model gives.
-fn train_both(
-    items: &[&DevItem],
-    chunk_ex: &[Option<Vec<chunks::Example>>],
-    strict: bool,
-    epochs: usize,
-    rule_bonus: (f32, f32),
-) -> (ChunkModel, AttachModel, Vec<Example>) {
-    let ce: Vec<&chunks::Example> = chunk_ex.iter().flatten().flatten().collect();
-    let cm = chunks::train(&ce, epochs);
-    let traced = |attach: Option<&AttachModel>| -> Vec<Example> {
-        let learned = Learned {
-            attach,
-            chunks: Some(&cm),
-        };
-        let per: Vec<Vec<Example>> = items
-            .par_iter()
-            .map(|d| examples(d, strict, learned))
-            .collect();
-        per.into_iter().flatten().collect()
-    };
-    let all = traced(None);
-    let refs: Vec<&Example> = all.iter().collect();
-    let mut am = attach::train_refs(&refs, epochs);
-    am.add_rule_bonus(rule_bonus.0, rule_bonus.1);
-    // The model's own choices change what later decisions see: trace again
-    // with it and retrain on both sets of decisions (one round of DAgger;
-    // more rounds did not help held-out).
-    let more = traced(Some(&am));
-    let refs: Vec<&Example> = all.iter().chain(more.iter()).collect();
-    am = attach::train_refs(&refs, epochs);
-    am.add_rule_bonus(rule_bonus.0, rule_bonus.1);
-    (cm, am, all)
-}
-
-/// What to print of the held-out misses: how many per fold, and whether
-/// entity heads (else relations) are compared.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct MissReport {
-    pub per_fold: usize,
-    pub entities: bool,
-}
-
-pub fn train_parser(
-    path: &Path,
-    strict: bool,
-    epochs: usize,
-    rule_bonus: (f32, f32),
-    report: MissReport,
-) -> Result<TrainOutcome> {
-    let items = read_dev(path)?;
-    let chunk_ex: Vec<Option<Vec<chunks::Example>>> =
-        items.par_iter().map(chunk_examples).collect();
-    let scores = |held: &[DevItem], learned: Learned| {
-        let s = score_items(held, strict, learned);
-        Scores {
-            relations: s.relations,
-            entities: s.entities,
-        }
-    };
-    let mut folds = Vec::new();
-    for f in 0..2 {
-        let train_items: Vec<&DevItem> = items.iter().skip(1 - f).step_by(2).collect();
-        let train_chunks: Vec<Option<Vec<chunks::Example>>> =
-            chunk_ex.iter().skip(1 - f).step_by(2).cloned().collect();
-        let (cm, am, _) = train_both(&train_items, &train_chunks, strict, epochs, rule_bonus);
-        let held: Vec<DevItem> = items.iter().skip(f).step_by(2).cloned().collect();
-        let full = Learned {
-            attach: Some(&am),
-            chunks: Some(&cm),
-        };
-        folds.push(Fold {
-            misses: misses(&held, strict, full, report.entities, report.per_fold),
-            captions: held.len(),
-            rules: scores(&held, Learned::none()),
-            chunks: scores(
-                &held,
-                Learned {
-                    attach: None,
-                    chunks: Some(&cm),
-                },
-            ),
-            both: scores(&held, full),
-        });
-    }
-    let all_items: Vec<&DevItem> = items.iter().collect();
-    let (chunk_model, model, all) = train_both(&all_items, &chunk_ex, strict, epochs, rule_bonus);
-    let rule_of = |e: &Example| {
-        e.decision
-            .options
-            .iter()
-            .position(|o| o.iter().any(|f| f == "rule" || f == "vrule"))
-            .unwrap_or(0)
-    };
-    let rule_right = all.iter().filter(|e| e.gold.contains(&rule_of(e))).count();
-    let mut table: std::collections::BTreeMap<String, usize> = Default::default();
-    for e in &all {
-        let kind = |i: usize| e.decision.options[i][0].clone();
-        let g: Vec<String> = e.gold.iter().map(|&i| kind(i)).collect();
-        *table
-            .entry(format!(
-                "rules {} -> reference {}",
-                kind(rule_of(e)),
-                g.join("/")
-            ))
-            .or_default() += 1;
-    }
-    let mut breakdown: Vec<(String, usize)> = table.into_iter().collect();
-    breakdown.sort_by_key(|x| std::cmp::Reverse(x.1));
-    Ok(TrainOutcome {
-        attach: model,
-        chunks: chunk_model,
-        examples: all.len(),
-        chunk_examples: chunk_ex.iter().flatten().map(Vec::len).sum(),
-        chunk_unaligned: chunk_ex.iter().filter(|c| c.is_none()).count(),
-        rule_right,
-        breakdown,
-        folds,
-    })
-}
-
 /// How the `spacy` engine compares with spaCy + SceneGraphParser on the
 /// captions of a parity file (scripts/make_spacy_parity_fixture.py).
 #[derive(Debug, Default)]
@@ -588,10 +294,7 @@ pub struct Parity {
 }
 
 pub fn spacy_parity(path: &Path, max_examples: usize) -> Result<Parity> {
-    let corrupt = |message: String| Error::CorruptRecord {
-        path: path.into(),
-        message,
-    };
+    let corrupt = |message: String| bad_file("parity file", path, message);
     let text = std::fs::read_to_string(path).map_err(Error::io("cannot read", path))?;
     let rows: Vec<serde_json::Value> = text
         .lines()

@@ -1,5 +1,5 @@
 //! `score`: GeneCIS Recall@1/2/3 per task and method, from the `templates`
-//! table and the embeddings of one model (DESIGN.md section 4).
+//! table and the embeddings of one model (ARCHITECTURE.md, "Semantics kept from the original").
 //!
 //! Tables:
 //! - `scores(task, template_id, method, target_rank, similarities list<f32>)`: per template,
@@ -19,7 +19,6 @@ mod report;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
-use std::time::Instant;
 
 use arrow::array::{
     Array, ArrayRef, AsArray, Float32Builder, Float64Builder, ListBuilder, StringBuilder,
@@ -33,7 +32,9 @@ use tch::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::model::combiner::Combiner;
 use crate::model::{select_device, StateDict};
-use crate::stage::{resolve_path, Finding, Stage, StageContext, StageReport, TableDef};
+use crate::stage::{
+    resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
+};
 use crate::templates::TASKS;
 
 pub static SCORES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -347,20 +348,21 @@ impl Stage for Score {
         "templates + embeddings (+ Combiner) -> scores, results (R@1/2/3), report.md, results.png";
     type Params = ScoreParams;
 
-    fn input_tables() -> &'static [&'static str] {
-        &["templates", "image_embeddings", "text_embeddings"]
+    type Work = ();
+
+    fn input_tables() -> &'static [InputTable] {
+        const INPUTS: &[InputTable] = &[
+            InputTable::required("templates"),
+            InputTable::required("image_embeddings"),
+            InputTable::required("text_embeddings"),
+        ];
+        INPUTS
     }
 
     fn output_tables() -> Vec<TableDef> {
         vec![
-            TableDef {
-                name: "scores",
-                schema: SCORES_SCHEMA.clone(),
-            },
-            TableDef {
-                name: "results",
-                schema: RESULTS_SCHEMA.clone(),
-            },
+            TableDef::new("scores", SCORES_SCHEMA.clone()),
+            TableDef::new("results", RESULTS_SCHEMA.clone()),
         ]
     }
 
@@ -410,20 +412,28 @@ impl Stage for Score {
         }
     }
 
-    fn run(p: &ScoreParams, ctx: &StageContext) -> Result<StageReport> {
-        let started = Instant::now();
-        let fail = |message: String| Error::StageFailed {
-            stage: ctx.stage.into(),
-            kind: Self::KIND.into(),
-            message,
-        };
+    fn plan(_p: &ScoreParams, ctx: &StageContext) -> Result<Chunks<()>> {
+        let mut n = 0;
+        for part in crate::store::part_files(ctx.input("templates")?)? {
+            n += crate::store::part_rows(&part)?;
+        }
+        Ok(Chunks::single((), n, "templates"))
+    }
+
+    fn run_chunk(
+        p: &ScoreParams,
+        _w: &(),
+        _k: usize,
+        ctx: &StageContext,
+    ) -> Result<Option<ChunkTables>> {
+        let fail = Error::Data;
         let (model, img) = read_embeddings(
-            &ctx.inputs["image_embeddings"],
+            ctx.input("image_embeddings")?,
             "image_key",
             p.model.as_deref(),
         )
         .map_err(|m| fail(format!("image_embeddings: {m}")))?;
-        let (_, mut txt) = read_embeddings(&ctx.inputs["text_embeddings"], "text", Some(&model))
+        let (_, mut txt) = read_embeddings(ctx.input("text_embeddings")?, "text", Some(&model))
             .map_err(|m| fail(format!("text_embeddings: {m}")))?;
         if txt.index.is_empty() {
             txt.dim = img.dim;
@@ -435,7 +445,7 @@ impl Stage for Score {
             )));
         }
         let tasks =
-            read_templates(&ctx.inputs["templates"], &img, &txt, ctx.stage).map_err(fail)?;
+            read_templates(ctx.input("templates")?, &img, &txt, ctx.stage).map_err(fail)?;
         if tasks.is_empty() {
             return Err(fail(
                 "the templates table is empty: nothing to score".into(),
@@ -444,9 +454,7 @@ impl Stage for Score {
         let combiner = match (&p.combiner, p.methods().contains(&Method::Combiner)) {
             (Some(c), true) => {
                 let device = select_device(&p.device).map_err(&fail)?;
-                let comb = StateDict::load(&ctx.resolve(c), device)
-                    .and_then(Combiner::new)
-                    .map_err(|e| fail(e.to_string()))?;
+                let comb = Combiner::new(StateDict::load(&ctx.resolve(c), device)?)?;
                 if comb.dim as usize != img.dim {
                     return Err(fail(format!(
                         "the Combiner takes {}-d features but model {model} gives {}-d: use the head trained for this backbone",
@@ -470,9 +478,7 @@ impl Stage for Score {
         let mut s_rank = UInt32Builder::new();
         let mut s_sims = ListBuilder::new(Float32Builder::new());
         let mut recalls: Vec<Recall> = Vec::new();
-        let mut n_templates = 0u64;
         for t in &tasks {
-            n_templates += t.template_ids.len() as u64;
             for method in p.methods() {
                 let queries: Vec<Vec<f32>> = match method {
                     Method::ImageOnly => t.reference.iter().map(|&r| img_n[r].clone()).collect(),
@@ -507,12 +513,10 @@ impl Stage for Score {
                         };
                         let qi = pick(&t.reference, &img, &img_n);
                         let qt = pick(&t.text, &txt, &txt_n);
-                        let out = tch::no_grad(|| comb.forward(&qi, &qt))
-                            .map_err(|e| fail(e.to_string()))?;
+                        let out = tch::no_grad(|| comb.forward(&qi, &qt))?;
                         let flat = Vec::<f32>::try_from(
                             out.to_device(Device::Cpu).contiguous().view([-1]),
-                        )
-                        .map_err(|e| fail(e.to_string()))?;
+                        )?;
                         flat.chunks(img.dim).map(normalized).collect()
                     }
                 };
@@ -575,30 +579,17 @@ impl Stage for Score {
             ],
         )?;
         let results = results_batch(&recalls)?;
-        ctx.writer
-            .write_chunk(0, &[("scores", scores), ("results", results)])?;
         let title = format!("GeneCIS, model {model}");
-        ctx.writer
-            .write_file("report.md", report::markdown(&title, &recalls).as_bytes())?;
-        ctx.writer.write_file(
+        let report = ctx.write_file("report.md", report::markdown(&title, &recalls).as_bytes())?;
+        ctx.write_file(
             "results.png",
             &report::chart_png(&title, &recalls).map_err(fail)?,
         )?;
-        let mut notes: Vec<String> = report::text_table(&recalls)
-            .lines()
-            .map(str::to_string)
-            .collect();
-        notes.push(format!(
-            "report: {}",
-            ctx.writer.committed_path("report.md").display()
-        ));
-        Ok(StageReport {
-            rows_in: n_templates,
-            chunks: 1,
-            chunks_resumed: 0,
-            notes,
-            elapsed: started.elapsed(),
-        })
+        for line in report::text_table(&recalls).lines() {
+            ctx.note(line);
+        }
+        ctx.note(format!("report: {}", report.display()));
+        Ok(Some(vec![("scores", scores), ("results", results)]))
     }
 }
 

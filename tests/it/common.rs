@@ -39,7 +39,8 @@ pub fn genecis(args: &[&str]) -> Res {
 }
 
 /// The shared data folder of a development checkout, or None (with a notice)
-/// in a user's clone, where tests that need it skip.
+/// in a user's clone, where tests that need it skip. CI sets
+/// GENECIS_REQUIRE_SHARED=1: there a missing folder fails the test instead.
 pub fn shared(rel: &str) -> Option<PathBuf> {
     let root = std::env::var_os("GENECIS_SHARED")
         .map(PathBuf::from)
@@ -47,6 +48,11 @@ pub fn shared(rel: &str) -> Option<PathBuf> {
     let p = root.join(rel);
     if p.exists() {
         Some(p)
+    } else if std::env::var_os("GENECIS_REQUIRE_SHARED").is_some_and(|v| v == "1") {
+        panic!(
+            "{} is absent but GENECIS_REQUIRE_SHARED=1 (CI always has ../shared)",
+            p.display()
+        );
     } else {
         // Written past libtest's capture so the notice shows in a normal run.
         use std::io::Write;
@@ -66,16 +72,57 @@ pub fn write(path: &Path, content: impl AsRef<[u8]>) {
     std::fs::write(path, content).unwrap();
 }
 
+/// A manifest written by the tests: `[pipeline]` with workdir `run`, then
+/// the stages in order.
+pub struct Manifest {
+    name: String,
+    stages: Vec<String>,
+}
+
+impl Manifest {
+    pub fn new(name: &str) -> Manifest {
+        Manifest {
+            name: name.into(),
+            stages: Vec::new(),
+        }
+    }
+
+    /// A stage; `params` is the body of an inline TOML table
+    /// (`path = "c.tsv", chunk_rows = 2`), empty for none.
+    pub fn stage(mut self, name: &str, kind: &str, inputs: &[&str], params: &str) -> Manifest {
+        let mut s = format!("[[stage]]\nname = \"{name}\"\nkind = \"{kind}\"\n");
+        if !inputs.is_empty() {
+            let list: Vec<String> = inputs.iter().map(|i| format!("\"{i}\"")).collect();
+            s.push_str(&format!("inputs = [{}]\n", list.join(", ")));
+        }
+        if !params.is_empty() {
+            s.push_str(&format!("params = {{ {params} }}\n"));
+        }
+        self.stages.push(s);
+        self
+    }
+
+    pub fn toml(&self) -> String {
+        format!(
+            "[pipeline]\nname = \"{}\"\nworkdir = \"run\"\n\n{}",
+            self.name,
+            self.stages.join("\n")
+        )
+    }
+
+    /// Writes `dir/m.toml` and returns its path.
+    pub fn write(&self, dir: &Path) -> PathBuf {
+        let m = dir.join("m.toml");
+        write(&m, self.toml());
+        m
+    }
+}
+
 /// A manifest with one ingest stage named `captions` over `data`.
 pub fn ingest_manifest(dir: &Path, data: &str, extra: &str) -> PathBuf {
-    let m = dir.join("m.toml");
-    write(
-        &m,
-        format!(
-            "[pipeline]\nname = \"t\"\nworkdir = \"run\"\n\n[[stage]]\nname = \"captions\"\nkind = \"ingest\"\nparams = {{ path = \"{data}\"{extra} }}\n"
-        ),
-    );
-    m
+    Manifest::new("t")
+        .stage("captions", "ingest", &[], &format!("path = \"{data}\"{extra}"))
+        .write(dir)
 }
 
 /// A CC3M-style TSV of `n` lines.

@@ -9,7 +9,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float32Type, Float64Type, UInt32Type};
 use genecis::store::read_table;
 
-use crate::common::{genecis, sql_csv, write};
+use crate::common::{genecis, sql_csv, write, Manifest};
 use crate::model::fixtures;
 
 /// A small JPEG whose content depends on `seed` (gradients plus a hashed
@@ -132,57 +132,40 @@ fn small_world(dir: &Path) -> World {
 
 fn manifest(dir: &Path, w: &World, combiner: bool) -> PathBuf {
     let fx = fixtures();
-    let m = dir.join("eval.toml");
     let comb = if combiner {
         format!(
-            "combiner = \"{}\"\n",
+            ", combiner = \"{}\"",
             fx.join("combiner_state.pt").display()
         )
     } else {
         String::new()
     };
-    write(
-        &m,
-        format!(
-            r#"[pipeline]
-name = "eval-test"
-workdir = "run"
-
-[[stage]]
-name = "templates"
-kind = "templates"
-[stage.params]
-focus_object = "{}"
-focus_attribute = "{}"
-coco_dir = "{}"
-vg_dir = "{}"
-
-[[stage]]
-name = "embed"
-kind = "embed"
-inputs = ["templates"]
-[stage.params]
-checkpoint = "{}"
-model = "tiny-vit"
-device = "cpu"
-batch_size = 4
-chunk_size = 8
-
-[[stage]]
-name = "score"
-kind = "score"
-inputs = ["templates", "embed"]
-[stage.params]
-device = "cpu"
-{comb}"#,
-            w.coco_json.display(),
-            w.vaw_json.display(),
-            w.coco_dir.display(),
-            w.vg_dir.display(),
-            fx.join("vit_state.pt").display(),
-        ),
-    );
-    m
+    let m = Manifest::new("eval-test")
+        .stage(
+            "templates",
+            "templates",
+            &[],
+            &format!(
+                "focus_object = \"{}\", focus_attribute = \"{}\", coco_dir = \"{}\", vg_dir = \"{}\"",
+                w.coco_json.display(),
+                w.vaw_json.display(),
+                w.coco_dir.display(),
+                w.vg_dir.display()
+            ),
+        )
+        .stage(
+            "embed",
+            "embed",
+            &["templates"],
+            &format!(
+                "checkpoint = \"{}\", model = \"tiny-vit\", device = \"cpu\", batch_size = 4, chunk_size = 8",
+                fx.join("vit_state.pt").display()
+            ),
+        )
+        .stage("score", "score", &["templates", "embed"], &format!("device = \"cpu\"{comb}"));
+    let path = dir.join("eval.toml");
+    write(&path, m.toml());
+    path
 }
 
 fn embeddings(dir: &Path, key: &str) -> HashMap<String, Vec<f32>> {
@@ -674,35 +657,34 @@ fn real_object_templates_encode_each_image_once() {
         jpeg(&coco.join(format!("{id:012}.jpg")), id, 24, 18);
     }
     let fx = fixtures();
-    let m = tmp.path().join("m.toml");
-    write(
-        &m,
-        format!(
-            r#"[pipeline]
-name = "real-object"
-workdir = "run"
-[[stage]]
-name = "templates"
-kind = "templates"
-params = {{ focus_object = "{}", change_object = "{}", coco_dir = "{}" }}
-[[stage]]
-name = "embed"
-kind = "embed"
-inputs = ["templates"]
-params = {{ checkpoint = "{}", device = "cpu", batch_size = 256 }}
-[[stage]]
-name = "score"
-kind = "score"
-inputs = ["templates", "embed"]
-params = {{ combiner = "{}" }}
-"#,
-            fo.display(),
-            co.display(),
-            coco.display(),
-            fx.join("vit_state.pt").display(),
-            fx.join("combiner_state.pt").display()
-        ),
-    );
+    let m = Manifest::new("real-object")
+        .stage(
+            "templates",
+            "templates",
+            &[],
+            &format!(
+                "focus_object = \"{}\", change_object = \"{}\", coco_dir = \"{}\"",
+                fo.display(),
+                co.display(),
+                coco.display()
+            ),
+        )
+        .stage(
+            "embed",
+            "embed",
+            &["templates"],
+            &format!(
+                "checkpoint = \"{}\", device = \"cpu\", batch_size = 256",
+                fx.join("vit_state.pt").display()
+            ),
+        )
+        .stage(
+            "score",
+            "score",
+            &["templates", "embed"],
+            &format!("combiner = \"{}\"", fx.join("combiner_state.pt").display()),
+        )
+        .write(tmp.path());
     genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
     let counts = sql_csv(
         &m,

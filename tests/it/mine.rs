@@ -73,15 +73,15 @@ fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn manifest(dir: &Path, parses: &Path, mine_params: &str) -> PathBuf {
-    let m = dir.join("m.toml");
-    write(
-        &m,
-        format!(
-            "[pipeline]\nname = \"mine\"\nworkdir = \"run\"\n\n[[stage]]\nname = \"parses\"\nkind = \"import-parses\"\nparams = {{ path = \"{}\" }}\n\n[[stage]]\nname = \"triplets\"\nkind = \"mine\"\ninputs = [\"parses.relations\"]\nparams = {{ {mine_params} }}\n",
-            parses.display()
-        ),
-    );
-    m
+    Manifest::new("mine")
+        .stage(
+            "parses",
+            "import-parses",
+            &[],
+            &format!("path = \"{}\"", parses.display()),
+        )
+        .stage("triplets", "mine", &["parses.relations"], mine_params)
+        .write(dir)
 }
 
 #[test]

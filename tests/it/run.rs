@@ -64,11 +64,12 @@ fn second_run_skips_and_param_change_is_explained_and_rerun() {
 fn force_and_from_rerun_downstream() {
     let dir = tempfile::tempdir().unwrap();
     synthetic_tsv(&dir.path().join("data.tsv"), 50);
-    let m = dir.path().join("m.toml");
-    write(
-        &m,
-        "[pipeline]\nname = \"t\"\nworkdir = \"run\"\n\n[[stage]]\nname = \"b\"\nkind = \"ingest\"\ninputs = [\"a\"]\nparams = { path = \"data.tsv\" }\n\n[[stage]]\nname = \"a\"\nkind = \"ingest\"\nparams = { path = \"data.tsv\" }\n\n[[stage]]\nname = \"c\"\nkind = \"ingest\"\nparams = { path = \"data.tsv\" }\n",
-    );
+    let data = "path = \"data.tsv\"";
+    let m = Manifest::new("t")
+        .stage("b", "ingest", &["a"], data)
+        .stage("a", "ingest", &[], data)
+        .stage("c", "ingest", &[], data)
+        .write(dir.path());
     let m = m.to_str().unwrap();
     // Dependency order: a before b although b is written first.
     let r = genecis(&["run", m]);
@@ -252,4 +253,86 @@ fn doctor_loads_libtorch_through_the_rpath() {
         "{}",
         out.stdout
     );
+}
+
+/// A committed part file that was truncated afterwards: `status` notices
+/// the size, `sql` names the file once with the fix, and the rerun the
+/// message names rebuilds it.
+#[test]
+fn a_damaged_part_is_named_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("data.tsv"), 100);
+    let m = ingest_manifest(dir.path(), "data.tsv", ", chunk_rows = 40");
+    let m = m.to_str().unwrap();
+    genecis(&["run", m]).ok();
+    let part = dir.path().join("run/captions/captions/part-00001.parquet");
+    let good = std::fs::read(&part).unwrap();
+    std::fs::write(&part, &good[..5]).unwrap();
+
+    let st = genecis(&["status", m]);
+    assert!(st.ok().stdout.contains("captions             stale"), "{}", st.stdout);
+    assert!(
+        st.stdout.contains("part-00001.parquet has 5 bytes")
+            && st.stdout.contains("--only captions --force"),
+        "{}",
+        st.stdout
+    );
+    let r = genecis(&["sql", m, "SELECT count(*) FROM captions"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("part-00001.parquet")
+            && r.stderr.contains("stage 'captions' is damaged")
+            && r.stderr.contains("genecis run MANIFEST --only captions --force"),
+        "{}",
+        r.stderr
+    );
+    // Named once, not once per layer of the query engine.
+    assert_eq!(r.stderr.matches("part-00001.parquet").count(), 1, "{}", r.stderr);
+    assert!(!r.stderr.contains("Parquet error"), "{}", r.stderr);
+    let r = genecis(&["run", m]);
+    assert!(r.ok().stdout.contains("+ captions"), "{}", r.stdout);
+    assert_eq!(std::fs::read(&part).unwrap(), good);
+}
+
+/// A stage's failure names the stage as the manifest does, and its cause.
+#[test]
+fn failures_name_the_stage_as_the_manifest_does() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("p.jsonl"), "{\"row\": 0}\n");
+    let m = Manifest::new("t")
+        .stage("parses", "import-parses", &[], "path = \"p.jsonl\"")
+        .stage(
+            "triplets",
+            "mine",
+            &["parses.relations"],
+            "concreteness_threshold = \"none\"",
+        )
+        .write(dir.path());
+    let r = genecis(&["run", m.to_str().unwrap()]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("stage 'triplets' (mine) failed: the relations table is empty"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn bad_shard_and_stage_names_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("data.tsv"), 10);
+    let m = ingest_manifest(dir.path(), "data.tsv", "");
+    let m = m.to_str().unwrap();
+    for shard in ["3/3", "x", "1/0"] {
+        let r = genecis(&["run", m, "--shard", shard]);
+        assert_eq!(r.code, 2, "{shard}");
+        assert!(r.stderr.contains("expected I/N"), "{}", r.stderr);
+    }
+    let r = genecis(&["run", m, "--only", "nope"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("no such stage; stages are: captions"), "{}", r.stderr);
+    let r = genecis(&["run", m, "--only", "captions", "--from", "captions"]);
+    assert_eq!(r.code, 2);
+    assert!(!dir.path().join("run").exists());
 }

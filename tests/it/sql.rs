@@ -169,3 +169,22 @@ fn example_queries_run() {
         );
     }
 }
+
+/// CSV has no nested values: list columns print as DuckDB prints them.
+#[test]
+fn csv_renders_list_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir.path().join("c.tsv"),
+        "two red cups on a wooden table\tu0\n",
+    );
+    let m = Manifest::new("p")
+        .stage("captions", "ingest", &[], "path = \"c.tsv\"")
+        .stage("graphs", "parse", &["captions"], "")
+        .write(dir.path());
+    genecis(&["run", m.to_str().unwrap()]).ok();
+    let rows = sql_csv(&m, "SELECT head, modifiers, [1.5, 2.0] AS xs FROM entities ORDER BY entity_idx");
+    assert_eq!(rows[0], "head,modifiers,xs");
+    assert_eq!(rows[1], "cups,\"[two, red]\",\"[1.5, 2.0]\"");
+    assert_eq!(rows[2], "table,\"[a, wooden]\",\"[1.5, 2.0]\"");
+}

@@ -1,0 +1,280 @@
+//! Developer tools behind `genecis parse-eval`, `genecis bench ...` and
+//! `genecis doctor`: scoring the parser against the reference, speed
+//! measurements, and an installation check. Not part of any pipeline.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::model::preprocess::{self, ImageKey};
+use crate::parse::{self, spacy, SceneGraph};
+
+#[derive(Args, Debug)]
+pub struct ParseEvalArgs {
+    /// Hand-picked captions with reference output (JSON list; sg_gold.dev.json).
+    #[arg(long)]
+    pub gold: Option<PathBuf>,
+    /// Real captions with reference output (JSONL; reference_parses.dev.jsonl).
+    #[arg(long)]
+    pub dev: Option<PathBuf>,
+    /// Score the post-0.1.0 behaviour (strict_v010 = false).
+    #[arg(long)]
+    pub loose: bool,
+    /// Print the gold captions that do not match.
+    #[arg(long)]
+    pub misses: bool,
+    /// Print the first N dev captions whose relations (or, with --entities, heads) differ.
+    #[arg(long, value_name = "N", requires = "dev")]
+    pub dev_misses: Option<usize>,
+    /// With --dev-misses: compare entity heads instead of relations.
+    #[arg(long)]
+    pub entities: bool,
+    /// Compare the parser with spaCy itself on a parity file written by
+    /// scripts/make_spacy_parity_fixture.py (token by token, and the graphs).
+    #[arg(long, value_name = "FILE")]
+    pub parity: Option<PathBuf>,
+    /// Captions to parse and show (tokens, tags, arcs, entities, relations).
+    #[arg(long = "show", value_name = "CAPTION")]
+    pub captions: Vec<String>,
+}
+
+/// `genecis parse-eval`: parity, gold, shown captions and dev scores.
+pub fn parse_eval(a: &ParseEvalArgs) -> Result<()> {
+    if a.gold.is_none() && a.dev.is_none() && a.parity.is_none() && a.captions.is_empty() {
+        return Err(Error::Usage {
+            arg: "parse-eval".into(),
+            message: "give --gold FILE, --dev FILE, --parity FILE or --show CAPTION".into(),
+        });
+    }
+    let strict = !a.loose;
+    if let Some(f) = &a.parity {
+        let p = parse::eval::spacy_parity(f, 20)?;
+        for e in &p.examples {
+            println!("DIFF {e}");
+        }
+        println!(
+            "parity {} ({} captions): token lists differ {}, norms/tags/POS/arcs/lemmas differ {}, scene graphs differ {}",
+            f.display(), p.captions, p.tokens_differ, p.analysis_differs, p.graphs_differ
+        );
+    }
+    if let Some(g) = &a.gold {
+        let s = parse::eval::score_gold(g, strict)?;
+        if a.misses {
+            for m in &s.misses {
+                println!("MISS {m}");
+            }
+        }
+        println!(
+            "gold {}: relations exact {}/{}, exact or listed alternative {}/{}, entity heads exact {}/{}",
+            g.display(), s.exact, s.n, s.exact_or_alternative, s.n, s.entities_exact, s.n
+        );
+    }
+    if !a.captions.is_empty() {
+        let caps: Vec<&str> = a.captions.iter().map(String::as_str).collect();
+        let docs = spacy::analyse(&caps)?;
+        let graphs = spacy::scene_graphs(&docs, strict)?;
+        for ((c, d), g) in caps.iter().zip(docs).zip(graphs) {
+            let toks: Vec<String> = d
+                .tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!("{i}:{}/{}/{} {}<-{}", t.text, t.tag, t.pos, t.dep, t.head))
+                .collect();
+            println!("{c}\n  tokens: {}\n{}", toks.join("  "), graph_text(&g));
+        }
+    }
+    if let Some(d) = &a.dev {
+        if let Some(n) = a.dev_misses {
+            for m in parse::eval::dev_misses(d, strict, a.entities, n)? {
+                println!("DIFF {m}");
+            }
+        }
+        let s = parse::eval::score_dev(d, strict)?;
+        println!(
+            "dev {} ({} captions): relation triples P {:.4} R {:.4} F1 {:.4}; entity heads P {:.4} R {:.4} F1 {:.4}; captions with identical relations {}",
+            d.display(), s.captions,
+            s.relations.precision(), s.relations.recall(), s.relations.f1(),
+            s.entities.precision(), s.entities.recall(), s.entities.f1(), s.exact_captions
+        );
+    }
+    Ok(())
+}
+
+/// A scene graph for `parse-eval --show`: entity heads, then relations.
+fn graph_text(g: &SceneGraph) -> String {
+    let heads: Vec<&str> = g.entities.iter().map(|e| e.head.as_str()).collect();
+    let rels: Vec<String> = g
+        .relations
+        .iter()
+        .map(|r| format!("({} | {} | {})", heads[r.subject], r.relation, heads[r.object]))
+        .collect();
+    format!("  entities: {heads:?}\n  relations: {}", rels.join(" "))
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Decode + CLIP-preprocess every image in a folder (rayon), images/s.
+    Preprocess {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 224)]
+        n_px: u32,
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
+    /// Parse captions from a CC3M TSV, repeated to at least --min-captions,
+    /// with rayon over chunks; prints captions/s and peak memory.
+    Parse {
+        /// A CC3M-style TSV (caption<TAB>url).
+        captions: PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        min_captions: usize,
+        #[arg(long, default_value_t = 4096)]
+        chunk: usize,
+    },
+}
+
+/// `genecis bench ...` (build with --release first).
+pub fn bench(cmd: &BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Preprocess { dir, n_px, repeat } => bench_preprocess(dir, *n_px, *repeat),
+        BenchCmd::Parse {
+            captions,
+            min_captions,
+            chunk,
+        } => bench_parse(captions, *min_captions, *chunk),
+    }
+}
+
+fn bench_preprocess(dir: &Path, n_px: u32, repeat: usize) -> Result<()> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(Error::io("cannot list", dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|x| matches!(x.to_str(), Some("jpg" | "jpeg" | "png")))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Usage {
+            arg: dir.display().to_string(),
+            message: "no .jpg/.png files in this folder".into(),
+        });
+    }
+    let keys: Vec<ImageKey> = files
+        .iter()
+        .map(|p| ImageKey { path: p, bbox: None })
+        .collect();
+    let t0 = std::time::Instant::now();
+    let mut ok = 0usize;
+    for _ in 0..repeat.max(1) {
+        ok += preprocess::load_batch(&keys, n_px)
+            .iter()
+            .filter(|r| r.is_ok())
+            .count();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "preprocessed {ok} images ({} files x {repeat}) to {n_px}px in {secs:.2} s on {} threads: {:.1} images/s",
+        files.len(),
+        rayon::current_num_threads(),
+        ok as f64 / secs
+    );
+    // Where the time goes, one thread: decode alone, then the rest.
+    let t1 = std::time::Instant::now();
+    let decoded: Vec<image::RgbImage> = files
+        .iter()
+        .filter_map(|f| image::open(f).ok().map(|i| i.into_rgb8()))
+        .collect();
+    let dec = t1.elapsed().as_secs_f64();
+    let t2 = std::time::Instant::now();
+    for d in &decoded {
+        let _ = preprocess::to_tensor(&preprocess::resize_center_crop_rgb(d, n_px));
+    }
+    let rest = t2.elapsed().as_secs_f64();
+    let t3 = std::time::Instant::now();
+    for d in &decoded {
+        let _ = preprocess::resize_center_crop_rgb(d, n_px);
+    }
+    let resize = t3.elapsed().as_secs_f64();
+    let n = decoded.len().max(1) as f64;
+    println!(
+        "one thread: decode {:.2} ms/image, resize + crop {:.2} ms/image, + normalise to a tensor {:.2} ms/image",
+        1000.0 * dec / n,
+        1000.0 * resize / n,
+        1000.0 * rest / n
+    );
+    Ok(())
+}
+
+fn bench_parse(captions: &Path, min_captions: usize, chunk: usize) -> Result<()> {
+    let text = std::fs::read_to_string(captions).map_err(Error::io("cannot read", captions))?;
+    let base: Vec<&str> = text
+        .lines()
+        .map(|l| l.rsplit_once('\t').map_or(l, |(c, _)| c))
+        .collect();
+    if base.is_empty() {
+        return Err(Error::Usage {
+            arg: captions.display().to_string(),
+            message: "the file has no captions".into(),
+        });
+    }
+    let copies = min_captions.div_ceil(base.len()).max(1);
+    let all: Vec<&str> = (0..copies).flat_map(|_| base.iter().copied()).collect();
+    // Warm up: unpack the model.
+    parse::parse_captions(&["warm up the parser"], true)?;
+    let t0 = std::time::Instant::now();
+    let (ents, rels) = all
+        .par_chunks(chunk.max(1))
+        .map(|c| {
+            // One chunk per task, parsed on this thread (the engine's own
+            // batching stays inside the chunk).
+            let gs = c
+                .chunks(spacy::BATCH)
+                .map(spacy::parse_batch)
+                .collect::<Result<Vec<_>>>()?;
+            Ok::<_, Error>(gs.iter().flatten().fold((0usize, 0usize), |(e, r), g| {
+                (e + g.entities.len(), r + g.relations.len())
+            }))
+        })
+        .try_reduce(|| (0, 0), |a, b| Ok((a.0 + b.0, a.1 + b.1)))?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "parsed {} captions ({} x {}) in {secs:.2} s on {} threads: {:.0} captions/s; {} entities, {} relations; peak RSS {}",
+        all.len(), copies, base.len(), rayon::current_num_threads(), all.len() as f64 / secs, ents, rels, peak_rss()
+    );
+    Ok(())
+}
+
+/// Peak resident memory of this process (Linux), for benchmark reports.
+fn peak_rss() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l["VmHWM:".len()..].trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// `genecis doctor`: libtorch loads and computes; whether CUDA is visible.
+pub fn doctor() -> Result<()> {
+    println!("genecis {}", env!("CARGO_PKG_VERSION"));
+    let t = tch::Tensor::from_slice(&[1f32, 2.0, 3.0]);
+    let sum = (&t * &t).sum(tch::Kind::Float).double_value(&[]);
+    println!("libtorch: loaded, CPU check 1+4+9 = {sum}");
+    println!(
+        "cuda: available = {}, devices = {}",
+        tch::Cuda::is_available(),
+        tch::Cuda::device_count()
+    );
+    if sum != 14.0 {
+        return Err(Error::Data(format!(
+            "libtorch computed {sum} instead of 14; reinstall it with `rm -rf .venv && make setup`"
+        )));
+    }
+    Ok(())
+}
