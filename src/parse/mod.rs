@@ -111,7 +111,7 @@ pub struct Parse;
 
 impl Stage for Parse {
     const KIND: &'static str = "parse";
-    const VERSION: &'static str = "4";
+    const VERSION: &'static str = "3";
     const SHARDABLE: bool = true;
     const ABOUT: &'static str =
         "captions -> scene graphs (SceneGraphParser 0.1.0 on en_core_web_sm 3.8.0): entities, relations";

@@ -136,3 +136,18 @@ fn bad_set_override_and_stage_flags_are_usage_errors() {
     }
     assert!(!dir.path().join("run").exists());
 }
+
+/// `kinds` shows each kind's inputs (optional ones marked) and exact table
+/// schemas, the per-run embedding width as `d`.
+#[test]
+fn kinds_lists_inputs_and_schemas() {
+    let r = genecis(&["kinds"]);
+    let out = &r.ok().stdout;
+    assert!(out.contains("  reads: image_keys, texts?\n"), "{out}");
+    assert!(
+        out.contains("image_embeddings(image_key Utf8, model Utf8, embedding FixedSizeList(d x Float32))"),
+        "{out}"
+    );
+    assert!(out.contains("url Utf8?"), "{out}");
+    assert!(!out.contains("rules"), "{out}");
+}
