@@ -1,7 +1,25 @@
-//! Checks that the converted spaCy model is in place, and bakes an rpath to libtorch into every binary so `cargo run` / `cargo test`
+//! Checks that the converted spaCy model is in place, compiles the libjpeg
+//! shim, and bakes an rpath to libtorch into every binary so `cargo run` / `cargo test`
 //! need no LD_LIBRARY_PATH, and keeps libtorch_cuda linked (the linker's
 //! --as-needed would drop it, and CUDA would then look unavailable).
 fn main() {
+    // JPEG decoding: a small C shim over the system's libjpeg-turbo
+    // (Debian's libjpeg62-turbo-dev, which scripts/setup.sh installs).
+    println!("cargo:rerun-if-changed=src/model/jpeg.c");
+    if !std::path::Path::new("/usr/include/jpeglib.h").exists()
+        && std::env::var_os("GENECIS_JPEG_INCLUDE").is_none()
+    {
+        panic!("jpeglib.h (libjpeg-turbo) is missing: run `make setup` (scripts/setup.sh installs Debian's libjpeg62-turbo-dev), or set GENECIS_JPEG_INCLUDE to its folder");
+    }
+    let mut cc = cc::Build::new();
+    cc.file("src/model/jpeg.c").warnings(true);
+    if let Some(inc) = std::env::var_os("GENECIS_JPEG_INCLUDE") {
+        cc.include(inc);
+    }
+    cc.compile("genecis_jpeg");
+    println!("cargo:rustc-link-lib=jpeg");
+    println!("cargo:rerun-if-env-changed=GENECIS_JPEG_INCLUDE");
+
     // The parse stage embeds the converted spaCy model (scripts/setup.sh).
     let model = std::path::Path::new(".spacy/en_core_web_sm.bin.gz");
     println!("cargo:rerun-if-changed=.spacy/en_core_web_sm.bin.gz");

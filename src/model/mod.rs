@@ -7,6 +7,7 @@
 
 pub mod clip;
 pub mod combiner;
+pub mod jpeg;
 pub mod preprocess;
 pub mod tokenizer;
 pub mod torch_pickle;

@@ -1,17 +1,55 @@
-//! Image preprocessing: the VAW attribute crop (datasets/vaw_dataset.py,
-//! dilation 0.7, centred black pad to a square) and CLIP's transform
-//! (bicubic resize of the shorter side, centre crop, normalise).
+//! Image preprocessing as the original does it: `Image.open` (no EXIF
+//! rotation; JPEGs through libjpeg-turbo with Pillow's settings), the VAW
+//! attribute crop (datasets/vaw_dataset.py: dilation 0.7, a centred black
+//! pad to a square, in the image's own mode), then CLIP's transform:
+//! bicubic resize of the shorter side (nearest for palette images, alpha
+//! premultiplied for RGBA, as Pillow does), centre crop, conversion to RGB,
+//! normalisation. Each step is Pillow 10.4's arithmetic, so the pixels are
+//! Pillow's, bit for bit.
 
 use std::path::Path;
 
-use image::{imageops, DynamicImage, ImageBuffer, Rgb, RgbImage};
+use image::{DynamicImage, ImageBuffer, RgbImage};
 use rayon::prelude::*;
 use tch::Tensor;
+
+use super::jpeg;
 
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 #[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 pub const DILATION: f64 = 0.7;
+
+/// The mode Pillow opens a file in (the ones the benchmarks meet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    L,
+    Rgb,
+    /// Adobe-inverted CMYK as Pillow reads a CMYK JPEG.
+    Cmyk,
+    Rgba,
+    /// A palette image, kept as its colours; Pillow resizes it with nearest.
+    P,
+}
+
+impl Mode {
+    pub fn channels(self) -> usize {
+        match self {
+            Mode::L => 1,
+            Mode::Rgb | Mode::P => 3,
+            Mode::Cmyk | Mode::Rgba => 4,
+        }
+    }
+}
+
+/// Interleaved 8-bit pixels of one mode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Raster {
+    pub width: u32,
+    pub height: u32,
+    pub mode: Mode,
+    pub data: Vec<u8>,
+}
 
 /// Python's `round` (half to even), which PIL's `crop` applies to a float box.
 fn round_half_even(x: f64) -> i64 {
@@ -39,34 +77,6 @@ pub fn vaw_crop_box(bbox: [f64; 4], width: u32, height: u32) -> (i64, i64, i64, 
         round_half_even(right),
         round_half_even(bottom),
     )
-}
-
-/// Crops (pixels outside the image are black, like PIL) and pads the crop to
-/// a centred square with black.
-pub fn crop_pad_square(img: &RgbImage, bx: (i64, i64, i64, i64)) -> RgbImage {
-    let (l, t, r, b) = bx;
-    let (cw, ch) = ((r - l).max(1) as u32, (b - t).max(1) as u32);
-    let mut crop: RgbImage = ImageBuffer::from_pixel(cw, ch, Rgb([0, 0, 0]));
-    for yy in 0..ch {
-        for xx in 0..cw {
-            let (sx, sy) = (l + xx as i64, t + yy as i64);
-            if sx >= 0 && sy >= 0 && (sx as u32) < img.width() && (sy as u32) < img.height() {
-                crop.put_pixel(xx, yy, *img.get_pixel(sx as u32, sy as u32));
-            }
-        }
-    }
-    if cw == ch {
-        return crop;
-    }
-    let side = cw.max(ch);
-    let mut sq: RgbImage = ImageBuffer::from_pixel(side, side, Rgb([0, 0, 0]));
-    let (ox, oy) = if cw > ch {
-        (0, (cw - ch) / 2)
-    } else {
-        ((ch - cw) / 2, 0)
-    };
-    imageops::replace(&mut sq, &crop, ox as i64, oy as i64);
-    sq
 }
 
 /// Pillow's bicubic filter (a = -0.5).
@@ -123,20 +133,20 @@ fn clip8(v: i64) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// One output row of the horizontal pass (interleaved RGB).
-fn h_row(row_in: &[u8], cx: &[(usize, Vec<i32>)], row_out: &mut [u8]) {
+/// One output row of the horizontal pass over `C` interleaved channels.
+fn h_row<const C: usize>(row_in: &[u8], cx: &[(usize, Vec<i32>)], row_out: &mut [u8]) {
     let half = 1i32 << (PRECISION_BITS - 1);
-    for ((xmin, kk), out) in cx.iter().zip(row_out.chunks_exact_mut(3)) {
-        let px = &row_in[xmin * 3..(xmin + kk.len()) * 3];
-        let (mut r, mut g, mut b) = (half, half, half);
-        for (p, &k) in px.chunks_exact(3).zip(kk) {
-            r += p[0] as i32 * k;
-            g += p[1] as i32 * k;
-            b += p[2] as i32 * k;
+    for ((xmin, kk), out) in cx.iter().zip(row_out.chunks_exact_mut(C)) {
+        let px = &row_in[xmin * C..(xmin + kk.len()) * C];
+        let mut acc = [half; C];
+        for (p, &k) in px.chunks_exact(C).zip(kk) {
+            for c in 0..C {
+                acc[c] += p[c] as i32 * k;
+            }
         }
-        out[0] = clip8(r as i64);
-        out[1] = clip8(g as i64);
-        out[2] = clip8(b as i64);
+        for c in 0..C {
+            out[c] = clip8(acc[c] as i64);
+        }
     }
 }
 
@@ -158,21 +168,54 @@ fn v_row(rows: &[u8], kk: &[i32], stride: usize, acc: &mut [i32], row_out: &mut 
 /// 10 bit for bit (Pillow 11+ may run the vertical pass first, which moves
 /// some pixels by one level). Accumulates in i32 like Pillow.
 pub fn pil_resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
-    pil_resize_bicubic_window(img, out_w, out_h, (0, 0, out_w, out_h))
+    let r = Raster {
+        width: img.width(),
+        height: img.height(),
+        mode: Mode::Rgb,
+        data: img.as_raw().clone(),
+    };
+    to_rgb_image(resize_window(&r, out_w, out_h, (0, 0, out_w, out_h)))
 }
 
-/// [`pil_resize_bicubic`] computing only the window `(x, y, w, h)` of the
-/// resized image: each output pixel depends only on its own coefficients,
-/// so a crop of the full resize is the same bytes, for less work.
-pub fn pil_resize_bicubic_window(
-    img: &RgbImage,
+/// The window `(x, y, w, h)` of `img` resized to `out_w` x `out_h`, as
+/// Pillow's `resize` would make it for the image's mode; only the window is
+/// computed (each output pixel depends only on its own coefficients).
+pub fn resize_window(img: &Raster, out_w: u32, out_h: u32, window: (u32, u32, u32, u32)) -> Raster {
+    let data = match img.mode {
+        Mode::P => nearest_window(img, out_w, out_h, window),
+        Mode::L => bicubic_window::<1>(img, out_w, out_h, window),
+        Mode::Rgb => bicubic_window::<3>(img, out_w, out_h, window),
+        Mode::Cmyk => bicubic_window::<4>(img, out_w, out_h, window),
+        Mode::Rgba => {
+            // Pillow resizes RGBA as premultiplied RGBa and converts back.
+            let pre = Raster {
+                data: premultiply(&img.data),
+                ..img.clone()
+            };
+            unpremultiply(&bicubic_window::<4>(&pre, out_w, out_h, window))
+        }
+    };
+    Raster {
+        width: window.2,
+        height: window.3,
+        mode: img.mode,
+        data,
+    }
+}
+
+fn bicubic_window<const C: usize>(
+    img: &Raster,
     out_w: u32,
     out_h: u32,
     window: (u32, u32, u32, u32),
-) -> RgbImage {
-    let (w, h) = img.dimensions();
-    let src = img.as_raw();
-    let (w, h, ow, oh) = (w as usize, h as usize, out_w as usize, out_h as usize);
+) -> Vec<u8> {
+    let src = &img.data;
+    let (w, h, ow, oh) = (
+        img.width as usize,
+        img.height as usize,
+        out_w as usize,
+        out_h as usize,
+    );
     let (wx, wy, ww, wh) = (
         window.0 as usize,
         window.1 as usize,
@@ -191,28 +234,28 @@ pub fn pil_resize_bicubic_window(
         }
         None => (wy, wy + wh),
     };
-    let stride = ww * 3;
+    let stride = ww * C;
     // Horizontal pass over rows r0..r1, window columns only.
     let horiz: Vec<u8> = if ow != w {
         let cx = coeffs(w as u32, out_w);
         let cx = &cx[wx..wx + ww];
         let mut tmp = vec![0u8; (r1 - r0) * stride];
-        for (row_in, row_out) in src[r0 * w * 3..r1 * w * 3]
-            .chunks_exact(w * 3)
+        for (row_in, row_out) in src[r0 * w * C..r1 * w * C]
+            .chunks_exact(w * C)
             .zip(tmp.chunks_exact_mut(stride))
         {
-            h_row(row_in, cx, row_out);
+            h_row::<C>(row_in, cx, row_out);
         }
         tmp
     } else {
         let mut tmp = Vec::with_capacity((r1 - r0) * stride);
         for y in r0..r1 {
-            tmp.extend_from_slice(&src[(y * w + wx) * 3..(y * w + wx + ww) * 3]);
+            tmp.extend_from_slice(&src[(y * w + wx) * C..(y * w + wx + ww) * C]);
         }
         tmp
     };
     let Some(cy) = cy else {
-        return ImageBuffer::from_raw(ww as u32, wh as u32, horiz).expect("sized buffer");
+        return horiz;
     };
     let mut out = vec![0u8; stride * wh];
     let mut acc = vec![0i32; stride];
@@ -220,20 +263,182 @@ pub fn pil_resize_bicubic_window(
         let rows = &horiz[(ymin - r0) * stride..(ymin - r0 + kk.len()) * stride];
         v_row(rows, kk, stride, &mut acc, row_out);
     }
-    ImageBuffer::from_raw(ww as u32, wh as u32, out).expect("sized buffer")
+    out
 }
 
-/// Resize (shorter side to `n_px`, bicubic) and centre crop, as RGB bytes.
-pub fn resize_center_crop(img: &DynamicImage, n_px: u32) -> RgbImage {
-    match img {
-        DynamicImage::ImageRgb8(rgb) => resize_center_crop_rgb(rgb, n_px),
-        other => resize_center_crop_rgb(&other.to_rgb8(), n_px),
+/// Pillow's nearest resize (an affine transform sampling pixel centres in
+/// 16.16 fixed point), for palette images.
+fn nearest_window(img: &Raster, out_w: u32, out_h: u32, window: (u32, u32, u32, u32)) -> Vec<u8> {
+    let c = img.mode.channels();
+    let axis = |in_size: u32, out_size: u32, from: u32, n: u32| -> Vec<usize> {
+        let scale = in_size as f64 / out_size as f64;
+        let fix = |v: f64| (v * 65536.0) as i64;
+        let start = fix(scale * 0.5) + fix(scale) * from as i64;
+        let step = fix(scale);
+        (0..n as i64)
+            .map(|i| (((start + step * i) >> 16).max(0) as usize).min(in_size as usize - 1))
+            .collect()
+    };
+    let xs = axis(img.width, out_w, window.0, window.2);
+    let ys = axis(img.height, out_h, window.1, window.3);
+    let mut out = Vec::with_capacity(xs.len() * ys.len() * c);
+    for &y in &ys {
+        let row = &img.data[y * img.width as usize * c..(y + 1) * img.width as usize * c];
+        for &x in &xs {
+            out.extend_from_slice(&row[x * c..(x + 1) * c]);
+        }
+    }
+    out
+}
+
+/// `(a * b + 128) / 255`, rounded, as Pillow's MULDIV255.
+fn muldiv255(a: u32, b: u32) -> u32 {
+    let t = a * b + 128;
+    ((t >> 8) + t) >> 8
+}
+
+/// RGBA -> RGBa (Pillow's rgbA2rgba).
+fn premultiply(data: &[u8]) -> Vec<u8> {
+    let mut out = data.to_vec();
+    for p in out.chunks_exact_mut(4) {
+        let a = p[3] as u32;
+        for v in &mut p[..3] {
+            *v = muldiv255(*v as u32, a) as u8;
+        }
+    }
+    out
+}
+
+/// RGBa -> RGBA (Pillow's rgba2rgbA).
+fn unpremultiply(data: &[u8]) -> Vec<u8> {
+    let mut out = data.to_vec();
+    for p in out.chunks_exact_mut(4) {
+        let a = p[3] as u32;
+        if a != 0 && a != 255 {
+            for v in &mut p[..3] {
+                *v = ((255 * *v as u32) / a).min(255) as u8;
+            }
+        }
+    }
+    out
+}
+
+/// `Image.convert("RGB")` of the image's mode.
+pub fn to_rgb(img: &Raster) -> Vec<u8> {
+    match img.mode {
+        Mode::Rgb | Mode::P => img.data.clone(),
+        Mode::L => img.data.iter().flat_map(|&v| [v, v, v]).collect(),
+        Mode::Rgba => img.data.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        // Pillow's cmyk2rgb.
+        Mode::Cmyk => img
+            .data
+            .chunks_exact(4)
+            .flat_map(|p| {
+                let nk = 255 - p[3] as u32;
+                let f = |c: u8| (nk - muldiv255(c as u32, nk).min(nk)) as u8;
+                [f(p[0]), f(p[1]), f(p[2])]
+            })
+            .collect(),
     }
 }
 
-/// [`resize_center_crop`] of an RGB image: only the crop window is resized.
-pub fn resize_center_crop_rgb(rgb: &RgbImage, n_px: u32) -> RgbImage {
-    let (w, h) = rgb.dimensions();
+fn to_rgb_image(img: Raster) -> RgbImage {
+    let (w, h) = (img.width, img.height);
+    let data = to_rgb(&img);
+    ImageBuffer::from_raw(w, h, data).unwrap_or_else(|| RgbImage::new(w, h))
+}
+
+/// Reads an image file as Pillow's `Image.open` would give its pixels.
+pub fn open(path: &Path) -> Result<Raster, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// [`open`] of bytes already read.
+pub fn decode(bytes: &[u8]) -> Result<Raster, String> {
+    if jpeg::is_jpeg(bytes) {
+        let (width, height, c, data) = jpeg::decode(bytes)?;
+        let mode = match c {
+            1 => Mode::L,
+            3 => Mode::Rgb,
+            _ => Mode::Cmyk,
+        };
+        return Ok(Raster {
+            width,
+            height,
+            mode,
+            data,
+        });
+    }
+    // A PNG's colour type is byte 25 of the file (IHDR); 3 = palette.
+    let palette = bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.get(25) == Some(&3);
+    let img = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
+    let (width, height) = (img.width(), img.height());
+    let (mode, data) = match img {
+        _ if palette => (Mode::P, img.into_rgb8().into_raw()),
+        DynamicImage::ImageLuma8(g) => (Mode::L, g.into_raw()),
+        DynamicImage::ImageRgb8(c) => (Mode::Rgb, c.into_raw()),
+        // LA resizes as premultiplied La, which is RGBa with equal colours.
+        DynamicImage::ImageRgba8(_) | DynamicImage::ImageLumaA8(_) => {
+            (Mode::Rgba, img.into_rgba8().into_raw())
+        }
+        other => (Mode::Rgb, other.into_rgb8().into_raw()),
+    };
+    Ok(Raster {
+        width,
+        height,
+        mode,
+        data,
+    })
+}
+
+/// Crops `bx` (pixels outside the image are zero, as PIL's `crop` gives)
+/// and pads the crop to a centred square, as `expand2square` does with
+/// `(0, 0, 0)`: PIL fills the fourth band of a new RGBA or CMYK image with
+/// 255 (opaque; full black ink).
+pub fn crop_pad_square(img: &Raster, bx: (i64, i64, i64, i64)) -> Raster {
+    let c = img.mode.channels();
+    let (l, t, r, b) = bx;
+    let (cw, ch) = ((r - l).max(1) as usize, (b - t).max(1) as usize);
+    let side = cw.max(ch);
+    let (ox, oy) = if cw > ch {
+        (0, (cw - ch) / 2)
+    } else {
+        ((ch - cw) / 2, 0)
+    };
+    let mut bg = vec![0u8; c];
+    if c == 4 {
+        bg[3] = 255;
+    }
+    let mut out: Vec<u8> = bg.iter().copied().cycle().take(side * side * c).collect();
+    // The crop itself: zeros where it leaves the image.
+    for yy in 0..ch {
+        let row = &mut out[((oy + yy) * side + ox) * c..((oy + yy) * side + ox + cw) * c];
+        row.fill(0);
+        let sy = t + yy as i64;
+        if sy < 0 || sy >= img.height as i64 {
+            continue;
+        }
+        for xx in 0..cw {
+            let sx = l + xx as i64;
+            if sx >= 0 && sx < img.width as i64 {
+                let s = (sy as usize * img.width as usize + sx as usize) * c;
+                row[xx * c..(xx + 1) * c].copy_from_slice(&img.data[s..s + c]);
+            }
+        }
+    }
+    Raster {
+        width: side as u32,
+        height: side as u32,
+        mode: img.mode,
+        data: out,
+    }
+}
+
+/// torchvision's `Resize(n)` (shorter side to `n`, the other
+/// `int(n * long / short)`) then `CenterCrop(n)`, in the image's mode.
+pub fn resize_center_crop_raster(img: &Raster, n_px: u32) -> Raster {
+    let (w, h) = (img.width, img.height);
     let (nw, nh) = if w <= h {
         (n_px, ((n_px as u64 * h as u64) / w as u64) as u32)
     } else {
@@ -243,7 +448,23 @@ pub fn resize_center_crop_rgb(rgb: &RgbImage, n_px: u32) -> RgbImage {
     // torchvision's CenterCrop: int(round((size - n) / 2)), Python rounding.
     let left = round_half_even((nw as f64 - n_px as f64) / 2.0).max(0) as u32;
     let top = round_half_even((nh as f64 - n_px as f64) / 2.0).max(0) as u32;
-    pil_resize_bicubic_window(rgb, nw, nh, (left, top, n_px.min(nw), n_px.min(nh)))
+    resize_window(img, nw, nh, (left, top, n_px.min(nw), n_px.min(nh)))
+}
+
+/// Resize (shorter side to `n_px`, bicubic) and centre crop, as RGB bytes.
+pub fn resize_center_crop(img: &DynamicImage, n_px: u32) -> RgbImage {
+    resize_center_crop_rgb(&img.to_rgb8(), n_px)
+}
+
+/// [`resize_center_crop`] of an RGB image: only the crop window is resized.
+pub fn resize_center_crop_rgb(rgb: &RgbImage, n_px: u32) -> RgbImage {
+    let r = Raster {
+        width: rgb.width(),
+        height: rgb.height(),
+        mode: Mode::Rgb,
+        data: rgb.as_raw().clone(),
+    };
+    to_rgb_image(resize_center_crop_raster(&r, n_px))
 }
 
 /// CLIP's normalised [3, n, n] float tensor.
@@ -266,32 +487,35 @@ pub struct ImageKey<'a> {
     pub bbox: Option<[f64; 4]>,
 }
 
+/// The RGB pixels the original feeds CLIP for one key, before
+/// normalisation: open, VAW crop and pad, resize, centre crop, to RGB.
+pub fn load_rgb(k: &ImageKey, n_px: u32) -> Result<RgbImage, String> {
+    let mut img = open(k.path)?;
+    if let Some(b) = k.bbox {
+        let bx = vaw_crop_box(b, img.width, img.height);
+        if bx.2 <= bx.0 || bx.3 <= bx.1 {
+            return Err(format!(
+                "{}: instance_bbox {b:?} lies outside the {}x{} image",
+                k.path.display(),
+                img.width,
+                img.height
+            ));
+        }
+        if img.mode == Mode::P {
+            // PIL would paste palette indices into a new palette image;
+            // the colours are what the crop means.
+            img.mode = Mode::Rgb;
+        }
+        img = crop_pad_square(&img, bx);
+    }
+    Ok(to_rgb_image(resize_center_crop_raster(&img, n_px)))
+}
+
 /// Decodes and preprocesses a batch in parallel; per image an error
 /// message instead of a panic.
 pub fn load_batch(keys: &[ImageKey], n_px: u32) -> Vec<Result<Tensor, String>> {
-    let prepared: Vec<Result<RgbImage, String>> = keys
-        .par_iter()
-        .map(|k| {
-            let img = image::open(k.path).map_err(|e| format!("{}: {e}", k.path.display()))?;
-            let img = match k.bbox {
-                Some(b) => {
-                    let rgb = img.into_rgb8();
-                    let bx = vaw_crop_box(b, rgb.width(), rgb.height());
-                    if bx.2 <= bx.0 || bx.3 <= bx.1 {
-                        return Err(format!(
-                            "{}: instance_bbox {b:?} lies outside the {}x{} image",
-                            k.path.display(),
-                            rgb.width(),
-                            rgb.height()
-                        ));
-                    }
-                    DynamicImage::ImageRgb8(crop_pad_square(&rgb, bx))
-                }
-                None => img,
-            };
-            Ok(resize_center_crop(&img, n_px))
-        })
-        .collect();
+    let prepared: Vec<Result<RgbImage, String>> =
+        keys.par_iter().map(|k| load_rgb(k, n_px)).collect();
     prepared
         .into_iter()
         .map(|r| r.map(|img| to_tensor(&img)))
@@ -330,7 +554,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("genecis-pre-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("a.png");
-        RgbImage::from_pixel(100, 80, Rgb([9, 9, 9]))
+        RgbImage::from_pixel(100, 80, image::Rgb([9, 9, 9]))
             .save(&p)
             .unwrap();
         let keys = [
@@ -352,44 +576,63 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    fn rgb(w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) -> Raster {
+        let mut out = Vec::new();
+        for y in 0..h {
+            for x in 0..w {
+                out.extend_from_slice(&f(x, y));
+            }
+        }
+        Raster {
+            width: w,
+            height: h,
+            mode: Mode::Rgb,
+            data: out,
+        }
+    }
+
     #[test]
     fn pad_is_centred_black() {
-        let img: RgbImage = ImageBuffer::from_pixel(10, 4, Rgb([255, 255, 255]));
+        let img = rgb(10, 4, |_, _| [255, 255, 255]);
         let sq = crop_pad_square(&img, (0, 0, 10, 4));
-        assert_eq!(sq.dimensions(), (10, 10));
-        assert_eq!(sq.get_pixel(5, 2), &Rgb([0, 0, 0]));
-        assert_eq!(sq.get_pixel(5, 3), &Rgb([255, 255, 255]));
-        assert_eq!(sq.get_pixel(5, 6), &Rgb([255, 255, 255]));
-        assert_eq!(sq.get_pixel(5, 7), &Rgb([0, 0, 0]));
+        assert_eq!((sq.width, sq.height), (10, 10));
+        let px = |x: usize, y: usize| &sq.data[(y * 10 + x) * 3..(y * 10 + x + 1) * 3];
+        assert_eq!(px(5, 2), [0, 0, 0]);
+        assert_eq!(px(5, 3), [255, 255, 255]);
+        assert_eq!(px(5, 6), [255, 255, 255]);
+        assert_eq!(px(5, 7), [0, 0, 0]);
     }
 
     #[test]
     fn window_resize_is_the_crop_of_the_full_resize() {
-        let img: RgbImage = ImageBuffer::from_fn(97, 61, |x, y| {
-            Rgb([
+        let img = rgb(97, 61, |x, y| {
+            [
                 (x * 7 % 256) as u8,
                 (y * 13 % 256) as u8,
                 ((x * y) % 251) as u8,
-            ])
+            ]
         });
-        for (ow, oh, win) in [
-            (40, 25, (7, 3, 20, 19)),
-            (200, 130, (0, 50, 200, 1)),
-            (97, 30, (5, 0, 90, 30)),
-        ] {
-            let full = pil_resize_bicubic(&img, ow, oh);
-            let crop = imageops::crop_imm(&full, win.0, win.1, win.2, win.3).to_image();
-            assert_eq!(
-                pil_resize_bicubic_window(&img, ow, oh, win),
-                crop,
-                "{ow}x{oh} {win:?}"
-            );
+        for mode in [Mode::Rgb, Mode::P] {
+            let img = Raster { mode, ..img.clone() };
+            for (ow, oh, win) in [
+                (40, 25, (7, 3, 20, 19)),
+                (200, 130, (0, 50, 200, 1)),
+                (97, 30, (5, 0, 90, 30)),
+            ] {
+                let full = resize_window(&img, ow, oh, (0, 0, ow, oh));
+                let mut crop = Vec::new();
+                for y in win.1..win.1 + win.3 {
+                    let s = ((y * ow + win.0) * 3) as usize;
+                    crop.extend_from_slice(&full.data[s..s + win.2 as usize * 3]);
+                }
+                assert_eq!(resize_window(&img, ow, oh, win).data, crop, "{mode:?} {ow}x{oh} {win:?}");
+            }
         }
     }
 
     #[test]
     fn resize_short_side_then_centre_crop() {
-        let img = DynamicImage::ImageRgb8(ImageBuffer::from_pixel(64, 32, Rgb([10, 20, 30])));
+        let img = DynamicImage::ImageRgb8(ImageBuffer::from_pixel(64, 32, image::Rgb([10, 20, 30])));
         let out = resize_center_crop(&img, 16);
         assert_eq!(out.dimensions(), (16, 16));
         let t = to_tensor(&out);

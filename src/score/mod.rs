@@ -82,13 +82,22 @@ impl Method {
     }
 }
 
-/// What the Combiner is fed: CLIP's raw features (as the original
+/// Which CLIP features a query is built from: raw ones (as the original
 /// evaluation does) or L2-normalised ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum CombinerInput {
+pub enum FeatureInput {
     Raw,
     Normalized,
+}
+
+impl FeatureInput {
+    pub fn name(self) -> &'static str {
+        match self {
+            FeatureInput::Raw => "raw",
+            FeatureInput::Normalized => "normalized",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,11 +110,17 @@ pub struct ScoreParams {
     /// Weight of the text in image_plus_text: normalize((1-w) img + w txt).
     #[serde(default = "half")]
     pub text_weight: f64,
+    /// The features image_plus_text averages. `raw` is the original's
+    /// FeatureComb (CLIP's image and text features have different norms,
+    /// so the text weighs more than `text_weight` says); `normalized`
+    /// averages unit vectors, the weight meaning what it says.
+    #[serde(default = "raw")]
+    pub image_plus_text_input: FeatureInput,
     /// A Combiner head (`*_combiner_head.pt` state dict, or safetensors).
     #[serde(default)]
     pub combiner: Option<PathBuf>,
     #[serde(default = "raw")]
-    pub combiner_input: CombinerInput,
+    pub combiner_input: FeatureInput,
     /// Which model's embeddings (the `model` column); needed only when the
     /// embeddings hold several.
     #[serde(default)]
@@ -118,8 +133,8 @@ pub struct ScoreParams {
 fn half() -> f64 {
     0.5
 }
-fn raw() -> CombinerInput {
-    CombinerInput::Raw
+fn raw() -> FeatureInput {
+    FeatureInput::Raw
 }
 fn auto() -> String {
     "auto".into()
@@ -489,11 +504,12 @@ impl Stage for Score {
                         .zip(&t.text)
                         .map(|(&r, &x)| {
                             let w = p.text_weight as f32;
-                            let mix: Vec<f32> = img_n[r]
-                                .iter()
-                                .zip(&txt_n[x])
-                                .map(|(a, b)| (1.0 - w) * a + w * b)
-                                .collect();
+                            let (a, b) = match p.image_plus_text_input {
+                                FeatureInput::Raw => (img.row(r), txt.row(x)),
+                                FeatureInput::Normalized => (&img_n[r][..], &txt_n[x][..]),
+                            };
+                            let mix: Vec<f32> =
+                                a.iter().zip(b).map(|(a, b)| (1.0 - w) * a + w * b).collect();
                             normalized(&mix)
                         })
                         .collect(),
@@ -503,8 +519,8 @@ impl Stage for Score {
                             let flat: Vec<f32> = rows
                                 .iter()
                                 .flat_map(|&r| match p.combiner_input {
-                                    CombinerInput::Raw => e.row(r).to_vec(),
-                                    CombinerInput::Normalized => n[r].clone(),
+                                    FeatureInput::Raw => e.row(r).to_vec(),
+                                    FeatureInput::Normalized => n[r].clone(),
                                 })
                                 .collect();
                             Tensor::from_slice(&flat)
@@ -579,7 +595,11 @@ impl Stage for Score {
             ],
         )?;
         let results = results_batch(&recalls)?;
-        let title = format!("GeneCIS, model {model}");
+        let title = format!(
+            "GeneCIS, model {model}; image_plus_text on {} features, w_text = {}",
+            p.image_plus_text_input.name(),
+            p.text_weight
+        );
         let report = ctx.write_file("report.md", report::markdown(&title, &recalls).as_bytes())?;
         ctx.write_file(
             "results.png",

@@ -169,3 +169,35 @@ pub fn parts(dir: &Path) -> Vec<(String, Vec<u8>)> {
     v.sort();
     v
 }
+
+/// The output folder of a fixture script (`.venv/bin/python scripts/SCRIPT
+/// OUT`), made once per version of the script and shared by the tests;
+/// `marker` is the file the script writes last.
+pub fn script_fixtures(script: &str, marker: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("scripts").join(script);
+    let hash = blake3::hash(&std::fs::read(&script).unwrap()).to_hex()[..12].to_string();
+    let stem = script.file_stem().unwrap().to_string_lossy().into_owned();
+    let dir = std::env::temp_dir().join(format!("genecis-{stem}-{hash}"));
+    if dir.join(marker).is_file() {
+        return dir;
+    }
+    let scratch = std::env::temp_dir().join(format!("genecis-{stem}-{hash}.{}", std::process::id()));
+    let py = root.join(".venv/bin/python");
+    let out = std::process::Command::new(&py)
+        .arg(&script)
+        .arg(&scratch)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} (run scripts/setup.sh): {e}", py.display()));
+    assert!(
+        out.status.success(),
+        "fixture script {} failed:\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if std::fs::rename(&scratch, &dir).is_err() {
+        // Another test got there first.
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    dir
+}

@@ -313,7 +313,8 @@ fn coco_and_vaw_templates_end_to_end_with_brute_force_recall() {
     let b = &img["vg/10.jpg#30,20,15,30"];
     assert!(a.iter().zip(b).any(|(x, y)| (x - y).abs() > 1e-4));
 
-    // Brute force: normalised features, cosine, sorted ranks.
+    // Brute force: cosine, sorted ranks; image_plus_text averages the raw
+    // features, as the original's FeatureComb does.
     let ts = templates(&run.join("templates/templates"));
     assert_eq!(ts.len(), 10);
     let comb = genecis::model::combiner::Combiner::new(
@@ -329,7 +330,11 @@ fn coco_and_vaw_templates_end_to_end_with_brute_force_recall() {
         let r = unit(&img[&t.keys[0]]);
         let x = unit(&txt[&t.cond]);
         let cands: Vec<Vec<f64>> = t.keys[1..].iter().map(|k| unit(&img[k])).collect();
-        let mix: Vec<f64> = r.iter().zip(&x).map(|(a, b)| 0.5 * a + 0.5 * b).collect();
+        let mix: Vec<f64> = img[&t.keys[0]]
+            .iter()
+            .zip(&txt[&t.cond])
+            .map(|(a, b)| 0.5 * *a as f64 + 0.5 * *b as f64)
+            .collect();
         let mix_n = {
             let n = mix.iter().map(|v| v * v).sum::<f64>().sqrt();
             mix.iter().map(|v| v / n).collect::<Vec<_>>()

@@ -12,40 +12,14 @@ use genecis::model::tokenizer::ClipTokenizer;
 use genecis::model::{ModelError, StateDict};
 use tch::{Device, Tensor};
 
+use crate::common::script_fixtures;
+
 /// Generated once into a temp folder named after the generator script's
 /// hash, and reused while the script is unchanged (written to a scratch
 /// folder, then renamed, so concurrent test runs never see half a set).
 pub fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let script = root.join("scripts/make_clip_fixtures.py");
-        let hash = blake3::hash(&std::fs::read(&script).unwrap()).to_hex()[..12].to_string();
-        let dir = std::env::temp_dir().join(format!("genecis-clip-fixtures-{hash}"));
-        if dir.join("preprocess_ref.pt").is_file() {
-            return dir;
-        }
-        let scratch = std::env::temp_dir().join(format!(
-            "genecis-clip-fixtures-{hash}.{}",
-            std::process::id()
-        ));
-        let py = root.join(".venv/bin/python");
-        let out = std::process::Command::new(&py)
-            .arg(&script)
-            .arg(&scratch)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {} (run scripts/setup.sh): {e}", py.display()));
-        assert!(
-            out.status.success(),
-            "fixture script failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if std::fs::rename(&scratch, &dir).is_err() {
-            // Another run got there first.
-            let _ = std::fs::remove_dir_all(&scratch);
-        }
-        dir
-    })
+    DIR.get_or_init(|| script_fixtures("make_clip_fixtures.py", "preprocess_ref.pt"))
 }
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
@@ -197,39 +171,55 @@ fn resnet_torchscript_archive_with_batchnorm_buffers() {
 
 #[test]
 fn preprocessing_matches_pil() {
-    use genecis::model::preprocess::resize_center_crop;
+    use genecis::model::preprocess::{load_rgb, ImageKey};
     let refs = reference("preprocess_ref.pt");
-    let (mut worst_png, mut worst_jpg, mut sum_jpg, mut n_jpg) = (0i64, 0i64, 0f64, 0f64);
     for i in 0..5 {
         for ext in ["png", "jpg"] {
-            let img = image::open(fixtures().join(format!("pre_{i}.{ext}"))).unwrap();
-            let ours = resize_center_crop(&img, 32);
+            let path = fixtures().join(format!("pre_{i}.{ext}"));
+            let ours = load_rgb(&ImageKey { path: &path, bbox: None }, 32).unwrap();
             let theirs = refs[&format!("pre_{i}_{ext}")].to_kind(tch::Kind::Int64);
             let ours = Tensor::from_slice(ours.as_raw().as_slice())
                 .view([32, 32, 3])
                 .to_kind(tch::Kind::Int64);
-            let d = (ours - theirs).abs();
-            let max = d.max().int64_value(&[]);
-            if ext == "png" {
-                worst_png = worst_png.max(max);
-            } else {
-                worst_jpg = worst_jpg.max(max);
-                sum_jpg += d
-                    .to_kind(tch::Kind::Double)
-                    .sum(tch::Kind::Double)
-                    .double_value(&[]);
-                n_jpg += d.numel() as f64;
-            }
+            let max = (ours - theirs).abs().max().int64_value(&[]);
+            assert_eq!(max, 0, "pre_{i}.{ext}: pixels differ by up to {max}");
         }
     }
-    eprintln!("JPEG: max {worst_jpg} levels, mean {:.3}", sum_jpg / n_jpg);
-    // Resize and crop are bit-exact with Pillow 10 (checked on PNG, where
-    // decoding is lossless). JPEG decoders (libjpeg vs the image crate)
-    // differ in chroma upsampling, by a fraction of a level on average.
-    assert_eq!(worst_png, 0, "PNG pixels differ by up to {worst_png}");
-    assert!(
-        sum_jpg / n_jpg < 1.0,
-        "JPEG pixels differ by {} on average",
-        sum_jpg / n_jpg
-    );
+}
+
+/// Every mode and encoding the benchmarks meet (JPEG 4:2:0 / 4:2:2 / 4:4:4,
+/// progressive, grayscale, CMYK, EXIF-rotated; PNG RGB, L, palette, RGBA,
+/// LA; VAW crops with their pad), against the original's pipeline run by
+/// scripts/make_image_fixtures.py with Pillow 10.4 and torchvision.
+#[test]
+fn decode_crop_and_resize_match_the_original_bit_for_bit() {
+    use genecis::model::preprocess::{load_rgb, ImageKey};
+    let dir = script_fixtures("make_image_fixtures.py", "refs.json");
+    let refs: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("refs.json")).unwrap()).unwrap();
+    assert!(refs.len() >= 25);
+    let mut bad = Vec::new();
+    for r in &refs {
+        let path = dir.join(r["file"].as_str().unwrap());
+        let bbox = r["bbox"].as_array().map(|a| {
+            let v: Vec<f64> = a.iter().map(|x| x.as_f64().unwrap()).collect();
+            [v[0], v[1], v[2], v[3]]
+        });
+        let n = r["n"].as_u64().unwrap() as u32;
+        let got = load_rgb(&ImageKey { path: &path, bbox }, n);
+        if r["error"].as_bool() == Some(true) {
+            assert!(got.is_err(), "{path:?} decodes although Pillow refuses it");
+            continue;
+        }
+        let want: Vec<u8> = (0..r["rgb"].as_str().unwrap().len() / 2)
+            .map(|i| u8::from_str_radix(&r["rgb"].as_str().unwrap()[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let got = got.unwrap_or_else(|e| panic!("{e}")).into_raw();
+        let diff: Vec<i32> = got.iter().zip(&want).map(|(a, b)| (*a as i32 - *b as i32).abs()).collect();
+        let (max, count) = (diff.iter().max().copied().unwrap_or(0), diff.iter().filter(|d| **d > 0).count());
+        if got.len() != want.len() || max > 0 {
+            bad.push(format!("{} {bbox:?}: {count} values differ, by up to {max}", r["file"]));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
