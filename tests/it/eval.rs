@@ -779,3 +779,96 @@ fn embed_resumes_after_kill_minus_9_with_the_same_embeddings() {
         assert_eq!(&resumed[k], v, "{k}");
     }
 }
+
+/// The whole evaluation against a Python transcription of the original's
+/// (scripts/make_eval_fixtures.py: torchvision preprocessing, the VAW crop,
+/// clip.tokenize, eval_functions.validate with the Combiner and
+/// FeatureComb) on a 224 px random CLIP, a `module.`-prefixed Combiner and
+/// real JPEGs (grayscale among them): the same target rank for every
+/// template and method, and every similarity within 1e-4.
+#[test]
+fn scores_match_the_original_evaluation() {
+    use arrow::array::ListArray;
+    let dir = crate::common::script_fixtures("make_eval_fixtures.py", "refs.json");
+    let tmp = tempfile::tempdir().unwrap();
+    let file = |n: &str| dir.join(n).display().to_string();
+    let m = Manifest::new("parity")
+        .stage(
+            "templates",
+            "templates",
+            &[],
+            &format!(
+                "focus_attribute = \"{}\", change_attribute = \"{}\", focus_object = \"{}\", change_object = \"{}\", coco_dir = \"{}\", vg_dir = \"{}\"",
+                file("focus_attribute.json"),
+                file("change_attribute.json"),
+                file("focus_object.json"),
+                file("change_object.json"),
+                file("coco"),
+                file("vg")
+            ),
+        )
+        .stage(
+            "embed",
+            "embed",
+            &["templates"],
+            &format!("checkpoint = \"{}\", device = \"cpu\", batch_size = 16", file("clip_vit224.pt")),
+        )
+        .stage(
+            "score",
+            "score",
+            &["templates", "embed"],
+            &format!("combiner = \"{}\", device = \"cpu\"", file("combiner_module.pt")),
+        )
+        .write(tmp.path());
+    genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
+
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("refs.json")).unwrap()).unwrap();
+    let mut ours: HashMap<(String, u32, String), (u32, Vec<f32>)> = HashMap::new();
+    for b in read_table(&tmp.path().join("run/score/scores")).unwrap() {
+        let task = b.column_by_name("task").unwrap().as_string::<i32>().clone();
+        let id = b.column_by_name("template_id").unwrap().as_primitive::<UInt32Type>().clone();
+        let method = b.column_by_name("method").unwrap().as_string::<i32>().clone();
+        let rank = b.column_by_name("target_rank").unwrap().as_primitive::<UInt32Type>().clone();
+        let sims = b
+            .column_by_name("similarities")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<ListArray>()
+            .unwrap()
+            .clone();
+        for i in 0..b.num_rows() {
+            let s = sims.value(i);
+            ours.insert(
+                (task.value(i).into(), id.value(i), method.value(i).into()),
+                (rank.value(i), s.as_primitive::<arrow::datatypes::Float32Type>().values().to_vec()),
+            );
+        }
+    }
+    let (mut n, mut worst) = (0, 0f64);
+    let mut rank_diffs = Vec::new();
+    for (task, rows) in refs.as_object().unwrap() {
+        for r in rows.as_array().unwrap() {
+            let key = (
+                task.clone(),
+                r["template_id"].as_u64().unwrap() as u32,
+                r["method"].as_str().unwrap().to_string(),
+            );
+            let (rank, sims) = ours.get(&key).unwrap_or_else(|| panic!("no score for {key:?}"));
+            let want: Vec<f64> = r["similarities"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            assert_eq!(sims.len(), want.len(), "{key:?}");
+            for (a, b) in sims.iter().zip(&want) {
+                worst = worst.max((*a as f64 - b).abs());
+            }
+            if *rank as u64 != r["target_rank"].as_u64().unwrap() {
+                rank_diffs.push(format!("{key:?}: ours {rank}, original {}", r["target_rank"]));
+            }
+            n += 1;
+        }
+    }
+    eprintln!("evaluation parity: {n} (template, method) pairs, largest similarity difference {worst:.2e}");
+    assert_eq!(n, ours.len(), "we score templates the original does not");
+    assert_eq!(n, 4 * 6 * 4);
+    assert!(rank_diffs.is_empty(), "{}", rank_diffs.join("\n"));
+    assert!(worst < 1e-4, "similarities differ by up to {worst}");
+}
