@@ -97,6 +97,11 @@ pub struct TemplatesParams {
     /// VAW-style templates.
     #[serde(default)]
     pub vg_dir: Option<PathBuf>,
+    /// The original keeps only templates whose gallery has the file's most
+    /// common length (ties: the shortest) and drops the rest ("a hack", its
+    /// code says); they go to `rejects` here. true keeps every template.
+    #[serde(default)]
+    pub keep_all_gallery_sizes: bool,
 }
 
 impl TemplatesParams {
@@ -252,6 +257,17 @@ impl Template {
     }
 }
 
+/// The most common gallery length, the shortest on a tie (numpy's
+/// `unique` + `argmax`, as the original picks it).
+fn modal_gallery_len(ts: &[(usize, Template)]) -> Option<usize> {
+    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    for (_, t) in ts {
+        *counts.entry(t.gallery.len()).or_default() += 1;
+    }
+    let best = counts.values().copied().max()?;
+    counts.into_iter().find(|&(_, c)| c == best).map(|(len, _)| len)
+}
+
 /// A template file: the parsed templates by index, and the malformed ones.
 pub struct TemplateFile {
     pub ok: Vec<(usize, Template)>,
@@ -401,7 +417,20 @@ impl Stage for Templates {
             let source = path.display().to_string();
             let mut bad = tf.bad.clone();
             let mut n_ok = 0usize;
+            let modal = modal_gallery_len(&tf.ok);
             for (i, t) in &tf.ok {
+                if !p.keep_all_gallery_sizes && Some(t.gallery.len()) != modal {
+                    bad.push((
+                        *i,
+                        format!(
+                            "gallery of {} images; the file's usual size is {} and the original evaluates only those (keep_all_gallery_sizes = true keeps it)",
+                            t.gallery.len(),
+                            modal.unwrap_or(0)
+                        ),
+                        String::new(),
+                    ));
+                    continue;
+                }
                 let resolved: Result<Vec<PathBuf>, String> = t
                     .images()
                     .map(|im| im.path(coco.as_deref(), vg.as_deref()))

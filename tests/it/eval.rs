@@ -872,3 +872,43 @@ fn scores_match_the_original_evaluation() {
     assert!(rank_diffs.is_empty(), "{}", rank_diffs.join("\n"));
     assert!(worst < 1e-4, "similarities differ by up to {worst}");
 }
+
+/// The original evaluates only templates whose gallery has the file's most
+/// common size; the others are rejects here, unless asked to keep them.
+#[test]
+fn odd_gallery_sizes_are_dropped_as_the_original_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = small_world(tmp.path());
+    let mut ts: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&w.coco_json).unwrap()).unwrap();
+    ts[2]["gallery"].as_array_mut().unwrap().pop();
+    write(&w.coco_json, serde_json::to_string(&ts).unwrap());
+    let m = Manifest::new("odd")
+        .stage(
+            "templates",
+            "templates",
+            &[],
+            &format!(
+                "focus_object = \"{}\", coco_dir = \"{}\"",
+                w.coco_json.display(),
+                w.coco_dir.display()
+            ),
+        )
+        .write(tmp.path());
+    genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
+    assert_eq!(sql_csv(&m, "SELECT count(*) FROM templates")[1], "5");
+    let rej = sql_csv(&m, "SELECT line_number, reason FROM rejects");
+    assert!(
+        rej.len() == 2 && rej[1].starts_with("2,gallery of 13 images; the file's usual size is 14"),
+        "{rej:?}"
+    );
+    genecis(&[
+        "run",
+        m.to_str().unwrap(),
+        "-q",
+        "--set",
+        "templates.keep_all_gallery_sizes=true",
+    ])
+    .ok();
+    assert_eq!(sql_csv(&m, "SELECT count(*) FROM templates")[1], "6");
+}
