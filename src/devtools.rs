@@ -165,7 +165,11 @@ fn bench_preprocess(dir: &Path, n_px: u32, repeat: usize) -> Result<()> {
     }
     let keys: Vec<ImageKey> = files
         .iter()
-        .map(|p| ImageKey { path: p, bbox: None })
+        .map(|p| ImageKey {
+            path: p,
+            bbox: None,
+            rgb_first: false,
+        })
         .collect();
     let t0 = std::time::Instant::now();
     let mut ok = 0usize;

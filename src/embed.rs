@@ -117,6 +117,7 @@ pub struct KeyRow {
     pub path: PathBuf,
     pub bbox: Option<[f64; 4]>,
     pub required: bool,
+    pub rgb_first: bool,
 }
 
 /// Distinct keys of an `image_keys` table, sorted.
@@ -135,6 +136,7 @@ pub fn read_image_keys(dir: &Path) -> Result<Vec<KeyRow>> {
         let bb: Vec<_> = bb.iter().map(|a| a.as_primitive::<Float64Type>()).collect();
         let req = col("required")?;
         let req = req.as_boolean();
+        let rgb_first = b.column_by_name("rgb_first").map(|c| c.as_boolean().clone());
         for i in 0..b.num_rows() {
             let bbox = if bb.iter().all(|a| a.is_valid(i)) {
                 Some([
@@ -151,6 +153,7 @@ pub fn read_image_keys(dir: &Path) -> Result<Vec<KeyRow>> {
                 path: PathBuf::from(path.value(i)),
                 bbox,
                 required: req.value(i),
+                rgb_first: rgb_first.as_ref().is_some_and(|c| c.value(i)),
             };
             out.entry(row.key.clone())
                 .and_modify(|r| r.required |= row.required)
@@ -330,6 +333,7 @@ impl Stage for Embed {
                         .map(|r| ImageKey {
                             path: &r.path,
                             bbox: r.bbox,
+                            rgb_first: r.rgb_first,
                         })
                         .collect();
                     let loaded = load_batch(&ik, n_px);

@@ -485,12 +485,22 @@ pub fn to_tensor(img: &RgbImage) -> Tensor {
 pub struct ImageKey<'a> {
     pub path: &'a Path,
     pub bbox: Option<[f64; 4]>,
+    /// Convert to RGB right after opening, as the original's MIT-States
+    /// loader does (the others convert after the resize).
+    pub rgb_first: bool,
 }
 
 /// The RGB pixels the original feeds CLIP for one key, before
 /// normalisation: open, VAW crop and pad, resize, centre crop, to RGB.
 pub fn load_rgb(k: &ImageKey, n_px: u32) -> Result<RgbImage, String> {
     let mut img = open(k.path)?;
+    if k.rgb_first && img.mode != Mode::Rgb {
+        img = Raster {
+            data: to_rgb(&img),
+            mode: Mode::Rgb,
+            ..img
+        };
+    }
     if let Some(b) = k.bbox {
         let bx = vaw_crop_box(b, img.width, img.height);
         if bx.2 <= bx.0 || bx.3 <= bx.1 {
@@ -561,10 +571,12 @@ mod tests {
             ImageKey {
                 path: &p,
                 bbox: Some([2000.0, 10.0, 10.0, 10.0]),
+                rgb_first: false,
             },
             ImageKey {
                 path: &p,
                 bbox: Some([10.0, 10.0, 10.0, 10.0]),
+                rgb_first: false,
             },
         ];
         let out = load_batch(&keys, 16);

@@ -1,12 +1,18 @@
-//! `score`: GeneCIS Recall@1/2/3 per task and method, from the `templates`
-//! table and the embeddings of one model (ARCHITECTURE.md, "Semantics kept from the original").
+//! `score`: Recall@K per task and method, from the `templates` table and
+//! the embeddings of one model (ARCHITECTURE.md, "Semantics kept from the
+//! original"): GeneCIS tasks rank their 15 candidates (R@1/2/3 in the
+//! paper), global tasks (CIRR val, MIT-States) the whole gallery (R@1/5/10).
 //!
 //! Tables:
-//! - `scores(task, template_id, method, target_rank, similarities list<f32>)`: per template,
-//!   the cosine similarity of the query to each candidate (candidate 0 is the target) and
-//!   the target's 1-based rank.
-//! - `results(task, method, recall_at_1, recall_at_2, recall_at_3, n_templates)`: task
-//!   `average` is the mean over the tasks scored (the paper's average R@1).
+//! - `scores(task, template_id, method, target_rank, similarities list<f32>,
+//!   top_keys list<utf8>?)`: GeneCIS tasks: the cosine similarity of the
+//!   query to each candidate (candidate 0 is the target), `top_keys` null;
+//!   global tasks: the 10 most similar gallery images and their
+//!   similarities. `target_rank` is the 1-based rank of the target (the
+//!   best-ranked hit for global tasks).
+//! - `results(task, method, recall_at_1, recall_at_2, recall_at_3,
+//!   recall_at_5, recall_at_10, n_templates)`: task `average` is the mean
+//!   over the GeneCIS tasks scored (the paper's average R@1).
 //!
 //! Also `report.md` and `results.png` in the stage folder.
 //!
@@ -14,7 +20,10 @@
 //! similarity, descending; ties keep candidate order (a stable sort), so a
 //! candidate scoring exactly the target's similarity ranks after it.
 
+mod rank;
 mod report;
+
+pub use rank::{rank_global, Ranked};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,8 +57,16 @@ pub static SCORES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
             DataType::List(Arc::new(Field::new("item", DataType::Float32, true))),
             false,
         ),
+        Field::new(
+            "top_keys",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            true,
+        ),
     ]))
 });
+
+/// The K of `results`' recall_at_K columns.
+pub const KS: [usize; 5] = [1, 2, 3, 5, 10];
 
 pub static RESULTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -58,6 +75,8 @@ pub static RESULTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("recall_at_1", DataType::Float64, false),
         Field::new("recall_at_2", DataType::Float64, false),
         Field::new("recall_at_3", DataType::Float64, false),
+        Field::new("recall_at_5", DataType::Float64, false),
+        Field::new("recall_at_10", DataType::Float64, false),
         Field::new("n_templates", DataType::UInt64, false),
     ]))
 });
@@ -258,17 +277,58 @@ struct TaskRows {
     template_ids: Vec<u32>,
     reference: Vec<usize>,
     text: Vec<usize>,
-    /// Target first.
+    /// GeneCIS tasks: target first.
     candidates: Vec<Vec<usize>>,
+    global: Option<GlobalRows>,
+}
+
+/// A global task: its gallery and, per query, where the reference and the
+/// hits stand in it.
+struct GlobalRows {
+    /// Embedding rows, in gallery order.
+    gallery: Vec<usize>,
+    keys: Vec<String>,
+    mask: Vec<Option<usize>>,
+    relevant: Vec<Vec<usize>>,
+}
+
+/// `galleries`: set -> image keys in order.
+fn read_galleries(dir: Option<&Path>) -> Result<HashMap<String, Vec<String>>, String> {
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    let Some(dir) = dir else {
+        return Ok(out);
+    };
+    for b in crate::store::read_table(dir).map_err(|e| crate::error::report(&e))? {
+        let set = b.column_by_name("gallery_set").ok_or("galleries has no gallery_set")?;
+        let key = b.column_by_name("image_key").ok_or("galleries has no image_key")?;
+        let (set, key) = (set.as_string::<i32>(), key.as_string::<i32>());
+        for i in 0..b.num_rows() {
+            out.entry(set.value(i).to_string())
+                .or_default()
+                .push(key.value(i).to_string());
+        }
+    }
+    Ok(out)
 }
 
 fn read_templates(
     dir: &Path,
+    galleries: &HashMap<String, Vec<String>>,
     img: &Embeddings,
     txt: &Embeddings,
     stage: &str,
 ) -> Result<Vec<TaskRows>, String> {
     let mut by_task: Vec<TaskRows> = Vec::new();
+    // Gallery positions of each set's keys.
+    let positions: HashMap<&str, HashMap<&str, usize>> = galleries
+        .iter()
+        .map(|(set, keys)| {
+            (
+                set.as_str(),
+                keys.iter().enumerate().map(|(i, k)| (k.as_str(), i)).collect(),
+            )
+        })
+        .collect();
     let missing = |what: &str, k: &str, task: &str, id: u32| {
         format!(
             "{task} template {id} needs the {what} '{k}', which has no embedding: list the stage that makes this task's templates in the inputs of the embed stage feeding '{stage}'"
@@ -292,18 +352,47 @@ fn read_templates(
         let t = t.as_string::<i32>();
         let g = col("gallery_keys")?;
         let g = g.as_list::<i32>();
+        let gs = col("gallery_set")?;
+        let gs = gs.as_string::<i32>();
+        let tk = col("target_keys")?;
+        let tk = tk.as_list::<i32>();
         for i in 0..b.num_rows() {
             let name = task.value(i);
             let tid = id.value(i);
             let pos = match by_task.iter().position(|x| x.task == name) {
                 Some(p) => p,
                 None => {
+                    let global = match gs.is_valid(i) {
+                        false => None,
+                        true => {
+                            let set = gs.value(i);
+                            let keys = galleries.get(set).ok_or_else(|| {
+                                format!("{name} ranks the gallery '{set}', which the galleries table does not hold: list the templates stage (not just its templates table) in the inputs of '{stage}'")
+                            })?;
+                            let gallery = keys
+                                .iter()
+                                .map(|k| {
+                                    img.index
+                                        .get(k.as_str())
+                                        .copied()
+                                        .ok_or_else(|| missing("gallery image", k, name, tid))
+                                })
+                                .collect::<Result<Vec<_>, String>>()?;
+                            Some(GlobalRows {
+                                gallery,
+                                keys: keys.clone(),
+                                mask: Vec::new(),
+                                relevant: Vec::new(),
+                            })
+                        }
+                    };
                     by_task.push(TaskRows {
                         task: name.to_string(),
                         template_ids: Vec::new(),
                         reference: Vec::new(),
                         text: Vec::new(),
                         candidates: Vec::new(),
+                        global,
                     });
                     by_task.len() - 1
                 }
@@ -323,6 +412,22 @@ fn read_templates(
                     .copied()
                     .ok_or_else(|| missing("condition text", cond.value(i), name, tid))?,
             );
+            if let Some(g) = &mut tr.global {
+                let pos = &positions[gs.value(i)];
+                g.mask.push(pos.get(r.value(i)).copied());
+                let hits = tk.value(i);
+                let hits = hits.as_string::<i32>();
+                g.relevant.push(
+                    (0..hits.len())
+                        .map(|j| {
+                            pos.get(hits.value(j)).copied().ok_or_else(|| {
+                                format!("{name} template {tid}: target '{}' is not in its gallery", hits.value(j))
+                            })
+                        })
+                        .collect::<Result<Vec<_>, String>>()?,
+                );
+                continue;
+            }
             let mut c = vec![get(t.value(i), "target image")?];
             let gl = g.value(i);
             let gl = gl.as_string::<i32>();
@@ -350,8 +455,32 @@ fn read_templates(
 pub struct Recall {
     pub task: String,
     pub method: &'static str,
-    pub at: [f64; 3],
+    /// Recall at each of [`KS`].
+    pub at: [f64; 5],
     pub n: u64,
+    /// A global task (reported at K = 1, 5, 10).
+    pub global: bool,
+}
+
+impl Recall {
+    fn from_ranks(task: &str, method: &'static str, ranks: &[u32], global: bool) -> Recall {
+        let n = ranks.len() as u64;
+        Recall {
+            task: task.to_string(),
+            method,
+            at: KS.map(|k| {
+                ranks.iter().filter(|&&r| r as usize <= k).count() as f64 / n.max(1) as f64
+            }),
+            n,
+            global,
+        }
+    }
+
+    /// The (K, recall) pairs a report shows: 1/2/3, or 1/5/10 for global tasks.
+    pub fn shown(&self) -> [(usize, f64); 3] {
+        let pick = if self.global { [0, 3, 4] } else { [0, 1, 2] };
+        pick.map(|i| (KS[i], self.at[i]))
+    }
 }
 
 pub struct Score;
@@ -368,6 +497,7 @@ impl Stage for Score {
     fn input_tables() -> &'static [InputTable] {
         const INPUTS: &[InputTable] = &[
             InputTable::required("templates"),
+            InputTable::optional("galleries"),
             InputTable::required("image_embeddings"),
             InputTable::required("text_embeddings"),
         ];
@@ -459,16 +589,17 @@ impl Stage for Score {
                 img.dim, txt.dim
             )));
         }
-        let tasks =
-            read_templates(ctx.input("templates")?, &img, &txt, ctx.stage).map_err(fail)?;
+        let galleries = read_galleries(ctx.optional_input("galleries")).map_err(fail)?;
+        let tasks = read_templates(ctx.input("templates")?, &galleries, &img, &txt, ctx.stage)
+            .map_err(fail)?;
         if tasks.is_empty() {
             return Err(fail(
                 "the templates table is empty: nothing to score".into(),
             ));
         }
+        let device = select_device(&p.device).map_err(&fail)?;
         let combiner = match (&p.combiner, p.methods().contains(&Method::Combiner)) {
             (Some(c), true) => {
-                let device = select_device(&p.device).map_err(&fail)?;
                 let comb = Combiner::new(StateDict::load(&ctx.resolve(c), device)?)?;
                 if comb.dim as usize != img.dim {
                     return Err(fail(format!(
@@ -476,7 +607,7 @@ impl Stage for Score {
                         comb.dim, img.dim
                     )));
                 }
-                Some((comb, device))
+                Some(comb)
             }
             _ => None,
         };
@@ -487,13 +618,21 @@ impl Stage for Score {
         let txt_n: Vec<Vec<f32>> = (0..txt.index.len())
             .map(|i| normalized(txt.row(i)))
             .collect();
-        let mut s_task = StringBuilder::new();
-        let mut s_id = UInt32Builder::new();
-        let mut s_method = StringBuilder::new();
-        let mut s_rank = UInt32Builder::new();
-        let mut s_sims = ListBuilder::new(Float32Builder::new());
+        let mut rows = ScoreRows::default();
         let mut recalls: Vec<Recall> = Vec::new();
         for t in &tasks {
+            // A global gallery goes to the device once per task.
+            let gallery = match &t.global {
+                Some(g) => {
+                    let flat: Vec<f32> = g.gallery.iter().flat_map(|&r| img_n[r].iter().copied()).collect();
+                    Some(
+                        Tensor::f_from_slice(&flat)?
+                            .f_view([g.gallery.len() as i64, img.dim as i64])?
+                            .f_to_device(device)?,
+                    )
+                }
+                None => None,
+            };
             for method in p.methods() {
                 let queries: Vec<Vec<f32>> = match method {
                     Method::ImageOnly => t.reference.iter().map(|&r| img_n[r].clone()).collect(),
@@ -514,7 +653,9 @@ impl Stage for Score {
                         })
                         .collect(),
                     Method::Combiner => {
-                        let (comb, device) = combiner.as_ref().expect("validated: combiner set");
+                        let comb = combiner
+                            .as_ref()
+                            .ok_or_else(|| Error::Internal("combiner method without a combiner".into()))?;
                         let pick = |rows: &[usize], e: &Embeddings, n: &[Vec<f32>]| -> Tensor {
                             let flat: Vec<f32> = rows
                                 .iter()
@@ -525,75 +666,73 @@ impl Stage for Score {
                                 .collect();
                             Tensor::from_slice(&flat)
                                 .view([rows.len() as i64, e.dim as i64])
-                                .to_device(*device)
+                                .to_device(device)
                         };
-                        let qi = pick(&t.reference, &img, &img_n);
-                        let qt = pick(&t.text, &txt, &txt_n);
-                        let out = tch::no_grad(|| comb.forward(&qi, &qt))?;
-                        let flat = Vec::<f32>::try_from(
-                            out.to_device(Device::Cpu).contiguous().view([-1]),
-                        )?;
-                        flat.chunks(img.dim).map(normalized).collect()
+                        let mut out = Vec::with_capacity(t.reference.len());
+                        // Blocks keep a large global task's activations small.
+                        for (refs, texts) in t.reference.chunks(4096).zip(t.text.chunks(4096)) {
+                            let qi = pick(refs, &img, &img_n);
+                            let qt = pick(texts, &txt, &txt_n);
+                            let y = tch::no_grad(|| comb.forward(&qi, &qt))?;
+                            let flat = Vec::<f32>::try_from(
+                                y.to_device(Device::Cpu).contiguous().view([-1]),
+                            )?;
+                            out.extend(flat.chunks(img.dim).map(normalized));
+                        }
+                        out
                     }
                 };
-                let mut hits = [0u64; 3];
-                for (i, q) in queries.iter().enumerate() {
-                    let sims: Vec<f32> =
-                        t.candidates[i].iter().map(|&c| dot(q, &img_n[c])).collect();
-                    let rank = target_rank(&sims);
-                    for (k, h) in hits.iter_mut().enumerate() {
-                        if rank as usize <= k + 1 {
-                            *h += 1;
+                let ranks = match (&t.global, &gallery) {
+                    (Some(g), Some(gallery)) => {
+                        let flat: Vec<f32> = queries.iter().flatten().copied().collect();
+                        let ranked =
+                            rank_global(&flat, img.dim, gallery, &g.mask, &g.relevant, 10, device)?;
+                        for (i, r) in ranked.iter().enumerate() {
+                            let sims: Vec<f32> = r.top.iter().map(|x| x.1).collect();
+                            let keys: Vec<&str> =
+                                r.top.iter().map(|x| g.keys[x.0 as usize].as_str()).collect();
+                            rows.push(&t.task, t.template_ids[i], method, r.rank, &sims, Some(&keys));
                         }
+                        ranked.iter().map(|r| r.rank).collect::<Vec<_>>()
                     }
-                    s_task.append_value(&t.task);
-                    s_id.append_value(t.template_ids[i]);
-                    s_method.append_value(method.name());
-                    s_rank.append_value(rank);
-                    for s in sims {
-                        s_sims.values().append_value(s);
+                    _ => {
+                        let mut ranks = Vec::with_capacity(queries.len());
+                        for (i, q) in queries.iter().enumerate() {
+                            let sims: Vec<f32> =
+                                t.candidates[i].iter().map(|&c| dot(q, &img_n[c])).collect();
+                            let rank = target_rank(&sims);
+                            rows.push(&t.task, t.template_ids[i], method, rank, &sims, None);
+                            ranks.push(rank);
+                        }
+                        ranks
                     }
-                    s_sims.append(true);
-                }
-                let n = queries.len() as u64;
-                recalls.push(Recall {
-                    task: t.task.clone(),
-                    method: method.name(),
-                    at: hits.map(|h| h as f64 / n.max(1) as f64),
-                    n,
-                });
+                };
+                recalls.push(Recall::from_ranks(&t.task, method.name(), &ranks, t.global.is_some()));
             }
         }
-        if tasks.len() > 1 {
+        let local: Vec<&TaskRows> = tasks.iter().filter(|t| t.global.is_none()).collect();
+        if local.len() > 1 {
             for method in p.methods() {
-                let rows: Vec<&Recall> = recalls
+                let rs: Vec<&Recall> = recalls
                     .iter()
-                    .filter(|r| r.method == method.name())
+                    .filter(|r| r.method == method.name() && !r.global)
                     .collect();
-                let mut at = [0.0; 3];
-                for r in &rows {
+                let mut at = [0.0; 5];
+                for r in &rs {
                     for (a, v) in at.iter_mut().zip(r.at) {
-                        *a += v / rows.len() as f64;
+                        *a += v / rs.len() as f64;
                     }
                 }
                 recalls.push(Recall {
                     task: "average".into(),
                     method: method.name(),
                     at,
-                    n: rows.iter().map(|r| r.n).sum(),
+                    n: rs.iter().map(|r| r.n).sum(),
+                    global: false,
                 });
             }
         }
-        let scores = RecordBatch::try_new(
-            SCORES_SCHEMA.clone(),
-            vec![
-                Arc::new(s_task.finish()) as ArrayRef,
-                Arc::new(s_id.finish()),
-                Arc::new(s_method.finish()),
-                Arc::new(s_rank.finish()),
-                Arc::new(s_sims.finish()),
-            ],
-        )?;
+        let scores = rows.finish()?;
         let results = results_batch(&recalls)?;
         let title = format!(
             "GeneCIS, model {model}; image_plus_text on {} features, w_text = {}",
@@ -616,7 +755,7 @@ impl Stage for Score {
 fn results_batch(recalls: &[Recall]) -> Result<RecordBatch> {
     let mut task = StringBuilder::new();
     let mut method = StringBuilder::new();
-    let mut at: [Float64Builder; 3] = Default::default();
+    let mut at: [Float64Builder; 5] = Default::default();
     let mut n = UInt64Builder::new();
     for r in recalls {
         task.append_value(&r.task);
@@ -626,18 +765,57 @@ fn results_batch(recalls: &[Recall]) -> Result<RecordBatch> {
         }
         n.append_value(r.n);
     }
-    let [mut a1, mut a2, mut a3] = at;
-    Ok(RecordBatch::try_new(
-        RESULTS_SCHEMA.clone(),
-        vec![
-            Arc::new(task.finish()) as ArrayRef,
-            Arc::new(method.finish()),
-            Arc::new(a1.finish()),
-            Arc::new(a2.finish()),
-            Arc::new(a3.finish()),
-            Arc::new(n.finish()),
-        ],
-    )?)
+    let mut cols: Vec<ArrayRef> = vec![Arc::new(task.finish()), Arc::new(method.finish())];
+    cols.extend(at.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    cols.push(Arc::new(n.finish()));
+    Ok(RecordBatch::try_new(RESULTS_SCHEMA.clone(), cols)?)
+}
+
+/// Builders of the `scores` table.
+#[derive(Default)]
+struct ScoreRows {
+    task: StringBuilder,
+    id: UInt32Builder,
+    method: StringBuilder,
+    rank: UInt32Builder,
+    sims: ListBuilder<Float32Builder>,
+    top: ListBuilder<StringBuilder>,
+}
+
+impl ScoreRows {
+    fn push(&mut self, task: &str, id: u32, method: Method, rank: u32, sims: &[f32], top: Option<&[&str]>) {
+        self.task.append_value(task);
+        self.id.append_value(id);
+        self.method.append_value(method.name());
+        self.rank.append_value(rank);
+        for &s in sims {
+            self.sims.values().append_value(s);
+        }
+        self.sims.append(true);
+        match top {
+            Some(keys) => {
+                for k in keys {
+                    self.top.values().append_value(k);
+                }
+                self.top.append(true);
+            }
+            None => self.top.append(false),
+        }
+    }
+
+    fn finish(mut self) -> Result<RecordBatch> {
+        Ok(RecordBatch::try_new(
+            SCORES_SCHEMA.clone(),
+            vec![
+                Arc::new(self.task.finish()) as ArrayRef,
+                Arc::new(self.id.finish()),
+                Arc::new(self.method.finish()),
+                Arc::new(self.rank.finish()),
+                Arc::new(self.sims.finish()),
+                Arc::new(self.top.finish()),
+            ],
+        )?)
+    }
 }
 
 #[cfg(test)]

@@ -26,12 +26,21 @@ fn find<'a>(rs: &'a [Recall], task: &str, method: &str) -> Option<&'a Recall> {
     rs.iter().find(|r| r.task == task && r.method == method)
 }
 
+/// The K shown for a task.
+fn ks(rs: &[Recall], task: &str) -> [usize; 3] {
+    rs.iter()
+        .find(|r| r.task == task)
+        .map(|r| r.shown().map(|(k, _)| k))
+        .unwrap_or([1, 2, 3])
+}
+
 pub fn markdown(title: &str, rs: &[Recall]) -> String {
     let (tasks, methods) = axes(rs);
-    let mut s = format!("# {title}\n\nRecall@1 / @2 / @3 (%) per task; the target is candidate 0 of each template's candidates.\n\n");
+    let mut s = format!("# {title}\n\nRecall@K (%) per task: GeneCIS tasks at K = 1, 2, 3 (the target is candidate 0 of each template's 15); global tasks (CIRR, MIT-States) at K = 1, 5, 10 over the whole gallery, the reference left out.\n\n");
     s.push_str("| method |");
     for t in &tasks {
-        s.push_str(&format!(" {t} R@1 | R@2 | R@3 |"));
+        let [a, b, c] = ks(rs, t);
+        s.push_str(&format!(" {t} R@{a} | R@{b} | R@{c} |"));
     }
     s.push('\n');
     s.push_str("|---|");
@@ -44,7 +53,7 @@ pub fn markdown(title: &str, rs: &[Recall]) -> String {
         for t in &tasks {
             match find(rs, t, m) {
                 Some(r) => {
-                    for v in r.at {
+                    for (_, v) in r.shown() {
                         s.push_str(&format!(" {:.1} |", 100.0 * v));
                     }
                 }
@@ -73,24 +82,27 @@ pub fn text_table(rs: &[Recall]) -> String {
         s.push_str(&format!("  {t:>tw$}"));
     }
     s.push('\n');
+    s.push_str(&format!("{:<w$}", ""));
+    for t in &tasks {
+        let [a, b, c] = ks(rs, t);
+        let head = format!("R@{a} / R@{b} / R@{c}");
+        s.push_str(&format!("  {head:>tw$}"));
+    }
+    s.push('\n');
     for m in &methods {
         s.push_str(&format!("{m:<w$}"));
         for t in &tasks {
             let cell = find(rs, t, m)
                 .map(|r| {
-                    format!(
-                        "{:.1} / {:.1} / {:.1}",
-                        100.0 * r.at[0],
-                        100.0 * r.at[1],
-                        100.0 * r.at[2]
-                    )
+                    let [(_, a), (_, b), (_, c)] = r.shown();
+                    format!("{:.1} / {:.1} / {:.1}", 100.0 * a, 100.0 * b, 100.0 * c)
                 })
                 .unwrap_or_default();
             s.push_str(&format!("  {cell:>tw$}"));
         }
         s.push('\n');
     }
-    s.push_str(&format!("{:w$}  (R@1 / R@2 / R@3, %)", ""));
+    s.push_str(&format!("{:w$}  (recall, %)", ""));
     s
 }
 

@@ -14,7 +14,7 @@ use crate::model::fixtures;
 
 /// A small JPEG whose content depends on `seed` (gradients plus a hashed
 /// pattern), so different ids give different embeddings.
-fn jpeg(path: &Path, seed: u64, w: u32, h: u32) {
+pub(crate) fn jpeg(path: &Path, seed: u64, w: u32, h: u32) {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
         let v = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as u32;
         let c = |k: u32| ((x * (3 + k) + y * (5 + (v >> (k * 4)) % 7) + v * (k + 1)) % 256) as u8;
@@ -168,7 +168,7 @@ fn manifest(dir: &Path, w: &World, combiner: bool) -> PathBuf {
     path
 }
 
-fn embeddings(dir: &Path, key: &str) -> HashMap<String, Vec<f32>> {
+pub(crate) fn embeddings(dir: &Path, key: &str) -> HashMap<String, Vec<f32>> {
     let mut out = HashMap::new();
     for b in read_table(dir).unwrap() {
         let k = b.column_by_name(key).unwrap().as_string::<i32>().clone();
@@ -186,7 +186,7 @@ fn embeddings(dir: &Path, key: &str) -> HashMap<String, Vec<f32>> {
     out
 }
 
-fn unit(v: &[f32]) -> Vec<f64> {
+pub(crate) fn unit(v: &[f32]) -> Vec<f64> {
     let n = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     v.iter().map(|x| *x as f64 / n).collect()
 }

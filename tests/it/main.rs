@@ -2,6 +2,7 @@
 
 mod common;
 mod eval;
+mod global;
 mod ingest;
 mod manifest;
 mod mine;

@@ -176,7 +176,7 @@ fn preprocessing_matches_pil() {
     for i in 0..5 {
         for ext in ["png", "jpg"] {
             let path = fixtures().join(format!("pre_{i}.{ext}"));
-            let ours = load_rgb(&ImageKey { path: &path, bbox: None }, 32).unwrap();
+            let ours = load_rgb(&ImageKey { path: &path, bbox: None, rgb_first: false }, 32).unwrap();
             let theirs = refs[&format!("pre_{i}_{ext}")].to_kind(tch::Kind::Int64);
             let ours = Tensor::from_slice(ours.as_raw().as_slice())
                 .view([32, 32, 3])
@@ -206,7 +206,7 @@ fn decode_crop_and_resize_match_the_original_bit_for_bit() {
             [v[0], v[1], v[2], v[3]]
         });
         let n = r["n"].as_u64().unwrap() as u32;
-        let got = load_rgb(&ImageKey { path: &path, bbox }, n);
+        let got = load_rgb(&ImageKey { path: &path, bbox, rgb_first: false }, n);
         if r["error"].as_bool() == Some(true) {
             assert!(got.is_err(), "{path:?} decodes although Pillow refuses it");
             continue;

@@ -1,13 +1,19 @@
 //! `templates`: the GeneCIS benchmark templates (the official JSON files of
-//! facebookresearch/genecis, any subset of the four tasks) as tables. Every
-//! image is named by an *image key* (file plus crop box), so `embed` encodes
-//! each distinct image once however many templates use it.
+//! facebookresearch/genecis, any subset of the four tasks) and the original's
+//! two global evaluations (CIRR val, MIT-States test; `global.rs`) as tables.
+//! Every image is named by an *image key* (file plus crop box), so `embed`
+//! encodes each distinct image once however many templates use it.
 //!
 //! Tables:
-//! - `templates(task, template_id, condition, reference_key, target_key, gallery_keys list<utf8>)`:
-//!   `template_id` is the index in the file's array; candidate 0 is the target.
-//! - `image_keys(image_key, source, path, bbox_x, bbox_y, bbox_w, bbox_h, required)`:
-//!   distinct over all tasks; `source` is `coco` or `vg`; bbox only for `vg`.
+//! - `templates(task, template_id, condition, reference_key, target_key?,
+//!   gallery_keys list<utf8>, gallery_set?, target_keys list<utf8>?)`:
+//!   `template_id` is the index in the file's array. GeneCIS tasks rank
+//!   `gallery_keys` with the target as candidate 0; global tasks rank the
+//!   whole `gallery_set` (reference masked), a hit being any of `target_keys`.
+//! - `galleries(gallery_set, image_key)`: each global task's images, in order.
+//! - `image_keys(image_key, source, path, bbox_x, bbox_y, bbox_w, bbox_h,
+//!   required, rgb_first)`: distinct over all tasks; bbox only for `vg`;
+//!   `rgb_first` where the original converts to RGB before its transform.
 //! - `texts(text)`: the distinct conditions.
 //! - `rejects(source, line_number, reason, raw)`: malformed templates
 //!   (`line_number` = index in the file's array).
@@ -30,6 +36,8 @@ use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod global;
+
 use crate::error::{Error, Result};
 use crate::ingest::REJECTS_SCHEMA;
 use crate::stage::{
@@ -42,12 +50,21 @@ pub static TEMPLATES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("template_id", DataType::UInt32, false),
         Field::new("condition", DataType::Utf8, false),
         Field::new("reference_key", DataType::Utf8, false),
-        Field::new("target_key", DataType::Utf8, false),
-        Field::new(
-            "gallery_keys",
-            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
-            false,
-        ),
+        Field::new("target_key", DataType::Utf8, true),
+        Field::new("gallery_keys", utf8_list(), false),
+        Field::new("gallery_set", DataType::Utf8, true),
+        Field::new("target_keys", utf8_list(), true),
+    ]))
+});
+
+fn utf8_list() -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
+}
+
+pub static GALLERIES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("gallery_set", DataType::Utf8, false),
+        Field::new("image_key", DataType::Utf8, false),
     ]))
 });
 
@@ -61,6 +78,7 @@ pub static IMAGE_KEYS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("bbox_w", DataType::Float64, true),
         Field::new("bbox_h", DataType::Float64, true),
         Field::new("required", DataType::Boolean, false),
+        Field::new("rgb_first", DataType::Boolean, false),
     ]))
 });
 
@@ -97,6 +115,19 @@ pub struct TemplatesParams {
     /// VAW-style templates.
     #[serde(default)]
     pub vg_dir: Option<PathBuf>,
+    /// CIRR (the original's cirr_root: cirr/captions, cirr/image_splits and
+    /// the image folders): adds task `cirr_val`, global retrieval over the
+    /// val images.
+    #[serde(default)]
+    pub cirr_dir: Option<PathBuf>,
+    /// MIT-States (images/<adj noun>/*.jpg): adds task `mit_states`, global
+    /// retrieval over the 49 test nouns' images.
+    #[serde(default)]
+    pub mit_states_dir: Option<PathBuf>,
+    /// MIT-States queries say "adj noun" instead of the adjective alone
+    /// (the original's use_complete_text_query).
+    #[serde(default)]
+    pub mit_states_full_query: bool,
     /// The original keeps only templates whose gallery has the file's most
     /// common length (ties: the shortest) and drops the rest ("a hack", its
     /// code says); they go to `rejects` here. true keeps every template.
@@ -316,8 +347,8 @@ impl Stage for Templates {
         "GeneCIS template JSONs (COCO or VAW style) -> templates, image_keys, texts, rejects";
     type Params = TemplatesParams;
 
-    /// Each task's template file, read.
-    type Work = Vec<(&'static str, PathBuf, TemplateFile)>;
+    /// Each GeneCIS task's template file, read, and the global tasks.
+    type Work = (Vec<(&'static str, PathBuf, TemplateFile)>, Vec<global::GlobalTask>);
 
     fn input_tables() -> &'static [InputTable] {
         &[]
@@ -329,16 +360,20 @@ impl Stage for Templates {
             TableDef::new("image_keys", IMAGE_KEYS_SCHEMA.clone()),
             TableDef::new("texts", TEXTS_SCHEMA.clone()),
             TableDef::new("rejects", REJECTS_SCHEMA.clone()),
+            TableDef::new("galleries", GALLERIES_SCHEMA.clone()),
         ]
     }
 
     fn validate(p: &TemplatesParams, _base: &Path) -> Vec<(String, String)> {
         let mut out = Vec::new();
         let tasks = p.tasks();
-        if tasks.is_empty() {
+        if tasks.is_empty() && p.cirr_dir.is_none() && p.mit_states_dir.is_none() {
             out.push((
                 "params".into(),
-                format!("name at least one task file: {}", TASKS.join(", ")),
+                format!(
+                    "name at least one task file ({}), or cirr_dir or mit_states_dir",
+                    TASKS.join(", ")
+                ),
             ));
         }
         let has = |suffix: &str| tasks.iter().any(|(t, _)| t.ends_with(suffix));
@@ -369,6 +404,14 @@ impl Stage for Templates {
         if let Some(d) = &p.vg_dir {
             v.push(("vg_dir", resolve_path(base, d)));
         }
+        if let Some(d) = &p.cirr_dir {
+            let (cap, split) = global::cirr_files(&resolve_path(base, d), "val");
+            v.push(("cirr_dir", cap));
+            v.push(("cirr_dir", split));
+        }
+        if let Some(d) = &p.mit_states_dir {
+            v.push(("mit_states_dir", resolve_path(base, d).join("images")));
+        }
         v
     }
 
@@ -390,12 +433,23 @@ impl Stage for Templates {
             n += (tf.ok.len() + tf.bad.len()) as u64;
             files.push((task, path, tf));
         }
-        Ok(Chunks::single(files, n, "templates"))
+        let mut globals = Vec::new();
+        if let Some(d) = &p.cirr_dir {
+            globals.push(global::read_cirr(&ctx.resolve(d), "val")?);
+        }
+        if let Some(d) = &p.mit_states_dir {
+            globals.push(global::read_mit_states(&ctx.resolve(d), p.mit_states_full_query)?);
+        }
+        n += globals
+            .iter()
+            .map(|g| (g.queries.len() + g.rejects.len()) as u64)
+            .sum::<u64>();
+        Ok(Chunks::single((files, globals), n, "templates"))
     }
 
     fn run_chunk(
         p: &TemplatesParams,
-        files: &Self::Work,
+        (files, globals): &Self::Work,
         _k: usize,
         ctx: &StageContext,
     ) -> Result<Option<ChunkTables>> {
@@ -407,11 +461,13 @@ impl Stage for Templates {
         let mut t_ref = StringBuilder::new();
         let mut t_tgt = StringBuilder::new();
         let mut t_gal = ListBuilder::new(StringBuilder::new());
+        let mut t_set = StringBuilder::new();
+        let mut t_tgts = ListBuilder::new(StringBuilder::new());
         let mut r_src = StringBuilder::new();
         let mut r_line = Int64Builder::new();
         let mut r_reason = StringBuilder::new();
         let mut r_raw = StringBuilder::new();
-        let mut keys: BTreeMap<String, (ImageRef, PathBuf)> = BTreeMap::new();
+        let mut keys: BTreeMap<String, KeyInfo> = BTreeMap::new();
         let mut texts: BTreeSet<String> = BTreeSet::new();
         for (task, path, tf) in files {
             let source = path.display().to_string();
@@ -443,7 +499,15 @@ impl Stage for Templates {
                     }
                 };
                 for (im, path) in t.images().zip(paths) {
-                    keys.entry(im.key()).or_insert((im.clone(), path));
+                    keys.entry(im.key()).or_insert(KeyInfo {
+                        source: im.source(),
+                        path,
+                        bbox: match im {
+                            ImageRef::Vaw { bbox, .. } => Some(*bbox),
+                            ImageRef::Coco(_) => None,
+                        },
+                        rgb_first: false,
+                    });
                 }
                 texts.insert(t.condition.clone());
                 t_task.append_value(task);
@@ -455,6 +519,8 @@ impl Stage for Templates {
                     t_gal.values().append_value(g.key());
                 }
                 t_gal.append(true);
+                t_set.append_null();
+                t_tgts.append_null();
                 n_ok += 1;
             }
             bad.sort_by_key(|b| b.0);
@@ -473,6 +539,52 @@ impl Stage for Templates {
                 }
             ));
         }
+        let mut g_set = StringBuilder::new();
+        let mut g_key = StringBuilder::new();
+        for g in globals {
+            for (key, path) in &g.gallery {
+                keys.entry(key.clone()).or_insert(KeyInfo {
+                    source: g.source,
+                    path: path.clone(),
+                    bbox: None,
+                    rgb_first: g.rgb_first,
+                });
+                g_set.append_value(g.task);
+                g_key.append_value(key);
+            }
+            for q in &g.queries {
+                texts.insert(q.condition.clone());
+                t_task.append_value(g.task);
+                t_id.append_value(q.id);
+                t_cond.append_value(&q.condition);
+                t_ref.append_value(&g.gallery[q.reference].0);
+                t_tgt.append_option(q.target.map(|t| g.gallery[t].0.as_str()));
+                t_gal.append(true);
+                t_set.append_value(g.task);
+                for &r in &q.relevant {
+                    t_tgts.values().append_value(&g.gallery[r].0);
+                }
+                t_tgts.append(true);
+            }
+            let source = g.source_file.display().to_string();
+            for (i, reason, raw) in &g.rejects {
+                r_src.append_value(&source);
+                r_line.append_value(*i as i64);
+                r_reason.append_value(reason);
+                r_raw.append_value(raw);
+            }
+            ctx.note(format!(
+                "{}: {} queries over {} images{}",
+                g.task,
+                g.queries.len(),
+                g.gallery.len(),
+                if g.rejects.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} rejected (see the rejects table)", g.rejects.len())
+                }
+            ));
+        }
         let templates = RecordBatch::try_new(
             TEMPLATES_SCHEMA.clone(),
             vec![
@@ -482,26 +594,34 @@ impl Stage for Templates {
                 Arc::new(t_ref.finish()),
                 Arc::new(t_tgt.finish()),
                 Arc::new(t_gal.finish()),
+                Arc::new(t_set.finish()),
+                Arc::new(t_tgts.finish()),
             ],
+        )?;
+        let galleries = RecordBatch::try_new(
+            GALLERIES_SCHEMA.clone(),
+            vec![Arc::new(g_set.finish()) as ArrayRef, Arc::new(g_key.finish())],
         )?;
         let mut k_key = StringBuilder::new();
         let mut k_src = StringBuilder::new();
         let mut k_path = StringBuilder::new();
         let mut bb: [Float64Builder; 4] = Default::default();
         let mut k_req = BooleanBuilder::new();
-        for (key, (im, path)) in &keys {
+        let mut k_rgb = BooleanBuilder::new();
+        for (key, k) in &keys {
             k_key.append_value(key);
-            k_src.append_value(im.source());
-            k_path.append_value(path.to_string_lossy());
-            match im {
-                ImageRef::Vaw { bbox, .. } => {
+            k_src.append_value(k.source);
+            k_path.append_value(k.path.to_string_lossy());
+            match k.bbox {
+                Some(bbox) => {
                     for (b, v) in bb.iter_mut().zip(bbox) {
-                        b.append_value(*v);
+                        b.append_value(v);
                     }
                 }
-                ImageRef::Coco(_) => bb.iter_mut().for_each(|b| b.append_null()),
+                None => bb.iter_mut().for_each(|b| b.append_null()),
             }
             k_req.append_value(true);
+            k_rgb.append_value(k.rgb_first);
         }
         let [mut bx, mut by, mut bw, mut bh] = bb;
         let image_keys = RecordBatch::try_new(
@@ -515,6 +635,7 @@ impl Stage for Templates {
                 Arc::new(bw.finish()),
                 Arc::new(bh.finish()),
                 Arc::new(k_req.finish()),
+                Arc::new(k_rgb.finish()),
             ],
         )?;
         let mut tx = StringBuilder::new();
@@ -541,8 +662,17 @@ impl Stage for Templates {
             ("image_keys", image_keys),
             ("texts", texts_b),
             ("rejects", rejects),
+            ("galleries", galleries),
         ]))
     }
+}
+
+/// What `image_keys` records of one image.
+struct KeyInfo {
+    source: &'static str,
+    path: PathBuf,
+    bbox: Option<[f64; 4]>,
+    rgb_first: bool,
 }
 
 fn count_jpgs(dir: &Path) -> usize {
@@ -623,6 +753,12 @@ fn check(p: &TemplatesParams, base: &Path) -> Vec<Finding> {
                 ),
             ));
         }
+    }
+    if let Some(d) = &p.cirr_dir {
+        out.extend(global::check_cirr(&resolve_path(base, d)));
+    }
+    if let Some(d) = &p.mit_states_dir {
+        out.extend(global::check_mit_states(&resolve_path(base, d)));
     }
     let mut missing: Vec<(String, usize, PathBuf)> = Vec::new();
     let mut n_missing = 0usize;

@@ -1,0 +1,246 @@
+//! The original's global evaluations, CIRR val and MIT-States test, on small
+//! datasets in the real layouts written here: the queries `templates` makes,
+//! recall against a brute-force ranking, and `check` naming what is missing.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{Float64Type, UInt32Type};
+use genecis::store::read_table;
+
+use crate::common::*;
+use crate::eval::{embeddings, jpeg, unit};
+use crate::model::fixtures;
+
+/// CIRR: 12 val images (PNG, as CIRR ships), 8 captions, one caption whose
+/// reference is not in the split.
+fn cirr(root: &Path) {
+    let mut split = serde_json::Map::new();
+    for i in 0..12 {
+        let name = format!("dev-{i}-0-img0");
+        let rel = format!("./dev/{name}.png");
+        let img = image::RgbImage::from_fn(40 + i, 30 + 2 * i, |x, y| {
+            image::Rgb([(x * 5 + i * 20) as u8, (y * 7) as u8, ((x + y) * i) as u8])
+        });
+        std::fs::create_dir_all(root.join("dev")).unwrap();
+        img.save(root.join(format!("dev/{name}.png"))).unwrap();
+        split.insert(name, serde_json::Value::String(rel));
+    }
+    let caps: Vec<serde_json::Value> = (0..9)
+        .map(|i| {
+            let caption = ["make it red", "add a dog", "on the beach", "remove the cup"][i % 4];
+            serde_json::json!({
+                "pairid": i,
+                "reference": if i == 8 { "dev-99-0-img0".to_string() } else { format!("dev-{i}-0-img0") },
+                "target_hard": format!("dev-{}-0-img0", (i * 5 + 3) % 12),
+                "target_soft": {},
+                "caption": caption,
+                "img_set": {}
+            })
+        })
+        .collect();
+    write(
+        &root.join("cirr/image_splits/split.rc2.val.json"),
+        serde_json::to_string(&split).unwrap(),
+    );
+    write(
+        &root.join("cirr/captions/cap.rc2.val.json"),
+        serde_json::to_string(&caps).unwrap(),
+    );
+}
+
+/// MIT-States: two test nouns (tomato: 3 adjectives, fish: 2), a noun not
+/// in the test list, an "adj" folder and a folder without an adjective.
+fn mit_states(root: &Path) {
+    let folders = [
+        ("ripe tomato", 2),
+        ("unripe tomato", 2),
+        ("rotten tomato", 1),
+        ("raw fish", 2),
+        ("cooked fish", 1),
+        ("old car", 2),
+        ("adj tomato", 1),
+        ("tomato", 1),
+    ];
+    let mut seed = 0;
+    for (f, n) in folders {
+        for j in 0..n {
+            seed += 1;
+            jpeg(&root.join(format!("images/{f}/img_{j}.jpg")), seed, 48, 36 + 4 * j);
+        }
+    }
+    // A grayscale image: the original converts it to RGB before resizing.
+    image::GrayImage::from_fn(50, 40, |x, y| image::Luma([(x * 5 + y) as u8]))
+        .save(root.join("images/raw fish/img_gray.jpg"))
+        .unwrap();
+}
+
+/// Brute-force R@K and ranks: cosine against the whole gallery, the
+/// reference at -1e5, rank = 1 + images strictly above the best hit.
+fn brute(
+    q: &[f64],
+    gallery: &[Vec<f64>],
+    reference: usize,
+    hits: &[usize],
+) -> usize {
+    let mut sims: Vec<f64> = gallery
+        .iter()
+        .map(|g| g.iter().zip(q).map(|(a, b)| a * b).sum())
+        .collect();
+    sims[reference] = -1e5;
+    let best = hits.iter().map(|&h| sims[h]).fold(f64::MIN, f64::max);
+    1 + sims.iter().filter(|&&s| s > best).count()
+}
+
+#[test]
+fn cirr_and_mit_states_rank_the_whole_gallery() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, ms) = (tmp.path().join("cirr_root"), tmp.path().join("mit"));
+    cirr(&c);
+    mit_states(&ms);
+    let fx = fixtures();
+    let m = Manifest::new("global")
+        .stage(
+            "templates",
+            "templates",
+            &[],
+            &format!(
+                "cirr_dir = \"{}\", mit_states_dir = \"{}\"",
+                c.display(),
+                ms.display()
+            ),
+        )
+        .stage(
+            "embed",
+            "embed",
+            &["templates"],
+            &format!("checkpoint = \"{}\", device = \"cpu\"", fx.join("vit_state.pt").display()),
+        )
+        .stage(
+            "score",
+            "score",
+            &["templates", "embed"],
+            &format!("combiner = \"{}\", device = \"cpu\"", fx.join("combiner_state.pt").display()),
+        )
+        .write(tmp.path());
+    let ms_ = m.to_str().unwrap();
+    // The caption that names no image is a check error; run anyway: it becomes a reject.
+    let r = genecis(&["run", ms_, "-q", "--skip-check"]);
+    assert!(r.ok().stdout.contains("R@1 / R@5 / R@10"), "{}", r.stdout);
+
+    // The queries: CIRR one per good caption; MIT-States one per image and
+    // other adjective of its noun (tomato 5 images x 2, fish 4 x 1).
+    let n = sql_csv(&m, "SELECT task, count(*) FROM templates GROUP BY task ORDER BY task");
+    assert_eq!(n[1..], ["cirr_val,8", "mit_states,14"]);
+    let rej = sql_csv(&m, "SELECT line_number, reason FROM templates.rejects");
+    assert!(rej.len() == 2 && rej[1].contains("reference 'dev-99-0-img0' is not an image"), "{rej:?}");
+    let g = sql_csv(&m, "SELECT gallery_set, count(*) FROM galleries GROUP BY 1 ORDER BY 1");
+    assert_eq!(g[1..], ["cirr_val,12", "mit_states,9"]);
+    let q = sql_csv(
+        &m,
+        "SELECT condition, array_length(target_keys, 1) FROM templates WHERE task = 'mit_states' AND reference_key = 'mit_states/raw fish/img_gray.jpg'",
+    );
+    assert_eq!(q[1..], ["cooked,1"]);
+    let gray = sql_csv(&m, "SELECT rgb_first FROM image_keys WHERE image_key LIKE '%img_gray%'");
+    assert_eq!(gray[1], "true");
+
+    // Brute force over the stored embeddings.
+    let run = tmp.path().join("run");
+    let img = embeddings(&run.join("embed/image_embeddings"), "image_key");
+    let txt = embeddings(&run.join("embed/text_embeddings"), "text");
+    let mut gallery: HashMap<String, Vec<String>> = HashMap::new();
+    for b in read_table(&run.join("templates/galleries")).unwrap() {
+        let s = b.column_by_name("gallery_set").unwrap().as_string::<i32>().clone();
+        let k = b.column_by_name("image_key").unwrap().as_string::<i32>().clone();
+        for i in 0..b.num_rows() {
+            gallery.entry(s.value(i).into()).or_default().push(k.value(i).into());
+        }
+    }
+    let mut ranks: HashMap<(String, u32, String), u32> = HashMap::new();
+    for b in read_table(&run.join("score/scores")).unwrap() {
+        let t = b.column_by_name("task").unwrap().as_string::<i32>().clone();
+        let id = b.column_by_name("template_id").unwrap().as_primitive::<UInt32Type>().clone();
+        let me = b.column_by_name("method").unwrap().as_string::<i32>().clone();
+        let rk = b.column_by_name("target_rank").unwrap().as_primitive::<UInt32Type>().clone();
+        let top = b.column_by_name("top_keys").unwrap().as_list::<i32>().clone();
+        for i in 0..b.num_rows() {
+            assert_eq!(top.value(i).len(), 10.min(gallery[t.value(i)].len()));
+            ranks.insert((t.value(i).into(), id.value(i), me.value(i).into()), rk.value(i));
+        }
+    }
+    let mut hits: HashMap<(String, String), [usize; 3]> = HashMap::new();
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for b in read_table(&run.join("templates/templates")).unwrap() {
+        let col = |n: &str| b.column_by_name(n).unwrap().clone();
+        let (task, id, cond, rf, tk) = (col("task"), col("template_id"), col("condition"), col("reference_key"), col("target_keys"));
+        for i in 0..b.num_rows() {
+            let task = task.as_string::<i32>().value(i).to_string();
+            let keys = &gallery[&task];
+            let pos = |k: &str| keys.iter().position(|x| x == k).unwrap();
+            let units: Vec<Vec<f64>> = keys.iter().map(|k| unit(&img[k])).collect();
+            let reference = rf.as_string::<i32>().value(i);
+            let targets = tk.as_list::<i32>().value(i);
+            let targets: Vec<usize> = (0..targets.len())
+                .map(|j| pos(targets.as_string::<i32>().value(j)))
+                .collect();
+            let (r, x) = (&img[reference], &txt[cond.as_string::<i32>().value(i)]);
+            let mix: Vec<f32> = r.iter().zip(x).map(|(a, b)| 0.5 * a + 0.5 * b).collect();
+            *count.entry(task.clone()).or_default() += 1;
+            for (method, q) in [("image_only", unit(r)), ("text_only", unit(x)), ("image_plus_text", unit(&mix))] {
+                let want = brute(&q, &units, pos(reference), &targets);
+                let tid = id.as_primitive::<UInt32Type>().value(i);
+                assert_eq!(ranks[&(task.clone(), tid, method.to_string())] as usize, want, "{task} #{tid} {method}");
+                let h = hits.entry((task.clone(), method.into())).or_default();
+                for (j, k) in [1, 5, 10].into_iter().enumerate() {
+                    h[j] += (want <= k) as usize;
+                }
+            }
+        }
+    }
+    for b in read_table(&run.join("score/results")).unwrap() {
+        let s = |n: &str| b.column_by_name(n).unwrap().as_string::<i32>().clone();
+        let f = |n: &str| b.column_by_name(n).unwrap().as_primitive::<Float64Type>().clone();
+        let (task, method) = (s("task"), s("method"));
+        for i in 0..b.num_rows() {
+            let key = (task.value(i).to_string(), method.value(i).to_string());
+            let Some(h) = hits.get(&key) else { continue };
+            for (j, col) in ["recall_at_1", "recall_at_5", "recall_at_10"].iter().enumerate() {
+                let want = h[j] as f64 / count[&key.0] as f64;
+                assert!((f(col).value(i) - want).abs() < 1e-12, "{key:?} {col}");
+            }
+        }
+    }
+    assert!(!sql_csv(&m, "SELECT task FROM results WHERE task = 'average'").iter().any(|l| l == "average"));
+}
+
+#[test]
+fn check_names_missing_cirr_and_mit_states_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = tmp.path().join("cirr_root");
+    cirr(&c);
+    std::fs::remove_file(c.join("dev/dev-3-0-img0.png")).unwrap();
+    let ms = tmp.path().join("mit");
+    jpeg(&ms.join("images/old car/a.jpg"), 1, 32, 32);
+    let m = Manifest::new("global")
+        .stage(
+            "templates",
+            "templates",
+            &[],
+            &format!("cirr_dir = \"{}\", mit_states_dir = \"{}\"", c.display(), ms.display()),
+        )
+        .write(tmp.path());
+    let r = genecis(&["check", m.to_str().unwrap()]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stdout.contains("1 of the 12 cirr_val images do not exist") && r.stdout.contains("dev-3-0-img0.png"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("no images of the 49 test nouns"), "{}", r.stdout);
+    // A missing file the stage reads is a manifest error: nothing runs.
+    std::fs::remove_file(c.join("cirr/captions/cap.rc2.val.json")).unwrap();
+    let r = genecis(&["check", m.to_str().unwrap()]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("cap.rc2.val.json"), "{}", r.stderr);
+}
