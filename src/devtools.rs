@@ -133,6 +133,22 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 4096)]
         chunk: usize,
     },
+    /// Global retrieval as `score` ranks CIRR and MIT-States: random unit
+    /// queries against a random unit gallery, one matmul + top-10 per block
+    /// of queries, the reference masked; queries/s.
+    Rank {
+        #[arg(long, default_value_t = 4000)]
+        queries: usize,
+        #[arg(long, default_value_t = 100_000)]
+        gallery: usize,
+        #[arg(long, default_value_t = 640)]
+        dim: usize,
+        /// `cpu`, `cuda`, `cuda:N` or `auto`.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
 }
 
 /// `genecis bench ...` (build with --release first).
@@ -144,7 +160,53 @@ pub fn bench(cmd: &BenchCmd) -> Result<()> {
             min_captions,
             chunk,
         } => bench_parse(captions, *min_captions, *chunk),
+        BenchCmd::Rank {
+            queries,
+            gallery,
+            dim,
+            device,
+            repeat,
+        } => bench_rank(*queries, *gallery, *dim, device, *repeat),
     }
+}
+
+fn bench_rank(n_q: usize, n_g: usize, d: usize, device: &str, repeat: usize) -> Result<()> {
+    use tch::{Kind, Tensor};
+    let device = crate::model::select_device(device).map_err(|m| Error::Usage {
+        arg: "--device".into(),
+        message: m,
+    })?;
+    tch::manual_seed(0);
+    let unit = |n: usize| {
+        let t = Tensor::randn([n as i64, d as i64], (Kind::Float, tch::Device::Cpu));
+        let norm = t.norm_scalaropt_dim(2, [1i64].as_slice(), true);
+        t / norm
+    };
+    let gallery = unit(n_g).to_device(device);
+    let queries = Vec::<f32>::try_from(unit(n_q).view([-1]))?;
+    let mask: Vec<Option<usize>> = (0..n_q).map(|i| Some(i * 7919 % n_g)).collect();
+    let relevant: Vec<Vec<usize>> = (0..n_q).map(|i| vec![(i * 104_729 + 1) % n_g]).collect();
+    // Warm up (kernels, allocator), then time.
+    crate::score::rank_global(&queries[..d.min(queries.len())], d, &gallery, &mask[..1], &relevant[..1], 10, device)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..repeat.max(1) {
+        let t0 = std::time::Instant::now();
+        let out = crate::score::rank_global(&queries, d, &gallery, &mask, &relevant, 10, device)?;
+        if device.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+        if out.len() != n_q {
+            return Err(Error::Internal(format!("ranked {} of {n_q} queries", out.len())));
+        }
+    }
+    println!(
+        "ranked {n_q} queries x {n_g} gallery images (d = {d}) on {device:?} in {best:.3} s (best of {repeat}): {:.0} queries/s, {:.1} GFLOP/s in the matmul; {} threads",
+        n_q as f64 / best,
+        2.0 * n_q as f64 * n_g as f64 * d as f64 / best / 1e9,
+        tch::get_num_threads()
+    );
+    Ok(())
 }
 
 fn bench_preprocess(dir: &Path, n_px: u32, repeat: usize) -> Result<()> {
