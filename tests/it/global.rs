@@ -244,3 +244,37 @@ fn check_names_missing_cirr_and_mit_states_data() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("cap.rc2.val.json"), "{}", r.stderr);
 }
+
+/// The shipped CIRR and MIT-States manifests run as they are, with only
+/// the data and model paths set.
+#[test]
+fn shipped_global_manifests_run_with_paths_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, ms) = (tmp.path().join("cirr_root"), tmp.path().join("mit"));
+    cirr(&c);
+    mit_states(&ms);
+    let fx = fixtures();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (manifest, param, dir, task) in [
+        ("pipelines/cirr_val.toml", "templates.cirr_dir", &c, "cirr_val"),
+        ("pipelines/mit_states.toml", "templates.mit_states_dir", &ms, "mit_states"),
+    ] {
+        let m = root.join(manifest);
+        let work = tmp.path().join(task);
+        let sets = [
+            format!("{param}={}", dir.display()),
+            format!("embed.checkpoint={}", fx.join("vit_state.pt").display()),
+            format!("score.combiner={}", fx.join("combiner_state.pt").display()),
+            "embed.device=cpu".to_string(),
+            "score.device=cpu".to_string(),
+        ];
+        let mut args = vec!["run", m.to_str().unwrap(), "-q", "--skip-check", "--workdir", work.to_str().unwrap()];
+        for s in &sets {
+            args.push("--set");
+            args.push(s);
+        }
+        genecis(&args).ok();
+        let rows = sql_csv(&work, &format!("SELECT count(*) FROM results WHERE task = '{task}'"));
+        assert_eq!(rows[1], "4", "{manifest}: one row per method");
+    }
+}
