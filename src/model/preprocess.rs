@@ -135,6 +135,16 @@ fn clip8(v: i64) -> u8 {
 
 /// One output row of the horizontal pass over `C` interleaved channels.
 fn h_row<const C: usize>(row_in: &[u8], cx: &[(usize, Vec<i32>)], row_out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if (C == 3 || C == 4) && std::is_x86_feature_detected!("sse4.1") {
+        // SAFETY: the CPU has SSE4.1, checked just above.
+        unsafe { h_row_sse41::<C>(row_in, cx, row_out) };
+        return;
+    }
+    h_row_scalar::<C>(row_in, cx, row_out)
+}
+
+fn h_row_scalar<const C: usize>(row_in: &[u8], cx: &[(usize, Vec<i32>)], row_out: &mut [u8]) {
     let half = 1i32 << (PRECISION_BITS - 1);
     for ((xmin, kk), out) in cx.iter().zip(row_out.chunks_exact_mut(C)) {
         let px = &row_in[xmin * C..(xmin + kk.len()) * C];
@@ -147,6 +157,38 @@ fn h_row<const C: usize>(row_in: &[u8], cx: &[(usize, Vec<i32>)], row_out: &mut 
         for c in 0..C {
             out[c] = clip8(acc[c] as i64);
         }
+    }
+}
+
+/// [`h_row_scalar`] with one pixel's channels in the lanes of an SSE
+/// register. Integer sums are exact in any order, so the bytes are the same.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.1")]
+unsafe fn h_row_sse41<const C: usize>(row_in: &[u8], cx: &[(usize, Vec<i32>)], row_out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let half = _mm_set1_epi32(1 << (PRECISION_BITS - 1));
+    for ((xmin, kk), out) in cx.iter().zip(row_out.chunks_exact_mut(C)) {
+        let mut acc = half;
+        for (j, &k) in kk.iter().enumerate() {
+            let at = (xmin + j) * C;
+            // Four bytes from `at`: with C = 3 the fourth is the next
+            // pixel's (its lane is dropped); the row's last pixel reads
+            // through a copy instead of past the end.
+            let word = if at + 4 <= row_in.len() {
+                // SAFETY: bytes at..at + 4 are inside row_in.
+                std::ptr::read_unaligned(row_in.as_ptr().add(at) as *const i32)
+            } else {
+                let mut four = [0u8; 4];
+                four[..row_in.len() - at].copy_from_slice(&row_in[at..]);
+                i32::from_le_bytes(four)
+            };
+            let v = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(word));
+            acc = _mm_add_epi32(acc, _mm_mullo_epi32(v, _mm_set1_epi32(k)));
+        }
+        let shifted = _mm_srai_epi32::<{ PRECISION_BITS as i32 }>(acc);
+        let bytes = _mm_packus_epi16(_mm_packs_epi32(shifted, shifted), _mm_setzero_si128());
+        let packed = (_mm_cvtsi128_si32(bytes) as u32).to_le_bytes();
+        out.copy_from_slice(&packed[..C]);
     }
 }
 
@@ -467,15 +509,27 @@ pub fn resize_center_crop_rgb(rgb: &RgbImage, n_px: u32) -> RgbImage {
     to_rgb_image(resize_center_crop_raster(&r, n_px))
 }
 
-/// CLIP's normalised [3, n, n] float tensor.
+/// CLIP's normalised [3, n, n] float tensor: `(v / 255 - mean) / std` in
+/// f32, as ToTensor + Normalize compute it, looked up per byte value.
 pub fn to_tensor(img: &RgbImage) -> Tensor {
-    let (w, h) = img.dimensions();
-    let mut data = vec![0f32; (3 * w * h) as usize];
-    let plane = (w * h) as usize;
-    for (i, p) in img.pixels().enumerate() {
-        for c in 0..3 {
-            data[c * plane + i] = (p[c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
+    static LUT: std::sync::LazyLock<[[f32; 256]; 3]> = std::sync::LazyLock::new(|| {
+        let mut t = [[0f32; 256]; 3];
+        for (c, row) in t.iter_mut().enumerate() {
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = (v as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
+            }
         }
+        t
+    });
+    let (w, h) = img.dimensions();
+    let plane = (w * h) as usize;
+    let mut data = vec![0f32; 3 * plane];
+    let (r, rest) = data.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for (i, p) in img.as_raw().chunks_exact(3).enumerate() {
+        r[i] = LUT[0][p[0] as usize];
+        g[i] = LUT[1][p[1] as usize];
+        b[i] = LUT[2][p[2] as usize];
     }
     Tensor::from_slice(&data).view([3, h as i64, w as i64])
 }
@@ -638,6 +692,33 @@ mod tests {
                     crop.extend_from_slice(&full.data[s..s + win.2 as usize * 3]);
                 }
                 assert_eq!(resize_window(&img, ow, oh, win).data, crop, "{mode:?} {ow}x{oh} {win:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn simd_horizontal_pass_matches_the_scalar_one() {
+        let mut x = 0x2545F4914F6CDD1Du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for (w, ow) in [(97usize, 40u32), (640, 298), (33, 100), (5, 3)] {
+            let row: Vec<u8> = (0..w * 4).map(|_| next() as u8).collect();
+            let cx = coeffs(w as u32, ow);
+            for c in [3usize, 4] {
+                let row = &row[..w * c];
+                let (mut a, mut b) = (vec![0u8; ow as usize * c], vec![0u8; ow as usize * c]);
+                if c == 3 {
+                    h_row::<3>(row, &cx, &mut a);
+                    h_row_scalar::<3>(row, &cx, &mut b);
+                } else {
+                    h_row::<4>(row, &cx, &mut a);
+                    h_row_scalar::<4>(row, &cx, &mut b);
+                }
+                assert_eq!(a, b, "{w} -> {ow}, {c} channels");
             }
         }
     }
