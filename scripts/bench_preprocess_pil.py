@@ -5,6 +5,8 @@ comparison with `genecis bench preprocess`.
 
 Usage: bench_preprocess_pil.py DIR [N_PX] [REPEAT]
        bench_preprocess_pil.py --make DIR COUNT   (writes COUNT test JPEGs)
+       bench_preprocess_pil.py --compare DIR DUMP [N_PX]
+           (level differences against `genecis bench preprocess DIR --dump DUMP`)
 """
 import os
 import sys
@@ -22,6 +24,28 @@ if sys.argv[1] == "--make":
         yy, xx = np.mgrid[0:h, 0:w]
         arr = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1) + rng.integers(0, 40, (h, w, 3))
         Image.fromarray((arr % 256).astype(np.uint8)).save(f"{out}/{i:05d}.jpg", quality=90)
+    sys.exit(0)
+
+def pil_pixels(f, n):
+    im = Image.open(f)
+    w, h = im.size
+    size = (n, int(n * h / w)) if w <= h else (int(n * w / h), n)
+    im = im.resize(size, Image.BICUBIC)
+    left, top = int(round((size[0] - n) / 2.0)), int(round((size[1] - n) / 2.0))
+    return np.asarray(im.crop((left, top, left + n, top + n)).convert("RGB"), dtype=np.int32)
+
+
+if sys.argv[1] == "--compare":
+    d, dump = sys.argv[2], sys.argv[3]
+    n = int(sys.argv[4]) if len(sys.argv) > 4 else 224
+    diffs = []
+    for f in sorted(os.listdir(d)):
+        if not f.endswith((".jpg", ".jpeg", ".png")):
+            continue
+        ours = np.fromfile(os.path.join(dump, os.path.splitext(f)[0] + ".rgb"), dtype=np.uint8).astype(np.int32)
+        diffs.append(np.abs(ours.reshape(n, n, 3) - pil_pixels(os.path.join(d, f), n)))
+    a = np.stack(diffs)
+    print(f"{len(diffs)} images: max {a.max()} levels, mean {a.mean():.4f}, {np.count_nonzero(a)} of {a.size} values differ")
     sys.exit(0)
 
 d = sys.argv[1]

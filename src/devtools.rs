@@ -122,6 +122,14 @@ pub enum BenchCmd {
         n_px: u32,
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+        /// Also write each image's preprocessed RGB bytes to DUMP/<name>.rgb,
+        /// for `scripts/bench_preprocess_pil.py --compare DIR DUMP`.
+        #[arg(long, value_name = "DUMP")]
+        dump: Option<PathBuf>,
+        /// With --dump: decode with the `image` crate (the decoder used
+        /// before libjpeg-turbo) instead, to measure how far it was off.
+        #[arg(long, requires = "dump")]
+        image_crate: bool,
     },
     /// Parse captions from a CC3M TSV, repeated to at least --min-captions,
     /// with rayon over chunks; prints captions/s and peak memory.
@@ -154,7 +162,19 @@ pub enum BenchCmd {
 /// `genecis bench ...` (build with --release first).
 pub fn bench(cmd: &BenchCmd) -> Result<()> {
     match cmd {
-        BenchCmd::Preprocess { dir, n_px, repeat } => bench_preprocess(dir, *n_px, *repeat),
+        BenchCmd::Preprocess {
+            dir,
+            n_px,
+            repeat,
+            dump,
+            image_crate,
+        } => {
+            bench_preprocess(dir, *n_px, *repeat)?;
+            match dump {
+                Some(out) => dump_preprocessed(dir, *n_px, out, *image_crate),
+                None => Ok(()),
+            }
+        }
         BenchCmd::Parse {
             captions,
             min_captions,
@@ -274,6 +294,38 @@ fn bench_preprocess(dir: &Path, n_px: u32, repeat: usize) -> Result<()> {
         1000.0 * resize / n,
         1000.0 * norm / n
     );
+    Ok(())
+}
+
+/// Writes `<stem>.rgb` (n x n x 3 bytes) per image of `dir` into `out`.
+fn dump_preprocessed(dir: &Path, n_px: u32, out: &Path, image_crate: bool) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(Error::io("cannot create", out))?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(Error::io("cannot list", dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jpg" || x == "jpeg" || x == "png"))
+        .collect();
+    files.sort();
+    for f in &files {
+        let rgb = if image_crate {
+            let img = image::open(f).map_err(|e| Error::Data(format!("{}: {e}", f.display())))?;
+            preprocess::resize_center_crop(&img, n_px)
+        } else {
+            preprocess::load_rgb(
+                &ImageKey {
+                    path: f,
+                    bbox: None,
+                    rgb_first: false,
+                },
+                n_px,
+            )
+            .map_err(Error::Data)?
+        };
+        let stem = f.file_stem().unwrap_or_default().to_string_lossy();
+        let p = out.join(format!("{stem}.rgb"));
+        std::fs::write(&p, rgb.as_raw()).map_err(Error::io("cannot write", &p))?;
+    }
+    println!("{} preprocessed images written to {}", files.len(), out.display());
     Ok(())
 }
 
