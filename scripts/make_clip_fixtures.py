@@ -6,25 +6,16 @@ scripts/setup.sh with --no-deps; its model.py needs only torch) and the
 package's BPE tokenizer (ftfy, regex). Everything is seeded: rerunning gives
 the same files.
 """
-import importlib.util
 import os
 import sys
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
-pkg = importlib.util.find_spec("clip").submodule_search_locations[0]
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"clip_{name}", os.path.join(pkg, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixture_models import Combiner, load_clip_module as load  # noqa: E402
 
 clip_model = load("model")
 torch.manual_seed(0)
@@ -68,29 +59,6 @@ for name, cfg in CONFIGS.items():
     traced = torch.jit.trace(model, (images, tokens), check_trace=False)
     traced.save(f"{out}/{name}_jit.pt")
     torch.save({"images": images, "tokens": tokens, "image_features": img, "text_features": txt}, f"{out}/{name}_ref.pt")
-
-
-class Combiner(nn.Module):
-    """models/combiner_model.py's architecture (ARCHITECTURE.md, "Semantics kept from the original")."""
-
-    def __init__(self, d, proj=2560, hidden=5120):
-        super().__init__()
-        self.text_projection_layer = nn.Linear(d, proj)
-        self.image_projection_layer = nn.Linear(d, proj)
-        self.dropout1 = nn.Dropout(0.5)
-        self.dropout2 = nn.Dropout(0.5)
-        self.combiner_layer = nn.Linear(2 * proj, hidden)
-        self.output_layer = nn.Linear(hidden, d)
-        self.dropout3 = nn.Dropout(0.5)
-        self.dynamic_scalar = nn.Sequential(nn.Linear(2 * proj, hidden), nn.ReLU(), nn.Dropout(0.5), nn.Linear(hidden, 1), nn.Sigmoid())
-
-    def forward(self, image, text):
-        t = self.dropout1(F.relu(self.text_projection_layer(text)))
-        i = self.dropout2(F.relu(self.image_projection_layer(image)))
-        raw = torch.cat((t, i), -1)
-        c = self.dropout3(F.relu(self.combiner_layer(raw)))
-        s = self.dynamic_scalar(raw)
-        return F.normalize(self.output_layer(c) + s * text + (1 - s) * image, dim=-1)
 
 
 torch.manual_seed(3)

@@ -16,29 +16,20 @@ with feature_comb_average 0.5 on raw features). Writes refs.json:
 {task: [{"template_id", "method", "target_rank", "similarities"}]}.
 Seeded: the same files every run.
 """
-import importlib.util
 import json
 import os
 import sys
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
 out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
-pkg = importlib.util.find_spec("clip").submodule_search_locations[0]
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"clip_{name}", os.path.join(pkg, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixture_models import Combiner, load_clip_module as load  # noqa: E402
 
 clip_model = load("model")
 tok = load("simple_tokenizer").SimpleTokenizer()
@@ -50,31 +41,8 @@ model = clip_model.CLIP(
 torch.save(model.state_dict(), f"{out}/clip_vit224.pt")
 
 
-class Combiner(nn.Module):
-    """models/combiner_model.py's architecture, smaller projections."""
-
-    def __init__(self, d, proj, hidden):
-        super().__init__()
-        self.text_projection_layer = nn.Linear(d, proj)
-        self.image_projection_layer = nn.Linear(d, proj)
-        self.dropout1 = nn.Dropout(0.5)
-        self.dropout2 = nn.Dropout(0.5)
-        self.combiner_layer = nn.Linear(2 * proj, hidden)
-        self.output_layer = nn.Linear(hidden, d)
-        self.dropout3 = nn.Dropout(0.5)
-        self.dynamic_scalar = nn.Sequential(nn.Linear(2 * proj, hidden), nn.ReLU(), nn.Dropout(0.5), nn.Linear(hidden, 1), nn.Sigmoid())
-
-    def forward(self, image, text):
-        t = self.dropout1(F.relu(self.text_projection_layer(text)))
-        i = self.dropout2(F.relu(self.image_projection_layer(image)))
-        raw = torch.cat((t, i), -1)
-        c = self.dropout3(F.relu(self.combiner_layer(raw)))
-        s = self.dynamic_scalar(raw)
-        return F.normalize(self.output_layer(c) + s * text + (1 - s) * image, dim=-1)
-
-
 torch.manual_seed(12)
-combiner = Combiner(48, 96, 192).eval()
+combiner = Combiner(48, proj=96, hidden=192).eval()
 # As the original's DistributedDataParallel checkpoints store it.
 torch.save({"module." + k: v for k, v in combiner.state_dict().items()}, f"{out}/combiner_module.pt")
 

@@ -176,7 +176,11 @@ pub fn parts(dir: &Path) -> Vec<(String, Vec<u8>)> {
 pub fn script_fixtures(script: &str, marker: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let script = root.join("scripts").join(script);
-    let hash = blake3::hash(&std::fs::read(&script).unwrap()).to_hex()[..12].to_string();
+    // The script and the helpers it imports.
+    let mut h = blake3::Hasher::new();
+    h.update(&std::fs::read(&script).unwrap());
+    h.update(&std::fs::read(root.join("scripts/fixture_models.py")).unwrap());
+    let hash = h.finalize().to_hex()[..12].to_string();
     let stem = script.file_stem().unwrap().to_string_lossy().into_owned();
     let dir = std::env::temp_dir().join(format!("genecis-{stem}-{hash}"));
     if dir.join(marker).is_file() {
