@@ -188,6 +188,13 @@ impl Cmd {
 }
 
 fn main() -> ExitCode {
+    // `genecis sql ... | head` should end quietly when the reader goes, as
+    // other command-line tools do, not panic in println!.
+    #[cfg(unix)]
+    // SAFETY: restoring the default action of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match cli.cmd.resolve().and_then(dispatch) {
         Ok(()) => ExitCode::SUCCESS,

@@ -144,6 +144,73 @@ fn h_row<const C: usize>(row_in: &[u8], cx: &[(usize, Vec<i32>)], row_out: &mut 
     h_row_scalar::<C>(row_in, cx, row_out)
 }
 
+/// [`h_row`] of two rows that share the coefficients.
+fn h_rows2<const C: usize>(
+    a: &[u8],
+    b: &[u8],
+    cx: &[(usize, Vec<i32>)],
+    out_a: &mut [u8],
+    out_b: &mut [u8],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if (C == 3 || C == 4) && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        unsafe { h_rows2_avx2::<C>(a, b, cx, out_a, out_b) };
+        return;
+    }
+    h_row::<C>(a, cx, out_a);
+    h_row::<C>(b, cx, out_b);
+}
+
+/// Four bytes of `row` from `at` as a little-endian word; past the row's
+/// end, zeros (the lane they fill is dropped).
+#[inline(always)]
+fn word_at(row: &[u8], at: usize) -> i32 {
+    if at + 4 <= row.len() {
+        // SAFETY: bytes at..at + 4 are inside row.
+        unsafe { std::ptr::read_unaligned(row.as_ptr().add(at) as *const i32) }
+    } else {
+        let mut four = [0u8; 4];
+        four[..row.len() - at].copy_from_slice(&row[at..]);
+        i32::from_le_bytes(four)
+    }
+}
+
+/// [`h_rows2`] with a pixel of row `a` in lanes 0-3 and of row `b` in
+/// lanes 4-7. Integer sums: the same bytes as the scalar pass.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn h_rows2_avx2<const C: usize>(
+    a: &[u8],
+    b: &[u8],
+    cx: &[(usize, Vec<i32>)],
+    out_a: &mut [u8],
+    out_b: &mut [u8],
+) {
+    use std::arch::x86_64::*;
+    let half = _mm256_set1_epi32(1 << (PRECISION_BITS - 1));
+    for (((xmin, kk), oa), ob) in cx
+        .iter()
+        .zip(out_a.chunks_exact_mut(C))
+        .zip(out_b.chunks_exact_mut(C))
+    {
+        let mut acc = half;
+        for (j, &k) in kk.iter().enumerate() {
+            let at = (xmin + j) * C;
+            let pair = _mm_set_epi32(0, 0, word_at(b, at), word_at(a, at));
+            let v = _mm256_cvtepu8_epi32(pair);
+            acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(v, _mm256_set1_epi32(k)));
+        }
+        let shifted = _mm256_srai_epi32::<{ PRECISION_BITS as i32 }>(acc);
+        let lo = _mm256_castsi256_si128(shifted);
+        let hi = _mm256_extracti128_si256::<1>(shifted);
+        let bytes = _mm_packus_epi16(_mm_packs_epi32(lo, hi), _mm_setzero_si128());
+        let packed = (_mm_cvtsi128_si64(bytes) as u64).to_le_bytes();
+        oa.copy_from_slice(&packed[..C]);
+        ob.copy_from_slice(&packed[4..4 + C]);
+    }
+}
+
 fn h_row_scalar<const C: usize>(row_in: &[u8], cx: &[(usize, Vec<i32>)], row_out: &mut [u8]) {
     let half = 1i32 << (PRECISION_BITS - 1);
     for ((xmin, kk), out) in cx.iter().zip(row_out.chunks_exact_mut(C)) {
@@ -174,15 +241,7 @@ unsafe fn h_row_sse41<const C: usize>(row_in: &[u8], cx: &[(usize, Vec<i32>)], r
             // Four bytes from `at`: with C = 3 the fourth is the next
             // pixel's (its lane is dropped); the row's last pixel reads
             // through a copy instead of past the end.
-            let word = if at + 4 <= row_in.len() {
-                // SAFETY: bytes at..at + 4 are inside row_in.
-                std::ptr::read_unaligned(row_in.as_ptr().add(at) as *const i32)
-            } else {
-                let mut four = [0u8; 4];
-                four[..row_in.len() - at].copy_from_slice(&row_in[at..]);
-                i32::from_le_bytes(four)
-            };
-            let v = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(word));
+            let v = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(word_at(row_in, at)));
             acc = _mm_add_epi32(acc, _mm_mullo_epi32(v, _mm_set1_epi32(k)));
         }
         let shifted = _mm_srai_epi32::<{ PRECISION_BITS as i32 }>(acc);
@@ -282,11 +341,18 @@ fn bicubic_window<const C: usize>(
         let cx = coeffs(w as u32, out_w);
         let cx = &cx[wx..wx + ww];
         let mut tmp = vec![0u8; (r1 - r0) * stride];
-        for (row_in, row_out) in src[r0 * w * C..r1 * w * C]
-            .chunks_exact(w * C)
-            .zip(tmp.chunks_exact_mut(stride))
+        // Rows in pairs: one AVX2 register holds a pixel of each.
+        for (rows_in, rows_out) in src[r0 * w * C..r1 * w * C]
+            .chunks(2 * w * C)
+            .zip(tmp.chunks_mut(2 * stride))
         {
-            h_row::<C>(row_in, cx, row_out);
+            if rows_in.len() == 2 * w * C {
+                let (a, b) = rows_in.split_at(w * C);
+                let (oa, ob) = rows_out.split_at_mut(stride);
+                h_rows2::<C>(a, b, cx, oa, ob);
+            } else {
+                h_row::<C>(rows_in, cx, rows_out);
+            }
         }
         tmp
     } else {
@@ -711,14 +777,23 @@ mod tests {
             for c in [3usize, 4] {
                 let row = &row[..w * c];
                 let (mut a, mut b) = (vec![0u8; ow as usize * c], vec![0u8; ow as usize * c]);
+                let n = ow as usize * c;
+                let (mut p, mut q) = (vec![0u8; n], vec![0u8; n]);
+                let rev: Vec<u8> = row.iter().rev().copied().collect();
+                let mut r = vec![0u8; n];
                 if c == 3 {
                     h_row::<3>(row, &cx, &mut a);
                     h_row_scalar::<3>(row, &cx, &mut b);
+                    h_rows2::<3>(row, &rev, &cx, &mut p, &mut q);
+                    h_row_scalar::<3>(&rev, &cx, &mut r);
                 } else {
                     h_row::<4>(row, &cx, &mut a);
                     h_row_scalar::<4>(row, &cx, &mut b);
+                    h_rows2::<4>(row, &rev, &cx, &mut p, &mut q);
+                    h_row_scalar::<4>(&rev, &cx, &mut r);
                 }
                 assert_eq!(a, b, "{w} -> {ow}, {c} channels");
+                assert_eq!((p, q), (b, r), "pairs: {w} -> {ow}, {c} channels");
             }
         }
     }

@@ -188,3 +188,22 @@ fn csv_renders_list_columns() {
     assert_eq!(rows[1], "cups,\"[two, red]\",\"[1.5, 2.0]\"");
     assert_eq!(rows[2], "table,\"[a, wooden]\",\"[1.5, 2.0]\"");
 }
+
+/// A reader that goes away (`| head`) ends the command quietly.
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    use std::io::Read;
+    let (_dir, m) = demo_run();
+    let mut child = bin()
+        .args(["sql", m.to_str().unwrap(), "SELECT * FROM captions CROSS JOIN captions AS b"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // stdout is closed here: no panic, and no error either.
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.is_empty(), "{err}");
+}
