@@ -108,7 +108,12 @@ fn graph_text(g: &SceneGraph) -> String {
     let rels: Vec<String> = g
         .relations
         .iter()
-        .map(|r| format!("({} | {} | {})", heads[r.subject], r.relation, heads[r.object]))
+        .map(|r| {
+            format!(
+                "({} | {} | {})",
+                heads[r.subject], r.relation, heads[r.object]
+            )
+        })
         .collect();
     format!("  entities: {heads:?}\n  relations: {}", rels.join(" "))
 }
@@ -207,7 +212,15 @@ fn bench_rank(n_q: usize, n_g: usize, d: usize, device: &str, repeat: usize) -> 
     let mask: Vec<Option<usize>> = (0..n_q).map(|i| Some(i * 7919 % n_g)).collect();
     let relevant: Vec<Vec<usize>> = (0..n_q).map(|i| vec![(i * 104_729 + 1) % n_g]).collect();
     // Warm up (kernels, allocator), then time.
-    crate::score::rank_global(&queries[..d.min(queries.len())], d, &gallery, &mask[..1], &relevant[..1], 10, device)?;
+    crate::score::rank_global(
+        &queries[..d.min(queries.len())],
+        d,
+        &gallery,
+        &mask[..1],
+        &relevant[..1],
+        10,
+        device,
+    )?;
     let mut best = f64::INFINITY;
     for _ in 0..repeat.max(1) {
         let t0 = std::time::Instant::now();
@@ -217,7 +230,10 @@ fn bench_rank(n_q: usize, n_g: usize, d: usize, device: &str, repeat: usize) -> 
         }
         best = best.min(t0.elapsed().as_secs_f64());
         if out.len() != n_q {
-            return Err(Error::Internal(format!("ranked {} of {n_q} queries", out.len())));
+            return Err(Error::Internal(format!(
+                "ranked {} of {n_q} queries",
+                out.len()
+            )));
         }
     }
     println!(
@@ -270,8 +286,10 @@ fn bench_preprocess(dir: &Path, n_px: u32, repeat: usize) -> Result<()> {
     );
     // Where the time goes, on this thread: decode, resize + crop, normalise.
     let t1 = std::time::Instant::now();
-    let decoded: Vec<preprocess::Raster> =
-        files.iter().filter_map(|f| preprocess::open(f).ok()).collect();
+    let decoded: Vec<preprocess::Raster> = files
+        .iter()
+        .filter_map(|f| preprocess::open(f).ok())
+        .collect();
     let dec = t1.elapsed().as_secs_f64();
     let t2 = std::time::Instant::now();
     let resized: Vec<image::RgbImage> = decoded
@@ -303,7 +321,10 @@ fn dump_preprocessed(dir: &Path, n_px: u32, out: &Path, image_crate: bool) -> Re
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(Error::io("cannot list", dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "jpg" || x == "jpeg" || x == "png"))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|x| x == "jpg" || x == "jpeg" || x == "png")
+        })
         .collect();
     files.sort();
     for f in &files {
@@ -325,7 +346,11 @@ fn dump_preprocessed(dir: &Path, n_px: u32, out: &Path, image_crate: bool) -> Re
         let p = out.join(format!("{stem}.rgb"));
         std::fs::write(&p, rgb.as_raw()).map_err(Error::io("cannot write", &p))?;
     }
-    println!("{} preprocessed images written to {}", files.len(), out.display());
+    println!(
+        "{} preprocessed images written to {}",
+        files.len(),
+        out.display()
+    );
     Ok(())
 }
 

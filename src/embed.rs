@@ -136,7 +136,9 @@ pub fn read_image_keys(dir: &Path) -> Result<Vec<KeyRow>> {
         let bb: Vec<_> = bb.iter().map(|a| a.as_primitive::<Float64Type>()).collect();
         let req = col("required")?;
         let req = req.as_boolean();
-        let rgb_first = b.column_by_name("rgb_first").map(|c| c.as_boolean().clone());
+        let rgb_first = b
+            .column_by_name("rgb_first")
+            .map(|c| c.as_boolean().clone());
         for i in 0..b.num_rows() {
             let bbox = if bb.iter().all(|a| a.is_valid(i)) {
                 Some([

@@ -130,7 +130,9 @@ pub enum Error {
     Arrow(#[from] arrow::error::ArrowError),
 
     /// A broken invariant: not the user's input, but our code.
-    #[error("internal error: {0}. This is a bug in genecis; please report it with the command you ran.")]
+    #[error(
+        "internal error: {0}. This is a bug in genecis; please report it with the command you ran."
+    )]
     Internal(String),
 }
 

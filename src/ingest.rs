@@ -267,7 +267,10 @@ impl Stage for Ingest {
         let hi = ((k + 1) * p.chunk_rows).min(n);
         let last = k + 1 == n.div_ceil(p.chunk_rows).max(1);
         let extra: &[(String, String)] = if last { &w.orphans } else { &[] };
-        let lines: Vec<&[u8]> = w.ranges[lo..hi].iter().map(|r| &w.bytes[r.clone()]).collect();
+        let lines: Vec<&[u8]> = w.ranges[lo..hi]
+            .iter()
+            .map(|r| &w.bytes[r.clone()])
+            .collect();
         let (caps, rej) = build_chunk(lo, &lines, &w.outcomes[lo..hi], extra, &w.source)?;
         Ok(Some(vec![("rejects", rej), ("captions", caps)]))
     }

@@ -144,8 +144,13 @@ impl Cmd {
         Ok(match self {
             Cmd::Run(a) => {
                 let plan = a.manifest.plan()?;
-                let mut req =
-                    RunRequest::new(&plan, a.only.as_deref(), a.from.as_deref(), a.force, a.shard)?;
+                let mut req = RunRequest::new(
+                    &plan,
+                    a.only.as_deref(),
+                    a.from.as_deref(),
+                    a.force,
+                    a.shard,
+                )?;
                 req.progress = !a.quiet;
                 req.skip_check = a.skip_check;
                 Command::Run(plan, req)
@@ -205,7 +210,11 @@ fn main() -> ExitCode {
                 None => format!("{e:#}"),
             };
             eprintln!("error: {text}");
-            ExitCode::from(if g.is_some_and(|g| g.is_usage()) { 2 } else { 1 })
+            ExitCode::from(if g.is_some_and(|g| g.is_usage()) {
+                2
+            } else {
+                1
+            })
         }
     }
 }

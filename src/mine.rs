@@ -249,7 +249,12 @@ impl Stage for Mine {
             .build()
             .map_err(Error::io("cannot start the query runtime", ctx.stage))?;
         let sampler = rt.block_on(index(p, ctx, ratings))?;
-        Ok(Chunks::even(sampler, p.num_samples, p.chunk_samples, "samples"))
+        Ok(Chunks::even(
+            sampler,
+            p.num_samples,
+            p.chunk_samples,
+            "samples",
+        ))
     }
 
     fn run_chunk(
@@ -484,10 +489,7 @@ async fn index(
     };
     // Row table, materialised once.
     let rows = collect(&df, SQL_ROWS).await?;
-    let rows_schema = rows
-        .first()
-        .map(|b| b.schema())
-        .ok_or_else(|| no_rows())?;
+    let rows_schema = rows.first().map(|b| b.schema()).ok_or_else(|| no_rows())?;
     let rows = concat(&rows, rows_schema.clone())?;
     if rows.num_rows() == 0 {
         return Err(no_rows());

@@ -257,9 +257,9 @@ pub fn run(plan: &Plan, req: &RunRequest) -> Result<Vec<StageOutcome>> {
         }
         // Inputs must be committed and current.
         for b in &s.inputs {
-            let up = plan
-                .stage(&b.stage)
-                .ok_or_else(|| Error::Internal(format!("input stage '{}' is not in the plan", b.stage)))?;
+            let up = plan.stage(&b.stage).ok_or_else(|| {
+                Error::Internal(format!("input stage '{}' is not in the plan", b.stage))
+            })?;
             let up_state = stage_state(plan, up)?;
             if up_state != StageState::Done {
                 return Err(Error::NotReady {

@@ -74,7 +74,8 @@ pub fn run_cli(
         });
     }
     let entries = discover(workdir)?;
-    let rt = tokio::runtime::Runtime::new().map_err(Error::io("cannot start the query runtime", workdir))?;
+    let rt = tokio::runtime::Runtime::new()
+        .map_err(Error::io("cannot start the query runtime", workdir))?;
     rt.block_on(async {
         let ctx = session(&entries).await?;
         match query_text {
@@ -220,7 +221,12 @@ fn lists_as_text(batch: &RecordBatch) -> Result<RecordBatch> {
                 | DataType::Map(..)
         )
     };
-    if !batch.schema().fields().iter().any(|f| nested(f.data_type())) {
+    if !batch
+        .schema()
+        .fields()
+        .iter()
+        .any(|f| nested(f.data_type()))
+    {
         return Ok(batch.clone());
     }
     let mut fields = Vec::new();
@@ -238,7 +244,10 @@ fn lists_as_text(batch: &RecordBatch) -> Result<RecordBatch> {
         fields.push(Field::new(f.name(), DataType::Utf8, true));
         columns.push(Arc::new(text) as arrow::array::ArrayRef);
     }
-    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns,
+    )?)
 }
 
 /// Text for `\d`: every table with its row count.

@@ -50,7 +50,11 @@ impl TableDef {
     }
 
     /// A table with an embedding column of the run's width.
-    pub fn embedding(name: &'static str, build: fn(i32) -> SchemaRef, column: &'static str) -> TableDef {
+    pub fn embedding(
+        name: &'static str,
+        build: fn(i32) -> SchemaRef,
+        column: &'static str,
+    ) -> TableDef {
         TableDef {
             name,
             columns: Columns::Embedding { build, column },
@@ -87,7 +91,11 @@ impl TableDef {
                     }
                     other => other.to_string(),
                 };
-                format!("{} {ty}{}", f.name(), if f.is_nullable() { "?" } else { "" })
+                format!(
+                    "{} {ty}{}",
+                    f.name(),
+                    if f.is_nullable() { "?" } else { "" }
+                )
             })
             .collect();
         format!("{}({})", self.name, cols.join(", "))
@@ -189,7 +197,10 @@ impl StageContext<'_> {
 
     /// A line for the run summary.
     pub fn note(&self, line: impl Into<String>) {
-        self.notes.lock().unwrap_or_else(|e| e.into_inner()).push(line.into());
+        self.notes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(line.into());
     }
 
     /// Writes a side file (a report, a chart) that is committed with the

@@ -235,8 +235,19 @@ impl StageWriter {
             if batch.schema().fields() != schema.fields() {
                 return Err(Error::Internal(format!(
                     "chunk {chunk} of table '{name}' has columns ({}) but the table declares ({})",
-                    batch.schema().fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", "),
-                    schema.fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", "),
+                    batch
+                        .schema()
+                        .fields()
+                        .iter()
+                        .map(|f| format!("{}: {}", f.name(), f.data_type()))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    schema
+                        .fields()
+                        .iter()
+                        .map(|f| format!("{}: {}", f.name(), f.data_type()))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 )));
             }
         }
@@ -411,9 +422,7 @@ pub fn read_part(path: &Path) -> Result<Vec<RecordBatch>> {
         .with_batch_size(65536)
         .build()
         .map_err(damaged)?;
-    reader
-        .map(|b| b.map_err(|e| damaged(e.into())))
-        .collect()
+    reader.map(|b| b.map_err(|e| damaged(e.into()))).collect()
 }
 
 /// Every batch of a table folder (all parts, in chunk order).
@@ -551,13 +560,19 @@ mod tests {
         )
         .unwrap();
         let e = w.write_chunk(0, &[("t", strings)]).unwrap_err();
-        assert!(matches!(e, Error::Internal(ref m) if m.contains("declares")), "{e}");
+        assert!(
+            matches!(e, Error::Internal(ref m) if m.contains("declares")),
+            "{e}"
+        );
         let e = w.write_chunk(0, &[]).unwrap_err();
         assert!(matches!(e, Error::Internal(_)), "{e}");
         let e = w
             .write_chunk(0, &[("t", ints.clone()), ("u", ints.clone())])
             .unwrap_err();
-        assert!(matches!(e, Error::Internal(ref m) if m.contains("'u'")), "{e}");
+        assert!(
+            matches!(e, Error::Internal(ref m) if m.contains("'u'")),
+            "{e}"
+        );
         assert!(!w.chunk_done(0));
         w.write_chunk(0, &[("t", ints)]).unwrap();
         assert!(w.chunk_done(0));

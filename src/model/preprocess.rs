@@ -436,7 +436,11 @@ pub fn to_rgb(img: &Raster) -> Vec<u8> {
     match img.mode {
         Mode::Rgb | Mode::P => img.data.clone(),
         Mode::L => img.data.iter().flat_map(|&v| [v, v, v]).collect(),
-        Mode::Rgba => img.data.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        Mode::Rgba => img
+            .data
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
         // Pillow's cmyk2rgb.
         Mode::Cmyk => img
             .data
@@ -745,7 +749,10 @@ mod tests {
             ]
         });
         for mode in [Mode::Rgb, Mode::P] {
-            let img = Raster { mode, ..img.clone() };
+            let img = Raster {
+                mode,
+                ..img.clone()
+            };
             for (ow, oh, win) in [
                 (40, 25, (7, 3, 20, 19)),
                 (200, 130, (0, 50, 200, 1)),
@@ -757,7 +764,11 @@ mod tests {
                     let s = ((y * ow + win.0) * 3) as usize;
                     crop.extend_from_slice(&full.data[s..s + win.2 as usize * 3]);
                 }
-                assert_eq!(resize_window(&img, ow, oh, win).data, crop, "{mode:?} {ow}x{oh} {win:?}");
+                assert_eq!(
+                    resize_window(&img, ow, oh, win).data,
+                    crop,
+                    "{mode:?} {ow}x{oh} {win:?}"
+                );
             }
         }
     }
@@ -800,7 +811,8 @@ mod tests {
 
     #[test]
     fn resize_short_side_then_centre_crop() {
-        let img = DynamicImage::ImageRgb8(ImageBuffer::from_pixel(64, 32, image::Rgb([10, 20, 30])));
+        let img =
+            DynamicImage::ImageRgb8(ImageBuffer::from_pixel(64, 32, image::Rgb([10, 20, 30])));
         let out = resize_center_crop(&img, 16);
         assert_eq!(out.dimensions(), (16, 16));
         let t = to_tensor(&out);

@@ -46,10 +46,7 @@ fn triples(r: &[RefRel]) -> Vec<Triple> {
 }
 
 /// Entity heads and sorted head triples of each caption's parse.
-pub fn predicted_all(
-    captions: &[&str],
-    strict: bool,
-) -> Result<Vec<(Vec<String>, Vec<Triple>)>> {
+pub fn predicted_all(captions: &[&str], strict: bool) -> Result<Vec<(Vec<String>, Vec<Triple>)>> {
     Ok(super::parse_captions(captions, strict)?
         .iter()
         .map(heads_and_triples)
@@ -177,12 +174,7 @@ pub struct DevScore {
 }
 
 /// Captions of the dev set where the parse differs, with both sides.
-pub fn dev_misses(
-    path: &Path,
-    strict: bool,
-    entities: bool,
-    limit: usize,
-) -> Result<Vec<String>> {
+pub fn dev_misses(path: &Path, strict: bool, entities: bool, limit: usize) -> Result<Vec<String>> {
     let items = read_dev(path)?;
     let caps: Vec<&str> = items.iter().map(|d| d.caption.as_str()).collect();
     let pred = predicted_all(&caps, strict)?;

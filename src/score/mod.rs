@@ -299,8 +299,12 @@ fn read_galleries(dir: Option<&Path>) -> Result<HashMap<String, Vec<String>>, St
         return Ok(out);
     };
     for b in crate::store::read_table(dir).map_err(|e| crate::error::report(&e))? {
-        let set = b.column_by_name("gallery_set").ok_or("galleries has no gallery_set")?;
-        let key = b.column_by_name("image_key").ok_or("galleries has no image_key")?;
+        let set = b
+            .column_by_name("gallery_set")
+            .ok_or("galleries has no gallery_set")?;
+        let key = b
+            .column_by_name("image_key")
+            .ok_or("galleries has no image_key")?;
         let (set, key) = (set.as_string::<i32>(), key.as_string::<i32>());
         for i in 0..b.num_rows() {
             out.entry(set.value(i).to_string())
@@ -325,7 +329,10 @@ fn read_templates(
         .map(|(set, keys)| {
             (
                 set.as_str(),
-                keys.iter().enumerate().map(|(i, k)| (k.as_str(), i)).collect(),
+                keys.iter()
+                    .enumerate()
+                    .map(|(i, k)| (k.as_str(), i))
+                    .collect(),
             )
         })
         .collect();
@@ -421,7 +428,10 @@ fn read_templates(
                     (0..hits.len())
                         .map(|j| {
                             pos.get(hits.value(j)).copied().ok_or_else(|| {
-                                format!("{name} template {tid}: target '{}' is not in its gallery", hits.value(j))
+                                format!(
+                                    "{name} template {tid}: target '{}' is not in its gallery",
+                                    hits.value(j)
+                                )
                             })
                         })
                         .collect::<Result<Vec<_>, String>>()?,
@@ -624,7 +634,11 @@ impl Stage for Score {
             // A global gallery goes to the device once per task.
             let gallery = match &t.global {
                 Some(g) => {
-                    let flat: Vec<f32> = g.gallery.iter().flat_map(|&r| img_n[r].iter().copied()).collect();
+                    let flat: Vec<f32> = g
+                        .gallery
+                        .iter()
+                        .flat_map(|&r| img_n[r].iter().copied())
+                        .collect();
                     Some(
                         Tensor::f_from_slice(&flat)?
                             .f_view([g.gallery.len() as i64, img.dim as i64])?
@@ -647,15 +661,18 @@ impl Stage for Score {
                                 FeatureInput::Raw => (img.row(r), txt.row(x)),
                                 FeatureInput::Normalized => (&img_n[r][..], &txt_n[x][..]),
                             };
-                            let mix: Vec<f32> =
-                                a.iter().zip(b).map(|(a, b)| (1.0 - w) * a + w * b).collect();
+                            let mix: Vec<f32> = a
+                                .iter()
+                                .zip(b)
+                                .map(|(a, b)| (1.0 - w) * a + w * b)
+                                .collect();
                             normalized(&mix)
                         })
                         .collect(),
                     Method::Combiner => {
-                        let comb = combiner
-                            .as_ref()
-                            .ok_or_else(|| Error::Internal("combiner method without a combiner".into()))?;
+                        let comb = combiner.as_ref().ok_or_else(|| {
+                            Error::Internal("combiner method without a combiner".into())
+                        })?;
                         let pick = |rows: &[usize], e: &Embeddings, n: &[Vec<f32>]| -> Tensor {
                             let flat: Vec<f32> = rows
                                 .iter()
@@ -689,9 +706,19 @@ impl Stage for Score {
                             rank_global(&flat, img.dim, gallery, &g.mask, &g.relevant, 10, device)?;
                         for (i, r) in ranked.iter().enumerate() {
                             let sims: Vec<f32> = r.top.iter().map(|x| x.1).collect();
-                            let keys: Vec<&str> =
-                                r.top.iter().map(|x| g.keys[x.0 as usize].as_str()).collect();
-                            rows.push(&t.task, t.template_ids[i], method, r.rank, &sims, Some(&keys));
+                            let keys: Vec<&str> = r
+                                .top
+                                .iter()
+                                .map(|x| g.keys[x.0 as usize].as_str())
+                                .collect();
+                            rows.push(
+                                &t.task,
+                                t.template_ids[i],
+                                method,
+                                r.rank,
+                                &sims,
+                                Some(&keys),
+                            );
                         }
                         ranked.iter().map(|r| r.rank).collect::<Vec<_>>()
                     }
@@ -707,7 +734,12 @@ impl Stage for Score {
                         ranks
                     }
                 };
-                recalls.push(Recall::from_ranks(&t.task, method.name(), &ranks, t.global.is_some()));
+                recalls.push(Recall::from_ranks(
+                    &t.task,
+                    method.name(),
+                    &ranks,
+                    t.global.is_some(),
+                ));
             }
         }
         let local: Vec<&TaskRows> = tasks.iter().filter(|t| t.global.is_none()).collect();
@@ -783,7 +815,15 @@ struct ScoreRows {
 }
 
 impl ScoreRows {
-    fn push(&mut self, task: &str, id: u32, method: Method, rank: u32, sims: &[f32], top: Option<&[&str]>) {
+    fn push(
+        &mut self,
+        task: &str,
+        id: u32,
+        method: Method,
+        rank: u32,
+        sims: &[f32],
+        top: Option<&[&str]>,
+    ) {
         self.task.append_value(task);
         self.id.append_value(id);
         self.method.append_value(method.name());

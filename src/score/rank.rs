@@ -52,24 +52,35 @@ pub fn rank_global(
         }
         // The best relevant similarity of each query, gathered on the device.
         let (rr, rc): (Vec<i64>, Vec<i64>) = (b0..b1)
-            .flat_map(|i| relevant[i].iter().map(move |&c| ((i - b0) as i64, c as i64)))
+            .flat_map(|i| {
+                relevant[i]
+                    .iter()
+                    .map(move |&c| ((i - b0) as i64, c as i64))
+            })
             .unzip();
         let mut best = vec![f32::NEG_INFINITY; bn as usize];
         if !rr.is_empty() {
             let idx = |v: &[i64]| Tensor::from_slice(v).to_device(device);
             let vals = s.f_index(&[Some(idx(&rr)), Some(idx(&rc))])?;
-            let vals = Vec::<f32>::try_from(vals.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?)?;
+            let vals =
+                Vec::<f32>::try_from(vals.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?)?;
             for (&r, v) in rr.iter().zip(vals) {
                 best[r as usize] = best[r as usize].max(v);
             }
         }
-        let best_t = Tensor::f_from_slice(&best)?.f_to_device(device)?.f_unsqueeze(1)?;
+        let best_t = Tensor::f_from_slice(&best)?
+            .f_to_device(device)?
+            .f_unsqueeze(1)?;
         let above = s
             .f_gt_tensor(&best_t)?
             .f_sum_dim_intlist(&[1i64][..], false, Kind::Int64)?;
         let above = Vec::<i64>::try_from(above.f_to_device(Device::Cpu)?)?;
         let (tv, ti) = s.f_topk(k as i64, 1, true, true)?;
-        let tv = Vec::<f32>::try_from(tv.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_view([-1])?)?;
+        let tv = Vec::<f32>::try_from(
+            tv.f_to_device(Device::Cpu)?
+                .f_to_kind(Kind::Float)?
+                .f_view([-1])?,
+        )?;
         let ti = Vec::<i64>::try_from(ti.f_to_device(Device::Cpu)?.f_view([-1])?)?;
         for i in 0..bn as usize {
             let rank = if best[i] == f32::NEG_INFINITY {
@@ -114,7 +125,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out[0].rank, 2, "1 beats 2 once 0 is masked");
-        assert_eq!(out[0].top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            out[0].top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
         assert_eq!(out[1].rank, 2, "the better of the relevant 1 and 2 counts");
         let none = rank_global(&q[..d], d, &gallery, &[None], &[vec![]], 2, Device::Cpu).unwrap();
         assert_eq!(none[0].rank, 5);

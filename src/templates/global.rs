@@ -13,11 +13,55 @@ use crate::stage::Finding;
 
 /// MIT-States' test nouns, the original's fixed list of 49.
 pub const MIT_STATES_TEST_NOUNS: [&str; 49] = [
-    "armor", "bracelet", "bush", "camera", "candy", "castle", "ceramic", "cheese", "clock",
-    "clothes", "coffee", "fan", "fig", "fish", "foam", "forest", "fruit", "furniture", "garden",
-    "gate", "glass", "horse", "island", "laptop", "lead", "lightning", "mirror", "orange", "paint",
-    "persimmon", "plastic", "plate", "potato", "road", "rubber", "sand", "shell", "sky", "smoke",
-    "steel", "stream", "table", "tea", "tomato", "vacuum", "wax", "wheel", "window", "wool",
+    "armor",
+    "bracelet",
+    "bush",
+    "camera",
+    "candy",
+    "castle",
+    "ceramic",
+    "cheese",
+    "clock",
+    "clothes",
+    "coffee",
+    "fan",
+    "fig",
+    "fish",
+    "foam",
+    "forest",
+    "fruit",
+    "furniture",
+    "garden",
+    "gate",
+    "glass",
+    "horse",
+    "island",
+    "laptop",
+    "lead",
+    "lightning",
+    "mirror",
+    "orange",
+    "paint",
+    "persimmon",
+    "plastic",
+    "plate",
+    "potato",
+    "road",
+    "rubber",
+    "sand",
+    "shell",
+    "sky",
+    "smoke",
+    "steel",
+    "stream",
+    "table",
+    "tea",
+    "tomato",
+    "vacuum",
+    "wax",
+    "wheel",
+    "window",
+    "wool",
 ];
 
 /// A global task: a gallery of images and queries into it.
@@ -63,7 +107,8 @@ const CIRR_ADVICE: &str = "cirr_dir is the folder that holds cirr/captions/cap.r
 /// The caption and split files of a CIRR split under `root`.
 pub fn cirr_files(root: &Path, split: &str) -> (PathBuf, PathBuf) {
     (
-        root.join("cirr/captions").join(format!("cap.rc2.{split}.json")),
+        root.join("cirr/captions")
+            .join(format!("cap.rc2.{split}.json")),
         root.join("cirr/image_splits")
             .join(format!("split.rc2.{split}.json")),
     )
@@ -125,8 +170,12 @@ pub fn read_cirr(root: &Path, split: &str) -> Result<GlobalTask> {
         let parsed = match (field("reference"), field("target_hard"), field("caption")) {
             (Some(r), Some(t), Some(cap)) => match (position.get(r), position.get(t)) {
                 (Some(&r), Some(&t)) => Ok((r, t, cap)),
-                (None, _) => Err(format!("reference '{r}' is not an image of the {split} split")),
-                (_, None) => Err(format!("target_hard '{t}' is not an image of the {split} split")),
+                (None, _) => Err(format!(
+                    "reference '{r}' is not an image of the {split} split"
+                )),
+                (_, None) => Err(format!(
+                    "target_hard '{t}' is not an image of the {split} split"
+                )),
             },
             _ => Err("needs string fields reference, target_hard and caption".to_string()),
         };
@@ -164,7 +213,10 @@ const MIT_ADVICE: &str =
 pub fn read_mit_states(root: &Path, full_query: bool) -> Result<GlobalTask> {
     let images = root.join("images");
     let mut folders: Vec<String> = std::fs::read_dir(&images)
-        .map_err(Error::io("cannot list the MIT-States images folder", &images))?
+        .map_err(Error::io(
+            "cannot list the MIT-States images folder",
+            &images,
+        ))?
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_dir())
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -317,11 +369,20 @@ pub fn check_mit_states(root: &Path) -> Vec<Finding> {
 }
 
 fn missing_images(field: &str, t: &GlobalTask) -> Vec<Finding> {
-    let missing: Vec<&PathBuf> = t.gallery.iter().map(|(_, p)| p).filter(|p| !p.is_file()).collect();
+    let missing: Vec<&PathBuf> = t
+        .gallery
+        .iter()
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_file())
+        .collect();
     if missing.is_empty() {
         return Vec::new();
     }
-    let first: Vec<String> = missing.iter().take(3).map(|p| p.display().to_string()).collect();
+    let first: Vec<String> = missing
+        .iter()
+        .take(3)
+        .map(|p| p.display().to_string())
+        .collect();
     vec![Finding::error(
         field,
         format!(

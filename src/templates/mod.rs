@@ -23,6 +23,8 @@
 //! `{"image_id": 2373917, "instance_bbox": [x, y, w, h]}` -> `<vg_dir>/2373917.jpg`,
 //! cropped as in the original (ARCHITECTURE.md, "Semantics kept from the original").
 
+pub mod global;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
@@ -35,8 +37,6 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-
-pub mod global;
 
 use crate::error::{Error, Result};
 use crate::ingest::REJECTS_SCHEMA;
@@ -296,7 +296,10 @@ fn modal_gallery_len(ts: &[(usize, Template)]) -> Option<usize> {
         *counts.entry(t.gallery.len()).or_default() += 1;
     }
     let best = counts.values().copied().max()?;
-    counts.into_iter().find(|&(_, c)| c == best).map(|(len, _)| len)
+    counts
+        .into_iter()
+        .find(|&(_, c)| c == best)
+        .map(|(len, _)| len)
 }
 
 /// A template file: the parsed templates by index, and the malformed ones.
@@ -348,7 +351,10 @@ impl Stage for Templates {
     type Params = TemplatesParams;
 
     /// Each GeneCIS task's template file, read, and the global tasks.
-    type Work = (Vec<(&'static str, PathBuf, TemplateFile)>, Vec<global::GlobalTask>);
+    type Work = (
+        Vec<(&'static str, PathBuf, TemplateFile)>,
+        Vec<global::GlobalTask>,
+    );
 
     fn input_tables() -> &'static [InputTable] {
         &[]
@@ -438,7 +444,10 @@ impl Stage for Templates {
             globals.push(global::read_cirr(&ctx.resolve(d), "val")?);
         }
         if let Some(d) = &p.mit_states_dir {
-            globals.push(global::read_mit_states(&ctx.resolve(d), p.mit_states_full_query)?);
+            globals.push(global::read_mit_states(
+                &ctx.resolve(d),
+                p.mit_states_full_query,
+            )?);
         }
         n += globals
             .iter()
@@ -600,7 +609,10 @@ impl Stage for Templates {
         )?;
         let galleries = RecordBatch::try_new(
             GALLERIES_SCHEMA.clone(),
-            vec![Arc::new(g_set.finish()) as ArrayRef, Arc::new(g_key.finish())],
+            vec![
+                Arc::new(g_set.finish()) as ArrayRef,
+                Arc::new(g_key.finish()),
+            ],
         )?;
         let mut k_key = StringBuilder::new();
         let mut k_src = StringBuilder::new();

@@ -121,7 +121,12 @@ impl Manifest {
 /// A manifest with one ingest stage named `captions` over `data`.
 pub fn ingest_manifest(dir: &Path, data: &str, extra: &str) -> PathBuf {
     Manifest::new("t")
-        .stage("captions", "ingest", &[], &format!("path = \"{data}\"{extra}"))
+        .stage(
+            "captions",
+            "ingest",
+            &[],
+            &format!("path = \"{data}\"{extra}"),
+        )
         .write(dir)
 }
 
@@ -186,7 +191,8 @@ pub fn script_fixtures(script: &str, marker: &str) -> PathBuf {
     if dir.join(marker).is_file() {
         return dir;
     }
-    let scratch = std::env::temp_dir().join(format!("genecis-{stem}-{hash}.{}", std::process::id()));
+    let scratch =
+        std::env::temp_dir().join(format!("genecis-{stem}-{hash}.{}", std::process::id()));
     let py = root.join(".venv/bin/python");
     let out = std::process::Command::new(&py)
         .arg(&script)

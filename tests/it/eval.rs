@@ -827,9 +827,21 @@ fn scores_match_the_original_evaluation() {
     let mut ours: HashMap<(String, u32, String), (u32, Vec<f32>)> = HashMap::new();
     for b in read_table(&tmp.path().join("run/score/scores")).unwrap() {
         let task = b.column_by_name("task").unwrap().as_string::<i32>().clone();
-        let id = b.column_by_name("template_id").unwrap().as_primitive::<UInt32Type>().clone();
-        let method = b.column_by_name("method").unwrap().as_string::<i32>().clone();
-        let rank = b.column_by_name("target_rank").unwrap().as_primitive::<UInt32Type>().clone();
+        let id = b
+            .column_by_name("template_id")
+            .unwrap()
+            .as_primitive::<UInt32Type>()
+            .clone();
+        let method = b
+            .column_by_name("method")
+            .unwrap()
+            .as_string::<i32>()
+            .clone();
+        let rank = b
+            .column_by_name("target_rank")
+            .unwrap()
+            .as_primitive::<UInt32Type>()
+            .clone();
         let sims = b
             .column_by_name("similarities")
             .unwrap()
@@ -841,7 +853,12 @@ fn scores_match_the_original_evaluation() {
             let s = sims.value(i);
             ours.insert(
                 (task.value(i).into(), id.value(i), method.value(i).into()),
-                (rank.value(i), s.as_primitive::<arrow::datatypes::Float32Type>().values().to_vec()),
+                (
+                    rank.value(i),
+                    s.as_primitive::<arrow::datatypes::Float32Type>()
+                        .values()
+                        .to_vec(),
+                ),
             );
         }
     }
@@ -854,14 +871,24 @@ fn scores_match_the_original_evaluation() {
                 r["template_id"].as_u64().unwrap() as u32,
                 r["method"].as_str().unwrap().to_string(),
             );
-            let (rank, sims) = ours.get(&key).unwrap_or_else(|| panic!("no score for {key:?}"));
-            let want: Vec<f64> = r["similarities"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let (rank, sims) = ours
+                .get(&key)
+                .unwrap_or_else(|| panic!("no score for {key:?}"));
+            let want: Vec<f64> = r["similarities"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
             assert_eq!(sims.len(), want.len(), "{key:?}");
             for (a, b) in sims.iter().zip(&want) {
                 worst = worst.max((*a as f64 - b).abs());
             }
             if *rank as u64 != r["target_rank"].as_u64().unwrap() {
-                rank_diffs.push(format!("{key:?}: ours {rank}, original {}", r["target_rank"]));
+                rank_diffs.push(format!(
+                    "{key:?}: ours {rank}, original {}",
+                    r["target_rank"]
+                ));
             }
             n += 1;
         }

@@ -67,7 +67,12 @@ fn mit_states(root: &Path) {
     for (f, n) in folders {
         for j in 0..n {
             seed += 1;
-            jpeg(&root.join(format!("images/{f}/img_{j}.jpg")), seed, 48, 36 + 4 * j);
+            jpeg(
+                &root.join(format!("images/{f}/img_{j}.jpg")),
+                seed,
+                48,
+                36 + 4 * j,
+            );
         }
     }
     // A grayscale image: the original converts it to RGB before resizing.
@@ -78,12 +83,7 @@ fn mit_states(root: &Path) {
 
 /// Brute-force R@K and ranks: cosine against the whole gallery, the
 /// reference at -1e5, rank = 1 + images strictly above the best hit.
-fn brute(
-    q: &[f64],
-    gallery: &[Vec<f64>],
-    reference: usize,
-    hits: &[usize],
-) -> usize {
+fn brute(q: &[f64], gallery: &[Vec<f64>], reference: usize, hits: &[usize]) -> usize {
     let mut sims: Vec<f64> = gallery
         .iter()
         .map(|g| g.iter().zip(q).map(|(a, b)| a * b).sum())
@@ -115,13 +115,19 @@ fn cirr_and_mit_states_rank_the_whole_gallery() {
             "embed",
             "embed",
             &["templates"],
-            &format!("checkpoint = \"{}\", device = \"cpu\"", fx.join("vit_state.pt").display()),
+            &format!(
+                "checkpoint = \"{}\", device = \"cpu\"",
+                fx.join("vit_state.pt").display()
+            ),
         )
         .stage(
             "score",
             "score",
             &["templates", "embed"],
-            &format!("combiner = \"{}\", device = \"cpu\"", fx.join("combiner_state.pt").display()),
+            &format!(
+                "combiner = \"{}\", device = \"cpu\"",
+                fx.join("combiner_state.pt").display()
+            ),
         )
         .write(tmp.path());
     let ms_ = m.to_str().unwrap();
@@ -131,18 +137,30 @@ fn cirr_and_mit_states_rank_the_whole_gallery() {
 
     // The queries: CIRR one per good caption; MIT-States one per image and
     // other adjective of its noun (tomato 5 images x 2, fish 4 x 1).
-    let n = sql_csv(&m, "SELECT task, count(*) FROM templates GROUP BY task ORDER BY task");
+    let n = sql_csv(
+        &m,
+        "SELECT task, count(*) FROM templates GROUP BY task ORDER BY task",
+    );
     assert_eq!(n[1..], ["cirr_val,8", "mit_states,14"]);
     let rej = sql_csv(&m, "SELECT line_number, reason FROM templates.rejects");
-    assert!(rej.len() == 2 && rej[1].contains("reference 'dev-99-0-img0' is not an image"), "{rej:?}");
-    let g = sql_csv(&m, "SELECT gallery_set, count(*) FROM galleries GROUP BY 1 ORDER BY 1");
+    assert!(
+        rej.len() == 2 && rej[1].contains("reference 'dev-99-0-img0' is not an image"),
+        "{rej:?}"
+    );
+    let g = sql_csv(
+        &m,
+        "SELECT gallery_set, count(*) FROM galleries GROUP BY 1 ORDER BY 1",
+    );
     assert_eq!(g[1..], ["cirr_val,12", "mit_states,9"]);
     let q = sql_csv(
         &m,
         "SELECT condition, array_length(target_keys, 1) FROM templates WHERE task = 'mit_states' AND reference_key = 'mit_states/raw fish/img_gray.jpg'",
     );
     assert_eq!(q[1..], ["cooked,1"]);
-    let gray = sql_csv(&m, "SELECT rgb_first FROM image_keys WHERE image_key LIKE '%img_gray%'");
+    let gray = sql_csv(
+        &m,
+        "SELECT rgb_first FROM image_keys WHERE image_key LIKE '%img_gray%'",
+    );
     assert_eq!(gray[1], "true");
 
     // Brute force over the stored embeddings.
@@ -151,29 +169,65 @@ fn cirr_and_mit_states_rank_the_whole_gallery() {
     let txt = embeddings(&run.join("embed/text_embeddings"), "text");
     let mut gallery: HashMap<String, Vec<String>> = HashMap::new();
     for b in read_table(&run.join("templates/galleries")).unwrap() {
-        let s = b.column_by_name("gallery_set").unwrap().as_string::<i32>().clone();
-        let k = b.column_by_name("image_key").unwrap().as_string::<i32>().clone();
+        let s = b
+            .column_by_name("gallery_set")
+            .unwrap()
+            .as_string::<i32>()
+            .clone();
+        let k = b
+            .column_by_name("image_key")
+            .unwrap()
+            .as_string::<i32>()
+            .clone();
         for i in 0..b.num_rows() {
-            gallery.entry(s.value(i).into()).or_default().push(k.value(i).into());
+            gallery
+                .entry(s.value(i).into())
+                .or_default()
+                .push(k.value(i).into());
         }
     }
     let mut ranks: HashMap<(String, u32, String), u32> = HashMap::new();
     for b in read_table(&run.join("score/scores")).unwrap() {
         let t = b.column_by_name("task").unwrap().as_string::<i32>().clone();
-        let id = b.column_by_name("template_id").unwrap().as_primitive::<UInt32Type>().clone();
-        let me = b.column_by_name("method").unwrap().as_string::<i32>().clone();
-        let rk = b.column_by_name("target_rank").unwrap().as_primitive::<UInt32Type>().clone();
-        let top = b.column_by_name("top_keys").unwrap().as_list::<i32>().clone();
+        let id = b
+            .column_by_name("template_id")
+            .unwrap()
+            .as_primitive::<UInt32Type>()
+            .clone();
+        let me = b
+            .column_by_name("method")
+            .unwrap()
+            .as_string::<i32>()
+            .clone();
+        let rk = b
+            .column_by_name("target_rank")
+            .unwrap()
+            .as_primitive::<UInt32Type>()
+            .clone();
+        let top = b
+            .column_by_name("top_keys")
+            .unwrap()
+            .as_list::<i32>()
+            .clone();
         for i in 0..b.num_rows() {
             assert_eq!(top.value(i).len(), 10.min(gallery[t.value(i)].len()));
-            ranks.insert((t.value(i).into(), id.value(i), me.value(i).into()), rk.value(i));
+            ranks.insert(
+                (t.value(i).into(), id.value(i), me.value(i).into()),
+                rk.value(i),
+            );
         }
     }
     let mut hits: HashMap<(String, String), [usize; 3]> = HashMap::new();
     let mut count: HashMap<String, usize> = HashMap::new();
     for b in read_table(&run.join("templates/templates")).unwrap() {
         let col = |n: &str| b.column_by_name(n).unwrap().clone();
-        let (task, id, cond, rf, tk) = (col("task"), col("template_id"), col("condition"), col("reference_key"), col("target_keys"));
+        let (task, id, cond, rf, tk) = (
+            col("task"),
+            col("template_id"),
+            col("condition"),
+            col("reference_key"),
+            col("target_keys"),
+        );
         for i in 0..b.num_rows() {
             let task = task.as_string::<i32>().value(i).to_string();
             let keys = &gallery[&task];
@@ -187,10 +241,18 @@ fn cirr_and_mit_states_rank_the_whole_gallery() {
             let (r, x) = (&img[reference], &txt[cond.as_string::<i32>().value(i)]);
             let mix: Vec<f32> = r.iter().zip(x).map(|(a, b)| 0.5 * a + 0.5 * b).collect();
             *count.entry(task.clone()).or_default() += 1;
-            for (method, q) in [("image_only", unit(r)), ("text_only", unit(x)), ("image_plus_text", unit(&mix))] {
+            for (method, q) in [
+                ("image_only", unit(r)),
+                ("text_only", unit(x)),
+                ("image_plus_text", unit(&mix)),
+            ] {
                 let want = brute(&q, &units, pos(reference), &targets);
                 let tid = id.as_primitive::<UInt32Type>().value(i);
-                assert_eq!(ranks[&(task.clone(), tid, method.to_string())] as usize, want, "{task} #{tid} {method}");
+                assert_eq!(
+                    ranks[&(task.clone(), tid, method.to_string())] as usize,
+                    want,
+                    "{task} #{tid} {method}"
+                );
                 let h = hits.entry((task.clone(), method.into())).or_default();
                 for (j, k) in [1, 5, 10].into_iter().enumerate() {
                     h[j] += (want <= k) as usize;
@@ -200,18 +262,30 @@ fn cirr_and_mit_states_rank_the_whole_gallery() {
     }
     for b in read_table(&run.join("score/results")).unwrap() {
         let s = |n: &str| b.column_by_name(n).unwrap().as_string::<i32>().clone();
-        let f = |n: &str| b.column_by_name(n).unwrap().as_primitive::<Float64Type>().clone();
+        let f = |n: &str| {
+            b.column_by_name(n)
+                .unwrap()
+                .as_primitive::<Float64Type>()
+                .clone()
+        };
         let (task, method) = (s("task"), s("method"));
         for i in 0..b.num_rows() {
             let key = (task.value(i).to_string(), method.value(i).to_string());
             let Some(h) = hits.get(&key) else { continue };
-            for (j, col) in ["recall_at_1", "recall_at_5", "recall_at_10"].iter().enumerate() {
+            for (j, col) in ["recall_at_1", "recall_at_5", "recall_at_10"]
+                .iter()
+                .enumerate()
+            {
                 let want = h[j] as f64 / count[&key.0] as f64;
                 assert!((f(col).value(i) - want).abs() < 1e-12, "{key:?} {col}");
             }
         }
     }
-    assert!(!sql_csv(&m, "SELECT task FROM results WHERE task = 'average'").iter().any(|l| l == "average"));
+    assert!(
+        !sql_csv(&m, "SELECT task FROM results WHERE task = 'average'")
+            .iter()
+            .any(|l| l == "average")
+    );
 }
 
 #[test]
@@ -227,17 +301,27 @@ fn check_names_missing_cirr_and_mit_states_data() {
             "templates",
             "templates",
             &[],
-            &format!("cirr_dir = \"{}\", mit_states_dir = \"{}\"", c.display(), ms.display()),
+            &format!(
+                "cirr_dir = \"{}\", mit_states_dir = \"{}\"",
+                c.display(),
+                ms.display()
+            ),
         )
         .write(tmp.path());
     let r = genecis(&["check", m.to_str().unwrap()]);
     assert_eq!(r.code, 1);
     assert!(
-        r.stdout.contains("1 of the 12 cirr_val images do not exist") && r.stdout.contains("dev-3-0-img0.png"),
+        r.stdout
+            .contains("1 of the 12 cirr_val images do not exist")
+            && r.stdout.contains("dev-3-0-img0.png"),
         "{}",
         r.stdout
     );
-    assert!(r.stdout.contains("no images of the 49 test nouns"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("no images of the 49 test nouns"),
+        "{}",
+        r.stdout
+    );
     // A missing file the stage reads is a manifest error: nothing runs.
     std::fs::remove_file(c.join("cirr/captions/cap.rc2.val.json")).unwrap();
     let r = genecis(&["check", m.to_str().unwrap()]);
@@ -256,8 +340,18 @@ fn shipped_global_manifests_run_with_paths_set() {
     let fx = fixtures();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for (manifest, param, dir, task) in [
-        ("pipelines/cirr_val.toml", "templates.cirr_dir", &c, "cirr_val"),
-        ("pipelines/mit_states.toml", "templates.mit_states_dir", &ms, "mit_states"),
+        (
+            "pipelines/cirr_val.toml",
+            "templates.cirr_dir",
+            &c,
+            "cirr_val",
+        ),
+        (
+            "pipelines/mit_states.toml",
+            "templates.mit_states_dir",
+            &ms,
+            "mit_states",
+        ),
     ] {
         let m = root.join(manifest);
         let work = tmp.path().join(task);
@@ -268,13 +362,23 @@ fn shipped_global_manifests_run_with_paths_set() {
             "embed.device=cpu".to_string(),
             "score.device=cpu".to_string(),
         ];
-        let mut args = vec!["run", m.to_str().unwrap(), "-q", "--skip-check", "--workdir", work.to_str().unwrap()];
+        let mut args = vec![
+            "run",
+            m.to_str().unwrap(),
+            "-q",
+            "--skip-check",
+            "--workdir",
+            work.to_str().unwrap(),
+        ];
         for s in &sets {
             args.push("--set");
             args.push(s);
         }
         genecis(&args).ok();
-        let rows = sql_csv(&work, &format!("SELECT count(*) FROM results WHERE task = '{task}'"));
+        let rows = sql_csv(
+            &work,
+            &format!("SELECT count(*) FROM results WHERE task = '{task}'"),
+        );
         assert_eq!(rows[1], "4", "{manifest}: one row per method");
     }
 }

@@ -145,7 +145,9 @@ fn kinds_lists_inputs_and_schemas() {
     let out = &r.ok().stdout;
     assert!(out.contains("  reads: image_keys, texts?\n"), "{out}");
     assert!(
-        out.contains("image_embeddings(image_key Utf8, model Utf8, embedding FixedSizeList(d x Float32))"),
+        out.contains(
+            "image_embeddings(image_key Utf8, model Utf8, embedding FixedSizeList(d x Float32))"
+        ),
         "{out}"
     );
     assert!(out.contains("url Utf8?"), "{out}");

@@ -176,7 +176,15 @@ fn preprocessing_matches_pil() {
     for i in 0..5 {
         for ext in ["png", "jpg"] {
             let path = fixtures().join(format!("pre_{i}.{ext}"));
-            let ours = load_rgb(&ImageKey { path: &path, bbox: None, rgb_first: false }, 32).unwrap();
+            let ours = load_rgb(
+                &ImageKey {
+                    path: &path,
+                    bbox: None,
+                    rgb_first: false,
+                },
+                32,
+            )
+            .unwrap();
             let theirs = refs[&format!("pre_{i}_{ext}")].to_kind(tch::Kind::Int64);
             let ours = Tensor::from_slice(ours.as_raw().as_slice())
                 .view([32, 32, 3])
@@ -206,7 +214,14 @@ fn decode_crop_and_resize_match_the_original_bit_for_bit() {
             [v[0], v[1], v[2], v[3]]
         });
         let n = r["n"].as_u64().unwrap() as u32;
-        let got = load_rgb(&ImageKey { path: &path, bbox, rgb_first: false }, n);
+        let got = load_rgb(
+            &ImageKey {
+                path: &path,
+                bbox,
+                rgb_first: false,
+            },
+            n,
+        );
         if r["error"].as_bool() == Some(true) {
             assert!(got.is_err(), "{path:?} decodes although Pillow refuses it");
             continue;
@@ -215,10 +230,20 @@ fn decode_crop_and_resize_match_the_original_bit_for_bit() {
             .map(|i| u8::from_str_radix(&r["rgb"].as_str().unwrap()[2 * i..2 * i + 2], 16).unwrap())
             .collect();
         let got = got.unwrap_or_else(|e| panic!("{e}")).into_raw();
-        let diff: Vec<i32> = got.iter().zip(&want).map(|(a, b)| (*a as i32 - *b as i32).abs()).collect();
-        let (max, count) = (diff.iter().max().copied().unwrap_or(0), diff.iter().filter(|d| **d > 0).count());
+        let diff: Vec<i32> = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .collect();
+        let (max, count) = (
+            diff.iter().max().copied().unwrap_or(0),
+            diff.iter().filter(|d| **d > 0).count(),
+        );
         if got.len() != want.len() || max > 0 {
-            bad.push(format!("{} {bbox:?}: {count} values differ, by up to {max}", r["file"]));
+            bad.push(format!(
+                "{} {bbox:?}: {count} values differ, by up to {max}",
+                r["file"]
+            ));
         }
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));

@@ -77,7 +77,10 @@ fn hostile_captions_never_panic() {
     }
     let caps = random_captions(0x2545F4914F6CDD1D, 3000);
     let refs: Vec<&str> = caps.iter().map(String::as_str).collect();
-    for (c, g) in caps.iter().zip(genecis::parse::parse_captions(&refs, true).unwrap()) {
+    for (c, g) in caps
+        .iter()
+        .zip(genecis::parse::parse_captions(&refs, true).unwrap())
+    {
         assert_graph_ok(&g, c);
     }
 }
@@ -148,7 +151,12 @@ fn parse_stage_writes_entities_and_relations() {
         "a dog sitting on a bench .\tu0\n\ta man riding a horse on the beach\tu1\ntwo cats sleeping on a wooden table\tu2\n",
     );
     let m = Manifest::new("p")
-        .stage("captions", "ingest", &[], "path = \"c.tsv\", chunk_rows = 2")
+        .stage(
+            "captions",
+            "ingest",
+            &[],
+            "path = \"c.tsv\", chunk_rows = 2",
+        )
         .stage("graphs", "parse", &["captions"], "")
         .write(dir.path());
     let r = genecis(&["run", m.to_str().unwrap()]);
@@ -311,12 +319,19 @@ fn removed_rules_engine_is_a_manifest_error() {
     );
     let r = genecis(&["run", m.to_str().unwrap()]);
     assert!(
-        r.stderr.contains("\"rules\" engine was removed") && r.stderr.contains("Delete the engine line"),
+        r.stderr.contains("\"rules\" engine was removed")
+            && r.stderr.contains("Delete the engine line"),
         "{}",
         r.stderr
     );
     // Naming the one engine is fine.
-    genecis(&["run", m.to_str().unwrap(), "--set", "graphs.engine=\"spacy\""]).ok();
+    genecis(&[
+        "run",
+        m.to_str().unwrap(),
+        "--set",
+        "graphs.engine=\"spacy\"",
+    ])
+    .ok();
 }
 
 /// `strict_v010 = false` on the spacy engine: the later upstream fixes on

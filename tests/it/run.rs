@@ -270,7 +270,11 @@ fn a_damaged_part_is_named_with_the_fix() {
     std::fs::write(&part, &good[..5]).unwrap();
 
     let st = genecis(&["status", m]);
-    assert!(st.ok().stdout.contains("captions             stale"), "{}", st.stdout);
+    assert!(
+        st.ok().stdout.contains("captions             stale"),
+        "{}",
+        st.stdout
+    );
     assert!(
         st.stdout.contains("part-00001.parquet has 5 bytes")
             && st.stdout.contains("--only captions --force"),
@@ -282,12 +286,18 @@ fn a_damaged_part_is_named_with_the_fix() {
     assert!(
         r.stderr.contains("part-00001.parquet")
             && r.stderr.contains("stage 'captions' is damaged")
-            && r.stderr.contains("genecis run MANIFEST --only captions --force"),
+            && r.stderr
+                .contains("genecis run MANIFEST --only captions --force"),
         "{}",
         r.stderr
     );
     // Named once, not once per layer of the query engine.
-    assert_eq!(r.stderr.matches("part-00001.parquet").count(), 1, "{}", r.stderr);
+    assert_eq!(
+        r.stderr.matches("part-00001.parquet").count(),
+        1,
+        "{}",
+        r.stderr
+    );
     assert!(!r.stderr.contains("Parquet error"), "{}", r.stderr);
     let r = genecis(&["run", m]);
     assert!(r.ok().stdout.contains("+ captions"), "{}", r.stdout);
@@ -331,7 +341,11 @@ fn bad_shard_and_stage_names_are_usage_errors() {
     }
     let r = genecis(&["run", m, "--only", "nope"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("no such stage; stages are: captions"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no such stage; stages are: captions"),
+        "{}",
+        r.stderr
+    );
     let r = genecis(&["run", m, "--only", "captions", "--from", "captions"]);
     assert_eq!(r.code, 2);
     assert!(!dir.path().join("run").exists());

@@ -183,7 +183,10 @@ fn csv_renders_list_columns() {
         .stage("graphs", "parse", &["captions"], "")
         .write(dir.path());
     genecis(&["run", m.to_str().unwrap()]).ok();
-    let rows = sql_csv(&m, "SELECT head, modifiers, [1.5, 2.0] AS xs FROM entities ORDER BY entity_idx");
+    let rows = sql_csv(
+        &m,
+        "SELECT head, modifiers, [1.5, 2.0] AS xs FROM entities ORDER BY entity_idx",
+    );
     assert_eq!(rows[0], "head,modifiers,xs");
     assert_eq!(rows[1], "cups,\"[two, red]\",\"[1.5, 2.0]\"");
     assert_eq!(rows[2], "table,\"[a, wooden]\",\"[1.5, 2.0]\"");
@@ -195,7 +198,11 @@ fn a_closed_pipe_ends_quietly() {
     use std::io::Read;
     let (_dir, m) = demo_run();
     let mut child = bin()
-        .args(["sql", m.to_str().unwrap(), "SELECT * FROM captions CROSS JOIN captions AS b"])
+        .args([
+            "sql",
+            m.to_str().unwrap(),
+            "SELECT * FROM captions CROSS JOIN captions AS b",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
