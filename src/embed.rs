@@ -71,8 +71,10 @@ pub static EMBED_REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 #[serde(deny_unknown_fields)]
 pub struct EmbedParams {
     /// CLIP weights: OpenAI's TorchScript .pt, a torch.save state dict, or
-    /// .safetensors.
-    pub checkpoint: PathBuf,
+    /// .safetensors. Not needed when a train stage in inputs gives a
+    /// fine-tuned backbone.
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
     /// Name stored in the `model` column (default: the checkpoint's file stem).
     #[serde(default)]
     pub model: Option<String>,
@@ -100,12 +102,15 @@ fn default_chunk() -> usize {
 }
 
 impl EmbedParams {
-    pub fn model_name(&self) -> String {
-        self.model.clone().unwrap_or_else(|| {
-            self.checkpoint
+    /// The `model` column: params.model, else the weights file's stem (a
+    /// trained backbone is named after its train stage).
+    pub fn model_name(&self, weights: &Path, trained_by: Option<&str>) -> String {
+        self.model.clone().unwrap_or_else(|| match trained_by {
+            Some(stage) => stage.to_string(),
+            None => weights
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "clip".into())
+                .unwrap_or_else(|| "clip".into()),
         })
     }
 }
@@ -165,6 +170,33 @@ pub fn read_image_keys(dir: &Path) -> Result<Vec<KeyRow>> {
     Ok(out.into_values().collect())
 }
 
+/// The images (by image id, path from `captions`) and conditions of a
+/// `triplets` table: what a cached-mode `train` stage reads.
+fn triplet_keys(dir: &Path, ctx: &StageContext) -> Result<(Vec<KeyRow>, Vec<String>)> {
+    let t = crate::train::data::read_triplets(dir)?;
+    let Some(cap) = ctx.optional_input("captions") else {
+        return Err(Error::Data(
+            "embedding triplets needs their image paths: list the ingest stage (captions) in inputs too".into(),
+        ));
+    };
+    let paths = crate::train::data::read_image_paths(cap, ctx.base_dir)?;
+    if let Some(m) = crate::train::data::missing_paths(&t.images, &paths) {
+        return Err(Error::Data(m));
+    }
+    let keys = t
+        .images
+        .iter()
+        .map(|i| KeyRow {
+            key: i.to_string(),
+            path: paths[i].clone(),
+            bbox: None,
+            required: true,
+            rgb_first: false,
+        })
+        .collect();
+    Ok((keys, t.texts))
+}
+
 /// Distinct values of a text column, sorted.
 pub fn read_texts(dir: &Path, column: &str) -> Result<Vec<String>> {
     let mut out = std::collections::BTreeSet::new();
@@ -205,8 +237,11 @@ impl Stage for Embed {
 
     fn input_tables() -> &'static [InputTable] {
         const INPUTS: &[InputTable] = &[
-            InputTable::required("image_keys"),
+            InputTable::one_of("image_keys", "image sources"),
             InputTable::optional("texts"),
+            InputTable::one_of("triplets", "image sources"),
+            InputTable::optional("captions"),
+            InputTable::optional("weights"),
         ];
         INPUTS
     }
@@ -237,22 +272,63 @@ impl Stage for Embed {
     }
 
     fn files(p: &EmbedParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
-        vec![("checkpoint", resolve_path(base, &p.checkpoint))]
+        p.checkpoint
+            .iter()
+            .map(|c| ("checkpoint", resolve_path(base, c)))
+            .collect()
     }
 
     fn check(p: &EmbedParams, base: &Path) -> Vec<Finding> {
-        let path = resolve_path(base, &p.checkpoint);
-        match StateDict::load(&path, Device::Cpu).and_then(Clip::new) {
+        let Some(c) = &p.checkpoint else {
+            return Vec::new();
+        };
+        match StateDict::load(&resolve_path(base, c), Device::Cpu).and_then(Clip::new) {
             Ok(_) => Vec::new(),
             Err(e) => vec![Finding::error("checkpoint", e.to_string())],
         }
     }
 
     fn plan(p: &EmbedParams, ctx: &StageContext) -> Result<Chunks<Encoding>> {
-        let keys = read_image_keys(ctx.input("image_keys")?)?;
-        let texts = match ctx.optional_input("texts") {
+        let mut keys = match ctx.optional_input("image_keys") {
+            Some(d) => read_image_keys(d)?,
+            None => Vec::new(),
+        };
+        let mut texts = match ctx.optional_input("texts") {
             Some(d) => read_texts(d, "text")?,
             None => Vec::new(),
+        };
+        if let Some(t) = ctx.optional_input("triplets") {
+            let (k, x) = triplet_keys(t, ctx)?;
+            keys.extend(k);
+            keys.sort_by(|a, b| a.key.cmp(&b.key));
+            keys.dedup_by(|a, b| a.key == b.key);
+            texts.extend(x);
+            texts.sort();
+            texts.dedup();
+        }
+        let trained = match ctx.optional_input("weights") {
+            Some(d) => crate::train::weights_file(d, "backbone")?.map(|f| (f, d)),
+            None => None,
+        };
+        let (weights, trained_by) = match (&p.checkpoint, trained) {
+            (Some(_), Some((_, d))) => {
+                return Err(Error::Data(format!(
+                    "params.checkpoint and the fine-tuned backbone of {} both give CLIP weights: keep one",
+                    d.display()
+                )))
+            }
+            (Some(c), None) => (ctx.resolve(c), None),
+            (None, Some((f, d))) => (
+                f,
+                d.parent()
+                    .and_then(|s| s.file_name())
+                    .map(|s| s.to_string_lossy().into_owned()),
+            ),
+            (None, None) => {
+                return Err(Error::Data(
+                    "no CLIP weights: set params.checkpoint, or list a fine-tuning train stage in inputs".into(),
+                ))
+            }
         };
         // Missing files a template needs: fail before any encoding.
         let missing: Vec<&KeyRow> = keys
@@ -272,7 +348,7 @@ impl Stage for Embed {
             )));
         }
         let device = select_device(&p.device).map_err(Error::Data)?;
-        let clip = Clip::new(StateDict::load(&ctx.resolve(&p.checkpoint), device)?)?;
+        let clip = Clip::new(StateDict::load(&weights, device)?)?;
         let dim = clip.config.embed_dim as i32;
         let tokenizer = ClipTokenizer::new(clip.config.context_length as usize);
         let cs = p.chunk_size;
@@ -286,7 +362,7 @@ impl Stage for Embed {
                 texts,
                 device,
                 dim,
-                model: p.model_name(),
+                model: p.model_name(&weights, trained_by.as_deref()),
                 state: std::sync::Mutex::new(EncodeState {
                     clip,
                     tokenizer,

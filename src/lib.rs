@@ -17,5 +17,6 @@ pub mod sql;
 pub mod stage;
 pub mod store;
 pub mod templates;
+pub mod train;
 
 pub use error::{Error, Result};

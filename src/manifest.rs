@@ -407,6 +407,32 @@ impl Plan {
                         ),
                     }
                 }
+                let mut groups: Vec<&str> =
+                    k.input_tables().iter().filter_map(|t| t.group).collect();
+                groups.dedup();
+                for g in groups {
+                    let members: Vec<&str> = k
+                        .input_tables()
+                        .iter()
+                        .filter(|t| t.group == Some(g))
+                        .map(|t| t.name)
+                        .collect();
+                    if !bs
+                        .iter()
+                        .any(|b| b.tables.iter().any(|t| members.contains(&t.as_str())))
+                    {
+                        issue(
+                            line_of(s.span().start),
+                            Some(name),
+                            "inputs",
+                            format!(
+                                "kind '{}' needs one of the tables {} ({g}); list a stage that makes one in inputs",
+                                k.kind(),
+                                members.join(", ")
+                            ),
+                        );
+                    }
+                }
             }
             bindings.push(bs);
             input_files.push(files);

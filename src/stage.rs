@@ -108,6 +108,8 @@ pub struct InputTable {
     pub name: &'static str,
     /// Read when an input provides it; the stage works without it.
     pub optional: bool,
+    /// Optional tables of one group: at least one must be provided.
+    pub group: Option<&'static str>,
 }
 
 impl InputTable {
@@ -115,12 +117,22 @@ impl InputTable {
         InputTable {
             name,
             optional: false,
+            group: None,
         }
     }
     pub const fn optional(name: &'static str) -> InputTable {
         InputTable {
             name,
             optional: true,
+            group: None,
+        }
+    }
+    /// Optional, but the stage needs at least one table of `group`.
+    pub const fn one_of(name: &'static str, group: &'static str) -> InputTable {
+        InputTable {
+            name,
+            optional: true,
+            group: Some(group),
         }
     }
 }
@@ -562,6 +574,7 @@ pub static KINDS: &[&dyn StageKind] = &[
     &Kind::<crate::templates::Templates>::new(),
     &Kind::<crate::embed::Embed>::new(),
     &Kind::<crate::score::Score>::new(),
+    &Kind::<crate::train::Train>::new(),
 ];
 
 pub fn lookup(kind: &str) -> Option<&'static dyn StageKind> {

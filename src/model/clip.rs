@@ -116,6 +116,10 @@ impl ClipConfig {
 pub struct Clip {
     pub config: ClipConfig,
     w: StateDict,
+    /// BatchNorm uses batch statistics and updates its running ones
+    /// (`model.train()`); the transformers have no dropout, so only the
+    /// ResNet tower changes.
+    training: bool,
 }
 
 fn layer_norm(x: &Tensor, w: &StateDict, p: &str) -> Result<Tensor> {
@@ -208,13 +212,22 @@ fn transformer(
     Ok(x)
 }
 
-fn batch_norm(x: &Tensor, w: &StateDict, p: &str) -> Result<Tensor> {
+fn batch_norm(x: &Tensor, w: &StateDict, p: &str, train: bool) -> Result<Tensor> {
+    if train {
+        if let Some(n) = w.tensors.get(&format!("{p}.num_batches_tracked")) {
+            let mut n = n.shallow_clone();
+            tch::no_grad(|| {
+                let _ = n.f_add_scalar_(1)?;
+                Ok::<_, tch::TchError>(())
+            })?;
+        }
+    }
     Ok(x.batch_norm(
         Some(&w.get(&format!("{p}.weight"))?),
         Some(&w.get(&format!("{p}.bias"))?),
         Some(&w.get(&format!("{p}.running_mean"))?),
         Some(&w.get(&format!("{p}.running_var"))?),
-        false,
+        train,
         0.1,
         1e-5,
         false,
@@ -235,7 +248,11 @@ fn conv(x: &Tensor, w: &StateDict, p: &str, stride: i64, padding: i64) -> Result
 impl Clip {
     pub fn new(w: StateDict) -> Result<Clip> {
         let config = ClipConfig::infer(&w)?;
-        let c = Clip { config, w };
+        let c = Clip {
+            config,
+            w,
+            training: false,
+        };
         c.check()?;
         Ok(c)
     }
@@ -283,7 +300,19 @@ impl Clip {
         Ok(())
     }
 
+    /// `model.train()` / `model.eval()`.
+    pub fn set_training(&mut self, on: bool) {
+        self.training = on;
+    }
+
+    /// The weights the forward passes read: setting `requires_grad` on
+    /// them makes the passes differentiable, and in-place updates train.
+    pub fn weights(&self) -> &StateDict {
+        &self.w
+    }
+
     pub fn encode_image(&self, images: &Tensor) -> Result<Tensor> {
+        let train = self.training;
         let v = self.w.sub("visual");
         match self.config.vision {
             Vision::Vit {
@@ -318,13 +347,19 @@ impl Clip {
                     .iter()
                     .enumerate()
                 {
-                    x = batch_norm(&conv(&x, &v, c, if i == 0 { 2 } else { 1 }, 1)?, &v, b)?.relu();
+                    x = batch_norm(
+                        &conv(&x, &v, c, if i == 0 { 2 } else { 1 }, 1)?,
+                        &v,
+                        b,
+                        train,
+                    )?
+                    .relu();
                 }
                 x = avg_pool(&x, 2);
                 for (li, &blocks) in layers.iter().enumerate() {
                     for bi in 0..blocks {
                         let stride = if li > 0 && bi == 0 { 2 } else { 1 };
-                        x = bottleneck(&x, &v, &format!("layer{}.{bi}", li + 1), stride)?;
+                        x = bottleneck(&x, &v, &format!("layer{}.{bi}", li + 1), stride, train)?;
                     }
                 }
                 attn_pool(&x, &v.sub("attnpool"), heads)
@@ -367,17 +402,19 @@ fn avg_pool(x: &Tensor, k: i64) -> Tensor {
     x.avg_pool2d([k, k], [k, k], [0, 0], false, true, None::<i64>)
 }
 
-fn bottleneck(x: &Tensor, w: &StateDict, p: &str, stride: i64) -> Result<Tensor> {
+fn bottleneck(x: &Tensor, w: &StateDict, p: &str, stride: i64, train: bool) -> Result<Tensor> {
     let out = batch_norm(
         &conv(x, w, &format!("{p}.conv1"), 1, 0)?,
         w,
         &format!("{p}.bn1"),
+        train,
     )?
     .relu();
     let mut out = batch_norm(
         &conv(&out, w, &format!("{p}.conv2"), 1, 1)?,
         w,
         &format!("{p}.bn2"),
+        train,
     )?
     .relu();
     if stride > 1 {
@@ -387,6 +424,7 @@ fn bottleneck(x: &Tensor, w: &StateDict, p: &str, stride: i64) -> Result<Tensor>
         &conv(&out, w, &format!("{p}.conv3"), 1, 0)?,
         w,
         &format!("{p}.bn3"),
+        train,
     )?;
     let identity = if w.has(&format!("{p}.downsample.0.weight")) {
         let d = if stride > 1 {
@@ -398,6 +436,7 @@ fn bottleneck(x: &Tensor, w: &StateDict, p: &str, stride: i64) -> Result<Tensor>
             &conv(&d, w, &format!("{p}.downsample.0"), 1, 0)?,
             w,
             &format!("{p}.downsample.1"),
+            train,
         )?
     } else {
         x.shallow_clone()

@@ -2,9 +2,25 @@
 //! projections, a combiner layer and a dynamic scalar that mixes the
 //! residual text and image features.
 
-use tch::Tensor;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use tch::{Device, Kind, Tensor};
 
 use super::{linear, Result, StateDict};
+
+/// The original's layer sizes: `Combiner(d, 2560, 2 * 2560)`.
+pub const PROJECTION_DIM: i64 = 2560;
+pub const HIDDEN_DIM: i64 = 2 * 2560;
+
+/// Linear layers in the module's registration order (its state dict's).
+const LAYERS: [&str; 5] = [
+    "text_projection_layer",
+    "image_projection_layer",
+    "combiner_layer",
+    "output_layer",
+    "dynamic_scalar.0",
+];
 
 pub struct Combiner {
     w: StateDict,
@@ -31,17 +47,72 @@ impl Combiner {
         Ok(linear(x, &self.w.get(&format!("{name}.weight"))?, Some(&b)))
     }
 
+    /// A freshly initialised head, drawn as `nn.Linear`'s default init
+    /// draws it, layer by layer, from libtorch's generator: after
+    /// `tch::manual_seed(s)` on CPU it equals `torch.manual_seed(s);
+    /// Combiner(...)`.
+    pub fn init(dim: i64, projection: i64, hidden: i64, device: Device) -> Result<Combiner> {
+        let shapes = [
+            ("text_projection_layer", projection, dim),
+            ("image_projection_layer", projection, dim),
+            ("combiner_layer", hidden, 2 * projection),
+            ("output_layer", dim, hidden),
+            ("dynamic_scalar.0", hidden, 2 * projection),
+            ("dynamic_scalar.3", 1, hidden),
+        ];
+        let mut tensors = HashMap::new();
+        // kaiming_uniform_(a=sqrt(5)) computed as torch.nn.init does.
+        let a2 = 5f64.sqrt().powi(2);
+        for (name, out, fan_in) in shapes {
+            let fan = fan_in as f64;
+            let w_bound = 3f64.sqrt() * ((2.0 / (1.0 + a2)).sqrt() / fan.sqrt());
+            let b_bound = 1.0 / fan.sqrt();
+            let opts = (Kind::Float, device);
+            let w = Tensor::f_empty([out, fan_in], opts)?.f_uniform_(-w_bound, w_bound)?;
+            let b = Tensor::f_empty([out], opts)?.f_uniform_(-b_bound, b_bound)?;
+            tensors.insert(format!("{name}.weight"), w);
+            tensors.insert(format!("{name}.bias"), b);
+        }
+        Combiner::new(StateDict {
+            path: PathBuf::from("<initialised Combiner>"),
+            tensors,
+        })
+    }
+
+    /// Parameter names in the order `Combiner.state_dict()` lists them.
+    pub fn names() -> Vec<String> {
+        LAYERS
+            .iter()
+            .chain(&["dynamic_scalar.3"])
+            .flat_map(|l| [format!("{l}.weight"), format!("{l}.bias")])
+            .collect()
+    }
+
+    /// The weights the forward pass reads (shared tensors: gradients and
+    /// in-place updates reach the head).
+    pub fn weights(&self) -> &StateDict {
+        &self.w
+    }
+
     /// Normalised combined query for (image, text) features; eval mode
     /// (dropout off).
     pub fn forward(&self, image: &Tensor, text: &Tensor) -> Result<Tensor> {
-        let t = self.lin("text_projection_layer", text)?.relu();
-        let i = self.lin("image_projection_layer", image)?.relu();
+        self.forward_t(image, text, false)
+    }
+
+    /// [`Combiner::forward`] with the original's four Dropout(0.5) layers
+    /// active when `train`, drawn in the module's order (text, image,
+    /// combined, dynamic scalar).
+    pub fn forward_t(&self, image: &Tensor, text: &Tensor, train: bool) -> Result<Tensor> {
+        let drop = |x: Tensor| x.dropout(0.5, train);
+        let t = drop(self.lin("text_projection_layer", text)?.relu());
+        let i = drop(self.lin("image_projection_layer", image)?.relu());
         let raw = Tensor::cat(&[&t, &i], -1);
-        let c = self.lin("combiner_layer", &raw)?.relu();
+        let c = drop(self.lin("combiner_layer", &raw)?.relu());
         let s = self
             .lin(
                 "dynamic_scalar.3",
-                &self.lin("dynamic_scalar.0", &raw)?.relu(),
+                &drop(self.lin("dynamic_scalar.0", &raw)?.relu()),
             )?
             .sigmoid();
         let out = self.lin("output_layer", &c)? + &s * text + (1.0 - &s) * image;

@@ -11,6 +11,7 @@ pub mod jpeg;
 pub mod preprocess;
 pub mod tokenizer;
 pub mod torch_pickle;
+pub mod torch_save;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

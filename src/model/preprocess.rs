@@ -52,7 +52,7 @@ pub struct Raster {
 }
 
 /// Python's `round` (half to even), which PIL's `crop` applies to a float box.
-fn round_half_even(x: f64) -> i64 {
+pub(crate) fn round_half_even(x: f64) -> i64 {
     let r = x.round();
     if (x - x.trunc()).abs() == 0.5 && (r as i64) % 2 != 0 {
         (r - x.signum()) as i64
@@ -92,14 +92,48 @@ fn bicubic(x: f64) -> f64 {
     }
 }
 
+/// Pillow's bilinear (triangle) filter.
+fn bilinear(x: f64) -> f64 {
+    let x = x.abs();
+    if x < 1.0 {
+        1.0 - x
+    } else {
+        0.0
+    }
+}
+
+/// Pillow's resampling filters for 8-bit modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// CLIP's evaluation transform.
+    Bicubic,
+    /// torchvision's default (`Resize`, `RandomResizedCrop`).
+    Bilinear,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bicubic => 2.0,
+            Filter::Bilinear => 1.0,
+        }
+    }
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Filter::Bicubic => bicubic(x),
+            Filter::Bilinear => bilinear(x),
+        }
+    }
+}
+
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
 /// Fixed-point coefficients of one axis, as Pillow's `precompute_coeffs`
 /// and `normalize_coeffs_8bpc` make them: (first input index, weights).
-fn coeffs(in_size: u32, out_size: u32) -> Vec<(usize, Vec<i32>)> {
+fn coeffs(in_size: u32, out_size: u32, filter: Filter) -> Vec<(usize, Vec<i32>)> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = 2.0 * filterscale;
+    let support = filter.support() * filterscale;
     (0..out_size)
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
@@ -107,7 +141,7 @@ fn coeffs(in_size: u32, out_size: u32) -> Vec<(usize, Vec<i32>)> {
             let xmax = (((center + support + 0.5) as i64).min(in_size as i64) as usize)
                 .saturating_sub(xmin);
             let mut k: Vec<f64> = (0..xmax)
-                .map(|x| bicubic((x as f64 + xmin as f64 - center + 0.5) / filterscale))
+                .map(|x| filter.weight((x as f64 + xmin as f64 - center + 0.5) / filterscale))
                 .collect();
             let ww: f64 = k.iter().sum();
             if ww != 0.0 {
@@ -282,18 +316,29 @@ pub fn pil_resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
 /// Pillow's `resize` would make it for the image's mode; only the window is
 /// computed (each output pixel depends only on its own coefficients).
 pub fn resize_window(img: &Raster, out_w: u32, out_h: u32, window: (u32, u32, u32, u32)) -> Raster {
+    resize_window_with(img, out_w, out_h, window, Filter::Bicubic)
+}
+
+/// [`resize_window`] with another of Pillow's filters.
+pub fn resize_window_with(
+    img: &Raster,
+    out_w: u32,
+    out_h: u32,
+    window: (u32, u32, u32, u32),
+    filter: Filter,
+) -> Raster {
     let data = match img.mode {
         Mode::P => nearest_window(img, out_w, out_h, window),
-        Mode::L => bicubic_window::<1>(img, out_w, out_h, window),
-        Mode::Rgb => bicubic_window::<3>(img, out_w, out_h, window),
-        Mode::Cmyk => bicubic_window::<4>(img, out_w, out_h, window),
+        Mode::L => filtered_window::<1>(img, out_w, out_h, window, filter),
+        Mode::Rgb => filtered_window::<3>(img, out_w, out_h, window, filter),
+        Mode::Cmyk => filtered_window::<4>(img, out_w, out_h, window, filter),
         Mode::Rgba => {
             // Pillow resizes RGBA as premultiplied RGBa and converts back.
             let pre = Raster {
                 data: premultiply(&img.data),
                 ..img.clone()
             };
-            unpremultiply(&bicubic_window::<4>(&pre, out_w, out_h, window))
+            unpremultiply(&filtered_window::<4>(&pre, out_w, out_h, window, filter))
         }
     };
     Raster {
@@ -304,11 +349,12 @@ pub fn resize_window(img: &Raster, out_w: u32, out_h: u32, window: (u32, u32, u3
     }
 }
 
-fn bicubic_window<const C: usize>(
+fn filtered_window<const C: usize>(
     img: &Raster,
     out_w: u32,
     out_h: u32,
     window: (u32, u32, u32, u32),
+    filter: Filter,
 ) -> Vec<u8> {
     let src = &img.data;
     let (w, h, ow, oh) = (
@@ -324,7 +370,7 @@ fn bicubic_window<const C: usize>(
         window.3 as usize,
     );
     // Input rows the vertical pass reads for the window's rows.
-    let cy = (oh != h).then(|| coeffs(h as u32, out_h));
+    let cy = (oh != h).then(|| coeffs(h as u32, out_h, filter));
     let (r0, r1) = match &cy {
         Some(cy) => {
             let rows = &cy[wy..wy + wh];
@@ -338,7 +384,7 @@ fn bicubic_window<const C: usize>(
     let stride = ww * C;
     // Horizontal pass over rows r0..r1, window columns only.
     let horiz: Vec<u8> = if ow != w {
-        let cx = coeffs(w as u32, out_w);
+        let cx = coeffs(w as u32, out_w, filter);
         let cx = &cx[wx..wx + ww];
         let mut tmp = vec![0u8; (r1 - r0) * stride];
         // Rows in pairs: one AVX2 register holds a pixel of each.
@@ -454,7 +500,7 @@ pub fn to_rgb(img: &Raster) -> Vec<u8> {
     }
 }
 
-fn to_rgb_image(img: Raster) -> RgbImage {
+pub fn to_rgb_image(img: Raster) -> RgbImage {
     let (w, h) = (img.width, img.height);
     let data = to_rgb(&img);
     ImageBuffer::from_raw(w, h, data).unwrap_or_else(|| RgbImage::new(w, h))
@@ -784,7 +830,7 @@ mod tests {
         };
         for (w, ow) in [(97usize, 40u32), (640, 298), (33, 100), (5, 3)] {
             let row: Vec<u8> = (0..w * 4).map(|_| next() as u8).collect();
-            let cx = coeffs(w as u32, ow);
+            let cx = coeffs(w as u32, ow, Filter::Bicubic);
             for c in [3usize, 4] {
                 let row = &row[..w * c];
                 let (mut a, mut b) = (vec![0u8; ow as usize * c], vec![0u8; ow as usize * c]);

@@ -172,13 +172,29 @@ impl ScoreParams {
 }
 
 /// Embeddings of one model: key -> row of a row-major matrix.
-struct Embeddings {
-    index: HashMap<String, usize>,
-    values: Vec<f32>,
-    dim: usize,
+pub(crate) struct Embeddings {
+    pub(crate) index: HashMap<String, usize>,
+    pub(crate) values: Vec<f32>,
+    pub(crate) dim: usize,
 }
 
 impl Embeddings {
+    pub(crate) fn new(keys: &[String], values: Vec<f32>, dim: usize) -> Embeddings {
+        Embeddings {
+            index: keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (k.clone(), i))
+                .collect(),
+            values,
+            dim,
+        }
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<&[f32]> {
+        self.index.get(key).map(|&i| self.row(i))
+    }
+
     fn row(&self, i: usize) -> &[f32] {
         &self.values[i * self.dim..(i + 1) * self.dim]
     }
@@ -186,7 +202,7 @@ impl Embeddings {
 
 /// Reads `(key_column, model, embedding)` rows of `model` (or of the only
 /// model present).
-fn read_embeddings(
+pub(crate) fn read_embeddings(
     dir: &Path,
     key_col: &str,
     model: Option<&str>,
@@ -508,6 +524,7 @@ impl Stage for Score {
         const INPUTS: &[InputTable] = &[
             InputTable::required("templates"),
             InputTable::optional("galleries"),
+            InputTable::optional("weights"),
             InputTable::required("image_embeddings"),
             InputTable::required("text_embeddings"),
         ];
@@ -526,12 +543,6 @@ impl Stage for Score {
         let methods = p.methods();
         if methods.is_empty() {
             out.push(("methods".into(), "name at least one method".into()));
-        }
-        if methods.contains(&Method::Combiner) && p.combiner.is_none() {
-            out.push((
-                "combiner".into(),
-                "method 'combiner' needs a Combiner checkpoint: set params.combiner".into(),
-            ));
         }
         let mut seen = methods.clone();
         seen.sort_by_key(|m| m.name());
@@ -608,9 +619,31 @@ impl Stage for Score {
             ));
         }
         let device = select_device(&p.device).map_err(&fail)?;
-        let combiner = match (&p.combiner, p.methods().contains(&Method::Combiner)) {
+        let trained = match ctx.optional_input("weights") {
+            Some(d) => crate::train::weights_file(d, "combiner")?,
+            None => None,
+        };
+        if p.combiner.is_some() && trained.is_some() {
+            return Err(Error::Data(
+                "params.combiner and a train stage in inputs both give a Combiner: keep one".into(),
+            ));
+        }
+        let comb_path = p.combiner.as_ref().map(|c| ctx.resolve(c)).or(trained);
+        let methods = p.methods.clone().unwrap_or_else(|| {
+            let mut m = vec![Method::ImageOnly, Method::TextOnly, Method::ImagePlusText];
+            if comb_path.is_some() {
+                m.push(Method::Combiner);
+            }
+            m
+        });
+        let combiner = match (&comb_path, methods.contains(&Method::Combiner)) {
+            (None, true) => {
+                return Err(Error::Data(
+                    "method 'combiner' needs a Combiner: set params.combiner, or list a train stage in inputs".into(),
+                ))
+            }
             (Some(c), true) => {
-                let comb = Combiner::new(StateDict::load(&ctx.resolve(c), device)?)?;
+                let comb = Combiner::new(StateDict::load(c, device)?)?;
                 if comb.dim as usize != img.dim {
                     return Err(fail(format!(
                         "the Combiner takes {}-d features but model {model} gives {}-d: use the head trained for this backbone",
@@ -622,148 +655,7 @@ impl Stage for Score {
             _ => None,
         };
 
-        let img_n: Vec<Vec<f32>> = (0..img.index.len())
-            .map(|i| normalized(img.row(i)))
-            .collect();
-        let txt_n: Vec<Vec<f32>> = (0..txt.index.len())
-            .map(|i| normalized(txt.row(i)))
-            .collect();
-        let mut rows = ScoreRows::default();
-        let mut recalls: Vec<Recall> = Vec::new();
-        for t in &tasks {
-            // A global gallery goes to the device once per task.
-            let gallery = match &t.global {
-                Some(g) => {
-                    let flat: Vec<f32> = g
-                        .gallery
-                        .iter()
-                        .flat_map(|&r| img_n[r].iter().copied())
-                        .collect();
-                    Some(
-                        Tensor::f_from_slice(&flat)?
-                            .f_view([g.gallery.len() as i64, img.dim as i64])?
-                            .f_to_device(device)?,
-                    )
-                }
-                None => None,
-            };
-            for method in p.methods() {
-                let queries: Vec<Vec<f32>> = match method {
-                    Method::ImageOnly => t.reference.iter().map(|&r| img_n[r].clone()).collect(),
-                    Method::TextOnly => t.text.iter().map(|&x| txt_n[x].clone()).collect(),
-                    Method::ImagePlusText => t
-                        .reference
-                        .iter()
-                        .zip(&t.text)
-                        .map(|(&r, &x)| {
-                            let w = p.text_weight as f32;
-                            let (a, b) = match p.image_plus_text_input {
-                                FeatureInput::Raw => (img.row(r), txt.row(x)),
-                                FeatureInput::Normalized => (&img_n[r][..], &txt_n[x][..]),
-                            };
-                            let mix: Vec<f32> = a
-                                .iter()
-                                .zip(b)
-                                .map(|(a, b)| (1.0 - w) * a + w * b)
-                                .collect();
-                            normalized(&mix)
-                        })
-                        .collect(),
-                    Method::Combiner => {
-                        let comb = combiner.as_ref().ok_or_else(|| {
-                            Error::Internal("combiner method without a combiner".into())
-                        })?;
-                        let pick = |rows: &[usize], e: &Embeddings, n: &[Vec<f32>]| -> Tensor {
-                            let flat: Vec<f32> = rows
-                                .iter()
-                                .flat_map(|&r| match p.combiner_input {
-                                    FeatureInput::Raw => e.row(r).to_vec(),
-                                    FeatureInput::Normalized => n[r].clone(),
-                                })
-                                .collect();
-                            Tensor::from_slice(&flat)
-                                .view([rows.len() as i64, e.dim as i64])
-                                .to_device(device)
-                        };
-                        let mut out = Vec::with_capacity(t.reference.len());
-                        // Blocks keep a large global task's activations small.
-                        for (refs, texts) in t.reference.chunks(4096).zip(t.text.chunks(4096)) {
-                            let qi = pick(refs, &img, &img_n);
-                            let qt = pick(texts, &txt, &txt_n);
-                            let y = tch::no_grad(|| comb.forward(&qi, &qt))?;
-                            let flat = Vec::<f32>::try_from(
-                                y.to_device(Device::Cpu).contiguous().view([-1]),
-                            )?;
-                            out.extend(flat.chunks(img.dim).map(normalized));
-                        }
-                        out
-                    }
-                };
-                let ranks = match (&t.global, &gallery) {
-                    (Some(g), Some(gallery)) => {
-                        let flat: Vec<f32> = queries.iter().flatten().copied().collect();
-                        let ranked =
-                            rank_global(&flat, img.dim, gallery, &g.mask, &g.relevant, 10, device)?;
-                        for (i, r) in ranked.iter().enumerate() {
-                            let sims: Vec<f32> = r.top.iter().map(|x| x.1).collect();
-                            let keys: Vec<&str> = r
-                                .top
-                                .iter()
-                                .map(|x| g.keys[x.0 as usize].as_str())
-                                .collect();
-                            rows.push(
-                                &t.task,
-                                t.template_ids[i],
-                                method,
-                                r.rank,
-                                &sims,
-                                Some(&keys),
-                            );
-                        }
-                        ranked.iter().map(|r| r.rank).collect::<Vec<_>>()
-                    }
-                    _ => {
-                        let mut ranks = Vec::with_capacity(queries.len());
-                        for (i, q) in queries.iter().enumerate() {
-                            let sims: Vec<f32> =
-                                t.candidates[i].iter().map(|&c| dot(q, &img_n[c])).collect();
-                            let rank = target_rank(&sims);
-                            rows.push(&t.task, t.template_ids[i], method, rank, &sims, None);
-                            ranks.push(rank);
-                        }
-                        ranks
-                    }
-                };
-                recalls.push(Recall::from_ranks(
-                    &t.task,
-                    method.name(),
-                    &ranks,
-                    t.global.is_some(),
-                ));
-            }
-        }
-        let local: Vec<&TaskRows> = tasks.iter().filter(|t| t.global.is_none()).collect();
-        if local.len() > 1 {
-            for method in p.methods() {
-                let rs: Vec<&Recall> = recalls
-                    .iter()
-                    .filter(|r| r.method == method.name() && !r.global)
-                    .collect();
-                let mut at = [0.0; 5];
-                for r in &rs {
-                    for (a, v) in at.iter_mut().zip(r.at) {
-                        *a += v / rs.len() as f64;
-                    }
-                }
-                recalls.push(Recall {
-                    task: "average".into(),
-                    method: method.name(),
-                    at,
-                    n: rs.iter().map(|r| r.n).sum(),
-                    global: false,
-                });
-            }
-        }
+        let (rows, recalls) = evaluate(&tasks, &img, &txt, p, &methods, combiner.as_ref(), device)?;
         let scores = rows.finish()?;
         let results = results_batch(&recalls)?;
         let title = format!(
@@ -782,6 +674,188 @@ impl Stage for Score {
         ctx.note(format!("report: {}", report.display()));
         Ok(Some(vec![("scores", scores), ("results", results)]))
     }
+}
+
+/// Queries of each method against each task's candidates (or gallery):
+/// the `scores` rows and one Recall per (task, method), plus the GeneCIS
+/// average when several GeneCIS tasks were scored.
+fn evaluate(
+    tasks: &[TaskRows],
+    img: &Embeddings,
+    txt: &Embeddings,
+    p: &ScoreParams,
+    methods: &[Method],
+    combiner: Option<&Combiner>,
+    device: Device,
+) -> Result<(ScoreRows, Vec<Recall>)> {
+    let img_n: Vec<Vec<f32>> = (0..img.index.len())
+        .map(|i| normalized(img.row(i)))
+        .collect();
+    let txt_n: Vec<Vec<f32>> = (0..txt.index.len())
+        .map(|i| normalized(txt.row(i)))
+        .collect();
+    let mut rows = ScoreRows::default();
+    let mut recalls: Vec<Recall> = Vec::new();
+    for t in tasks {
+        // A global gallery goes to the device once per task.
+        let gallery = match &t.global {
+            Some(g) => {
+                let flat: Vec<f32> = g
+                    .gallery
+                    .iter()
+                    .flat_map(|&r| img_n[r].iter().copied())
+                    .collect();
+                Some(
+                    Tensor::f_from_slice(&flat)?
+                        .f_view([g.gallery.len() as i64, img.dim as i64])?
+                        .f_to_device(device)?,
+                )
+            }
+            None => None,
+        };
+        for &method in methods {
+            let queries: Vec<Vec<f32>> = match method {
+                Method::ImageOnly => t.reference.iter().map(|&r| img_n[r].clone()).collect(),
+                Method::TextOnly => t.text.iter().map(|&x| txt_n[x].clone()).collect(),
+                Method::ImagePlusText => t
+                    .reference
+                    .iter()
+                    .zip(&t.text)
+                    .map(|(&r, &x)| {
+                        let w = p.text_weight as f32;
+                        let (a, b) = match p.image_plus_text_input {
+                            FeatureInput::Raw => (img.row(r), txt.row(x)),
+                            FeatureInput::Normalized => (&img_n[r][..], &txt_n[x][..]),
+                        };
+                        let mix: Vec<f32> = a
+                            .iter()
+                            .zip(b)
+                            .map(|(a, b)| (1.0 - w) * a + w * b)
+                            .collect();
+                        normalized(&mix)
+                    })
+                    .collect(),
+                Method::Combiner => {
+                    let comb = combiner.ok_or_else(|| {
+                        Error::Internal("combiner method without a combiner".into())
+                    })?;
+                    let pick = |rows: &[usize], e: &Embeddings, n: &[Vec<f32>]| -> Tensor {
+                        let flat: Vec<f32> = rows
+                            .iter()
+                            .flat_map(|&r| match p.combiner_input {
+                                FeatureInput::Raw => e.row(r).to_vec(),
+                                FeatureInput::Normalized => n[r].clone(),
+                            })
+                            .collect();
+                        Tensor::from_slice(&flat)
+                            .view([rows.len() as i64, e.dim as i64])
+                            .to_device(device)
+                    };
+                    let mut out = Vec::with_capacity(t.reference.len());
+                    // Blocks keep a large global task's activations small.
+                    for (refs, texts) in t.reference.chunks(4096).zip(t.text.chunks(4096)) {
+                        let qi = pick(refs, &img, &img_n);
+                        let qt = pick(texts, &txt, &txt_n);
+                        let y = tch::no_grad(|| comb.forward(&qi, &qt))?;
+                        let flat =
+                            Vec::<f32>::try_from(y.to_device(Device::Cpu).contiguous().view([-1]))?;
+                        out.extend(flat.chunks(img.dim).map(normalized));
+                    }
+                    out
+                }
+            };
+            let ranks = match (&t.global, &gallery) {
+                (Some(g), Some(gallery)) => {
+                    let flat: Vec<f32> = queries.iter().flatten().copied().collect();
+                    let ranked =
+                        rank_global(&flat, img.dim, gallery, &g.mask, &g.relevant, 10, device)?;
+                    for (i, r) in ranked.iter().enumerate() {
+                        let sims: Vec<f32> = r.top.iter().map(|x| x.1).collect();
+                        let keys: Vec<&str> = r
+                            .top
+                            .iter()
+                            .map(|x| g.keys[x.0 as usize].as_str())
+                            .collect();
+                        rows.push(
+                            &t.task,
+                            t.template_ids[i],
+                            method,
+                            r.rank,
+                            &sims,
+                            Some(&keys),
+                        );
+                    }
+                    ranked.iter().map(|r| r.rank).collect::<Vec<_>>()
+                }
+                _ => {
+                    let mut ranks = Vec::with_capacity(queries.len());
+                    for (i, q) in queries.iter().enumerate() {
+                        let sims: Vec<f32> =
+                            t.candidates[i].iter().map(|&c| dot(q, &img_n[c])).collect();
+                        let rank = target_rank(&sims);
+                        rows.push(&t.task, t.template_ids[i], method, rank, &sims, None);
+                        ranks.push(rank);
+                    }
+                    ranks
+                }
+            };
+            recalls.push(Recall::from_ranks(
+                &t.task,
+                method.name(),
+                &ranks,
+                t.global.is_some(),
+            ));
+        }
+    }
+    let local: Vec<&TaskRows> = tasks.iter().filter(|t| t.global.is_none()).collect();
+    if local.len() > 1 {
+        for &method in methods {
+            let rs: Vec<&Recall> = recalls
+                .iter()
+                .filter(|r| r.method == method.name() && !r.global)
+                .collect();
+            let mut at = [0.0; 5];
+            for r in &rs {
+                for (a, v) in at.iter_mut().zip(r.at) {
+                    *a += v / rs.len() as f64;
+                }
+            }
+            recalls.push(Recall {
+                task: "average".into(),
+                method: method.name(),
+                at,
+                n: rs.iter().map(|r| r.n).sum(),
+                global: false,
+            });
+        }
+    }
+    Ok((rows, recalls))
+}
+
+/// A Combiner's recalls on the templates (what `train` selects by).
+pub(crate) fn combiner_recalls(
+    templates: &Path,
+    galleries: Option<&Path>,
+    img: &Embeddings,
+    txt: &Embeddings,
+    combiner: &Combiner,
+    device: Device,
+    stage: &str,
+) -> Result<Vec<Recall>> {
+    let galleries = read_galleries(galleries).map_err(Error::Data)?;
+    let tasks = read_templates(templates, &galleries, img, txt, stage).map_err(Error::Data)?;
+    let p: ScoreParams = serde_json::from_str("{}")
+        .map_err(|e| Error::Internal(format!("default score params: {e}")))?;
+    let (_, recalls) = evaluate(
+        &tasks,
+        img,
+        txt,
+        &p,
+        &[Method::Combiner],
+        Some(combiner),
+        device,
+    )?;
+    Ok(recalls)
 }
 
 fn results_batch(recalls: &[Recall]) -> Result<RecordBatch> {

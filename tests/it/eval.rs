@@ -45,18 +45,18 @@ fn template(cond: &str, r: &str, t: &str, gallery: &[String]) -> String {
     )
 }
 
-struct World {
-    coco_json: PathBuf,
-    vaw_json: PathBuf,
-    coco_dir: PathBuf,
-    vg_dir: PathBuf,
+pub(crate) struct World {
+    pub(crate) coco_json: PathBuf,
+    pub(crate) vaw_json: PathBuf,
+    pub(crate) coco_dir: PathBuf,
+    pub(crate) vg_dir: PathBuf,
     coco_ids: BTreeSet<u64>,
     vaw_keys: BTreeSet<String>,
 }
 
 /// 6 COCO-style templates over 20 images (gallery 14) and 4 VAW-style ones
 /// over 5 images: one (image, box) pair repeats, one image has two boxes.
-fn small_world(dir: &Path) -> World {
+pub(crate) fn small_world(dir: &Path) -> World {
     let coco_dir = dir.join("coco/val2017");
     let vg_dir = dir.join("vg/images");
     let pool: Vec<u64> = (0..20).map(|i| 100_000 + i * 37).collect();

@@ -10,3 +10,4 @@ mod model;
 mod parse;
 mod run;
 mod sql;
+mod train;

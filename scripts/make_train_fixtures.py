@@ -1,0 +1,74 @@
+"""PyTorch side of the training parity tests: N steps of the original's
+train_one_epoch body (train/epoch_train_functions.py) on tiny CLIPs.
+Usage: make_train_fixtures.py OUT_DIR
+
+For a tiny ViT and a tiny ModifiedResNet (BatchNorm in train mode) with a
+small Combiner (dropout off, so both sides compute the same function):
+encode [ref; target; distractor] images and the condition tokens, the
+contrastive loss with lamda, backward, clip_grad_norm_ on the CLIP
+parameters, AdamW over Combiner + CLIP. Writes the initial weights, the
+batch, each step's loss and the final weights. Also checks that a Combiner
+initialised by `torch.manual_seed(s); Combiner(...)` is what we draw.
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+out = sys.argv[1]
+os.makedirs(out, exist_ok=True)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixture_models import Combiner, load_clip_module as load  # noqa: E402
+
+clip_model = load("model")
+CONFIGS = {
+    "vit": dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8),
+    "rn": dict(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=64, vision_patch_size=None),
+}
+TEXT = dict(context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
+# eps well above float noise: a zero-gradient direction (the key bias, a
+# bias before a train-mode BatchNorm) then stays put on both sides instead
+# of Adam blowing its float noise up to +-lr.
+B, STEPS, LR, WD, LAMDA, EPS = 4, 3, 1e-4, 0.01, 100.0, 1e-6
+
+for name, cfg in CONFIGS.items():
+    torch.manual_seed(10)
+    model = clip_model.CLIP(**cfg, **TEXT).float()
+    comb = Combiner(32, proj=64, hidden=128)
+    torch.save(model.state_dict(), f"{out}/{name}_init.pt")
+    torch.save(comb.state_dict(), f"{out}/{name}_combiner_init.pt")
+    g = torch.Generator().manual_seed(11)
+    res = cfg["image_resolution"]
+    imgs = torch.randn(3 * B, 3, res, res, generator=g)
+    tokens = torch.zeros(B, 77, dtype=torch.long)
+    for i in range(B):
+        n = 4 + 3 * i
+        tokens[i, 0] = 49406
+        tokens[i, 1 : n - 1] = torch.randint(1, 49405, (n - 2,), generator=g)
+        tokens[i, n - 1] = 49407
+    model.train()
+    comb.eval()  # dropout off
+    clip_params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(list(comb.parameters()) + list(model.parameters()), lr=LR, weight_decay=WD, eps=EPS)
+    losses = []
+    for step in range(STEPS):
+        ref, target, _distractor = model.encode_image(imgs).chunk(3)
+        caption = model.encode_text(tokens)
+        combined = F.normalize(comb(ref, caption), p=2, dim=-1)
+        target = F.normalize(target, p=2, dim=-1)
+        logits = LAMDA * combined @ target.t()
+        loss = torch.nn.CrossEntropyLoss()(logits, torch.arange(B))
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+        opt.step()
+    torch.save({"images": imgs, "tokens": tokens, "losses": torch.tensor(losses, dtype=torch.float64)}, f"{out}/{name}_batch.pt")
+    torch.save(model.state_dict(), f"{out}/{name}_final.pt")
+    torch.save(comb.state_dict(), f"{out}/{name}_combiner_final.pt")
+
+# Combiner initialisation: the draws of torch.manual_seed(5); Combiner(...).
+torch.manual_seed(5)
+torch.save(Combiner(32, proj=64, hidden=128).state_dict(), f"{out}/combiner_seed5.pt")
+print(f"train fixtures written to {out}")

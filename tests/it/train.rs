@@ -1,0 +1,496 @@
+//! The `train` stage: parity of our steps with PyTorch's, learning on a
+//! small mined world, exact resume after kill -9, PyTorch-loadable
+//! weights, and the errors bad input gets.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+
+use genecis::model::clip::Clip;
+use genecis::model::combiner::Combiner;
+use genecis::model::torch_pickle::read_state_dict;
+use genecis::model::StateDict;
+use genecis::train::optim::{AdamW, GradScaler};
+use genecis::train::{train_step, Finetune, Optimizer, StepConfig};
+
+use crate::common::{bin, genecis, script_fixtures, sql_csv, write, Manifest};
+use crate::eval::small_world;
+use crate::model::fixtures;
+
+fn train_fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| script_fixtures("make_train_fixtures.py", "combiner_seed5.pt"))
+}
+
+fn load(path: &Path) -> HashMap<String, Tensor> {
+    read_state_dict(path).unwrap().into_iter().collect()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+/// Three AdamW steps of ours against three of PyTorch's (the original's
+/// loss, clip_grad_norm_ on CLIP, weight decay on), dropout off.
+fn parity(name: &str) {
+    let fx = train_fixtures();
+    let batch = load(&fx.join(format!("{name}_batch.pt")));
+    let mut clip =
+        Clip::new(StateDict::load(&fx.join(format!("{name}_init.pt")), Device::Cpu).unwrap())
+            .unwrap();
+    clip.set_training(true);
+    let comb = Combiner::new(
+        StateDict::load(&fx.join(format!("{name}_combiner_init.pt")), Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let mut opt = Optimizer::new(
+        &comb,
+        Some(&clip),
+        Finetune::ImagePlusTextWhole,
+        AdamW::new((0.9, 0.999), 1e-6, 0.01),
+        GradScaler::new(false),
+    );
+    let cfg = StepConfig {
+        lamda: 100.0,
+        clip_grad_norm: 1.0,
+        clip_before_unscale: true,
+        dropout: false,
+        device: Device::Cpu,
+        amp: false,
+    };
+    let images = batch["images"].shallow_clone();
+    let tokens = batch["tokens"].to_kind(Kind::Int64);
+    let losses = Vec::<f64>::try_from(&batch["losses"]).unwrap();
+    for (s, want) in losses.iter().enumerate() {
+        let m = train_step(&cfg, &mut opt, &comb, 1e-4, || {
+            let f = clip.encode_image(&images)?;
+            let p = f.chunk(3, 0);
+            Ok((
+                p[0].shallow_clone(),
+                p[1].shallow_clone(),
+                clip.encode_text(&tokens)?,
+            ))
+        })
+        .unwrap();
+        // float32 with lamda = 100 puts ~1e-6 relative noise on the loss.
+        let got = m[0].1;
+        assert!(
+            (got - want).abs() < 1e-5 * want.abs().max(1.0),
+            "{name} step {s}: loss {got} vs PyTorch {want}"
+        );
+    }
+    let want_clip = load(&fx.join(format!("{name}_final.pt")));
+    let want_comb = load(&fx.join(format!("{name}_combiner_final.pt")));
+    let moved = max_diff(
+        &want_comb["combiner_layer.weight"],
+        &load(&fx.join(format!("{name}_combiner_init.pt")))["combiner_layer.weight"],
+    );
+    assert!(moved > 1e-4, "the steps moved the weights ({moved})");
+    for (k, w) in &want_clip {
+        let d = max_diff(&clip.weights().tensors[k], w);
+        assert!(d < 1e-5, "{name}: CLIP {k} differs by {d}");
+    }
+    for (k, w) in &want_comb {
+        let d = max_diff(&comb.weights().tensors[k], w);
+        assert!(d < 1e-5, "{name}: Combiner {k} differs by {d}");
+    }
+}
+
+#[test]
+fn adamw_steps_match_pytorch_vit() {
+    parity("vit");
+}
+
+#[test]
+fn adamw_steps_match_pytorch_resnet_with_batchnorm_in_train_mode() {
+    parity("rn");
+}
+
+#[test]
+fn combiner_init_draws_as_pytorch_does() {
+    let want = load(&train_fixtures().join("combiner_seed5.pt"));
+    tch::manual_seed(5);
+    let c = Combiner::init(32, 64, 128, Device::Cpu).unwrap();
+    for (k, w) in &want {
+        assert_eq!(max_diff(&c.weights().tensors[k], w), 0.0, "{k}");
+    }
+}
+
+const SUBJECTS: [&str; 6] = ["dog", "cat", "horse", "boat", "man", "woman"];
+const OBJECTS: [&str; 5] = ["bench", "beach", "grass", "table", "car"];
+
+/// Captions "a <subject> on the <object>" over JPEGs whose colours follow
+/// the object and whose pattern follows the subject, so a target is
+/// predictable from (reference, condition). Returns the JSONL file.
+fn train_world(dir: &Path) -> PathBuf {
+    let mut lines = String::new();
+    let mut id = 0;
+    for (si, s) in SUBJECTS.iter().enumerate() {
+        for (oi, o) in OBJECTS.iter().enumerate() {
+            for k in 0..4u32 {
+                let path = dir.join(format!("images/{si}_{oi}_{k}.jpg"));
+                let img = image::RgbImage::from_fn(40, 32, |x, y| {
+                    let stripe = ((x / (2 + si as u32)) + y / 3 + k) % 2 == 0;
+                    let base = [
+                        (oi * 50) as u8,
+                        (255 - oi * 45) as u8,
+                        ((oi * 97) % 256) as u8,
+                    ];
+                    let v = |c: u8| if stripe { c } else { c / 3 + 20 * si as u8 };
+                    image::Rgb([v(base[0]), v(base[1]), v(base[2])])
+                });
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                img.save(&path).unwrap();
+                lines.push_str(&format!(
+                    "{{\"image_id\": {id}, \"caption\": \"a {s} on the {o}\", \"image_path\": \"{}\"}}\n",
+                    path.display()
+                ));
+                id += 1;
+            }
+        }
+    }
+    let f = dir.join("captions.jsonl");
+    write(&f, lines);
+    f
+}
+
+/// ingest -> parse -> mine over the train world.
+fn mined(dir: &Path, samples: usize) -> Manifest {
+    let captions = train_world(dir);
+    Manifest::new("train-test")
+        .stage(
+            "captions",
+            "ingest",
+            &[],
+            &format!("path = \"{}\"", captions.display()),
+        )
+        .stage("parse", "parse", &["captions"], "")
+        .stage(
+            "mine",
+            "mine",
+            &["parse.relations"],
+            &format!("num_samples = {samples}, seed = 1, concreteness_threshold = \"none\""),
+        )
+}
+
+const SMALL_HEAD: &str = "projection_dim = 64, hidden_dim = 128, device = \"cpu\"";
+
+fn python(code: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join(".venv/bin/python"))
+        .arg("-c")
+        .arg(code)
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn cached_training_learns_selects_on_templates_and_feeds_score() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = small_world(tmp.path());
+    let fx = fixtures();
+    let m = mined(tmp.path(), 400)
+        .stage(
+            "templates",
+            "templates",
+            &[],
+            &format!(
+                "focus_object = \"{}\", focus_attribute = \"{}\", coco_dir = \"{}\", vg_dir = \"{}\"",
+                w.coco_json.display(),
+                w.vaw_json.display(),
+                w.coco_dir.display(),
+                w.vg_dir.display()
+            ),
+        )
+        .stage(
+            "embed",
+            "embed",
+            &["mine", "captions", "templates"],
+            &format!(
+                "checkpoint = \"{}\", model = \"tiny-vit\", device = \"cpu\", batch_size = 32",
+                fx.join("vit_state.pt").display()
+            ),
+        )
+        .stage(
+            "train",
+            "train",
+            &["mine", "embed", "templates"],
+            &format!("finetune = \"none\", epochs = 3, batch_size = 16, lr = 1e-3, {SMALL_HEAD}"),
+        )
+        .stage(
+            "score",
+            "score",
+            &["templates", "embed", "train"],
+            "device = \"cpu\"",
+        )
+        .write(tmp.path());
+    let ms = m.to_str().unwrap();
+    genecis(&["run", ms, "-q"]).ok();
+    let run = tmp.path().join("run");
+    let loss = sql_csv(
+        &run,
+        "SELECT epoch, value FROM train_metrics WHERE split = 'train' AND metric = 'base_loss' ORDER BY epoch",
+    );
+    let loss: Vec<f64> = loss[1..]
+        .iter()
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(loss.len(), 3, "{loss:?}");
+    assert!(loss[2] < loss[0], "train loss falls: {loss:?}");
+    let r1 = sql_csv(
+        &run,
+        "SELECT value FROM train_metrics WHERE split = 'val' AND metric = 'recall_at_1' AND epoch = 2",
+    );
+    let r1: f64 = r1[1].parse().unwrap();
+    assert!(r1 > 2.0 / 16.0, "val R@1 {r1} above chance (1/16)");
+    // Selection ran on both GeneCIS tasks and their average each epoch.
+    let sel = sql_csv(
+        &run,
+        "SELECT count(*) FROM train_metrics WHERE split = 'templates' AND metric = 'average/recall_at_1'",
+    );
+    assert_eq!(sel[1], "3");
+    let weights = sql_csv(
+        &run,
+        "SELECT role, file, select_by FROM weights ORDER BY role",
+    );
+    assert_eq!(
+        weights[1..],
+        [
+            "combiner,combiner_head.pt,templates/average/recall_at_1".to_string(),
+            "combiner_safetensors,combiner_head.safetensors,templates/average/recall_at_1".into()
+        ]
+    );
+    // score took the trained head from its train input.
+    let res = sql_csv(
+        &run,
+        "SELECT count(*) FROM results WHERE method = 'combiner'",
+    );
+    assert_eq!(res[1], "3", "focus_object, focus_attribute, average");
+    // Plain PyTorch loads it into the original's Combiner, strictly.
+    let head = run.join("train/combiner_head.pt");
+    let out = python(&format!(
+        "import sys, torch; sys.path.insert(0, 'scripts'); from fixture_models import Combiner\n\
+         sd = torch.load('{}', weights_only=True)\n\
+         c = Combiner(32, proj=64, hidden=128); print(c.load_state_dict(sd, strict=True)); print(float(sum(v.double().sum() for v in sd.values())))",
+        head.display()
+    ));
+    assert!(out.contains("All keys matched successfully"), "{out}");
+    let ours: f64 = load(&head)
+        .values()
+        .map(|t| t.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]))
+        .sum();
+    let theirs: f64 = out.lines().last().unwrap().trim().parse().unwrap();
+    assert!(
+        (ours - theirs).abs() < 1e-9 * ours.abs().max(1.0),
+        "{ours} vs {theirs}"
+    );
+}
+
+fn fine_tune_manifest(dir: &Path, extra: &str) -> PathBuf {
+    mined(dir, 120)
+        .stage(
+            "train",
+            "train",
+            &["mine", "captions"],
+            &format!(
+                "finetune = \"image_plus_text_whole\", checkpoint = \"{}\", epochs = 2, batch_size = 8, lr = 1e-4, checkpoint_every_steps = 1, seed = 3, {SMALL_HEAD}{extra}",
+                fixtures().join("vit_state.pt").display()
+            ),
+        )
+        .write(dir)
+}
+
+fn bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn fine_tuning_resumes_after_kill_9_bit_identically() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let ma = fine_tune_manifest(a.path(), "");
+    let mb = fine_tune_manifest(b.path(), "");
+    genecis(&["run", ma.to_str().unwrap(), "-q"]).ok();
+    // Run B: killed once a mid-epoch checkpoint exists, then rerun.
+    let mut child = bin()
+        .args(["run", mb.to_str().unwrap(), "-q"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = b.path().join("run/.work/train/last/state.json");
+    let t0 = Instant::now();
+    let mut killed_at = None;
+    while t0.elapsed() < Duration::from_secs(600) {
+        if let Ok(s) = std::fs::read_to_string(&state) {
+            let v: serde_json::Value = serde_json::from_str(&s).unwrap_or_default();
+            if v["epoch"] == 0 && v["step"].as_u64().unwrap_or(0) >= 3 {
+                child.kill().unwrap();
+                killed_at = Some(v["step"].as_u64().unwrap());
+                break;
+            }
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.wait();
+    assert!(killed_at.is_some(), "run B was killed mid-epoch");
+    assert!(
+        !b.path().join("run/train/_stage.json").exists(),
+        "the killed run did not commit"
+    );
+    genecis(&["run", mb.to_str().unwrap(), "-q"]).ok();
+    let record = std::fs::read_to_string(b.path().join("run/train/_stage.json")).unwrap();
+    assert!(
+        record.contains("resumed from") && record.contains("epoch 0, step"),
+        "the rerun resumed mid-epoch: {record}"
+    );
+    for f in [
+        "combiner_head.pt",
+        "backbone.pt",
+        "last/optimizer.pt",
+        "last/backbone.pt",
+    ] {
+        assert!(
+            bytes(&a.path().join("run/train").join(f))
+                == bytes(&b.path().join("run/train").join(f)),
+            "{f} differs after resume (killed at step {killed_at:?})"
+        );
+    }
+    let q = "SELECT epoch, step, split, metric, value FROM train_metrics ORDER BY epoch, step, split, metric";
+    assert_eq!(
+        sql_csv(&a.path().join("run"), q),
+        sql_csv(&b.path().join("run"), q)
+    );
+    // The fine-tuned backbone loads into OpenAI's build_model, strictly.
+    let out = python(&format!(
+        "import sys, torch; sys.path.insert(0, 'scripts'); from fixture_models import load_clip_module\n\
+         m = load_clip_module('model').build_model(torch.load('{}', weights_only=True)); print('built', m.visual.output_dim)",
+        a.path().join("run/train/backbone.pt").display()
+    ));
+    assert!(out.contains("built 32"), "{out}");
+}
+
+#[test]
+fn bad_training_input_gets_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = small_world(tmp.path());
+    let vit = fixtures().join("vit_state.pt");
+    let embed = format!("checkpoint = \"{}\", device = \"cpu\"", vit.display());
+    let cached = |train: &str| -> PathBuf {
+        mined(tmp.path(), 60)
+            .stage("embed", "embed", &["mine", "captions"], &embed)
+            .stage(
+                "train",
+                "train",
+                &["mine", "embed"],
+                &format!("finetune = \"none\", epochs = 1, batch_size = 8, {SMALL_HEAD}, {train}"),
+            )
+            .write(tmp.path())
+    };
+    let fails = |m: &Path, want: &str| {
+        let r = genecis(&["run", m.to_str().unwrap(), "-q"]);
+        assert_ne!(r.code, 0, "{want}");
+        assert!(
+            r.stderr.contains(want),
+            "expected '{want}' in:\n{}",
+            r.stderr
+        );
+        r.stderr
+    };
+    // A loss that overflows without AMP stops the run and names the step.
+    let e = fails(&cached("lr = 1e30"), "without mixed precision");
+    assert!(e.contains("epoch 0, step "), "{e}");
+    // A head of another width.
+    let narrow = tmp.path().join("narrow.pt");
+    tch::manual_seed(1);
+    let c = Combiner::init(16, 8, 8, Device::Cpu).unwrap();
+    let tensors: Vec<(String, Tensor)> = Combiner::names()
+        .into_iter()
+        .map(|n| {
+            let t = c.weights().tensors[&n].shallow_clone();
+            (n, t)
+        })
+        .collect();
+    genecis::model::torch_save::save_state_dict(&narrow, &tensors).unwrap();
+    fails(
+        &cached(&format!("combiner = \"{}\"", narrow.display())),
+        "takes 16-d features",
+    );
+    // Features that lack the triplets' images: a few named, and the stage.
+    let m = mined(tmp.path(), 60)
+        .stage(
+            "templates",
+            "templates",
+            &[],
+            &format!(
+                "focus_object = \"{}\", coco_dir = \"{}\"",
+                w.coco_json.display(),
+                w.coco_dir.display()
+            ),
+        )
+        .stage("template_features", "embed", &["templates"], &embed)
+        .stage(
+            "train",
+            "train",
+            &["mine", "template_features"],
+            &format!("finetune = \"none\", epochs = 1, batch_size = 8, {SMALL_HEAD}"),
+        )
+        .write(tmp.path());
+    let e = fails(&m, "have no embedding");
+    assert!(e.contains("embed stage 'template_features'"), "{e}");
+    // Fine-tuning reads images: without captions it is refused.
+    let m = mined(tmp.path(), 60)
+        .stage(
+            "train",
+            "train",
+            &["mine"],
+            &format!(
+                "checkpoint = \"{}\", epochs = 1, batch_size = 8, {SMALL_HEAD}",
+                vit.display()
+            ),
+        )
+        .write(tmp.path());
+    fails(&m, "list the ingest stage");
+    // Fine-tuning without a CLIP is a manifest error: nothing runs.
+    let m = mined(tmp.path(), 60)
+        .stage("train", "train", &["mine", "captions"], SMALL_HEAD)
+        .write(tmp.path());
+    fails(&m, "params.checkpoint");
+    // A missing training image fails before any step, naming it.
+    let m = mined(tmp.path(), 60)
+        .stage(
+            "train",
+            "train",
+            &["mine", "captions"],
+            &format!(
+                "checkpoint = \"{}\", epochs = 1, batch_size = 8, {SMALL_HEAD}",
+                vit.display()
+            ),
+        )
+        .write(tmp.path());
+    std::fs::remove_file(tmp.path().join("images/0_0_0.jpg")).unwrap();
+    let e = genecis(&["run", m.to_str().unwrap(), "-q"]);
+    assert_ne!(e.code, 0);
+    assert!(
+        e.stderr.contains("0_0_0.jpg") || e.stderr.contains("missing or unreadable"),
+        "{}",
+        e.stderr
+    );
+}
