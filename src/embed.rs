@@ -310,20 +310,24 @@ impl Stage for Embed {
             Some(d) => crate::train::weights_file(d, "backbone")?.map(|f| (f, d)),
             None => None,
         };
+        // A fine-tuned backbone from a train input wins over params.checkpoint
+        // (the CLIP it started from), so one manifest serves both modes.
         let (weights, trained_by) = match (&p.checkpoint, trained) {
-            (Some(_), Some((_, d))) => {
-                return Err(Error::Data(format!(
-                    "params.checkpoint and the fine-tuned backbone of {} both give CLIP weights: keep one",
-                    d.display()
-                )))
+            (_, Some((f, d))) => {
+                if p.checkpoint.is_some() {
+                    ctx.note(format!(
+                        "CLIP weights: the fine-tuned {} (params.checkpoint is what training started from)",
+                        f.display()
+                    ));
+                }
+                (
+                    f,
+                    d.parent()
+                        .and_then(|s| s.file_name())
+                        .map(|s| s.to_string_lossy().into_owned()),
+                )
             }
             (Some(c), None) => (ctx.resolve(c), None),
-            (None, Some((f, d))) => (
-                f,
-                d.parent()
-                    .and_then(|s| s.file_name())
-                    .map(|s| s.to_string_lossy().into_owned()),
-            ),
             (None, None) => {
                 return Err(Error::Data(
                     "no CLIP weights: set params.checkpoint, or list a fine-tuning train stage in inputs".into(),

@@ -494,3 +494,93 @@ fn bad_training_input_gets_clear_errors() {
         e.stderr
     );
 }
+
+/// `pipelines/cc3m_train.toml` as shipped, its data paths set to a small
+/// world: CC3M-style TSV with images named by row, the GeneCIS template
+/// files, a tiny CLIP.
+#[test]
+fn shipped_train_manifest_runs_with_paths_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = small_world(tmp.path());
+    let jsonl = train_world(tmp.path());
+    // The same world as a CC3M TSV: caption<TAB>url, images named by row.
+    let images = tmp.path().join("training");
+    std::fs::create_dir_all(&images).unwrap();
+    let mut tsv = String::new();
+    for (row, line) in std::fs::read_to_string(&jsonl).unwrap().lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        std::fs::copy(
+            v["image_path"].as_str().unwrap(),
+            images.join(row.to_string()),
+        )
+        .unwrap();
+        tsv.push_str(&format!(
+            "{}\thttp://example.com/{row}.jpg\n",
+            v["caption"].as_str().unwrap()
+        ));
+    }
+    write(&tmp.path().join("train.tsv"), tsv);
+    let mut ratings = String::from("Word\tBigram\tConc.M\tConc.SD\n");
+    for word in SUBJECTS.iter().chain(&OBJECTS) {
+        ratings.push_str(&format!("{word}\t0\t4.9\t0\n"));
+    }
+    write(&tmp.path().join("ratings.txt"), ratings);
+    let m = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/cc3m_train.toml");
+    let p = |f: &str| tmp.path().join(f).display().to_string();
+    let vit = fixtures().join("vit_state.pt").display().to_string();
+    let sets = [
+        format!("captions.path={}", p("train.tsv")),
+        format!("captions.images_dir={}", images.display()),
+        format!("triplets.concreteness_path={}", p("ratings.txt")),
+        "triplets.num_samples=300".into(),
+        format!("selection.change_attribute={}", w.vaw_json.display()),
+        format!("selection.focus_object={}", w.coco_json.display()),
+        format!("selection.coco_dir={}", w.coco_dir.display()),
+        format!("selection.vg_dir={}", w.vg_dir.display()),
+        format!("templates.focus_attribute={}", w.vaw_json.display()),
+        format!("templates.change_attribute={}", w.vaw_json.display()),
+        format!("templates.focus_object={}", w.coco_json.display()),
+        format!("templates.change_object={}", w.coco_json.display()),
+        format!("templates.coco_dir={}", w.coco_dir.display()),
+        format!("templates.vg_dir={}", w.vg_dir.display()),
+        format!("features.checkpoint={vit}"),
+        format!("eval_features.checkpoint={vit}"),
+        "features.device=cpu".into(),
+        "eval_features.device=cpu".into(),
+        "train.device=cpu".into(),
+        "train.epochs=2".into(),
+        "train.batch_size=16".into(),
+        "train.lr=0.001".into(),
+        "train.projection_dim=64".into(),
+        "train.hidden_dim=128".into(),
+        "score.device=cpu".into(),
+    ];
+    let run = tmp.path().join("run");
+    let mut cmd: Vec<&str> = vec!["run", m.to_str().unwrap(), "-q", "--workdir"];
+    let rs = run.display().to_string();
+    cmd.push(&rs);
+    for s in &sets {
+        cmd.push("--set");
+        cmd.push(s);
+    }
+    genecis(&cmd).ok();
+    let best = sql_csv(
+        &run,
+        "SELECT select_by FROM weights WHERE role = 'combiner'",
+    );
+    assert_eq!(best[1], "templates/average/recall_at_1");
+    let res = sql_csv(
+        &run,
+        "SELECT task FROM results WHERE method = 'combiner' ORDER BY task",
+    );
+    assert_eq!(
+        res[1..],
+        [
+            "average",
+            "change_attribute",
+            "change_object",
+            "focus_attribute",
+            "focus_object"
+        ]
+    );
+}
