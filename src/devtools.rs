@@ -162,6 +162,42 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         repeat: usize,
     },
+    /// Training steps (`train_step`, the stage's code) on random inputs:
+    /// cached mode by default, fine-tuning with --checkpoint; s/step,
+    /// samples/s, an epoch extrapolated, peak RSS.
+    Train {
+        /// Samples per epoch to extrapolate to (GeneCIS: 1.44 M).
+        #[arg(long, default_value_t = 1_440_000)]
+        samples: u64,
+        #[arg(long, default_value_t = 4096)]
+        batch: usize,
+        /// Feature width in cached mode (RN50x4: 640).
+        #[arg(long, default_value_t = 640)]
+        dim: i64,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Fine-tune this CLIP on random images and tokens instead.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        #[arg(long, default_value_t = 2560)]
+        projection_dim: i64,
+        #[arg(long, default_value_t = 5120)]
+        hidden_dim: i64,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// fp16 autocast + GradScaler (GPU only).
+        #[arg(long)]
+        amp: bool,
+    },
+    /// The training image path per core: JPEG decode + resize + random crop
+    /// (the original's per-epoch work) against crops of the cached resize.
+    Augment {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 224)]
+        n_px: u32,
+        #[arg(long, default_value_t = 2)]
+        repeat: usize,
+    },
 }
 
 /// `genecis bench ...` (build with --release first).
@@ -192,6 +228,30 @@ pub fn bench(cmd: &BenchCmd) -> Result<()> {
             device,
             repeat,
         } => bench_rank(*queries, *gallery, *dim, device, *repeat),
+        BenchCmd::Train {
+            samples,
+            batch,
+            dim,
+            steps,
+            checkpoint,
+            projection_dim,
+            hidden_dim,
+            device,
+            amp,
+        } => crate::train::bench::bench_train(&crate::train::bench::TrainBench {
+            samples: *samples,
+            batch: *batch,
+            dim: *dim,
+            steps: *steps,
+            checkpoint: checkpoint.as_deref(),
+            projection_dim: *projection_dim,
+            hidden_dim: *hidden_dim,
+            device,
+            amp: *amp,
+        }),
+        BenchCmd::Augment { dir, n_px, repeat } => {
+            crate::train::bench::bench_augment(dir, *n_px, *repeat)
+        }
     }
 }
 

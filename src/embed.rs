@@ -271,6 +271,24 @@ impl Stage for Embed {
         out
     }
 
+    fn validate_inputs(p: &EmbedParams, tables: &[String]) -> Vec<(String, String)> {
+        let has = |t: &str| tables.iter().any(|x| x == t);
+        let mut out = Vec::new();
+        if p.checkpoint.is_none() && !has("weights") {
+            out.push((
+                "checkpoint".into(),
+                "no CLIP weights: set params.checkpoint, or list a fine-tuning train stage in inputs".into(),
+            ));
+        }
+        if has("triplets") && !has("captions") {
+            out.push((
+                "inputs".into(),
+                "embedding triplets needs their image paths: list the ingest stage (captions) in inputs too".into(),
+            ));
+        }
+        out
+    }
+
     fn files(p: &EmbedParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
         p.checkpoint
             .iter()

@@ -258,6 +258,7 @@ impl Plan {
         // Kinds and params.
         let mut kinds: Vec<Option<&'static dyn StageKind>> = Vec::new();
         let mut bounds: Vec<Option<Box<dyn BoundStage>>> = Vec::new();
+        let mut raw_params: Vec<toml::Table> = Vec::new();
         for s in &raw.stages {
             let st = s.get_ref();
             let name = st.name.get_ref().as_str();
@@ -290,6 +291,7 @@ impl Plan {
                 .map(|p| p.span().start)
                 .and_then(line_of)
                 .or(line_of(s.span().start));
+            raw_params.push(params.clone());
             let bound = match kind.map(|k| k.bind(params, &base_dir)) {
                 Some(Ok(b)) => Some(b),
                 Some(Err(problems)) => {
@@ -432,6 +434,18 @@ impl Plan {
                             ),
                         );
                     }
+                }
+            }
+            if let Some(k) = kinds[i] {
+                let tables: Vec<String> =
+                    bs.iter().flat_map(|b| b.tables.iter().cloned()).collect();
+                for (field, msg) in k.validate_inputs(&raw_params[i], &tables) {
+                    let field = if field == "inputs" {
+                        field
+                    } else {
+                        format!("params.{field}")
+                    };
+                    issue(line_of(s.span().start), Some(name), &field, msg);
                 }
             }
             bindings.push(bs);

@@ -310,6 +310,12 @@ pub trait Stage: 'static {
         Vec::new()
     }
 
+    /// Checks of params against the tables the manifest binds to the
+    /// stage's inputs (a param needed only when an input is missing).
+    fn validate_inputs(_params: &Self::Params, _tables: &[String]) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
     /// Files (or folders) read by the stage, resolved, with the param field
     /// that names each: they must exist before the run starts and are part
     /// of the fingerprint.
@@ -464,6 +470,9 @@ pub trait StageKind: Sync {
         raw: toml::Table,
         base_dir: &Path,
     ) -> Result<Box<dyn BoundStage>, Vec<(String, String)>>;
+    /// [`Stage::validate_inputs`] of raw params (nothing when they do not
+    /// parse: `bind` reports that).
+    fn validate_inputs(&self, raw: &toml::Table, tables: &[String]) -> Vec<(String, String)>;
 }
 
 /// A stage kind with typed, validated params.
@@ -539,6 +548,13 @@ where
     fn output_tables(&self) -> Vec<TableDef> {
         S::output_tables()
     }
+    fn validate_inputs(&self, raw: &toml::Table, tables: &[String]) -> Vec<(String, String)> {
+        match toml::Value::Table(raw.clone()).try_into::<S::Params>() {
+            Ok(p) => S::validate_inputs(&p, tables),
+            Err(_) => Vec::new(),
+        }
+    }
+
     fn bind(
         &self,
         raw: toml::Table,
@@ -596,7 +612,10 @@ pub fn describe_kinds() -> String {
             let reads: Vec<String> = k
                 .input_tables()
                 .iter()
-                .map(|t| format!("{}{}", t.name, if t.optional { "?" } else { "" }))
+                .map(|t| match t.group {
+                    Some(g) => format!("{}? (one of: {g})", t.name),
+                    None => format!("{}{}", t.name, if t.optional { "?" } else { "" }),
+                })
                 .collect();
             out.push_str(&format!("  reads: {}\n", reads.join(", ")));
         }

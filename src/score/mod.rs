@@ -559,6 +559,20 @@ impl Stage for Score {
         out
     }
 
+    fn validate_inputs(p: &ScoreParams, tables: &[String]) -> Vec<(String, String)> {
+        let needs = p
+            .methods
+            .as_ref()
+            .is_some_and(|m| m.contains(&Method::Combiner));
+        if needs && p.combiner.is_none() && !tables.iter().any(|t| t == "weights") {
+            return vec![(
+                "combiner".into(),
+                "method 'combiner' needs a Combiner: set params.combiner, or list a train stage in inputs".into(),
+            )];
+        }
+        Vec::new()
+    }
+
     fn files(p: &ScoreParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
         p.combiner
             .iter()

@@ -19,6 +19,7 @@
 //! in the stage's work folder holds everything a rerun resumes from
 //! (weights, AdamW moments, scaler, epoch and step, metrics so far).
 
+pub mod bench;
 pub mod data;
 pub mod optim;
 
@@ -410,6 +411,24 @@ impl Stage for Train {
             out.push((
                 "select_by".into(),
                 "use auto, val/<metric> or templates/<task>/recall_at_<K>".into(),
+            ));
+        }
+        out
+    }
+
+    fn validate_inputs(p: &TrainParams, tables: &[String]) -> Vec<(String, String)> {
+        let has = |t: &str| tables.iter().any(|x| x == t);
+        let mut out = Vec::new();
+        if p.finetune == Finetune::None && !(has("image_embeddings") && has("text_embeddings")) {
+            out.push((
+                "finetune".into(),
+                "finetune = \"none\" trains on cached features: list an embed stage (fed by the mine and ingest stages) in inputs".into(),
+            ));
+        }
+        if p.finetune != Finetune::None && !has("captions") {
+            out.push((
+                "finetune".into(),
+                "fine-tuning reads the images: list the ingest stage (its captions table, with image_path) in inputs".into(),
             ));
         }
         out

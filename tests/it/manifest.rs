@@ -143,7 +143,10 @@ fn bad_set_override_and_stage_flags_are_usage_errors() {
 fn kinds_lists_inputs_and_schemas() {
     let r = genecis(&["kinds"]);
     let out = &r.ok().stdout;
-    assert!(out.contains("  reads: image_keys, texts?\n"), "{out}");
+    assert!(
+        out.contains("  reads: image_keys? (one of: image sources), texts?, triplets? (one of: image sources), captions?, weights?\n"),
+        "{out}"
+    );
     assert!(
         out.contains(
             "image_embeddings(image_key Utf8, model Utf8, embedding FixedSizeList(d x Float32))"
