@@ -20,6 +20,19 @@ if [ ! -f /usr/include/jpeglib.h ]; then
   fi
 fi
 
+# The report test loads report.html in a real browser: Debian's chromium.
+# Best effort: without it that test is skipped with a notice.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium (Debian; for the report test)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } \
+      || echo "setup: could not install chromium; the browser test will be skipped" >&2
+  else
+    echo "setup: no chromium (apt-get install chromium); the browser test will be skipped" >&2
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv

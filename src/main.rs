@@ -45,6 +45,12 @@ enum Cmd {
     /// Benchmarks (build with --release first).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Suspect templates: GeneCIS template files (the checks that need no
+    /// model), or a run's score stages (all checks).
+    Audit {
+        /// Template .json files, or a manifest / workdir.
+        targets: Vec<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -126,6 +132,7 @@ enum Command {
     Doctor,
     ParseEval(ParseEvalArgs),
     Bench(BenchCmd),
+    Audit(Vec<PathBuf>),
 }
 
 impl ManifestArgs {
@@ -188,6 +195,7 @@ impl Cmd {
             Cmd::Doctor => Command::Doctor,
             Cmd::ParseEval(a) => Command::ParseEval(a),
             Cmd::Bench(b) => Command::Bench(b),
+            Cmd::Audit { targets } => Command::Audit(targets),
         })
     }
 }
@@ -251,6 +259,7 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::Doctor => devtools::doctor()?,
         Command::ParseEval(a) => devtools::parse_eval(&a)?,
         Command::Bench(b) => devtools::bench(&b)?,
+        Command::Audit(t) => print!("{}", genecis::score::audit::audit_cli(&t)?),
     }
     Ok(())
 }

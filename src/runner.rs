@@ -316,6 +316,7 @@ fn run_stage(
         base_dir: &plan.base_dir,
         inputs: &inputs,
         input_files: &s.input_files,
+        manifest: &plan.manifest_path,
         work_dir: writer.dir().to_path_buf(),
         committed_dir: store::stage_dir(&plan.workdir, &s.name),
         notes: Default::default(),

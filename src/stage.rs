@@ -182,6 +182,8 @@ pub struct StageContext<'a> {
     pub inputs: &'a BTreeMap<String, PathBuf>,
     /// File inputs listed in `inputs` (already resolved and checked to exist).
     pub input_files: &'a [PathBuf],
+    /// The manifest the run was planned from (reports cite it).
+    pub manifest: &'a Path,
     pub(crate) work_dir: PathBuf,
     pub(crate) committed_dir: PathBuf,
     pub(crate) notes: Mutex<Vec<String>>,

@@ -20,6 +20,9 @@
 //! similarity, descending; ties keep candidate order (a stable sort), so a
 //! candidate scoring exactly the target's similarity ranks after it.
 
+pub mod audit;
+mod browse;
+mod html;
 mod rank;
 mod report;
 
@@ -147,6 +150,13 @@ pub struct ScoreParams {
     /// Where the Combiner runs: `auto`, `cpu`, `cuda`, `cuda:N`.
     #[serde(default = "auto")]
     pub device: String,
+    /// The audit's near-duplicate threshold: image cosine at or above it.
+    #[serde(default = "near")]
+    pub near_duplicate: f64,
+}
+
+fn near() -> f64 {
+    0.99
 }
 
 fn half() -> f64 {
@@ -291,6 +301,7 @@ pub fn target_rank(sims: &[f32]) -> u32 {
 struct TaskRows {
     task: String,
     template_ids: Vec<u32>,
+    conditions: Vec<String>,
     reference: Vec<usize>,
     text: Vec<usize>,
     /// GeneCIS tasks: target first.
@@ -412,6 +423,7 @@ fn read_templates(
                     by_task.push(TaskRows {
                         task: name.to_string(),
                         template_ids: Vec::new(),
+                        conditions: Vec::new(),
                         reference: Vec::new(),
                         text: Vec::new(),
                         candidates: Vec::new(),
@@ -428,6 +440,7 @@ fn read_templates(
             };
             let tr = &mut by_task[pos];
             tr.template_ids.push(tid);
+            tr.conditions.push(cond.value(i).to_string());
             tr.reference.push(get(r.value(i), "reference image")?);
             tr.text.push(
                 txt.index
@@ -513,7 +526,7 @@ pub struct Score;
 
 impl Stage for Score {
     const KIND: &'static str = "score";
-    const VERSION: &'static str = "1";
+    const VERSION: &'static str = "2";
     const ABOUT: &'static str =
         "templates + embeddings (+ Combiner) -> scores, results (R@1/2/3), report.md, results.png";
     type Params = ScoreParams;
@@ -525,6 +538,7 @@ impl Stage for Score {
             InputTable::required("templates"),
             InputTable::optional("galleries"),
             InputTable::optional("weights"),
+            InputTable::optional("image_keys"),
             InputTable::required("image_embeddings"),
             InputTable::required("text_embeddings"),
         ];
@@ -535,6 +549,8 @@ impl Stage for Score {
         vec![
             TableDef::new("scores", SCORES_SCHEMA.clone()),
             TableDef::new("results", RESULTS_SCHEMA.clone()),
+            TableDef::new("recall_by_condition", browse::BY_CONDITION_SCHEMA.clone()),
+            TableDef::new("audit", audit::AUDIT_SCHEMA.clone()),
         ]
     }
 
@@ -685,8 +701,36 @@ impl Stage for Score {
         for line in report::text_table(&recalls).lines() {
             ctx.note(line);
         }
-        ctx.note(format!("report: {}", report.display()));
-        Ok(Some(vec![("scores", scores), ("results", results)]))
+        let browse = browse::Browse::new(&tasks, &img, &scores, &methods)?;
+        let by_condition = browse.by_condition();
+        let audit_rows = browse.audit(p.near_duplicate as f32);
+        for (check, n) in audit::counts(&audit_rows) {
+            if n > 0 {
+                ctx.note(format!("audit: {n} template(s) {check}"));
+            }
+        }
+        let html = browse.write_html(
+            ctx,
+            &title,
+            &recalls,
+            &by_condition,
+            &audit_rows,
+            &comb_path,
+        )?;
+        ctx.note(format!(
+            "report: {} and {}",
+            report.display(),
+            html.display()
+        ));
+        Ok(Some(vec![
+            ("scores", scores),
+            ("results", results),
+            (
+                "recall_by_condition",
+                browse::by_condition_batch(&by_condition)?,
+            ),
+            ("audit", audit::batch(&audit_rows)?),
+        ]))
     }
 }
 

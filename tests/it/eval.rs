@@ -130,7 +130,7 @@ pub(crate) fn small_world(dir: &Path) -> World {
     }
 }
 
-fn manifest(dir: &Path, w: &World, combiner: bool) -> PathBuf {
+pub(crate) fn manifest(dir: &Path, w: &World, combiner: bool) -> PathBuf {
     let fx = fixtures();
     let comb = if combiner {
         format!(

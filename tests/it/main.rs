@@ -8,6 +8,7 @@ mod manifest;
 mod mine;
 mod model;
 mod parse;
+mod report;
 mod run;
 mod sql;
 mod train;
