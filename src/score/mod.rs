@@ -706,7 +706,7 @@ impl Stage for Score {
         let audit_rows = browse.audit(p.near_duplicate as f32);
         for (check, n) in audit::counts(&audit_rows) {
             if n > 0 {
-                ctx.note(format!("audit: {n} template(s) {check}"));
+                ctx.note(format!("audit: {check}: {n} finding(s)"));
             }
         }
         let html = browse.write_html(

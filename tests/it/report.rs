@@ -279,3 +279,25 @@ fn audit_finds_each_defect_once() {
         run.stdout
     );
 }
+
+/// The key checks on the official object templates: what the README lists.
+#[test]
+fn audit_of_the_official_object_templates() {
+    let (Some(fo), Some(co)) = (
+        crate::common::shared("data/genecis/focus_object.json"),
+        crate::common::shared("data/genecis/change_object.json"),
+    ) else {
+        return;
+    };
+    let r = genecis(&["audit", fo.to_str().unwrap(), co.to_str().unwrap()]);
+    let out = &r.ok().stdout;
+    let (f, c) = out.split_at(out.find("change_object.json").unwrap());
+    assert!(f.contains("target_among_distractors           0"), "{f}");
+    assert!(f.contains("singleton_condition                5"), "{f}");
+    assert!(c.contains("target_among_distractors           1"), "{c}");
+    assert!(
+        c.contains("#19 target_among_distractors: coco/000000175364.jpg is also distractor 13"),
+        "{c}"
+    );
+    assert!(c.contains("singleton_condition                5"), "{c}");
+}
