@@ -13,8 +13,9 @@ build: setup
 
 demo: setup
 	cargo run --quiet -- run pipelines/demo.toml
-	cargo run --quiet -- status pipelines/demo.toml
-	cargo run --quiet -- sql pipelines/demo.toml "SELECT c.caption, r.subject, r.relation, r.object FROM captions c JOIN relations r USING (image_id) ORDER BY image_id, relation_idx LIMIT 12"
+	@echo "Recall (%) by task and method; chance at R@1 is 1/15 = 6.7%:"
+	cargo run --quiet -- sql pipelines/demo.toml --file sql/examples/demo_results.sql
+	@echo "Report: pipelines/runs/demo/score/report.html (and report.md)"
 
 test: setup
 	cargo test

@@ -55,7 +55,10 @@ pub enum Format {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngestParams {
-    pub path: PathBuf,
+    /// The captions file (or image folder). Not needed when a `synth` stage
+    /// in inputs gives its files (its `sources` table).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
     /// Inferred from `path` when absent: .tsv, .jsonl, or a folder.
     #[serde(default)]
     pub format: Option<Format>,
@@ -85,10 +88,14 @@ fn default_chunk_rows() -> usize {
 }
 
 impl IngestParams {
+    fn path(&self) -> &Path {
+        self.path.as_deref().unwrap_or(Path::new(""))
+    }
+
     fn format(&self) -> Option<Format> {
         self.format.or_else(|| {
             let ext = self
-                .path
+                .path()
                 .extension()
                 .and_then(|e| e.to_str())
                 .unwrap_or("")
@@ -103,7 +110,7 @@ impl IngestParams {
     }
 
     fn captions_path(&self, base: &Path) -> PathBuf {
-        let p = crate::stage::resolve_path(base, &self.path);
+        let p = crate::stage::resolve_path(base, self.path());
         match self.format() {
             Some(Format::ImageFolder) => match &self.captions_file {
                 Some(c) => crate::stage::resolve_path(base, c),
@@ -127,7 +134,18 @@ impl Stage for Ingest {
     type Work = Lines;
 
     fn input_tables() -> &'static [InputTable] {
-        &[]
+        const INPUTS: &[InputTable] = &[InputTable::optional("sources")];
+        INPUTS
+    }
+
+    fn validate_inputs(p: &IngestParams, tables: &[String]) -> Vec<(String, String)> {
+        if p.path.is_none() && !tables.iter().any(|t| t == "sources") {
+            return vec![(
+                "path".into(),
+                "set params.path to the captions file, or list a synth stage in inputs".into(),
+            )];
+        }
+        Vec::new()
     }
 
     fn output_tables() -> Vec<TableDef> {
@@ -163,8 +181,9 @@ impl Stage for Ingest {
                 ));
             }
         }
-        if p.format() == Some(Format::ImageFolder)
-            && !crate::stage::resolve_path(base, &p.path).is_dir()
+        if p.path.is_some()
+            && p.format() == Some(Format::ImageFolder)
+            && !crate::stage::resolve_path(base, p.path()).is_dir()
         {
             out.push((
                 "path".into(),
@@ -175,7 +194,10 @@ impl Stage for Ingest {
     }
 
     fn files(p: &IngestParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
-        let mut v = vec![("path", crate::stage::resolve_path(base, &p.path))];
+        if p.path.is_none() {
+            return Vec::new();
+        }
+        let mut v = vec![("path", crate::stage::resolve_path(base, p.path()))];
         if p.format() == Some(Format::ImageFolder) {
             v.push(("captions_file", p.captions_path(base)));
         }
@@ -186,11 +208,30 @@ impl Stage for Ingest {
         let format = p
             .format()
             .ok_or_else(|| Error::Internal("ingest format unknown after validation".into()))?;
-        let source = p.captions_path(ctx.base_dir);
+        // Without params.path the files come from a synth stage's sources.
+        let sources = ctx.optional_input("sources");
+        let from = |role: &str| -> Result<PathBuf> {
+            let d =
+                sources.ok_or_else(|| Error::Internal("ingest without path or sources".into()))?;
+            crate::synth::source(d, role)?.ok_or_else(|| {
+                Error::Data(format!(
+                    "the sources table of {} has no '{role}'",
+                    d.display()
+                ))
+            })
+        };
+        let source = match &p.path {
+            Some(_) => p.captions_path(ctx.base_dir),
+            None => from("captions")?,
+        };
         let bytes = std::fs::read(&source).map_err(Error::io("cannot read", &source))?;
         let lines = split_lines(&bytes);
-        let images_dir = p.images_dir.as_ref().map(|d| ctx.resolve(d));
-        let folder = ctx.resolve(&p.path);
+        let images_dir = match (&p.images_dir, &p.path) {
+            (Some(d), _) => Some(ctx.resolve(d)),
+            (None, None) => Some(from("images_dir")?),
+            (None, Some(_)) => None,
+        };
+        let folder = ctx.resolve(p.path());
 
         // Every line's outcome; the cross-line checks (duplicates) need them all.
         let mut outcomes: Vec<Outcome> = lines

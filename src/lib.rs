@@ -10,12 +10,14 @@ pub mod manifest;
 pub mod mine;
 pub mod model;
 pub mod parse;
+pub mod pretrain;
 pub mod progress;
 pub mod runner;
 pub mod score;
 pub mod sql;
 pub mod stage;
 pub mod store;
+pub mod synth;
 pub mod templates;
 pub mod train;
 

@@ -585,6 +585,7 @@ where
 
 /// Every stage kind, by its manifest name.
 pub static KINDS: &[&dyn StageKind] = &[
+    &Kind::<crate::synth::Synth>::new(),
     &Kind::<crate::ingest::Ingest>::new(),
     &Kind::<crate::parse::Parse>::new(),
     &Kind::<crate::import_parses::ImportParses>::new(),
@@ -592,6 +593,7 @@ pub static KINDS: &[&dyn StageKind] = &[
     &Kind::<crate::templates::Templates>::new(),
     &Kind::<crate::embed::Embed>::new(),
     &Kind::<crate::score::Score>::new(),
+    &Kind::<crate::pretrain::Pretrain>::new(),
     &Kind::<crate::train::Train>::new(),
 ];
 

@@ -343,6 +343,29 @@ pub fn read_template_file(path: &Path) -> Result<TemplateFile, String> {
 
 pub struct Templates;
 
+/// `p` with the files a synth stage's `sources` table gives filled in
+/// where params leave them out.
+fn with_sources(p: &TemplatesParams, ctx: &StageContext) -> Result<TemplatesParams> {
+    let mut p = p.clone();
+    let Some(d) = ctx.optional_input("sources") else {
+        return Ok(p);
+    };
+    let get = |role: &str| crate::synth::source(d, role);
+    for (slot, role) in [
+        (&mut p.focus_attribute, "focus_attribute"),
+        (&mut p.change_attribute, "change_attribute"),
+        (&mut p.focus_object, "focus_object"),
+        (&mut p.change_object, "change_object"),
+        (&mut p.coco_dir, "coco_dir"),
+        (&mut p.vg_dir, "vg_dir"),
+    ] {
+        if slot.is_none() {
+            *slot = get(role)?;
+        }
+    }
+    Ok(p)
+}
+
 impl Stage for Templates {
     const KIND: &'static str = "templates";
     const VERSION: &'static str = "1";
@@ -357,7 +380,8 @@ impl Stage for Templates {
     );
 
     fn input_tables() -> &'static [InputTable] {
-        &[]
+        const INPUTS: &[InputTable] = &[InputTable::optional("sources")];
+        INPUTS
     }
 
     fn output_tables() -> Vec<TableDef> {
@@ -370,8 +394,13 @@ impl Stage for Templates {
         ]
     }
 
-    fn validate(p: &TemplatesParams, _base: &Path) -> Vec<(String, String)> {
+    /// The task files and image folders must be named, unless a synth
+    /// stage in inputs gives them (its `sources` table).
+    fn validate_inputs(p: &TemplatesParams, tables: &[String]) -> Vec<(String, String)> {
         let mut out = Vec::new();
+        if tables.iter().any(|t| t == "sources") {
+            return out;
+        }
         let tasks = p.tasks();
         if tasks.is_empty() && p.cirr_dir.is_none() && p.mit_states_dir.is_none() {
             out.push((
@@ -426,6 +455,7 @@ impl Stage for Templates {
     }
 
     fn plan(p: &TemplatesParams, ctx: &StageContext) -> Result<Chunks<Self::Work>> {
+        let p = &with_sources(p, ctx)?;
         let mut files = Vec::new();
         let mut n = 0u64;
         for (task, file) in p.tasks() {
@@ -462,6 +492,7 @@ impl Stage for Templates {
         _k: usize,
         ctx: &StageContext,
     ) -> Result<Option<ChunkTables>> {
+        let p = &with_sources(p, ctx)?;
         let coco = p.coco_dir.as_ref().map(|d| ctx.resolve(d));
         let vg = p.vg_dir.as_ref().map(|d| ctx.resolve(d));
         let mut t_task = StringBuilder::new();

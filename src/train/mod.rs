@@ -553,7 +553,7 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn metrics_batch(rows: &[MetricRow]) -> Result<RecordBatch> {
+pub(crate) fn metrics_batch(rows: &[MetricRow]) -> Result<RecordBatch> {
     let mut e = UInt32Builder::new();
     let mut s = UInt64Builder::new();
     let mut sp = StringBuilder::new();
@@ -583,7 +583,7 @@ fn metrics_batch(rows: &[MetricRow]) -> Result<RecordBatch> {
 
 type WeightsRow = (String, String, String, u64, u32, String, f64);
 
-fn weights_batch(rows: &[WeightsRow]) -> Result<RecordBatch> {
+pub(crate) fn weights_batch(rows: &[WeightsRow]) -> Result<RecordBatch> {
     let mut role = StringBuilder::new();
     let mut file = StringBuilder::new();
     let mut format = StringBuilder::new();

@@ -11,4 +11,5 @@ mod parse;
 mod report;
 mod run;
 mod sql;
+mod synth;
 mod train;

@@ -1,0 +1,445 @@
+//! `pretrain`: a tiny CLIP, trained here, contrastively, on a captions
+//! table's images and captions (the demo's stand-in for OpenAI's weights,
+//! which cannot be downloaded). A ViT image tower and a Transformer text
+//! tower over CLIP's BPE tokens, initialised as OpenAI's
+//! `initialize_parameters` does and written in OpenAI's state-dict layout
+//! (`clip.pt`), so `embed` and `train` load it as they load a real
+//! checkpoint: a `weights` table (role `backbone`) points at it.
+//!
+//! Tables:
+//! - `pretrain_metrics(epoch, step, split, metric, value, lr)`: the
+//!   symmetric contrastive loss and in-batch image->text and text->image
+//!   accuracy, per epoch, on the training pairs and a held-out tenth;
+//! - `weights(role, file, format, bytes, epoch, select_by, value)`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::Int64Type;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::clip::Clip;
+use crate::model::preprocess::{load_batch, ImageKey};
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::{select_device, StateDict};
+use crate::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
+use crate::train::data::MetricRow;
+use crate::train::optim::AdamW;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainParams {
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "d_epochs")]
+    pub epochs: usize,
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    /// Input side; the images are resized and centre-cropped to it.
+    #[serde(default = "d_res")]
+    pub image_resolution: i64,
+    #[serde(default = "d_patch")]
+    pub patch_size: i64,
+    /// Width of both towers (heads = width / 64, as build_model infers).
+    #[serde(default = "d_width")]
+    pub width: i64,
+    #[serde(default = "d_layers")]
+    pub vision_layers: i64,
+    #[serde(default = "d_layers")]
+    pub text_layers: i64,
+    #[serde(default = "d_width")]
+    pub embed_dim: i64,
+    #[serde(default = "d_ctx")]
+    pub context_length: i64,
+    #[serde(default = "auto")]
+    pub device: String,
+}
+
+fn d_epochs() -> usize {
+    12
+}
+fn d_batch() -> usize {
+    128
+}
+fn d_lr() -> f64 {
+    1e-3
+}
+fn d_res() -> i64 {
+    64
+}
+fn d_patch() -> i64 {
+    8
+}
+fn d_width() -> i64 {
+    64
+}
+fn d_layers() -> i64 {
+    3
+}
+fn d_ctx() -> i64 {
+    32
+}
+fn auto() -> String {
+    "auto".into()
+}
+
+const VOCAB: i64 = 49408;
+
+/// OpenAI's CLIP layout and initialisation for a ViT + text Transformer.
+fn init_weights(p: &PretrainParams, device: Device) -> HashMap<String, Tensor> {
+    let mut w = HashMap::new();
+    let opts = (Kind::Float, device);
+    let normal = |shape: &[i64], std: f64| Tensor::randn(shape, opts) * std;
+    let (width, d) = (p.width, p.embed_dim);
+    let blocks = |prefix: &str, layers: i64, w: &mut HashMap<String, Tensor>| {
+        let attn_std = (width as f64).powf(-0.5);
+        let proj_std = attn_std * ((2 * layers) as f64).powf(-0.5);
+        let fc_std = ((2 * width) as f64).powf(-0.5);
+        for i in 0..layers {
+            let b = format!("{prefix}.resblocks.{i}");
+            w.insert(
+                format!("{b}.attn.in_proj_weight"),
+                normal(&[3 * width, width], attn_std),
+            );
+            w.insert(
+                format!("{b}.attn.in_proj_bias"),
+                Tensor::zeros([3 * width], opts),
+            );
+            w.insert(
+                format!("{b}.attn.out_proj.weight"),
+                normal(&[width, width], proj_std),
+            );
+            w.insert(
+                format!("{b}.attn.out_proj.bias"),
+                Tensor::zeros([width], opts),
+            );
+            for ln in ["ln_1", "ln_2"] {
+                w.insert(format!("{b}.{ln}.weight"), Tensor::ones([width], opts));
+                w.insert(format!("{b}.{ln}.bias"), Tensor::zeros([width], opts));
+            }
+            w.insert(
+                format!("{b}.mlp.c_fc.weight"),
+                normal(&[4 * width, width], fc_std),
+            );
+            w.insert(
+                format!("{b}.mlp.c_fc.bias"),
+                Tensor::zeros([4 * width], opts),
+            );
+            w.insert(
+                format!("{b}.mlp.c_proj.weight"),
+                normal(&[width, 4 * width], proj_std),
+            );
+            w.insert(format!("{b}.mlp.c_proj.bias"), Tensor::zeros([width], opts));
+        }
+    };
+    blocks("visual.transformer", p.vision_layers, &mut w);
+    blocks("transformer", p.text_layers, &mut w);
+    let scale = (width as f64).powf(-0.5);
+    let grid = p.image_resolution / p.patch_size;
+    let fan_in = (3 * p.patch_size * p.patch_size) as f64;
+    w.insert(
+        "visual.conv1.weight".into(),
+        Tensor::rand([width, 3, p.patch_size, p.patch_size], opts) * (2.0 / fan_in.sqrt())
+            - 1.0 / fan_in.sqrt(),
+    );
+    w.insert("visual.class_embedding".into(), normal(&[width], scale));
+    w.insert(
+        "visual.positional_embedding".into(),
+        normal(&[grid * grid + 1, width], scale),
+    );
+    w.insert("visual.proj".into(), normal(&[width, d], scale));
+    for ln in ["visual.ln_pre", "visual.ln_post", "ln_final"] {
+        w.insert(format!("{ln}.weight"), Tensor::ones([width], opts));
+        w.insert(format!("{ln}.bias"), Tensor::zeros([width], opts));
+    }
+    w.insert(
+        "token_embedding.weight".into(),
+        normal(&[VOCAB, width], 0.02),
+    );
+    w.insert(
+        "positional_embedding".into(),
+        normal(&[p.context_length, width], 0.01),
+    );
+    w.insert("text_projection".into(), normal(&[width, d], scale));
+    w.insert(
+        "logit_scale".into(),
+        Tensor::from((1.0f64 / 0.07).ln() as f32).to_device(device),
+    );
+    w
+}
+
+/// Symmetric InfoNCE over a batch: (loss, image->text acc, text->image acc).
+fn clip_loss(img: &Tensor, txt: &Tensor, logit_scale: &Tensor) -> (Tensor, f64, f64) {
+    let i = crate::model::combiner::l2_normalize(img);
+    let t = crate::model::combiner::l2_normalize(txt);
+    let logits = i.matmul(&t.tr()) * logit_scale.exp().clamp_max(100.0);
+    let labels = Tensor::arange(logits.size()[0], (Kind::Int64, logits.device()));
+    let ce = |l: &Tensor| l.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0);
+    let loss = (ce(&logits) + ce(&logits.tr())) / 2.0;
+    let acc = |l: &Tensor| {
+        l.argmax(-1, false)
+            .eq_tensor(&labels)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[])
+    };
+    let (a1, a2) = tch::no_grad(|| (acc(&logits), acc(&logits.tr())));
+    (loss, a1, a2)
+}
+
+pub struct Pretrain;
+
+impl Stage for Pretrain {
+    const KIND: &'static str = "pretrain";
+    const VERSION: &'static str = "1";
+    const ABOUT: &'static str =
+        "captions (with images) -> a tiny CLIP trained contrastively (clip.pt, OpenAI's layout): pretrain_metrics, weights";
+    type Params = PretrainParams;
+    type Work = ();
+
+    fn input_tables() -> &'static [InputTable] {
+        const INPUTS: &[InputTable] = &[InputTable::required("captions")];
+        INPUTS
+    }
+
+    fn output_tables() -> Vec<TableDef> {
+        vec![
+            TableDef::new(
+                "pretrain_metrics",
+                crate::train::TRAIN_METRICS_SCHEMA.clone(),
+            ),
+            TableDef::new("weights", crate::train::WEIGHTS_SCHEMA.clone()),
+        ]
+    }
+
+    fn validate(p: &PretrainParams, _base: &Path) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if p.width % 64 != 0 || p.width == 0 {
+            out.push((
+                "width".into(),
+                "must be a multiple of 64 (heads = width / 64)".into(),
+            ));
+        }
+        if p.patch_size <= 0 || p.image_resolution % p.patch_size != 0 {
+            out.push(("patch_size".into(), "must divide image_resolution".into()));
+        }
+        if p.epochs == 0 || p.batch_size < 2 {
+            out.push((
+                "batch_size".into(),
+                "epochs >= 1 and batch_size >= 2".into(),
+            ));
+        }
+        if p.context_length < 3 || p.context_length > 77 {
+            out.push(("context_length".into(), "must be 3 to 77".into()));
+        }
+        if let Err(m) = select_device(&p.device) {
+            out.push(("device".into(), m));
+        }
+        out
+    }
+
+    fn plan(p: &PretrainParams, _ctx: &StageContext) -> Result<Chunks<()>> {
+        Ok(Chunks::single((), p.epochs as u64, "epochs"))
+    }
+
+    fn run_chunk(
+        p: &PretrainParams,
+        _w: &(),
+        _k: usize,
+        ctx: &StageContext,
+    ) -> Result<Option<ChunkTables>> {
+        let device = select_device(&p.device).map_err(Error::Data)?;
+        // Pairs with a readable image.
+        let mut pairs: Vec<(i64, String, PathBuf)> = Vec::new();
+        for b in crate::store::read_table(ctx.input("captions")?)? {
+            let id = crate::store::column(&b, "image_id")?.clone();
+            let cap = crate::store::column(&b, "caption")?.clone();
+            let path = crate::store::column(&b, "image_path")?.clone();
+            let (id, cap, path) = (
+                id.as_primitive::<Int64Type>(),
+                cap.as_string::<i32>(),
+                path.as_string::<i32>(),
+            );
+            for i in 0..b.num_rows() {
+                if path.is_valid(i) {
+                    pairs.push((
+                        id.value(i),
+                        cap.value(i).to_string(),
+                        ctx.resolve(Path::new(path.value(i))),
+                    ));
+                }
+            }
+        }
+        pairs.sort_by_key(|r| r.0);
+        if pairs.len() < 2 * p.batch_size {
+            return Err(Error::Data(format!(
+                "{} captioned images: pretraining needs at least 2 x batch_size; ingest images with their captions",
+                pairs.len()
+            )));
+        }
+        let keys: Vec<ImageKey> = pairs
+            .iter()
+            .map(|(_, _, path)| ImageKey {
+                path,
+                bbox: None,
+                rgb_first: false,
+            })
+            .collect();
+        let loaded = load_batch(&keys, p.image_resolution as u32);
+        let mut imgs = Vec::with_capacity(loaded.len());
+        for (r, (_, _, path)) in loaded.into_iter().zip(&pairs) {
+            imgs.push(r.map_err(|m| Error::Data(format!("{}: {m}", path.display())))?);
+        }
+        let images = Tensor::stack(&imgs, 0).to_device(device);
+        let tok = ClipTokenizer::new(p.context_length as usize);
+        let texts: Vec<&str> = pairs.iter().map(|(_, c, _)| c.as_str()).collect();
+        let tokens = tok.batch(&texts).to_device(device);
+        // The last tenth is held out, to report generalisation.
+        let n = pairs.len();
+        let n_val = n / 10;
+        let n_train = n - n_val;
+
+        tch::manual_seed(p.seed as i64);
+        let weights = init_weights(p, device);
+        let clip = Clip::new(StateDict {
+            path: PathBuf::from("<pretraining>"),
+            tensors: weights,
+        })?;
+        let mut names: Vec<String> = clip.weights().tensors.keys().cloned().collect();
+        names.sort();
+        let params: Vec<(String, Tensor)> = names
+            .iter()
+            .map(|k| {
+                let t = clip.weights().tensors[k].shallow_clone();
+                let _ = t.set_requires_grad(true);
+                (k.clone(), t)
+            })
+            .collect();
+        let mut opt = AdamW::new((0.9, 0.98), 1e-6, 0.0);
+        let scale = clip.weights().tensors["logit_scale"].shallow_clone();
+        let steps = n_train.div_ceil(p.batch_size);
+        let mut rows: Vec<MetricRow> = Vec::new();
+        let total = (p.epochs * steps) as f64;
+        for epoch in 0..p.epochs {
+            tch::manual_seed((p.seed + 1 + epoch as u64) as i64);
+            let perm = Tensor::randperm(n_train as i64, (Kind::Int64, device));
+            let (mut sum, mut a_i, mut a_t, mut seen) = (0.0, 0.0, 0.0, 0.0);
+            let mut lr = p.lr;
+            for s in 0..steps {
+                let lo = (s * p.batch_size) as i64;
+                let len = (p.batch_size as i64).min(n_train as i64 - lo);
+                if len < 2 {
+                    continue;
+                }
+                let idx = perm.narrow(0, lo, len);
+                let (loss, ai, at) = clip_loss(
+                    &clip.encode_image(&images.index_select(0, &idx))?,
+                    &clip.encode_text(&tokens.index_select(0, &idx))?,
+                    &scale,
+                );
+                let lv = loss.double_value(&[]);
+                if !lv.is_finite() {
+                    return Err(Error::Data(format!(
+                        "pretraining loss is {lv} at epoch {epoch}, step {s}: lower lr"
+                    )));
+                }
+                let inputs: Vec<&Tensor> = params.iter().map(|(_, t)| t).collect();
+                let grads = Tensor::f_run_backward(&[&loss], &inputs, false, false)?;
+                let grads: Vec<Option<Tensor>> = grads
+                    .into_iter()
+                    .map(|g| g.defined().then_some(g))
+                    .collect();
+                // Cosine decay over the whole run.
+                let t = (epoch * steps + s) as f64 / total;
+                lr = p.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+                opt.step(lr, &params, &grads)?;
+                let b = len as f64;
+                sum += lv * b;
+                a_i += ai * b;
+                a_t += at * b;
+                seen += b;
+            }
+            let step = ((epoch + 1) * steps) as u64;
+            for (m, v) in [
+                ("loss", sum / seen),
+                ("acc_image_to_text", a_i / seen),
+                ("acc_text_to_image", a_t / seen),
+            ] {
+                rows.push((epoch as u32, step, "train".into(), m.into(), v, lr));
+            }
+            // Held-out pairs in batches of batch_size, in order.
+            let (mut vs, mut vi, mut vt, mut vn) = (0.0, 0.0, 0.0, 0.0);
+            tch::no_grad(|| -> Result<()> {
+                let mut lo = n_train;
+                while lo + 1 < n {
+                    let len = p.batch_size.min(n - lo);
+                    let idx =
+                        Tensor::arange_start(lo as i64, (lo + len) as i64, (Kind::Int64, device));
+                    let (loss, ai, at) = clip_loss(
+                        &clip.encode_image(&images.index_select(0, &idx))?,
+                        &clip.encode_text(&tokens.index_select(0, &idx))?,
+                        &scale,
+                    );
+                    let b = len as f64;
+                    vs += loss.double_value(&[]) * b;
+                    vi += ai * b;
+                    vt += at * b;
+                    vn += b;
+                    lo += len;
+                }
+                Ok(())
+            })?;
+            if vn > 0.0 {
+                for (m, v) in [
+                    ("loss", vs / vn),
+                    ("acc_image_to_text", vi / vn),
+                    ("acc_text_to_image", vt / vn),
+                ] {
+                    rows.push((epoch as u32, step, "val".into(), m.into(), v, lr));
+                }
+            }
+        }
+        let last: Vec<String> = rows
+            .iter()
+            .rev()
+            .take(6)
+            .map(|r| format!("{} {} {:.3}", r.2, r.3, r.4))
+            .collect();
+        ctx.note(format!("after {} epochs: {}", p.epochs, last.join(", ")));
+        // OpenAI's layout, as torch.save writes it.
+        let sd: Vec<(String, Tensor)> = names
+            .iter()
+            .map(|k| (k.clone(), clip.weights().tensors[k].detach()))
+            .collect();
+        let path = ctx.work_dir.join("clip.pt");
+        crate::model::torch_save::save_state_dict(&path, &sd)
+            .map_err(|m| Error::Data(format!("cannot write {}: {m}", path.display())))?;
+        let bytes = std::fs::metadata(&path)
+            .map_err(Error::io("cannot read", &path))?
+            .len();
+        let val_acc = rows
+            .iter()
+            .rev()
+            .find(|r| r.2 == "val" && r.3 == "acc_image_to_text")
+            .map(|r| r.4)
+            .unwrap_or(f64::NAN);
+        let weights = crate::train::weights_batch(&[(
+            "backbone".into(),
+            "clip.pt".into(),
+            "torch".into(),
+            bytes,
+            (p.epochs - 1) as u32,
+            "val/acc_image_to_text".into(),
+            val_acc,
+        )])?;
+        Ok(Some(vec![
+            ("pretrain_metrics", crate::train::metrics_batch(&rows)?),
+            ("weights", weights),
+        ]))
+    }
+}
