@@ -1659,3 +1659,46 @@ pub fn train_step(
     opt.scaler.update(found_inf);
     Ok(metrics)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Finetune;
+
+    #[test]
+    fn finetune_modes_train_what_set_requires_grad_clip_sets() {
+        let names = [
+            "visual.conv1.weight",
+            "visual.attnpool.q_proj.weight",
+            "visual.layer1.0.bn1.running_mean",
+            "transformer.resblocks.0.attn.in_proj_weight",
+            "transformer.resblocks.11.mlp.c_fc.weight",
+            "token_embedding.weight",
+        ];
+        let trains = |m: Finetune| -> Vec<bool> { names.iter().map(|n| m.trains(n)).collect() };
+        assert_eq!(trains(Finetune::None), [false; 6]);
+        assert_eq!(
+            trains(Finetune::ImagePlusTextWhole),
+            [true, true, false, true, true, true]
+        );
+        assert_eq!(
+            trains(Finetune::ImageOnlyWhole),
+            [true, true, false, false, false, false]
+        );
+        assert_eq!(
+            trains(Finetune::TextOnlyWhole),
+            [false, false, false, true, true, false]
+        );
+        assert_eq!(
+            trains(Finetune::TextOnly),
+            [false, false, false, true, true, false]
+        );
+        assert_eq!(
+            trains(Finetune::ImageOnly),
+            [false, true, false, false, false, false]
+        );
+        assert_eq!(
+            trains(Finetune::ImagePlusText),
+            [false, true, false, false, true, false]
+        );
+    }
+}

@@ -34,7 +34,11 @@ fn unknown_kind_names_stage_field_and_line() {
         "{}",
         r.stderr
     );
-    assert!(r.stderr.contains("known kinds: synth, ingest"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("known kinds: synth, ingest"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("line 7"), "{}", r.stderr);
 }
 
