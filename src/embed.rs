@@ -174,12 +174,7 @@ pub fn read_image_keys(dir: &Path) -> Result<Vec<KeyRow>> {
 /// `triplets` table: what a cached-mode `train` stage reads.
 fn triplet_keys(dir: &Path, ctx: &StageContext) -> Result<(Vec<KeyRow>, Vec<String>)> {
     let t = crate::train::data::read_triplets(dir)?;
-    let Some(cap) = ctx.optional_input("captions") else {
-        return Err(Error::Data(
-            "embedding triplets needs their image paths: list the ingest stage (captions) in inputs too".into(),
-        ));
-    };
-    let paths = crate::train::data::read_image_paths(cap, ctx.base_dir)?;
+    let paths = crate::train::data::read_image_paths(ctx.input("captions")?, ctx.base_dir)?;
     if let Some(m) = crate::train::data::missing_paths(&t.images, &paths) {
         return Err(Error::Data(m));
     }
@@ -218,7 +213,7 @@ fn fixed_list(values: Vec<f32>, dim: i32) -> Result<FixedSizeListArray> {
     )?)
 }
 
-fn tensor_rows(t: &Tensor) -> Result<Vec<f32>, tch::TchError> {
+pub(crate) fn tensor_rows(t: &Tensor) -> Result<Vec<f32>, tch::TchError> {
     let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
     Vec::<f32>::try_from(t.view([-1]))
 }

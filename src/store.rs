@@ -435,6 +435,21 @@ pub fn read_table(dir: &Path) -> Result<Vec<RecordBatch>> {
 }
 
 /// A column of a batch from one of our own tables, by name.
+/// In a table of (role, file) rows written by a stage (a `weights` or
+/// `sources` table), the file of `role`, resolved against that stage's
+/// folder (the table folder's parent).
+pub fn role_file(dir: &Path, role: &str, file_col: &str) -> Result<Option<PathBuf>> {
+    let stage = dir.parent().unwrap_or(dir);
+    for b in read_table(dir)? {
+        let roles = arrow::array::AsArray::as_string::<i32>(column(&b, "role")?).clone();
+        let files = arrow::array::AsArray::as_string::<i32>(column(&b, file_col)?).clone();
+        if let Some(i) = (0..b.num_rows()).find(|&i| roles.value(i) == role) {
+            return Ok(Some(stage.join(files.value(i))));
+        }
+    }
+    Ok(None)
+}
+
 pub fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow::array::ArrayRef> {
     batch.column_by_name(name).ok_or_else(|| {
         Error::Internal(format!(

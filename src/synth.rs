@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    ArrayRef, AsArray, Float64Builder, RecordBatch, StringBuilder, UInt32Builder, UInt64Builder,
+    ArrayRef, Float64Builder, RecordBatch, StringBuilder, UInt32Builder, UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use image::{Rgb, RgbImage};
@@ -422,13 +422,14 @@ fn bbox(o: &Object, size: u32) -> [f64; 4] {
     ]
 }
 
-/// A single object's scene: `o` (placed) plus `extra` random companions.
+/// A scene of `o` (placed, object 0) plus a number of random companions
+/// in the range `extras`.
 fn scene_with(
     rng: &mut Rng,
     o: Object,
     extras: (usize, usize),
     background: Option<usize>,
-) -> (Scene, usize) {
+) -> Scene {
     let extra = extras.0 + pick(rng, extras.1 - extras.0 + 1);
     let mut used = Vec::new();
     let mut objects = vec![place(rng, &mut used, o)];
@@ -440,13 +441,10 @@ fn scene_with(
         objects.push(place(rng, &mut used, c));
     }
     let background = background.unwrap_or_else(|| pick(rng, BACKGROUNDS.len()));
-    (
-        Scene {
-            background,
-            objects,
-        },
-        0,
-    )
+    Scene {
+        background,
+        objects,
+    }
 }
 
 /// An object differing from `o` in attribute `a` (0 colour, 1 pattern,
@@ -509,7 +507,7 @@ impl Synth {
                             _ => t.size = ro.size,
                         }
                     }
-                    let (s, f) = scene_with(&mut rng, t, (0, 1), None);
+                    let s = scene_with(&mut rng, t, (0, 1), None);
                     for j in 0..14 {
                         // Image-only confusers: the reference's object, the attribute changed.
                         let d = if j < 7 {
@@ -521,7 +519,7 @@ impl Synth {
                             }
                             d
                         };
-                        let (ds, df) = scene_with(
+                        let ds = scene_with(
                             &mut rng,
                             d,
                             (0, 1),
@@ -531,9 +529,9 @@ impl Synth {
                                 None
                             },
                         );
-                        gallery.push(held(ds, Some(df), id()));
+                        gallery.push(held(ds, Some(0), id()));
                     }
-                    (ATTR_TYPES[a].to_string(), held(s, Some(f), id()))
+                    (ATTR_TYPES[a].to_string(), held(s, Some(0), id()))
                 }
                 // change_attribute: the reference's object with the named colour.
                 1 => {
@@ -541,7 +539,7 @@ impl Synth {
                     while new.color == ro.color {
                         new.color = pick(&mut rng, COLORS.len());
                     }
-                    let (s, f) = scene_with(&mut rng, new, (0, 1), Some(r_scene.background));
+                    let s = scene_with(&mut rng, new, (0, 1), Some(r_scene.background));
                     for j in 0..14 {
                         let d = if j < 7 {
                             // The reference's object in another colour.
@@ -556,15 +554,15 @@ impl Synth {
                             d.color = new.color;
                             d
                         };
-                        let (ds, df) = scene_with(&mut rng, d, (0, 1), None);
-                        gallery.push(held(ds, Some(df), id()));
+                        let ds = scene_with(&mut rng, d, (0, 1), None);
+                        gallery.push(held(ds, Some(0), id()));
                     }
-                    (COLORS[new.color].0.to_string(), held(s, Some(f), id()))
+                    (COLORS[new.color].0.to_string(), held(s, Some(0), id()))
                 }
                 // focus_object: another scene with that object, as it looks here.
                 2 => {
                     let shapes: Vec<usize> = r_scene.objects.iter().map(|o| o.shape).collect();
-                    let (s, _) = scene_with(&mut rng, ro, (0, 2), None);
+                    let s = scene_with(&mut rng, ro, (0, 2), None);
                     for j in 0..14 {
                         let ds = if j < 7 {
                             // The reference's scene with its named object swapped.
@@ -583,7 +581,7 @@ impl Synth {
                                 d.color = pick(&mut rng, COLORS.len());
                             }
                             d.pattern = pick(&mut rng, PATTERNS.len());
-                            scene_with(&mut rng, d, (0, 2), None).0
+                            scene_with(&mut rng, d, (0, 2), None)
                         };
                         gallery.push(held(ds, None, id()));
                     }
@@ -612,7 +610,7 @@ impl Synth {
                             let other = object_other_shape(&mut rng, &avoid);
                             with(&mut rng, other)
                         } else {
-                            scene_with(&mut rng, add, (1, 2), None).0
+                            scene_with(&mut rng, add, (1, 2), None)
                         };
                         gallery.push(held(ds, None, id()));
                     }
@@ -653,17 +651,7 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// The `path` of `role` in a `sources` table, resolved against its stage
 /// folder.
 pub fn source(dir: &Path, role: &str) -> Result<Option<PathBuf>> {
-    let stage = dir.parent().unwrap_or(dir);
-    for b in crate::store::read_table(dir)? {
-        let roles = crate::store::column(&b, "role")?.clone();
-        let paths = crate::store::column(&b, "path")?.clone();
-        for i in 0..b.num_rows() {
-            if roles.as_string::<i32>().value(i) == role {
-                return Ok(Some(stage.join(paths.as_string::<i32>().value(i))));
-            }
-        }
-    }
-    Ok(None)
+    crate::store::role_file(dir, role, "path")
 }
 
 pub const TASK_FILES: [&str; 4] = [

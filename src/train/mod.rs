@@ -29,7 +29,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::array::{
-    ArrayRef, AsArray, Float64Builder, RecordBatch, StringBuilder, UInt32Builder, UInt64Builder,
+    ArrayRef, Float64Builder, RecordBatch, StringBuilder, UInt32Builder, UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rayon::prelude::*;
@@ -234,26 +234,15 @@ fn auto() -> String {
 
 /// Where a `weights` table says `role`'s file is, if it lists one.
 pub fn weights_file(dir: &Path, role: &str) -> Result<Option<PathBuf>> {
-    let stage_dir = dir.parent().unwrap_or(dir);
-    for b in crate::store::read_table(dir)? {
-        let roles = crate::store::column(&b, "role")?.clone();
-        let files = crate::store::column(&b, "file")?.clone();
-        let (roles, files) = (roles.as_string::<i32>(), files.as_string::<i32>());
-        for i in 0..b.num_rows() {
-            if roles.value(i) == role {
-                let p = stage_dir.join(files.value(i));
-                if !p.is_file() {
-                    return Err(Error::Data(format!(
-                        "{} is listed in {} but missing; rerun the train stage",
-                        p.display(),
-                        dir.display()
-                    )));
-                }
-                return Ok(Some(p));
-            }
-        }
+    let p = crate::store::role_file(dir, role, "file")?;
+    if let Some(p) = p.as_ref().filter(|p| !p.is_file()) {
+        return Err(Error::Data(format!(
+            "{} is listed in {} but missing; rerun the train stage",
+            p.display(),
+            dir.display()
+        )));
     }
-    Ok(None)
+    Ok(p)
 }
 
 /// The resumable state besides tensors (`last/state.json`).
@@ -327,8 +316,9 @@ struct Timing {
     steps: u64,
     samples: u64,
     train: Duration,
-    images: u64,
-    augment: Duration,
+    /// Counted while features are read through `&self`.
+    images: std::cell::Cell<u64>,
+    augment: std::cell::Cell<Duration>,
 }
 
 pub struct TrainWork(Mutex<Trainer>);
@@ -527,12 +517,11 @@ impl Stage for Train {
                 t.device
             ));
         }
-        if tm.images > 0 {
+        let (images, augment) = (tm.images.get(), tm.augment.get().as_secs_f64());
+        if images > 0 {
             ctx.note(format!(
-                "crop + resize + normalise of cached images: {} in {:.2} s = {:.0} images/s",
-                tm.images,
-                tm.augment.as_secs_f64(),
-                tm.images as f64 / tm.augment.as_secs_f64().max(1e-9)
+                "crop + resize + normalise of cached images: {images} in {augment:.2} s = {:.0} images/s",
+                images as f64 / augment.max(1e-9)
             ));
         }
         if let Some(rss) = peak_rss_mib() {
@@ -679,15 +668,14 @@ impl Trainer {
                 )));
             }
         }
-        let embed_dir = ctx.optional_input("image_embeddings");
+        // Cached mode reads the embeddings once: for training and selection.
+        let mut cached: Option<(Embeddings, Embeddings)> = None;
         let (source, dim) = match (p.finetune, &mut clip) {
             (Finetune::None, _) => {
-                let (Some(idir), Some(tdir)) = (embed_dir, ctx.optional_input("text_embeddings"))
-                else {
-                    return Err(Error::Data(
-                        "finetune = \"none\" trains on cached features: list an embed stage (fed by the mine and ingest stages) in inputs".into(),
-                    ));
-                };
+                let (idir, tdir) = (
+                    ctx.input("image_embeddings")?,
+                    ctx.input("text_embeddings")?,
+                );
                 let (model, img) = read_embeddings(idir, "image_key", p.model.as_deref())
                     .map_err(|m| Error::Data(format!("image_embeddings: {m}")))?;
                 let (_, txt) = read_embeddings(tdir, "text", Some(&model))
@@ -696,15 +684,11 @@ impl Trainer {
                 let images = gather(&img, &keys, "images", idir)?.to_device(device);
                 let texts = gather(&txt, &data.texts, "conditions", tdir)?.to_device(device);
                 let dim = img.dim as i64;
+                cached = Some((img, txt));
                 (Source::Cached { images, texts }, dim)
             }
             (_, Some(c)) => {
-                let Some(cap) = ctx.optional_input("captions") else {
-                    return Err(Error::Data(
-                        "fine-tuning reads the images: list the ingest stage (its captions table, with image_path) in inputs".into(),
-                    ));
-                };
-                let paths = data::read_image_paths(cap, ctx.base_dir)?;
+                let paths = data::read_image_paths(ctx.input("captions")?, ctx.base_dir)?;
                 if let Some(m) = data::missing_paths(&data.images, &paths) {
                     return Err(Error::Data(m));
                 }
@@ -742,7 +726,7 @@ impl Trainer {
             .as_ref()
             .map(|c| c.config.image_resolution as u32)
             .unwrap_or(224);
-        let selection = Self::selection(p, ctx, &source)?;
+        let selection = Self::selection(ctx, cached)?;
         let select_by = Self::resolve_select_by(p, selection.as_ref())?;
         let opt = Optimizer::new(
             &combiner,
@@ -782,28 +766,18 @@ impl Trainer {
         Ok(t)
     }
 
+    /// What selection scores: the cached embeddings, or in fine-tune modes
+    /// the templates' images and texts, encoded each epoch.
     fn selection(
-        p: &TrainParams,
         ctx: &StageContext,
-        source: &Source,
+        cached: Option<(Embeddings, Embeddings)>,
     ) -> Result<Option<Selection>> {
         let Some(templates) = ctx.optional_input("templates") else {
             return Ok(None);
         };
-        let features = match source {
-            Source::Cached { .. } => {
-                let (Some(idir), Some(tdir)) = (
-                    ctx.optional_input("image_embeddings"),
-                    ctx.optional_input("text_embeddings"),
-                ) else {
-                    return Err(Error::Internal("cached mode without embeddings".into()));
-                };
-                let (model, img) =
-                    read_embeddings(idir, "image_key", p.model.as_deref()).map_err(Error::Data)?;
-                let (_, txt) = read_embeddings(tdir, "text", Some(&model)).map_err(Error::Data)?;
-                SelectionFeatures::Cached(img, txt)
-            }
-            Source::Images { .. } => {
+        let features = match cached {
+            Some((img, txt)) => SelectionFeatures::Cached(img, txt),
+            None => {
                 let Some(keys) = ctx.optional_input("image_keys") else {
                     return Err(Error::Data(
                         "selecting on templates while fine-tuning encodes their images: the templates stage's image_keys must be an input too".into(),
@@ -1075,7 +1049,7 @@ impl Trainer {
 
     /// [3, n, n] inputs of images `rows` (train: crop per (epoch, sample,
     /// slot); val: the eval transform's pixels).
-    fn image_batch(&mut self, rows: &[(u32, [u64; 4])], train: bool) -> Result<Tensor> {
+    fn image_batch(&self, rows: &[(u32, [u64; 4])], train: bool) -> Result<Tensor> {
         let Source::Images {
             train_cache,
             val_cache,
@@ -1105,15 +1079,16 @@ impl Trainer {
             .collect();
         let imgs: Vec<Tensor> = imgs.into_iter().collect::<Result<_>>()?;
         if train {
-            self.timing.images += rows.len() as u64;
-            self.timing.augment += t0.elapsed();
+            let t = &self.timing;
+            t.images.set(t.images.get() + rows.len() as u64);
+            t.augment.set(t.augment.get() + t0.elapsed());
         }
         Ok(Tensor::stack(&imgs, 0).to_device(self.device))
     }
 
     /// (reference, target, condition) features of samples `idx`.
     fn features(
-        &mut self,
+        &self,
         p: &TrainParams,
         idx: &[usize],
         train: bool,
@@ -1286,26 +1261,11 @@ impl Trainer {
             device: self.device,
             amp: self.amp,
         };
+        // The optimiser steps while the features read the rest of self.
         let mut opt = std::mem::replace(&mut self.opt, Optimizer::empty());
-        let out = {
-            let this = &mut *self;
-            let comb = Combiner::new(StateDict {
-                path: PathBuf::from("<training Combiner>"),
-                tensors: this
-                    .combiner
-                    .weights()
-                    .tensors
-                    .iter()
-                    .map(|(k, t)| (k.clone(), t.shallow_clone()))
-                    .collect(),
-            });
-            match comb {
-                Ok(comb) => train_step(&cfg, &mut opt, &comb, lr, || {
-                    this.features(p, idx, true, epoch)
-                }),
-                Err(e) => Err(e.into()),
-            }
-        };
+        let out = train_step(&cfg, &mut opt, &self.combiner, lr, || {
+            self.features(p, idx, true, epoch)
+        });
         self.opt = opt;
         out
     }
@@ -1402,12 +1362,7 @@ impl Trainer {
                     let f = tch::no_grad(|| {
                         with_precision(device, self.amp, || clip.encode_image(&x))
                     })?;
-                    ivals.extend(Vec::<f32>::try_from(
-                        f.to_kind(Kind::Float)
-                            .to_device(Device::Cpu)
-                            .contiguous()
-                            .view([-1]),
-                    )?);
+                    ivals.extend(crate::embed::tensor_rows(&f)?);
                 }
                 let tok = ClipTokenizer::new(clip.config.context_length as usize);
                 let mut tvals = Vec::with_capacity(texts.len() * d);
@@ -1417,12 +1372,7 @@ impl Trainer {
                     let f = tch::no_grad(|| {
                         with_precision(device, self.amp, || clip.encode_text(&toks))
                     })?;
-                    tvals.extend(Vec::<f32>::try_from(
-                        f.to_kind(Kind::Float)
-                            .to_device(Device::Cpu)
-                            .contiguous()
-                            .view([-1]),
-                    )?);
+                    tvals.extend(crate::embed::tensor_rows(&f)?);
                 }
                 let img = Embeddings::new(&key_names, ivals, d);
                 let txt = Embeddings::new(texts, tvals, d);

@@ -211,3 +211,21 @@ pub fn script_fixtures(script: &str, marker: &str) -> PathBuf {
     }
     dir
 }
+
+/// Runs `code` with the project venv's Python from the repository root;
+/// its stdout (a failure panics with stderr).
+pub fn python(code: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join(".venv/bin/python"))
+        .arg("-c")
+        .arg(code)
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

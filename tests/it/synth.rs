@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::common::{genecis, sql_csv, Manifest};
+use crate::common::{genecis, python, sql_csv, Manifest};
 
 const SMALL: &str =
     "seed = 5, train_scenes = 40, heldout_scenes = 16, templates_per_task = 4, image_size = 48";
@@ -193,20 +193,10 @@ fn reduced_demo_runs_end_to_end() {
     assert_eq!(pm[1], "2");
     // The tiny CLIP loads in plain PyTorch as OpenAI's model.
     let clip = run.join("clip/clip.pt");
-    let out = std::process::Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .arg("-c")
-        .arg(format!(
-            "import sys, torch; sys.path.insert(0, 'scripts'); from fixture_models import load_clip_module\n\
-             m = load_clip_module('model').build_model(torch.load('{}', weights_only=True)); print('built', m.visual.output_dim, m.context_length)",
-            clip.display()
-        ))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("built 64 32"),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = python(&format!(
+        "import sys, torch; sys.path.insert(0, 'scripts'); from fixture_models import load_clip_module\n\
+         m = load_clip_module('model').build_model(torch.load('{}', weights_only=True)); print('built', m.visual.output_dim, m.context_length)",
+        clip.display()
+    ));
+    assert!(text.contains("built 64 32"), "{text}");
 }

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use genecis::model::StateDict;
 use genecis::train::optim::{AdamW, GradScaler};
 use genecis::train::{train_step, Finetune, Optimizer, StepConfig};
 
-use crate::common::{bin, genecis, script_fixtures, sql_csv, write, Manifest};
+use crate::common::{bin, genecis, python, script_fixtures, sql_csv, write, Manifest};
 use crate::eval::small_world;
 use crate::model::fixtures;
 
@@ -181,22 +180,6 @@ fn mined(dir: &Path, samples: usize) -> Manifest {
 }
 
 const SMALL_HEAD: &str = "projection_dim = 64, hidden_dim = 128, device = \"cpu\"";
-
-fn python(code: &str) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join(".venv/bin/python"))
-        .arg("-c")
-        .arg(code)
-        .current_dir(root)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn cached_training_learns_selects_on_templates_and_feeds_score() {
