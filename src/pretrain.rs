@@ -1,7 +1,7 @@
 //! `pretrain`: a tiny CLIP, trained here, contrastively, on a captions
 //! table's images and captions (the demo's stand-in for OpenAI's weights,
-//! which cannot be downloaded). A ViT image tower and a Transformer text
-//! tower over CLIP's BPE tokens, initialised as OpenAI's
+//! which cannot be downloaded). A ViT or ModifiedResNet image tower and a
+//! Transformer text tower over CLIP's BPE tokens, initialised as OpenAI's
 //! `initialize_parameters` does and written in OpenAI's state-dict layout
 //! (`clip.pt`), so `embed` and `train` load it as they load a real
 //! checkpoint: a `weights` table (role `backbone`) points at it.
@@ -40,9 +40,20 @@ pub struct PretrainParams {
     pub batch_size: usize,
     #[serde(default = "d_lr")]
     pub lr: f64,
+    /// Share of the steps over which lr rises linearly from 0 (then cosine
+    /// decay): without it a tiny ViT at lr 1e-3 often stalls at chance.
+    #[serde(default = "d_warmup")]
+    pub warmup: f64,
     /// Input side; the images are resized and centre-cropped to it.
     #[serde(default = "d_res")]
     pub image_resolution: i64,
+    /// The image tower: "vit" (patch_size, width, vision_layers) or
+    /// "resnet" (OpenAI's ModifiedResNet, one bottleneck per stage, of
+    /// resnet_width): convolutions pick up shape from little data.
+    #[serde(default = "d_vision")]
+    pub vision: String,
+    #[serde(default = "d_resnet_width")]
+    pub resnet_width: i64,
     #[serde(default = "d_patch")]
     pub patch_size: i64,
     /// Width of both towers (heads = width / 64, as build_model infers).
@@ -68,6 +79,15 @@ fn d_batch() -> usize {
 }
 fn d_lr() -> f64 {
     1e-3
+}
+fn d_vision() -> String {
+    "vit".into()
+}
+fn d_resnet_width() -> i64 {
+    16
+}
+fn d_warmup() -> f64 {
+    0.1
 }
 fn d_res() -> i64 {
     64
@@ -137,23 +157,29 @@ fn init_weights(p: &PretrainParams, device: Device) -> HashMap<String, Tensor> {
             w.insert(format!("{b}.mlp.c_proj.bias"), Tensor::zeros([width], opts));
         }
     };
-    blocks("visual.transformer", p.vision_layers, &mut w);
     blocks("transformer", p.text_layers, &mut w);
     let scale = (width as f64).powf(-0.5);
-    let grid = p.image_resolution / p.patch_size;
-    let fan_in = (3 * p.patch_size * p.patch_size) as f64;
-    w.insert(
-        "visual.conv1.weight".into(),
-        Tensor::rand([width, 3, p.patch_size, p.patch_size], opts) * (2.0 / fan_in.sqrt())
-            - 1.0 / fan_in.sqrt(),
-    );
-    w.insert("visual.class_embedding".into(), normal(&[width], scale));
-    w.insert(
-        "visual.positional_embedding".into(),
-        normal(&[grid * grid + 1, width], scale),
-    );
-    w.insert("visual.proj".into(), normal(&[width, d], scale));
-    for ln in ["visual.ln_pre", "visual.ln_post", "ln_final"] {
+    if p.vision == "resnet" {
+        init_resnet(p, device, &mut w);
+    } else {
+        blocks("visual.transformer", p.vision_layers, &mut w);
+        let grid = p.image_resolution / p.patch_size;
+        w.insert(
+            "visual.conv1.weight".into(),
+            kaiming(&[width, 3, p.patch_size, p.patch_size], device),
+        );
+        w.insert("visual.class_embedding".into(), normal(&[width], scale));
+        w.insert(
+            "visual.positional_embedding".into(),
+            normal(&[grid * grid + 1, width], scale),
+        );
+        w.insert("visual.proj".into(), normal(&[width, d], scale));
+        for ln in ["visual.ln_pre", "visual.ln_post"] {
+            w.insert(format!("{ln}.weight"), Tensor::ones([width], opts));
+            w.insert(format!("{ln}.bias"), Tensor::zeros([width], opts));
+        }
+    }
+    for ln in ["ln_final"] {
         w.insert(format!("{ln}.weight"), Tensor::ones([width], opts));
         w.insert(format!("{ln}.bias"), Tensor::zeros([width], opts));
     }
@@ -171,6 +197,92 @@ fn init_weights(p: &PretrainParams, device: Device) -> HashMap<String, Tensor> {
         Tensor::from((1.0f64 / 0.07).ln() as f32).to_device(device),
     );
     w
+}
+
+/// PyTorch's default conv/linear weight draw: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+fn kaiming(shape: &[i64], device: Device) -> Tensor {
+    let fan_in: i64 = shape[1..].iter().product();
+    let b = 1.0 / (fan_in as f64).sqrt();
+    Tensor::rand(shape, (Kind::Float, device)) * (2.0 * b) - b
+}
+
+/// OpenAI's ModifiedResNet, layers (1, 1, 1, 1), as `initialize_parameters`
+/// draws it: default conv draws, BatchNorm at (1, 0) with the last one of
+/// each bottleneck zeroed, attention-pool projections N(0, in^-1/2).
+fn init_resnet(p: &PretrainParams, device: Device, w: &mut HashMap<String, Tensor>) {
+    let opts = (Kind::Float, device);
+    let rw = p.resnet_width;
+    let conv = |w: &mut HashMap<String, Tensor>, name: &str, out: i64, inp: i64, k: i64| {
+        w.insert(
+            format!("visual.{name}.weight"),
+            kaiming(&[out, inp, k, k], device),
+        );
+    };
+    let bn = |w: &mut HashMap<String, Tensor>, name: &str, c: i64, zero: bool| {
+        let g = if zero {
+            Tensor::zeros([c], opts)
+        } else {
+            Tensor::ones([c], opts)
+        };
+        w.insert(format!("visual.{name}.weight"), g);
+        w.insert(format!("visual.{name}.bias"), Tensor::zeros([c], opts));
+        w.insert(
+            format!("visual.{name}.running_mean"),
+            Tensor::zeros([c], opts),
+        );
+        w.insert(
+            format!("visual.{name}.running_var"),
+            Tensor::ones([c], opts),
+        );
+        w.insert(
+            format!("visual.{name}.num_batches_tracked"),
+            Tensor::zeros([], (Kind::Int64, device)),
+        );
+    };
+    for (i, (inp, out)) in [(3, rw / 2), (rw / 2, rw / 2), (rw / 2, rw)]
+        .iter()
+        .enumerate()
+    {
+        conv(w, &format!("conv{}", i + 1), *out, *inp, 3);
+        bn(w, &format!("bn{}", i + 1), *out, false);
+    }
+    let mut inplanes = rw;
+    for l in 0..4 {
+        let planes = rw << l;
+        let b = format!("layer{}.0", l + 1);
+        conv(w, &format!("{b}.conv1"), planes, inplanes, 1);
+        bn(w, &format!("{b}.bn1"), planes, false);
+        conv(w, &format!("{b}.conv2"), planes, planes, 3);
+        bn(w, &format!("{b}.bn2"), planes, false);
+        conv(w, &format!("{b}.conv3"), planes * 4, planes, 1);
+        bn(w, &format!("{b}.bn3"), planes * 4, true);
+        // Every first block changes width (and stride past layer1).
+        conv(w, &format!("{b}.downsample.0"), planes * 4, inplanes, 1);
+        bn(w, &format!("{b}.downsample.1"), planes * 4, false);
+        inplanes = planes * 4;
+    }
+    let e = rw * 32;
+    let grid = p.image_resolution / 32;
+    w.insert(
+        "visual.attnpool.positional_embedding".into(),
+        Tensor::randn([grid * grid + 1, e], opts) / (e as f64).sqrt(),
+    );
+    for (name, out) in [
+        ("q_proj", e),
+        ("k_proj", e),
+        ("v_proj", e),
+        ("c_proj", p.embed_dim),
+    ] {
+        w.insert(
+            format!("visual.attnpool.{name}.weight"),
+            Tensor::randn([out, e], opts) * (e as f64).powf(-0.5),
+        );
+        let b = 1.0 / (e as f64).sqrt();
+        w.insert(
+            format!("visual.attnpool.{name}.bias"),
+            Tensor::rand([out], opts) * (2.0 * b) - b,
+        );
+    }
 }
 
 /// Symmetric InfoNCE over a batch: (loss, image->text acc, text->image acc).
@@ -225,6 +337,20 @@ impl Stage for Pretrain {
                 "must be a multiple of 64 (heads = width / 64)".into(),
             ));
         }
+        if p.vision != "vit" && p.vision != "resnet" {
+            out.push((
+                "vision".into(),
+                format!("{:?}: use \"vit\" or \"resnet\"", p.vision),
+            ));
+        }
+        if p.vision == "resnet"
+            && (p.resnet_width < 2 || p.resnet_width % 2 != 0 || p.image_resolution % 32 != 0)
+        {
+            out.push((
+                "resnet_width".into(),
+                "an even width of 2 or more, and image_resolution a multiple of 32".into(),
+            ));
+        }
         if p.patch_size <= 0 || p.image_resolution % p.patch_size != 0 {
             out.push(("patch_size".into(), "must divide image_resolution".into()));
         }
@@ -232,6 +358,12 @@ impl Stage for Pretrain {
             out.push((
                 "batch_size".into(),
                 "epochs >= 1 and batch_size >= 2".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&p.warmup) {
+            out.push((
+                "warmup".into(),
+                "must be a share of the steps in [0, 1)".into(),
             ));
         }
         if p.context_length < 3 || p.context_length > 77 {
@@ -306,14 +438,16 @@ impl Stage for Pretrain {
 
         tch::manual_seed(p.seed as i64);
         let weights = init_weights(p, device);
-        let clip = Clip::new(StateDict {
+        let mut clip = Clip::new(StateDict {
             path: PathBuf::from("<pretraining>"),
             tensors: weights,
         })?;
         let mut names: Vec<String> = clip.weights().tensors.keys().cloned().collect();
         names.sort();
+        // BatchNorm's running statistics are state, not parameters.
         let params: Vec<(String, Tensor)> = names
             .iter()
+            .filter(|k| !k.contains("running_") && !k.ends_with("num_batches_tracked"))
             .map(|k| {
                 let t = clip.weights().tensors[k].shallow_clone();
                 let _ = t.set_requires_grad(true);
@@ -328,6 +462,7 @@ impl Stage for Pretrain {
         for epoch in 0..p.epochs {
             tch::manual_seed((p.seed + 1 + epoch as u64) as i64);
             let perm = Tensor::randperm(n_train as i64, (Kind::Int64, device));
+            clip.set_training(true);
             let (mut sum, mut a_i, mut a_t, mut seen) = (0.0, 0.0, 0.0, 0.0);
             let mut lr = p.lr;
             for s in 0..steps {
@@ -354,9 +489,14 @@ impl Stage for Pretrain {
                     .into_iter()
                     .map(|g| g.defined().then_some(g))
                     .collect();
-                // Cosine decay over the whole run.
+                // Linear warm-up, then cosine decay to 0.
                 let t = (epoch * steps + s) as f64 / total;
-                lr = p.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+                lr = if t < p.warmup {
+                    p.lr * (t + 1.0 / total) / p.warmup
+                } else {
+                    let d = (t - p.warmup) / (1.0 - p.warmup);
+                    p.lr * 0.5 * (1.0 + (std::f64::consts::PI * d).cos())
+                };
                 opt.step(lr, &params, &grads)?;
                 let b = len as f64;
                 sum += lv * b;
@@ -372,6 +512,7 @@ impl Stage for Pretrain {
             ] {
                 rows.push((epoch as u32, step, "train".into(), m.into(), v, lr));
             }
+            clip.set_training(false);
             // Held-out pairs in batches of batch_size, in order.
             let (mut vs, mut vi, mut vt, mut vn) = (0.0, 0.0, 0.0, 0.0);
             tch::no_grad(|| -> Result<()> {

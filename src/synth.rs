@@ -16,14 +16,15 @@
 //! Tables:
 //! - `sources(role, path)`: where the files are, relative to the stage
 //!   folder (`ingest` and `templates` read them from here);
-//! - `scenes(split, image_id, background, n_objects, caption?)`;
+//! - `scenes(split, image_id, background, n_objects, caption?, closeup)`;
 //! - `objects(split, image_id, object_idx, shape, color, size, pattern, x, y, r)`.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    ArrayRef, Float64Builder, RecordBatch, StringBuilder, UInt32Builder, UInt64Builder,
+    ArrayRef, BooleanBuilder, Float64Builder, RecordBatch, StringBuilder, UInt32Builder,
+    UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use image::{Rgb, RgbImage};
@@ -48,6 +49,7 @@ pub static SCENES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("background", DataType::Utf8, false),
         Field::new("n_objects", DataType::UInt32, false),
         Field::new("caption", DataType::Utf8, true),
+        Field::new("closeup", DataType::Boolean, false),
     ]))
 });
 
@@ -116,6 +118,15 @@ pub struct SynthParams {
     pub max_objects: usize,
     #[serde(default = "d_quality")]
     pub jpeg_quality: u8,
+    /// Share of training images that are close-ups of one object (its
+    /// VAW-style crop, captioned with that object alone): the view the
+    /// attribute tasks' crops give.
+    #[serde(default = "d_closeups")]
+    pub closeups: f64,
+}
+
+fn d_closeups() -> f64 {
+    0.25
 }
 
 fn d_train() -> usize {
@@ -153,7 +164,7 @@ pub struct Object {
 
 impl Object {
     pub fn r(&self) -> f64 {
-        [0.11, 0.17][self.size]
+        [0.14, 0.2][self.size]
     }
 }
 
@@ -288,6 +299,22 @@ fn background(kind: usize, x: u32, y: u32, n: f64) -> [f64; 3] {
     }
 }
 
+/// A close-up of `s`'s first object: its VAW crop of the rendered scene,
+/// padded and resized back to `size`, as `embed` prepares a VAW key.
+fn closeup(s: &Scene, size: u32, seed: u64) -> RgbImage {
+    use crate::model::preprocess::{crop_pad_square, resize_center_crop_raster, vaw_crop_box};
+    let full = render(s, size, seed);
+    let raster = crate::model::preprocess::Raster {
+        width: size,
+        height: size,
+        mode: crate::model::preprocess::Mode::Rgb,
+        data: full.into_raw(),
+    };
+    let bx = vaw_crop_box(bbox(&s.objects[0], size), size, size);
+    let out = resize_center_crop_raster(&crop_pad_square(&raster, bx), size);
+    RgbImage::from_raw(out.width, out.height, out.data).expect("an RGB raster of size x size")
+}
+
 /// Renders a scene: 3 x 3 supersampling at object edges, noise per pixel.
 pub fn render(s: &Scene, size: u32, seed: u64) -> RgbImage {
     let mut rng = Rng::new(&[seed, 0x7e57]);
@@ -319,15 +346,26 @@ pub fn render(s: &Scene, size: u32, seed: u64) -> RgbImage {
     })
 }
 
+/// An object's noun phrase. Colour and pattern are sometimes said after
+/// the noun ("a circle in red", "a box with stripes"), which the parser
+/// reads as relations, so mining also yields attribute conditions, as
+/// CC3M's "a woman in red" does.
 fn describe(o: &Object, rng: &mut Rng, plural: bool) -> String {
+    let style = rng.uniform(0.0, 1.0);
+    let colour_after = style < 0.3;
+    let pattern_after = !colour_after && o.pattern != 0 && style < 0.55;
     let mut words: Vec<&str> = Vec::new();
     if rng.uniform(0.0, 1.0) < 0.5 {
         words.push(SIZES[o.size]);
     }
-    if o.pattern != 0 && rng.uniform(0.0, 1.0) < 0.7 {
+    if o.pattern != 0 && !pattern_after && rng.uniform(0.0, 1.0) < 0.7 {
         words.push(PATTERNS[o.pattern]);
     }
-    words.push(COLORS[o.color].0);
+    // Captions leave the colour out now and then, as people do; the
+    // shape then has to carry the match in contrastive pretraining.
+    if !colour_after && rng.uniform(0.0, 1.0) < 0.65 {
+        words.push(COLORS[o.color].0);
+    }
     let noun = if rng.uniform(0.0, 1.0) < 0.2 {
         SYNONYMS[o.shape]
     } else {
@@ -342,7 +380,13 @@ fn describe(o: &Object, rng: &mut Rng, plural: bool) -> String {
     } else {
         noun.to_string()
     };
-    let body = format!("{} {noun}", words.join(" "));
+    words.push(&noun);
+    let mut body = words.join(" ");
+    if colour_after {
+        body = format!("{body} in {}", COLORS[o.color].0);
+    } else if pattern_after {
+        body = format!("{body} with {}", ["stripes", "dots"][o.pattern - 1]);
+    }
     if plural {
         format!("two {body}")
     } else if body.starts_with(['a', 'e', 'i', 'o', 'u']) {
@@ -354,13 +398,32 @@ fn describe(o: &Object, rng: &mut Rng, plural: bool) -> String {
 
 fn relation(a: &Object, b: &Object, rng: &mut Rng) -> &'static str {
     let (dx, dy) = (b.x - a.x, b.y - a.y);
-    if dx.abs() >= dy.abs() {
+    if rng.uniform(0.0, 1.0) < 0.2 {
+        "with"
+    } else if dx.abs() >= dy.abs() {
         ["next to", "beside", "near"][pick(rng, 3)]
     } else if dy > 0.0 {
         "above"
     } else {
         "below"
     }
+}
+
+/// The place, said in 60% of captions (" on sand"), else "".
+fn place_phrase(background: usize, rng: &mut Rng) -> String {
+    let places = BACKGROUNDS[background].1;
+    let said = places[pick(rng, places.len())];
+    if rng.uniform(0.0, 1.0) < 0.6 {
+        format!(" {said}")
+    } else {
+        String::new()
+    }
+}
+
+/// A close-up's caption: its object, sometimes its place.
+fn closeup_caption(s: &Scene, rng: &mut Rng) -> String {
+    let d = describe(&s.objects[0], rng, false);
+    format!("{d}{}", place_phrase(s.background, rng))
 }
 
 /// A caption from the scene graph, in one of several phrasings.
@@ -374,13 +437,12 @@ pub fn caption(s: &Scene, rng: &mut Rng) -> String {
         }
     }
     let descs: Vec<String> = groups.iter().map(|(o, p)| describe(o, rng, *p)).collect();
-    let places = BACKGROUNDS[s.background].1;
-    let place = places[pick(rng, places.len())];
+    let place = place_phrase(s.background, rng);
     let text = match descs.len() {
-        1 => format!("{} {place}", descs[0]),
-        2 if rng.uniform(0.0, 1.0) < 0.3 => format!("{} and {} {place}", descs[0], descs[1]),
+        1 => format!("{}{place}", descs[0]),
+        2 if rng.uniform(0.0, 1.0) < 0.3 => format!("{} and {}{place}", descs[0], descs[1]),
         2 => format!(
-            "{} {} {} {place}",
+            "{} {} {}{place}",
             descs[0],
             relation(&groups[0].0, &groups[1].0, rng),
             descs[1]
@@ -389,7 +451,7 @@ pub fn caption(s: &Scene, rng: &mut Rng) -> String {
             let rel = relation(&groups[0].0, &groups[1].0, rng);
             let rest: Vec<&str> = descs[2..].iter().map(String::as_str).collect();
             format!(
-                "{} {rel} {} and {} {place}",
+                "{} {rel} {} and {}{place}",
                 descs[0],
                 descs[1],
                 rest.join(" and ")
@@ -496,8 +558,10 @@ impl Synth {
             let mut gallery = Vec::new();
             let (cond, target) = match task {
                 // focus_attribute: the same value of the named attribute type.
+                // Colour or pattern: a crop is resized to the input side,
+                // so size is not visible in it.
                 0 => {
-                    let a = pick(&mut rng, 3);
+                    let a = pick(&mut rng, 2);
                     let mut t = random_object(&mut rng);
                     while attr(&t, a) != attr(&ro, a) || t.shape == ro.shape {
                         t = random_object(&mut rng);
@@ -719,6 +783,9 @@ impl Stage for Synth {
                 ),
             ));
         }
+        if !(0.0..=1.0).contains(&p.closeups) {
+            out.push(("closeups".into(), "must be a share between 0 and 1".into()));
+        }
         if !(1..=100).contains(&p.jpeg_quality) {
             out.push(("jpeg_quality".into(), "must be 1 to 100".into()));
         }
@@ -742,30 +809,38 @@ impl Stage for Synth {
         let root = ctx.work_dir.clone();
         let mut scenes = SceneRows::default();
         // Training scenes, captioned.
-        let train: Vec<(Scene, String)> = (0..p.train_scenes)
+        let train: Vec<(Scene, String, bool)> = (0..p.train_scenes)
             .map(|i| {
                 let mut rng = Rng::new(&[p.seed, 0x7a1, i as u64]);
                 let n = p.min_objects + pick(&mut rng, p.max_objects - p.min_objects + 1);
                 let s = random_scene(&mut rng, n);
-                let c = caption(&s, &mut rng);
-                (s, c)
+                let close = rng.uniform(0.0, 1.0) < p.closeups;
+                let c = if close {
+                    closeup_caption(&s, &mut rng)
+                } else {
+                    caption(&s, &mut rng)
+                };
+                (s, c, close)
             })
             .collect();
         let images: Vec<Result<Vec<u8>>> = train
             .par_iter()
             .enumerate()
-            .map(|(i, (s, _))| {
-                jpeg(
-                    &render(s, p.image_size, p.seed ^ (i as u64) << 20),
-                    p.jpeg_quality,
-                )
+            .map(|(i, (s, _, close))| {
+                let seed = p.seed ^ (i as u64) << 20;
+                let img = if *close {
+                    closeup(s, p.image_size, seed)
+                } else {
+                    render(s, p.image_size, seed)
+                };
+                jpeg(&img, p.jpeg_quality)
             })
             .collect();
         let mut tsv = String::new();
-        for (i, ((s, c), img)) in train.iter().zip(images).enumerate() {
+        for (i, ((s, c, close), img)) in train.iter().zip(images).enumerate() {
             write(&root.join(format!("train/images/{i}")), &img?)?;
             tsv.push_str(&format!("{c}\thttp://synth.invalid/train/{i}.jpg\n"));
-            scenes.push("train", i as u64, s, Some(c));
+            scenes.push("train", i as u64, s, Some(c), *close);
         }
         write(&root.join("train/captions.tsv"), tsv.as_bytes())?;
         // Held-out base scenes: 1-3 objects (2-3 for the object tasks).
@@ -815,7 +890,7 @@ impl Stage for Synth {
                     format!("coco/val2017/{:012}.jpg", h.id)
                 };
                 write(&root.join(rel), &img?)?;
-                scenes.push(name, h.id, &h.scene, None);
+                scenes.push(name, h.id, &h.scene, None, false);
             }
             let text =
                 serde_json::to_string_pretty(&json).map_err(|e| Error::Internal(e.to_string()))?;
@@ -858,6 +933,7 @@ struct SceneRows {
     bg: StringBuilder,
     n: UInt32Builder,
     caption: StringBuilder,
+    closeup: BooleanBuilder,
     o_split: StringBuilder,
     o_id: UInt64Builder,
     o_idx: UInt32Builder,
@@ -871,12 +947,13 @@ struct SceneRows {
 }
 
 impl SceneRows {
-    fn push(&mut self, split: &str, id: u64, s: &Scene, caption: Option<&String>) {
+    fn push(&mut self, split: &str, id: u64, s: &Scene, caption: Option<&String>, closeup: bool) {
         self.split.append_value(split);
         self.id.append_value(id);
         self.bg.append_value(BACKGROUNDS[s.background].0);
         self.n.append_value(s.objects.len() as u32);
         self.caption.append_option(caption);
+        self.closeup.append_value(closeup);
         for (i, o) in s.objects.iter().enumerate() {
             self.o_split.append_value(split);
             self.o_id.append_value(id);
@@ -900,6 +977,7 @@ impl SceneRows {
                 Arc::new(self.bg.finish()),
                 Arc::new(self.n.finish()),
                 Arc::new(self.caption.finish()),
+                Arc::new(self.closeup.finish()),
             ],
         )?;
         let objects = RecordBatch::try_new(

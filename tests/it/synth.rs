@@ -140,6 +140,7 @@ fn bad_synth_params_are_manifest_errors() {
         ),
         ("image_size = 16", "params.image_size"),
         ("max_objects = 5", "params.max_objects"),
+        ("closeups = 1.5", "params.closeups"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let m = Manifest::new("bad")
@@ -162,18 +163,21 @@ fn reduced_demo_runs_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let m = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/demo.toml");
     let run = tmp.path().join("run");
-    let r = genecis(&[
-        "run",
-        m.to_str().unwrap(),
-        "-q",
-        "--workdir",
-        run.to_str().unwrap(),
-        "--set",
-        "world.train_scenes=300",
-        "--set",
-        "world.heldout_scenes=40",
-        "--set",
-        "world.templates_per_task=10",
+    // The reduced world, plus `extra` args.
+    let demo = |extra: &[&str]| {
+        let mut args = vec!["run", m.to_str().unwrap(), "-q", "--workdir"];
+        args.push(run.to_str().unwrap());
+        for s in [
+            "world.train_scenes=300",
+            "world.heldout_scenes=40",
+            "world.templates_per_task=10",
+        ] {
+            args.extend(["--set", s]);
+        }
+        args.extend(extra);
+        genecis(&args)
+    };
+    demo(&[
         "--set",
         "triplets.num_samples=2000",
         "--set",
@@ -182,8 +186,8 @@ fn reduced_demo_runs_end_to_end() {
         "train.epochs=2",
         "--set",
         "train.batch_size=64",
-    ]);
-    r.ok();
+    ])
+    .ok();
     let res = sql_csv(&run, "SELECT count(*) FROM results WHERE task <> 'average'");
     assert_eq!(res[1], "16", "4 tasks x 4 methods");
     let pm = sql_csv(
@@ -195,8 +199,24 @@ fn reduced_demo_runs_end_to_end() {
     let clip = run.join("clip/clip.pt");
     let text = python(&format!(
         "import sys, torch; sys.path.insert(0, 'scripts'); from fixture_models import load_clip_module\n\
-         m = load_clip_module('model').build_model(torch.load('{}', weights_only=True)); print('built', m.visual.output_dim, m.context_length)",
+         m = load_clip_module('model').build_model(torch.load('{}', weights_only=True)); print('built', m.visual.output_dim, m.context_length, type(m.visual).__name__)",
         clip.display()
     ));
-    assert!(text.contains("built 64 32"), "{text}");
+    assert!(text.contains("built 64 32 ModifiedResNet"), "{text}");
+    // The ViT tower too.
+    demo(&[
+        "--only",
+        "clip",
+        "--set",
+        "clip.epochs=1",
+        "--set",
+        "clip.vision=vit",
+    ])
+    .ok();
+    let text = python(&format!(
+        "import sys, torch; sys.path.insert(0, 'scripts'); from fixture_models import load_clip_module\n\
+         m = load_clip_module('model').build_model(torch.load('{}', weights_only=True)); print('built', type(m.visual).__name__, m.visual.output_dim)",
+        clip.display()
+    ));
+    assert!(text.contains("built VisionTransformer 64"), "{text}");
 }
