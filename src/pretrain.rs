@@ -308,7 +308,7 @@ pub struct Pretrain;
 
 impl Stage for Pretrain {
     const KIND: &'static str = "pretrain";
-    const VERSION: &'static str = "1";
+    const VERSION: &'static str = "2";
     const ABOUT: &'static str =
         "captions (with images) -> a tiny CLIP trained contrastively (clip.pt, OpenAI's layout): pretrain_metrics, weights";
     type Params = PretrainParams;

@@ -727,7 +727,7 @@ pub const TASK_FILES: [&str; 4] = [
 
 impl Stage for Synth {
     const KIND: &'static str = "synth";
-    const VERSION: &'static str = "1";
+    const VERSION: &'static str = "2";
     const ABOUT: &'static str =
         "a seeded world of shapes -> a CC3M-style captions TSV + images, the four GeneCIS template files + images, sources";
     type Params = SynthParams;
