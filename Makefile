@@ -11,10 +11,12 @@ setup:
 build: setup
 	cargo build
 
+# Release: the world's rendering and the pretraining are several times
+# slower in a debug build.
 demo: setup
-	cargo run --quiet -- run pipelines/demo.toml
+	cargo run --release --quiet -- run pipelines/demo.toml
 	@echo "Recall (%) by task and method; chance at R@1 is 1/15 = 6.7%:"
-	cargo run --quiet -- sql pipelines/demo.toml --file sql/examples/demo_results.sql
+	cargo run --release --quiet -- sql pipelines/demo.toml --file sql/examples/demo_results.sql
 	@echo "Report: pipelines/runs/demo/score/report.html (and report.md)"
 
 test: setup

@@ -67,6 +67,18 @@ pub struct PretrainParams {
     pub embed_dim: i64,
     #[serde(default = "d_ctx")]
     pub context_length: i64,
+    /// Share of the training pairs drawn into hard-negative groups each
+    /// epoch: `hard_group` nearest neighbours in the current model's
+    /// `hard_space` embedding ("image" or "text") sit in one batch, so the
+    /// towers must separate look-alikes that random batches almost never
+    /// pit against each other (in the demo world: shape, once colour and
+    /// background are learned). 0 keeps plain random batches.
+    #[serde(default)]
+    pub hard_batches: f64,
+    #[serde(default = "d_hard_group")]
+    pub hard_group: usize,
+    #[serde(default = "d_hard_space")]
+    pub hard_space: String,
     #[serde(default = "auto")]
     pub device: String,
 }
@@ -103,6 +115,12 @@ fn d_layers() -> i64 {
 }
 fn d_ctx() -> i64 {
     32
+}
+fn d_hard_group() -> usize {
+    8
+}
+fn d_hard_space() -> String {
+    "image".into()
 }
 fn auto() -> String {
     "auto".into()
@@ -286,10 +304,24 @@ fn init_resnet(p: &PretrainParams, device: Device, w: &mut HashMap<String, Tenso
 }
 
 /// Symmetric InfoNCE over a batch: (loss, image->text acc, text->image acc).
-fn clip_loss(img: &Tensor, txt: &Tensor, logit_scale: &Tensor) -> (Tensor, f64, f64) {
+/// Pairs whose captions tokenise identically are not negatives of each
+/// other: their logits are masked out.
+fn clip_loss(
+    img: &Tensor,
+    txt: &Tensor,
+    tokens: &Tensor,
+    logit_scale: &Tensor,
+) -> (Tensor, f64, f64) {
     let i = crate::model::combiner::l2_normalize(img);
     let t = crate::model::combiner::l2_normalize(txt);
-    let logits = i.matmul(&t.tr()) * logit_scale.exp().clamp_max(100.0);
+    let n = tokens.size()[0];
+    let same = tokens
+        .unsqueeze(1)
+        .eq_tensor(&tokens.unsqueeze(0))
+        .all_dims(&[-1i64][..], false)
+        .logical_and(&Tensor::eye(n, (Kind::Bool, tokens.device())).logical_not());
+    let logits = (i.matmul(&t.tr()) * logit_scale.exp().clamp_max(100.0))
+        .masked_fill(&same, f64::NEG_INFINITY);
     let labels = Tensor::arange(logits.size()[0], (Kind::Int64, logits.device()));
     let ce = |l: &Tensor| l.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0);
     let loss = (ce(&logits) + ce(&logits.tr())) / 2.0;
@@ -304,11 +336,67 @@ fn clip_loss(img: &Tensor, txt: &Tensor, logit_scale: &Tensor) -> (Tensor, f64, 
     (loss, a1, a2)
 }
 
+/// An epoch's order of the training pairs: a `share` of them, taken in
+/// random anchor order, each with its `group - 1` nearest unassigned
+/// neighbours in `emb` (rows L2-normalised), kept together as groups; the
+/// rest as single pairs; groups and singles then shuffled as units, so a
+/// batch holds a few neighbourhoods and random pairs around them.
+fn hard_order(emb: &Tensor, share: f64, group: usize) -> Result<Tensor> {
+    let n = emb.size()[0];
+    let device = emb.device();
+    let anchors = Vec::<i64>::try_from(Tensor::randperm(n, (Kind::Int64, device)))?;
+    let mut taken = vec![false; n as usize];
+    let mut free = Tensor::zeros([n], (Kind::Float, device));
+    let mut units: Vec<Vec<i64>> = Vec::new();
+    let mut grouped = 0usize;
+    let target = (share * n as f64).round() as usize;
+    for &a in &anchors {
+        if grouped >= target {
+            break;
+        }
+        if taken[a as usize] {
+            continue;
+        }
+        let left = n as usize - grouped;
+        let k = group.min(left).min(target - grouped).max(1) as i64;
+        let sims = emb.mv(&emb.get(a)) + &free;
+        let (_, top) = sims.topk(k, 0, true, true);
+        let mut members = vec![a];
+        for i in Vec::<i64>::try_from(top)? {
+            if i != a && members.len() < k as usize && !taken[i as usize] {
+                members.push(i);
+            }
+        }
+        for &i in &members {
+            taken[i as usize] = true;
+        }
+        let idx = Tensor::from_slice(&members).to_device(device);
+        free = free.index_fill(0, &idx, f64::NEG_INFINITY);
+        grouped += members.len();
+        units.push(members);
+    }
+    units.extend(
+        anchors
+            .iter()
+            .filter(|&&i| !taken[i as usize])
+            .map(|&i| vec![i]),
+    );
+    let order = Vec::<i64>::try_from(Tensor::randperm(
+        units.len() as i64,
+        (Kind::Int64, Device::Cpu),
+    ))?;
+    let flat: Vec<i64> = order
+        .iter()
+        .flat_map(|&u| units[u as usize].iter().copied())
+        .collect();
+    Ok(Tensor::from_slice(&flat).to_device(device))
+}
+
 pub struct Pretrain;
 
 impl Stage for Pretrain {
     const KIND: &'static str = "pretrain";
-    const VERSION: &'static str = "2";
+    const VERSION: &'static str = "3";
     const ABOUT: &'static str =
         "captions (with images) -> a tiny CLIP trained contrastively (clip.pt, OpenAI's layout): pretrain_metrics, weights";
     type Params = PretrainParams;
@@ -364,6 +452,27 @@ impl Stage for Pretrain {
             out.push((
                 "warmup".into(),
                 "must be a share of the steps in [0, 1)".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&p.hard_batches) || p.hard_group < 2 {
+            out.push((
+                "hard_batches".into(),
+                "a share in [0, 1], with hard_group >= 2".into(),
+            ));
+        }
+        if p.hard_batches > 0.0 && p.hard_group > p.batch_size {
+            out.push((
+                "hard_group".into(),
+                format!(
+                    "{} > batch_size {}: a group must fit in one batch",
+                    p.hard_group, p.batch_size
+                ),
+            ));
+        }
+        if p.hard_space != "image" && p.hard_space != "text" {
+            out.push((
+                "hard_space".into(),
+                format!("{:?}: use \"image\" or \"text\"", p.hard_space),
             ));
         }
         if p.context_length < 3 || p.context_length > 77 {
@@ -461,7 +570,26 @@ impl Stage for Pretrain {
         let total = (p.epochs * steps) as f64;
         for epoch in 0..p.epochs {
             tch::manual_seed((p.seed + 1 + epoch as u64) as i64);
-            let perm = Tensor::randperm(n_train as i64, (Kind::Int64, device));
+            let perm = if p.hard_batches > 0.0 {
+                clip.set_training(false);
+                let emb = tch::no_grad(|| -> Result<Tensor> {
+                    let mut parts = Vec::new();
+                    for lo in (0..n_train).step_by(256) {
+                        let len = 256.min(n_train - lo) as i64;
+                        parts.push(if p.hard_space == "text" {
+                            clip.encode_text(&tokens.narrow(0, lo as i64, len))?
+                        } else {
+                            clip.encode_image(&images.narrow(0, lo as i64, len))?
+                        });
+                    }
+                    Ok(crate::model::combiner::l2_normalize(&Tensor::cat(
+                        &parts, 0,
+                    )))
+                })?;
+                hard_order(&emb, p.hard_batches, p.hard_group)?
+            } else {
+                Tensor::randperm(n_train as i64, (Kind::Int64, device))
+            };
             clip.set_training(true);
             let (mut sum, mut a_i, mut a_t, mut seen) = (0.0, 0.0, 0.0, 0.0);
             let mut lr = p.lr;
@@ -472,9 +600,11 @@ impl Stage for Pretrain {
                     continue;
                 }
                 let idx = perm.narrow(0, lo, len);
+                let tok = tokens.index_select(0, &idx);
                 let (loss, ai, at) = clip_loss(
                     &clip.encode_image(&images.index_select(0, &idx))?,
-                    &clip.encode_text(&tokens.index_select(0, &idx))?,
+                    &clip.encode_text(&tok)?,
+                    &tok,
                     &scale,
                 );
                 let lv = loss.double_value(&[]);
@@ -521,9 +651,11 @@ impl Stage for Pretrain {
                     let len = p.batch_size.min(n - lo);
                     let idx =
                         Tensor::arange_start(lo as i64, (lo + len) as i64, (Kind::Int64, device));
+                    let tok = tokens.index_select(0, &idx);
                     let (loss, ai, at) = clip_loss(
                         &clip.encode_image(&images.index_select(0, &idx))?,
-                        &clip.encode_text(&tokens.index_select(0, &idx))?,
+                        &clip.encode_text(&tok)?,
+                        &tok,
                         &scale,
                     );
                     let b = len as f64;
@@ -582,5 +714,67 @@ impl Stage for Pretrain {
             ("pretrain_metrics", crate::train::metrics_batch(&rows)?),
             ("weights", weights),
         ]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Four tight clusters of four points: with share 1 and groups of 4,
+    /// every group is one cluster, and the order is a permutation.
+    #[test]
+    fn hard_order_groups_nearest_neighbours() {
+        tch::manual_seed(3);
+        let centres = Tensor::eye(4, (Kind::Float, Device::Cpu));
+        let emb = centres.repeat_interleave_self_int(4, 0, None)
+            + Tensor::randn([16, 4], (Kind::Float, Device::Cpu)) * 0.01;
+        let emb = crate::model::combiner::l2_normalize(&emb);
+        let order = Vec::<i64>::try_from(hard_order(&emb, 1.0, 4).unwrap()).unwrap();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..16).collect::<Vec<_>>());
+        for g in order.chunks(4) {
+            assert!(
+                g.iter().all(|&i| i / 4 == g[0] / 4),
+                "group {g:?} mixes clusters"
+            );
+        }
+        // Share 0: single pairs only, still a permutation.
+        let mut plain = Vec::<i64>::try_from(hard_order(&emb, 0.0, 4).unwrap()).unwrap();
+        plain.sort();
+        assert_eq!(plain, (0..16).collect::<Vec<_>>());
+    }
+
+    /// Pairs 1 and 2 share a caption: their cross logits are masked, the
+    /// rest of the batch is the plain symmetric InfoNCE.
+    #[test]
+    fn identical_captions_are_not_negatives() {
+        tch::manual_seed(1);
+        let opts = (Kind::Float, Device::Cpu);
+        let img = Tensor::randn([3, 8], opts);
+        let txt = Tensor::randn([3, 8], opts);
+        let scale = Tensor::from(1.0f32);
+        let tokens = Tensor::from_slice(&[1i64, 2, 2]).unsqueeze(1);
+        let (loss, _, _) = clip_loss(&img, &txt, &tokens, &scale);
+        let l2 = crate::model::combiner::l2_normalize;
+        let mask =
+            Tensor::from_slice(&[false, false, false, false, false, true, false, true, false])
+                .view([3, 3]);
+        let logits =
+            (l2(&img).matmul(&l2(&txt).tr()) * 1f64.exp()).masked_fill(&mask, f64::NEG_INFINITY);
+        let labels = Tensor::from_slice(&[0i64, 1, 2]);
+        let ce =
+            |l: &Tensor| l.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0);
+        let want = ((ce(&logits) + ce(&logits.tr())) / 2.0).double_value(&[]);
+        let unmasked = {
+            let l = l2(&img).matmul(&l2(&txt).tr()) * 1f64.exp();
+            ((ce(&l) + ce(&l.tr())) / 2.0).double_value(&[])
+        };
+        assert!((loss.double_value(&[]) - want).abs() < 1e-6);
+        assert!(
+            (want - unmasked).abs() > 1e-4,
+            "the mask must change the loss"
+        );
     }
 }

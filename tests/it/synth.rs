@@ -156,6 +156,36 @@ fn bad_synth_params_are_manifest_errors() {
     }
 }
 
+#[test]
+fn bad_pretrain_params_are_manifest_errors() {
+    let m = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/demo.toml");
+    for (sets, field) in [
+        (
+            &["clip.hard_batches=0.5", "clip.hard_group=65"][..],
+            "params.hard_group",
+        ),
+        (&["clip.hard_space=\"pixels\""][..], "params.hard_space"),
+        (&["clip.hard_batches=1.5"][..], "params.hard_batches"),
+        (&["clip.warmup=1.0"][..], "params.warmup"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        let mut args = vec![
+            "run",
+            m.to_str().unwrap(),
+            "--workdir",
+            run.to_str().unwrap(),
+        ];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let r = genecis(&args);
+        assert_eq!(r.code, 2, "{sets:?}: {}", r.stderr);
+        assert!(r.stderr.contains(field), "{sets:?}: {}", r.stderr);
+        assert!(!run.exists(), "{sets:?}: nothing written");
+    }
+}
+
 /// The demo's stages end to end on a small world: every stage runs the
 /// same code as on real data, and score compares four methods on four tasks.
 #[test]
@@ -203,7 +233,7 @@ fn reduced_demo_runs_end_to_end() {
         clip.display()
     ));
     assert!(text.contains("built 64 32 ModifiedResNet"), "{text}");
-    // The ViT tower too.
+    // The ViT tower too, with hard-negative batches mined in text space.
     demo(&[
         "--only",
         "clip",
@@ -211,6 +241,10 @@ fn reduced_demo_runs_end_to_end() {
         "clip.epochs=1",
         "--set",
         "clip.vision=vit",
+        "--set",
+        "clip.hard_batches=0.5",
+        "--set",
+        "clip.hard_space=text",
     ])
     .ok();
     let text = python(&format!(
