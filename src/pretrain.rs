@@ -336,6 +336,23 @@ fn clip_loss(
     (loss, a1, a2)
 }
 
+/// `clip_loss` over the pairs at `idx`.
+fn pairs_loss(
+    clip: &Clip,
+    images: &Tensor,
+    tokens: &Tensor,
+    idx: &Tensor,
+    scale: &Tensor,
+) -> Result<(Tensor, f64, f64)> {
+    let tok = tokens.index_select(0, idx);
+    Ok(clip_loss(
+        &clip.encode_image(&images.index_select(0, idx))?,
+        &clip.encode_text(&tok)?,
+        &tok,
+        scale,
+    ))
+}
+
 /// An epoch's order of the training pairs: a `share` of them, taken in
 /// random anchor order, each with its `group - 1` nearest unassigned
 /// neighbours in `emb` (rows L2-normalised), kept together as groups; the
@@ -600,13 +617,7 @@ impl Stage for Pretrain {
                     continue;
                 }
                 let idx = perm.narrow(0, lo, len);
-                let tok = tokens.index_select(0, &idx);
-                let (loss, ai, at) = clip_loss(
-                    &clip.encode_image(&images.index_select(0, &idx))?,
-                    &clip.encode_text(&tok)?,
-                    &tok,
-                    &scale,
-                );
+                let (loss, ai, at) = pairs_loss(&clip, &images, &tokens, &idx, &scale)?;
                 let lv = loss.double_value(&[]);
                 if !lv.is_finite() {
                     return Err(Error::Data(format!(
@@ -651,13 +662,7 @@ impl Stage for Pretrain {
                     let len = p.batch_size.min(n - lo);
                     let idx =
                         Tensor::arange_start(lo as i64, (lo + len) as i64, (Kind::Int64, device));
-                    let tok = tokens.index_select(0, &idx);
-                    let (loss, ai, at) = clip_loss(
-                        &clip.encode_image(&images.index_select(0, &idx))?,
-                        &clip.encode_text(&tok)?,
-                        &tok,
-                        &scale,
-                    );
+                    let (loss, ai, at) = pairs_loss(&clip, &images, &tokens, &idx, &scale)?;
                     let b = len as f64;
                     vs += loss.double_value(&[]) * b;
                     vi += ai * b;
