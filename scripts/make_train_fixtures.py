@@ -68,6 +68,38 @@ for name, cfg in CONFIGS.items():
     torch.save(model.state_dict(), f"{out}/{name}_final.pt")
     torch.save(comb.state_dict(), f"{out}/{name}_combiner_final.pt")
 
+# The optimizer's arithmetic alone, on gradients given to both sides (no
+# forward or backward, so nothing but elementwise rounding differs): per
+# step, clip_grad_norm_ on a subset, then AdamW. lr * wd is large so a
+# missing weight decay shows; the gradients' scale changes from step to step
+# so the clipping coefficient changes and a clip in the wrong place shows;
+# some gradient elements are exactly zero and "skipped" has no gradient at
+# step 1, which PyTorch skips.
+OPT_LR, OPT_WD, OPT_STEPS, OPT_SCALES = 1e-3, 0.1, 4, (1.0, 20.0, 0.05, 3.0)
+g = torch.Generator().manual_seed(12)
+params = {
+    "w": torch.nn.Parameter(0.5 * torch.randn(64, 32, generator=g)),
+    "b": torch.nn.Parameter(torch.randn(32, generator=g)),
+    "ln": torch.nn.Parameter(1.0 + 0.1 * torch.randn(32, generator=g)),
+    "skipped": torch.nn.Parameter(torch.randn(16, generator=g)),
+}
+opt_out = {f"init.{k}": p.detach().clone() for k, p in params.items()}
+opt = torch.optim.AdamW(list(params.values()), lr=OPT_LR, weight_decay=OPT_WD, eps=EPS)
+for step, scale in enumerate(OPT_SCALES[:OPT_STEPS]):
+    for k, p in params.items():
+        if k == "skipped" and step == 0:
+            p.grad = None
+            continue
+        grad = scale * torch.randn(p.shape, generator=g)
+        grad[..., :3] = 0.0
+        p.grad = grad
+        opt_out[f"grad{step}.{k}"] = grad.clone()
+    torch.nn.utils.clip_grad_norm_([params["w"], params["b"]], 1.0)
+    opt.step()
+opt_out.update({f"final.{k}": p.detach().clone() for k, p in params.items()})
+opt_out["hyper"] = torch.tensor([OPT_LR, OPT_WD, EPS, OPT_STEPS], dtype=torch.float64)
+torch.save(opt_out, f"{out}/optimizer.pt")
+
 # Combiner initialisation: the draws of torch.manual_seed(5); Combiner(...).
 torch.manual_seed(5)
 torch.save(Combiner(32, proj=64, hidden=128).state_dict(), f"{out}/combiner_seed5.pt")

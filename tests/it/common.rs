@@ -229,3 +229,28 @@ pub fn python(code: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// float32's machine epsilon (2^-23): the unit every derived tolerance is
+/// counted in.
+pub const EPS32: f64 = f32::EPSILON as f64;
+
+/// Tolerance, relative to the reference's largest magnitude, for a float32
+/// forward pass whose longest dot product has `k` terms and which chains
+/// `depth` such products. Each dot product is off by at most
+/// gamma_k = k eps / (1 - k eps) of its terms' size (Higham, Accuracy and
+/// Stability, 3.1), whatever order a CPU's GEMM kernel sums in; layer norms
+/// bring activations back to one scale, so the layers' errors add. A real
+/// bug (a wrong activation, a missing scale, a transposed weight) changes
+/// outputs by far more than this.
+pub fn f32_forward_tolerance(k: usize, depth: usize) -> f64 {
+    let g = k as f64 * EPS32;
+    depth as f64 * g / (1.0 - g)
+}
+
+/// Largest |a - b| over the largest |b|.
+pub fn relative_max_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    let (a, b) = (a.to_kind(tch::Kind::Double), b.to_kind(tch::Kind::Double));
+    let scale = b.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
+    (a - &b).abs().max().double_value(&[]) / scale
+}

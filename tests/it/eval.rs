@@ -9,7 +9,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float32Type, Float64Type, UInt32Type};
 use genecis::store::read_table;
 
-use crate::common::{genecis, sql_csv, write, Manifest};
+use crate::common::{f32_forward_tolerance, genecis, sql_csv, write, Manifest};
 use crate::model::fixtures;
 
 /// A small JPEG whose content depends on `seed` (gradients plus a hashed
@@ -784,8 +784,11 @@ fn embed_resumes_after_kill_minus_9_with_the_same_embeddings() {
 /// (scripts/make_eval_fixtures.py: torchvision preprocessing, the VAW crop,
 /// clip.tokenize, eval_functions.validate with the Combiner and
 /// FeatureComb) on a 224 px random CLIP, a `module.`-prefixed Combiner and
-/// real JPEGs (grayscale among them): the same target rank for every
-/// template and method, and every similarity within 1e-4.
+/// real JPEGs (grayscale among them): every similarity within float32's
+/// bound for the model, and the same target rank for every template and
+/// method. A rank may differ only where the measured similarity error
+/// explains it: ours and the original's order two candidates differently
+/// only if their similarities are within the two errors of each other.
 #[test]
 fn scores_match_the_original_evaluation() {
     use arrow::array::ListArray;
@@ -862,7 +865,11 @@ fn scores_match_the_original_evaluation() {
             );
         }
     }
-    let (mut n, mut worst) = (0, 0f64);
+    // The fixture's ViT: its patch conv sums 3 x 32 x 32 terms; 2 + 2 x 7
+    // products through the towers, 4 more in the Combiner. Similarities are
+    // cosines, at most 1 in size.
+    let tol = f32_forward_tolerance(3 * 32 * 32, 2 + 2 * 7 + 4);
+    let (mut n, mut worst, mut near_ties) = (0, 0f64, 0);
     let mut rank_diffs = Vec::new();
     for (task, rows) in refs.as_object().unwrap() {
         for r in rows.as_array().unwrap() {
@@ -884,7 +891,15 @@ fn scores_match_the_original_evaluation() {
             for (a, b) in sims.iter().zip(&want) {
                 worst = worst.max((*a as f64 - b).abs());
             }
-            if *rank as u64 != r["target_rank"].as_u64().unwrap() {
+            let err = sims
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0.0, f64::max);
+            let near_tie = want[1..].iter().any(|s| (s - want[0]).abs() <= 2.0 * err);
+            if near_tie {
+                near_ties += 1;
+            } else if *rank as u64 != r["target_rank"].as_u64().unwrap() {
                 rank_diffs.push(format!(
                     "{key:?}: ours {rank}, original {}",
                     r["target_rank"]
@@ -893,11 +908,12 @@ fn scores_match_the_original_evaluation() {
             n += 1;
         }
     }
-    eprintln!("evaluation parity: {n} (template, method) pairs, largest similarity difference {worst:.2e}");
+    eprintln!("evaluation parity: {n} (template, method) pairs, largest similarity difference {worst:.2e} (bound {tol:.1e}), {near_ties} near ties");
     assert_eq!(n, ours.len(), "we score templates the original does not");
     assert_eq!(n, 4 * 6 * 4);
     assert!(rank_diffs.is_empty(), "{}", rank_diffs.join("\n"));
-    assert!(worst < 1e-4, "similarities differ by up to {worst}");
+    assert!(worst <= tol, "similarities differ by up to {worst} (bound {tol})");
+    assert!(near_ties * 10 < n, "too many near ties ({near_ties}) to test ranks");
 }
 
 /// The original evaluates only templates whose gallery has the file's most

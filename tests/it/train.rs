@@ -13,10 +13,12 @@ use genecis::model::clip::Clip;
 use genecis::model::combiner::Combiner;
 use genecis::model::torch_pickle::read_state_dict;
 use genecis::model::StateDict;
-use genecis::train::optim::{AdamW, GradScaler};
+use genecis::train::optim::{clip_grad_norm, AdamW, GradScaler};
 use genecis::train::{train_step, Finetune, Optimizer, StepConfig};
 
-use crate::common::{bin, genecis, python, script_fixtures, sql_csv, write, Manifest};
+use crate::common::{
+    bin, f32_forward_tolerance, genecis, python, script_fixtures, sql_csv, write, Manifest, EPS32,
+};
 use crate::eval::small_world;
 use crate::model::fixtures;
 
@@ -67,8 +69,11 @@ fn parity(name: &str) {
     let images = batch["images"].shallow_clone();
     let tokens = batch["tokens"].to_kind(Kind::Int64);
     let losses = Vec::<f64>::try_from(&batch["losses"]).unwrap();
+    // The fixture script's LR.
+    let lr = 1e-4;
+    let tower = if name == "vit" { (4 * 64, 2 + 2 * 7) } else { (9 * 512, 3 + 4 * 3 + 4) };
     for (s, want) in losses.iter().enumerate() {
-        let m = train_step(&cfg, &mut opt, &comb, 1e-4, || {
+        let m = train_step(&cfg, &mut opt, &comb, lr, || {
             let f = clip.encode_image(&images)?;
             let p = f.chunk(3, 0);
             Ok((
@@ -78,27 +83,125 @@ fn parity(name: &str) {
             ))
         })
         .unwrap();
-        // float32 with lamda = 100 puts ~1e-6 relative noise on the loss.
+        // The loss is CE over lamda * cosines of towers' outputs; the towers
+        // carry float32 reordering error up to their forward bound (see
+        // model.rs), a cosine twice that, and CE is 2-Lipschitz in the
+        // logits' max norm.
         let got = m[0].1;
+        let tol = 2.0 * cfg.lamda * 2.0 * f32_forward_tolerance(tower.0, tower.1);
         assert!(
-            (got - want).abs() < 1e-5 * want.abs().max(1.0),
-            "{name} step {s}: loss {got} vs PyTorch {want}"
+            (got - want).abs() <= tol,
+            "{name} step {s}: loss {got} vs PyTorch {want} (bound {tol})"
         );
     }
     let want_clip = load(&fx.join(format!("{name}_final.pt")));
     let want_comb = load(&fx.join(format!("{name}_combiner_final.pt")));
-    let moved = max_diff(
-        &want_comb["combiner_layer.weight"],
-        &load(&fx.join(format!("{name}_combiner_init.pt")))["combiner_layer.weight"],
-    );
-    assert!(moved > 1e-4, "the steps moved the weights ({moved})");
-    for (k, w) in &want_clip {
-        let d = max_diff(&clip.weights().tensors[k], w);
-        assert!(d < 1e-5, "{name}: CLIP {k} differs by {d}");
+    let init_comb = load(&fx.join(format!("{name}_combiner_init.pt")));
+    // Weights, per tensor: the distance to PyTorch's against the size of
+    // a full Adam update of that tensor, lr per element and step
+    // (|m_hat / sqrt(v_hat)| is 1 at step 1). Not per element: Adam moves
+    // an element by about lr whatever its gradient's size, so an element
+    // whose gradient is within float noise of zero (attnpool's key bias has
+    // no true gradient at all) can step either way, by an amount that
+    // depends on the CPU's GEMM kernels (an absolute 1e-5 failed on an AMD
+    // EPYC). Such elements are a small share of a tensor, so over its norm
+    // they stay far below UPDATE_SHARE; a plumbing bug (a parameter not
+    // stepped, a wrong loss, a clip over the wrong set or none) moved some
+    // tensor by 0.1 to 0.4 of a full update when tried, float reordering
+    // by 1e-4 at most here. The optimizer's
+    // arithmetic itself is held to float32 rounding by
+    // `adamw_and_clipping_match_pytorch_to_float32_rounding`.
+    const UPDATE_SHARE: f64 = 0.02;
+    let full = |t: &Tensor| lr * losses.len() as f64 * (t.numel() as f64).sqrt();
+    let mut worst = (0.0, String::new());
+    for (ours, want, what) in [
+        (&clip.weights().tensors, &want_clip, "CLIP"),
+        (&comb.weights().tensors, &want_comb, "Combiner"),
+    ] {
+        for (k, w) in want {
+            let off = l2(&(&ours[k] - w));
+            if !w.is_floating_point() {
+                // BatchNorm's step counter.
+                assert_eq!(off, 0.0, "{name}: {what} {k} differs");
+            } else if off / full(w) > worst.0 {
+                worst = (off / full(w), format!("{what} {k}"));
+            }
+        }
     }
-    for (k, w) in &want_comb {
-        let d = max_diff(&comb.weights().tensors[k], w);
-        assert!(d < 1e-5, "{name}: Combiner {k} differs by {d}");
+    assert!(
+        worst.0 <= UPDATE_SHARE,
+        "{name}: {} is off PyTorch's by {:.3} of a full update",
+        worst.1,
+        worst.0
+    );
+    let moved = l2(&(&want_comb["combiner_layer.weight"] - &init_comb["combiner_layer.weight"]));
+    assert!(
+        moved > 0.5 * full(&want_comb["combiner_layer.weight"]),
+        "{name}: the steps moved the weights ({moved:.3e})"
+    );
+    eprintln!(
+        "{name}: weights off PyTorch's by at most {:.2e} of a full update ({})",
+        worst.0, worst.1
+    );
+}
+
+fn l2(t: &Tensor) -> f64 {
+    t.to_kind(Kind::Double).norm().double_value(&[])
+}
+
+/// The largest |m_hat / sqrt(v_hat)| Adam can take at step t (so its
+/// update is at most lr times this): by Cauchy-Schwarz on the moments'
+/// weights, (1 - b1) / (1 - b1^t) * sqrt((1 - b2^t) / (1 - b2)) *
+/// sqrt(sum_{j<t} (b1^2 / b2)^j). It is 1 at step 1.
+fn adam_ratio_bound(b1: f64, b2: f64, t: usize) -> f64 {
+    let s: f64 = (0..t).map(|j| (b1 * b1 / b2).powi(j as i32)).sum();
+    (1.0 - b1) / (1.0 - b1.powi(t as i32)) * ((1.0 - b2.powi(t as i32)) / (1.0 - b2)).sqrt() * s.sqrt()
+}
+
+/// AdamW and clip_grad_norm_ alone, on gradients PyTorch used, so nothing
+/// but elementwise rounding differs and the bound is derived. Per element
+/// and step: the decay and the final add round once each relative to |p|;
+/// the update (at most lr * adam_ratio_bound) carries the moments' rounding
+/// (lerp, mul + addcmul: 3 eps a step, kept from step to step), the
+/// denominator's and the division's (4 eps), and twice the clipping
+/// coefficient's relative error (ATen's cascade sum: log2 n + 4 eps).
+/// A wrong beta, a missing weight decay or a clip in the wrong place moves
+/// elements by orders of magnitude more.
+#[test]
+fn adamw_and_clipping_match_pytorch_to_float32_rounding() {
+    let fx = load(&train_fixtures().join("optimizer.pt"));
+    let hyper = Vec::<f64>::try_from(&fx["hyper"]).unwrap();
+    let (lr, wd, eps, steps) = (hyper[0], hyper[1], hyper[2], hyper[3] as usize);
+    let (b1, b2) = (0.9, 0.999);
+    let names = ["w", "b", "ln", "skipped"];
+    let params: Vec<(String, Tensor)> = names
+        .iter()
+        .map(|n| (n.to_string(), fx[&format!("init.{n}")].copy()))
+        .collect();
+    let clipped: i64 = params[..2].iter().map(|(_, p)| p.numel() as i64).sum();
+    let mut opt = AdamW::new((b1, b2), eps, wd);
+    for t in 0..steps {
+        let mut grads: Vec<Option<Tensor>> = names
+            .iter()
+            .map(|n| fx.get(&format!("grad{t}.{n}")).map(Tensor::copy))
+            .collect();
+        clip_grad_norm(&mut grads[..2], 1.0).unwrap();
+        opt.step(lr, &params, &grads).unwrap();
+    }
+    let coef = 2.0 * ((clipped as f64).log2().ceil() + 4.0);
+    let mut update_tol = 0.0;
+    for t in 1..=steps {
+        update_tol += lr * adam_ratio_bound(b1, b2, t) * EPS32 * (3.0 * t as f64 + 4.0 + coef);
+    }
+    for (n, p) in &params {
+        let want = fx[&format!("final.{n}")].to_kind(Kind::Double);
+        let tol = want.abs() * (2.0 * EPS32 * steps as f64) + update_tol;
+        let excess = ((p.to_kind(Kind::Double) - &want).abs() - &tol)
+            .max()
+            .double_value(&[]);
+        assert!(excess <= 0.0, "{n}: off PyTorch's by {excess:.3e} beyond the rounding bound");
+        let moved = l2(&(&want - fx[&format!("init.{n}")].to_kind(Kind::Double)));
+        assert!(moved > 100.0 * l2(&tol), "{n}: the steps moved it ({moved:.3e})");
     }
 }
 
