@@ -1,24 +1,17 @@
 //! genecis: the GeneCIS benchmark and training recipe as a pipeline of
 //! Arrow/Parquet stages. ARCHITECTURE.md says where everything is.
+//!
+//! Layers, each depending only on those below it:
+//! `cli` (commands) -> `stages` (the stage kinds and their registry) ->
+//! `tables`, `eval` (what more than one kind reads or computes) ->
+//! `framework` (manifest, plan, runner, store, SQL, the stage contract) and
+//! `model` (CLIP, the Combiner, optimisation on libtorch) -> `error`, `rng`.
 
-pub mod devtools;
-pub mod embed;
+pub mod cli;
 pub mod error;
-pub mod import_parses;
-pub mod ingest;
-pub mod manifest;
-pub mod mine;
+pub mod framework;
 pub mod model;
-pub mod parse;
-pub mod pretrain;
-pub mod progress;
-pub mod runner;
-pub mod score;
-pub mod sql;
-pub mod stage;
-pub mod store;
-pub mod synth;
-pub mod templates;
-pub mod train;
+pub mod rng;
+pub mod stages;
 
 pub use error::{Error, Result};

@@ -8,11 +8,11 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use genecis::devtools::{self, BenchCmd, ParseEvalArgs};
-use genecis::manifest::{Plan, SetOverride};
-use genecis::runner::{self, RunRequest};
-use genecis::sql::{self, OutputFormat};
-use genecis::stage::Shard;
+use genecis::cli::devtools::{self, BenchCmd, ParseEvalArgs};
+use genecis::framework::manifest::{Plan, SetOverride};
+use genecis::framework::runner::{self, RunRequest};
+use genecis::framework::sql::{self, OutputFormat};
+use genecis::framework::stage::Shard;
 
 #[derive(Parser)]
 #[command(
@@ -142,7 +142,12 @@ impl ManifestArgs {
             .iter()
             .map(|s| SetOverride::parse(s))
             .collect::<genecis::Result<Vec<_>>>()?;
-        Plan::load(&self.manifest, &sets, self.workdir.as_deref())
+        Plan::load(
+            &self.manifest,
+            &sets,
+            self.workdir.as_deref(),
+            &genecis::stages::KINDS,
+        )
     }
 }
 
@@ -167,7 +172,7 @@ impl Cmd {
             Cmd::Sql(a) => {
                 let workdir = match (a.target.is_file(), a.workdir) {
                     (true, Some(w)) => w,
-                    (true, None) => genecis::manifest::workdir_of(&a.target)?,
+                    (true, None) => genecis::framework::manifest::workdir_of(&a.target)?,
                     (false, _) => a.target,
                 };
                 let query = match (a.query, &a.file) {
@@ -255,11 +260,11 @@ fn dispatch(cmd: Command) -> Result<()> {
             format,
             out,
         } => sql::run_cli(&workdir, query.as_deref(), format, out.as_deref())?,
-        Command::Kinds => print!("{}", genecis::stage::describe_kinds()),
+        Command::Kinds => print!("{}", genecis::stages::KINDS.describe()),
         Command::Doctor => devtools::doctor()?,
         Command::ParseEval(a) => devtools::parse_eval(&a)?,
         Command::Bench(b) => devtools::bench(&b)?,
-        Command::Audit(t) => print!("{}", genecis::score::audit::audit_cli(&t)?),
+        Command::Audit(t) => print!("{}", genecis::stages::score::audit::audit_cli(&t)?),
     }
     Ok(())
 }

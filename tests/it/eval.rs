@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float32Type, Float64Type, UInt32Type};
-use genecis::store::read_table;
+use genecis::framework::store::read_table;
 
 use crate::common::{f32_forward_tolerance, genecis, sql_csv, write, Manifest};
 use crate::model::fixtures;

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float64Type, UInt32Type};
-use genecis::store::read_table;
+use genecis::framework::store::read_table;
 
 use crate::common::*;
 use crate::eval::{embeddings, jpeg, unit};

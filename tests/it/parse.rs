@@ -1,17 +1,17 @@
 //! The caption parser: reference scores, robustness, and the stage.
 
-use genecis::parse::SceneGraph;
+use genecis::stages::parse::SceneGraph;
 
 use crate::common::*;
 
 fn parse(caption: &str, strict: bool) -> SceneGraph {
-    genecis::parse::parse_captions(&[caption], strict)
+    genecis::stages::parse::parse_captions(&[caption], strict)
         .unwrap()
         .remove(0)
 }
 
 fn triples(caption: &str, strict: bool) -> Vec<(String, String, String)> {
-    genecis::parse::eval::heads_and_triples(&parse(caption, strict)).1
+    genecis::stages::parse::eval::heads_and_triples(&parse(caption, strict)).1
 }
 
 fn t(s: &str, r: &str, o: &str) -> (String, String, String) {
@@ -79,7 +79,7 @@ fn hostile_captions_never_panic() {
     let refs: Vec<&str> = caps.iter().map(String::as_str).collect();
     for (c, g) in caps
         .iter()
-        .zip(genecis::parse::parse_captions(&refs, true).unwrap())
+        .zip(genecis::stages::parse::parse_captions(&refs, true).unwrap())
     {
         assert_graph_ok(&g, c);
     }
@@ -134,7 +134,7 @@ fn random_captions(seed: u64, count: usize) -> Vec<String> {
 }
 
 /// Every relation points at entities of its graph.
-fn assert_graph_ok(g: &genecis::parse::SceneGraph, caption: &str) {
+fn assert_graph_ok(g: &genecis::stages::parse::SceneGraph, caption: &str) {
     for r in &g.relations {
         assert!(
             r.subject < g.entities.len() && r.object < g.entities.len(),
@@ -199,7 +199,7 @@ fn strict_v010_false_switches_on_the_later_fixes() {
 fn spacy_engine_matches_spacy_token_by_token() {
     let f =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spacy_parity.jsonl");
-    let p = genecis::parse::eval::spacy_parity(&f, 10).unwrap();
+    let p = genecis::stages::parse::eval::spacy_parity(&f, 10).unwrap();
     assert!(p.captions >= 40);
     assert_eq!(
         (p.tokens_differ, p.analysis_differs, p.graphs_differ),
@@ -219,14 +219,14 @@ fn spacy_engine_reproduces_the_reference() {
     ) else {
         return;
     };
-    let g = genecis::parse::eval::score_gold(&gold, true).unwrap();
+    let g = genecis::stages::parse::eval::score_gold(&gold, true).unwrap();
     assert_eq!(
         (g.exact, g.entities_exact),
         (58, 58),
         "{}",
         g.misses.join("\n")
     );
-    let s = genecis::parse::eval::score_dev(&dev, true).unwrap();
+    let s = genecis::stages::parse::eval::score_dev(&dev, true).unwrap();
     eprintln!(
         "spacy engine, dev: relation F1 {:.4}, entity F1 {:.4}, identical captions {}/{}",
         s.relations.f1(),
@@ -265,7 +265,7 @@ fn spacy_engine_survives_hostile_captions() {
     caps.push(long);
     caps.extend(random_captions(0x9E3779B97F4A7C15, 300));
     let refs: Vec<&str> = caps.iter().map(String::as_str).collect();
-    let graphs = genecis::parse::spacy::parse_batch(&refs).unwrap();
+    let graphs = genecis::stages::parse::spacy::parse_batch(&refs).unwrap();
     assert_eq!(graphs.len(), caps.len());
     for (c, g) in caps.iter().zip(&graphs) {
         assert_graph_ok(g, c);
@@ -283,10 +283,10 @@ fn spacy_engine_batching_does_not_change_results() {
         "",
         "two dogs and a cat sleeping on the sofa",
     ];
-    let together = genecis::parse::spacy::parse_batch(&caps).unwrap();
+    let together = genecis::stages::parse::spacy::parse_batch(&caps).unwrap();
     for (c, g) in caps.iter().zip(&together) {
         assert_eq!(
-            &genecis::parse::spacy::parse_batch(&[c]).unwrap()[0],
+            &genecis::stages::parse::spacy::parse_batch(&[c]).unwrap()[0],
             g,
             "{c}"
         );
@@ -346,9 +346,9 @@ fn spacy_engine_later_upstream_fixes() {
         "a table with cups , plates and bowls",
         "a cat is next to a dog",
     ];
-    let strict = genecis::parse::spacy::parse_batch_with(&caps, true).unwrap();
-    let loose = genecis::parse::spacy::parse_batch_with(&caps, false).unwrap();
-    let trip = |g: &genecis::parse::SceneGraph| genecis::parse::eval::heads_and_triples(g).1;
+    let strict = genecis::stages::parse::spacy::parse_batch_with(&caps, true).unwrap();
+    let loose = genecis::stages::parse::spacy::parse_batch_with(&caps, false).unwrap();
+    let trip = |g: &genecis::stages::parse::SceneGraph| genecis::stages::parse::eval::heads_and_triples(g).1;
     // Copula + PP, and a phrasal preposition after a verb: nothing in 0.1.0.
     assert!(trip(&strict[0]).is_empty() && trip(&strict[1]).is_empty());
     assert_eq!(trip(&loose[0]), vec![t("dog", "on", "bed")]);

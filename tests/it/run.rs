@@ -192,7 +192,7 @@ fn a_second_run_on_the_same_workdir_is_refused() {
     synthetic_tsv(&dir.path().join("data.tsv"), 10);
     let m = ingest_manifest(dir.path(), "data.tsv", "");
     let workdir = dir.path().join("run");
-    let _held = genecis::store::WorkdirLock::acquire(&workdir, None).unwrap();
+    let _held = genecis::framework::store::WorkdirLock::acquire(&workdir, None).unwrap();
     let r = genecis(&["run", m.to_str().unwrap()]);
     assert_eq!(r.code, 1);
     assert!(

@@ -13,8 +13,8 @@ use genecis::model::clip::Clip;
 use genecis::model::combiner::Combiner;
 use genecis::model::torch_pickle::read_state_dict;
 use genecis::model::StateDict;
-use genecis::train::optim::{clip_grad_norm, AdamW, GradScaler};
-use genecis::train::{train_step, Finetune, Optimizer, StepConfig};
+use genecis::stages::train::optim::{clip_grad_norm, AdamW, GradScaler};
+use genecis::stages::train::{train_step, Finetune, Optimizer, StepConfig};
 
 use crate::common::{
     bin, f32_forward_tolerance, genecis, python, script_fixtures, sql_csv, write, Manifest, EPS32,

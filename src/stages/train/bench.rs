@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::data::{self, ImageCache, Rng};
+use super::data::{self, ImageCache};
+use crate::rng::Rng;
 use super::optim::{AdamW, GradScaler};
 use super::{peak_rss_mib, train_step, Finetune, Optimizer, StepConfig};
 use crate::error::{Error, Result};

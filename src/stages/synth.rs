@@ -32,8 +32,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
-use crate::train::data::Rng;
+use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
+use crate::rng::Rng;
 
 pub static SOURCES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -715,7 +715,7 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// The `path` of `role` in a `sources` table, resolved against its stage
 /// folder.
 pub fn source(dir: &Path, role: &str) -> Result<Option<PathBuf>> {
-    crate::store::role_file(dir, role, "path")
+    crate::framework::store::role_file(dir, role, "path")
 }
 
 pub const TASK_FILES: [&str; 4] = [

@@ -39,8 +39,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::ingest::REJECTS_SCHEMA;
-use crate::stage::{
+use crate::stages::ingest::REJECTS_SCHEMA;
+use crate::framework::stage::{
     resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
 
@@ -350,7 +350,7 @@ fn with_sources(p: &TemplatesParams, ctx: &StageContext) -> Result<TemplatesPara
     let Some(d) = ctx.optional_input("sources") else {
         return Ok(p);
     };
-    let get = |role: &str| crate::synth::source(d, role);
+    let get = |role: &str| crate::stages::synth::source(d, role);
     for (slot, role) in [
         (&mut p.focus_attribute, "focus_attribute"),
         (&mut p.change_attribute, "change_attribute"),
@@ -734,7 +734,7 @@ fn count_jpgs(dir: &Path) -> usize {
 }
 
 fn thousands(n: usize) -> String {
-    crate::progress::thousands(n as u64)
+    crate::framework::progress::thousands(n as u64)
 }
 
 /// What `genecis check` verifies for the benchmark data: each file parses

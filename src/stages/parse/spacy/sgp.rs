@@ -4,7 +4,7 @@
 
 use super::doc::Doc;
 use super::model::Model;
-use crate::parse::{Entity, Relation, SceneGraph};
+use crate::stages::parse::{Entity, Relation, SceneGraph};
 
 /// spaCy's English noun_chunks iterator: (start, end, root).
 pub fn noun_chunks(d: &Doc) -> Vec<(usize, usize, usize)> {

@@ -19,9 +19,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ingest::REJECTS_SCHEMA;
-use crate::parse::{GraphRows, ENTITIES_SCHEMA, RELATIONS_SCHEMA};
-use crate::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
+use crate::stages::ingest::REJECTS_SCHEMA;
+use crate::stages::parse::{GraphRows, ENTITIES_SCHEMA, RELATIONS_SCHEMA};
+use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,7 +92,7 @@ impl Stage for ImportParses {
     }
 
     fn files(p: &ImportParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
-        vec![("path", crate::stage::resolve_path(base, &p.path))]
+        vec![("path", crate::framework::stage::resolve_path(base, &p.path))]
     }
 
     fn plan(p: &ImportParams, ctx: &StageContext) -> Result<Chunks<Parsed>> {

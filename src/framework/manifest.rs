@@ -9,8 +9,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::error::{Error, ManifestIssue, Result};
-use crate::stage::{self, resolve_path, BoundStage, StageKind};
-use crate::store::{FileStamp, InputStamp};
+use crate::framework::stage::{resolve_path, BoundStage, Registry, StageKind};
+use crate::framework::store::{FileStamp, InputStamp};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,7 +118,7 @@ impl PlannedStage {
             for t in &b.tables {
                 m.insert(
                     t.clone(),
-                    crate::store::stage_dir(workdir, &b.stage).join(t),
+                    crate::framework::store::stage_dir(workdir, &b.stage).join(t),
                 );
             }
         }
@@ -157,6 +157,7 @@ impl Plan {
         path: &Path,
         sets: &[SetOverride],
         workdir_override: Option<&Path>,
+        registry: &Registry,
     ) -> Result<Plan> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::ManifestRead {
             path: path.to_path_buf(),
@@ -262,9 +263,9 @@ impl Plan {
         for s in &raw.stages {
             let st = s.get_ref();
             let name = st.name.get_ref().as_str();
-            let kind = stage::lookup(st.kind.get_ref());
+            let kind = registry.lookup(st.kind.get_ref());
             if kind.is_none() {
-                let known: Vec<_> = stage::KINDS.iter().map(|k| k.kind()).collect();
+                let known = registry.names();
                 issue(
                     line_of(st.kind.span().start),
                     Some(name),

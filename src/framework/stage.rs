@@ -19,8 +19,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::progress::Progress;
-use crate::store::StageWriter;
+use crate::framework::progress::Progress;
+use crate::framework::store::StageWriter;
 
 /// The columns of a table: fixed, or with an embedding column whose width
 /// (the model's embedding width `d`) each run sets.
@@ -220,7 +220,7 @@ impl StageContext<'_> {
     /// Writes a side file (a report, a chart) that is committed with the
     /// tables into `<workdir>/<stage>/<name>`; returns where it will be.
     pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<PathBuf> {
-        crate::store::write_atomic(&self.work_dir.join(name), bytes)?;
+        crate::framework::store::write_atomic(&self.work_dir.join(name), bytes)?;
         Ok(self.committed_dir.join(name))
     }
 }
@@ -280,7 +280,7 @@ impl<W> Chunks<W> {
 }
 
 /// One stage kind. Adding a kind means one file implementing this, plus one
-/// line in [`KINDS`].
+/// line in the registry (`crate::stages::KINDS`).
 pub trait Stage: 'static {
     const KIND: &'static str;
     /// Bump when the code's output changes for the same params and inputs:
@@ -583,49 +583,45 @@ where
     }
 }
 
-/// Every stage kind, by its manifest name.
-pub static KINDS: &[&dyn StageKind] = &[
-    &Kind::<crate::synth::Synth>::new(),
-    &Kind::<crate::ingest::Ingest>::new(),
-    &Kind::<crate::parse::Parse>::new(),
-    &Kind::<crate::import_parses::ImportParses>::new(),
-    &Kind::<crate::mine::Mine>::new(),
-    &Kind::<crate::templates::Templates>::new(),
-    &Kind::<crate::embed::Embed>::new(),
-    &Kind::<crate::score::Score>::new(),
-    &Kind::<crate::pretrain::Pretrain>::new(),
-    &Kind::<crate::train::Train>::new(),
-];
+/// The stage kinds a plan can use, by manifest name. The framework is
+/// handed one (`crate::stages::KINDS`) and knows no kind by itself.
+pub struct Registry(pub &'static [&'static dyn StageKind]);
 
-pub fn lookup(kind: &str) -> Option<&'static dyn StageKind> {
-    KINDS.iter().copied().find(|k| k.kind() == kind)
-}
-
-/// `genecis kinds`: each kind, what it reads (`?` = optional) and writes.
-pub fn describe_kinds() -> String {
-    let mut out = String::new();
-    for k in KINDS {
-        out.push_str(&format!(
-            "{} (version {}{}): {}\n",
-            k.kind(),
-            k.version(),
-            if k.shardable() { ", shardable" } else { "" },
-            k.about()
-        ));
-        if !k.input_tables().is_empty() {
-            let reads: Vec<String> = k
-                .input_tables()
-                .iter()
-                .map(|t| match t.group {
-                    Some(g) => format!("{}? (one of: {g})", t.name),
-                    None => format!("{}{}", t.name, if t.optional { "?" } else { "" }),
-                })
-                .collect();
-            out.push_str(&format!("  reads: {}\n", reads.join(", ")));
-        }
-        for t in k.output_tables() {
-            out.push_str(&format!("  writes {}\n", t.describe()));
-        }
+impl Registry {
+    pub fn lookup(&self, kind: &str) -> Option<&'static dyn StageKind> {
+        self.0.iter().copied().find(|k| k.kind() == kind)
     }
-    out
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.0.iter().map(|k| k.kind()).collect()
+    }
+
+    /// `genecis kinds`: each kind, what it reads (`?` = optional) and writes.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for k in self.0 {
+            out.push_str(&format!(
+                "{} (version {}{}): {}\n",
+                k.kind(),
+                k.version(),
+                if k.shardable() { ", shardable" } else { "" },
+                k.about()
+            ));
+            if !k.input_tables().is_empty() {
+                let reads: Vec<String> = k
+                    .input_tables()
+                    .iter()
+                    .map(|t| match t.group {
+                        Some(g) => format!("{}? (one of: {g})", t.name),
+                        None => format!("{}{}", t.name, if t.optional { "?" } else { "" }),
+                    })
+                    .collect();
+                out.push_str(&format!("  reads: {}\n", reads.join(", ")));
+            }
+            for t in k.output_tables() {
+                out.push_str(&format!("  writes {}\n", t.describe()));
+            }
+        }
+        out
+    }
 }

@@ -44,10 +44,10 @@ use tch::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::model::combiner::Combiner;
 use crate::model::{select_device, StateDict};
-use crate::stage::{
+use crate::framework::stage::{
     resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
-use crate::templates::TASKS;
+use crate::stages::templates::TASKS;
 
 pub static SCORES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -217,7 +217,7 @@ pub(crate) fn read_embeddings(
     key_col: &str,
     model: Option<&str>,
 ) -> Result<(String, Embeddings), String> {
-    let batches = crate::store::read_table(dir).map_err(|e| e.to_string())?;
+    let batches = crate::framework::store::read_table(dir).map_err(|e| e.to_string())?;
     let mut models = std::collections::BTreeSet::new();
     for b in &batches {
         let m = b.column_by_name("model").ok_or("no model column")?;
@@ -325,7 +325,7 @@ fn read_galleries(dir: Option<&Path>) -> Result<HashMap<String, Vec<String>>, St
     let Some(dir) = dir else {
         return Ok(out);
     };
-    for b in crate::store::read_table(dir).map_err(|e| crate::error::report(&e))? {
+    for b in crate::framework::store::read_table(dir).map_err(|e| crate::error::report(&e))? {
         let set = b
             .column_by_name("gallery_set")
             .ok_or("galleries has no gallery_set")?;
@@ -368,7 +368,7 @@ fn read_templates(
             "{task} template {id} needs the {what} '{k}', which has no embedding: list the stage that makes this task's templates in the inputs of the embed stage feeding '{stage}'"
         )
     };
-    for b in crate::store::read_table(dir).map_err(|e| e.to_string())? {
+    for b in crate::framework::store::read_table(dir).map_err(|e| e.to_string())? {
         let col = |n: &str| {
             b.column_by_name(n)
                 .cloned()
@@ -610,8 +610,8 @@ impl Stage for Score {
 
     fn plan(_p: &ScoreParams, ctx: &StageContext) -> Result<Chunks<()>> {
         let mut n = 0;
-        for part in crate::store::part_files(ctx.input("templates")?)? {
-            n += crate::store::part_rows(&part)?;
+        for part in crate::framework::store::part_files(ctx.input("templates")?)? {
+            n += crate::framework::store::part_rows(&part)?;
         }
         Ok(Chunks::single((), n, "templates"))
     }
@@ -650,7 +650,7 @@ impl Stage for Score {
         }
         let device = select_device(&p.device).map_err(&fail)?;
         let trained = match ctx.optional_input("weights") {
-            Some(d) => crate::train::weights_file(d, "combiner")?,
+            Some(d) => crate::stages::train::weights_file(d, "combiner")?,
             None => None,
         };
         if p.combiner.is_some() && trained.is_some() {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::stage::Finding;
+use crate::framework::stage::Finding;
 
 /// MIT-States' test nouns, the original's fixed list of 49.
 pub const MIT_STATES_TEST_NOUNS: [&str; 49] = [

@@ -209,7 +209,7 @@ pub fn audit_cli(targets: &[std::path::PathBuf]) -> Result<String> {
     for t in targets {
         if t.extension().is_some_and(|e| e == "json") {
             let file =
-                crate::templates::read_template_file(t).map_err(crate::error::Error::Data)?;
+                crate::stages::templates::read_template_file(t).map_err(crate::error::Error::Data)?;
             let task = t
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -262,7 +262,7 @@ pub fn audit_cli(targets: &[std::path::PathBuf]) -> Result<String> {
             }
         } else {
             let workdir = if t.is_file() {
-                crate::manifest::workdir_of(t)?
+                crate::framework::manifest::workdir_of(t)?
             } else {
                 t.clone()
             };
@@ -276,9 +276,9 @@ pub fn audit_cli(targets: &[std::path::PathBuf]) -> Result<String> {
             for d in dirs {
                 found = true;
                 let mut rows = Vec::new();
-                for b in crate::store::read_table(&d.join("audit"))? {
+                for b in crate::framework::store::read_table(&d.join("audit"))? {
                     use arrow::array::AsArray;
-                    let col = |n: &str| crate::store::column(&b, n).cloned();
+                    let col = |n: &str| crate::framework::store::column(&b, n).cloned();
                     let (task, id, check, detail) = (
                         col("task")?,
                         col("template_id")?,

@@ -15,7 +15,7 @@ use super::audit::{self, AuditRow, KeyedTemplate};
 use super::html::{self, Card, ConditionRecall, Page};
 use super::{normalized, Embeddings, Method, Recall, TaskRows};
 use crate::error::{Error, Result};
-use crate::stage::StageContext;
+use crate::framework::stage::StageContext;
 
 pub static BY_CONDITION_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -52,7 +52,7 @@ impl<'a> Browse<'a> {
         for (k, &i) in &img.index {
             keys[i] = k.as_str();
         }
-        let col = |n: &str| crate::store::column(scores, n).cloned();
+        let col = |n: &str| crate::framework::store::column(scores, n).cloned();
         let task = col("task")?;
         let task = task.as_string::<i32>();
         let id = col("template_id")?;
@@ -225,7 +225,7 @@ impl<'a> Browse<'a> {
         combiner: &Option<PathBuf>,
     ) -> Result<PathBuf> {
         let key_rows = match ctx.optional_input("image_keys") {
-            Some(d) => crate::embed::read_image_keys(d)?
+            Some(d) => crate::stages::embed::read_image_keys(d)?
                 .into_iter()
                 .map(|k| (k.key.clone(), k))
                 .collect(),

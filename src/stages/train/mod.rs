@@ -36,7 +36,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
-use crate::embed::{read_image_keys, read_texts, KeyRow};
+use crate::stages::embed::{read_image_keys, read_texts, KeyRow};
 use crate::error::{Error, Result};
 use crate::model::clip::{Clip, Vision};
 use crate::model::combiner::{l2_normalize, Combiner, HIDDEN_DIM, PROJECTION_DIM};
@@ -44,11 +44,12 @@ use crate::model::preprocess::{load_rgb, to_tensor, ImageKey, Mode, Raster};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::torch_save;
 use crate::model::{select_device, with_precision, StateDict};
-use crate::score::{combiner_recalls, read_embeddings, Embeddings};
-use crate::stage::{
+use crate::stages::score::{combiner_recalls, read_embeddings, Embeddings};
+use crate::framework::stage::{
     resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
-use data::{ImageCache, Meters, MetricRow, Rng, Triplets};
+use crate::rng::Rng;
+use data::{ImageCache, Meters, MetricRow, Triplets};
 use optim::{clip_grad_norm, cosine_lrs, AdamW, GradScaler, Moments};
 
 pub static TRAIN_METRICS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -234,7 +235,7 @@ fn auto() -> String {
 
 /// Where a `weights` table says `role`'s file is, if it lists one.
 pub fn weights_file(dir: &Path, role: &str) -> Result<Option<PathBuf>> {
-    let p = crate::store::role_file(dir, role, "file")?;
+    let p = crate::framework::store::role_file(dir, role, "file")?;
     if let Some(p) = p.as_ref().filter(|p| !p.is_file()) {
         return Err(Error::Data(format!(
             "{} is listed in {} but missing; rerun the train stage",
@@ -950,7 +951,7 @@ impl Trainer {
             .collect();
         let json = serde_json::to_vec(&self.progress)
             .map_err(|e| Error::Internal(format!("train state: {e}")))?;
-        crate::store::write_atomic(&new.join("state.json"), &json)?;
+        crate::framework::store::write_atomic(&new.join("state.json"), &json)?;
         let _ = std::fs::remove_dir_all(&old);
         if self.last_dir.exists() {
             std::fs::rename(&self.last_dir, &old)
@@ -1362,7 +1363,7 @@ impl Trainer {
                     let f = tch::no_grad(|| {
                         with_precision(device, self.amp, || clip.encode_image(&x))
                     })?;
-                    ivals.extend(crate::embed::tensor_rows(&f)?);
+                    ivals.extend(crate::stages::embed::tensor_rows(&f)?);
                 }
                 let tok = ClipTokenizer::new(clip.config.context_length as usize);
                 let mut tvals = Vec::with_capacity(texts.len() * d);
@@ -1372,7 +1373,7 @@ impl Trainer {
                     let f = tch::no_grad(|| {
                         with_precision(device, self.amp, || clip.encode_text(&toks))
                     })?;
-                    tvals.extend(crate::embed::tensor_rows(&f)?);
+                    tvals.extend(crate::stages::embed::tensor_rows(&f)?);
                 }
                 let img = Embeddings::new(&key_names, ivals, d);
                 let txt = Embeddings::new(texts, tvals, d);
@@ -1389,7 +1390,7 @@ impl Trainer {
         };
         let mut out = Vec::new();
         for r in recalls {
-            for (k, v) in crate::score::KS.iter().zip(r.at) {
+            for (k, v) in crate::stages::score::KS.iter().zip(r.at) {
                 out.push((format!("{}/recall_at_{k}", r.task), v));
             }
         }

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
+use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
 
 pub static CAPTIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -110,10 +110,10 @@ impl IngestParams {
     }
 
     fn captions_path(&self, base: &Path) -> PathBuf {
-        let p = crate::stage::resolve_path(base, self.path());
+        let p = crate::framework::stage::resolve_path(base, self.path());
         match self.format() {
             Some(Format::ImageFolder) => match &self.captions_file {
-                Some(c) => crate::stage::resolve_path(base, c),
+                Some(c) => crate::framework::stage::resolve_path(base, c),
                 None => p.join("captions.tsv"),
             },
             _ => p,
@@ -173,7 +173,7 @@ impl Stage for Ingest {
             out.push(("image_name".into(), m));
         }
         if let Some(d) = &p.images_dir {
-            let d = crate::stage::resolve_path(base, d);
+            let d = crate::framework::stage::resolve_path(base, d);
             if !d.is_dir() {
                 out.push((
                     "images_dir".into(),
@@ -183,7 +183,7 @@ impl Stage for Ingest {
         }
         if p.path.is_some()
             && p.format() == Some(Format::ImageFolder)
-            && !crate::stage::resolve_path(base, p.path()).is_dir()
+            && !crate::framework::stage::resolve_path(base, p.path()).is_dir()
         {
             out.push((
                 "path".into(),
@@ -197,7 +197,7 @@ impl Stage for Ingest {
         if p.path.is_none() {
             return Vec::new();
         }
-        let mut v = vec![("path", crate::stage::resolve_path(base, p.path()))];
+        let mut v = vec![("path", crate::framework::stage::resolve_path(base, p.path()))];
         if p.format() == Some(Format::ImageFolder) {
             v.push(("captions_file", p.captions_path(base)));
         }
@@ -213,7 +213,7 @@ impl Stage for Ingest {
         let from = |role: &str| -> Result<PathBuf> {
             let d =
                 sources.ok_or_else(|| Error::Internal("ingest without path or sources".into()))?;
-            crate::synth::source(d, role)?.ok_or_else(|| {
+            crate::stages::synth::source(d, role)?.ok_or_else(|| {
                 Error::Data(format!(
                     "the sources table of {} has no '{role}'",
                     d.display()
@@ -497,7 +497,7 @@ fn parse_jsonl(
     let image_path = j.image_path.filter(|s| !s.trim().is_empty()).map(|ip| {
         let ip = Path::new(&ip);
         let base = images_dir.unwrap_or(file_dir);
-        crate::stage::resolve_path(base, ip).display().to_string()
+        crate::framework::stage::resolve_path(base, ip).display().to_string()
     });
     if image_path.is_none() && url.is_none() {
         return Outcome::Reject("needs image_path or url".into());

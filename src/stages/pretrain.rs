@@ -25,9 +25,9 @@ use crate::model::clip::Clip;
 use crate::model::preprocess::{load_batch, ImageKey};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{select_device, StateDict};
-use crate::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
-use crate::train::data::MetricRow;
-use crate::train::optim::AdamW;
+use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
+use crate::stages::train::data::MetricRow;
+use crate::stages::train::optim::AdamW;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -428,9 +428,9 @@ impl Stage for Pretrain {
         vec![
             TableDef::new(
                 "pretrain_metrics",
-                crate::train::TRAIN_METRICS_SCHEMA.clone(),
+                crate::stages::train::TRAIN_METRICS_SCHEMA.clone(),
             ),
-            TableDef::new("weights", crate::train::WEIGHTS_SCHEMA.clone()),
+            TableDef::new("weights", crate::stages::train::WEIGHTS_SCHEMA.clone()),
         ]
     }
 
@@ -514,10 +514,10 @@ impl Stage for Pretrain {
         let device = select_device(&p.device).map_err(Error::Data)?;
         // Pairs with a readable image.
         let mut pairs: Vec<(i64, String, PathBuf)> = Vec::new();
-        for b in crate::store::read_table(ctx.input("captions")?)? {
-            let id = crate::store::column(&b, "image_id")?.clone();
-            let cap = crate::store::column(&b, "caption")?.clone();
-            let path = crate::store::column(&b, "image_path")?.clone();
+        for b in crate::framework::store::read_table(ctx.input("captions")?)? {
+            let id = crate::framework::store::column(&b, "image_id")?.clone();
+            let cap = crate::framework::store::column(&b, "caption")?.clone();
+            let path = crate::framework::store::column(&b, "image_path")?.clone();
             let (id, cap, path) = (
                 id.as_primitive::<Int64Type>(),
                 cap.as_string::<i32>(),
@@ -706,7 +706,7 @@ impl Stage for Pretrain {
             .find(|r| r.2 == "val" && r.3 == "acc_image_to_text")
             .map(|r| r.4)
             .unwrap_or(f64::NAN);
-        let weights = crate::train::weights_batch(&[(
+        let weights = crate::stages::train::weights_batch(&[(
             "backbone".into(),
             "clip.pt".into(),
             "torch".into(),
@@ -716,7 +716,7 @@ impl Stage for Pretrain {
             val_acc,
         )])?;
         Ok(Some(vec![
-            ("pretrain_metrics", crate::train::metrics_batch(&rows)?),
+            ("pretrain_metrics", crate::stages::train::metrics_batch(&rows)?),
             ("weights", weights),
         ]))
     }

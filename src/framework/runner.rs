@@ -5,10 +5,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::manifest::{Plan, PlannedStage};
-use crate::progress::{thousands, Progress};
-use crate::stage::{Driver, Finding, Severity, Shard, StageContext};
-use crate::store::{self, StageRecord, StageWriter, WorkdirLock};
+use crate::framework::manifest::{Plan, PlannedStage};
+use crate::framework::progress::{thousands, Progress};
+use crate::framework::stage::{Driver, Finding, Severity, Shard, StageContext};
+use crate::framework::store::{self, StageRecord, StageWriter, WorkdirLock};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StageState {
@@ -426,7 +426,7 @@ fn print_summary(s: &PlannedStage, r: &StageRecord) {
     }
 }
 
-/// The data checks ([`crate::stage::Stage::check`]) of the named stages (all
+/// The data checks ([`crate::framework::stage::Stage::check`]) of the named stages (all
 /// when `None`), in manifest order.
 pub fn check_plan(plan: &Plan, stages: Option<&[String]>) -> Vec<(String, Finding)> {
     plan.stages

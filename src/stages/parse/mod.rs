@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
+use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
 
 pub static ENTITIES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -153,10 +153,10 @@ impl Stage for Parse {
     }
 
     fn plan(_p: &ParseParams, ctx: &StageContext) -> Result<Chunks<Vec<PathBuf>>> {
-        let parts = crate::store::part_files(ctx.input("captions")?)?;
+        let parts = crate::framework::store::part_files(ctx.input("captions")?)?;
         let sizes = parts
             .iter()
-            .map(|p| crate::store::part_rows(p))
+            .map(|p| crate::framework::store::part_rows(p))
             .collect::<Result<_>>()?;
         Ok(Chunks {
             work: parts,
@@ -183,9 +183,9 @@ impl Stage for Parse {
 
 fn read_captions(path: &Path) -> Result<(Vec<i64>, Vec<String>)> {
     let (mut ids, mut caps) = (Vec::new(), Vec::new());
-    for b in crate::store::read_part(path)? {
-        let id = arrow::compute::cast(crate::store::column(&b, "image_id")?, &DataType::Int64)?;
-        let cap = arrow::compute::cast(crate::store::column(&b, "caption")?, &DataType::Utf8)?;
+    for b in crate::framework::store::read_part(path)? {
+        let id = arrow::compute::cast(crate::framework::store::column(&b, "image_id")?, &DataType::Int64)?;
+        let cap = arrow::compute::cast(crate::framework::store::column(&b, "caption")?, &DataType::Utf8)?;
         ids.extend(id.as_primitive::<Int64Type>().values().iter().copied());
         caps.extend(
             cap.as_string::<i32>()

@@ -34,7 +34,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
-use crate::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
+use crate::rng::{below, mix, GOLDEN};
+use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
 
 pub static TRIPLETS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -79,10 +80,10 @@ pub static CONCRETENESS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-const SQL_ROWS: &str = include_str!("../sql/mine/rows.sql");
-const SQL_CANDIDATES: &str = include_str!("../sql/mine/candidates.sql");
-const SQL_SUBJECT_OBJECTS: &str = include_str!("../sql/mine/subject_objects.sql");
-const SQL_OBJECT_ROWS: &str = include_str!("../sql/mine/object_rows.sql");
+const SQL_ROWS: &str = include_str!("../../sql/mine/rows.sql");
+const SQL_CANDIDATES: &str = include_str!("../../sql/mine/candidates.sql");
+const SQL_SUBJECT_OBJECTS: &str = include_str!("../../sql/mine/subject_objects.sql");
+const SQL_OBJECT_ROWS: &str = include_str!("../../sql/mine/object_rows.sql");
 
 /// A concreteness threshold, or `"none"` to switch the filter off.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -234,7 +235,7 @@ impl Stage for Mine {
     fn files(p: &MineParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
         p.concreteness_path
             .iter()
-            .map(|c| ("concreteness_path", crate::stage::resolve_path(base, c)))
+            .map(|c| ("concreteness_path", crate::framework::stage::resolve_path(base, c)))
             .collect()
     }
 
@@ -767,24 +768,12 @@ fn gather(rows: &RecordBatch, ok: &[&Draw], with_score: bool) -> Result<RecordBa
     Ok(RecordBatch::try_new(TRIPLETS_SCHEMA.clone(), cols)?)
 }
 
-/// SplitMix64 finaliser: a well-mixed 64-bit hash.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-    z ^ (z >> 31)
-}
-
 /// The uniform draw `slot` of (seed, sample, attempt, redraw), as 64 bits.
 fn draw64(seed: u64, sample: u64, attempt: u32, redraw: u32, slot: u32) -> u64 {
-    let mut h = mix(seed ^ 0x9e3779b97f4a7c15);
+    let mut h = mix(seed ^ GOLDEN);
     h = mix(h ^ sample);
     h = mix(h ^ ((attempt as u64) << 32 | redraw as u64));
     mix(h ^ slot as u64)
-}
-
-/// Uniform integer in [0, n) (multiply-shift; bias below n / 2^64).
-fn below(h: u64, n: u64) -> u64 {
-    ((h as u128 * n as u128) >> 64) as u64
 }
 
 /// One sample: attempts in order until one is accepted.

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::audit::AuditRow;
 use super::Recall;
-use crate::embed::KeyRow;
+use crate::stages::embed::KeyRow;
 use crate::model::preprocess::{crop_pad_square, open, to_rgb_image, vaw_crop_box};
 
 /// Thumbnails are at most this many pixels on their long side.

@@ -32,7 +32,7 @@ use crate::model::clip::Clip;
 use crate::model::preprocess::{load_batch, ImageKey};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{select_device, with_precision, StateDict};
-use crate::stage::{
+use crate::framework::stage::{
     resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
 
@@ -128,8 +128,8 @@ pub struct KeyRow {
 /// Distinct keys of an `image_keys` table, sorted.
 pub fn read_image_keys(dir: &Path) -> Result<Vec<KeyRow>> {
     let mut out: BTreeMap<String, KeyRow> = BTreeMap::new();
-    for b in crate::store::read_table(dir)? {
-        let col = |n: &str| crate::store::column(&b, n).cloned();
+    for b in crate::framework::store::read_table(dir)? {
+        let col = |n: &str| crate::framework::store::column(&b, n).cloned();
         let key = col("image_key")?;
         let key = key.as_string::<i32>();
         let path = col("path")?;
@@ -173,9 +173,9 @@ pub fn read_image_keys(dir: &Path) -> Result<Vec<KeyRow>> {
 /// The images (by image id, path from `captions`) and conditions of a
 /// `triplets` table: what a cached-mode `train` stage reads.
 fn triplet_keys(dir: &Path, ctx: &StageContext) -> Result<(Vec<KeyRow>, Vec<String>)> {
-    let t = crate::train::data::read_triplets(dir)?;
-    let paths = crate::train::data::read_image_paths(ctx.input("captions")?, ctx.base_dir)?;
-    if let Some(m) = crate::train::data::missing_paths(&t.images, &paths) {
+    let t = crate::stages::train::data::read_triplets(dir)?;
+    let paths = crate::stages::train::data::read_image_paths(ctx.input("captions")?, ctx.base_dir)?;
+    if let Some(m) = crate::stages::train::data::missing_paths(&t.images, &paths) {
         return Err(Error::Data(m));
     }
     let keys = t
@@ -195,7 +195,7 @@ fn triplet_keys(dir: &Path, ctx: &StageContext) -> Result<(Vec<KeyRow>, Vec<Stri
 /// Distinct values of a text column, sorted.
 pub fn read_texts(dir: &Path, column: &str) -> Result<Vec<String>> {
     let mut out = std::collections::BTreeSet::new();
-    for b in crate::store::read_table(dir)? {
+    for b in crate::framework::store::read_table(dir)? {
         if let Some(c) = b.column_by_name(column) {
             let c = arrow::compute::cast(c, &DataType::Utf8)?;
             out.extend(c.as_string::<i32>().iter().flatten().map(str::to_string));
@@ -320,7 +320,7 @@ impl Stage for Embed {
             texts.dedup();
         }
         let trained = match ctx.optional_input("weights") {
-            Some(d) => crate::train::weights_file(d, "backbone")?.map(|f| (f, d)),
+            Some(d) => crate::stages::train::weights_file(d, "backbone")?.map(|f| (f, d)),
             None => None,
         };
         // A fine-tuned backbone from a train input wins over params.checkpoint

@@ -13,6 +13,7 @@ use arrow::datatypes::{Int64Type, UInt64Type};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::rng::Rng;
 use crate::model::preprocess::{
     load_rgb, open, resize_window_with, round_half_even, to_rgb_image, Filter, ImageKey, Mode,
     Raster,
@@ -39,8 +40,8 @@ pub struct Triplets {
 
 pub fn read_triplets(dir: &Path) -> Result<Triplets> {
     let mut rows: Vec<(u64, i64, i64, i64, String)> = Vec::new();
-    for b in crate::store::read_table(dir)? {
-        let col = |n: &str| crate::store::column(&b, n).cloned();
+    for b in crate::framework::store::read_table(dir)? {
+        let col = |n: &str| crate::framework::store::column(&b, n).cloned();
         let id = col("sample_id")?;
         let id = id.as_primitive::<UInt64Type>();
         let ids: Vec<_> = ["ref_image_id", "target_image_id", "distractor_image_id"]
@@ -136,8 +137,8 @@ pub fn split(
 /// `image_id -> image_path` of the `captions` table.
 pub fn read_image_paths(dir: &Path, base: &Path) -> Result<HashMap<i64, PathBuf>> {
     let mut out = HashMap::new();
-    for b in crate::store::read_table(dir)? {
-        let id = crate::store::column(&b, "image_id")?.clone();
+    for b in crate::framework::store::read_table(dir)? {
+        let id = crate::framework::store::column(&b, "image_id")?.clone();
         let id = id.as_primitive::<Int64Type>();
         let Some(p) = b.column_by_name("image_path") else {
             continue;
@@ -147,7 +148,7 @@ pub fn read_image_paths(dir: &Path, base: &Path) -> Result<HashMap<i64, PathBuf>
             if p.is_valid(i) {
                 out.insert(
                     id.value(i),
-                    crate::stage::resolve_path(base, Path::new(p.value(i))),
+                    crate::framework::stage::resolve_path(base, Path::new(p.value(i))),
                 );
             }
         }
@@ -155,40 +156,6 @@ pub fn read_image_paths(dir: &Path, base: &Path) -> Result<HashMap<i64, PathBuf>
     Ok(out)
 }
 
-/// A deterministic stream of uniforms for one (seed, epoch, sample, slot):
-/// the same crop whatever the batch, thread or resume point.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(parts: &[u64]) -> Rng {
-        let mut s = 0x9E37_79B9_7F4A_7C15u64;
-        for &p in parts {
-            s = splitmix(s ^ p);
-        }
-        Rng(s)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        splitmix(self.0)
-    }
-    /// Uniform in [a, b).
-    pub fn uniform(&mut self, a: f64, b: f64) -> f64 {
-        a + (b - a) * ((self.next() >> 11) as f64 / (1u64 << 53) as f64)
-    }
-    /// Uniform integer in [0, n).
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((self.next() as u128 * n as u128) >> 64) as u64
-    }
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// torchvision's `Resize(int(size / 0.875))` (bilinear): the deterministic
-/// part of the training transform, done once per image.
 pub fn train_resize(img: &Raster, size: u32) -> Raster {
     let s = (size as f64 / 0.875) as u64;
     let (w, h) = (img.width as u64, img.height as u64);
@@ -370,7 +337,7 @@ impl ImageCache {
             idx.extend_from_slice(&h.to_le_bytes());
             idx.push(mode_code(*m));
         }
-        crate::store::write_atomic(&dir.join(format!("{name}.idx")), &idx)?;
+        crate::framework::store::write_atomic(&dir.join(format!("{name}.idx")), &idx)?;
         Self::open_existing(dir, name, n).ok_or_else(|| {
             Error::Internal(format!("image cache {name} unreadable right after writing"))
         })

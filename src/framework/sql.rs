@@ -14,7 +14,7 @@ use datafusion::common::TableReference;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 
 use crate::error::{Error, Result};
-use crate::store::{StageRecord, RECORD_FILE};
+use crate::framework::store::{StageRecord, RECORD_FILE};
 
 #[derive(Debug, Clone)]
 pub struct TableEntry {
@@ -39,8 +39,8 @@ pub fn discover(workdir: &Path) -> Result<Vec<TableEntry>> {
                 if tdir.is_dir() {
                     // A truncated or overwritten part is named here, once,
                     // instead of failing every query that touches it.
-                    for part in crate::store::part_files(&tdir)? {
-                        crate::store::part_rows(&part)?;
+                    for part in crate::framework::store::part_files(&tdir)? {
+                        crate::framework::store::part_rows(&part)?;
                     }
                     out.push(TableEntry {
                         stage: rec.stage.clone(),
@@ -267,7 +267,7 @@ pub fn describe_tables(entries: &[TableEntry]) -> String {
             "  {}.{}{short}: {} rows\n",
             e.stage,
             e.table,
-            crate::progress::thousands(e.rows)
+            crate::framework::progress::thousands(e.rows)
         ));
     }
     s

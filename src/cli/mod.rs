@@ -1,0 +1,4 @@
+//! The `genecis` command's layer: arguments resolved into one validated
+//! command, and the commands that are not pipeline runs.
+
+pub mod devtools;

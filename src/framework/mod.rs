@@ -1,0 +1,11 @@
+//! The pipeline framework: manifests become validated plans, the runner
+//! runs and commits stages into a run folder, and SQL reads it back. It
+//! knows stage kinds only through the [`stage::Stage`] contract and the
+//! registry it is handed.
+
+pub mod manifest;
+pub mod progress;
+pub mod runner;
+pub mod sql;
+pub mod stage;
+pub mod store;
