@@ -9,9 +9,11 @@
 
 pub mod cli;
 pub mod error;
+pub mod eval;
 pub mod framework;
 pub mod model;
 pub mod rng;
 pub mod stages;
+pub mod tables;
 
 pub use error::{Error, Result};

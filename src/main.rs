@@ -264,7 +264,7 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::Doctor => devtools::doctor()?,
         Command::ParseEval(a) => devtools::parse_eval(&a)?,
         Command::Bench(b) => devtools::bench(&b)?,
-        Command::Audit(t) => print!("{}", genecis::stages::score::audit::audit_cli(&t)?),
+        Command::Audit(t) => print!("{}", genecis::cli::audit::audit_cli(&t)?),
     }
     Ok(())
 }

@@ -272,7 +272,7 @@ fn bench_rank(n_q: usize, n_g: usize, d: usize, device: &str, repeat: usize) -> 
     let mask: Vec<Option<usize>> = (0..n_q).map(|i| Some(i * 7919 % n_g)).collect();
     let relevant: Vec<Vec<usize>> = (0..n_q).map(|i| vec![(i * 104_729 + 1) % n_g]).collect();
     // Warm up (kernels, allocator), then time.
-    crate::stages::score::rank_global(
+    crate::eval::rank_global(
         &queries[..d.min(queries.len())],
         d,
         &gallery,
@@ -284,7 +284,7 @@ fn bench_rank(n_q: usize, n_g: usize, d: usize, device: &str, repeat: usize) -> 
     let mut best = f64::INFINITY;
     for _ in 0..repeat.max(1) {
         let t0 = std::time::Instant::now();
-        let out = crate::stages::score::rank_global(&queries, d, &gallery, &mask, &relevant, 10, device)?;
+        let out = crate::eval::rank_global(&queries, d, &gallery, &mask, &relevant, 10, device)?;
         if device.is_cuda() {
             tch::Cuda::synchronize(0);
         }

@@ -1,4 +1,5 @@
 //! The `genecis` command's layer: arguments resolved into one validated
 //! command, and the commands that are not pipeline runs.
 
+pub mod audit;
 pub mod devtools;

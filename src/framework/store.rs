@@ -481,7 +481,10 @@ impl WorkdirLock {
     /// Exclusive for a whole run; shared (plus an exclusive per-shard lock)
     /// for `--shard` runs, so shards of one stage can run side by side but
     /// never beside an unsharded run.
-    pub fn acquire(workdir: &Path, shard: Option<crate::framework::stage::Shard>) -> Result<WorkdirLock> {
+    pub fn acquire(
+        workdir: &Path,
+        shard: Option<crate::framework::stage::Shard>,
+    ) -> Result<WorkdirLock> {
         fs::create_dir_all(workdir).map_err(Error::io("cannot create workdir", workdir))?;
         let path = workdir.join(LOCK_FILE);
         let main = fs::OpenOptions::new()

@@ -8,6 +8,7 @@
 pub mod clip;
 pub mod combiner;
 pub mod jpeg;
+pub mod optim;
 pub mod preprocess;
 pub mod tokenizer;
 pub mod torch_pickle;

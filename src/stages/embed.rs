@@ -13,51 +13,29 @@
 //! A missing or corrupt image that a template needs (`required`) fails the
 //! stage, naming the first few; the other chunks are kept for the rerun.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use arrow::array::{
-    Array, ArrayBuilder, ArrayRef, AsArray, FixedSizeListArray, Float32Array, RecordBatch,
-    StringArray, StringBuilder,
+    ArrayBuilder, ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray,
+    StringBuilder,
 };
-use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::framework::stage::{
+    resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
+};
 use crate::model::clip::Clip;
 use crate::model::preprocess::{load_batch, ImageKey};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{select_device, with_precision, StateDict};
-use crate::framework::stage::{
-    resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
-};
-
-/// `fixed_size_list<f32>` of `dim`, the model's embedding width.
-pub fn embedding_type(dim: i32) -> DataType {
-    DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), dim)
-}
-
-/// `image_embeddings` with embeddings of width `dim`.
-pub fn image_embeddings_schema(dim: i32) -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("image_key", DataType::Utf8, false),
-        Field::new("model", DataType::Utf8, false),
-        Field::new("embedding", embedding_type(dim), false),
-    ]))
-}
-
-/// `text_embeddings` with embeddings of width `dim`.
-pub fn text_embeddings_schema(dim: i32) -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("text", DataType::Utf8, false),
-        Field::new("model", DataType::Utf8, false),
-        Field::new("embedding", embedding_type(dim), false),
-    ]))
-}
+use crate::tables::embeddings::{image_embeddings_schema, tensor_rows, text_embeddings_schema};
+use crate::tables::image_keys::{read_image_keys, read_texts, KeyRow};
 
 pub static EMBED_REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -115,67 +93,12 @@ impl EmbedParams {
     }
 }
 
-/// One row of `image_keys`.
-#[derive(Debug, Clone)]
-pub struct KeyRow {
-    pub key: String,
-    pub path: PathBuf,
-    pub bbox: Option<[f64; 4]>,
-    pub required: bool,
-    pub rgb_first: bool,
-}
-
-/// Distinct keys of an `image_keys` table, sorted.
-pub fn read_image_keys(dir: &Path) -> Result<Vec<KeyRow>> {
-    let mut out: BTreeMap<String, KeyRow> = BTreeMap::new();
-    for b in crate::framework::store::read_table(dir)? {
-        let col = |n: &str| crate::framework::store::column(&b, n).cloned();
-        let key = col("image_key")?;
-        let key = key.as_string::<i32>();
-        let path = col("path")?;
-        let path = path.as_string::<i32>();
-        let bb: Vec<ArrayRef> = ["bbox_x", "bbox_y", "bbox_w", "bbox_h"]
-            .iter()
-            .map(|n| col(n))
-            .collect::<Result<_>>()?;
-        let bb: Vec<_> = bb.iter().map(|a| a.as_primitive::<Float64Type>()).collect();
-        let req = col("required")?;
-        let req = req.as_boolean();
-        let rgb_first = b
-            .column_by_name("rgb_first")
-            .map(|c| c.as_boolean().clone());
-        for i in 0..b.num_rows() {
-            let bbox = if bb.iter().all(|a| a.is_valid(i)) {
-                Some([
-                    bb[0].value(i),
-                    bb[1].value(i),
-                    bb[2].value(i),
-                    bb[3].value(i),
-                ])
-            } else {
-                None
-            };
-            let row = KeyRow {
-                key: key.value(i).to_string(),
-                path: PathBuf::from(path.value(i)),
-                bbox,
-                required: req.value(i),
-                rgb_first: rgb_first.as_ref().is_some_and(|c| c.value(i)),
-            };
-            out.entry(row.key.clone())
-                .and_modify(|r| r.required |= row.required)
-                .or_insert(row);
-        }
-    }
-    Ok(out.into_values().collect())
-}
-
 /// The images (by image id, path from `captions`) and conditions of a
 /// `triplets` table: what a cached-mode `train` stage reads.
 fn triplet_keys(dir: &Path, ctx: &StageContext) -> Result<(Vec<KeyRow>, Vec<String>)> {
-    let t = crate::stages::train::data::read_triplets(dir)?;
-    let paths = crate::stages::train::data::read_image_paths(ctx.input("captions")?, ctx.base_dir)?;
-    if let Some(m) = crate::stages::train::data::missing_paths(&t.images, &paths) {
+    let t = crate::tables::triplets::read_triplets(dir)?;
+    let paths = crate::tables::captions::read_image_paths(ctx.input("captions")?, ctx.base_dir)?;
+    if let Some(m) = crate::tables::captions::missing_paths(&t.images, &paths) {
         return Err(Error::Data(m));
     }
     let keys = t
@@ -192,18 +115,6 @@ fn triplet_keys(dir: &Path, ctx: &StageContext) -> Result<(Vec<KeyRow>, Vec<Stri
     Ok((keys, t.texts))
 }
 
-/// Distinct values of a text column, sorted.
-pub fn read_texts(dir: &Path, column: &str) -> Result<Vec<String>> {
-    let mut out = std::collections::BTreeSet::new();
-    for b in crate::framework::store::read_table(dir)? {
-        if let Some(c) = b.column_by_name(column) {
-            let c = arrow::compute::cast(c, &DataType::Utf8)?;
-            out.extend(c.as_string::<i32>().iter().flatten().map(str::to_string));
-        }
-    }
-    Ok(out.into_iter().collect())
-}
-
 fn fixed_list(values: Vec<f32>, dim: i32) -> Result<FixedSizeListArray> {
     Ok(FixedSizeListArray::try_new(
         Arc::new(Field::new("item", DataType::Float32, false)),
@@ -211,11 +122,6 @@ fn fixed_list(values: Vec<f32>, dim: i32) -> Result<FixedSizeListArray> {
         Arc::new(Float32Array::from(values)),
         None,
     )?)
-}
-
-pub(crate) fn tensor_rows(t: &Tensor) -> Result<Vec<f32>, tch::TchError> {
-    let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-    Vec::<f32>::try_from(t.view([-1]))
 }
 
 pub struct Embed;
@@ -320,7 +226,7 @@ impl Stage for Embed {
             texts.dedup();
         }
         let trained = match ctx.optional_input("weights") {
-            Some(d) => crate::stages::train::weights_file(d, "backbone")?.map(|f| (f, d)),
+            Some(d) => crate::tables::weights::weights_file(d, "backbone")?.map(|f| (f, d)),
             None => None,
         };
         // A fine-tuned backbone from a train input wins over params.checkpoint

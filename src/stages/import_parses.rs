@@ -19,9 +19,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::stages::ingest::REJECTS_SCHEMA;
-use crate::stages::parse::{GraphRows, ENTITIES_SCHEMA, RELATIONS_SCHEMA};
 use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
+use crate::tables::graphs::{GraphRows, ENTITIES_SCHEMA, RELATIONS_SCHEMA};
+use crate::tables::rejects::REJECTS_SCHEMA;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -12,34 +12,17 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int64Builder, StringBuilder};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
-
-pub static CAPTIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        Field::new("image_id", DataType::Int64, false),
-        Field::new("caption", DataType::Utf8, false),
-        Field::new("image_path", DataType::Utf8, true),
-        Field::new("url", DataType::Utf8, true),
-    ]))
-});
-
-pub static REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        Field::new("source", DataType::Utf8, false),
-        Field::new("line_number", DataType::Int64, true),
-        Field::new("reason", DataType::Utf8, false),
-        Field::new("raw", DataType::Utf8, true),
-    ]))
-});
+use crate::tables::captions::CAPTIONS_SCHEMA;
+use crate::tables::rejects::REJECTS_SCHEMA;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -197,7 +180,10 @@ impl Stage for Ingest {
         if p.path.is_none() {
             return Vec::new();
         }
-        let mut v = vec![("path", crate::framework::stage::resolve_path(base, p.path()))];
+        let mut v = vec![(
+            "path",
+            crate::framework::stage::resolve_path(base, p.path()),
+        )];
         if p.format() == Some(Format::ImageFolder) {
             v.push(("captions_file", p.captions_path(base)));
         }
@@ -213,7 +199,7 @@ impl Stage for Ingest {
         let from = |role: &str| -> Result<PathBuf> {
             let d =
                 sources.ok_or_else(|| Error::Internal("ingest without path or sources".into()))?;
-            crate::stages::synth::source(d, role)?.ok_or_else(|| {
+            crate::tables::sources::source(d, role)?.ok_or_else(|| {
                 Error::Data(format!(
                     "the sources table of {} has no '{role}'",
                     d.display()
@@ -497,7 +483,9 @@ fn parse_jsonl(
     let image_path = j.image_path.filter(|s| !s.trim().is_empty()).map(|ip| {
         let ip = Path::new(&ip);
         let base = images_dir.unwrap_or(file_dir);
-        crate::framework::stage::resolve_path(base, ip).display().to_string()
+        crate::framework::stage::resolve_path(base, ip)
+            .display()
+            .to_string()
     });
     if image_path.is_none() && url.is_none() {
         return Outcome::Reject("needs image_path or url".into());

@@ -34,26 +34,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
-use crate::rng::{below, mix, GOLDEN};
 use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
-
-pub static TRIPLETS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        Field::new("sample_id", DataType::UInt64, false),
-        Field::new("ref_image_id", DataType::Int64, false),
-        Field::new("ref_relation_idx", DataType::Int32, false),
-        Field::new("target_image_id", DataType::Int64, false),
-        Field::new("target_relation_idx", DataType::Int32, false),
-        Field::new("distractor_image_id", DataType::Int64, false),
-        Field::new("distractor_relation_idx", DataType::Int32, false),
-        Field::new("subject", DataType::Utf8, false),
-        Field::new("relation", DataType::Utf8, false),
-        Field::new("object", DataType::Utf8, false),
-        Field::new("condition", DataType::Utf8, false),
-        Field::new("concreteness", DataType::Float64, true),
-        Field::new("attempts", DataType::UInt32, false),
-    ]))
-});
+use crate::rng::{below, mix, GOLDEN};
+use crate::tables::triplets::TRIPLETS_SCHEMA;
 
 pub static EXHAUSTED_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -235,7 +218,12 @@ impl Stage for Mine {
     fn files(p: &MineParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
         p.concreteness_path
             .iter()
-            .map(|c| ("concreteness_path", crate::framework::stage::resolve_path(base, c)))
+            .map(|c| {
+                (
+                    "concreteness_path",
+                    crate::framework::stage::resolve_path(base, c),
+                )
+            })
             .collect()
     }
 

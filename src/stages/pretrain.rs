@@ -21,13 +21,13 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::error::{Error, Result};
+use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
 use crate::model::clip::Clip;
+use crate::model::optim::AdamW;
 use crate::model::preprocess::{load_batch, ImageKey};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{select_device, StateDict};
-use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
-use crate::stages::train::data::MetricRow;
-use crate::stages::train::optim::AdamW;
+use crate::tables::metrics::MetricRow;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -428,9 +428,9 @@ impl Stage for Pretrain {
         vec![
             TableDef::new(
                 "pretrain_metrics",
-                crate::stages::train::TRAIN_METRICS_SCHEMA.clone(),
+                crate::tables::metrics::TRAIN_METRICS_SCHEMA.clone(),
             ),
-            TableDef::new("weights", crate::stages::train::WEIGHTS_SCHEMA.clone()),
+            TableDef::new("weights", crate::tables::weights::WEIGHTS_SCHEMA.clone()),
         ]
     }
 
@@ -706,7 +706,7 @@ impl Stage for Pretrain {
             .find(|r| r.2 == "val" && r.3 == "acc_image_to_text")
             .map(|r| r.4)
             .unwrap_or(f64::NAN);
-        let weights = crate::stages::train::weights_batch(&[(
+        let weights = crate::tables::weights::weights_batch(&[(
             "backbone".into(),
             "clip.pt".into(),
             "torch".into(),
@@ -716,7 +716,10 @@ impl Stage for Pretrain {
             val_acc,
         )])?;
         Ok(Some(vec![
-            ("pretrain_metrics", crate::stages::train::metrics_batch(&rows)?),
+            (
+                "pretrain_metrics",
+                crate::tables::metrics::metrics_batch(&rows)?,
+            ),
             ("weights", weights),
         ]))
     }

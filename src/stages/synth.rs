@@ -19,7 +19,7 @@
 //! - `scenes(split, image_id, background, n_objects, caption?, closeup)`;
 //! - `objects(split, image_id, object_idx, shape, color, size, pattern, x, y, r)`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -34,13 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
 use crate::rng::Rng;
-
-pub static SOURCES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        Field::new("role", DataType::Utf8, false),
-        Field::new("path", DataType::Utf8, false),
-    ]))
-});
+use crate::tables::sources::SOURCES_SCHEMA;
 
 pub static SCENES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -710,12 +704,6 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
         std::fs::create_dir_all(d).map_err(Error::io("cannot create", d))?;
     }
     std::fs::write(path, bytes).map_err(Error::io("cannot write", path))
-}
-
-/// The `path` of `role` in a `sources` table, resolved against its stage
-/// folder.
-pub fn source(dir: &Path, role: &str) -> Result<Option<PathBuf>> {
-    crate::framework::store::role_file(dir, role, "path")
 }
 
 pub const TASK_FILES: [&str; 4] = [

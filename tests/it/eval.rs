@@ -912,8 +912,14 @@ fn scores_match_the_original_evaluation() {
     assert_eq!(n, ours.len(), "we score templates the original does not");
     assert_eq!(n, 4 * 6 * 4);
     assert!(rank_diffs.is_empty(), "{}", rank_diffs.join("\n"));
-    assert!(worst <= tol, "similarities differ by up to {worst} (bound {tol})");
-    assert!(near_ties * 10 < n, "too many near ties ({near_ties}) to test ranks");
+    assert!(
+        worst <= tol,
+        "similarities differ by up to {worst} (bound {tol})"
+    );
+    assert!(
+        near_ties * 10 < n,
+        "too many near ties ({near_ties}) to test ranks"
+    );
 }
 
 /// The original evaluates only templates whose gallery has the file's most

@@ -54,8 +54,14 @@ fn check_parity(model: &Clip, refs: &HashMap<String, Tensor>, k: usize, depth: u
         relative_max_diff(&txt, &refs["text_features"]),
     );
     let tol = f32_forward_tolerance(k, depth);
-    assert!(di <= tol, "encode_image differs by {di} of its scale (bound {tol})");
-    assert!(dt <= tol, "encode_text differs by {dt} of its scale (bound {tol})");
+    assert!(
+        di <= tol,
+        "encode_image differs by {di} of its scale (bound {tol})"
+    );
+    assert!(
+        dt <= tol,
+        "encode_text differs by {dt} of its scale (bound {tol})"
+    );
 }
 
 #[test]
@@ -126,7 +132,10 @@ fn combiner_matches_pytorch() {
         relative_max_diff(&out, &refs["combined"]),
         f32_forward_tolerance(2 * 64, 4),
     );
-    assert!(d <= tol, "combiner differs by {d} of its scale (bound {tol})");
+    assert!(
+        d <= tol,
+        "combiner differs by {d} of its scale (bound {tol})"
+    );
 }
 
 #[test]

@@ -348,7 +348,9 @@ fn spacy_engine_later_upstream_fixes() {
     ];
     let strict = genecis::stages::parse::spacy::parse_batch_with(&caps, true).unwrap();
     let loose = genecis::stages::parse::spacy::parse_batch_with(&caps, false).unwrap();
-    let trip = |g: &genecis::stages::parse::SceneGraph| genecis::stages::parse::eval::heads_and_triples(g).1;
+    let trip = |g: &genecis::stages::parse::SceneGraph| {
+        genecis::stages::parse::eval::heads_and_triples(g).1
+    };
     // Copula + PP, and a phrasal preposition after a verb: nothing in 0.1.0.
     assert!(trip(&strict[0]).is_empty() && trip(&strict[1]).is_empty());
     assert_eq!(trip(&loose[0]), vec![t("dog", "on", "bed")]);

@@ -11,9 +11,9 @@ use tch::{Device, Kind, Tensor};
 
 use genecis::model::clip::Clip;
 use genecis::model::combiner::Combiner;
+use genecis::model::optim::{clip_grad_norm, AdamW, GradScaler};
 use genecis::model::torch_pickle::read_state_dict;
 use genecis::model::StateDict;
-use genecis::stages::train::optim::{clip_grad_norm, AdamW, GradScaler};
 use genecis::stages::train::{train_step, Finetune, Optimizer, StepConfig};
 
 use crate::common::{
@@ -71,7 +71,11 @@ fn parity(name: &str) {
     let losses = Vec::<f64>::try_from(&batch["losses"]).unwrap();
     // The fixture script's LR.
     let lr = 1e-4;
-    let tower = if name == "vit" { (4 * 64, 2 + 2 * 7) } else { (9 * 512, 3 + 4 * 3 + 4) };
+    let tower = if name == "vit" {
+        (4 * 64, 2 + 2 * 7)
+    } else {
+        (9 * 512, 3 + 4 * 3 + 4)
+    };
     for (s, want) in losses.iter().enumerate() {
         let m = train_step(&cfg, &mut opt, &comb, lr, || {
             let f = clip.encode_image(&images)?;
@@ -155,7 +159,9 @@ fn l2(t: &Tensor) -> f64 {
 /// sqrt(sum_{j<t} (b1^2 / b2)^j). It is 1 at step 1.
 fn adam_ratio_bound(b1: f64, b2: f64, t: usize) -> f64 {
     let s: f64 = (0..t).map(|j| (b1 * b1 / b2).powi(j as i32)).sum();
-    (1.0 - b1) / (1.0 - b1.powi(t as i32)) * ((1.0 - b2.powi(t as i32)) / (1.0 - b2)).sqrt() * s.sqrt()
+    (1.0 - b1) / (1.0 - b1.powi(t as i32))
+        * ((1.0 - b2.powi(t as i32)) / (1.0 - b2)).sqrt()
+        * s.sqrt()
 }
 
 /// AdamW and clip_grad_norm_ alone, on gradients PyTorch used, so nothing
@@ -199,9 +205,15 @@ fn adamw_and_clipping_match_pytorch_to_float32_rounding() {
         let excess = ((p.to_kind(Kind::Double) - &want).abs() - &tol)
             .max()
             .double_value(&[]);
-        assert!(excess <= 0.0, "{n}: off PyTorch's by {excess:.3e} beyond the rounding bound");
+        assert!(
+            excess <= 0.0,
+            "{n}: off PyTorch's by {excess:.3e} beyond the rounding bound"
+        );
         let moved = l2(&(&want - fx[&format!("init.{n}")].to_kind(Kind::Double)));
-        assert!(moved > 100.0 * l2(&tol), "{n}: the steps moved it ({moved:.3e})");
+        assert!(
+            moved > 100.0 * l2(&tol),
+            "{n}: the steps moved it ({moved:.3e})"
+        );
     }
 }
 

@@ -14,44 +14,17 @@ pub mod eval;
 pub mod spacy;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 
-use arrow::array::{ArrayRef, AsArray, Int32Builder, Int64Builder, ListBuilder, StringBuilder};
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use arrow::array::AsArray;
+use arrow::datatypes::{DataType, Int64Type};
 use arrow::record_batch::RecordBatch;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
-
-pub static ENTITIES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        Field::new("image_id", DataType::Int64, false),
-        Field::new("entity_idx", DataType::Int32, false),
-        Field::new("span", DataType::Utf8, false),
-        Field::new("head", DataType::Utf8, false),
-        Field::new("lemma_head", DataType::Utf8, false),
-        Field::new(
-            "modifiers",
-            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
-            false,
-        ),
-        Field::new("kind", DataType::Utf8, true),
-    ]))
-});
-
-pub static RELATIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        Field::new("image_id", DataType::Int64, false),
-        Field::new("relation_idx", DataType::Int32, false),
-        Field::new("subject", DataType::Utf8, false),
-        Field::new("relation", DataType::Utf8, false),
-        Field::new("object", DataType::Utf8, false),
-        Field::new("subject_idx", DataType::Int32, true),
-        Field::new("object_idx", DataType::Int32, true),
-    ]))
-});
+use crate::tables::graphs::{GraphRows, ENTITIES_SCHEMA, RELATIONS_SCHEMA};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -184,8 +157,14 @@ impl Stage for Parse {
 fn read_captions(path: &Path) -> Result<(Vec<i64>, Vec<String>)> {
     let (mut ids, mut caps) = (Vec::new(), Vec::new());
     for b in crate::framework::store::read_part(path)? {
-        let id = arrow::compute::cast(crate::framework::store::column(&b, "image_id")?, &DataType::Int64)?;
-        let cap = arrow::compute::cast(crate::framework::store::column(&b, "caption")?, &DataType::Utf8)?;
+        let id = arrow::compute::cast(
+            crate::framework::store::column(&b, "image_id")?,
+            &DataType::Int64,
+        )?;
+        let cap = arrow::compute::cast(
+            crate::framework::store::column(&b, "caption")?,
+            &DataType::Utf8,
+        )?;
         ids.extend(id.as_primitive::<Int64Type>().values().iter().copied());
         caps.extend(
             cap.as_string::<i32>()
@@ -196,124 +175,30 @@ fn read_captions(path: &Path) -> Result<(Vec<i64>, Vec<String>)> {
     Ok((ids, caps))
 }
 
-/// Row builders for the `entities` and `relations` tables, shared by the
-/// stages that write scene graphs.
-#[derive(Default)]
-pub struct GraphRows {
-    e_img: Int64Builder,
-    e_idx: Int32Builder,
-    e_span: StringBuilder,
-    e_head: StringBuilder,
-    e_lemma: StringBuilder,
-    e_mods: ListBuilder<StringBuilder>,
-    e_kind: StringBuilder,
-    r_img: Int64Builder,
-    r_idx: Int32Builder,
-    r_s: StringBuilder,
-    r_r: StringBuilder,
-    r_o: StringBuilder,
-    r_si: Int32Builder,
-    r_oi: Int32Builder,
-}
-
-impl GraphRows {
-    #[allow(clippy::too_many_arguments)]
-    pub fn entity(
-        &mut self,
-        image_id: i64,
-        idx: usize,
-        span: &str,
-        head: &str,
-        lemma: &str,
-        mods: &[String],
-        kind: Option<&str>,
-    ) {
-        self.e_img.append_value(image_id);
-        self.e_idx.append_value(idx as i32);
-        self.e_span.append_value(span);
-        self.e_head.append_value(head);
-        self.e_lemma.append_value(lemma);
-        for m in mods {
-            self.e_mods.values().append_value(m);
-        }
-        self.e_mods.append(true);
-        self.e_kind.append_option(kind);
+/// A parsed graph for one image.
+fn push_graph(rows: &mut GraphRows, image_id: i64, g: &SceneGraph) {
+    for (j, e) in g.entities.iter().enumerate() {
+        rows.entity(
+            image_id,
+            j,
+            &e.span,
+            &e.head,
+            &e.lemma_head,
+            &e.modifiers,
+            Some(e.kind),
+        );
     }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn relation(
-        &mut self,
-        image_id: i64,
-        idx: usize,
-        s: &str,
-        r: &str,
-        o: &str,
-        si: Option<usize>,
-        oi: Option<usize>,
-    ) {
-        self.r_img.append_value(image_id);
-        self.r_idx.append_value(idx as i32);
-        self.r_s.append_value(s);
-        self.r_r.append_value(r);
-        self.r_o.append_value(o);
-        self.r_si.append_option(si.map(|v| v as i32));
-        self.r_oi.append_option(oi.map(|v| v as i32));
-    }
-
-    /// A parsed graph for one image.
-    pub fn graph(&mut self, image_id: i64, g: &SceneGraph) {
-        for (j, e) in g.entities.iter().enumerate() {
-            self.entity(
-                image_id,
-                j,
-                &e.span,
-                &e.head,
-                &e.lemma_head,
-                &e.modifiers,
-                Some(e.kind),
-            );
-        }
-        for (j, r) in g.relations.iter().enumerate() {
-            let (s, o) = (&g.entities[r.subject].head, &g.entities[r.object].head);
-            self.relation(
-                image_id,
-                j,
-                s,
-                &r.relation,
-                o,
-                Some(r.subject),
-                Some(r.object),
-            );
-        }
-    }
-
-    /// (entities, relations) batches.
-    pub fn finish(mut self) -> Result<(RecordBatch, RecordBatch)> {
-        let e = RecordBatch::try_new(
-            ENTITIES_SCHEMA.clone(),
-            vec![
-                Arc::new(self.e_img.finish()) as ArrayRef,
-                Arc::new(self.e_idx.finish()),
-                Arc::new(self.e_span.finish()),
-                Arc::new(self.e_head.finish()),
-                Arc::new(self.e_lemma.finish()),
-                Arc::new(self.e_mods.finish()),
-                Arc::new(self.e_kind.finish()),
-            ],
-        )?;
-        let r = RecordBatch::try_new(
-            RELATIONS_SCHEMA.clone(),
-            vec![
-                Arc::new(self.r_img.finish()) as ArrayRef,
-                Arc::new(self.r_idx.finish()),
-                Arc::new(self.r_s.finish()),
-                Arc::new(self.r_r.finish()),
-                Arc::new(self.r_o.finish()),
-                Arc::new(self.r_si.finish()),
-                Arc::new(self.r_oi.finish()),
-            ],
-        )?;
-        Ok((e, r))
+    for (j, r) in g.relations.iter().enumerate() {
+        let (s, o) = (&g.entities[r.subject].head, &g.entities[r.object].head);
+        rows.relation(
+            image_id,
+            j,
+            s,
+            &r.relation,
+            o,
+            Some(r.subject),
+            Some(r.object),
+        );
     }
 }
 
@@ -321,7 +206,7 @@ impl GraphRows {
 pub fn to_batches(ids: &[i64], graphs: &[SceneGraph]) -> Result<(RecordBatch, RecordBatch)> {
     let mut rows = GraphRows::default();
     for (&id, g) in ids.iter().zip(graphs) {
-        rows.graph(id, g);
+        push_graph(&mut rows, id, g);
     }
     rows.finish()
 }

@@ -11,11 +11,12 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef, UInt32Type};
 
-use super::audit::{self, AuditRow, KeyedTemplate};
 use super::html::{self, Card, ConditionRecall, Page};
-use super::{normalized, Embeddings, Method, Recall, TaskRows};
 use crate::error::{Error, Result};
+use crate::eval::audit::{self, AuditRow, KeyedTemplate};
+use crate::eval::{normalized, Method, Recall, TaskRows};
 use crate::framework::stage::StageContext;
+use crate::tables::embeddings::Embeddings;
 
 pub static BY_CONDITION_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -225,7 +226,7 @@ impl<'a> Browse<'a> {
         combiner: &Option<PathBuf>,
     ) -> Result<PathBuf> {
         let key_rows = match ctx.optional_input("image_keys") {
-            Some(d) => crate::stages::embed::read_image_keys(d)?
+            Some(d) => crate::tables::image_keys::read_image_keys(d)?
                 .into_iter()
                 .map(|k| (k.key.clone(), k))
                 .collect(),

@@ -10,10 +10,10 @@ use std::path::Path;
 use image::{Rgb, RgbImage};
 use rayon::prelude::*;
 
-use super::audit::AuditRow;
-use super::Recall;
-use crate::stages::embed::KeyRow;
+use crate::eval::audit::AuditRow;
+use crate::eval::Recall;
 use crate::model::preprocess::{crop_pad_square, open, to_rgb_image, vaw_crop_box};
+use crate::tables::image_keys::KeyRow;
 
 /// Thumbnails are at most this many pixels on their long side.
 pub const THUMB: u32 = 96;
@@ -261,7 +261,7 @@ fn condition_chart(p: &Page) -> String {
 
 fn audit_section(p: &Page) -> String {
     let mut s = String::from("<table class=\"res\"><tr><th>check</th><th>templates</th></tr>");
-    for (c, n) in super::audit::counts(p.audit) {
+    for (c, n) in crate::eval::audit::counts(p.audit) {
         s.push_str(&format!("<tr><td>{c}</td><td>{n}</td></tr>"));
     }
     s.push_str("</table>");

@@ -5,7 +5,7 @@
 
 use image::{Rgb, RgbImage};
 
-use super::Recall;
+use crate::eval::Recall;
 
 /// Tasks in row order, methods in column order, as first seen.
 fn axes(rs: &[Recall]) -> (Vec<&str>, Vec<&'static str>) {

@@ -7,14 +7,14 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::data::{self, ImageCache};
-use crate::rng::Rng;
-use super::optim::{AdamW, GradScaler};
 use super::{peak_rss_mib, train_step, Finetune, Optimizer, StepConfig};
 use crate::error::{Error, Result};
 use crate::model::clip::Clip;
 use crate::model::combiner::Combiner;
+use crate::model::optim::{AdamW, GradScaler};
 use crate::model::preprocess::{open, to_tensor};
 use crate::model::{select_device, StateDict};
+use crate::rng::Rng;
 
 pub struct TrainBench<'a> {
     pub samples: u64,

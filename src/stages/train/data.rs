@@ -2,114 +2,20 @@
 //! conditions, the original's train/val split, the decoded-once image
 //! cache, and the original's training augmentation.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::{Int64Type, UInt64Type};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::rng::Rng;
 use crate::model::preprocess::{
     load_rgb, open, resize_window_with, round_half_even, to_rgb_image, Filter, ImageKey, Mode,
     Raster,
 };
-
-/// One training sample: rows into [`Triplets::images`] and `texts`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sample {
-    pub reference: u32,
-    pub target: u32,
-    pub distractor: u32,
-    pub text: u32,
-}
-
-/// The `triplets` table in `sample_id` order, over distinct images and
-/// conditions.
-pub struct Triplets {
-    /// Distinct image ids, sorted.
-    pub images: Vec<i64>,
-    /// Distinct conditions (`relation + " " + object`), sorted.
-    pub texts: Vec<String>,
-    pub samples: Vec<Sample>,
-}
-
-pub fn read_triplets(dir: &Path) -> Result<Triplets> {
-    let mut rows: Vec<(u64, i64, i64, i64, String)> = Vec::new();
-    for b in crate::framework::store::read_table(dir)? {
-        let col = |n: &str| crate::framework::store::column(&b, n).cloned();
-        let id = col("sample_id")?;
-        let id = id.as_primitive::<UInt64Type>();
-        let ids: Vec<_> = ["ref_image_id", "target_image_id", "distractor_image_id"]
-            .iter()
-            .map(|n| col(n))
-            .collect::<Result<_>>()?;
-        let ids: Vec<_> = ids.iter().map(|a| a.as_primitive::<Int64Type>()).collect();
-        let cond = col("condition")?;
-        let cond = cond.as_string::<i32>();
-        for i in 0..b.num_rows() {
-            rows.push((
-                id.value(i),
-                ids[0].value(i),
-                ids[1].value(i),
-                ids[2].value(i),
-                cond.value(i).to_string(),
-            ));
-        }
-    }
-    if rows.is_empty() {
-        return Err(Error::Data(
-            "the triplets table is empty: nothing to train on. Check the mine stage's notes (too few subjects, or a concreteness threshold no sample passes)".into(),
-        ));
-    }
-    rows.sort_by_key(|r| r.0);
-    if let Some(w) = rows.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(Error::Data(format!(
-            "sample_id {} appears twice in the triplets table; give train one mine stage's triplets",
-            w[0].0
-        )));
-    }
-    let images: Vec<i64> = rows
-        .iter()
-        .flat_map(|r| [r.1, r.2, r.3])
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let texts: Vec<String> = rows
-        .iter()
-        .map(|r| r.4.clone())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let img_row: HashMap<i64, u32> = images
-        .iter()
-        .enumerate()
-        .map(|(i, &k)| (k, i as u32))
-        .collect();
-    let txt_row: HashMap<&str, u32> = texts
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.as_str(), i as u32))
-        .collect();
-    let samples = rows
-        .iter()
-        .map(|r| Sample {
-            reference: img_row[&r.1],
-            target: img_row[&r.2],
-            distractor: img_row[&r.3],
-            text: txt_row[r.4.as_str()],
-        })
-        .collect();
-    Ok(Triplets {
-        images,
-        texts,
-        samples,
-    })
-}
+use crate::rng::Rng;
 
 /// `split_to_train_val`: `int(val_fraction * n)` samples from
 /// `val_start_idx` are held out; the rest, in order, train.
@@ -132,28 +38,6 @@ pub fn split(
         )));
     }
     Ok((train, val))
-}
-
-/// `image_id -> image_path` of the `captions` table.
-pub fn read_image_paths(dir: &Path, base: &Path) -> Result<HashMap<i64, PathBuf>> {
-    let mut out = HashMap::new();
-    for b in crate::framework::store::read_table(dir)? {
-        let id = crate::framework::store::column(&b, "image_id")?.clone();
-        let id = id.as_primitive::<Int64Type>();
-        let Some(p) = b.column_by_name("image_path") else {
-            continue;
-        };
-        let p = p.as_string::<i32>();
-        for i in 0..b.num_rows() {
-            if p.is_valid(i) {
-                out.insert(
-                    id.value(i),
-                    crate::framework::stage::resolve_path(base, Path::new(p.value(i))),
-                );
-            }
-        }
-    }
-    Ok(out)
 }
 
 pub fn train_resize(img: &Raster, size: u32) -> Raster {
@@ -386,26 +270,6 @@ pub fn open_eval(path: &Path, size: u32) -> std::result::Result<Raster, String> 
         data: img.into_raw(),
     })
 }
-
-/// Image ids without a file path, as a message naming a few.
-pub fn missing_paths(images: &[i64], paths: &HashMap<i64, PathBuf>) -> Option<String> {
-    let missing: Vec<i64> = images
-        .iter()
-        .filter(|i| !paths.contains_key(i))
-        .copied()
-        .collect();
-    (!missing.is_empty()).then(|| {
-        let few: Vec<String> = missing.iter().take(5).map(|i| i.to_string()).collect();
-        format!(
-            "{} image id(s) of the triplets have no image_path in the captions table, e.g. {}; ingest with an image folder so captions carry paths",
-            missing.len(),
-            few.join(", ")
-        )
-    })
-}
-
-/// Metric rows kept per epoch: (epoch, step, split, metric, value, lr).
-pub type MetricRow = (u32, u64, String, String, f64, f64);
 
 /// Sums for epoch averages weighted by batch size, as AverageMeter.
 #[derive(Default)]

@@ -21,59 +21,36 @@
 
 pub mod bench;
 pub mod data;
-pub mod optim;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use arrow::array::{
-    ArrayRef, Float64Builder, RecordBatch, StringBuilder, UInt32Builder, UInt64Builder,
-};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::array::RecordBatch;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
-use crate::stages::embed::{read_image_keys, read_texts, KeyRow};
 use crate::error::{Error, Result};
+use crate::eval::combiner_recalls;
+use crate::framework::stage::{
+    resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
+};
 use crate::model::clip::{Clip, Vision};
 use crate::model::combiner::{l2_normalize, Combiner, HIDDEN_DIM, PROJECTION_DIM};
+use crate::model::optim::{clip_grad_norm, cosine_lrs, AdamW, GradScaler, Moments};
 use crate::model::preprocess::{load_rgb, to_tensor, ImageKey, Mode, Raster};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::torch_save;
 use crate::model::{select_device, with_precision, StateDict};
-use crate::stages::score::{combiner_recalls, read_embeddings, Embeddings};
-use crate::framework::stage::{
-    resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
-};
 use crate::rng::Rng;
-use data::{ImageCache, Meters, MetricRow, Triplets};
-use optim::{clip_grad_norm, cosine_lrs, AdamW, GradScaler, Moments};
-
-pub static TRAIN_METRICS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        Field::new("epoch", DataType::UInt32, false),
-        Field::new("step", DataType::UInt64, false),
-        Field::new("split", DataType::Utf8, false),
-        Field::new("metric", DataType::Utf8, false),
-        Field::new("value", DataType::Float64, false),
-        Field::new("lr", DataType::Float64, false),
-    ]))
-});
-
-pub static WEIGHTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        Field::new("role", DataType::Utf8, false),
-        Field::new("file", DataType::Utf8, false),
-        Field::new("format", DataType::Utf8, false),
-        Field::new("bytes", DataType::UInt64, false),
-        Field::new("epoch", DataType::UInt32, false),
-        Field::new("select_by", DataType::Utf8, false),
-        Field::new("value", DataType::Float64, false),
-    ]))
-});
+use crate::tables::embeddings::{read_embeddings, Embeddings};
+use crate::tables::image_keys::{read_image_keys, read_texts, KeyRow};
+use crate::tables::metrics::{metrics_batch, MetricRow, TRAIN_METRICS_SCHEMA};
+use crate::tables::triplets::{Sample, Triplets};
+use crate::tables::weights::{weights_batch, WEIGHTS_SCHEMA};
+use data::{ImageCache, Meters};
 
 /// Which CLIP weights train (`set_requires_grad_clip`). In every mode but
 /// `none` CLIP runs in train mode, so a ResNet's BatchNorm uses batch
@@ -231,19 +208,6 @@ fn hidden() -> i64 {
 }
 fn auto() -> String {
     "auto".into()
-}
-
-/// Where a `weights` table says `role`'s file is, if it lists one.
-pub fn weights_file(dir: &Path, role: &str) -> Result<Option<PathBuf>> {
-    let p = crate::framework::store::role_file(dir, role, "file")?;
-    if let Some(p) = p.as_ref().filter(|p| !p.is_file()) {
-        return Err(Error::Data(format!(
-            "{} is listed in {} but missing; rerun the train stage",
-            p.display(),
-            dir.display()
-        )));
-    }
-    Ok(p)
 }
 
 /// The resumable state besides tensors (`last/state.json`).
@@ -543,67 +507,6 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-pub(crate) fn metrics_batch(rows: &[MetricRow]) -> Result<RecordBatch> {
-    let mut e = UInt32Builder::new();
-    let mut s = UInt64Builder::new();
-    let mut sp = StringBuilder::new();
-    let mut m = StringBuilder::new();
-    let mut v = Float64Builder::new();
-    let mut lr = Float64Builder::new();
-    for r in rows {
-        e.append_value(r.0);
-        s.append_value(r.1);
-        sp.append_value(&r.2);
-        m.append_value(&r.3);
-        v.append_value(r.4);
-        lr.append_value(r.5);
-    }
-    Ok(RecordBatch::try_new(
-        TRAIN_METRICS_SCHEMA.clone(),
-        vec![
-            Arc::new(e.finish()) as ArrayRef,
-            Arc::new(s.finish()),
-            Arc::new(sp.finish()),
-            Arc::new(m.finish()),
-            Arc::new(v.finish()),
-            Arc::new(lr.finish()),
-        ],
-    )?)
-}
-
-type WeightsRow = (String, String, String, u64, u32, String, f64);
-
-pub(crate) fn weights_batch(rows: &[WeightsRow]) -> Result<RecordBatch> {
-    let mut role = StringBuilder::new();
-    let mut file = StringBuilder::new();
-    let mut format = StringBuilder::new();
-    let mut bytes = UInt64Builder::new();
-    let mut epoch = UInt32Builder::new();
-    let mut by = StringBuilder::new();
-    let mut value = Float64Builder::new();
-    for r in rows {
-        role.append_value(&r.0);
-        file.append_value(&r.1);
-        format.append_value(&r.2);
-        bytes.append_value(r.3);
-        epoch.append_value(r.4);
-        by.append_value(&r.5);
-        value.append_value(r.6);
-    }
-    Ok(RecordBatch::try_new(
-        WEIGHTS_SCHEMA.clone(),
-        vec![
-            Arc::new(role.finish()) as ArrayRef,
-            Arc::new(file.finish()),
-            Arc::new(format.finish()),
-            Arc::new(bytes.finish()),
-            Arc::new(epoch.finish()),
-            Arc::new(by.finish()),
-            Arc::new(value.finish()),
-        ],
-    )?)
-}
-
 /// The stage that made an input table (its folder's parent).
 fn stage_of(dir: &Path) -> String {
     dir.parent()
@@ -644,7 +547,7 @@ impl Trainer {
     fn new(p: &TrainParams, ctx: &StageContext) -> Result<Trainer> {
         let device = select_device(&p.device).map_err(Error::Data)?;
         let amp = p.mixed_precision && device.is_cuda();
-        let data = data::read_triplets(ctx.input("triplets")?)?;
+        let data = crate::tables::triplets::read_triplets(ctx.input("triplets")?)?;
         let (train_idx, val_idx) =
             data::split(data.samples.len(), p.val_fraction, p.val_start_idx)?;
         tch::manual_seed(p.seed as i64);
@@ -689,8 +592,11 @@ impl Trainer {
                 (Source::Cached { images, texts }, dim)
             }
             (_, Some(c)) => {
-                let paths = data::read_image_paths(ctx.input("captions")?, ctx.base_dir)?;
-                if let Some(m) = data::missing_paths(&data.images, &paths) {
+                let paths = crate::tables::captions::read_image_paths(
+                    ctx.input("captions")?,
+                    ctx.base_dir,
+                )?;
+                if let Some(m) = crate::tables::captions::missing_paths(&data.images, &paths) {
                     return Err(Error::Data(m));
                 }
                 let paths: Vec<PathBuf> = data.images.iter().map(|i| paths[i].clone()).collect();
@@ -1095,8 +1001,8 @@ impl Trainer {
         train: bool,
         epoch: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let samples: Vec<data::Sample> = idx.iter().map(|&i| self.data.samples[i]).collect();
-        let rows = |f: fn(&data::Sample) -> u32| -> Tensor {
+        let samples: Vec<Sample> = idx.iter().map(|&i| self.data.samples[i]).collect();
+        let rows = |f: fn(&Sample) -> u32| -> Tensor {
             let v: Vec<i64> = samples.iter().map(|s| f(s) as i64).collect();
             Tensor::from_slice(&v)
         };
@@ -1108,7 +1014,7 @@ impl Trainer {
                 texts.index_select(0, &rows(|s| s.text).to_device(d)),
             ));
         }
-        let slots: &[fn(&data::Sample) -> u32] = if train && p.encode_distractors {
+        let slots: &[fn(&Sample) -> u32] = if train && p.encode_distractors {
             &[|s| s.reference, |s| s.target, |s| s.distractor]
         } else {
             &[|s| s.reference, |s| s.target]
@@ -1363,7 +1269,7 @@ impl Trainer {
                     let f = tch::no_grad(|| {
                         with_precision(device, self.amp, || clip.encode_image(&x))
                     })?;
-                    ivals.extend(crate::stages::embed::tensor_rows(&f)?);
+                    ivals.extend(crate::tables::embeddings::tensor_rows(&f)?);
                 }
                 let tok = ClipTokenizer::new(clip.config.context_length as usize);
                 let mut tvals = Vec::with_capacity(texts.len() * d);
@@ -1373,7 +1279,7 @@ impl Trainer {
                     let f = tch::no_grad(|| {
                         with_precision(device, self.amp, || clip.encode_text(&toks))
                     })?;
-                    tvals.extend(crate::stages::embed::tensor_rows(&f)?);
+                    tvals.extend(crate::tables::embeddings::tensor_rows(&f)?);
                 }
                 let img = Embeddings::new(&key_names, ivals, d);
                 let txt = Embeddings::new(texts, tvals, d);
@@ -1390,7 +1296,7 @@ impl Trainer {
         };
         let mut out = Vec::new();
         for r in recalls {
-            for (k, v) in crate::stages::score::KS.iter().zip(r.at) {
+            for (k, v) in crate::eval::KS.iter().zip(r.at) {
                 out.push((format!("{}/recall_at_{k}", r.task), v));
             }
         }

@@ -1,0 +1,520 @@
+//! The GeneCIS evaluation, shared by `score` and `train`'s model
+//! selection: templates resolved to embedding rows, queries built per
+//! method, candidates ranked by the original's rule, recalls
+//! (eval/eval_functions.py, utils/model_utils.py).
+
+pub mod audit;
+pub mod rank;
+pub mod template_file;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use arrow::array::{Array, AsArray};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::combiner::Combiner;
+use crate::tables::embeddings::Embeddings;
+pub use rank::{rank_global, Ranked};
+pub use template_file::TASKS;
+
+/// The K of every recall computed; reports show 1/2/3 (GeneCIS) or 1/5/10
+/// (global tasks).
+pub const KS: [usize; 5] = [1, 2, 3, 5, 10];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    ImageOnly,
+    TextOnly,
+    ImagePlusText,
+    Combiner,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::ImageOnly => "image_only",
+            Method::TextOnly => "text_only",
+            Method::ImagePlusText => "image_plus_text",
+            Method::Combiner => "combiner",
+        }
+    }
+}
+
+/// Which CLIP features a query is built from: raw ones (as the original
+/// evaluation does) or L2-normalised ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureInput {
+    Raw,
+    Normalized,
+}
+
+impl FeatureInput {
+    pub fn name(self) -> &'static str {
+        match self {
+            FeatureInput::Raw => "raw",
+            FeatureInput::Normalized => "normalized",
+        }
+    }
+}
+
+/// How queries are built from features: score's params of the same names,
+/// the original's by default.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryConfig {
+    /// Weight of the text in image_plus_text: normalize((1-w) img + w txt).
+    pub text_weight: f64,
+    pub image_plus_text_input: FeatureInput,
+    pub combiner_input: FeatureInput,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        QueryConfig {
+            text_weight: 0.5,
+            image_plus_text_input: FeatureInput::Raw,
+            combiner_input: FeatureInput::Raw,
+        }
+    }
+}
+
+/// One `scores` row as evaluation emits it: task, template id, method,
+/// target rank, similarities, top keys (global tasks).
+pub type EmitRow<'a> = dyn FnMut(&str, u32, Method, u32, &[f32], Option<&[&str]>) + 'a;
+
+pub fn normalized(v: &[f32]) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter().map(|x| x / n).collect()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// 1-based rank of candidate 0 under a stable descending sort.
+pub fn target_rank(sims: &[f32]) -> u32 {
+    1 + sims[1..].iter().filter(|&&s| s > sims[0]).count() as u32
+}
+
+/// One task's templates, resolved to embedding rows.
+pub struct TaskRows {
+    pub task: String,
+    pub template_ids: Vec<u32>,
+    pub conditions: Vec<String>,
+    pub reference: Vec<usize>,
+    pub text: Vec<usize>,
+    /// GeneCIS tasks: target first.
+    pub candidates: Vec<Vec<usize>>,
+    pub global: Option<GlobalRows>,
+}
+
+/// A global task: its gallery and, per query, where the reference and the
+/// hits stand in it.
+pub struct GlobalRows {
+    /// Embedding rows, in gallery order.
+    pub gallery: Vec<usize>,
+    pub keys: Vec<String>,
+    pub mask: Vec<Option<usize>>,
+    pub relevant: Vec<Vec<usize>>,
+}
+
+/// `galleries`: set -> image keys in order.
+pub fn read_galleries(dir: Option<&Path>) -> Result<HashMap<String, Vec<String>>, String> {
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    let Some(dir) = dir else {
+        return Ok(out);
+    };
+    for b in crate::framework::store::read_table(dir).map_err(|e| crate::error::report(&e))? {
+        let set = b
+            .column_by_name("gallery_set")
+            .ok_or("galleries has no gallery_set")?;
+        let key = b
+            .column_by_name("image_key")
+            .ok_or("galleries has no image_key")?;
+        let (set, key) = (set.as_string::<i32>(), key.as_string::<i32>());
+        for i in 0..b.num_rows() {
+            out.entry(set.value(i).to_string())
+                .or_default()
+                .push(key.value(i).to_string());
+        }
+    }
+    Ok(out)
+}
+
+pub fn read_templates(
+    dir: &Path,
+    galleries: &HashMap<String, Vec<String>>,
+    img: &Embeddings,
+    txt: &Embeddings,
+    stage: &str,
+) -> Result<Vec<TaskRows>, String> {
+    let mut by_task: Vec<TaskRows> = Vec::new();
+    // Gallery positions of each set's keys.
+    let positions: HashMap<&str, HashMap<&str, usize>> = galleries
+        .iter()
+        .map(|(set, keys)| {
+            (
+                set.as_str(),
+                keys.iter()
+                    .enumerate()
+                    .map(|(i, k)| (k.as_str(), i))
+                    .collect(),
+            )
+        })
+        .collect();
+    let missing = |what: &str, k: &str, task: &str, id: u32| {
+        format!(
+            "{task} template {id} needs the {what} '{k}', which has no embedding: list the stage that makes this task's templates in the inputs of the embed stage feeding '{stage}'"
+        )
+    };
+    for b in crate::framework::store::read_table(dir).map_err(|e| e.to_string())? {
+        let col = |n: &str| {
+            b.column_by_name(n)
+                .cloned()
+                .ok_or(format!("templates has no column {n}"))
+        };
+        let task = col("task")?;
+        let task = task.as_string::<i32>();
+        let id = col("template_id")?;
+        let id = id.as_primitive::<arrow::datatypes::UInt32Type>();
+        let cond = col("condition")?;
+        let cond = cond.as_string::<i32>();
+        let r = col("reference_key")?;
+        let r = r.as_string::<i32>();
+        let t = col("target_key")?;
+        let t = t.as_string::<i32>();
+        let g = col("gallery_keys")?;
+        let g = g.as_list::<i32>();
+        let gs = col("gallery_set")?;
+        let gs = gs.as_string::<i32>();
+        let tk = col("target_keys")?;
+        let tk = tk.as_list::<i32>();
+        for i in 0..b.num_rows() {
+            let name = task.value(i);
+            let tid = id.value(i);
+            let pos = match by_task.iter().position(|x| x.task == name) {
+                Some(p) => p,
+                None => {
+                    let global = match gs.is_valid(i) {
+                        false => None,
+                        true => {
+                            let set = gs.value(i);
+                            let keys = galleries.get(set).ok_or_else(|| {
+                                format!("{name} ranks the gallery '{set}', which the galleries table does not hold: list the templates stage (not just its templates table) in the inputs of '{stage}'")
+                            })?;
+                            let gallery = keys
+                                .iter()
+                                .map(|k| {
+                                    img.index
+                                        .get(k.as_str())
+                                        .copied()
+                                        .ok_or_else(|| missing("gallery image", k, name, tid))
+                                })
+                                .collect::<Result<Vec<_>, String>>()?;
+                            Some(GlobalRows {
+                                gallery,
+                                keys: keys.clone(),
+                                mask: Vec::new(),
+                                relevant: Vec::new(),
+                            })
+                        }
+                    };
+                    by_task.push(TaskRows {
+                        task: name.to_string(),
+                        template_ids: Vec::new(),
+                        conditions: Vec::new(),
+                        reference: Vec::new(),
+                        text: Vec::new(),
+                        candidates: Vec::new(),
+                        global,
+                    });
+                    by_task.len() - 1
+                }
+            };
+            let get = |k: &str, what: &str| {
+                img.index
+                    .get(k)
+                    .copied()
+                    .ok_or_else(|| missing(what, k, name, tid))
+            };
+            let tr = &mut by_task[pos];
+            tr.template_ids.push(tid);
+            tr.conditions.push(cond.value(i).to_string());
+            tr.reference.push(get(r.value(i), "reference image")?);
+            tr.text.push(
+                txt.index
+                    .get(cond.value(i))
+                    .copied()
+                    .ok_or_else(|| missing("condition text", cond.value(i), name, tid))?,
+            );
+            if let Some(g) = &mut tr.global {
+                let pos = &positions[gs.value(i)];
+                g.mask.push(pos.get(r.value(i)).copied());
+                let hits = tk.value(i);
+                let hits = hits.as_string::<i32>();
+                g.relevant.push(
+                    (0..hits.len())
+                        .map(|j| {
+                            pos.get(hits.value(j)).copied().ok_or_else(|| {
+                                format!(
+                                    "{name} template {tid}: target '{}' is not in its gallery",
+                                    hits.value(j)
+                                )
+                            })
+                        })
+                        .collect::<Result<Vec<_>, String>>()?,
+                );
+                continue;
+            }
+            let mut c = vec![get(t.value(i), "target image")?];
+            let gl = g.value(i);
+            let gl = gl.as_string::<i32>();
+            for j in 0..gl.len() {
+                c.push(get(gl.value(j), "gallery image")?);
+            }
+            tr.candidates.push(c);
+        }
+    }
+    // The paper's task order, then any others by name.
+    by_task.sort_by_key(|t| {
+        (
+            TASKS
+                .iter()
+                .position(|x| *x == t.task)
+                .unwrap_or(TASKS.len()),
+            t.task.clone(),
+        )
+    });
+    Ok(by_task)
+}
+
+/// One result row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recall {
+    pub task: String,
+    pub method: &'static str,
+    /// Recall at each of [`KS`].
+    pub at: [f64; 5],
+    pub n: u64,
+    /// A global task (reported at K = 1, 5, 10).
+    pub global: bool,
+}
+
+impl Recall {
+    fn from_ranks(task: &str, method: &'static str, ranks: &[u32], global: bool) -> Recall {
+        let n = ranks.len() as u64;
+        Recall {
+            task: task.to_string(),
+            method,
+            at: KS.map(|k| {
+                ranks.iter().filter(|&&r| r as usize <= k).count() as f64 / n.max(1) as f64
+            }),
+            n,
+            global,
+        }
+    }
+
+    /// The (K, recall) pairs a report shows: 1/2/3, or 1/5/10 for global tasks.
+    pub fn shown(&self) -> [(usize, f64); 3] {
+        let pick = if self.global { [0, 3, 4] } else { [0, 1, 2] };
+        pick.map(|i| (KS[i], self.at[i]))
+    }
+}
+
+/// Queries of each method against each task's candidates (or gallery):
+/// each `scores` row to `emit`, and one Recall per (task, method), plus the
+/// GeneCIS average when several GeneCIS tasks were scored.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(
+    tasks: &[TaskRows],
+    img: &Embeddings,
+    txt: &Embeddings,
+    p: &QueryConfig,
+    methods: &[Method],
+    combiner: Option<&Combiner>,
+    device: Device,
+    emit: &mut EmitRow<'_>,
+) -> Result<Vec<Recall>> {
+    let img_n: Vec<Vec<f32>> = (0..img.index.len())
+        .map(|i| normalized(img.row(i)))
+        .collect();
+    let txt_n: Vec<Vec<f32>> = (0..txt.index.len())
+        .map(|i| normalized(txt.row(i)))
+        .collect();
+    let mut recalls: Vec<Recall> = Vec::new();
+    for t in tasks {
+        // A global gallery goes to the device once per task.
+        let gallery = match &t.global {
+            Some(g) => {
+                let flat: Vec<f32> = g
+                    .gallery
+                    .iter()
+                    .flat_map(|&r| img_n[r].iter().copied())
+                    .collect();
+                Some(
+                    Tensor::f_from_slice(&flat)?
+                        .f_view([g.gallery.len() as i64, img.dim as i64])?
+                        .f_to_device(device)?,
+                )
+            }
+            None => None,
+        };
+        for &method in methods {
+            let queries: Vec<Vec<f32>> = match method {
+                Method::ImageOnly => t.reference.iter().map(|&r| img_n[r].clone()).collect(),
+                Method::TextOnly => t.text.iter().map(|&x| txt_n[x].clone()).collect(),
+                Method::ImagePlusText => t
+                    .reference
+                    .iter()
+                    .zip(&t.text)
+                    .map(|(&r, &x)| {
+                        let w = p.text_weight as f32;
+                        let (a, b) = match p.image_plus_text_input {
+                            FeatureInput::Raw => (img.row(r), txt.row(x)),
+                            FeatureInput::Normalized => (&img_n[r][..], &txt_n[x][..]),
+                        };
+                        let mix: Vec<f32> = a
+                            .iter()
+                            .zip(b)
+                            .map(|(a, b)| (1.0 - w) * a + w * b)
+                            .collect();
+                        normalized(&mix)
+                    })
+                    .collect(),
+                Method::Combiner => {
+                    let comb = combiner.ok_or_else(|| {
+                        Error::Internal("combiner method without a combiner".into())
+                    })?;
+                    let pick = |rows: &[usize], e: &Embeddings, n: &[Vec<f32>]| -> Tensor {
+                        let flat: Vec<f32> = rows
+                            .iter()
+                            .flat_map(|&r| match p.combiner_input {
+                                FeatureInput::Raw => e.row(r).to_vec(),
+                                FeatureInput::Normalized => n[r].clone(),
+                            })
+                            .collect();
+                        Tensor::from_slice(&flat)
+                            .view([rows.len() as i64, e.dim as i64])
+                            .to_device(device)
+                    };
+                    let mut out = Vec::with_capacity(t.reference.len());
+                    // Blocks keep a large global task's activations small.
+                    for (refs, texts) in t.reference.chunks(4096).zip(t.text.chunks(4096)) {
+                        let qi = pick(refs, &img, &img_n);
+                        let qt = pick(texts, &txt, &txt_n);
+                        let y = tch::no_grad(|| comb.forward(&qi, &qt))?;
+                        let flat =
+                            Vec::<f32>::try_from(y.to_device(Device::Cpu).contiguous().view([-1]))?;
+                        out.extend(flat.chunks(img.dim).map(normalized));
+                    }
+                    out
+                }
+            };
+            let ranks = match (&t.global, &gallery) {
+                (Some(g), Some(gallery)) => {
+                    let flat: Vec<f32> = queries.iter().flatten().copied().collect();
+                    let ranked =
+                        rank_global(&flat, img.dim, gallery, &g.mask, &g.relevant, 10, device)?;
+                    for (i, r) in ranked.iter().enumerate() {
+                        let sims: Vec<f32> = r.top.iter().map(|x| x.1).collect();
+                        let keys: Vec<&str> = r
+                            .top
+                            .iter()
+                            .map(|x| g.keys[x.0 as usize].as_str())
+                            .collect();
+                        emit(
+                            &t.task,
+                            t.template_ids[i],
+                            method,
+                            r.rank,
+                            &sims,
+                            Some(&keys),
+                        );
+                    }
+                    ranked.iter().map(|r| r.rank).collect::<Vec<_>>()
+                }
+                _ => {
+                    let mut ranks = Vec::with_capacity(queries.len());
+                    for (i, q) in queries.iter().enumerate() {
+                        let sims: Vec<f32> =
+                            t.candidates[i].iter().map(|&c| dot(q, &img_n[c])).collect();
+                        let rank = target_rank(&sims);
+                        emit(&t.task, t.template_ids[i], method, rank, &sims, None);
+                        ranks.push(rank);
+                    }
+                    ranks
+                }
+            };
+            recalls.push(Recall::from_ranks(
+                &t.task,
+                method.name(),
+                &ranks,
+                t.global.is_some(),
+            ));
+        }
+    }
+    let local: Vec<&TaskRows> = tasks.iter().filter(|t| t.global.is_none()).collect();
+    if local.len() > 1 {
+        for &method in methods {
+            let rs: Vec<&Recall> = recalls
+                .iter()
+                .filter(|r| r.method == method.name() && !r.global)
+                .collect();
+            let mut at = [0.0; 5];
+            for r in &rs {
+                for (a, v) in at.iter_mut().zip(r.at) {
+                    *a += v / rs.len() as f64;
+                }
+            }
+            recalls.push(Recall {
+                task: "average".into(),
+                method: method.name(),
+                at,
+                n: rs.iter().map(|r| r.n).sum(),
+                global: false,
+            });
+        }
+    }
+    Ok(recalls)
+}
+
+/// A Combiner's recalls on the templates (what `train` selects by).
+pub fn combiner_recalls(
+    templates: &Path,
+    galleries: Option<&Path>,
+    img: &Embeddings,
+    txt: &Embeddings,
+    combiner: &Combiner,
+    device: Device,
+    stage: &str,
+) -> Result<Vec<Recall>> {
+    let galleries = read_galleries(galleries).map_err(Error::Data)?;
+    let tasks = read_templates(templates, &galleries, img, txt, stage).map_err(Error::Data)?;
+    evaluate(
+        &tasks,
+        img,
+        txt,
+        &QueryConfig::default(),
+        &[Method::Combiner],
+        Some(combiner),
+        device,
+        &mut |_, _, _, _, _, _| {},
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_counts_strictly_better_candidates() {
+        assert_eq!(target_rank(&[0.9, 0.1, 0.2]), 1);
+        assert_eq!(target_rank(&[0.5, 0.6, 0.4, 0.7]), 3);
+        // A tie keeps candidate order: the target (index 0) stays ahead.
+        assert_eq!(target_rank(&[0.5, 0.5, 0.1]), 1);
+    }
+}

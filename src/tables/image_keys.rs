@@ -1,0 +1,95 @@
+//! `image_keys(image_key, source, path, bbox_*?, required, rgb_first)` and
+//! `texts(text)`: the images and conditions a benchmark needs encoded,
+//! written by `templates`, read by embed, score and train.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{Array, ArrayRef, AsArray};
+use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+
+use crate::error::Result;
+
+pub static IMAGE_KEYS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("image_key", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("path", DataType::Utf8, false),
+        Field::new("bbox_x", DataType::Float64, true),
+        Field::new("bbox_y", DataType::Float64, true),
+        Field::new("bbox_w", DataType::Float64, true),
+        Field::new("bbox_h", DataType::Float64, true),
+        Field::new("required", DataType::Boolean, false),
+        Field::new("rgb_first", DataType::Boolean, false),
+    ]))
+});
+
+pub static TEXTS_SCHEMA: LazyLock<SchemaRef> =
+    LazyLock::new(|| Arc::new(Schema::new(vec![Field::new("text", DataType::Utf8, false)])));
+
+/// One row of `image_keys`.
+#[derive(Debug, Clone)]
+pub struct KeyRow {
+    pub key: String,
+    pub path: PathBuf,
+    pub bbox: Option<[f64; 4]>,
+    pub required: bool,
+    pub rgb_first: bool,
+}
+
+/// Distinct keys of an `image_keys` table, sorted.
+pub fn read_image_keys(dir: &Path) -> Result<Vec<KeyRow>> {
+    let mut out: BTreeMap<String, KeyRow> = BTreeMap::new();
+    for b in crate::framework::store::read_table(dir)? {
+        let col = |n: &str| crate::framework::store::column(&b, n).cloned();
+        let key = col("image_key")?;
+        let key = key.as_string::<i32>();
+        let path = col("path")?;
+        let path = path.as_string::<i32>();
+        let bb: Vec<ArrayRef> = ["bbox_x", "bbox_y", "bbox_w", "bbox_h"]
+            .iter()
+            .map(|n| col(n))
+            .collect::<Result<_>>()?;
+        let bb: Vec<_> = bb.iter().map(|a| a.as_primitive::<Float64Type>()).collect();
+        let req = col("required")?;
+        let req = req.as_boolean();
+        let rgb_first = b
+            .column_by_name("rgb_first")
+            .map(|c| c.as_boolean().clone());
+        for i in 0..b.num_rows() {
+            let bbox = if bb.iter().all(|a| a.is_valid(i)) {
+                Some([
+                    bb[0].value(i),
+                    bb[1].value(i),
+                    bb[2].value(i),
+                    bb[3].value(i),
+                ])
+            } else {
+                None
+            };
+            let row = KeyRow {
+                key: key.value(i).to_string(),
+                path: PathBuf::from(path.value(i)),
+                bbox,
+                required: req.value(i),
+                rgb_first: rgb_first.as_ref().is_some_and(|c| c.value(i)),
+            };
+            out.entry(row.key.clone())
+                .and_modify(|r| r.required |= row.required)
+                .or_insert(row);
+        }
+    }
+    Ok(out.into_values().collect())
+}
+
+/// Distinct values of a text column, sorted.
+pub fn read_texts(dir: &Path, column: &str) -> Result<Vec<String>> {
+    let mut out = std::collections::BTreeSet::new();
+    for b in crate::framework::store::read_table(dir)? {
+        if let Some(c) = b.column_by_name(column) {
+            let c = arrow::compute::cast(c, &DataType::Utf8)?;
+            out.extend(c.as_string::<i32>().iter().flatten().map(str::to_string));
+        }
+    }
+    Ok(out.into_iter().collect())
+}
