@@ -236,6 +236,9 @@ pub fn resolve_path(base: &Path, p: &Path) -> PathBuf {
 /// One batch per output table, by table name.
 pub type ChunkTables = Vec<(&'static str, RecordBatch)>;
 
+/// Runs chunks `todo` side by side, each through `one`.
+pub type ParallelRun<W> = fn(&W, &[usize], &(dyn Fn(&W, usize) -> Result<()> + Sync)) -> Result<()>;
+
 /// A stage's work, cut into chunks.
 pub struct Chunks<W> {
     /// Whatever every chunk reads (input rows, a loaded model, counters).
@@ -244,11 +247,21 @@ pub struct Chunks<W> {
     /// count, the progress bar's steps and the summary's rows/s.
     pub sizes: Vec<u64>,
     pub unit: &'static str,
-    /// Chunks may be computed side by side on the thread pool (each on one
-    /// thread); otherwise one after another, each using the pool inside.
-    pub parallel: bool,
+    /// Set by [`Chunks::in_parallel`]: chunks computed side by side on the
+    /// thread pool (each on one thread), sharing the work. `None`: one
+    /// after another, each using the pool inside and updating the work.
+    pub parallel: Option<ParallelRun<W>>,
     /// The embedding width of the tables that have one.
     pub width: Option<i32>,
+}
+
+impl<W: Sync> Chunks<W> {
+    /// Chunks that may run side by side: only work every thread may read
+    /// at once qualifies.
+    pub fn in_parallel(mut self) -> Chunks<W> {
+        self.parallel = Some(|work, todo, one| todo.par_iter().try_for_each(|&k| one(work, k)));
+        self
+    }
 }
 
 impl<W> Chunks<W> {
@@ -258,7 +271,7 @@ impl<W> Chunks<W> {
             work,
             sizes: vec![units],
             unit,
-            parallel: false,
+            parallel: None,
             width: None,
         }
     }
@@ -273,7 +286,7 @@ impl<W> Chunks<W> {
             work,
             sizes,
             unit,
-            parallel: false,
+            parallel: None,
             width: None,
         }
     }
@@ -293,8 +306,9 @@ pub trait Stage: 'static {
     /// Parsed with `deny_unknown_fields`; defaults filled in, so the
     /// canonical (re-serialised) form is what the fingerprint hashes.
     type Params: Serialize + DeserializeOwned + Send + Sync;
-    /// What [`Stage::plan`] prepares for the chunks.
-    type Work: Send + Sync;
+    /// What [`Stage::plan`] prepares for the chunks; it must be `Sync` only
+    /// for chunks that run in parallel ([`Chunks::in_parallel`]).
+    type Work;
 
     /// Tables this kind reads from its inputs.
     fn input_tables() -> &'static [InputTable];
@@ -336,14 +350,33 @@ pub trait Stage: 'static {
     /// every process of a sharded run, so it must give the same chunks.
     fn plan(params: &Self::Params, ctx: &StageContext) -> Result<Chunks<Self::Work>>;
 
-    /// Computes chunk `k`: one batch per output table. `None` leaves the
-    /// chunk unwritten (a rerun redoes it); [`Stage::finish`] must then say why.
+    /// Computes chunk `k` when the plan's chunks run one after another
+    /// (`parallel` unset): `work` is the stage's to update as it goes (a
+    /// trainer's state, counters). One batch per output table; `None`
+    /// leaves the chunk unwritten (a rerun redoes it), and
+    /// [`Stage::finish`] must then say why. By default, [`Stage::run_shared`].
     fn run_chunk(
         params: &Self::Params,
-        work: &Self::Work,
+        work: &mut Self::Work,
         k: usize,
         ctx: &StageContext,
-    ) -> Result<Option<ChunkTables>>;
+    ) -> Result<Option<ChunkTables>> {
+        Self::run_shared(params, work, k, ctx)
+    }
+
+    /// Computes chunk `k` from shared work: chunks of a `parallel` plan run
+    /// side by side on the thread pool.
+    fn run_shared(
+        _params: &Self::Params,
+        _work: &Self::Work,
+        _k: usize,
+        _ctx: &StageContext,
+    ) -> Result<Option<ChunkTables>> {
+        Err(Error::Internal(format!(
+            "stage kind {} planned parallel chunks but computes them only in sequence",
+            Self::KIND
+        )))
+    }
 
     /// After this process's chunks: notes for the summary, or the error
     /// that explains unwritten chunks.
@@ -425,21 +458,27 @@ pub fn drive<S: Stage>(params: &S::Params, ctx: &StageContext, d: Driver) -> Res
     let bar = d.progress.bar(ctx.stage, units, chunks.unit);
     bar.set_position((0..n).filter(|&k| done[k]).map(|k| chunks.sizes[k]).sum());
     let written = AtomicU64::new(0);
-    let one = |k: usize| -> Result<()> {
-        if let Some(tables) = S::run_chunk(params, &chunks.work, k, ctx)? {
+    let record = |k: usize, tables: Option<ChunkTables>| -> Result<()> {
+        if let Some(tables) = tables {
             writer.write_chunk(k, &tables)?;
             written.fetch_add(1, Ordering::Relaxed);
         }
         bar.inc(chunks.sizes[k]);
         Ok(())
     };
-    if chunks.parallel {
-        todo.par_iter().try_for_each(|&k| one(k))?;
-    } else {
-        todo.iter().try_for_each(|&k| one(k))?;
+    let mut work = chunks.work;
+    match chunks.parallel {
+        Some(run) => run(&work, &todo, &|w, k| {
+            record(k, S::run_shared(params, w, k, ctx)?)
+        })?,
+        None => {
+            for &k in &todo {
+                record(k, S::run_chunk(params, &mut work, k, ctx)?)?;
+            }
+        }
     }
     bar.finish_and_clear();
-    S::finish(params, chunks.work, ctx)?;
+    S::finish(params, work, ctx)?;
     let missing = (0..n).filter(|&k| !writer.chunk_done(k)).count();
     if let Some(s) = d.shard {
         ctx.note(format!(

@@ -286,7 +286,7 @@ impl Stage for Embed {
                 device,
                 dim,
                 model: p.model_name(&weights, trained_by.as_deref()),
-                state: std::sync::Mutex::new(EncodeState {
+                state: EncodeState {
                     clip,
                     tokenizer,
                     failed: Vec::new(),
@@ -295,23 +295,22 @@ impl Stage for Embed {
                     n_images: 0,
                     n_rejected: 0,
                     started: Instant::now(),
-                }),
+                },
             },
             sizes,
             unit: "images",
-            parallel: false,
+            parallel: None,
             width: Some(dim),
         })
     }
 
     fn run_chunk(
         p: &EmbedParams,
-        w: &Encoding,
+        w: &mut Encoding,
         k: usize,
         _ctx: &StageContext,
     ) -> Result<Option<ChunkTables>> {
-        let mut st = w.state.lock().unwrap_or_else(|e| e.into_inner());
-        let st = &mut *st;
+        let st = &mut w.state;
         let (device, dim) = (w.device, w.dim);
         let n_px = st.clip.config.image_resolution as u32;
         // Images.
@@ -436,7 +435,7 @@ impl Stage for Embed {
     }
 
     fn finish(_p: &EmbedParams, w: Encoding, ctx: &StageContext) -> Result<()> {
-        let st = w.state.into_inner().unwrap_or_else(|e| e.into_inner());
+        let st = w.state;
         if !st.failed.is_empty() {
             let first: Vec<String> = st
                 .failed
@@ -484,7 +483,7 @@ pub struct Encoding {
     dim: i32,
     model: String,
     /// libtorch tensors are not `Sync`: chunks take the model in turn.
-    state: std::sync::Mutex<EncodeState>,
+    state: EncodeState,
 }
 
 struct EncodeState {

@@ -132,12 +132,13 @@ impl Stage for ImportParses {
             },
             sizes: vec![n; p.repeat],
             unit: "parses",
-            parallel: true,
+            parallel: None,
             width: None,
-        })
+        }
+        .in_parallel())
     }
 
-    fn run_chunk(
+    fn run_shared(
         _p: &ImportParams,
         w: &Parsed,
         copy: usize,

@@ -279,11 +279,11 @@ impl Stage for Ingest {
             p.chunk_rows as u64,
             "lines",
         );
-        chunks.parallel = true;
+        chunks = chunks.in_parallel();
         Ok(chunks)
     }
 
-    fn run_chunk(
+    fn run_shared(
         p: &IngestParams,
         w: &Lines,
         k: usize,

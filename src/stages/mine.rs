@@ -246,7 +246,7 @@ impl Stage for Mine {
         ))
     }
 
-    fn run_chunk(
+    fn run_shared(
         p: &MineParams,
         w: &Sampler,
         k: usize,

@@ -505,7 +505,7 @@ impl Stage for Pretrain {
         Ok(Chunks::single((), p.epochs as u64, "epochs"))
     }
 
-    fn run_chunk(
+    fn run_shared(
         p: &PretrainParams,
         _w: &(),
         _k: usize,

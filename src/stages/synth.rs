@@ -788,7 +788,7 @@ impl Stage for Synth {
         ))
     }
 
-    fn run_chunk(
+    fn run_shared(
         p: &SynthParams,
         _w: &(),
         _k: usize,

@@ -135,12 +135,12 @@ impl Stage for Parse {
             work: parts,
             sizes,
             unit: "captions",
-            parallel: false,
+            parallel: None,
             width: None,
         })
     }
 
-    fn run_chunk(
+    fn run_shared(
         p: &ParseParams,
         parts: &Vec<PathBuf>,
         k: usize,

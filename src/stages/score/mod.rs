@@ -242,7 +242,7 @@ impl Stage for Score {
         Ok(Chunks::single((), n, "templates"))
     }
 
-    fn run_chunk(
+    fn run_shared(
         p: &ScoreParams,
         _w: &(),
         _k: usize,

@@ -287,7 +287,7 @@ impl Stage for Templates {
         Ok(Chunks::single((files, globals), n, "templates"))
     }
 
-    fn run_chunk(
+    fn run_shared(
         p: &TemplatesParams,
         (files, globals): &Self::Work,
         _k: usize,

@@ -20,213 +20,40 @@
 //! (weights, AdamW moments, scaler, epoch and step, metrics so far).
 
 pub mod bench;
+mod checkpoint;
 pub mod data;
+mod params;
+mod select;
+mod step;
 
-use std::collections::{BTreeMap, HashMap};
+use checkpoint::Progress;
+pub use params::{Finetune, TrainParams};
+use select::{Selection, SelectionFeatures};
+pub use step::{train_step, Optimizer, StepConfig};
+
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use arrow::array::RecordBatch;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::error::{Error, Result};
-use crate::eval::combiner_recalls;
 use crate::framework::stage::{
     resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
 use crate::model::clip::{Clip, Vision};
 use crate::model::combiner::{l2_normalize, Combiner, HIDDEN_DIM, PROJECTION_DIM};
-use crate::model::optim::{clip_grad_norm, cosine_lrs, AdamW, GradScaler, Moments};
+use crate::model::optim::{cosine_lrs, AdamW, GradScaler};
 use crate::model::preprocess::{load_rgb, to_tensor, ImageKey, Mode, Raster};
 use crate::model::tokenizer::ClipTokenizer;
-use crate::model::torch_save;
 use crate::model::{select_device, with_precision, StateDict};
 use crate::rng::Rng;
 use crate::tables::embeddings::{read_embeddings, Embeddings};
-use crate::tables::image_keys::{read_image_keys, read_texts, KeyRow};
 use crate::tables::metrics::{metrics_batch, MetricRow, TRAIN_METRICS_SCHEMA};
 use crate::tables::triplets::{Sample, Triplets};
 use crate::tables::weights::{weights_batch, WEIGHTS_SCHEMA};
 use data::{ImageCache, Meters};
-
-/// Which CLIP weights train (`set_requires_grad_clip`). In every mode but
-/// `none` CLIP runs in train mode, so a ResNet's BatchNorm uses batch
-/// statistics even where its weights are frozen, as in the original.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Finetune {
-    /// Frozen backbone; features from an `embed` stage (cached mode).
-    None,
-    ImagePlusTextWhole,
-    ImageOnlyWhole,
-    TextOnlyWhole,
-    /// The ResNet's attention pool and text block 11.
-    ImagePlusText,
-    /// The ResNet's attention pool.
-    ImageOnly,
-    /// The text transformer.
-    TextOnly,
-}
-
-fn is_buffer(name: &str) -> bool {
-    name.ends_with("running_mean")
-        || name.ends_with("running_var")
-        || name.ends_with("num_batches_tracked")
-}
-
-impl Finetune {
-    fn trains(self, name: &str) -> bool {
-        if is_buffer(name) {
-            return false;
-        }
-        match self {
-            Finetune::None => false,
-            Finetune::ImagePlusTextWhole => true,
-            Finetune::ImageOnlyWhole => name.starts_with("visual."),
-            Finetune::TextOnlyWhole | Finetune::TextOnly => name.starts_with("transformer."),
-            Finetune::ImageOnly => name.starts_with("visual.attnpool."),
-            Finetune::ImagePlusText => {
-                name.starts_with("visual.attnpool.")
-                    || name.starts_with("transformer.resblocks.11.")
-            }
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainParams {
-    #[serde(default = "whole")]
-    pub finetune: Finetune,
-    /// The CLIP to start from (needed when fine-tuning).
-    #[serde(default)]
-    pub checkpoint: Option<PathBuf>,
-    /// A Combiner to start from instead of a fresh one.
-    #[serde(default)]
-    pub combiner: Option<PathBuf>,
-    #[serde(default = "six")]
-    pub epochs: usize,
-    #[serde(default = "b256")]
-    pub batch_size: usize,
-    #[serde(default = "lr")]
-    pub lr: f64,
-    #[serde(default)]
-    pub weight_decay: f64,
-    #[serde(default = "betas")]
-    pub betas: [f64; 2],
-    #[serde(default = "eps")]
-    pub eps: f64,
-    /// 1 / temperature of the contrastive softmax.
-    #[serde(default = "lamda")]
-    pub lamda: f64,
-    /// Seeds the Combiner's initialisation, dropout and crops.
-    #[serde(default)]
-    pub seed: u64,
-    /// The shuffle's seed: the original's DistributedSampler uses its
-    /// default 0 (plus the epoch), whatever `--seed` says.
-    #[serde(default)]
-    pub sampler_seed: u64,
-    #[serde(default = "tenth")]
-    pub val_fraction: f64,
-    #[serde(default)]
-    pub val_start_idx: usize,
-    /// The val loader drops its last partial batch, as the original's.
-    #[serde(default = "yes")]
-    pub val_drop_last: bool,
-    /// Max L2 norm of the CLIP gradients (0 turns clipping off).
-    #[serde(default = "one")]
-    pub clip_grad_norm: f64,
-    /// The original clips the scaled gradients (before the GradScaler
-    /// unscales them), so under AMP the effective bound is max_norm/scale.
-    /// `false` unscales first, as PyTorch's AMP recipe says.
-    #[serde(default = "yes")]
-    pub clip_before_unscale: bool,
-    /// Encode the distractor images (not in the loss; with a ResNet they
-    /// shape BatchNorm's batch statistics).
-    #[serde(default = "yes")]
-    pub encode_distractors: bool,
-    #[serde(default = "proj")]
-    pub projection_dim: i64,
-    #[serde(default = "hidden")]
-    pub hidden_dim: i64,
-    #[serde(default = "auto")]
-    pub device: String,
-    /// fp16 autocast with a GradScaler on a GPU (ignored on CPU).
-    #[serde(default = "yes")]
-    pub mixed_precision: bool,
-    /// Also checkpoint every N steps inside an epoch (0: epoch ends only).
-    #[serde(default)]
-    pub checkpoint_every_steps: u64,
-    /// `split/metric` that picks the best epoch: `templates/cirr_val/recall_at_1`
-    /// (the original's), `templates/change_attribute/recall_at_1`,
-    /// `val/recall_at_1`; `auto` takes the first of those available.
-    #[serde(default = "auto")]
-    pub select_by: String,
-    /// Which model's embeddings (cached mode), when they hold several.
-    #[serde(default)]
-    pub model: Option<String>,
-}
-
-fn whole() -> Finetune {
-    Finetune::ImagePlusTextWhole
-}
-fn six() -> usize {
-    6
-}
-fn b256() -> usize {
-    256
-}
-fn lr() -> f64 {
-    1e-6
-}
-fn betas() -> [f64; 2] {
-    [0.9, 0.999]
-}
-fn eps() -> f64 {
-    1e-8
-}
-fn lamda() -> f64 {
-    100.0
-}
-fn tenth() -> f64 {
-    0.1
-}
-fn yes() -> bool {
-    true
-}
-fn one() -> f64 {
-    1.0
-}
-fn proj() -> i64 {
-    PROJECTION_DIM
-}
-fn hidden() -> i64 {
-    HIDDEN_DIM
-}
-fn auto() -> String {
-    "auto".into()
-}
-
-/// The resumable state besides tensors (`last/state.json`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Progress {
-    /// The epoch being trained (== epochs when done).
-    epoch: usize,
-    /// Steps of `epoch` done.
-    step: u64,
-    scaler: Option<GradScaler>,
-    /// AdamW's step count per parameter.
-    steps: BTreeMap<String, u64>,
-    /// This epoch's meter sums so far.
-    meters: BTreeMap<String, (f64, f64)>,
-    /// (value, epoch) of the best epoch so far.
-    best: Option<(f64, usize)>,
-    /// Every metric row so far.
-    metrics: Vec<MetricRow>,
-}
 
 enum Source {
     /// Cached mode: features of every distinct image and condition.
@@ -240,22 +67,7 @@ enum Source {
     },
 }
 
-enum SelectionFeatures {
-    Cached(Embeddings, Embeddings),
-    Encode {
-        keys: Vec<KeyRow>,
-        texts: Vec<String>,
-        cache: Option<ImageCache>,
-    },
-}
-
-struct Selection {
-    templates: PathBuf,
-    galleries: Option<PathBuf>,
-    features: SelectionFeatures,
-}
-
-struct Trainer {
+pub struct Trainer {
     device: Device,
     amp: bool,
     clip: Option<Clip>,
@@ -281,21 +93,23 @@ struct Timing {
     steps: u64,
     samples: u64,
     train: Duration,
-    /// Counted while features are read through `&self`.
-    images: std::cell::Cell<u64>,
-    augment: std::cell::Cell<Duration>,
+    /// Counted while features are read through `&self` (the optimiser
+    /// holds the rest): images augmented and nanoseconds spent on them.
+    images: AtomicU64,
+    augment_ns: AtomicU64,
 }
-
-pub struct TrainWork(Mutex<Trainer>);
 
 pub struct Train;
 
 impl Stage for Train {
     const KIND: &'static str = "train";
-    const VERSION: &'static str = "1";
+    /// 2: the selected weights are listed in the last epoch's part (no extra
+    /// empty chunk), so a run of version 1 reruns instead of resuming.
+    const VERSION: &'static str = "2";
     const ABOUT: &'static str = "triplets (+ captions or embeddings, + templates) -> a trained Combiner (and CLIP): train_metrics, weights";
     type Params = TrainParams;
-    type Work = TrainWork;
+    /// One epoch per chunk, in sequence, on the trainer's own state.
+    type Work = Trainer;
 
     fn input_tables() -> &'static [InputTable] {
         const INPUTS: &[InputTable] = &[
@@ -418,34 +232,24 @@ impl Stage for Train {
         out
     }
 
-    fn plan(p: &TrainParams, ctx: &StageContext) -> Result<Chunks<TrainWork>> {
+    fn plan(p: &TrainParams, ctx: &StageContext) -> Result<Chunks<Trainer>> {
         let t = Trainer::new(p, ctx)?;
         let n_train = t.train_idx.len() as u64;
-        let mut sizes = vec![n_train; p.epochs];
-        sizes.push(0);
         Ok(Chunks {
-            work: TrainWork(Mutex::new(t)),
-            sizes,
+            sizes: vec![n_train; p.epochs],
+            work: t,
             unit: "samples",
-            parallel: false,
+            parallel: None,
             width: None,
         })
     }
 
     fn run_chunk(
         p: &TrainParams,
-        w: &TrainWork,
+        t: &mut Trainer,
         k: usize,
         ctx: &StageContext,
     ) -> Result<Option<ChunkTables>> {
-        let mut t = w.0.lock().unwrap_or_else(|e| e.into_inner());
-        if k == p.epochs {
-            let weights = t.weights_rows(p, ctx)?;
-            return Ok(Some(vec![
-                ("train_metrics", metrics_batch(&[])?),
-                ("weights", weights),
-            ]));
-        }
         if t.progress.epoch < k {
             return Err(Error::Internal(format!(
                 "epoch {k} before epoch {} finished",
@@ -462,14 +266,19 @@ impl Stage for Train {
             .filter(|r| r.0 as usize == k)
             .cloned()
             .collect();
+        // The last epoch's chunk lists the selected epoch's files.
+        let weights = if k + 1 == p.epochs {
+            t.weights_rows(p, ctx)?
+        } else {
+            weights_batch(&[])?
+        };
         Ok(Some(vec![
             ("train_metrics", metrics_batch(&rows)?),
-            ("weights", weights_batch(&[])?),
+            ("weights", weights),
         ]))
     }
 
-    fn finish(_p: &TrainParams, w: TrainWork, ctx: &StageContext) -> Result<()> {
-        let t = w.0.into_inner().unwrap_or_else(|e| e.into_inner());
+    fn finish(_p: &TrainParams, t: Trainer, ctx: &StageContext) -> Result<()> {
         let tm = &t.timing;
         if tm.steps > 0 {
             let secs = tm.train.as_secs_f64().max(1e-9);
@@ -482,7 +291,8 @@ impl Stage for Train {
                 t.device
             ));
         }
-        let (images, augment) = (tm.images.get(), tm.augment.get().as_secs_f64());
+        let images = tm.images.load(Ordering::Relaxed);
+        let augment = tm.augment_ns.load(Ordering::Relaxed) as f64 * 1e-9;
         if images > 0 {
             ctx.note(format!(
                 "crop + resize + normalise of cached images: {images} in {augment:.2} s = {:.0} images/s",
@@ -673,234 +483,6 @@ impl Trainer {
         Ok(t)
     }
 
-    /// What selection scores: the cached embeddings, or in fine-tune modes
-    /// the templates' images and texts, encoded each epoch.
-    fn selection(
-        ctx: &StageContext,
-        cached: Option<(Embeddings, Embeddings)>,
-    ) -> Result<Option<Selection>> {
-        let Some(templates) = ctx.optional_input("templates") else {
-            return Ok(None);
-        };
-        let features = match cached {
-            Some((img, txt)) => SelectionFeatures::Cached(img, txt),
-            None => {
-                let Some(keys) = ctx.optional_input("image_keys") else {
-                    return Err(Error::Data(
-                        "selecting on templates while fine-tuning encodes their images: the templates stage's image_keys must be an input too".into(),
-                    ));
-                };
-                let texts = match ctx.optional_input("texts") {
-                    Some(d) => read_texts(d, "text")?,
-                    None => Vec::new(),
-                };
-                SelectionFeatures::Encode {
-                    keys: read_image_keys(keys)?,
-                    texts,
-                    cache: None,
-                }
-            }
-        };
-        Ok(Some(Selection {
-            templates: templates.to_path_buf(),
-            galleries: ctx.optional_input("galleries").map(Path::to_path_buf),
-            features,
-        }))
-    }
-
-    fn resolve_select_by(p: &TrainParams, sel: Option<&Selection>) -> Result<String> {
-        let tasks: Vec<String> = match sel {
-            Some(s) => read_texts(&s.templates, "task")?,
-            None => Vec::new(),
-        };
-        let local = tasks
-            .iter()
-            .filter(|t| !t.starts_with("cirr") && !t.starts_with("mit_states"))
-            .count();
-        if p.select_by == "auto" {
-            return Ok(if tasks.iter().any(|t| t == "cirr_val") {
-                "templates/cirr_val/recall_at_1".into()
-            } else if local > 1 {
-                "templates/average/recall_at_1".into()
-            } else if let Some(t) = tasks.first() {
-                format!("templates/{t}/recall_at_1")
-            } else {
-                "val/recall_at_1".into()
-            });
-        }
-        if let Some(rest) = p.select_by.strip_prefix("templates/") {
-            let task = rest.split('/').next().unwrap_or("");
-            if !(tasks.iter().any(|t| t == task) || (task == "average" && local > 1)) {
-                return Err(Error::Data(format!(
-                    "select_by = {}: the templates input has no task '{task}' (it has: {})",
-                    p.select_by,
-                    if tasks.is_empty() {
-                        "no templates input".to_string()
-                    } else {
-                        tasks.join(", ")
-                    }
-                )));
-            }
-        }
-        Ok(p.select_by.clone())
-    }
-
-    /// Restores `last/` (or `last.old/`, when a swap was interrupted);
-    /// false when there is nothing to resume.
-    fn resume(&mut self) -> Result<bool> {
-        let dir = if self.last_dir.join("state.json").is_file() {
-            self.last_dir.clone()
-        } else {
-            let old = self.last_dir.with_file_name("last.old");
-            if old.join("state.json").is_file() {
-                old
-            } else {
-                return Ok(false);
-            }
-        };
-        let bad = |m: String| {
-            Error::Data(format!(
-                "cannot resume from {}: {m}. Delete that folder to restart the stage",
-                dir.display()
-            ))
-        };
-        let text =
-            std::fs::read_to_string(dir.join("state.json")).map_err(|e| bad(e.to_string()))?;
-        let progress: Progress = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let load = |f: &str| -> Result<HashMap<String, Tensor>> {
-            Ok(crate::model::torch_pickle::read_state_dict(&dir.join(f))
-                .map_err(bad)?
-                .into_iter()
-                .collect())
-        };
-        let copy_into = |dst: &Tensor, src: &Tensor| -> Result<()> {
-            let mut d = dst.shallow_clone();
-            tch::no_grad(|| d.f_copy_(&src.to_kind(d.kind())))?;
-            Ok(())
-        };
-        let comb = load("combiner.pt")?;
-        for (n, t) in &self.combiner.weights().tensors {
-            copy_into(
-                t,
-                comb.get(n)
-                    .ok_or_else(|| bad(format!("combiner.pt lacks {n}")))?,
-            )?;
-        }
-        if let Some(c) = &self.clip {
-            let bb = load("backbone.pt")?;
-            for (n, t) in &c.weights().tensors {
-                copy_into(
-                    t,
-                    bb.get(n)
-                        .ok_or_else(|| bad(format!("backbone.pt lacks {n}")))?,
-                )?;
-            }
-        }
-        let opt = if progress.steps.is_empty() {
-            HashMap::new()
-        } else {
-            load("optimizer.pt")?
-        };
-        self.opt.adamw.state.clear();
-        for (name, &step) in &progress.steps {
-            let get = |k: String| -> Result<Tensor> {
-                Ok(opt
-                    .get(&k)
-                    .ok_or_else(|| bad(format!("optimizer.pt lacks {k}")))?
-                    .to_device(self.device))
-            };
-            self.opt.adamw.state.insert(
-                name.clone(),
-                Moments {
-                    step,
-                    exp_avg: get(format!("exp_avg.{name}"))?,
-                    exp_avg_sq: get(format!("exp_avg_sq.{name}"))?,
-                },
-            );
-        }
-        if let Some(s) = &progress.scaler {
-            self.opt.scaler = s.clone();
-        }
-        self.progress = progress;
-        Ok(true)
-    }
-
-    /// Writes `last/` atomically: a new folder swapped in.
-    fn checkpoint(&mut self) -> Result<()> {
-        let new = self.last_dir.with_file_name("last.new");
-        let old = self.last_dir.with_file_name("last.old");
-        let _ = std::fs::remove_dir_all(&new);
-        std::fs::create_dir_all(&new).map_err(Error::io("cannot create", &new))?;
-        let save = |name: &str, sd: &[(String, Tensor)]| -> Result<()> {
-            torch_save::save_state_dict(&new.join(name), sd)
-                .map_err(|m| Error::Data(format!("cannot write {}: {m}", new.join(name).display())))
-        };
-        save("combiner.pt", &self.combiner_state())?;
-        if self.clip.is_some() {
-            save("backbone.pt", &self.backbone_state())?;
-        }
-        let mut opt = Vec::new();
-        for (n, m) in &self.opt.adamw.state {
-            opt.push((format!("exp_avg.{n}"), m.exp_avg.shallow_clone()));
-            opt.push((format!("exp_avg_sq.{n}"), m.exp_avg_sq.shallow_clone()));
-        }
-        if !opt.is_empty() {
-            save("optimizer.pt", &opt)?;
-        }
-        self.progress.scaler = Some(self.opt.scaler.clone());
-        self.progress.steps = self
-            .opt
-            .adamw
-            .state
-            .iter()
-            .map(|(n, m)| (n.clone(), m.step))
-            .collect();
-        let json = serde_json::to_vec(&self.progress)
-            .map_err(|e| Error::Internal(format!("train state: {e}")))?;
-        crate::framework::store::write_atomic(&new.join("state.json"), &json)?;
-        let _ = std::fs::remove_dir_all(&old);
-        if self.last_dir.exists() {
-            std::fs::rename(&self.last_dir, &old)
-                .map_err(Error::io("cannot move", &self.last_dir))?;
-        }
-        std::fs::rename(&new, &self.last_dir).map_err(Error::io("cannot move", &new))?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
-    }
-
-    fn combiner_state(&self) -> Vec<(String, Tensor)> {
-        Combiner::names()
-            .into_iter()
-            .filter_map(|n| {
-                let t = self.combiner.weights().tensors.get(&n)?.detach();
-                Some((n, t))
-            })
-            .collect()
-    }
-
-    /// CLIP's state dict as `build_model` loads it (BatchNorm counters as
-    /// int64).
-    fn backbone_state(&self) -> Vec<(String, Tensor)> {
-        let Some(c) = &self.clip else {
-            return Vec::new();
-        };
-        let mut v: Vec<(String, Tensor)> = c
-            .weights()
-            .tensors
-            .iter()
-            .map(|(k, t)| {
-                let t = if k.ends_with("num_batches_tracked") {
-                    t.to_kind(Kind::Int64)
-                } else {
-                    t.detach()
-                };
-                (k.clone(), t)
-            })
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    }
-
     fn ensure_caches(&mut self, p: &TrainParams) -> Result<()> {
         let n_px = self.n_px;
         let dir = self.cache_dir.clone();
@@ -987,8 +569,9 @@ impl Trainer {
         let imgs: Vec<Tensor> = imgs.into_iter().collect::<Result<_>>()?;
         if train {
             let t = &self.timing;
-            t.images.set(t.images.get() + rows.len() as u64);
-            t.augment.set(t.augment.get() + t0.elapsed());
+            t.images.fetch_add(rows.len() as u64, Ordering::Relaxed);
+            t.augment_ns
+                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
         Ok(Tensor::stack(&imgs, 0).to_device(self.device))
     }
@@ -1227,133 +810,6 @@ impl Trainer {
         }
         Ok(meters.averages())
     }
-
-    /// Recalls of the current weights on the templates input.
-    fn score_templates(&mut self, ctx: &StageContext) -> Result<Vec<(String, f64)>> {
-        let Some(sel) = &self.selection else {
-            return Ok(Vec::new());
-        };
-        let device = self.device;
-        let recalls = match &sel.features {
-            SelectionFeatures::Cached(img, txt) => combiner_recalls(
-                &sel.templates,
-                sel.galleries.as_deref(),
-                img,
-                txt,
-                &self.combiner,
-                device,
-                ctx.stage,
-            )?,
-            SelectionFeatures::Encode { keys, texts, cache } => {
-                let clip = self
-                    .clip
-                    .as_ref()
-                    .ok_or_else(|| Error::Internal("encoding templates without a CLIP".into()))?;
-                let cache = cache
-                    .as_ref()
-                    .ok_or_else(|| Error::Internal("template cache not built".into()))?;
-                let d = self.dim as usize;
-                let mut ivals = Vec::with_capacity(keys.len() * d);
-                let key_names: Vec<String> = keys.iter().map(|k| k.key.clone()).collect();
-                for lo in (0..keys.len()).step_by(256) {
-                    let hi = (lo + 256).min(keys.len());
-                    let imgs: Vec<Tensor> = (lo..hi)
-                        .map(|i| {
-                            let r = cache.get(i)?;
-                            let rgb = image::RgbImage::from_raw(r.width, r.height, r.data)
-                                .ok_or_else(|| Error::Internal("cached image size".into()))?;
-                            Ok(to_tensor(&rgb))
-                        })
-                        .collect::<Result<_>>()?;
-                    let x = Tensor::stack(&imgs, 0).to_device(device);
-                    let f = tch::no_grad(|| {
-                        with_precision(device, self.amp, || clip.encode_image(&x))
-                    })?;
-                    ivals.extend(crate::tables::embeddings::tensor_rows(&f)?);
-                }
-                let tok = ClipTokenizer::new(clip.config.context_length as usize);
-                let mut tvals = Vec::with_capacity(texts.len() * d);
-                for chunk in texts.chunks(256) {
-                    let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-                    let toks = tok.batch(&refs).to_device(device);
-                    let f = tch::no_grad(|| {
-                        with_precision(device, self.amp, || clip.encode_text(&toks))
-                    })?;
-                    tvals.extend(crate::tables::embeddings::tensor_rows(&f)?);
-                }
-                let img = Embeddings::new(&key_names, ivals, d);
-                let txt = Embeddings::new(texts, tvals, d);
-                combiner_recalls(
-                    &sel.templates,
-                    sel.galleries.as_deref(),
-                    &img,
-                    &txt,
-                    &self.combiner,
-                    device,
-                    ctx.stage,
-                )?
-            }
-        };
-        let mut out = Vec::new();
-        for r in recalls {
-            for (k, v) in crate::eval::KS.iter().zip(r.at) {
-                out.push((format!("{}/recall_at_{k}", r.task), v));
-            }
-        }
-        Ok(out)
-    }
-
-    fn save_best(&self, ctx: &StageContext) -> Result<()> {
-        let w = |name: &str, sd: &[(String, Tensor)]| -> Result<()> {
-            let path = ctx.work_dir.join(name);
-            torch_save::save_state_dict(&path, sd)
-                .map_err(|m| Error::Data(format!("cannot write {}: {m}", path.display())))
-        };
-        let comb = self.combiner_state();
-        w("combiner_head.pt", &comb)?;
-        let refs: Vec<(&str, &Tensor)> = comb.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        Tensor::write_safetensors(&refs, ctx.work_dir.join("combiner_head.safetensors"))?;
-        if self.clip.is_some() {
-            w("backbone.pt", &self.backbone_state())?;
-        }
-        Ok(())
-    }
-
-    fn weights_rows(&self, _p: &TrainParams, ctx: &StageContext) -> Result<RecordBatch> {
-        let Some((value, epoch)) = self.progress.best else {
-            return Err(Error::Internal(
-                "training finished without a best epoch".into(),
-            ));
-        };
-        let mut rows = Vec::new();
-        let mut files = vec![
-            ("combiner", "combiner_head.pt", "torch"),
-            (
-                "combiner_safetensors",
-                "combiner_head.safetensors",
-                "safetensors",
-            ),
-        ];
-        if self.clip.is_some() {
-            files.push(("backbone", "backbone.pt", "torch"));
-        }
-        for (role, file, format) in files {
-            let path = ctx.work_dir.join(file);
-            let bytes = std::fs::metadata(&path)
-                .map_err(Error::io("cannot read", &path))?
-                .len();
-            rows.push((
-                role.to_string(),
-                file.to_string(),
-                format.to_string(),
-                bytes,
-                epoch as u32,
-                self.select_by.clone(),
-                value,
-            ));
-        }
-        weights_batch(&rows)
-    }
 }
 
 fn to_device(sd: &StateDict, device: Device) -> StateDict {
@@ -1364,198 +820,5 @@ fn to_device(sd: &StateDict, device: Device) -> StateDict {
             .iter()
             .map(|(k, t)| (k.clone(), t.to_device(device)))
             .collect(),
-    }
-}
-
-/// The trainable tensors and the optimiser's state.
-pub struct Optimizer {
-    /// The Combiner's (`combiner.*`) first, then CLIP's (`clip.*`).
-    pub params: Vec<(String, Tensor)>,
-    pub n_combiner: usize,
-    pub adamw: AdamW,
-    pub scaler: GradScaler,
-}
-
-impl Optimizer {
-    /// One AdamW group over the Combiner and the CLIP weights `finetune`
-    /// trains (which get `requires_grad`).
-    pub fn new(
-        combiner: &Combiner,
-        clip: Option<&Clip>,
-        finetune: Finetune,
-        adamw: AdamW,
-        scaler: GradScaler,
-    ) -> Optimizer {
-        let mut params: Vec<(String, Tensor)> = Vec::new();
-        for n in Combiner::names() {
-            if let Some(t) = combiner.weights().tensors.get(&n) {
-                params.push((format!("combiner.{n}"), t.shallow_clone()));
-            }
-        }
-        let n_combiner = params.len();
-        if let Some(c) = clip {
-            let mut names: Vec<&String> = c.weights().tensors.keys().collect();
-            names.sort();
-            for n in names {
-                if finetune.trains(n) {
-                    params.push((format!("clip.{n}"), c.weights().tensors[n].shallow_clone()));
-                }
-            }
-        }
-        for (_, t) in &mut params {
-            let _ = t.set_requires_grad(true);
-        }
-        Optimizer {
-            params,
-            n_combiner,
-            adamw,
-            scaler,
-        }
-    }
-
-    fn empty() -> Optimizer {
-        Optimizer {
-            params: Vec::new(),
-            n_combiner: 0,
-            adamw: AdamW::new((0.9, 0.999), 1e-8, 0.0),
-            scaler: GradScaler::new(false),
-        }
-    }
-}
-
-/// What one step needs besides the weights.
-pub struct StepConfig {
-    pub lamda: f64,
-    pub clip_grad_norm: f64,
-    pub clip_before_unscale: bool,
-    /// The Combiner's dropout (training); off for parity checks.
-    pub dropout: bool,
-    pub device: Device,
-    pub amp: bool,
-}
-
-/// The original's `train_one_epoch` body for one batch: `features` gives
-/// (reference, target, condition) features (CLIP runs inside it), then the
-/// contrastive loss, backward, clipping, loss scaling and AdamW. Returns
-/// the batch's meters (loss, accuracy, combiner-feature distances).
-pub fn train_step(
-    cfg: &StepConfig,
-    opt: &mut Optimizer,
-    combiner: &Combiner,
-    lr: f64,
-    features: impl FnOnce() -> Result<(Tensor, Tensor, Tensor)>,
-) -> Result<Vec<(String, f64)>> {
-    let (loss, metrics) = with_precision(
-        cfg.device,
-        cfg.amp,
-        || -> Result<(Tensor, Vec<(String, f64)>)> {
-            let (r, t, c) = features()?;
-            let b = r.size()[0];
-            let combined = l2_normalize(&combiner.forward_t(&r, &c, cfg.dropout)?);
-            let target = l2_normalize(&t);
-            let logits = combined.matmul(&target.tr()) * cfg.lamda;
-            let labels = Tensor::arange(b, (Kind::Int64, logits.device()));
-            let loss =
-                logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0);
-            let m = tch::no_grad(|| -> Result<Vec<(String, f64)>> {
-                let acc = logits
-                    .argmax(-1, false)
-                    .eq_tensor(&labels)
-                    .to_kind(Kind::Float)
-                    .mean(Kind::Float)
-                    .double_value(&[]);
-                let img_d = l2_normalize(&r)
-                    .matmul(&combined.tr())
-                    .mean(Kind::Float)
-                    .double_value(&[]);
-                let txt_d = l2_normalize(&c)
-                    .matmul(&combined.tr())
-                    .mean(Kind::Float)
-                    .double_value(&[]);
-                Ok(vec![
-                    ("base_loss".into(), loss.double_value(&[])),
-                    ("base_acc".into(), acc),
-                    ("combiner_text_feat_dist".into(), txt_d),
-                    ("combiner_image_feat_dist".into(), img_d),
-                ])
-            })?;
-            Ok((loss, m))
-        },
-    )?;
-    let lv = metrics[0].1;
-    if !opt.scaler.enabled && !lv.is_finite() {
-        return Err(Error::Data(format!(
-            "the loss is {lv} without mixed precision; lower lr, or check the embeddings for NaN"
-        )));
-    }
-    let scaled = loss.to_kind(Kind::Float) * opt.scaler.factor();
-    let inputs: Vec<&Tensor> = opt.params.iter().map(|(_, t)| t).collect();
-    let grads = Tensor::f_run_backward(&[&scaled], &inputs, false, false)?;
-    let mut grads: Vec<Option<Tensor>> = grads
-        .into_iter()
-        .map(|g| g.defined().then_some(g))
-        .collect();
-    let nc = opt.n_combiner;
-    let clip = |g: &mut [Option<Tensor>]| -> Result<()> {
-        if cfg.clip_grad_norm > 0.0 {
-            clip_grad_norm(g, cfg.clip_grad_norm)?;
-        }
-        Ok(())
-    };
-    let found_inf = if cfg.clip_before_unscale {
-        clip(&mut grads[nc..])?;
-        opt.scaler.unscale(&mut grads)?
-    } else {
-        let f = opt.scaler.unscale(&mut grads)?;
-        clip(&mut grads[nc..])?;
-        f
-    };
-    if !found_inf {
-        opt.adamw.step(lr, &opt.params, &grads)?;
-    }
-    opt.scaler.update(found_inf);
-    Ok(metrics)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Finetune;
-
-    #[test]
-    fn finetune_modes_train_what_set_requires_grad_clip_sets() {
-        let names = [
-            "visual.conv1.weight",
-            "visual.attnpool.q_proj.weight",
-            "visual.layer1.0.bn1.running_mean",
-            "transformer.resblocks.0.attn.in_proj_weight",
-            "transformer.resblocks.11.mlp.c_fc.weight",
-            "token_embedding.weight",
-        ];
-        let trains = |m: Finetune| -> Vec<bool> { names.iter().map(|n| m.trains(n)).collect() };
-        assert_eq!(trains(Finetune::None), [false; 6]);
-        assert_eq!(
-            trains(Finetune::ImagePlusTextWhole),
-            [true, true, false, true, true, true]
-        );
-        assert_eq!(
-            trains(Finetune::ImageOnlyWhole),
-            [true, true, false, false, false, false]
-        );
-        assert_eq!(
-            trains(Finetune::TextOnlyWhole),
-            [false, false, false, true, true, false]
-        );
-        assert_eq!(
-            trains(Finetune::TextOnly),
-            [false, false, false, true, true, false]
-        );
-        assert_eq!(
-            trains(Finetune::ImageOnly),
-            [false, true, false, false, false, false]
-        );
-        assert_eq!(
-            trains(Finetune::ImagePlusText),
-            [false, true, false, false, true, false]
-        );
     }
 }
