@@ -296,8 +296,8 @@ impl Plan {
             let bound = match kind.map(|k| k.bind(params, &base_dir)) {
                 Some(Ok(b)) => Some(b),
                 Some(Err(problems)) => {
-                    for (field, msg) in problems {
-                        issue(params_line, Some(name), &field, msg);
+                    for f in problems {
+                        issue(params_line, Some(name), &f.field, f.message);
                     }
                     None
                 }
@@ -440,13 +440,13 @@ impl Plan {
             if let Some(k) = kinds[i] {
                 let tables: Vec<String> =
                     bs.iter().flat_map(|b| b.tables.iter().cloned()).collect();
-                for (field, msg) in k.validate_inputs(&raw_params[i], &tables) {
-                    let field = if field == "inputs" {
-                        field
+                for f in k.validate_inputs(&raw_params[i], &tables) {
+                    let field = if f.field == "inputs" {
+                        f.field
                     } else {
-                        format!("params.{field}")
+                        format!("params.{}", f.field)
                     };
-                    issue(line_of(s.span().start), Some(name), &field, msg);
+                    issue(line_of(s.span().start), Some(name), &field, f.message);
                 }
             }
             bindings.push(bs);

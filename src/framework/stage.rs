@@ -321,14 +321,16 @@ pub trait Stage: 'static {
         &[]
     }
 
-    /// Checks beyond typing: (field, message) pairs.
-    fn validate(_params: &Self::Params, _base_dir: &Path) -> Vec<(String, String)> {
+    /// Checks beyond typing, each a manifest error naming its param (the
+    /// field without `params.`). Validation, input validation and data
+    /// checks all speak [`Finding`].
+    fn validate(_params: &Self::Params, _base_dir: &Path) -> Vec<Finding> {
         Vec::new()
     }
 
     /// Checks of params against the tables the manifest binds to the
     /// stage's inputs (a param needed only when an input is missing).
-    fn validate_inputs(_params: &Self::Params, _tables: &[String]) -> Vec<(String, String)> {
+    fn validate_inputs(_params: &Self::Params, _tables: &[String]) -> Vec<Finding> {
         Vec::new()
     }
 
@@ -505,15 +507,11 @@ pub trait StageKind: Sync {
     fn about(&self) -> &'static str;
     fn input_tables(&self) -> &'static [InputTable];
     fn output_tables(&self) -> Vec<TableDef>;
-    /// Types the raw params; errors are (field, message) pairs.
-    fn bind(
-        &self,
-        raw: toml::Table,
-        base_dir: &Path,
-    ) -> Result<Box<dyn BoundStage>, Vec<(String, String)>>;
+    /// Types the raw params; the problems name their field (`params.x`).
+    fn bind(&self, raw: toml::Table, base_dir: &Path) -> Result<Box<dyn BoundStage>, Vec<Finding>>;
     /// [`Stage::validate_inputs`] of raw params (nothing when they do not
     /// parse: `bind` reports that).
-    fn validate_inputs(&self, raw: &toml::Table, tables: &[String]) -> Vec<(String, String)>;
+    fn validate_inputs(&self, raw: &toml::Table, tables: &[String]) -> Vec<Finding>;
 }
 
 /// A stage kind with typed, validated params.
@@ -589,18 +587,14 @@ where
     fn output_tables(&self) -> Vec<TableDef> {
         S::output_tables()
     }
-    fn validate_inputs(&self, raw: &toml::Table, tables: &[String]) -> Vec<(String, String)> {
+    fn validate_inputs(&self, raw: &toml::Table, tables: &[String]) -> Vec<Finding> {
         match toml::Value::Table(raw.clone()).try_into::<S::Params>() {
             Ok(p) => S::validate_inputs(&p, tables),
             Err(_) => Vec::new(),
         }
     }
 
-    fn bind(
-        &self,
-        raw: toml::Table,
-        base_dir: &Path,
-    ) -> Result<Box<dyn BoundStage>, Vec<(String, String)>> {
+    fn bind(&self, raw: toml::Table, base_dir: &Path) -> Result<Box<dyn BoundStage>, Vec<Finding>> {
         let params: S::Params =
             serde_path_to_error::deserialize(toml::Value::Table(raw)).map_err(|e| {
                 let path = e.path().to_string();
@@ -609,13 +603,16 @@ where
                 } else {
                     format!("params.{path}")
                 };
-                vec![(field, e.into_inner().to_string())]
+                vec![Finding::error(field, e.into_inner().to_string())]
             })?;
         let problems = S::validate(&params, base_dir);
         if !problems.is_empty() {
             return Err(problems
                 .into_iter()
-                .map(|(f, m)| (format!("params.{f}"), m))
+                .map(|f| Finding {
+                    field: format!("params.{}", f.field),
+                    ..f
+                })
                 .collect());
         }
         Ok(Box::new(Bound::<S>(params)))

@@ -155,36 +155,36 @@ impl Stage for Embed {
         ]
     }
 
-    fn validate(p: &EmbedParams, _base: &Path) -> Vec<(String, String)> {
+    fn validate(p: &EmbedParams, _base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
         if p.batch_size == 0 {
-            out.push(("batch_size".into(), "must be at least 1".into()));
+            out.push(Finding::error("batch_size", "must be at least 1"));
         }
         if p.chunk_size == 0 {
-            out.push(("chunk_size".into(), "must be at least 1".into()));
+            out.push(Finding::error("chunk_size", "must be at least 1"));
         }
         if let Err(m) = select_device(&p.device) {
-            out.push(("device".into(), m));
+            out.push(Finding::error("device", m));
         }
         if p.model.as_deref().is_some_and(|m| m.trim().is_empty()) {
-            out.push(("model".into(), "must not be empty".into()));
+            out.push(Finding::error("model", "must not be empty"));
         }
         out
     }
 
-    fn validate_inputs(p: &EmbedParams, tables: &[String]) -> Vec<(String, String)> {
+    fn validate_inputs(p: &EmbedParams, tables: &[String]) -> Vec<Finding> {
         let has = |t: &str| tables.iter().any(|x| x == t);
         let mut out = Vec::new();
         if p.checkpoint.is_none() && !has("weights") {
-            out.push((
-                "checkpoint".into(),
-                "no CLIP weights: set params.checkpoint, or list a fine-tuning train stage in inputs".into(),
+            out.push(Finding::error(
+                "checkpoint",
+                "no CLIP weights: set params.checkpoint, or list a fine-tuning train stage in inputs",
             ));
         }
         if has("triplets") && !has("captions") {
-            out.push((
-                "inputs".into(),
-                "embedding triplets needs their image paths: list the ingest stage (captions) in inputs too".into(),
+            out.push(Finding::error(
+                "inputs",
+                "embedding triplets needs their image paths: list the ingest stage (captions) in inputs too",
             ));
         }
         out

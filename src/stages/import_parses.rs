@@ -19,7 +19,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
+use crate::framework::stage::{
+    ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
+};
 use crate::tables::graphs::{GraphRows, ENTITIES_SCHEMA, RELATIONS_SCHEMA};
 use crate::tables::rejects::REJECTS_SCHEMA;
 
@@ -84,9 +86,9 @@ impl Stage for ImportParses {
         ]
     }
 
-    fn validate(p: &ImportParams, _base: &Path) -> Vec<(String, String)> {
+    fn validate(p: &ImportParams, _base: &Path) -> Vec<Finding> {
         if p.repeat == 0 {
-            return vec![("repeat".into(), "must be at least 1".into())];
+            return vec![Finding::error("repeat", "must be at least 1")];
         }
         Vec::new()
     }

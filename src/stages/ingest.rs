@@ -20,7 +20,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
+use crate::framework::stage::{
+    ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
+};
 use crate::tables::captions::CAPTIONS_SCHEMA;
 use crate::tables::rejects::REJECTS_SCHEMA;
 
@@ -121,11 +123,11 @@ impl Stage for Ingest {
         INPUTS
     }
 
-    fn validate_inputs(p: &IngestParams, tables: &[String]) -> Vec<(String, String)> {
+    fn validate_inputs(p: &IngestParams, tables: &[String]) -> Vec<Finding> {
         if p.path.is_none() && !tables.iter().any(|t| t == "sources") {
-            return vec![(
-                "path".into(),
-                "set params.path to the captions file, or list a synth stage in inputs".into(),
+            return vec![Finding::error(
+                "path",
+                "set params.path to the captions file, or list a synth stage in inputs",
             )];
         }
         Vec::new()
@@ -138,28 +140,28 @@ impl Stage for Ingest {
         ]
     }
 
-    fn validate(p: &IngestParams, base: &Path) -> Vec<(String, String)> {
+    fn validate(p: &IngestParams, base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
         if p.format().is_none() {
-            out.push((
-                "format".into(),
-                "cannot tell the format from the file name; set format = \"cc3m-tsv\", \"jsonl\" or \"image-folder\"".into(),
+            out.push(Finding::error(
+                "format",
+                "cannot tell the format from the file name; set format = \"cc3m-tsv\", \"jsonl\" or \"image-folder\"",
             ));
         }
         if p.chunk_rows == 0 {
-            out.push(("chunk_rows".into(), "must be at least 1".into()));
+            out.push(Finding::error("chunk_rows", "must be at least 1"));
         }
         if p.max_line_bytes < 16 {
-            out.push(("max_line_bytes".into(), "must be at least 16".into()));
+            out.push(Finding::error("max_line_bytes", "must be at least 16"));
         }
         if let Err(m) = ImageName::parse(&p.image_name) {
-            out.push(("image_name".into(), m));
+            out.push(Finding::error("image_name", m));
         }
         if let Some(d) = &p.images_dir {
             let d = crate::framework::stage::resolve_path(base, d);
             if !d.is_dir() {
-                out.push((
-                    "images_dir".into(),
+                out.push(Finding::error(
+                    "images_dir",
                     format!("{} is not a folder", d.display()),
                 ));
             }
@@ -168,9 +170,9 @@ impl Stage for Ingest {
             && p.format() == Some(Format::ImageFolder)
             && !crate::framework::stage::resolve_path(base, p.path()).is_dir()
         {
-            out.push((
-                "path".into(),
-                "format image-folder needs path to be a folder of images".into(),
+            out.push(Finding::error(
+                "path",
+                "format image-folder needs path to be a folder of images",
             ));
         }
         out

@@ -34,7 +34,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
-use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
+use crate::framework::stage::{
+    ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
+};
 use crate::rng::{below, mix, GOLDEN};
 use crate::tables::triplets::TRIPLETS_SCHEMA;
 
@@ -186,30 +188,30 @@ impl Stage for Mine {
         ]
     }
 
-    fn validate(p: &MineParams, _base: &Path) -> Vec<(String, String)> {
+    fn validate(p: &MineParams, _base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
         if p.num_samples == 0 {
-            out.push(("num_samples".into(), "must be at least 1".into()));
+            out.push(Finding::error("num_samples", "must be at least 1"));
         }
         if p.chunk_samples == 0 {
-            out.push(("chunk_samples".into(), "must be at least 1".into()));
+            out.push(Finding::error("chunk_samples", "must be at least 1"));
         }
         if p.max_attempts == 0 || p.max_target_redraws == 0 {
-            out.push((
-                "max_attempts".into(),
-                "max_attempts and max_target_redraws must be at least 1".into(),
+            out.push(Finding::error(
+                "max_attempts",
+                "max_attempts and max_target_redraws must be at least 1",
             ));
         }
         if p.min_objects_per_subject < 2 {
-            out.push((
-                "min_objects_per_subject".into(),
-                "must be at least 2 (the target's object must differ from the reference's)".into(),
+            out.push(Finding::error(
+                "min_objects_per_subject",
+                "must be at least 2 (the target's object must differ from the reference's)",
             ));
         }
         if p.concreteness_threshold.0.is_some() && p.concreteness_path.is_none() {
-            out.push((
-                "concreteness_path".into(),
-                "the concreteness filter is on: give the ratings file, or set concreteness_threshold = \"none\"".into(),
+            out.push(Finding::error(
+                "concreteness_path",
+                "the concreteness filter is on: give the ratings file, or set concreteness_threshold = \"none\"",
             ));
         }
         out

@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::error::{Error, Result};
-use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
+use crate::framework::stage::{
+    ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
+};
 use crate::model::clip::Clip;
 use crate::model::optim::AdamW;
 use crate::model::preprocess::{load_batch, ImageKey};
@@ -434,52 +436,52 @@ impl Stage for Pretrain {
         ]
     }
 
-    fn validate(p: &PretrainParams, _base: &Path) -> Vec<(String, String)> {
+    fn validate(p: &PretrainParams, _base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
         if p.width % 64 != 0 || p.width == 0 {
-            out.push((
-                "width".into(),
-                "must be a multiple of 64 (heads = width / 64)".into(),
+            out.push(Finding::error(
+                "width",
+                "must be a multiple of 64 (heads = width / 64)",
             ));
         }
         if p.vision != "vit" && p.vision != "resnet" {
-            out.push((
-                "vision".into(),
+            out.push(Finding::error(
+                "vision",
                 format!("{:?}: use \"vit\" or \"resnet\"", p.vision),
             ));
         }
         if p.vision == "resnet"
             && (p.resnet_width < 2 || p.resnet_width % 2 != 0 || p.image_resolution % 32 != 0)
         {
-            out.push((
-                "resnet_width".into(),
-                "an even width of 2 or more, and image_resolution a multiple of 32".into(),
+            out.push(Finding::error(
+                "resnet_width",
+                "an even width of 2 or more, and image_resolution a multiple of 32",
             ));
         }
         if p.patch_size <= 0 || p.image_resolution % p.patch_size != 0 {
-            out.push(("patch_size".into(), "must divide image_resolution".into()));
+            out.push(Finding::error("patch_size", "must divide image_resolution"));
         }
         if p.epochs == 0 || p.batch_size < 2 {
-            out.push((
-                "batch_size".into(),
-                "epochs >= 1 and batch_size >= 2".into(),
+            out.push(Finding::error(
+                "batch_size",
+                "epochs >= 1 and batch_size >= 2",
             ));
         }
         if !(0.0..1.0).contains(&p.warmup) {
-            out.push((
-                "warmup".into(),
-                "must be a share of the steps in [0, 1)".into(),
+            out.push(Finding::error(
+                "warmup",
+                "must be a share of the steps in [0, 1)",
             ));
         }
         if !(0.0..=1.0).contains(&p.hard_batches) || p.hard_group < 2 {
-            out.push((
-                "hard_batches".into(),
-                "a share in [0, 1], with hard_group >= 2".into(),
+            out.push(Finding::error(
+                "hard_batches",
+                "a share in [0, 1], with hard_group >= 2",
             ));
         }
         if p.hard_batches > 0.0 && p.hard_group > p.batch_size {
-            out.push((
-                "hard_group".into(),
+            out.push(Finding::error(
+                "hard_group",
                 format!(
                     "{} > batch_size {}: a group must fit in one batch",
                     p.hard_group, p.batch_size
@@ -487,16 +489,16 @@ impl Stage for Pretrain {
             ));
         }
         if p.hard_space != "image" && p.hard_space != "text" {
-            out.push((
-                "hard_space".into(),
+            out.push(Finding::error(
+                "hard_space",
                 format!("{:?}: use \"image\" or \"text\"", p.hard_space),
             ));
         }
         if p.context_length < 3 || p.context_length > 77 {
-            out.push(("context_length".into(), "must be 3 to 77".into()));
+            out.push(Finding::error("context_length", "must be 3 to 77"));
         }
         if let Err(m) = select_device(&p.device) {
-            out.push(("device".into(), m));
+            out.push(Finding::error("device", m));
         }
         out
     }

@@ -32,7 +32,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
+use crate::framework::stage::{
+    ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
+};
 use crate::rng::Rng;
 use crate::tables::sources::SOURCES_SCHEMA;
 
@@ -733,23 +735,23 @@ impl Stage for Synth {
         ]
     }
 
-    fn validate(p: &SynthParams, _base: &Path) -> Vec<(String, String)> {
+    fn validate(p: &SynthParams, _base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
         if p.min_objects == 0 {
-            out.push((
-                "min_objects".into(),
-                "a scene needs at least one object".into(),
+            out.push(Finding::error(
+                "min_objects",
+                "a scene needs at least one object",
             ));
         }
         if p.max_objects < p.min_objects || p.max_objects > 4 {
-            out.push((
-                "max_objects".into(),
+            out.push(Finding::error(
+                "max_objects",
                 format!("must be between min_objects ({}) and 4", p.min_objects),
             ));
         }
         if p.image_size < 32 {
-            out.push((
-                "image_size".into(),
+            out.push(Finding::error(
+                "image_size",
                 format!(
                     "{} px is too small to draw on: use 32 or more",
                     p.image_size
@@ -757,14 +759,14 @@ impl Stage for Synth {
             ));
         }
         if p.train_scenes == 0 {
-            out.push(("train_scenes".into(), "must be at least 1".into()));
+            out.push(Finding::error("train_scenes", "must be at least 1"));
         }
         if p.templates_per_task == 0 {
-            out.push(("templates_per_task".into(), "must be at least 1".into()));
+            out.push(Finding::error("templates_per_task", "must be at least 1"));
         }
         if 4 * p.templates_per_task > p.heldout_scenes {
-            out.push((
-                "templates_per_task".into(),
+            out.push(Finding::error(
+                "templates_per_task",
                 format!(
                     "4 tasks x {} templates need as many held-out reference scenes, but heldout_scenes is {}: raise heldout_scenes or lower templates_per_task",
                     p.templates_per_task, p.heldout_scenes
@@ -772,10 +774,13 @@ impl Stage for Synth {
             ));
         }
         if !(0.0..=1.0).contains(&p.closeups) {
-            out.push(("closeups".into(), "must be a share between 0 and 1".into()));
+            out.push(Finding::error(
+                "closeups",
+                "must be a share between 0 and 1",
+            ));
         }
         if !(1..=100).contains(&p.jpeg_quality) {
-            out.push(("jpeg_quality".into(), "must be 1 to 100".into()));
+            out.push(Finding::error("jpeg_quality", "must be 1 to 100"));
         }
         out
     }

@@ -23,7 +23,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::framework::stage::{ChunkTables, Chunks, InputTable, Stage, StageContext, TableDef};
+use crate::framework::stage::{
+    ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
+};
 use crate::tables::graphs::{GraphRows, ENTITIES_SCHEMA, RELATIONS_SCHEMA};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,15 +106,15 @@ impl Stage for Parse {
         &*CODE
     }
 
-    fn validate(p: &ParseParams, _base: &Path) -> Vec<(String, String)> {
+    fn validate(p: &ParseParams, _base: &Path) -> Vec<Finding> {
         match p.engine.as_deref() {
             None | Some("spacy") => Vec::new(),
-            Some("rules") => vec![(
-                "engine".into(),
-                "the \"rules\" engine was removed: the parser is now the exact port of spaCy + SceneGraphParser (as fast on 2 cores as the Python original on 50). Delete the engine line".into(),
+            Some("rules") => vec![Finding::error(
+                "engine",
+                "the \"rules\" engine was removed: the parser is now the exact port of spaCy + SceneGraphParser (as fast on 2 cores as the Python original on 50). Delete the engine line",
             )],
-            Some(other) => vec![(
-                "engine".into(),
+            Some(other) => vec![Finding::error(
+                "engine",
                 format!("unknown engine '{other}'; there is one engine, \"spacy\" (the default): delete the line"),
             )],
         }

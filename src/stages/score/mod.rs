@@ -180,36 +180,36 @@ impl Stage for Score {
         ]
     }
 
-    fn validate(p: &ScoreParams, _base: &Path) -> Vec<(String, String)> {
+    fn validate(p: &ScoreParams, _base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
         let methods = p.methods();
         if methods.is_empty() {
-            out.push(("methods".into(), "name at least one method".into()));
+            out.push(Finding::error("methods", "name at least one method"));
         }
         let mut seen = methods.clone();
         seen.sort_by_key(|m| m.name());
         seen.dedup();
         if seen.len() != methods.len() {
-            out.push(("methods".into(), "a method is listed twice".into()));
+            out.push(Finding::error("methods", "a method is listed twice"));
         }
         if !(0.0..=1.0).contains(&p.text_weight) {
-            out.push(("text_weight".into(), "must be between 0 and 1".into()));
+            out.push(Finding::error("text_weight", "must be between 0 and 1"));
         }
         if let Err(m) = select_device(&p.device) {
-            out.push(("device".into(), m));
+            out.push(Finding::error("device", m));
         }
         out
     }
 
-    fn validate_inputs(p: &ScoreParams, tables: &[String]) -> Vec<(String, String)> {
+    fn validate_inputs(p: &ScoreParams, tables: &[String]) -> Vec<Finding> {
         let needs = p
             .methods
             .as_ref()
             .is_some_and(|m| m.contains(&Method::Combiner));
         if needs && p.combiner.is_none() && !tables.iter().any(|t| t == "weights") {
-            return vec![(
-                "combiner".into(),
-                "method 'combiner' needs a Combiner: set params.combiner, or list a train stage in inputs".into(),
+            return vec![Finding::error(
+                "combiner",
+                "method 'combiner' needs a Combiner: set params.combiner, or list a train stage in inputs",
             )];
         }
         Vec::new()

@@ -197,15 +197,15 @@ impl Stage for Templates {
 
     /// The task files and image folders must be named, unless a synth
     /// stage in inputs gives them (its `sources` table).
-    fn validate_inputs(p: &TemplatesParams, tables: &[String]) -> Vec<(String, String)> {
+    fn validate_inputs(p: &TemplatesParams, tables: &[String]) -> Vec<Finding> {
         let mut out = Vec::new();
         if tables.iter().any(|t| t == "sources") {
             return out;
         }
         let tasks = p.tasks();
         if tasks.is_empty() && p.cirr_dir.is_none() && p.mit_states_dir.is_none() {
-            out.push((
-                "params".into(),
+            out.push(Finding::error(
+                "params",
                 format!(
                     "name at least one task file ({}), or cirr_dir or mit_states_dir",
                     TASKS.join(", ")
@@ -214,15 +214,15 @@ impl Stage for Templates {
         }
         let has = |suffix: &str| tasks.iter().any(|(t, _)| t.ends_with(suffix));
         if has("_object") && p.coco_dir.is_none() {
-            out.push((
-                "coco_dir".into(),
-                "the object tasks use COCO val2017 images: set coco_dir to the folder of 000000xxxxxx.jpg files".into(),
+            out.push(Finding::error(
+                "coco_dir",
+                "the object tasks use COCO val2017 images: set coco_dir to the folder of 000000xxxxxx.jpg files",
             ));
         }
         if has("_attribute") && p.vg_dir.is_none() {
-            out.push((
-                "vg_dir".into(),
-                "the attribute tasks use Visual Genome images: set vg_dir to the one folder holding all VG images".into(),
+            out.push(Finding::error(
+                "vg_dir",
+                "the attribute tasks use Visual Genome images: set vg_dir to the one folder holding all VG images",
             ));
         }
         out

@@ -132,11 +132,11 @@ impl Stage for Train {
         ]
     }
 
-    fn validate(p: &TrainParams, _base: &Path) -> Vec<(String, String)> {
+    fn validate(p: &TrainParams, _base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
         let mut need = |ok: bool, f: &str, m: &str| {
             if !ok {
-                out.push((f.to_string(), m.to_string()));
+                out.push(Finding::error(f.to_string(), m.to_string()));
             }
         };
         need(p.epochs >= 1, "epochs", "must be at least 1");
@@ -172,32 +172,32 @@ impl Stage for Train {
             "fine-tuning needs the CLIP to start from: set params.checkpoint (or finetune = \"none\" with an embed stage's features)",
         );
         if let Err(m) = select_device(&p.device) {
-            out.push(("device".into(), m));
+            out.push(Finding::error("device", m));
         }
         if p.select_by != "auto"
             && !(p.select_by.starts_with("val/") || p.select_by.starts_with("templates/"))
         {
-            out.push((
-                "select_by".into(),
-                "use auto, val/<metric> or templates/<task>/recall_at_<K>".into(),
+            out.push(Finding::error(
+                "select_by",
+                "use auto, val/<metric> or templates/<task>/recall_at_<K>",
             ));
         }
         out
     }
 
-    fn validate_inputs(p: &TrainParams, tables: &[String]) -> Vec<(String, String)> {
+    fn validate_inputs(p: &TrainParams, tables: &[String]) -> Vec<Finding> {
         let has = |t: &str| tables.iter().any(|x| x == t);
         let mut out = Vec::new();
         if p.finetune == Finetune::None && !(has("image_embeddings") && has("text_embeddings")) {
-            out.push((
-                "finetune".into(),
-                "finetune = \"none\" trains on cached features: list an embed stage (fed by the mine and ingest stages) in inputs".into(),
+            out.push(Finding::error(
+                "finetune",
+                "finetune = \"none\" trains on cached features: list an embed stage (fed by the mine and ingest stages) in inputs",
             ));
         }
         if p.finetune != Finetune::None && !has("captions") {
-            out.push((
-                "finetune".into(),
-                "fine-tuning reads the images: list the ingest stage (its captions table, with image_path) in inputs".into(),
+            out.push(Finding::error(
+                "finetune",
+                "fine-tuning reads the images: list the ingest stage (its captions table, with image_path) in inputs",
             ));
         }
         out
