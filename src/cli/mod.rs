@@ -1,5 +1,6 @@
 //! The `genecis` command's layer: arguments resolved into one validated
 //! command, and the commands that are not pipeline runs.
 
+pub mod args;
 pub mod audit;
 pub mod devtools;
