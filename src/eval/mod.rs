@@ -404,8 +404,8 @@ pub fn evaluate(
                     let mut out = Vec::with_capacity(t.reference.len());
                     // Blocks keep a large global task's activations small.
                     for (refs, texts) in t.reference.chunks(4096).zip(t.text.chunks(4096)) {
-                        let qi = pick(refs, &img, &img_n);
-                        let qt = pick(texts, &txt, &txt_n);
+                        let qi = pick(refs, img, &img_n);
+                        let qt = pick(texts, txt, &txt_n);
                         let y = tch::no_grad(|| comb.forward(&qi, &qt))?;
                         let flat =
                             Vec::<f32>::try_from(y.to_device(Device::Cpu).contiguous().view([-1]))?;

@@ -172,24 +172,18 @@ impl Plan {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        let line_of =
-            |offset: usize| Some(text[..offset.min(text.len())].matches('\n').count() + 1);
-
-        let mut issues = Vec::new();
-        let mut issue = |line: Option<usize>, stage: Option<&str>, field: &str, message: String| {
-            issues.push(ManifestIssue {
-                line,
-                stage: stage.map(str::to_string),
-                field: field.to_string(),
-                message,
-            })
+        let src = Source {
+            text: &text,
+            raw: &raw,
+            base_dir: &base_dir,
         };
+        let mut issues = Issues::default();
 
         if raw.pipeline.name.trim().is_empty() {
-            issue(None, None, "pipeline.name", "must not be empty".into());
+            issues.add(None, None, "pipeline.name", "must not be empty".into());
         }
         if raw.stages.is_empty() {
-            issue(
+            issues.add(
                 None,
                 None,
                 "stage",
@@ -208,329 +202,18 @@ impl Plan {
             }
         };
 
-        // Names: unique, usable as folder names and SQL schema names.
-        let mut seen: HashMap<String, usize> = HashMap::new();
-        for s in &raw.stages {
-            let name = s.get_ref().name.get_ref();
-            let line = line_of(s.get_ref().name.span().start);
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-                || name.starts_with('-')
-            {
-                issue(
-                    line,
-                    Some(name),
-                    "name",
-                    "use letters, digits, '_' and '-' only (it names a folder and a SQL schema)"
-                        .into(),
-                );
-            }
-            if let Some(first) = seen.insert(name.clone(), line.unwrap_or(0)) {
-                issue(
-                    line,
-                    Some(name),
-                    "name",
-                    format!("duplicate stage name (first used on line {first})"),
-                );
-            }
-        }
-
-        // Overrides must name a stage.
-        let mut overrides: HashMap<&str, Vec<&SetOverride>> = HashMap::new();
-        for o in sets {
-            if seen.contains_key(&o.stage) {
-                overrides.entry(o.stage.as_str()).or_default().push(o);
-            } else {
-                issue(
-                    None,
-                    Some(&o.stage),
-                    "--set",
-                    format!(
-                        "no stage named '{}' in this manifest (stages: {})",
-                        o.stage,
-                        names(&raw.stages)
-                    ),
-                );
-            }
-        }
-
-        // Kinds and params.
-        let mut kinds: Vec<Option<&'static dyn StageKind>> = Vec::new();
-        let mut bounds: Vec<Option<Box<dyn BoundStage>>> = Vec::new();
-        let mut raw_params: Vec<toml::Table> = Vec::new();
-        for s in &raw.stages {
-            let st = s.get_ref();
-            let name = st.name.get_ref().as_str();
-            let kind = registry.lookup(st.kind.get_ref());
-            if kind.is_none() {
-                let known = registry.names();
-                issue(
-                    line_of(st.kind.span().start),
-                    Some(name),
-                    "kind",
-                    format!(
-                        "unknown stage kind '{}'; known kinds: {}",
-                        st.kind.get_ref(),
-                        known.join(", ")
-                    ),
-                );
-            }
-            kinds.push(kind);
-            let mut params = st
-                .params
-                .as_ref()
-                .map(|p| p.get_ref().clone())
-                .unwrap_or_default();
-            for o in overrides.get(name).into_iter().flatten() {
-                params.insert(o.param.clone(), o.value.clone());
-            }
-            let params_line = st
-                .params
-                .as_ref()
-                .map(|p| p.span().start)
-                .and_then(line_of)
-                .or(line_of(s.span().start));
-            raw_params.push(params.clone());
-            let bound = match kind.map(|k| k.bind(params, &base_dir)) {
-                Some(Ok(b)) => Some(b),
-                Some(Err(problems)) => {
-                    for f in problems {
-                        issue(params_line, Some(name), &f.field, f.message);
-                    }
-                    None
-                }
-                None => None,
-            };
-            bounds.push(bound);
-        }
-
-        // Inputs: a stage, `stage.table`, or a file.
-        let index: HashMap<&str, usize> = raw
-            .stages
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.get_ref().name.get_ref().as_str(), i))
-            .collect();
-        let mut bindings: Vec<Vec<InputBinding>> = Vec::new();
-        let mut input_files: Vec<Vec<PathBuf>> = Vec::new();
-        for (i, s) in raw.stages.iter().enumerate() {
-            let st = s.get_ref();
-            let name = st.name.get_ref().as_str();
-            let mut bs = Vec::new();
-            let mut files = Vec::new();
-            for (j, inp) in st.inputs.iter().enumerate() {
-                let written = inp.get_ref().as_str();
-                let line = line_of(inp.span().start);
-                let field = format!("inputs[{j}]");
-                let (head, tail) = match written.split_once('.') {
-                    Some((h, t)) if index.contains_key(h) => (h, Some(t)),
-                    _ => (written, None),
-                };
-                if let Some(&up) = index.get(head) {
-                    if up == i {
-                        issue(
-                            line,
-                            Some(name),
-                            &field,
-                            "a stage cannot read its own output".into(),
-                        );
-                        continue;
-                    }
-                    let Some(up_kind) = kinds[up] else { continue };
-                    let tables: Vec<String> = up_kind
-                        .output_tables()
-                        .iter()
-                        .map(|t| t.name.to_string())
-                        .collect();
-                    match tail {
-                        None => bs.push(InputBinding {
-                            written: written.into(),
-                            stage: head.into(),
-                            tables,
-                        }),
-                        Some(t) if tables.iter().any(|x| x == t) => bs.push(InputBinding {
-                            written: written.into(),
-                            stage: head.into(),
-                            tables: vec![t.into()],
-                        }),
-                        Some(t) => issue(
-                            line,
-                            Some(name),
-                            &field,
-                            format!(
-                                "stage '{head}' ({}) has no table '{t}'; its tables are: {}",
-                                up_kind.kind(),
-                                tables.join(", ")
-                            ),
-                        ),
-                    }
-                } else {
-                    let p = resolve_path(&base_dir, Path::new(written));
-                    if p.exists() {
-                        files.push(p);
-                    } else {
-                        issue(
-                            line,
-                            Some(name),
-                            &field,
-                            format!(
-                                "'{written}' is neither a stage of this manifest (stages: {}) nor an existing file (looked for {})",
-                                names(&raw.stages),
-                                p.display()
-                            ),
-                        );
-                    }
-                }
-            }
-            // Every table the kind needs must come from exactly one input;
-            // an optional one from at most one.
-            if let Some(k) = kinds[i] {
-                for need in k.input_tables() {
-                    let providers: Vec<_> = bs
-                        .iter()
-                        .filter(|b: &&InputBinding| b.tables.iter().any(|t| t == need.name))
-                        .map(|b| b.written.as_str())
-                        .collect();
-                    match providers.len() {
-                        0 if need.optional => {}
-                        0 => issue(
-                            line_of(s.span().start),
-                            Some(name),
-                            "inputs",
-                            format!("kind '{}' needs a table '{}'; list the stage that makes it in inputs", k.kind(), need.name),
-                        ),
-                        1 => {}
-                        _ => issue(
-                            line_of(s.span().start),
-                            Some(name),
-                            "inputs",
-                            format!("table '{}' comes from several inputs ({}); name one as 'stage.{}'", need.name, providers.join(", "), need.name),
-                        ),
-                    }
-                }
-                let mut groups: Vec<&str> =
-                    k.input_tables().iter().filter_map(|t| t.group).collect();
-                groups.dedup();
-                for g in groups {
-                    let members: Vec<&str> = k
-                        .input_tables()
-                        .iter()
-                        .filter(|t| t.group == Some(g))
-                        .map(|t| t.name)
-                        .collect();
-                    if !bs
-                        .iter()
-                        .any(|b| b.tables.iter().any(|t| members.contains(&t.as_str())))
-                    {
-                        issue(
-                            line_of(s.span().start),
-                            Some(name),
-                            "inputs",
-                            format!(
-                                "kind '{}' needs one of the tables {} ({g}); list a stage that makes one in inputs",
-                                k.kind(),
-                                members.join(", ")
-                            ),
-                        );
-                    }
-                }
-            }
-            if let Some(k) = kinds[i] {
-                let tables: Vec<String> =
-                    bs.iter().flat_map(|b| b.tables.iter().cloned()).collect();
-                for f in k.validate_inputs(&raw_params[i], &tables) {
-                    let field = if f.field == "inputs" {
-                        f.field
-                    } else {
-                        format!("params.{}", f.field)
-                    };
-                    issue(line_of(s.span().start), Some(name), &field, f.message);
-                }
-            }
-            bindings.push(bs);
-            input_files.push(files);
-        }
-
-        // Files the params name must exist.
-        let mut stamps: Vec<Vec<FileStamp>> = Vec::new();
-        for (i, s) in raw.stages.iter().enumerate() {
-            let name = s.get_ref().name.get_ref().as_str();
-            let mut st = Vec::new();
-            let mut all: Vec<(String, PathBuf)> = input_files[i]
-                .iter()
-                .map(|p| ("inputs".to_string(), p.clone()))
-                .collect();
-            if let Some(b) = &bounds[i] {
-                all.extend(
-                    b.files(&base_dir)
-                        .into_iter()
-                        .map(|(f, p)| (format!("params.{f}"), p)),
-                );
-            }
-            for (field, p) in all {
-                match FileStamp::of(&p) {
-                    Ok(stamp) => st.push(stamp),
-                    Err(_) => issue(
-                        s.get_ref()
-                            .params
-                            .as_ref()
-                            .map(|x| x.span().start)
-                            .and_then(line_of),
-                        Some(name),
-                        &field,
-                        format!(
-                            "{} does not exist (relative paths are resolved against {})",
-                            p.display(),
-                            base_dir.display()
-                        ),
-                    ),
-                }
-            }
-            stamps.push(st);
-        }
-
-        // Order: dependencies first, manifest order otherwise; report cycles.
+        let seen = check_names(&src, &mut issues);
+        let overrides = overrides(&src, sets, &seen, &mut issues);
+        let (kinds, bounds, raw_params) = bind_kinds(&src, registry, &overrides, &mut issues);
+        let (index, bindings, input_files) = bind_inputs(&src, &kinds, &raw_params, &mut issues);
+        let stamps = stamp_files(&src, &bounds, &input_files, &mut issues);
+        let order = order(&src, &bindings, &index, &mut issues);
         let n = raw.stages.len();
-        let deps: Vec<Vec<usize>> = bindings
-            .iter()
-            .map(|bs| {
-                bs.iter()
-                    .filter_map(|b| index.get(b.stage.as_str()).copied())
-                    .collect()
-            })
-            .collect();
-        let mut order = Vec::with_capacity(n);
-        let mut placed = vec![false; n];
-        while order.len() < n {
-            let next = (0..n).find(|&i| !placed[i] && deps[i].iter().all(|&d| placed[d]));
-            match next {
-                Some(i) => {
-                    placed[i] = true;
-                    order.push(i);
-                }
-                None => {
-                    let stuck: Vec<_> = (0..n)
-                        .filter(|&i| !placed[i])
-                        .map(|i| raw.stages[i].get_ref().name.get_ref().clone())
-                        .collect();
-                    let first = (0..n).find(|&i| !placed[i]).unwrap();
-                    issue(
-                        line_of(raw.stages[first].span().start),
-                        Some(&stuck[0]),
-                        "inputs",
-                        format!("the inputs of stages {} form a cycle", stuck.join(", ")),
-                    );
-                    break;
-                }
-            }
-        }
-
-        if !issues.is_empty() {
+        let line_of = |offset: usize| src.line_of(offset);
+        if !issues.0.is_empty() {
             return Err(Error::ManifestInvalid {
                 path: path.to_path_buf(),
-                issues,
+                issues: issues.0,
             });
         }
 
@@ -647,4 +330,433 @@ pub fn workdir_of(path: &Path) -> Result<PathBuf> {
         .workdir
         .unwrap_or_else(|| format!("runs/{}", head.pipeline.name));
     Ok(resolve_path(&base, Path::new(&w)))
+}
+
+/// The manifest being loaded: its text (for line numbers), its raw form
+/// and the folder its relative paths start from.
+struct Source<'a> {
+    text: &'a str,
+    raw: &'a RawManifest,
+    base_dir: &'a Path,
+}
+
+impl Source<'_> {
+    /// 1-based line of a byte offset.
+    fn line_of(&self, offset: usize) -> Option<usize> {
+        Some(
+            self.text[..offset.min(self.text.len())]
+                .matches('\n')
+                .count()
+                + 1,
+        )
+    }
+}
+
+/// Every problem found so far: a manifest is rejected with all of them.
+#[derive(Default)]
+struct Issues(Vec<ManifestIssue>);
+
+impl Issues {
+    fn add(&mut self, line: Option<usize>, stage: Option<&str>, field: &str, message: String) {
+        self.0.push(ManifestIssue {
+            line,
+            stage: stage.map(str::to_string),
+            field: field.to_string(),
+            message,
+        })
+    }
+}
+
+/// Stage names: unique, usable as folder names and SQL schema names.
+fn check_names(src: &Source, issues: &mut Issues) -> HashMap<String, usize> {
+    let raw = src.raw;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for s in &raw.stages {
+        let name = s.get_ref().name.get_ref();
+        let line = src.line_of(s.get_ref().name.span().start);
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            || name.starts_with('-')
+        {
+            issues.add(
+                line,
+                Some(name),
+                "name",
+                "use letters, digits, '_' and '-' only (it names a folder and a SQL schema)".into(),
+            );
+        }
+        if let Some(first) = seen.insert(name.clone(), line.unwrap_or(0)) {
+            issues.add(
+                line,
+                Some(name),
+                "name",
+                format!("duplicate stage name (first used on line {first})"),
+            );
+        }
+    }
+
+    seen
+}
+
+/// `--set` overrides by stage; each must name a stage.
+fn overrides<'s>(
+    src: &Source,
+    sets: &'s [SetOverride],
+    seen: &HashMap<String, usize>,
+    issues: &mut Issues,
+) -> HashMap<&'s str, Vec<&'s SetOverride>> {
+    let raw = src.raw;
+    let mut overrides: HashMap<&str, Vec<&SetOverride>> = HashMap::new();
+    for o in sets {
+        if seen.contains_key(&o.stage) {
+            overrides.entry(o.stage.as_str()).or_default().push(o);
+        } else {
+            issues.add(
+                None,
+                Some(&o.stage),
+                "--set",
+                format!(
+                    "no stage named '{}' in this manifest (stages: {})",
+                    o.stage,
+                    names(&raw.stages)
+                ),
+            );
+        }
+    }
+
+    overrides
+}
+
+type Bound = (
+    Vec<Option<&'static dyn StageKind>>,
+    Vec<Option<Box<dyn BoundStage>>>,
+    Vec<toml::Table>,
+);
+
+/// Each stage's kind and typed params (overrides applied).
+fn bind_kinds(
+    src: &Source,
+    registry: &Registry,
+    overrides: &HashMap<&str, Vec<&SetOverride>>,
+    issues: &mut Issues,
+) -> Bound {
+    let (raw, base_dir) = (src.raw, src.base_dir);
+    let mut kinds: Vec<Option<&'static dyn StageKind>> = Vec::new();
+    let mut bounds: Vec<Option<Box<dyn BoundStage>>> = Vec::new();
+    let mut raw_params: Vec<toml::Table> = Vec::new();
+    for s in &raw.stages {
+        let st = s.get_ref();
+        let name = st.name.get_ref().as_str();
+        let kind = registry.lookup(st.kind.get_ref());
+        if kind.is_none() {
+            let known = registry.names();
+            issues.add(
+                src.line_of(st.kind.span().start),
+                Some(name),
+                "kind",
+                format!(
+                    "unknown stage kind '{}'; known kinds: {}",
+                    st.kind.get_ref(),
+                    known.join(", ")
+                ),
+            );
+        }
+        kinds.push(kind);
+        let mut params = st
+            .params
+            .as_ref()
+            .map(|p| p.get_ref().clone())
+            .unwrap_or_default();
+        for o in overrides.get(name).into_iter().flatten() {
+            params.insert(o.param.clone(), o.value.clone());
+        }
+        let params_line = st
+            .params
+            .as_ref()
+            .map(|p| p.span().start)
+            .and_then(|o| src.line_of(o))
+            .or(src.line_of(s.span().start));
+        raw_params.push(params.clone());
+        let bound = match kind.map(|k| k.bind(params, base_dir)) {
+            Some(Ok(b)) => Some(b),
+            Some(Err(problems)) => {
+                for f in problems {
+                    issues.add(params_line, Some(name), &f.field, f.message);
+                }
+                None
+            }
+            None => None,
+        };
+        bounds.push(bound);
+    }
+
+    (kinds, bounds, raw_params)
+}
+
+type Inputs<'a> = (
+    HashMap<&'a str, usize>,
+    Vec<Vec<InputBinding>>,
+    Vec<Vec<PathBuf>>,
+);
+
+/// Inputs: a stage, `stage.table`, or a file; every table a kind needs
+/// from exactly one input.
+fn bind_inputs<'a>(
+    src: &Source<'a>,
+    kinds: &[Option<&'static dyn StageKind>],
+    raw_params: &[toml::Table],
+    issues: &mut Issues,
+) -> Inputs<'a> {
+    let (raw, base_dir) = (src.raw, src.base_dir);
+    let index: HashMap<&str, usize> = raw
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.get_ref().name.get_ref().as_str(), i))
+        .collect();
+    let mut bindings: Vec<Vec<InputBinding>> = Vec::new();
+    let mut input_files: Vec<Vec<PathBuf>> = Vec::new();
+    for (i, s) in raw.stages.iter().enumerate() {
+        let st = s.get_ref();
+        let name = st.name.get_ref().as_str();
+        let mut bs = Vec::new();
+        let mut files = Vec::new();
+        for (j, inp) in st.inputs.iter().enumerate() {
+            let written = inp.get_ref().as_str();
+            let line = src.line_of(inp.span().start);
+            let field = format!("inputs[{j}]");
+            let (head, tail) = match written.split_once('.') {
+                Some((h, t)) if index.contains_key(h) => (h, Some(t)),
+                _ => (written, None),
+            };
+            if let Some(&up) = index.get(head) {
+                if up == i {
+                    issues.add(
+                        line,
+                        Some(name),
+                        &field,
+                        "a stage cannot read its own output".into(),
+                    );
+                    continue;
+                }
+                let Some(up_kind) = kinds[up] else { continue };
+                let tables: Vec<String> = up_kind
+                    .output_tables()
+                    .iter()
+                    .map(|t| t.name.to_string())
+                    .collect();
+                match tail {
+                    None => bs.push(InputBinding {
+                        written: written.into(),
+                        stage: head.into(),
+                        tables,
+                    }),
+                    Some(t) if tables.iter().any(|x| x == t) => bs.push(InputBinding {
+                        written: written.into(),
+                        stage: head.into(),
+                        tables: vec![t.into()],
+                    }),
+                    Some(t) => issues.add(
+                        line,
+                        Some(name),
+                        &field,
+                        format!(
+                            "stage '{head}' ({}) has no table '{t}'; its tables are: {}",
+                            up_kind.kind(),
+                            tables.join(", ")
+                        ),
+                    ),
+                }
+            } else {
+                let p = resolve_path(base_dir, Path::new(written));
+                if p.exists() {
+                    files.push(p);
+                } else {
+                    issues.add(
+                        line,
+                        Some(name),
+                        &field,
+                        format!(
+                            "'{written}' is neither a stage of this manifest (stages: {}) nor an existing file (looked for {})",
+                            names(&raw.stages),
+                            p.display()
+                        ),
+                    );
+                }
+            }
+        }
+        // Every table the kind needs must come from exactly one input;
+        // an optional one from at most one.
+        if let Some(k) = kinds[i] {
+            for need in k.input_tables() {
+                let providers: Vec<_> = bs
+                    .iter()
+                    .filter(|b: &&InputBinding| b.tables.iter().any(|t| t == need.name))
+                    .map(|b| b.written.as_str())
+                    .collect();
+                match providers.len() {
+                    0 if need.optional => {}
+                    0 => issues.add(
+                        src.line_of(s.span().start),
+                        Some(name),
+                        "inputs",
+                        format!(
+                            "kind '{}' needs a table '{}'; list the stage that makes it in inputs",
+                            k.kind(),
+                            need.name
+                        ),
+                    ),
+                    1 => {}
+                    _ => issues.add(
+                        src.line_of(s.span().start),
+                        Some(name),
+                        "inputs",
+                        format!(
+                            "table '{}' comes from several inputs ({}); name one as 'stage.{}'",
+                            need.name,
+                            providers.join(", "),
+                            need.name
+                        ),
+                    ),
+                }
+            }
+            let mut groups: Vec<&str> = k.input_tables().iter().filter_map(|t| t.group).collect();
+            groups.dedup();
+            for g in groups {
+                let members: Vec<&str> = k
+                    .input_tables()
+                    .iter()
+                    .filter(|t| t.group == Some(g))
+                    .map(|t| t.name)
+                    .collect();
+                if !bs
+                    .iter()
+                    .any(|b| b.tables.iter().any(|t| members.contains(&t.as_str())))
+                {
+                    issues.add(
+                        src.line_of(s.span().start),
+                        Some(name),
+                        "inputs",
+                        format!(
+                            "kind '{}' needs one of the tables {} ({g}); list a stage that makes one in inputs",
+                            k.kind(),
+                            members.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(k) = kinds[i] {
+            let tables: Vec<String> = bs.iter().flat_map(|b| b.tables.iter().cloned()).collect();
+            for f in k.validate_inputs(&raw_params[i], &tables) {
+                let field = if f.field == "inputs" {
+                    f.field
+                } else {
+                    format!("params.{}", f.field)
+                };
+                issues.add(src.line_of(s.span().start), Some(name), &field, f.message);
+            }
+        }
+        bindings.push(bs);
+        input_files.push(files);
+    }
+
+    (index, bindings, input_files)
+}
+
+/// The files params and inputs name: they must exist; their stamps go
+/// into the fingerprints.
+fn stamp_files(
+    src: &Source,
+    bounds: &[Option<Box<dyn BoundStage>>],
+    input_files: &[Vec<PathBuf>],
+    issues: &mut Issues,
+) -> Vec<Vec<FileStamp>> {
+    let (raw, base_dir) = (src.raw, src.base_dir);
+    let mut stamps: Vec<Vec<FileStamp>> = Vec::new();
+    for (i, s) in raw.stages.iter().enumerate() {
+        let name = s.get_ref().name.get_ref().as_str();
+        let mut st = Vec::new();
+        let mut all: Vec<(String, PathBuf)> = input_files[i]
+            .iter()
+            .map(|p| ("inputs".to_string(), p.clone()))
+            .collect();
+        if let Some(b) = &bounds[i] {
+            all.extend(
+                b.files(base_dir)
+                    .into_iter()
+                    .map(|(f, p)| (format!("params.{f}"), p)),
+            );
+        }
+        for (field, p) in all {
+            match FileStamp::of(&p) {
+                Ok(stamp) => st.push(stamp),
+                Err(_) => issues.add(
+                    s.get_ref()
+                        .params
+                        .as_ref()
+                        .map(|x| x.span().start)
+                        .and_then(|o| src.line_of(o)),
+                    Some(name),
+                    &field,
+                    format!(
+                        "{} does not exist (relative paths are resolved against {})",
+                        p.display(),
+                        base_dir.display()
+                    ),
+                ),
+            }
+        }
+        stamps.push(st);
+    }
+
+    stamps
+}
+
+/// Dependencies first, manifest order otherwise; a cycle is an issue.
+fn order(
+    src: &Source,
+    bindings: &[Vec<InputBinding>],
+    index: &HashMap<&str, usize>,
+    issues: &mut Issues,
+) -> Vec<usize> {
+    let raw = src.raw;
+    let n = raw.stages.len();
+    let deps: Vec<Vec<usize>> = bindings
+        .iter()
+        .map(|bs| {
+            bs.iter()
+                .filter_map(|b| index.get(b.stage.as_str()).copied())
+                .collect()
+        })
+        .collect();
+    let mut order = Vec::with_capacity(n);
+    let mut placed = vec![false; n];
+    while order.len() < n {
+        let next = (0..n).find(|&i| !placed[i] && deps[i].iter().all(|&d| placed[d]));
+        match next {
+            Some(i) => {
+                placed[i] = true;
+                order.push(i);
+            }
+            None => {
+                let stuck: Vec<_> = (0..n)
+                    .filter(|&i| !placed[i])
+                    .map(|i| raw.stages[i].get_ref().name.get_ref().clone())
+                    .collect();
+                let first = (0..n).find(|&i| !placed[i]).unwrap();
+                issues.add(
+                    src.line_of(raw.stages[first].span().start),
+                    Some(&stuck[0]),
+                    "inputs",
+                    format!("the inputs of stages {} form a cycle", stuck.join(", ")),
+                );
+                break;
+            }
+        }
+    }
+
+    order
 }

@@ -480,7 +480,7 @@ async fn index(
     };
     // Row table, materialised once.
     let rows = collect(&df, SQL_ROWS).await?;
-    let rows_schema = rows.first().map(|b| b.schema()).ok_or_else(|| no_rows())?;
+    let rows_schema = rows.first().map(|b| b.schema()).ok_or_else(no_rows)?;
     let rows = concat(&rows, rows_schema.clone())?;
     if rows.num_rows() == 0 {
         return Err(no_rows());

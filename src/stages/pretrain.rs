@@ -199,7 +199,8 @@ fn init_weights(p: &PretrainParams, device: Device) -> HashMap<String, Tensor> {
             w.insert(format!("{ln}.bias"), Tensor::zeros([width], opts));
         }
     }
-    for ln in ["ln_final"] {
+    {
+        let ln = "ln_final";
         w.insert(format!("{ln}.weight"), Tensor::ones([width], opts));
         w.insert(format!("{ln}.bias"), Tensor::zeros([width], opts));
     }

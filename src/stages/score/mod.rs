@@ -274,7 +274,7 @@ impl Stage for Score {
                 "the templates table is empty: nothing to score".into(),
             ));
         }
-        let device = select_device(&p.device).map_err(&fail)?;
+        let device = select_device(&p.device).map_err(fail)?;
         let trained = match ctx.optional_input("weights") {
             Some(d) => crate::tables::weights::weights_file(d, "combiner")?,
             None => None,

@@ -56,7 +56,7 @@ pub(super) fn background(kind: usize, x: u32, y: u32, n: f64) -> [f64; 3] {
         "sand" => [212.0 + n * 14.0, 188.0 + n * 14.0, 140.0 + n * 10.0],
         "snow" => [236.0 + n * 5.0, 239.0 + n * 5.0, 247.0],
         "grass" => {
-            let blade = if (x + (y / 3) % 2) % 4 == 0 {
+            let blade = if (x + (y / 3) % 2).is_multiple_of(4) {
                 -25.0
             } else {
                 0.0
@@ -69,8 +69,8 @@ pub(super) fn background(kind: usize, x: u32, y: u32, n: f64) -> [f64; 3] {
         }
         _ => {
             let row = y / 6;
-            let off = if row % 2 == 0 { 0 } else { 5 };
-            if y % 6 == 0 || (x + off) % 10 == 0 {
+            let off = if row.is_multiple_of(2) { 0 } else { 5 };
+            if y.is_multiple_of(6) || (x + off).is_multiple_of(10) {
                 [205.0, 200.0, 190.0]
             } else {
                 [155.0 + n * 10.0, 70.0, 50.0]
