@@ -11,9 +11,7 @@
 //! per copy.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Int64Builder, StringBuilder};
 use arrow::record_batch::RecordBatch;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -23,7 +21,7 @@ use crate::framework::stage::{
     ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
 use crate::tables::graphs::{GraphRows, ENTITIES_SCHEMA, RELATIONS_SCHEMA};
-use crate::tables::rejects::REJECTS_SCHEMA;
+use crate::tables::rejects::{RejectRows, REJECTS_SCHEMA};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -175,21 +173,18 @@ fn build(
     source: &str,
 ) -> Result<Batches> {
     let mut rows = GraphRows::default();
-    let mut x_src = StringBuilder::new();
-    let mut x_line = Int64Builder::new();
-    let mut x_reason = StringBuilder::new();
-    let mut x_raw = StringBuilder::new();
+    let mut rejects = RejectRows::default();
     for (i, p) in parsed.iter().enumerate() {
         let p = match p {
             Ok(p) => p,
             Err(reason) => {
                 if with_rejects {
-                    x_src.append_value(source);
-                    x_line.append_value(i as i64 + 1);
-                    x_reason.append_value(reason);
-                    x_raw.append_value(String::from_utf8_lossy(
-                        &lines[i][..lines[i].len().min(512)],
-                    ));
+                    rejects.push(
+                        source,
+                        Some(i as i64 + 1),
+                        &reason,
+                        &String::from_utf8_lossy(&lines[i][..lines[i].len().min(512)]),
+                    );
                 }
                 continue;
             }
@@ -213,14 +208,5 @@ fn build(
         }
     }
     let (ents, rels) = rows.finish()?;
-    let rej = RecordBatch::try_new(
-        REJECTS_SCHEMA.clone(),
-        vec![
-            Arc::new(x_src.finish()) as ArrayRef,
-            Arc::new(x_line.finish()),
-            Arc::new(x_reason.finish()),
-            Arc::new(x_raw.finish()),
-        ],
-    )?;
-    Ok((ents, rels, rej))
+    Ok((ents, rels, rejects.finish()?))
 }

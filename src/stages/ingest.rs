@@ -24,7 +24,7 @@ use crate::framework::stage::{
     ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
 use crate::tables::captions::CAPTIONS_SCHEMA;
-use crate::tables::rejects::REJECTS_SCHEMA;
+use crate::tables::rejects::{RejectRows, REJECTS_SCHEMA};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -607,10 +607,7 @@ fn build_chunk(
     let mut cap = StringBuilder::new();
     let mut path = StringBuilder::new();
     let mut url = StringBuilder::new();
-    let mut r_src = StringBuilder::new();
-    let mut r_line = Int64Builder::new();
-    let mut r_reason = StringBuilder::new();
-    let mut r_raw = StringBuilder::new();
+    let mut rejects = RejectRows::default();
     for (j, o) in outcomes.iter().enumerate() {
         match o {
             Outcome::Row(r) => {
@@ -620,18 +617,17 @@ fn build_chunk(
                 url.append_option(r.url.as_deref());
             }
             Outcome::Reject(reason) => {
-                r_src.append_value(source);
-                r_line.append_value((first_line + j + 1) as i64);
-                r_reason.append_value(reason);
-                r_raw.append_value(raw_excerpt(lines[j]));
+                rejects.push(
+                    source,
+                    Some((first_line + j + 1) as i64),
+                    &reason,
+                    &raw_excerpt(lines[j]),
+                );
             }
         }
     }
     for (file, reason) in extra_rejects {
-        r_src.append_value(source);
-        r_line.append_null();
-        r_reason.append_value(reason);
-        r_raw.append_value(file);
+        rejects.push(source, None, &reason, &file);
     }
     let caps = RecordBatch::try_new(
         CAPTIONS_SCHEMA.clone(),
@@ -642,16 +638,7 @@ fn build_chunk(
             Arc::new(url.finish()),
         ],
     )?;
-    let rej = RecordBatch::try_new(
-        REJECTS_SCHEMA.clone(),
-        vec![
-            Arc::new(r_src.finish()) as ArrayRef,
-            Arc::new(r_line.finish()),
-            Arc::new(r_reason.finish()),
-            Arc::new(r_raw.finish()),
-        ],
-    )?;
-    Ok((caps, rej))
+    Ok((caps, rejects.finish()?))
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{Array, ArrayRef, AsArray};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanBuilder, Float64Builder, RecordBatch, StringBuilder,
+};
 use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 
 use crate::error::Result;
@@ -92,4 +94,67 @@ pub fn read_texts(dir: &Path, column: &str) -> Result<Vec<String>> {
         }
     }
     Ok(out.into_iter().collect())
+}
+
+/// One image a benchmark needs, as `templates` writes it.
+pub struct ImageKey {
+    /// The file's origin (`coco`, `vg`, `cirr`, `mit_states`).
+    pub source: &'static str,
+    pub path: PathBuf,
+    /// The VAW crop box, for attribute templates.
+    pub bbox: Option<[f64; 4]>,
+    /// The original converts this image to RGB before its transform.
+    pub rgb_first: bool,
+}
+
+/// The `image_keys` rows of `keys`, in key order; every one required.
+pub fn image_keys_batch(keys: &BTreeMap<String, ImageKey>) -> Result<RecordBatch> {
+    let mut k_key = StringBuilder::new();
+    let mut k_src = StringBuilder::new();
+    let mut k_path = StringBuilder::new();
+    let mut bb: [Float64Builder; 4] = Default::default();
+    let mut k_req = BooleanBuilder::new();
+    let mut k_rgb = BooleanBuilder::new();
+    for (key, k) in keys {
+        k_key.append_value(key);
+        k_src.append_value(k.source);
+        k_path.append_value(k.path.to_string_lossy());
+        match k.bbox {
+            Some(bbox) => {
+                for (b, v) in bb.iter_mut().zip(bbox) {
+                    b.append_value(v);
+                }
+            }
+            None => bb.iter_mut().for_each(|b| b.append_null()),
+        }
+        k_req.append_value(true);
+        k_rgb.append_value(k.rgb_first);
+    }
+    let [mut bx, mut by, mut bw, mut bh] = bb;
+    Ok(RecordBatch::try_new(
+        IMAGE_KEYS_SCHEMA.clone(),
+        vec![
+            Arc::new(k_key.finish()) as ArrayRef,
+            Arc::new(k_src.finish()),
+            Arc::new(k_path.finish()),
+            Arc::new(bx.finish()),
+            Arc::new(by.finish()),
+            Arc::new(bw.finish()),
+            Arc::new(bh.finish()),
+            Arc::new(k_req.finish()),
+            Arc::new(k_rgb.finish()),
+        ],
+    )?)
+}
+
+/// The `texts` rows, in the set's order.
+pub fn texts_batch(texts: &std::collections::BTreeSet<String>) -> Result<RecordBatch> {
+    let mut tx = StringBuilder::new();
+    for t in texts {
+        tx.append_value(t);
+    }
+    Ok(RecordBatch::try_new(
+        TEXTS_SCHEMA.clone(),
+        vec![Arc::new(tx.finish())],
+    )?)
 }

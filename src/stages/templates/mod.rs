@@ -29,10 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, StringBuilder,
-    UInt32Builder,
-};
+use arrow::array::{ArrayRef, ListBuilder, StringBuilder, UInt32Builder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
@@ -42,8 +39,10 @@ use crate::eval::template_file::{read_template_file, ImageRef, Template, Templat
 use crate::framework::stage::{
     resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
-use crate::tables::image_keys::{IMAGE_KEYS_SCHEMA, TEXTS_SCHEMA};
-use crate::tables::rejects::REJECTS_SCHEMA;
+use crate::tables::image_keys::{
+    image_keys_batch, texts_batch, ImageKey, IMAGE_KEYS_SCHEMA, TEXTS_SCHEMA,
+};
+use crate::tables::rejects::{RejectRows, REJECTS_SCHEMA};
 
 pub static TEMPLATES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -296,19 +295,9 @@ impl Stage for Templates {
         let p = &with_sources(p, ctx)?;
         let coco = p.coco_dir.as_ref().map(|d| ctx.resolve(d));
         let vg = p.vg_dir.as_ref().map(|d| ctx.resolve(d));
-        let mut t_task = StringBuilder::new();
-        let mut t_id = UInt32Builder::new();
-        let mut t_cond = StringBuilder::new();
-        let mut t_ref = StringBuilder::new();
-        let mut t_tgt = StringBuilder::new();
-        let mut t_gal = ListBuilder::new(StringBuilder::new());
-        let mut t_set = StringBuilder::new();
-        let mut t_tgts = ListBuilder::new(StringBuilder::new());
-        let mut r_src = StringBuilder::new();
-        let mut r_line = Int64Builder::new();
-        let mut r_reason = StringBuilder::new();
-        let mut r_raw = StringBuilder::new();
-        let mut keys: BTreeMap<String, KeyInfo> = BTreeMap::new();
+        let mut rows = TemplateRows::default();
+        let mut rejects = RejectRows::default();
+        let mut keys: BTreeMap<String, ImageKey> = BTreeMap::new();
         let mut texts: BTreeSet<String> = BTreeSet::new();
         for (task, path, tf) in files {
             let source = path.display().to_string();
@@ -340,7 +329,7 @@ impl Stage for Templates {
                     }
                 };
                 for (im, path) in t.images().zip(paths) {
-                    keys.entry(im.key()).or_insert(KeyInfo {
+                    keys.entry(im.key()).or_insert(ImageKey {
                         source: im.source(),
                         path,
                         bbox: match im {
@@ -351,40 +340,23 @@ impl Stage for Templates {
                     });
                 }
                 texts.insert(t.condition.clone());
-                t_task.append_value(task);
-                t_id.append_value(*i as u32);
-                t_cond.append_value(&t.condition);
-                t_ref.append_value(t.reference.key());
-                t_tgt.append_value(t.target.key());
-                for g in &t.gallery {
-                    t_gal.values().append_value(g.key());
-                }
-                t_gal.append(true);
-                t_set.append_null();
-                t_tgts.append_null();
+                rows.genecis(task, *i as u32, t);
                 n_ok += 1;
             }
             bad.sort_by_key(|b| b.0);
             for (i, reason, raw) in &bad {
-                r_src.append_value(&source);
-                r_line.append_value(*i as i64);
-                r_reason.append_value(reason);
-                r_raw.append_value(raw);
+                rejects.push(&source, Some(*i as i64), reason, raw);
             }
             ctx.note(format!(
                 "{task}: {n_ok} templates{}",
-                if bad.is_empty() {
-                    String::new()
-                } else {
-                    format!(", {} rejected (see the rejects table)", bad.len())
-                }
+                rejected_note(bad.len())
             ));
         }
         let mut g_set = StringBuilder::new();
         let mut g_key = StringBuilder::new();
         for g in globals {
             for (key, path) in &g.gallery {
-                keys.entry(key.clone()).or_insert(KeyInfo {
+                keys.entry(key.clone()).or_insert(ImageKey {
                     source: g.source,
                     path: path.clone(),
                     bbox: None,
@@ -395,50 +367,20 @@ impl Stage for Templates {
             }
             for q in &g.queries {
                 texts.insert(q.condition.clone());
-                t_task.append_value(g.task);
-                t_id.append_value(q.id);
-                t_cond.append_value(&q.condition);
-                t_ref.append_value(&g.gallery[q.reference].0);
-                t_tgt.append_option(q.target.map(|t| g.gallery[t].0.as_str()));
-                t_gal.append(true);
-                t_set.append_value(g.task);
-                for &r in &q.relevant {
-                    t_tgts.values().append_value(&g.gallery[r].0);
-                }
-                t_tgts.append(true);
+                rows.global(g, q);
             }
             let source = g.source_file.display().to_string();
             for (i, reason, raw) in &g.rejects {
-                r_src.append_value(&source);
-                r_line.append_value(*i as i64);
-                r_reason.append_value(reason);
-                r_raw.append_value(raw);
+                rejects.push(&source, Some(*i as i64), reason, raw);
             }
             ctx.note(format!(
                 "{}: {} queries over {} images{}",
                 g.task,
                 g.queries.len(),
                 g.gallery.len(),
-                if g.rejects.is_empty() {
-                    String::new()
-                } else {
-                    format!(", {} rejected (see the rejects table)", g.rejects.len())
-                }
+                rejected_note(g.rejects.len())
             ));
         }
-        let templates = RecordBatch::try_new(
-            TEMPLATES_SCHEMA.clone(),
-            vec![
-                Arc::new(t_task.finish()) as ArrayRef,
-                Arc::new(t_id.finish()),
-                Arc::new(t_cond.finish()),
-                Arc::new(t_ref.finish()),
-                Arc::new(t_tgt.finish()),
-                Arc::new(t_gal.finish()),
-                Arc::new(t_set.finish()),
-                Arc::new(t_tgts.finish()),
-            ],
-        )?;
         let galleries = RecordBatch::try_new(
             GALLERIES_SCHEMA.clone(),
             vec![
@@ -446,61 +388,13 @@ impl Stage for Templates {
                 Arc::new(g_key.finish()),
             ],
         )?;
-        let mut k_key = StringBuilder::new();
-        let mut k_src = StringBuilder::new();
-        let mut k_path = StringBuilder::new();
-        let mut bb: [Float64Builder; 4] = Default::default();
-        let mut k_req = BooleanBuilder::new();
-        let mut k_rgb = BooleanBuilder::new();
-        for (key, k) in &keys {
-            k_key.append_value(key);
-            k_src.append_value(k.source);
-            k_path.append_value(k.path.to_string_lossy());
-            match k.bbox {
-                Some(bbox) => {
-                    for (b, v) in bb.iter_mut().zip(bbox) {
-                        b.append_value(v);
-                    }
-                }
-                None => bb.iter_mut().for_each(|b| b.append_null()),
-            }
-            k_req.append_value(true);
-            k_rgb.append_value(k.rgb_first);
-        }
-        let [mut bx, mut by, mut bw, mut bh] = bb;
-        let image_keys = RecordBatch::try_new(
-            IMAGE_KEYS_SCHEMA.clone(),
-            vec![
-                Arc::new(k_key.finish()) as ArrayRef,
-                Arc::new(k_src.finish()),
-                Arc::new(k_path.finish()),
-                Arc::new(bx.finish()),
-                Arc::new(by.finish()),
-                Arc::new(bw.finish()),
-                Arc::new(bh.finish()),
-                Arc::new(k_req.finish()),
-                Arc::new(k_rgb.finish()),
-            ],
-        )?;
-        let mut tx = StringBuilder::new();
-        for t in &texts {
-            tx.append_value(t);
-        }
-        let texts_b = RecordBatch::try_new(TEXTS_SCHEMA.clone(), vec![Arc::new(tx.finish())])?;
-        let rejects = RecordBatch::try_new(
-            REJECTS_SCHEMA.clone(),
-            vec![
-                Arc::new(r_src.finish()) as ArrayRef,
-                Arc::new(r_line.finish()),
-                Arc::new(r_reason.finish()),
-                Arc::new(r_raw.finish()),
-            ],
-        )?;
         ctx.note(format!(
             "{} distinct images, {} distinct conditions",
             keys.len(),
             texts.len()
         ));
+        let (templates, image_keys) = (rows.finish()?, image_keys_batch(&keys)?);
+        let (texts_b, rejects) = (texts_batch(&texts)?, rejects.finish()?);
         Ok(Some(vec![
             ("templates", templates),
             ("image_keys", image_keys),
@@ -512,11 +406,75 @@ impl Stage for Templates {
 }
 
 /// What `image_keys` records of one image.
-struct KeyInfo {
-    source: &'static str,
-    path: PathBuf,
-    bbox: Option<[f64; 4]>,
-    rgb_first: bool,
+/// ", n rejected (see the rejects table)" when there are any.
+fn rejected_note(n: usize) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(", {n} rejected (see the rejects table)")
+    }
+}
+
+/// Builders of the `templates` table.
+#[derive(Default)]
+struct TemplateRows {
+    task: StringBuilder,
+    id: UInt32Builder,
+    condition: StringBuilder,
+    reference: StringBuilder,
+    target: StringBuilder,
+    gallery: ListBuilder<StringBuilder>,
+    gallery_set: StringBuilder,
+    targets: ListBuilder<StringBuilder>,
+}
+
+impl TemplateRows {
+    /// A GeneCIS template: its own gallery, the target as candidate 0.
+    fn genecis(&mut self, task: &str, id: u32, t: &Template) {
+        self.task.append_value(task);
+        self.id.append_value(id);
+        self.condition.append_value(&t.condition);
+        self.reference.append_value(t.reference.key());
+        self.target.append_value(t.target.key());
+        for g in &t.gallery {
+            self.gallery.values().append_value(g.key());
+        }
+        self.gallery.append(true);
+        self.gallery_set.append_null();
+        self.targets.append_null();
+    }
+
+    /// A global task's query: the whole gallery set, hits by key.
+    fn global(&mut self, g: &global::GlobalTask, q: &global::GlobalQuery) {
+        self.task.append_value(g.task);
+        self.id.append_value(q.id);
+        self.condition.append_value(&q.condition);
+        self.reference.append_value(&g.gallery[q.reference].0);
+        self.target
+            .append_option(q.target.map(|t| g.gallery[t].0.as_str()));
+        self.gallery.append(true);
+        self.gallery_set.append_value(g.task);
+        for &r in &q.relevant {
+            self.targets.values().append_value(&g.gallery[r].0);
+        }
+        self.targets.append(true);
+    }
+
+    fn finish(mut self) -> Result<RecordBatch> {
+        Ok(RecordBatch::try_new(
+            TEMPLATES_SCHEMA.clone(),
+            vec![
+                Arc::new(self.task.finish()) as ArrayRef,
+                Arc::new(self.id.finish()),
+                Arc::new(self.condition.finish()),
+                Arc::new(self.reference.finish()),
+                Arc::new(self.target.finish()),
+                Arc::new(self.gallery.finish()),
+                Arc::new(self.gallery_set.finish()),
+                Arc::new(self.targets.finish()),
+            ],
+        )?)
+    }
 }
 
 fn count_jpgs(dir: &Path) -> usize {
