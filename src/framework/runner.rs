@@ -1,7 +1,6 @@
 //! Running a plan: deciding what is up to date, running and committing
 //! stages, and explaining staleness for `status`.
 
-use std::path::Path;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
@@ -204,11 +203,6 @@ impl RunRequest {
             progress: true,
             skip_check: false,
         })
-    }
-
-    /// Every stage, nothing forced.
-    pub fn all(plan: &Plan) -> RunRequest {
-        RunRequest::new(plan, None, None, false, None).expect("no names to check")
     }
 }
 
@@ -509,13 +503,4 @@ pub fn check_text(plan: &Plan) -> (String, usize) {
         out.push_str("all checks passed\n");
     }
     (out, errors)
-}
-
-pub fn workdir_has_run(workdir: &Path) -> bool {
-    std::fs::read_dir(workdir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .any(|e| e.path().join(store::RECORD_FILE).is_file())
-        })
-        .unwrap_or(false)
 }

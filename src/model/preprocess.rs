@@ -298,20 +298,6 @@ fn v_row(rows: &[u8], kk: &[i32], stride: usize, acc: &mut [i32], row_out: &mut 
     }
 }
 
-/// Bicubic resize with Pillow's exact arithmetic (horizontal pass, then
-/// vertical, 8-bit intermediate), so outputs match `Image.resize` of Pillow
-/// 10 bit for bit (Pillow 11+ may run the vertical pass first, which moves
-/// some pixels by one level). Accumulates in i32 like Pillow.
-pub fn pil_resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
-    let r = Raster {
-        width: img.width(),
-        height: img.height(),
-        mode: Mode::Rgb,
-        data: img.as_raw().clone(),
-    };
-    to_rgb_image(resize_window(&r, out_w, out_h, (0, 0, out_w, out_h)))
-}
-
 /// The window `(x, y, w, h)` of `img` resized to `out_w` x `out_h`, as
 /// Pillow's `resize` would make it for the image's mode; only the window is
 /// computed (each output pixel depends only on its own coefficients).
