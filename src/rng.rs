@@ -3,10 +3,10 @@
 //! draw the same numbers.
 
 /// Weyl increment of SplitMix64 (the golden ratio in 64 bits).
-pub const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+pub(crate) const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// SplitMix64's finaliser: a well-mixed 64-bit hash of `z`.
-pub fn mix(mut z: u64) -> u64 {
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -14,15 +14,15 @@ pub fn mix(mut z: u64) -> u64 {
 
 /// Uniform integer in [0, n) from 64 random bits (multiply-shift; bias
 /// below n / 2^64).
-pub fn below(h: u64, n: u64) -> u64 {
+pub(crate) fn below(h: u64, n: u64) -> u64 {
     ((h as u128 * n as u128) >> 64) as u64
 }
 
 /// A SplitMix64 stream seeded by hashing its parts in order.
-pub struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    pub fn new(parts: &[u64]) -> Rng {
+    pub(crate) fn new(parts: &[u64]) -> Rng {
         let mut s = GOLDEN;
         for &p in parts {
             s = mix(s ^ p);
@@ -36,12 +36,12 @@ impl Rng {
     }
 
     /// Uniform in [a, b).
-    pub fn uniform(&mut self, a: f64, b: f64) -> f64 {
+    pub(crate) fn uniform(&mut self, a: f64, b: f64) -> f64 {
         a + (b - a) * ((self.next() >> 11) as f64 / (1u64 << 53) as f64)
     }
 
     /// Uniform integer in [0, n).
-    pub fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         below(self.next(), n)
     }
 }

@@ -107,7 +107,7 @@ pub struct SqlArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-pub enum FormatArg {
+pub(crate) enum FormatArg {
     Table,
     Csv,
     Json,

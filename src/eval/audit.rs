@@ -18,7 +18,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::Result;
 
-pub const CHECKS: [&str; 6] = [
+pub(crate) const CHECKS: [&str; 6] = [
     "duplicate_in_gallery",
     "target_among_distractors",
     "near_duplicate_target_distractor",
@@ -27,7 +27,7 @@ pub const CHECKS: [&str; 6] = [
     "singleton_condition",
 ];
 
-pub static AUDIT_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static AUDIT_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("task", DataType::Utf8, false),
         Field::new("template_id", DataType::UInt32, false),
@@ -37,7 +37,7 @@ pub static AUDIT_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 /// One GeneCIS template by its image keys.
-pub struct KeyedTemplate<'a> {
+pub(crate) struct KeyedTemplate<'a> {
     pub task: &'a str,
     pub id: u32,
     pub condition: &'a str,
@@ -47,7 +47,7 @@ pub struct KeyedTemplate<'a> {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct AuditRow {
+pub(crate) struct AuditRow {
     pub task: String,
     pub template_id: u32,
     pub check: &'static str,
@@ -65,7 +65,7 @@ fn row(t: &KeyedTemplate, check: &'static str, detail: String) -> AuditRow {
 
 /// The checks that need only the keys: duplicates, the target among its
 /// distractors, conditions that occur once in their task.
-pub fn key_checks(ts: &[KeyedTemplate]) -> Vec<AuditRow> {
+pub(crate) fn key_checks(ts: &[KeyedTemplate]) -> Vec<AuditRow> {
     let mut out = Vec::new();
     let mut per_condition: HashMap<(&str, &str), usize> = HashMap::new();
     for t in ts {
@@ -105,7 +105,7 @@ pub fn key_checks(ts: &[KeyedTemplate]) -> Vec<AuditRow> {
 
 /// Near-duplicate pictures (cosine >= `near`) under unit embeddings
 /// `unit(key)`.
-pub fn embedding_checks<'a>(
+pub(crate) fn embedding_checks<'a>(
     ts: &[KeyedTemplate<'a>],
     unit: &dyn Fn(&str) -> Option<&'a [f32]>,
     near: f32,
@@ -145,7 +145,7 @@ pub fn embedding_checks<'a>(
 
 /// Templates whose target every method ranks below 3; `ranks` maps
 /// (task, template id) to (method, rank) pairs.
-pub fn failure_checks(
+pub(crate) fn failure_checks(
     ts: &[KeyedTemplate],
     ranks: &HashMap<(String, u32), Vec<(String, u32)>>,
 ) -> Vec<AuditRow> {
@@ -166,14 +166,14 @@ pub fn failure_checks(
 }
 
 /// Findings per check, every check listed.
-pub fn counts(rows: &[AuditRow]) -> Vec<(&'static str, usize)> {
+pub(crate) fn counts(rows: &[AuditRow]) -> Vec<(&'static str, usize)> {
     CHECKS
         .iter()
         .map(|c| (*c, rows.iter().filter(|r| r.check == *c).count()))
         .collect()
 }
 
-pub fn batch(rows: &[AuditRow]) -> Result<RecordBatch> {
+pub(crate) fn batch(rows: &[AuditRow]) -> Result<RecordBatch> {
     let mut task = StringBuilder::new();
     let mut id = UInt32Builder::new();
     let mut check = StringBuilder::new();

@@ -3,9 +3,9 @@
 //! method, candidates ranked by the original's rule, recalls
 //! (eval/eval_functions.py, utils/model_utils.py).
 
-pub mod audit;
-pub mod rank;
-pub mod template_file;
+pub(crate) mod audit;
+pub(crate) mod rank;
+pub(crate) mod template_file;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,16 +17,16 @@ use tch::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::model::combiner::Combiner;
 use crate::tables::embeddings::Embeddings;
-pub use rank::{rank_global, Ranked};
-pub use template_file::TASKS;
+pub(crate) use rank::rank_global;
+pub(crate) use template_file::TASKS;
 
 /// The K of every recall computed; reports show 1/2/3 (GeneCIS) or 1/5/10
 /// (global tasks).
-pub const KS: [usize; 5] = [1, 2, 3, 5, 10];
+pub(crate) const KS: [usize; 5] = [1, 2, 3, 5, 10];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Method {
+pub(crate) enum Method {
     ImageOnly,
     TextOnly,
     ImagePlusText,
@@ -34,7 +34,7 @@ pub enum Method {
 }
 
 impl Method {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Method::ImageOnly => "image_only",
             Method::TextOnly => "text_only",
@@ -48,13 +48,13 @@ impl Method {
 /// evaluation does) or L2-normalised ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum FeatureInput {
+pub(crate) enum FeatureInput {
     Raw,
     Normalized,
 }
 
 impl FeatureInput {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             FeatureInput::Raw => "raw",
             FeatureInput::Normalized => "normalized",
@@ -65,7 +65,7 @@ impl FeatureInput {
 /// How queries are built from features: score's params of the same names,
 /// the original's by default.
 #[derive(Debug, Clone, Copy)]
-pub struct QueryConfig {
+pub(crate) struct QueryConfig {
     /// Weight of the text in image_plus_text: normalize((1-w) img + w txt).
     pub text_weight: f64,
     pub image_plus_text_input: FeatureInput,
@@ -84,9 +84,9 @@ impl Default for QueryConfig {
 
 /// One `scores` row as evaluation emits it: task, template id, method,
 /// target rank, similarities, top keys (global tasks).
-pub type EmitRow<'a> = dyn FnMut(&str, u32, Method, u32, &[f32], Option<&[&str]>) + 'a;
+pub(crate) type EmitRow<'a> = dyn FnMut(&str, u32, Method, u32, &[f32], Option<&[&str]>) + 'a;
 
-pub fn normalized(v: &[f32]) -> Vec<f32> {
+pub(crate) fn normalized(v: &[f32]) -> Vec<f32> {
     let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
     v.iter().map(|x| x / n).collect()
 }
@@ -96,12 +96,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// 1-based rank of candidate 0 under a stable descending sort.
-pub fn target_rank(sims: &[f32]) -> u32 {
+pub(crate) fn target_rank(sims: &[f32]) -> u32 {
     1 + sims[1..].iter().filter(|&&s| s > sims[0]).count() as u32
 }
 
 /// One task's templates, resolved to embedding rows.
-pub struct TaskRows {
+pub(crate) struct TaskRows {
     pub task: String,
     pub template_ids: Vec<u32>,
     pub conditions: Vec<String>,
@@ -114,7 +114,7 @@ pub struct TaskRows {
 
 /// A global task: its gallery and, per query, where the reference and the
 /// hits stand in it.
-pub struct GlobalRows {
+pub(crate) struct GlobalRows {
     /// Embedding rows, in gallery order.
     pub gallery: Vec<usize>,
     pub keys: Vec<String>,
@@ -123,7 +123,7 @@ pub struct GlobalRows {
 }
 
 /// `galleries`: set -> image keys in order.
-pub fn read_galleries(dir: Option<&Path>) -> Result<HashMap<String, Vec<String>>, String> {
+pub(crate) fn read_galleries(dir: Option<&Path>) -> Result<HashMap<String, Vec<String>>, String> {
     let mut out: HashMap<String, Vec<String>> = HashMap::new();
     let Some(dir) = dir else {
         return Ok(out);
@@ -145,7 +145,7 @@ pub fn read_galleries(dir: Option<&Path>) -> Result<HashMap<String, Vec<String>>
     Ok(out)
 }
 
-pub fn read_templates(
+pub(crate) fn read_templates(
     dir: &Path,
     galleries: &HashMap<String, Vec<String>>,
     img: &Embeddings,
@@ -294,7 +294,7 @@ pub fn read_templates(
 
 /// One result row.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Recall {
+pub(crate) struct Recall {
     pub task: String,
     pub method: &'static str,
     /// Recall at each of [`KS`].
@@ -319,7 +319,7 @@ impl Recall {
     }
 
     /// The (K, recall) pairs a report shows: 1/2/3, or 1/5/10 for global tasks.
-    pub fn shown(&self) -> [(usize, f64); 3] {
+    pub(crate) fn shown(&self) -> [(usize, f64); 3] {
         let pick = if self.global { [0, 3, 4] } else { [0, 1, 2] };
         pick.map(|i| (KS[i], self.at[i]))
     }
@@ -329,7 +329,7 @@ impl Recall {
 /// each `scores` row to `emit`, and one Recall per (task, method), plus the
 /// GeneCIS average when several GeneCIS tasks were scored.
 #[allow(clippy::too_many_arguments)]
-pub fn evaluate(
+pub(crate) fn evaluate(
     tasks: &[TaskRows],
     img: &Embeddings,
     txt: &Embeddings,
@@ -483,7 +483,7 @@ pub fn evaluate(
 }
 
 /// A Combiner's recalls on the templates (what `train` selects by).
-pub fn combiner_recalls(
+pub(crate) fn combiner_recalls(
     templates: &Path,
     galleries: Option<&Path>,
     img: &Embeddings,

@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 /// One query's outcome.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Ranked {
+pub(crate) struct Ranked {
     /// 1 + the gallery images strictly more similar than the most similar
     /// relevant one (gallery size + 1 when nothing is relevant).
     pub rank: u32,
@@ -16,12 +16,12 @@ pub struct Ranked {
 }
 
 /// Queries per matmul: 1,024 x 100,000 similarities are 400 MB in f32.
-pub const BLOCK: usize = 1024;
+pub(crate) const BLOCK: usize = 1024;
 
 /// Ranks `queries` (row-major, `d` wide, L2-normalised) against `gallery`
 /// (N x d, L2-normalised, on `device`). `mask[i]` is the gallery position
 /// of query i's reference; `relevant[i]` the positions that count as hits.
-pub fn rank_global(
+pub(crate) fn rank_global(
     queries: &[f32],
     d: usize,
     gallery: &Tensor,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 /// The four GeneCIS tasks, in the paper's order.
-pub const TASKS: [&str; 4] = [
+pub(crate) const TASKS: [&str; 4] = [
     "focus_attribute",
     "change_attribute",
     "focus_object",
@@ -16,13 +16,13 @@ pub const TASKS: [&str; 4] = [
 
 /// One image of a template, as the JSON names it.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ImageRef {
+pub(crate) enum ImageRef {
     Coco(u64),
     Vaw { image_id: String, bbox: [f64; 4] },
 }
 
 impl ImageRef {
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         match self {
             ImageRef::Coco(id) => format!("coco/{id:012}.jpg"),
             ImageRef::Vaw { image_id, bbox } => format!(
@@ -32,7 +32,7 @@ impl ImageRef {
         }
     }
 
-    pub fn source(&self) -> &'static str {
+    pub(crate) fn source(&self) -> &'static str {
         match self {
             ImageRef::Coco(_) => "coco",
             ImageRef::Vaw { .. } => "vg",
@@ -40,7 +40,7 @@ impl ImageRef {
     }
 
     /// The file, or the param that must be set to find it.
-    pub fn path(&self, coco: Option<&Path>, vg: Option<&Path>) -> Result<PathBuf, String> {
+    pub(crate) fn path(&self, coco: Option<&Path>, vg: Option<&Path>) -> Result<PathBuf, String> {
         match self {
             ImageRef::Coco(id) => coco
                 .map(|d| d.join(format!("{id:012}.jpg")))
@@ -101,7 +101,7 @@ impl ImageRef {
 
 /// One parsed template.
 #[derive(Debug, Clone)]
-pub struct Template {
+pub(crate) struct Template {
     pub condition: String,
     pub reference: ImageRef,
     pub target: ImageRef,
@@ -143,7 +143,7 @@ impl Template {
         })
     }
 
-    pub fn images(&self) -> impl Iterator<Item = &ImageRef> {
+    pub(crate) fn images(&self) -> impl Iterator<Item = &ImageRef> {
         std::iter::once(&self.reference)
             .chain(std::iter::once(&self.target))
             .chain(self.gallery.iter())
@@ -151,14 +151,14 @@ impl Template {
 }
 
 /// A template file: the parsed templates by index, and the malformed ones.
-pub struct TemplateFile {
+pub(crate) struct TemplateFile {
     pub ok: Vec<(usize, Template)>,
     pub bad: Vec<(usize, String, String)>,
 }
 
 /// Reads one template file. A file that is not a JSON array of templates
 /// is an error; a malformed template is a reject.
-pub fn read_template_file(path: &Path) -> Result<TemplateFile, String> {
+pub(crate) fn read_template_file(path: &Path) -> Result<TemplateFile, String> {
     let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let v: Value = serde_json::from_slice(&text)
         .map_err(|e| format!("{} is not JSON: {e}", path.display()))?;

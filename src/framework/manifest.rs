@@ -40,7 +40,7 @@ struct RawStage {
 
 /// `--set stage.param=value` from the command line.
 #[derive(Debug, Clone)]
-pub struct SetOverride {
+pub(crate) struct SetOverride {
     pub stage: String,
     pub param: String,
     pub value: toml::Value,
@@ -49,7 +49,7 @@ pub struct SetOverride {
 impl SetOverride {
     /// `stage.param=value`; the value is read as a TOML value (`5000`,
     /// `true`, `"text"`), and as a plain string when it is not one.
-    pub fn parse(arg: &str) -> Result<SetOverride> {
+    pub(crate) fn parse(arg: &str) -> Result<SetOverride> {
         let usage = |m: &str| Error::Usage {
             arg: format!("--set {arg}"),
             message: m.to_string(),
@@ -97,7 +97,7 @@ pub struct PlannedStage {
 }
 
 impl PlannedStage {
-    pub fn input_stamps(&self, plan: &Plan) -> Vec<InputStamp> {
+    pub(crate) fn input_stamps(&self, plan: &Plan) -> Vec<InputStamp> {
         self.inputs
             .iter()
             .map(|b| InputStamp {
@@ -112,7 +112,7 @@ impl PlannedStage {
     }
 
     /// Input tables by table name -> committed folder.
-    pub fn input_dirs(&self, workdir: &Path) -> BTreeMap<String, PathBuf> {
+    pub(crate) fn input_dirs(&self, workdir: &Path) -> BTreeMap<String, PathBuf> {
         let mut m = BTreeMap::new();
         for b in &self.inputs {
             for t in &b.tables {
@@ -136,12 +136,12 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn stage(&self, name: &str) -> Option<&PlannedStage> {
+    pub(crate) fn stage(&self, name: &str) -> Option<&PlannedStage> {
         self.stages.iter().find(|s| s.name == name)
     }
 
     /// Names of `name` and every stage that depends on it, directly or not.
-    pub fn downstream_of(&self, name: &str) -> Vec<String> {
+    pub(crate) fn downstream_of(&self, name: &str) -> Vec<String> {
         let mut out = vec![name.to_string()];
         for s in &self.stages {
             if s.inputs.iter().any(|b| out.contains(&b.stage)) && !out.contains(&s.name) {
@@ -153,7 +153,7 @@ impl Plan {
 
     /// Reads, validates and resolves a manifest. On any problem, returns one
     /// error listing all of them; nothing is written.
-    pub fn load(
+    pub(crate) fn load(
         path: &Path,
         sets: &[SetOverride],
         workdir_override: Option<&Path>,
@@ -277,7 +277,7 @@ fn names(stages: &[Spanned<RawStage>]) -> String {
 }
 
 /// Hash of everything that determines a stage's output.
-pub fn fingerprint(
+pub(crate) fn fingerprint(
     kind: &str,
     version: &str,
     params: &serde_json::Value,
@@ -297,7 +297,7 @@ pub fn fingerprint(
 
 /// The workdir a manifest names, without validating its stages (for `sql`,
 /// which reads finished runs even when their inputs have moved).
-pub fn workdir_of(path: &Path) -> Result<PathBuf> {
+pub(crate) fn workdir_of(path: &Path) -> Result<PathBuf> {
     #[derive(Deserialize)]
     struct Head {
         pipeline: RawPipeline,

@@ -3,9 +3,9 @@
 //! knows stage kinds only through the [`stage::Stage`] contract and the
 //! registry it is handed.
 
-pub mod manifest;
-pub mod progress;
+pub(crate) mod manifest;
+pub(crate) mod progress;
 pub mod runner;
 pub mod sql;
-pub mod stage;
+pub(crate) mod stage;
 pub mod store;

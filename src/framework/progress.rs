@@ -8,16 +8,12 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(visible: bool) -> Progress {
+    pub(crate) fn new(visible: bool) -> Progress {
         Progress { visible }
     }
 
-    pub fn hidden() -> Progress {
-        Progress { visible: false }
-    }
-
     /// A bar counting `unit`s up to `total`.
-    pub fn bar(&self, label: &str, total: u64, unit: &str) -> ProgressBar {
+    pub(crate) fn bar(&self, label: &str, total: u64, unit: &str) -> ProgressBar {
         let bar = ProgressBar::with_draw_target(
             Some(total),
             if self.visible {
@@ -40,7 +36,7 @@ impl Progress {
 }
 
 /// `12345678` -> `12,345,678`.
-pub fn thousands(n: u64) -> String {
+pub(crate) fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {

@@ -10,7 +10,7 @@ use crate::framework::stage::{Driver, Finding, Severity, Shard, StageContext};
 use crate::framework::store::{self, StageRecord, StageWriter, WorkdirLock};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StageState {
+pub(crate) enum StageState {
     Done,
     /// Why: one line per changed thing.
     Stale(Vec<String>),
@@ -21,7 +21,7 @@ pub enum StageState {
 }
 
 impl StageState {
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             StageState::Done => "done",
             StageState::Stale(_) => "stale",
@@ -31,7 +31,7 @@ impl StageState {
 }
 
 /// Compares what the manifest asks for with what the workdir holds.
-pub fn stage_state(plan: &Plan, s: &PlannedStage) -> Result<StageState> {
+pub(crate) fn stage_state(plan: &Plan, s: &PlannedStage) -> Result<StageState> {
     let dir = store::stage_dir(&plan.workdir, &s.name);
     let record = StageRecord::read(&dir)?;
     let resumable = || {
@@ -163,7 +163,7 @@ impl RunRequest {
     /// `only`: run just this stage (its inputs must be done); `from`: rerun
     /// this stage and everything downstream; `force`: rerun the selected
     /// stages even when up to date.
-    pub fn new(
+    pub(crate) fn new(
         plan: &Plan,
         only: Option<&str>,
         from: Option<&str>,
@@ -422,7 +422,7 @@ fn print_summary(s: &PlannedStage, r: &StageRecord) {
 
 /// The data checks ([`crate::framework::stage::Stage::check`]) of the named stages (all
 /// when `None`), in manifest order.
-pub fn check_plan(plan: &Plan, stages: Option<&[String]>) -> Vec<(String, Finding)> {
+pub(crate) fn check_plan(plan: &Plan, stages: Option<&[String]>) -> Vec<(String, Finding)> {
     plan.stages
         .iter()
         .filter(|s| stages.is_none_or(|names| names.contains(&s.name)))
@@ -436,7 +436,7 @@ pub fn check_plan(plan: &Plan, stages: Option<&[String]>) -> Vec<(String, Findin
 }
 
 /// One line per stage for `genecis status`.
-pub fn status_lines(plan: &Plan) -> Result<Vec<(String, StageState)>> {
+pub(crate) fn status_lines(plan: &Plan) -> Result<Vec<(String, StageState)>> {
     plan.stages
         .iter()
         .map(|s| Ok((s.name.clone(), stage_state(plan, s)?)))

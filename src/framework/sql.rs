@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::framework::store::{StageRecord, RECORD_FILE};
 
 #[derive(Debug, Clone)]
-pub struct TableEntry {
+pub(crate) struct TableEntry {
     pub stage: String,
     pub table: String,
     pub dir: PathBuf,
@@ -25,7 +25,7 @@ pub struct TableEntry {
 }
 
 /// Committed tables of a workdir, sorted by stage then table.
-pub fn discover(workdir: &Path) -> Result<Vec<TableEntry>> {
+pub(crate) fn discover(workdir: &Path) -> Result<Vec<TableEntry>> {
     let rd = std::fs::read_dir(workdir).map_err(|_| Error::NoRun(workdir.to_path_buf()))?;
     let mut out = Vec::new();
     for e in rd.filter_map(|e| e.ok()) {
@@ -87,7 +87,7 @@ pub fn run_cli(
 
 /// A session with every table registered (information_schema on, so
 /// `SHOW TABLES` and `DESCRIBE t` work).
-pub async fn session(entries: &[TableEntry]) -> Result<SessionContext> {
+pub(crate) async fn session(entries: &[TableEntry]) -> Result<SessionContext> {
     let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
     let catalog = ctx
         .catalog("datafusion")
@@ -121,7 +121,7 @@ pub async fn session(entries: &[TableEntry]) -> Result<SessionContext> {
 
 /// Runs a query. An empty result still carries one empty batch, so CSV gets
 /// its header and Parquet its schema.
-pub async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+pub(crate) async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
     let df = ctx.sql(sql).await?;
     let schema = Arc::new(df.schema().as_arrow().clone());
     let mut batches = df.collect().await?;
@@ -140,7 +140,7 @@ pub enum OutputFormat {
 }
 
 /// Writes query results in `format` to `out` (stdout when `None`).
-pub fn write_results(
+pub(crate) fn write_results(
     batches: &[RecordBatch],
     format: OutputFormat,
     out: Option<&Path>,
@@ -251,7 +251,7 @@ fn lists_as_text(batch: &RecordBatch) -> Result<RecordBatch> {
 }
 
 /// Text for `\d`: every table with its row count.
-pub fn describe_tables(entries: &[TableEntry]) -> String {
+pub(crate) fn describe_tables(entries: &[TableEntry]) -> String {
     let mut count: HashMap<&str, usize> = HashMap::new();
     for e in entries {
         *count.entry(e.table.as_str()).or_default() += 1;
@@ -276,7 +276,11 @@ pub fn describe_tables(entries: &[TableEntry]) -> String {
 /// The interactive prompt: statements end with `;`; `\d` lists tables,
 /// `\d NAME` shows a table's columns, `\q` quits. Errors are printed and the
 /// prompt goes on.
-pub async fn repl(ctx: &SessionContext, entries: &[TableEntry], history: &Path) -> Result<()> {
+pub(crate) async fn repl(
+    ctx: &SessionContext,
+    entries: &[TableEntry],
+    history: &Path,
+) -> Result<()> {
     use rustyline::error::ReadlineError;
     let mut rl = rustyline::DefaultEditor::new().map_err(|e| Error::Usage {
         arg: "sql".into(),

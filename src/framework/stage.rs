@@ -42,7 +42,7 @@ pub struct TableDef {
 }
 
 impl TableDef {
-    pub fn new(name: &'static str, schema: SchemaRef) -> TableDef {
+    pub(crate) fn new(name: &'static str, schema: SchemaRef) -> TableDef {
         TableDef {
             name,
             columns: Columns::Fixed(schema),
@@ -50,7 +50,7 @@ impl TableDef {
     }
 
     /// A table with an embedding column of the run's width.
-    pub fn embedding(
+    pub(crate) fn embedding(
         name: &'static str,
         build: fn(i32) -> SchemaRef,
         column: &'static str,
@@ -63,7 +63,7 @@ impl TableDef {
 
     /// The exact schema of this run's parts: `width` is the embedding width
     /// the stage's plan found.
-    pub fn schema(&self, width: Option<i32>) -> Result<SchemaRef> {
+    pub(crate) fn schema(&self, width: Option<i32>) -> Result<SchemaRef> {
         match (&self.columns, width) {
             (Columns::Fixed(s), _) => Ok(s.clone()),
             (Columns::Embedding { build, .. }, Some(d)) => Ok(build(d)),
@@ -76,7 +76,7 @@ impl TableDef {
 
     /// `name(col type, ...)`, `?` marking nullable columns, `d` the
     /// per-run embedding width.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let (schema, wide) = match &self.columns {
             Columns::Fixed(s) => (s.clone(), None),
             Columns::Embedding { build, column } => (build(1), Some(*column)),
@@ -113,14 +113,14 @@ pub struct InputTable {
 }
 
 impl InputTable {
-    pub const fn required(name: &'static str) -> InputTable {
+    pub(crate) const fn required(name: &'static str) -> InputTable {
         InputTable {
             name,
             optional: false,
             group: None,
         }
     }
-    pub const fn optional(name: &'static str) -> InputTable {
+    pub(crate) const fn optional(name: &'static str) -> InputTable {
         InputTable {
             name,
             optional: true,
@@ -128,7 +128,7 @@ impl InputTable {
         }
     }
     /// Optional, but the stage needs at least one table of `group`.
-    pub const fn one_of(name: &'static str, group: &'static str) -> InputTable {
+    pub(crate) const fn one_of(name: &'static str, group: &'static str) -> InputTable {
         InputTable {
             name,
             optional: true,
@@ -146,7 +146,7 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn owns(&self, chunk: usize) -> bool {
+    pub(crate) fn owns(&self, chunk: usize) -> bool {
         chunk % self.count == self.index
     }
 }
@@ -190,12 +190,12 @@ pub struct StageContext<'a> {
 }
 
 impl StageContext<'_> {
-    pub fn resolve(&self, p: &Path) -> PathBuf {
+    pub(crate) fn resolve(&self, p: &Path) -> PathBuf {
         resolve_path(self.base_dir, p)
     }
 
     /// The folder of a required input table (the manifest guarantees it).
-    pub fn input(&self, table: &str) -> Result<&Path> {
+    pub(crate) fn input(&self, table: &str) -> Result<&Path> {
         self.inputs.get(table).map(PathBuf::as_path).ok_or_else(|| {
             Error::Internal(format!(
                 "stage '{}' has no input table '{table}' although the manifest was validated",
@@ -205,12 +205,12 @@ impl StageContext<'_> {
     }
 
     /// The folder of an optional input table, when an input provides it.
-    pub fn optional_input(&self, table: &str) -> Option<&Path> {
+    pub(crate) fn optional_input(&self, table: &str) -> Option<&Path> {
         self.inputs.get(table).map(PathBuf::as_path)
     }
 
     /// A line for the run summary.
-    pub fn note(&self, line: impl Into<String>) {
+    pub(crate) fn note(&self, line: impl Into<String>) {
         self.notes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -219,13 +219,13 @@ impl StageContext<'_> {
 
     /// Writes a side file (a report, a chart) that is committed with the
     /// tables into `<workdir>/<stage>/<name>`; returns where it will be.
-    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<PathBuf> {
+    pub(crate) fn write_file(&self, name: &str, bytes: &[u8]) -> Result<PathBuf> {
         crate::framework::store::write_atomic(&self.work_dir.join(name), bytes)?;
         Ok(self.committed_dir.join(name))
     }
 }
 
-pub fn resolve_path(base: &Path, p: &Path) -> PathBuf {
+pub(crate) fn resolve_path(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
@@ -234,13 +234,14 @@ pub fn resolve_path(base: &Path, p: &Path) -> PathBuf {
 }
 
 /// One batch per output table, by table name.
-pub type ChunkTables = Vec<(&'static str, RecordBatch)>;
+pub(crate) type ChunkTables = Vec<(&'static str, RecordBatch)>;
 
 /// Runs chunks `todo` side by side, each through `one`.
-pub type ParallelRun<W> = fn(&W, &[usize], &(dyn Fn(&W, usize) -> Result<()> + Sync)) -> Result<()>;
+pub(crate) type ParallelRun<W> =
+    fn(&W, &[usize], &(dyn Fn(&W, usize) -> Result<()> + Sync)) -> Result<()>;
 
 /// A stage's work, cut into chunks.
-pub struct Chunks<W> {
+pub(crate) struct Chunks<W> {
     /// Whatever every chunk reads (input rows, a loaded model, counters).
     pub work: W,
     /// Work units per chunk (lines, captions, samples, images): the chunk
@@ -258,7 +259,7 @@ pub struct Chunks<W> {
 impl<W: Sync> Chunks<W> {
     /// Chunks that may run side by side: only work every thread may read
     /// at once qualifies.
-    pub fn in_parallel(mut self) -> Chunks<W> {
+    pub(crate) fn in_parallel(mut self) -> Chunks<W> {
         self.parallel = Some(|work, todo, one| todo.par_iter().try_for_each(|&k| one(work, k)));
         self
     }
@@ -266,7 +267,7 @@ impl<W: Sync> Chunks<W> {
 
 impl<W> Chunks<W> {
     /// A stage that is not chunked: one chunk of `units`.
-    pub fn single(work: W, units: u64, unit: &'static str) -> Chunks<W> {
+    pub(crate) fn single(work: W, units: u64, unit: &'static str) -> Chunks<W> {
         Chunks {
             work,
             sizes: vec![units],
@@ -277,7 +278,7 @@ impl<W> Chunks<W> {
     }
 
     /// `total` units cut into chunks of `per_chunk` (at least one chunk).
-    pub fn even(work: W, total: u64, per_chunk: u64, unit: &'static str) -> Chunks<W> {
+    pub(crate) fn even(work: W, total: u64, per_chunk: u64, unit: &'static str) -> Chunks<W> {
         let n = total.div_ceil(per_chunk.max(1)).max(1);
         let sizes = (0..n)
             .map(|k| (total - (k * per_chunk).min(total)).min(per_chunk))
@@ -294,7 +295,7 @@ impl<W> Chunks<W> {
 
 /// One stage kind. Adding a kind means one file implementing this, plus one
 /// line in the registry (`crate::stages::KINDS`).
-pub trait Stage: 'static {
+pub(crate) trait Stage: 'static {
     const KIND: &'static str;
     /// Bump when the code's output changes for the same params and inputs:
     /// it is part of the fingerprint, so finished runs become stale.
@@ -404,14 +405,14 @@ pub struct Finding {
 }
 
 impl Finding {
-    pub fn error(field: impl Into<String>, message: impl Into<String>) -> Finding {
+    pub(crate) fn error(field: impl Into<String>, message: impl Into<String>) -> Finding {
         Finding {
             severity: Severity::Error,
             field: field.into(),
             message: message.into(),
         }
     }
-    pub fn warning(field: impl Into<String>, message: impl Into<String>) -> Finding {
+    pub(crate) fn warning(field: impl Into<String>, message: impl Into<String>) -> Finding {
         Finding {
             severity: Severity::Warning,
             field: field.into(),
@@ -442,7 +443,7 @@ pub struct Driven {
 
 /// The chunk loop every stage shares: plan, pick this shard's unfinished
 /// chunks, compute and write them, finish.
-pub fn drive<S: Stage>(params: &S::Params, ctx: &StageContext, d: Driver) -> Result<Driven> {
+pub(crate) fn drive<S: Stage>(params: &S::Params, ctx: &StageContext, d: Driver) -> Result<Driven> {
     let chunks = S::plan(params, ctx)?;
     let tables = S::output_tables()
         .into_iter()
@@ -522,10 +523,10 @@ pub trait BoundStage: Send + Sync {
     fn run(&self, ctx: &StageContext, d: Driver) -> Result<Driven>;
 }
 
-pub struct Kind<S>(std::marker::PhantomData<S>);
+pub(crate) struct Kind<S>(std::marker::PhantomData<S>);
 
 impl<S> Kind<S> {
-    pub const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Kind(std::marker::PhantomData)
     }
 }
@@ -624,11 +625,11 @@ where
 pub struct Registry(pub &'static [&'static dyn StageKind]);
 
 impl Registry {
-    pub fn lookup(&self, kind: &str) -> Option<&'static dyn StageKind> {
+    pub(crate) fn lookup(&self, kind: &str) -> Option<&'static dyn StageKind> {
         self.0.iter().copied().find(|k| k.kind() == kind)
     }
 
-    pub fn names(&self) -> Vec<&'static str> {
+    pub(crate) fn names(&self) -> Vec<&'static str> {
         self.0.iter().map(|k| k.kind()).collect()
     }
 

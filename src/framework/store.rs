@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::framework::stage::TableDef;
 
-pub const RECORD_FILE: &str = "_stage.json";
+pub(crate) const RECORD_FILE: &str = "_stage.json";
 const WORK_FILE: &str = "_work.json";
 const WORK_DIR: &str = ".work";
 const LOCK_FILE: &str = ".genecis.lock";
@@ -39,7 +39,7 @@ pub struct FileStamp {
 }
 
 impl FileStamp {
-    pub fn of(path: &Path) -> Result<FileStamp> {
+    pub(crate) fn of(path: &Path) -> Result<FileStamp> {
         let meta = fs::metadata(path).map_err(Error::io("cannot read", path))?;
         let mtime_ns = meta
             .modified()
@@ -95,7 +95,7 @@ pub struct StageRecord {
 }
 
 impl StageRecord {
-    pub fn read(stage_dir: &Path) -> Result<Option<StageRecord>> {
+    pub(crate) fn read(stage_dir: &Path) -> Result<Option<StageRecord>> {
         let path = stage_dir.join(RECORD_FILE);
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
@@ -112,7 +112,7 @@ impl StageRecord {
 
     /// What is wrong with the committed part files: missing ones, and ones
     /// whose size differs from the record. Empty when all are intact.
-    pub fn damaged_parts(&self, stage_dir: &Path) -> Vec<String> {
+    pub(crate) fn damaged_parts(&self, stage_dir: &Path) -> Vec<String> {
         let mut out = Vec::new();
         for (name, stat) in &self.tables {
             for k in 0..stat.parts {
@@ -132,11 +132,11 @@ impl StageRecord {
     }
 }
 
-pub fn part_name(chunk: usize) -> String {
+pub(crate) fn part_name(chunk: usize) -> String {
     format!("part-{chunk:05}.parquet")
 }
 
-pub fn stage_dir(workdir: &Path, stage: &str) -> PathBuf {
+pub(crate) fn stage_dir(workdir: &Path, stage: &str) -> PathBuf {
     workdir.join(stage)
 }
 
@@ -160,7 +160,7 @@ pub struct StageWriter {
 
 impl StageWriter {
     /// Opens (or, when its fingerprint differs, clears) the work folder.
-    pub fn open(workdir: &Path, stage: &str, fingerprint: &str) -> Result<StageWriter> {
+    pub(crate) fn open(workdir: &Path, stage: &str, fingerprint: &str) -> Result<StageWriter> {
         let dir = work_dir(workdir, stage);
         let info_path = dir.join(WORK_FILE);
         let reusable = fs::read_to_string(&info_path)
@@ -192,7 +192,7 @@ impl StageWriter {
     }
 
     /// The tables and their exact schemas, known once the stage has planned.
-    pub fn declare(&mut self, tables: Vec<(&'static str, SchemaRef)>) -> Result<()> {
+    pub(crate) fn declare(&mut self, tables: Vec<(&'static str, SchemaRef)>) -> Result<()> {
         for (name, _) in &tables {
             let p = self.dir.join(name);
             fs::create_dir_all(&p).map_err(Error::io("cannot create", &p))?;
@@ -201,12 +201,12 @@ impl StageWriter {
         Ok(())
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// A chunk is finished when every table has its part file.
-    pub fn chunk_done(&self, chunk: usize) -> bool {
+    pub(crate) fn chunk_done(&self, chunk: usize) -> bool {
         !self.tables.is_empty()
             && self
                 .tables
@@ -217,7 +217,7 @@ impl StageWriter {
     /// Writes the chunk's batch for every table (empty batches included, so
     /// that "all tables have the part" marks it finished). Each part is
     /// written under a temp name and renamed.
-    pub fn write_chunk(&self, chunk: usize, batches: &[(&str, RecordBatch)]) -> Result<()> {
+    pub(crate) fn write_chunk(&self, chunk: usize, batches: &[(&str, RecordBatch)]) -> Result<()> {
         for (name, _) in &self.tables {
             let n = batches.iter().filter(|(b, _)| b == name).count();
             if n != 1 {
@@ -302,7 +302,7 @@ impl StageWriter {
     /// Moves the work folder into `<workdir>/<stage>` with its record. The
     /// old committed folder, if any, is invalidated first (record removed),
     /// so a crash in between leaves the stage "missing", never half-new.
-    pub fn commit(
+    pub(crate) fn commit(
         self,
         workdir: &Path,
         stage: &str,
@@ -342,7 +342,7 @@ impl StageWriter {
 
 /// Number of finished chunks in an interrupted run's work folder, if its
 /// fingerprint matches (for `status`).
-pub fn resumable_chunks(
+pub(crate) fn resumable_chunks(
     workdir: &Path,
     stage: &str,
     fingerprint: &str,
@@ -373,7 +373,7 @@ pub fn resumable_chunks(
 }
 
 /// The part files of a table folder, in chunk order.
-pub fn part_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn part_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut v: Vec<_> = fs::read_dir(dir)
         .map_err(Error::io("cannot list", dir))?
         .filter_map(|e| e.ok())
@@ -399,7 +399,7 @@ fn stage_of(table_dir: &Path) -> String {
 
 /// Rows of a committed part file, from its footer; a file that does not
 /// read as Parquet is named with the fix.
-pub fn part_rows(path: &Path) -> Result<u64> {
+pub(crate) fn part_rows(path: &Path) -> Result<u64> {
     let f = File::open(path).map_err(Error::io("cannot open", path))?;
     let r = SerializedFileReader::new(f).map_err(|source| Error::DamagedPart {
         path: path.to_path_buf(),
@@ -410,7 +410,7 @@ pub fn part_rows(path: &Path) -> Result<u64> {
 }
 
 /// Every batch of one committed part file.
-pub fn read_part(path: &Path) -> Result<Vec<RecordBatch>> {
+pub(crate) fn read_part(path: &Path) -> Result<Vec<RecordBatch>> {
     let damaged = |source| Error::DamagedPart {
         path: path.to_path_buf(),
         stage: stage_of(path.parent().unwrap_or(path)),
@@ -438,7 +438,7 @@ pub fn read_table(dir: &Path) -> Result<Vec<RecordBatch>> {
 /// In a table of (role, file) rows written by a stage (a `weights` or
 /// `sources` table), the file of `role`, resolved against that stage's
 /// folder (the table folder's parent).
-pub fn role_file(dir: &Path, role: &str, file_col: &str) -> Result<Option<PathBuf>> {
+pub(crate) fn role_file(dir: &Path, role: &str, file_col: &str) -> Result<Option<PathBuf>> {
     let stage = dir.parent().unwrap_or(dir);
     for b in read_table(dir)? {
         let roles = arrow::array::AsArray::as_string::<i32>(column(&b, "role")?).clone();
@@ -450,7 +450,7 @@ pub fn role_file(dir: &Path, role: &str, file_col: &str) -> Result<Option<PathBu
     Ok(None)
 }
 
-pub fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow::array::ArrayRef> {
+pub(crate) fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow::array::ArrayRef> {
     batch.column_by_name(name).ok_or_else(|| {
         Error::Internal(format!(
             "an input batch has no column '{name}' (columns: {})",
@@ -465,7 +465,7 @@ pub fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow::array
     })
 }
 
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, bytes).map_err(Error::io("cannot write", &tmp))?;
     fs::rename(&tmp, path).map_err(Error::io("cannot rename", &tmp))
@@ -540,7 +540,7 @@ impl WorkdirLock {
     }
 
     /// Serialises the final commit between concurrently finishing shards.
-    pub fn commit_guard(workdir: &Path) -> Result<File> {
+    pub(crate) fn commit_guard(workdir: &Path) -> Result<File> {
         let p = workdir.join(WORK_DIR).join(".commit.lock");
         fs::create_dir_all(p.parent().unwrap()).map_err(Error::io("cannot create", &p))?;
         let f = File::create(&p).map_err(Error::io("cannot open lock file", &p))?;

@@ -47,7 +47,7 @@ fn count_blocks(sd: &StateDict, prefix: &str, depth: usize) -> i64 {
 
 impl ClipConfig {
     /// What `build_model` infers from the state dict.
-    pub fn infer(sd: &StateDict) -> Result<ClipConfig> {
+    pub(crate) fn infer(sd: &StateDict) -> Result<ClipConfig> {
         let vit = sd.has("visual.proj");
         let (vision, image_resolution) = if vit {
             let conv = sd.get_shaped("visual.conv1.weight", &[-1, 3, -1, -1])?;
@@ -390,10 +390,6 @@ impl Clip {
         let rows = Tensor::arange(x.size()[0], (Kind::Int64, x.device()));
         let x = x.index(&[Some(rows), Some(eot)]);
         Ok(x.matmul(&self.w.get("text_projection")?))
-    }
-
-    pub fn logit_scale(&self) -> Result<f64> {
-        Ok(self.w.get("logit_scale")?.exp().double_value(&[]))
     }
 }
 

@@ -10,8 +10,8 @@ use tch::{Device, Kind, Tensor};
 use super::{linear, Result, StateDict};
 
 /// The original's layer sizes: `Combiner(d, 2560, 2 * 2560)`.
-pub const PROJECTION_DIM: i64 = 2560;
-pub const HIDDEN_DIM: i64 = 2 * 2560;
+pub(crate) const PROJECTION_DIM: i64 = 2560;
+pub(crate) const HIDDEN_DIM: i64 = 2 * 2560;
 
 /// Linear layers in the module's registration order (its state dict's).
 const LAYERS: [&str; 5] = [
@@ -103,7 +103,7 @@ impl Combiner {
     /// [`Combiner::forward`] with the original's four Dropout(0.5) layers
     /// active when `train`, drawn in the module's order (text, image,
     /// combined, dynamic scalar).
-    pub fn forward_t(&self, image: &Tensor, text: &Tensor, train: bool) -> Result<Tensor> {
+    pub(crate) fn forward_t(&self, image: &Tensor, text: &Tensor, train: bool) -> Result<Tensor> {
         let drop = |x: Tensor| x.dropout(0.5, train);
         let t = drop(self.lin("text_projection_layer", text)?.relu());
         let i = drop(self.lin("image_projection_layer", image)?.relu());
@@ -121,7 +121,7 @@ impl Combiner {
 }
 
 /// `F.normalize(x, dim=-1)`.
-pub fn l2_normalize(x: &Tensor) -> Tensor {
+pub(crate) fn l2_normalize(x: &Tensor) -> Tensor {
     let n = x
         .norm_scalaropt_dim(2, [-1i64].as_slice(), true)
         .clamp_min(1e-12);

@@ -18,12 +18,12 @@ extern "C" {
 }
 
 /// Whether `bytes` start like a JPEG file (SOI marker).
-pub fn is_jpeg(bytes: &[u8]) -> bool {
+pub(crate) fn is_jpeg(bytes: &[u8]) -> bool {
     bytes.starts_with(&[0xFF, 0xD8, 0xFF])
 }
 
 /// Pixels as Pillow opens the file: 1 channel (L), 3 (RGB) or 4 (CMYK).
-pub fn decode(bytes: &[u8]) -> Result<(u32, u32, usize, Vec<u8>), String> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<(u32, u32, usize, Vec<u8>), String> {
     let mut out: *mut u8 = std::ptr::null_mut();
     let (mut w, mut h, mut c): (c_uint, c_uint, c_int) = (0, 0, 0);
     let mut err = [0 as c_char; 256];

@@ -7,7 +7,7 @@
 
 pub mod clip;
 pub mod combiner;
-pub mod jpeg;
+pub(crate) mod jpeg;
 pub mod optim;
 pub mod preprocess;
 pub mod tokenizer;
@@ -41,7 +41,7 @@ pub enum ModelError {
     Torch(#[from] tch::TchError),
 }
 
-pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 /// Named tensors of a checkpoint, `module.` prefixes removed.
 pub struct StateDict {
@@ -95,7 +95,7 @@ impl StateDict {
     }
 
     /// A view of the keys under `prefix.` (prefix removed).
-    pub fn sub(&self, prefix: &str) -> StateDict {
+    pub(crate) fn sub(&self, prefix: &str) -> StateDict {
         let p = format!("{prefix}.");
         StateDict {
             path: self.path.clone(),
@@ -114,7 +114,7 @@ impl StateDict {
         self.tensors.contains_key(key)
     }
 
-    pub fn get(&self, key: &str) -> Result<Tensor> {
+    pub(crate) fn get(&self, key: &str) -> Result<Tensor> {
         self.tensors
             .get(key)
             .map(|t| t.shallow_clone())
@@ -139,7 +139,7 @@ impl StateDict {
     }
 
     /// `get` with a shape check; -1 matches any size.
-    pub fn get_shaped(&self, key: &str, shape: &[i64]) -> Result<Tensor> {
+    pub(crate) fn get_shaped(&self, key: &str, shape: &[i64]) -> Result<Tensor> {
         let t = self.get(key)?;
         let got = t.size();
         if got.len() != shape.len() || got.iter().zip(shape).any(|(g, s)| *s != -1 && g != s) {
@@ -171,7 +171,7 @@ fn is_safetensors(path: &Path, head: &[u8]) -> bool {
 }
 
 /// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when libtorch sees a GPU).
-pub fn select_device(spec: &str) -> std::result::Result<Device, String> {
+pub(crate) fn select_device(spec: &str) -> std::result::Result<Device, String> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         "auto" => Ok(Device::cuda_if_available()),
@@ -198,7 +198,7 @@ pub fn select_device(spec: &str) -> std::result::Result<Device, String> {
 
 /// Runs `f` under bf16/fp16 autocast when `mixed` is set and the device is
 /// a GPU (CPU runs stay in fp32).
-pub fn with_precision<T>(device: Device, mixed: bool, f: impl FnOnce() -> T) -> T {
+pub(crate) fn with_precision<T>(device: Device, mixed: bool, f: impl FnOnce() -> T) -> T {
     if mixed && device.is_cuda() {
         tch::autocast(true, f)
     } else {

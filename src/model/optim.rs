@@ -101,7 +101,7 @@ impl GradScaler {
     }
 
     /// The factor the loss is multiplied by before backward.
-    pub fn factor(&self) -> f64 {
+    pub(crate) fn factor(&self) -> f64 {
         if self.enabled {
             self.scale
         } else {
@@ -111,7 +111,7 @@ impl GradScaler {
 
     /// `unscale_`: multiplies the gradients by the float32 reciprocal of
     /// the scale; true when one of them is inf or NaN.
-    pub fn unscale(&self, grads: &mut [Option<Tensor>]) -> Result<bool, tch::TchError> {
+    pub(crate) fn unscale(&self, grads: &mut [Option<Tensor>]) -> Result<bool, tch::TchError> {
         if !self.enabled {
             return Ok(false);
         }
@@ -130,7 +130,7 @@ impl GradScaler {
     }
 
     /// `update()` after a step (or a skipped one).
-    pub fn update(&mut self, found_inf: bool) {
+    pub(crate) fn update(&mut self, found_inf: bool) {
         if !self.enabled {
             return;
         }
@@ -171,7 +171,7 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
 /// CosineAnnealingLR(T_max = epochs, eta_min) stepped once per epoch: the
 /// learning rate of each epoch, by the scheduler's recursive formula (its
 /// floats, not the closed form's).
-pub fn cosine_lrs(base: f64, eta_min: f64, t_max: usize, epochs: usize) -> Vec<f64> {
+pub(crate) fn cosine_lrs(base: f64, eta_min: f64, t_max: usize, epochs: usize) -> Vec<f64> {
     use std::f64::consts::PI;
     let t = t_max as f64;
     let mut lrs = vec![base];

@@ -15,14 +15,14 @@ use tch::Tensor;
 
 use super::jpeg;
 
-pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub(crate) const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 #[allow(clippy::excessive_precision)]
-pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
-pub const DILATION: f64 = 0.7;
+pub(crate) const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+pub(crate) const DILATION: f64 = 0.7;
 
 /// The mode Pillow opens a file in (the ones the benchmarks meet).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     L,
     Rgb,
     /// Adobe-inverted CMYK as Pillow reads a CMYK JPEG.
@@ -33,7 +33,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub fn channels(self) -> usize {
+    pub(crate) fn channels(self) -> usize {
         match self {
             Mode::L => 1,
             Mode::Rgb | Mode::P => 3,
@@ -44,7 +44,7 @@ impl Mode {
 
 /// Interleaved 8-bit pixels of one mode.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Raster {
+pub(crate) struct Raster {
     pub width: u32,
     pub height: u32,
     pub mode: Mode,
@@ -65,7 +65,7 @@ pub(crate) fn round_half_even(x: f64) -> i64 {
 /// (x, y, w, h) in an image of `width` x `height`. It grows left and up by
 /// 0.7 of the box and keeps 1.7 box sizes from there (so an unclipped box
 /// grows only left and up), as the original does.
-pub fn vaw_crop_box(bbox: [f64; 4], width: u32, height: u32) -> (i64, i64, i64, i64) {
+pub(crate) fn vaw_crop_box(bbox: [f64; 4], width: u32, height: u32) -> (i64, i64, i64, i64) {
     let [x, y, w, h] = bbox;
     let left = (x - DILATION * w).max(0.0);
     let top = (y - DILATION * h).max(0.0);
@@ -104,7 +104,7 @@ fn bilinear(x: f64) -> f64 {
 
 /// Pillow's resampling filters for 8-bit modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Filter {
+pub(crate) enum Filter {
     /// CLIP's evaluation transform.
     Bicubic,
     /// torchvision's default (`Resize`, `RandomResizedCrop`).
@@ -301,12 +301,17 @@ fn v_row(rows: &[u8], kk: &[i32], stride: usize, acc: &mut [i32], row_out: &mut 
 /// The window `(x, y, w, h)` of `img` resized to `out_w` x `out_h`, as
 /// Pillow's `resize` would make it for the image's mode; only the window is
 /// computed (each output pixel depends only on its own coefficients).
-pub fn resize_window(img: &Raster, out_w: u32, out_h: u32, window: (u32, u32, u32, u32)) -> Raster {
+pub(crate) fn resize_window(
+    img: &Raster,
+    out_w: u32,
+    out_h: u32,
+    window: (u32, u32, u32, u32),
+) -> Raster {
     resize_window_with(img, out_w, out_h, window, Filter::Bicubic)
 }
 
 /// [`resize_window`] with another of Pillow's filters.
-pub fn resize_window_with(
+pub(crate) fn resize_window_with(
     img: &Raster,
     out_w: u32,
     out_h: u32,
@@ -464,7 +469,7 @@ fn unpremultiply(data: &[u8]) -> Vec<u8> {
 }
 
 /// `Image.convert("RGB")` of the image's mode.
-pub fn to_rgb(img: &Raster) -> Vec<u8> {
+pub(crate) fn to_rgb(img: &Raster) -> Vec<u8> {
     match img.mode {
         Mode::Rgb | Mode::P => img.data.clone(),
         Mode::L => img.data.iter().flat_map(|&v| [v, v, v]).collect(),
@@ -486,20 +491,20 @@ pub fn to_rgb(img: &Raster) -> Vec<u8> {
     }
 }
 
-pub fn to_rgb_image(img: Raster) -> RgbImage {
+pub(crate) fn to_rgb_image(img: Raster) -> RgbImage {
     let (w, h) = (img.width, img.height);
     let data = to_rgb(&img);
     ImageBuffer::from_raw(w, h, data).unwrap_or_else(|| RgbImage::new(w, h))
 }
 
 /// Reads an image file as Pillow's `Image.open` would give its pixels.
-pub fn open(path: &Path) -> Result<Raster, String> {
+pub(crate) fn open(path: &Path) -> Result<Raster, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// [`open`] of bytes already read.
-pub fn decode(bytes: &[u8]) -> Result<Raster, String> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<Raster, String> {
     if jpeg::is_jpeg(bytes) {
         let (width, height, c, data) = jpeg::decode(bytes)?;
         let mode = match c {
@@ -540,7 +545,7 @@ pub fn decode(bytes: &[u8]) -> Result<Raster, String> {
 /// and pads the crop to a centred square, as `expand2square` does with
 /// `(0, 0, 0)`: PIL fills the fourth band of a new RGBA or CMYK image with
 /// 255 (opaque; full black ink).
-pub fn crop_pad_square(img: &Raster, bx: (i64, i64, i64, i64)) -> Raster {
+pub(crate) fn crop_pad_square(img: &Raster, bx: (i64, i64, i64, i64)) -> Raster {
     let c = img.mode.channels();
     let (l, t, r, b) = bx;
     let (cw, ch) = ((r - l).max(1) as usize, (b - t).max(1) as usize);
@@ -581,7 +586,7 @@ pub fn crop_pad_square(img: &Raster, bx: (i64, i64, i64, i64)) -> Raster {
 
 /// torchvision's `Resize(n)` (shorter side to `n`, the other
 /// `int(n * long / short)`) then `CenterCrop(n)`, in the image's mode.
-pub fn resize_center_crop_raster(img: &Raster, n_px: u32) -> Raster {
+pub(crate) fn resize_center_crop_raster(img: &Raster, n_px: u32) -> Raster {
     let (w, h) = (img.width, img.height);
     let (nw, nh) = if w <= h {
         (n_px, ((n_px as u64 * h as u64) / w as u64) as u32)
@@ -596,12 +601,12 @@ pub fn resize_center_crop_raster(img: &Raster, n_px: u32) -> Raster {
 }
 
 /// Resize (shorter side to `n_px`, bicubic) and centre crop, as RGB bytes.
-pub fn resize_center_crop(img: &DynamicImage, n_px: u32) -> RgbImage {
+pub(crate) fn resize_center_crop(img: &DynamicImage, n_px: u32) -> RgbImage {
     resize_center_crop_rgb(&img.to_rgb8(), n_px)
 }
 
 /// [`resize_center_crop`] of an RGB image: only the crop window is resized.
-pub fn resize_center_crop_rgb(rgb: &RgbImage, n_px: u32) -> RgbImage {
+pub(crate) fn resize_center_crop_rgb(rgb: &RgbImage, n_px: u32) -> RgbImage {
     let r = Raster {
         width: rgb.width(),
         height: rgb.height(),
@@ -613,7 +618,7 @@ pub fn resize_center_crop_rgb(rgb: &RgbImage, n_px: u32) -> RgbImage {
 
 /// CLIP's normalised [3, n, n] float tensor: `(v / 255 - mean) / std` in
 /// f32, as ToTensor + Normalize compute it, looked up per byte value.
-pub fn to_tensor(img: &RgbImage) -> Tensor {
+pub(crate) fn to_tensor(img: &RgbImage) -> Tensor {
     static LUT: std::sync::LazyLock<[[f32; 256]; 3]> = std::sync::LazyLock::new(|| {
         let mut t = [[0f32; 256]; 3];
         for (c, row) in t.iter_mut().enumerate() {
@@ -679,7 +684,7 @@ pub fn load_rgb(k: &ImageKey, n_px: u32) -> Result<RgbImage, String> {
 
 /// Decodes and preprocesses a batch in parallel; per image an error
 /// message instead of a panic.
-pub fn load_batch(keys: &[ImageKey], n_px: u32) -> Vec<Result<Tensor, String>> {
+pub(crate) fn load_batch(keys: &[ImageKey], n_px: u32) -> Vec<Result<Tensor, String>> {
     let prepared: Vec<Result<RgbImage, String>> =
         keys.par_iter().map(|k| load_rgb(k, n_px)).collect();
     prepared

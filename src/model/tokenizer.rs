@@ -14,7 +14,7 @@ impl Default for ClipTokenizer {
 }
 
 impl ClipTokenizer {
-    pub fn new(context_length: usize) -> ClipTokenizer {
+    pub(crate) fn new(context_length: usize) -> ClipTokenizer {
         ClipTokenizer {
             inner: instant_clip_tokenizer::Tokenizer::new(),
             context_length: context_length.max(3),
@@ -23,7 +23,7 @@ impl ClipTokenizer {
 
     /// `[sot] + bpe(text) + [eot]`, truncated to the context with the last
     /// token forced to eot, zero-padded.
-    pub fn encode(&self, text: &str) -> Vec<i64> {
+    pub(crate) fn encode(&self, text: &str) -> Vec<i64> {
         let mut toks = Vec::new();
         self.inner.encode(text, &mut toks);
         let mut ids: Vec<i64> = Vec::with_capacity(self.context_length);

@@ -13,15 +13,10 @@ use tch::{Device, Kind, Tensor};
 use zip::write::SimpleFileOptions;
 
 /// A value in the pickled object tree.
-pub enum Obj<'a> {
+pub(crate) enum Obj<'a> {
     /// `collections.OrderedDict` (what `state_dict()` returns).
     OrderedDict(Vec<(String, Obj<'a>)>),
-    Dict(Vec<(String, Obj<'a>)>),
     Tensor(&'a Tensor),
-    Int(i64),
-    Float(f64),
-    Str(String),
-    Bool(bool),
 }
 
 struct Pickler<'a> {
@@ -102,18 +97,7 @@ impl<'a> Pickler<'a> {
                 self.empty_ordered_dict();
                 self.items(items)?;
             }
-            Obj::Dict(items) => {
-                self.out.push(b'}');
-                self.items(items)?;
-            }
             Obj::Tensor(t) => self.tensor(t)?,
-            Obj::Int(v) => self.int(*v),
-            Obj::Float(v) => {
-                self.out.push(b'G');
-                self.out.extend_from_slice(&v.to_be_bytes());
-            }
-            Obj::Str(s) => self.str(s),
-            Obj::Bool(b) => self.out.push(if *b { 0x88 } else { 0x89 }),
         }
         Ok(())
     }
@@ -151,7 +135,7 @@ impl<'a> Pickler<'a> {
 
 /// Writes `root` to `path` as `torch.save` would (atomically: a temporary
 /// file renamed into place).
-pub fn save(path: &Path, root: &Obj) -> Result<(), String> {
+pub(crate) fn save(path: &Path, root: &Obj) -> Result<(), String> {
     let mut p = Pickler {
         out: vec![0x80, 2],
         storages: Vec::new(),

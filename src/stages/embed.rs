@@ -37,7 +37,7 @@ use crate::model::{select_device, with_precision, StateDict};
 use crate::tables::embeddings::{image_embeddings_schema, tensor_rows, text_embeddings_schema};
 use crate::tables::image_keys::{read_image_keys, read_texts, KeyRow};
 
-pub static EMBED_REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static EMBED_REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("image_key", DataType::Utf8, false),
         Field::new("path", DataType::Utf8, false),
@@ -47,7 +47,7 @@ pub static EMBED_REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EmbedParams {
+pub(crate) struct EmbedParams {
     /// CLIP weights: OpenAI's TorchScript .pt, a torch.save state dict, or
     /// .safetensors. Not needed when a train stage in inputs gives a
     /// fine-tuned backbone.
@@ -82,7 +82,7 @@ fn default_chunk() -> usize {
 impl EmbedParams {
     /// The `model` column: params.model, else the weights file's stem (a
     /// trained backbone is named after its train stage).
-    pub fn model_name(&self, weights: &Path, trained_by: Option<&str>) -> String {
+    pub(crate) fn model_name(&self, weights: &Path, trained_by: Option<&str>) -> String {
         self.model.clone().unwrap_or_else(|| match trained_by {
             Some(stage) => stage.to_string(),
             None => weights
@@ -124,7 +124,7 @@ fn fixed_list(values: Vec<f32>, dim: i32) -> Result<FixedSizeListArray> {
     )?)
 }
 
-pub struct Embed;
+pub(crate) struct Embed;
 
 impl Stage for Embed {
     const KIND: &'static str = "embed";
@@ -476,7 +476,7 @@ fn slice(len: usize, cs: usize, k: usize) -> std::ops::Range<usize> {
 }
 
 /// The distinct keys and texts, and the model that encodes them.
-pub struct Encoding {
+pub(crate) struct Encoding {
     keys: Vec<KeyRow>,
     texts: Vec<String>,
     device: Device,

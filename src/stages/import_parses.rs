@@ -25,7 +25,7 @@ use crate::tables::rejects::{RejectRows, REJECTS_SCHEMA};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ImportParams {
+pub(crate) struct ImportParams {
     pub path: PathBuf,
     #[serde(default = "one")]
     pub repeat: usize,
@@ -60,7 +60,7 @@ struct RefParse {
     relations: Vec<RefRelation>,
 }
 
-pub struct ImportParses;
+pub(crate) struct ImportParses;
 
 impl Stage for ImportParses {
     const KIND: &'static str = "import-parses";
@@ -155,7 +155,7 @@ impl Stage for ImportParses {
 }
 
 /// The parse file, line by line; each copy is one chunk.
-pub struct Parsed {
+pub(crate) struct Parsed {
     source: String,
     lines: Vec<Vec<u8>>,
     parsed: Vec<std::result::Result<RefParse, String>>,
@@ -182,7 +182,7 @@ fn build(
                     rejects.push(
                         source,
                         Some(i as i64 + 1),
-                        &reason,
+                        reason,
                         &String::from_utf8_lossy(&lines[i][..lines[i].len().min(512)]),
                     );
                 }

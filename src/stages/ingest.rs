@@ -28,7 +28,7 @@ use crate::tables::rejects::{RejectRows, REJECTS_SCHEMA};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Format {
+pub(crate) enum Format {
     /// `caption<TAB>url`, no header (Google's Train_GCC-training.tsv).
     Cc3mTsv,
     /// One `{"image_id", "caption", "image_path" | "url"}` object per line.
@@ -39,7 +39,7 @@ pub enum Format {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct IngestParams {
+pub(crate) struct IngestParams {
     /// The captions file (or image folder). Not needed when a `synth` stage
     /// in inputs gives its files (its `sources` table).
     #[serde(default)]
@@ -106,7 +106,7 @@ impl IngestParams {
     }
 }
 
-pub struct Ingest;
+pub(crate) struct Ingest;
 
 impl Stage for Ingest {
     const KIND: &'static str = "ingest";
@@ -306,7 +306,7 @@ impl Stage for Ingest {
 }
 
 /// The source file cut into lines, each with its outcome.
-pub struct Lines {
+pub(crate) struct Lines {
     source: String,
     bytes: Vec<u8>,
     ranges: Vec<std::ops::Range<usize>>,
@@ -620,14 +620,14 @@ fn build_chunk(
                 rejects.push(
                     source,
                     Some((first_line + j + 1) as i64),
-                    &reason,
+                    reason,
                     &raw_excerpt(lines[j]),
                 );
             }
         }
     }
     for (file, reason) in extra_rejects {
-        rejects.push(source, None, &reason, &file);
+        rejects.push(source, None, reason, file);
     }
     let caps = RecordBatch::try_new(
         CAPTIONS_SCHEMA.clone(),

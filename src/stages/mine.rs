@@ -40,14 +40,14 @@ use crate::framework::stage::{
 use crate::rng::{below, mix, GOLDEN};
 use crate::tables::triplets::TRIPLETS_SCHEMA;
 
-pub static EXHAUSTED_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static EXHAUSTED_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("sample_id", DataType::UInt64, false),
         Field::new("attempts", DataType::UInt32, false),
     ]))
 });
 
-pub static SUBJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static SUBJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("subject", DataType::Utf8, false),
         Field::new("n_images", DataType::Int64, false),
@@ -58,7 +58,7 @@ pub static SUBJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-pub static CONCRETENESS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static CONCRETENESS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("word", DataType::Utf8, false),
         Field::new("score", DataType::Float64, false),
@@ -72,7 +72,7 @@ const SQL_OBJECT_ROWS: &str = include_str!("../../sql/mine/object_rows.sql");
 
 /// A concreteness threshold, or `"none"` to switch the filter off.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Threshold(pub Option<f64>);
+pub(crate) struct Threshold(pub Option<f64>);
 
 impl Serialize for Threshold {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -105,7 +105,7 @@ impl<'de> Deserialize<'de> for Threshold {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MineParams {
+pub(crate) struct MineParams {
     #[serde(default = "d_num_samples")]
     pub num_samples: u64,
     #[serde(default)]
@@ -153,7 +153,7 @@ fn d_chunk_samples() -> u64 {
     250_000
 }
 
-pub struct Mine;
+pub(crate) struct Mine;
 
 impl Stage for Mine {
     const KIND: &'static str = "mine";
@@ -330,7 +330,7 @@ impl Stage for Mine {
 }
 
 /// The indexed relation rows the chunks draw from, and this run's counters.
-pub struct Sampler {
+pub(crate) struct Sampler {
     index: Index,
     /// `mine_rows`, gathered by row id into triplets.
     rows: RecordBatch,
@@ -355,7 +355,7 @@ struct Stats {
 
 /// Reads the Brysbaert file into (word, score), lower-cased, and adds the
 /// plural of every word that is not itself in the file.
-pub fn read_concreteness(path: &Path) -> Result<Vec<(String, f64)>> {
+pub(crate) fn read_concreteness(path: &Path) -> Result<Vec<(String, f64)>> {
     let text = std::fs::read_to_string(path)
         .map_err(Error::io("cannot read concreteness ratings", path))?;
     let mut lines = text.lines();

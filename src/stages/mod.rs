@@ -5,15 +5,15 @@
 
 use crate::framework::stage::{Kind, Registry};
 
-pub mod embed;
-pub mod import_parses;
-pub mod ingest;
-pub mod mine;
+pub(crate) mod embed;
+pub(crate) mod import_parses;
+pub(crate) mod ingest;
+pub(crate) mod mine;
 pub mod parse;
-pub mod pretrain;
-pub mod score;
-pub mod synth;
-pub mod templates;
+pub(crate) mod pretrain;
+pub(crate) mod score;
+pub(crate) mod synth;
+pub(crate) mod templates;
 pub mod train;
 
 /// Every stage kind, by its manifest name, in the order `genecis kinds`

@@ -33,7 +33,7 @@ use crate::tables::metrics::MetricRow;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PretrainParams {
+pub(crate) struct PretrainParams {
     #[serde(default)]
     pub seed: u64,
     #[serde(default = "d_epochs")]
@@ -412,7 +412,7 @@ fn hard_order(emb: &Tensor, share: f64, group: usize) -> Result<Tensor> {
     Ok(Tensor::from_slice(&flat).to_device(device))
 }
 
-pub struct Pretrain;
+pub(crate) struct Pretrain;
 
 impl Stage for Pretrain {
     const KIND: &'static str = "pretrain";

@@ -9,7 +9,7 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 
 use crate::error::Result;
 
-pub static CAPTIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static CAPTIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("image_id", DataType::Int64, false),
         Field::new("caption", DataType::Utf8, false),
@@ -19,7 +19,7 @@ pub static CAPTIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 /// `image_id -> image_path` of the `captions` table.
-pub fn read_image_paths(dir: &Path, base: &Path) -> Result<HashMap<i64, PathBuf>> {
+pub(crate) fn read_image_paths(dir: &Path, base: &Path) -> Result<HashMap<i64, PathBuf>> {
     let mut out = HashMap::new();
     for b in crate::framework::store::read_table(dir)? {
         let id = crate::framework::store::column(&b, "image_id")?.clone();
@@ -41,7 +41,7 @@ pub fn read_image_paths(dir: &Path, base: &Path) -> Result<HashMap<i64, PathBuf>
 }
 
 /// Image ids without a file path, as a message naming a few.
-pub fn missing_paths(images: &[i64], paths: &HashMap<i64, PathBuf>) -> Option<String> {
+pub(crate) fn missing_paths(images: &[i64], paths: &HashMap<i64, PathBuf>) -> Option<String> {
     let missing: Vec<i64> = images
         .iter()
         .filter(|i| !paths.contains_key(i))

@@ -10,12 +10,12 @@ use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
 use tch::{Device, Kind, Tensor};
 
 /// `fixed_size_list<f32>` of `dim`, the model's embedding width.
-pub fn embedding_type(dim: i32) -> DataType {
+pub(crate) fn embedding_type(dim: i32) -> DataType {
     DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), dim)
 }
 
 /// `image_embeddings` with embeddings of width `dim`.
-pub fn image_embeddings_schema(dim: i32) -> SchemaRef {
+pub(crate) fn image_embeddings_schema(dim: i32) -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("image_key", DataType::Utf8, false),
         Field::new("model", DataType::Utf8, false),
@@ -24,7 +24,7 @@ pub fn image_embeddings_schema(dim: i32) -> SchemaRef {
 }
 
 /// `text_embeddings` with embeddings of width `dim`.
-pub fn text_embeddings_schema(dim: i32) -> SchemaRef {
+pub(crate) fn text_embeddings_schema(dim: i32) -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("text", DataType::Utf8, false),
         Field::new("model", DataType::Utf8, false),
@@ -33,14 +33,14 @@ pub fn text_embeddings_schema(dim: i32) -> SchemaRef {
 }
 
 /// Embeddings of one model: key -> row of a row-major matrix.
-pub struct Embeddings {
+pub(crate) struct Embeddings {
     pub index: HashMap<String, usize>,
     pub values: Vec<f32>,
     pub dim: usize,
 }
 
 impl Embeddings {
-    pub fn new(keys: &[String], values: Vec<f32>, dim: usize) -> Embeddings {
+    pub(crate) fn new(keys: &[String], values: Vec<f32>, dim: usize) -> Embeddings {
         Embeddings {
             index: keys
                 .iter()
@@ -52,18 +52,18 @@ impl Embeddings {
         }
     }
 
-    pub fn get(&self, key: &str) -> Option<&[f32]> {
+    pub(crate) fn get(&self, key: &str) -> Option<&[f32]> {
         self.index.get(key).map(|&i| self.row(i))
     }
 
-    pub fn row(&self, i: usize) -> &[f32] {
+    pub(crate) fn row(&self, i: usize) -> &[f32] {
         &self.values[i * self.dim..(i + 1) * self.dim]
     }
 }
 
 /// Reads `(key_column, model, embedding)` rows of `model` (or of the only
 /// model present).
-pub fn read_embeddings(
+pub(crate) fn read_embeddings(
     dir: &Path,
     key_col: &str,
     model: Option<&str>,
@@ -134,7 +134,7 @@ pub fn read_embeddings(
     Ok((chosen, Embeddings { index, values, dim }))
 }
 
-pub fn tensor_rows(t: &Tensor) -> Result<Vec<f32>, tch::TchError> {
+pub(crate) fn tensor_rows(t: &Tensor) -> Result<Vec<f32>, tch::TchError> {
     let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
     Vec::<f32>::try_from(t.view([-1]))
 }

@@ -7,7 +7,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::Result;
 
-pub static ENTITIES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static ENTITIES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("image_id", DataType::Int64, false),
         Field::new("entity_idx", DataType::Int32, false),
@@ -23,7 +23,7 @@ pub static ENTITIES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-pub static RELATIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static RELATIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("image_id", DataType::Int64, false),
         Field::new("relation_idx", DataType::Int32, false),
@@ -38,7 +38,7 @@ pub static RELATIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 /// Row builders for the `entities` and `relations` tables, shared by the
 /// stages that write scene graphs.
 #[derive(Default)]
-pub struct GraphRows {
+pub(crate) struct GraphRows {
     e_img: Int64Builder,
     e_idx: Int32Builder,
     e_span: StringBuilder,
@@ -57,7 +57,7 @@ pub struct GraphRows {
 
 impl GraphRows {
     #[allow(clippy::too_many_arguments)]
-    pub fn entity(
+    pub(crate) fn entity(
         &mut self,
         image_id: i64,
         idx: usize,
@@ -80,7 +80,7 @@ impl GraphRows {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn relation(
+    pub(crate) fn relation(
         &mut self,
         image_id: i64,
         idx: usize,
@@ -100,7 +100,7 @@ impl GraphRows {
     }
 
     /// (entities, relations) batches.
-    pub fn finish(mut self) -> Result<(RecordBatch, RecordBatch)> {
+    pub(crate) fn finish(mut self) -> Result<(RecordBatch, RecordBatch)> {
         let e = RecordBatch::try_new(
             ENTITIES_SCHEMA.clone(),
             vec![

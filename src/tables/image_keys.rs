@@ -12,7 +12,7 @@ use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 
 use crate::error::Result;
 
-pub static IMAGE_KEYS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static IMAGE_KEYS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("image_key", DataType::Utf8, false),
         Field::new("source", DataType::Utf8, false),
@@ -26,12 +26,12 @@ pub static IMAGE_KEYS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-pub static TEXTS_SCHEMA: LazyLock<SchemaRef> =
+pub(crate) static TEXTS_SCHEMA: LazyLock<SchemaRef> =
     LazyLock::new(|| Arc::new(Schema::new(vec![Field::new("text", DataType::Utf8, false)])));
 
 /// One row of `image_keys`.
 #[derive(Debug, Clone)]
-pub struct KeyRow {
+pub(crate) struct KeyRow {
     pub key: String,
     pub path: PathBuf,
     pub bbox: Option<[f64; 4]>,
@@ -40,7 +40,7 @@ pub struct KeyRow {
 }
 
 /// Distinct keys of an `image_keys` table, sorted.
-pub fn read_image_keys(dir: &Path) -> Result<Vec<KeyRow>> {
+pub(crate) fn read_image_keys(dir: &Path) -> Result<Vec<KeyRow>> {
     let mut out: BTreeMap<String, KeyRow> = BTreeMap::new();
     for b in crate::framework::store::read_table(dir)? {
         let col = |n: &str| crate::framework::store::column(&b, n).cloned();
@@ -85,7 +85,7 @@ pub fn read_image_keys(dir: &Path) -> Result<Vec<KeyRow>> {
 }
 
 /// Distinct values of a text column, sorted.
-pub fn read_texts(dir: &Path, column: &str) -> Result<Vec<String>> {
+pub(crate) fn read_texts(dir: &Path, column: &str) -> Result<Vec<String>> {
     let mut out = std::collections::BTreeSet::new();
     for b in crate::framework::store::read_table(dir)? {
         if let Some(c) = b.column_by_name(column) {
@@ -97,7 +97,7 @@ pub fn read_texts(dir: &Path, column: &str) -> Result<Vec<String>> {
 }
 
 /// One image a benchmark needs, as `templates` writes it.
-pub struct ImageKey {
+pub(crate) struct ImageKey {
     /// The file's origin (`coco`, `vg`, `cirr`, `mit_states`).
     pub source: &'static str,
     pub path: PathBuf,
@@ -108,7 +108,7 @@ pub struct ImageKey {
 }
 
 /// The `image_keys` rows of `keys`, in key order; every one required.
-pub fn image_keys_batch(keys: &BTreeMap<String, ImageKey>) -> Result<RecordBatch> {
+pub(crate) fn image_keys_batch(keys: &BTreeMap<String, ImageKey>) -> Result<RecordBatch> {
     let mut k_key = StringBuilder::new();
     let mut k_src = StringBuilder::new();
     let mut k_path = StringBuilder::new();
@@ -148,7 +148,7 @@ pub fn image_keys_batch(keys: &BTreeMap<String, ImageKey>) -> Result<RecordBatch
 }
 
 /// The `texts` rows, in the set's order.
-pub fn texts_batch(texts: &std::collections::BTreeSet<String>) -> Result<RecordBatch> {
+pub(crate) fn texts_batch(texts: &std::collections::BTreeSet<String>) -> Result<RecordBatch> {
     let mut tx = StringBuilder::new();
     for t in texts {
         tx.append_value(t);

@@ -9,7 +9,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::Result;
 
-pub static TRAIN_METRICS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static TRAIN_METRICS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("epoch", DataType::UInt32, false),
         Field::new("step", DataType::UInt64, false),
@@ -21,9 +21,9 @@ pub static TRAIN_METRICS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 /// Metric rows kept per epoch: (epoch, step, split, metric, value, lr).
-pub type MetricRow = (u32, u64, String, String, f64, f64);
+pub(crate) type MetricRow = (u32, u64, String, String, f64, f64);
 
-pub fn metrics_batch(rows: &[MetricRow]) -> Result<RecordBatch> {
+pub(crate) fn metrics_batch(rows: &[MetricRow]) -> Result<RecordBatch> {
     let mut e = UInt32Builder::new();
     let mut s = UInt64Builder::new();
     let mut sp = StringBuilder::new();

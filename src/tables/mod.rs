@@ -2,12 +2,12 @@
 //! schema, its row type, its reader and its builder, written once. A table
 //! only one kind touches stays in that kind's file.
 
-pub mod captions;
-pub mod embeddings;
-pub mod graphs;
-pub mod image_keys;
-pub mod metrics;
-pub mod rejects;
-pub mod sources;
-pub mod triplets;
-pub mod weights;
+pub(crate) mod captions;
+pub(crate) mod embeddings;
+pub(crate) mod graphs;
+pub(crate) mod image_keys;
+pub(crate) mod metrics;
+pub(crate) mod rejects;
+pub(crate) mod sources;
+pub(crate) mod triplets;
+pub(crate) mod weights;

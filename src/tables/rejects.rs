@@ -8,7 +8,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use crate::error::Result;
 
 /// The columns; `line_number` is the record's place in its file.
-pub static REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("source", DataType::Utf8, false),
         Field::new("line_number", DataType::Int64, true),
@@ -19,7 +19,7 @@ pub static REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 
 /// Builder of `rejects` rows.
 #[derive(Default)]
-pub struct RejectRows {
+pub(crate) struct RejectRows {
     source: StringBuilder,
     line: Int64Builder,
     reason: StringBuilder,
@@ -27,14 +27,14 @@ pub struct RejectRows {
 }
 
 impl RejectRows {
-    pub fn push(&mut self, source: &str, line: Option<i64>, reason: &str, raw: &str) {
+    pub(crate) fn push(&mut self, source: &str, line: Option<i64>, reason: &str, raw: &str) {
         self.source.append_value(source);
         self.line.append_option(line);
         self.reason.append_value(reason);
         self.raw.append_value(raw);
     }
 
-    pub fn finish(mut self) -> Result<RecordBatch> {
+    pub(crate) fn finish(mut self) -> Result<RecordBatch> {
         Ok(RecordBatch::try_new(
             REJECTS_SCHEMA.clone(),
             vec![

@@ -7,7 +7,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::Result;
 
-pub static SOURCES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static SOURCES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("role", DataType::Utf8, false),
         Field::new("path", DataType::Utf8, false),
@@ -16,6 +16,6 @@ pub static SOURCES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 
 /// The `path` of `role` in a `sources` table, resolved against its stage
 /// folder.
-pub fn source(dir: &Path, role: &str) -> Result<Option<PathBuf>> {
+pub(crate) fn source(dir: &Path, role: &str) -> Result<Option<PathBuf>> {
     crate::framework::store::role_file(dir, role, "path")
 }

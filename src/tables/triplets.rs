@@ -9,7 +9,7 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt64Type
 
 use crate::error::{Error, Result};
 
-pub static TRIPLETS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static TRIPLETS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("sample_id", DataType::UInt64, false),
         Field::new("ref_image_id", DataType::Int64, false),
@@ -29,7 +29,7 @@ pub static TRIPLETS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 
 /// One training sample: rows into [`Triplets::images`] and `texts`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sample {
+pub(crate) struct Sample {
     pub reference: u32,
     pub target: u32,
     pub distractor: u32,
@@ -38,7 +38,7 @@ pub struct Sample {
 
 /// The `triplets` table in `sample_id` order, over distinct images and
 /// conditions.
-pub struct Triplets {
+pub(crate) struct Triplets {
     /// Distinct image ids, sorted.
     pub images: Vec<i64>,
     /// Distinct conditions (`relation + " " + object`), sorted.
@@ -46,7 +46,7 @@ pub struct Triplets {
     pub samples: Vec<Sample>,
 }
 
-pub fn read_triplets(dir: &Path) -> Result<Triplets> {
+pub(crate) fn read_triplets(dir: &Path) -> Result<Triplets> {
     let mut rows: Vec<(u64, i64, i64, i64, String)> = Vec::new();
     for b in crate::framework::store::read_table(dir)? {
         let col = |n: &str| crate::framework::store::column(&b, n).cloned();

@@ -11,7 +11,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::{Error, Result};
 
-pub static WEIGHTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static WEIGHTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("role", DataType::Utf8, false),
         Field::new("file", DataType::Utf8, false),
@@ -23,9 +23,9 @@ pub static WEIGHTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-pub type WeightsRow = (String, String, String, u64, u32, String, f64);
+pub(crate) type WeightsRow = (String, String, String, u64, u32, String, f64);
 
-pub fn weights_batch(rows: &[WeightsRow]) -> Result<RecordBatch> {
+pub(crate) fn weights_batch(rows: &[WeightsRow]) -> Result<RecordBatch> {
     let mut role = StringBuilder::new();
     let mut file = StringBuilder::new();
     let mut format = StringBuilder::new();
@@ -57,7 +57,7 @@ pub fn weights_batch(rows: &[WeightsRow]) -> Result<RecordBatch> {
 }
 
 /// Where a `weights` table says `role`'s file is, if it lists one.
-pub fn weights_file(dir: &Path, role: &str) -> Result<Option<PathBuf>> {
+pub(crate) fn weights_file(dir: &Path, role: &str) -> Result<Option<PathBuf>> {
     let p = crate::framework::store::role_file(dir, role, "file")?;
     if let Some(p) = p.as_ref().filter(|p| !p.is_file()) {
         return Err(Error::Data(format!(

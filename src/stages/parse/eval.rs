@@ -34,7 +34,7 @@ struct DevItem {
     relations: Vec<RefRel>,
 }
 
-pub type Triple = (String, String, String);
+pub(crate) type Triple = (String, String, String);
 
 fn triples(r: &[RefRel]) -> Vec<Triple> {
     let mut v: Vec<Triple> = r
@@ -46,7 +46,10 @@ fn triples(r: &[RefRel]) -> Vec<Triple> {
 }
 
 /// Entity heads and sorted head triples of each caption's parse.
-pub fn predicted_all(captions: &[&str], strict: bool) -> Result<Vec<(Vec<String>, Vec<Triple>)>> {
+pub(crate) fn predicted_all(
+    captions: &[&str],
+    strict: bool,
+) -> Result<Vec<(Vec<String>, Vec<Triple>)>> {
     Ok(super::parse_captions(captions, strict)?
         .iter()
         .map(heads_and_triples)
@@ -97,10 +100,10 @@ pub struct Prf {
 }
 
 impl Prf {
-    pub fn precision(&self) -> f64 {
+    pub(crate) fn precision(&self) -> f64 {
         self.tp as f64 / self.predicted.max(1) as f64
     }
-    pub fn recall(&self) -> f64 {
+    pub(crate) fn recall(&self) -> f64 {
         self.tp as f64 / self.reference.max(1) as f64
     }
     pub fn f1(&self) -> f64 {
@@ -174,7 +177,12 @@ pub struct DevScore {
 }
 
 /// Captions of the dev set where the parse differs, with both sides.
-pub fn dev_misses(path: &Path, strict: bool, entities: bool, limit: usize) -> Result<Vec<String>> {
+pub(crate) fn dev_misses(
+    path: &Path,
+    strict: bool,
+    entities: bool,
+    limit: usize,
+) -> Result<Vec<String>> {
     let items = read_dev(path)?;
     let caps: Vec<&str> = items.iter().map(|d| d.caption.as_str()).collect();
     let pred = predicted_all(&caps, strict)?;

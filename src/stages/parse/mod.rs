@@ -30,7 +30,7 @@ use crate::tables::graphs::{GraphRows, ENTITIES_SCHEMA, RELATIONS_SCHEMA};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ParseParams {
+pub(crate) struct ParseParams {
     /// true: SceneGraphParser 0.1.0 exactly, quirks included (GeneCIS parity);
     /// false: the later upstream fixes on the same parse.
     #[serde(default = "yes")]
@@ -82,7 +82,7 @@ pub fn parse_captions(captions: &[&str], strict_v010: bool) -> Result<Vec<SceneG
     Ok(out)
 }
 
-pub struct Parse;
+pub(crate) struct Parse;
 
 impl Stage for Parse {
     const KIND: &'static str = "parse";
@@ -205,7 +205,7 @@ fn push_graph(rows: &mut GraphRows, image_id: i64, g: &SceneGraph) {
 }
 
 /// Entity and relation batches for captions `ids` with their graphs.
-pub fn to_batches(ids: &[i64], graphs: &[SceneGraph]) -> Result<(RecordBatch, RecordBatch)> {
+pub(crate) fn to_batches(ids: &[i64], graphs: &[SceneGraph]) -> Result<(RecordBatch, RecordBatch)> {
     let mut rows = GraphRows::default();
     for (&id, g) in ids.iter().zip(graphs) {
         push_graph(&mut rows, id, g);

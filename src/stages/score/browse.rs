@@ -18,7 +18,7 @@ use crate::eval::{normalized, Method, Recall, TaskRows};
 use crate::framework::stage::StageContext;
 use crate::tables::embeddings::Embeddings;
 
-pub static BY_CONDITION_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static BY_CONDITION_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("task", DataType::Utf8, false),
         Field::new("method", DataType::Utf8, false),
@@ -43,7 +43,7 @@ pub(super) struct Browse<'a> {
 }
 
 impl<'a> Browse<'a> {
-    pub fn new(
+    pub(crate) fn new(
         tasks: &'a [TaskRows],
         img: &'a Embeddings,
         scores: &RecordBatch,
@@ -138,7 +138,7 @@ impl<'a> Browse<'a> {
     }
 
     /// `recall_by_condition`: per (task, method, condition).
-    pub fn by_condition(&self) -> Vec<ConditionRecall> {
+    pub(crate) fn by_condition(&self) -> Vec<ConditionRecall> {
         let mut groups: BTreeMap<(usize, usize, &str), Vec<u32>> = BTreeMap::new();
         for (&(ti, pos), outs) in &self.outcomes {
             for (mi, o) in outs.iter().enumerate() {
@@ -169,7 +169,7 @@ impl<'a> Browse<'a> {
 
     /// The audit of the GeneCIS (15-candidate) tasks; `near` is the cosine
     /// from which two images count as one picture.
-    pub fn audit(&self, near: f32) -> Vec<AuditRow> {
+    pub(crate) fn audit(&self, near: f32) -> Vec<AuditRow> {
         let mut ts: Vec<KeyedTemplate> = Vec::new();
         let mut ranks: HashMap<(String, u32), Vec<(String, u32)>> = HashMap::new();
         for (ti, t) in self.tasks.iter().enumerate() {
@@ -216,7 +216,7 @@ impl<'a> Browse<'a> {
     }
 
     /// Writes `report.html` and its thumbnails into the stage folder.
-    pub fn write_html(
+    pub(crate) fn write_html(
         &self,
         ctx: &StageContext,
         title: &str,
@@ -335,7 +335,7 @@ fn provenance(ctx: &StageContext, combiner: &Option<PathBuf>) -> Vec<(String, St
     out
 }
 
-pub fn by_condition_batch(rows: &[ConditionRecall]) -> Result<RecordBatch> {
+pub(crate) fn by_condition_batch(rows: &[ConditionRecall]) -> Result<RecordBatch> {
     let mut task = StringBuilder::new();
     let mut method = StringBuilder::new();
     let mut cond = StringBuilder::new();

@@ -16,10 +16,10 @@ use crate::model::preprocess::{crop_pad_square, open, to_rgb_image, vaw_crop_box
 use crate::tables::image_keys::KeyRow;
 
 /// Thumbnails are at most this many pixels on their long side.
-pub const THUMB: u32 = 96;
+pub(crate) const THUMB: u32 = 96;
 
 /// One template and what each method retrieved.
-pub struct Card {
+pub(crate) struct Card {
     pub task: String,
     pub id: u32,
     pub condition: String,
@@ -30,7 +30,7 @@ pub struct Card {
 }
 
 /// One `recall_by_condition` row.
-pub struct ConditionRecall {
+pub(crate) struct ConditionRecall {
     pub task: String,
     pub method: &'static str,
     pub condition: String,
@@ -38,7 +38,7 @@ pub struct ConditionRecall {
     pub at: [f64; 3],
 }
 
-pub struct Page<'a> {
+pub(crate) struct Page<'a> {
     pub title: &'a str,
     pub recalls: &'a [Recall],
     pub methods: Vec<&'static str>,
@@ -49,7 +49,7 @@ pub struct Page<'a> {
     pub manifest_text: String,
 }
 
-pub fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -111,7 +111,7 @@ fn thumbnails(k: &KeyRow) -> Result<(Vec<u8>, Option<Vec<u8>>), String> {
 /// Writes one thumbnail per key under `dir/thumbs/` (in parallel); returns
 /// key -> (thumbnail, whole-image-with-box) relative paths. Keys whose
 /// file cannot be read get none (the page says so).
-pub fn write_thumbnails(
+pub(crate) fn write_thumbnails(
     dir: &Path,
     keys: &[&str],
     rows: &HashMap<String, KeyRow>,
@@ -334,7 +334,7 @@ fn data_json(p: &Page, thumbs: &HashMap<String, (String, Option<String>)>) -> St
     v.to_string().replace("</", "<\\/")
 }
 
-pub fn render(p: &Page, thumbs: &HashMap<String, (String, Option<String>)>) -> String {
+pub(crate) fn render(p: &Page, thumbs: &HashMap<String, (String, Option<String>)>) -> String {
     let prov: String = p
         .provenance
         .iter()

@@ -48,7 +48,7 @@ use crate::model::combiner::Combiner;
 use crate::model::{select_device, StateDict};
 use crate::tables::embeddings::read_embeddings;
 
-pub static SCORES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static SCORES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("task", DataType::Utf8, false),
         Field::new("template_id", DataType::UInt32, false),
@@ -68,7 +68,7 @@ pub static SCORES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 /// The K of `results`' recall_at_K columns.
-pub static RESULTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static RESULTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("task", DataType::Utf8, false),
         Field::new("method", DataType::Utf8, false),
@@ -83,7 +83,7 @@ pub static RESULTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ScoreParams {
+pub(crate) struct ScoreParams {
     /// Default: image_only, text_only, image_plus_text, and combiner when a
     /// combiner checkpoint is given.
     #[serde(default)]
@@ -129,7 +129,7 @@ fn auto() -> String {
 }
 
 impl ScoreParams {
-    pub fn queries(&self) -> QueryConfig {
+    pub(crate) fn queries(&self) -> QueryConfig {
         QueryConfig {
             text_weight: self.text_weight,
             image_plus_text_input: self.image_plus_text_input,
@@ -137,7 +137,7 @@ impl ScoreParams {
         }
     }
 
-    pub fn methods(&self) -> Vec<Method> {
+    pub(crate) fn methods(&self) -> Vec<Method> {
         self.methods.clone().unwrap_or_else(|| {
             let mut m = vec![Method::ImageOnly, Method::TextOnly, Method::ImagePlusText];
             if self.combiner.is_some() {
@@ -148,7 +148,7 @@ impl ScoreParams {
     }
 }
 
-pub struct Score;
+pub(crate) struct Score;
 
 impl Stage for Score {
     const KIND: &'static str = "score";

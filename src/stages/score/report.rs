@@ -34,7 +34,7 @@ fn ks(rs: &[Recall], task: &str) -> [usize; 3] {
         .unwrap_or([1, 2, 3])
 }
 
-pub fn markdown(title: &str, rs: &[Recall]) -> String {
+pub(crate) fn markdown(title: &str, rs: &[Recall]) -> String {
     let (tasks, methods) = axes(rs);
     let mut s = format!("# {title}\n\nRecall@K (%) per task: GeneCIS tasks at K = 1, 2, 3 (the target is candidate 0 of each template's 15); global tasks (CIRR, MIT-States) at K = 1, 5, 10 over the whole gallery, the reference left out.\n\n");
     s.push_str("| method |");
@@ -73,7 +73,7 @@ pub fn markdown(title: &str, rs: &[Recall]) -> String {
 }
 
 /// Aligned text table (R@1/R@2/R@3 in %) for the terminal.
-pub fn text_table(rs: &[Recall]) -> String {
+pub(crate) fn text_table(rs: &[Recall]) -> String {
     let (tasks, methods) = axes(rs);
     let w = methods.iter().map(|m| m.len()).max().unwrap_or(6).max(6);
     let tw = tasks.iter().map(|t| t.len()).max().unwrap_or(4).max(17);
@@ -116,7 +116,7 @@ const COLORS: [[u8; 3]; 6] = [
 ];
 
 /// Grouped bars of R@1: one group per task, one bar per method.
-pub fn chart_png(title: &str, rs: &[Recall]) -> Result<Vec<u8>, String> {
+pub(crate) fn chart_png(title: &str, rs: &[Recall]) -> Result<Vec<u8>, String> {
     let (tasks, methods) = axes(rs);
     let (w, h) = (960u32, 540u32);
     let mut img = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));

@@ -86,7 +86,7 @@ pub(super) fn closeup_caption(s: &Scene, rng: &mut Rng) -> String {
 }
 
 /// A caption from the scene graph, in one of several phrasings.
-pub fn caption(s: &Scene, rng: &mut Rng) -> String {
+pub(crate) fn caption(s: &Scene, rng: &mut Rng) -> String {
     // Identical pairs are said once, in the plural.
     let mut groups: Vec<(Object, bool)> = Vec::new();
     for o in &s.objects {

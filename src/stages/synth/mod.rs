@@ -43,15 +43,15 @@ mod render;
 mod rules;
 mod world;
 
-pub use captions::caption;
+pub(crate) use captions::caption;
 use captions::closeup_caption;
 use render::closeup;
-pub use render::render;
+pub(crate) use render::render;
 use rules::{image_json, Held};
+pub(crate) use world::Scene;
 use world::*;
-pub use world::{Object, Scene};
 
-pub static SCENES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static SCENES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("split", DataType::Utf8, false),
         Field::new("image_id", DataType::UInt64, false),
@@ -62,7 +62,7 @@ pub static SCENES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-pub static OBJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static OBJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("split", DataType::Utf8, false),
         Field::new("image_id", DataType::UInt64, false),
@@ -79,7 +79,7 @@ pub static OBJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SynthParams {
+pub(crate) struct SynthParams {
     #[serde(default)]
     pub seed: u64,
     /// Training scenes (captioned).
@@ -133,7 +133,7 @@ fn d_quality() -> u8 {
     90
 }
 
-pub struct Synth;
+pub(crate) struct Synth;
 
 fn jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>> {
     let mut out = Vec::new();
@@ -150,7 +150,7 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(Error::io("cannot write", path))
 }
 
-pub const TASK_FILES: [&str; 4] = [
+pub(crate) const TASK_FILES: [&str; 4] = [
     "focus_attribute",
     "change_attribute",
     "focus_object",

@@ -96,7 +96,7 @@ pub(super) fn closeup(s: &Scene, size: u32, seed: u64) -> RgbImage {
 }
 
 /// Renders a scene: 3 x 3 supersampling at object edges, noise per pixel.
-pub fn render(s: &Scene, size: u32, seed: u64) -> RgbImage {
+pub(crate) fn render(s: &Scene, size: u32, seed: u64) -> RgbImage {
     let mut rng = Rng::new(&[seed, 0x7e57]);
     let sz = size as f64;
     RgbImage::from_fn(size, size, |x, y| {

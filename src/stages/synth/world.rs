@@ -31,7 +31,7 @@ pub(super) const BACKGROUNDS: [(&str, &[&str]); 5] = [
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Object {
+pub(crate) struct Object {
     pub shape: usize,
     pub color: usize,
     pub size: usize,
@@ -42,13 +42,13 @@ pub struct Object {
 }
 
 impl Object {
-    pub fn r(&self) -> f64 {
+    pub(crate) fn r(&self) -> f64 {
         [0.14, 0.2][self.size]
     }
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Scene {
+pub(crate) struct Scene {
     pub background: usize,
     pub objects: Vec<Object>,
 }

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::framework::stage::Finding;
 
 /// MIT-States' test nouns, the original's fixed list of 49.
-pub const MIT_STATES_TEST_NOUNS: [&str; 49] = [
+pub(crate) const MIT_STATES_TEST_NOUNS: [&str; 49] = [
     "armor",
     "bracelet",
     "bush",
@@ -65,7 +65,7 @@ pub const MIT_STATES_TEST_NOUNS: [&str; 49] = [
 ];
 
 /// A global task: a gallery of images and queries into it.
-pub struct GlobalTask {
+pub(crate) struct GlobalTask {
     /// `cirr_val` or `mit_states`: the task and the gallery set name.
     pub task: &'static str,
     /// The `image_keys.source` of its images.
@@ -81,7 +81,7 @@ pub struct GlobalTask {
     pub rgb_first: bool,
 }
 
-pub struct GlobalQuery {
+pub(crate) struct GlobalQuery {
     /// The template id: the entry's index in the source.
     pub id: u32,
     pub condition: String,
@@ -105,7 +105,7 @@ fn bad(what: &'static str, path: &Path, message: String, advice: &'static str) -
 const CIRR_ADVICE: &str = "cirr_dir is the folder that holds cirr/captions/cap.rc2.<split>.json, cirr/image_splits/split.rc2.<split>.json and the image folders those splits name (the original's cirr_root)";
 
 /// The caption and split files of a CIRR split under `root`.
-pub fn cirr_files(root: &Path, split: &str) -> (PathBuf, PathBuf) {
+pub(crate) fn cirr_files(root: &Path, split: &str) -> (PathBuf, PathBuf) {
     (
         root.join("cirr/captions")
             .join(format!("cap.rc2.{split}.json")),
@@ -123,7 +123,7 @@ fn strip_dots_and_slashes(s: &str) -> &str {
 /// CIRR `split` as CIRRValGlobalDataset reads it: the gallery is every
 /// image of the split (name order), each caption a query from `reference`
 /// to `target_hard`.
-pub fn read_cirr(root: &Path, split: &str) -> Result<GlobalTask> {
+pub(crate) fn read_cirr(root: &Path, split: &str) -> Result<GlobalTask> {
     let (cap_path, split_path) = cirr_files(root, split);
     let read_json = |p: &Path| -> Result<Value> {
         let text = std::fs::read(p).map_err(Error::io("cannot read", p))?;
@@ -210,7 +210,7 @@ const MIT_ADVICE: &str =
 /// condition is that adjective (or "adj noun" with `full_query`) and whose
 /// hits are all images of the target "adj noun". Folders and files are
 /// sorted (the original takes `listdir` order, which only ties can tell).
-pub fn read_mit_states(root: &Path, full_query: bool) -> Result<GlobalTask> {
+pub(crate) fn read_mit_states(root: &Path, full_query: bool) -> Result<GlobalTask> {
     let images = root.join("images");
     let mut folders: Vec<String> = std::fs::read_dir(&images)
         .map_err(Error::io(
@@ -307,7 +307,7 @@ pub fn read_mit_states(root: &Path, full_query: bool) -> Result<GlobalTask> {
 
 /// `genecis check` for a CIRR root: both files parse, and every image of
 /// the split exists.
-pub fn check_cirr(root: &Path) -> Vec<Finding> {
+pub(crate) fn check_cirr(root: &Path) -> Vec<Finding> {
     let (cap, split) = cirr_files(root, "val");
     for f in [&cap, &split] {
         if !f.is_file() {
@@ -339,7 +339,7 @@ pub fn check_cirr(root: &Path) -> Vec<Finding> {
 }
 
 /// `genecis check` for an MIT-States root.
-pub fn check_mit_states(root: &Path) -> Vec<Finding> {
+pub(crate) fn check_mit_states(root: &Path) -> Vec<Finding> {
     if !root.join("images").is_dir() {
         return vec![Finding::error(
             "mit_states_dir",

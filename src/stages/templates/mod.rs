@@ -23,7 +23,7 @@
 //! `{"image_id": 2373917, "instance_bbox": [x, y, w, h]}` -> `<vg_dir>/2373917.jpg`,
 //! cropped as in the original (ARCHITECTURE.md, "Semantics kept from the original").
 
-pub mod global;
+pub(crate) mod global;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -44,7 +44,7 @@ use crate::tables::image_keys::{
 };
 use crate::tables::rejects::{RejectRows, REJECTS_SCHEMA};
 
-pub static TEMPLATES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static TEMPLATES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("task", DataType::Utf8, false),
         Field::new("template_id", DataType::UInt32, false),
@@ -61,7 +61,7 @@ fn utf8_list() -> DataType {
     DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
 }
 
-pub static GALLERIES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static GALLERIES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("gallery_set", DataType::Utf8, false),
         Field::new("image_key", DataType::Utf8, false),
@@ -74,7 +74,7 @@ const VG_IMAGES: usize = 108_249;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TemplatesParams {
+pub(crate) struct TemplatesParams {
     #[serde(default)]
     pub focus_attribute: Option<PathBuf>,
     #[serde(default)]
@@ -112,7 +112,7 @@ pub struct TemplatesParams {
 
 impl TemplatesParams {
     /// (task, file) for the tasks given, in [`TASKS`] order.
-    pub fn tasks(&self) -> Vec<(&'static str, &Path)> {
+    pub(crate) fn tasks(&self) -> Vec<(&'static str, &Path)> {
         let files = [
             &self.focus_attribute,
             &self.change_attribute,
@@ -141,7 +141,7 @@ fn modal_gallery_len(ts: &[(usize, Template)]) -> Option<usize> {
         .map(|(len, _)| len)
 }
 
-pub struct Templates;
+pub(crate) struct Templates;
 
 /// `p` with the files a synth stage's `sources` table gives filled in
 /// where params leave them out.

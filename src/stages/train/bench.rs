@@ -16,7 +16,7 @@ use crate::model::preprocess::{open, to_tensor};
 use crate::model::{select_device, StateDict};
 use crate::rng::Rng;
 
-pub struct TrainBench<'a> {
+pub(crate) struct TrainBench<'a> {
     pub samples: u64,
     pub batch: usize,
     pub dim: i64,
@@ -31,7 +31,7 @@ pub struct TrainBench<'a> {
 /// `train_step` on random inputs: cached mode (features gathered from a
 /// feature table, as the stage gathers them) or, with a checkpoint,
 /// fine-tuning all of that CLIP on random images and tokens.
-pub fn bench_train(b: &TrainBench) -> Result<()> {
+pub(crate) fn bench_train(b: &TrainBench) -> Result<()> {
     let device = select_device(b.device).map_err(|m| Error::Usage {
         arg: "--device".into(),
         message: m,
@@ -148,7 +148,7 @@ pub fn bench_train(b: &TrainBench) -> Result<()> {
 /// Per core: the original's per-image work each epoch (decode the JPEG,
 /// `Resize(int(n / 0.875))`, `RandomResizedCrop`, to tensor) against ours
 /// (crop the cached resize, to tensor); plus the one-time cache build.
-pub fn bench_augment(dir: &Path, n_px: u32, repeat: usize) -> Result<()> {
+pub(crate) fn bench_augment(dir: &Path, n_px: u32, repeat: usize) -> Result<()> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(Error::io("cannot read", dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -19,7 +19,7 @@ use crate::rng::Rng;
 
 /// `split_to_train_val`: `int(val_fraction * n)` samples from
 /// `val_start_idx` are held out; the rest, in order, train.
-pub fn split(
+pub(crate) fn split(
     n: usize,
     val_fraction: f64,
     val_start_idx: usize,
@@ -40,7 +40,7 @@ pub fn split(
     Ok((train, val))
 }
 
-pub fn train_resize(img: &Raster, size: u32) -> Raster {
+pub(crate) fn train_resize(img: &Raster, size: u32) -> Raster {
     let s = (size as f64 / 0.875) as u64;
     let (w, h) = (img.width as u64, img.height as u64);
     let (nw, nh) = if w <= h {
@@ -57,7 +57,7 @@ pub fn train_resize(img: &Raster, size: u32) -> Raster {
 
 /// `RandomResizedCrop.get_params(img, scale=(0.9, 1), ratio=(3/4, 4/3))`:
 /// (top, left, height, width).
-pub fn crop_params(width: u32, height: u32, rng: &mut Rng) -> (u32, u32, u32, u32) {
+pub(crate) fn crop_params(width: u32, height: u32, rng: &mut Rng) -> (u32, u32, u32, u32) {
     let (w0, h0) = (width as f64, height as f64);
     let area = w0 * h0;
     let (r0, r1) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
@@ -88,7 +88,7 @@ pub fn crop_params(width: u32, height: u32, rng: &mut Rng) -> (u32, u32, u32, u3
 
 /// The per-epoch part: crop, bilinear resize to `size` x `size` in the
 /// image's mode, then RGB (`_to_rgb` comes after the crop).
-pub fn random_resized_crop(img: &Raster, size: u32, rng: &mut Rng) -> image::RgbImage {
+pub(crate) fn random_resized_crop(img: &Raster, size: u32, rng: &mut Rng) -> image::RgbImage {
     let (i, j, h, w) = crop_params(img.width, img.height, rng);
     let c = img.mode.channels();
     let mut data = Vec::with_capacity((w * h) as usize * c);
@@ -134,7 +134,7 @@ fn mode_of(c: u8) -> Option<Mode> {
 
 /// Rasters stored once, uint8, in one file plus an index; the index is
 /// written last, so a cache without it is rebuilt.
-pub struct ImageCache {
+pub(crate) struct ImageCache {
     file: File,
     /// (offset, width, height, mode) per image.
     index: Vec<(u64, u32, u32, Mode)>,
@@ -167,7 +167,7 @@ impl ImageCache {
     /// The cache of images `0..n` made by `transform`, built in parallel
     /// batches unless a complete one is there. Unreadable images fail the
     /// build, naming the first few.
-    pub fn build(
+    pub(crate) fn build(
         dir: &Path,
         name: &str,
         n: usize,
@@ -227,7 +227,7 @@ impl ImageCache {
         })
     }
 
-    pub fn get(&self, i: usize) -> Result<Raster> {
+    pub(crate) fn get(&self, i: usize) -> Result<Raster> {
         let (off, w, h, mode) = self.index[i];
         let mut data = vec![0u8; (w * h) as usize * mode.channels()];
         self.file.read_exact_at(&mut data, off).map_err(|e| {
@@ -242,19 +242,15 @@ impl ImageCache {
             data,
         })
     }
-
-    pub fn len(&self) -> usize {
-        self.index.len()
-    }
 }
 
 /// The training transform's deterministic part for a file.
-pub fn open_train_resized(path: &Path, size: u32) -> std::result::Result<Raster, String> {
+pub(crate) fn open_train_resized(path: &Path, size: u32) -> std::result::Result<Raster, String> {
     Ok(train_resize(&open(path)?, size))
 }
 
 /// CLIP's evaluation transform (the val split's), as RGB.
-pub fn open_eval(path: &Path, size: u32) -> std::result::Result<Raster, String> {
+pub(crate) fn open_eval(path: &Path, size: u32) -> std::result::Result<Raster, String> {
     let img = load_rgb(
         &ImageKey {
             path,
@@ -273,15 +269,15 @@ pub fn open_eval(path: &Path, size: u32) -> std::result::Result<Raster, String> 
 
 /// Sums for epoch averages weighted by batch size, as AverageMeter.
 #[derive(Default)]
-pub struct Meters(pub BTreeMap<String, (f64, f64)>);
+pub(crate) struct Meters(pub BTreeMap<String, (f64, f64)>);
 
 impl Meters {
-    pub fn add(&mut self, name: &str, v: f64, n: f64) {
+    pub(crate) fn add(&mut self, name: &str, v: f64, n: f64) {
         let e = self.0.entry(name.to_string()).or_insert((0.0, 0.0));
         e.0 += v * n;
         e.1 += n;
     }
-    pub fn averages(&self) -> Vec<(String, f64)> {
+    pub(crate) fn averages(&self) -> Vec<(String, f64)> {
         self.0
             .iter()
             .map(|(k, (s, n))| (k.clone(), if *n > 0.0 { s / n } else { f64::NAN }))

@@ -19,9 +19,9 @@
 //! in the stage's work folder holds everything a rerun resumes from
 //! (weights, AdamW moments, scaler, epoch and step, metrics so far).
 
-pub mod bench;
+pub(crate) mod bench;
 mod checkpoint;
-pub mod data;
+pub(crate) mod data;
 mod params;
 mod select;
 mod step;
@@ -67,7 +67,7 @@ enum Source {
     },
 }
 
-pub struct Trainer {
+pub(crate) struct Trainer {
     device: Device,
     amp: bool,
     clip: Option<Clip>,
@@ -99,7 +99,7 @@ struct Timing {
     augment_ns: AtomicU64,
 }
 
-pub struct Train;
+pub(crate) struct Train;
 
 impl Stage for Train {
     const KIND: &'static str = "train";
@@ -310,7 +310,7 @@ impl Stage for Train {
 }
 
 /// VmHWM of this process.
-pub fn peak_rss_mib() -> Option<f64> {
+pub(crate) fn peak_rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -9,7 +9,7 @@ use super::state::State;
 use super::tokenize::tokenize;
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Token {
+pub(crate) struct Token {
     pub text: String,
     pub space_after: bool,
     pub norm: String,
@@ -22,18 +22,18 @@ pub struct Token {
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Doc {
+pub(crate) struct Doc {
     pub tokens: Vec<Token>,
 }
 
 impl Doc {
     /// Children of `i` in index order (spaCy's lefts then rights).
-    pub fn children(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
+    pub(crate) fn children(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
         (0..self.tokens.len()).filter(move |&c| c != i && self.tokens[c].head == i)
     }
 
     /// The leftmost token of `i`'s subtree.
-    pub fn left_edge(&self, i: usize) -> usize {
+    pub(crate) fn left_edge(&self, i: usize) -> usize {
         let mut best = i;
         let mut stack = vec![i];
         let mut seen = vec![false; self.tokens.len()];
@@ -52,7 +52,7 @@ impl Doc {
 }
 
 /// Parses captions together: one batch of matrix products for all tokens.
-pub fn analyse(m: &'static Model, captions: &[&str]) -> Vec<Doc> {
+pub(crate) fn analyse(m: &'static Model, captions: &[&str]) -> Vec<Doc> {
     let raw: Vec<_> = captions.iter().map(|c| tokenize(c, &m.special)).collect();
     let lens: Vec<usize> = raw.iter().map(Vec::len).collect();
     let mut docs: Vec<Doc> = Vec::with_capacity(raw.len());

@@ -12,20 +12,18 @@ mod sgp;
 mod state;
 mod tokenize;
 
-pub use doc::{Doc, Token};
-pub use model::{bytes as model_bytes, model};
-pub use nn::{hash_string, word_shape};
-pub use sgp::noun_chunks;
+pub(crate) use doc::Doc;
+pub(crate) use model::{bytes as model_bytes, model};
 
 use super::SceneGraph;
 use crate::error::Result;
 
 /// Captions per batch of matrix products: large enough to keep the
 /// products efficient, small enough to stay in cache.
-pub const BATCH: usize = 64;
+pub(crate) const BATCH: usize = 64;
 
 /// Tokens, tags, arcs and lemmas of each caption, as spaCy would give them.
-pub fn analyse(captions: &[&str]) -> Result<Vec<Doc>> {
+pub(crate) fn analyse(captions: &[&str]) -> Result<Vec<Doc>> {
     let m = model()?;
     Ok(captions
         .chunks(BATCH)
@@ -54,15 +52,10 @@ pub fn parse_batch_with(captions: &[&str], strict_v010: bool) -> Result<Vec<Scen
 }
 
 /// The scene graphs of captions already analysed by [`analyse`].
-pub fn scene_graphs(docs: &[Doc], strict_v010: bool) -> Result<Vec<SceneGraph>> {
+pub(crate) fn scene_graphs(docs: &[Doc], strict_v010: bool) -> Result<Vec<SceneGraph>> {
     let m = model()?;
     Ok(docs
         .iter()
         .map(|d| sgp::scene_graph(m, d, strict_v010))
         .collect())
-}
-
-/// The model's name and version, as the conversion script recorded it.
-pub fn model_name() -> Result<&'static str> {
-    Ok(model()?.name.as_str())
 }

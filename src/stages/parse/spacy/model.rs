@@ -19,17 +19,17 @@ static BYTES: &[u8] = include_bytes!(concat!(
 static MODEL: LazyLock<std::result::Result<Model, String>> = LazyLock::new(|| Model::load(BYTES));
 
 /// The model, unpacked on first use.
-pub fn model() -> Result<&'static Model> {
+pub(crate) fn model() -> Result<&'static Model> {
     MODEL.as_ref().map_err(|e| Error::ParserModel(e.clone()))
 }
 
 /// The bytes of the embedded model file (for stage fingerprints).
-pub fn bytes() -> &'static [u8] {
+pub(crate) fn bytes() -> &'static [u8] {
     BYTES
 }
 
 /// Maxout (nO=96 outputs, nP pieces) followed by layer norm.
-pub struct MaxoutLn {
+pub(crate) struct MaxoutLn {
     /// (nP * nO) x nI, row-major, piece-major (thinc stores nO x nP rows;
     /// grouping by piece makes the max an elementwise one over whole rows).
     pub w: Vec<f32>,
@@ -41,13 +41,13 @@ pub struct MaxoutLn {
     pub pieces: usize,
 }
 
-pub struct Action {
+pub(crate) struct Action {
     pub mv: Move,
     pub label: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Move {
+pub(crate) enum Move {
     Shift = 0,
     Reduce = 1,
     Left = 2,
@@ -57,14 +57,14 @@ pub enum Move {
 
 /// One token spec of an attribute-ruler pattern.
 #[derive(Default)]
-pub struct TokSpec {
+pub(crate) struct TokSpec {
     pub lower: Option<Cond>,
     pub tag: Option<Cond>,
     pub dep: Option<Cond>,
     pub is_space: Option<bool>,
 }
 
-pub enum Cond {
+pub(crate) enum Cond {
     Eq(String),
     In(Vec<String>),
     NotIn(Vec<String>),
@@ -72,7 +72,7 @@ pub enum Cond {
 }
 
 impl Cond {
-    pub fn test(&self, v: &str) -> bool {
+    pub(crate) fn test(&self, v: &str) -> bool {
         match self {
             Cond::Eq(s) => s == v,
             Cond::In(l) => l.iter().any(|x| x == v),
@@ -82,7 +82,7 @@ impl Cond {
     }
 }
 
-pub struct RulerEntry {
+pub(crate) struct RulerEntry {
     pub patterns: Vec<Vec<TokSpec>>,
     pub index: i64,
     pub pos: Option<String>,
@@ -92,15 +92,14 @@ pub struct RulerEntry {
     pub dep: Option<String>,
 }
 
-pub struct Lemma {
+pub(crate) struct Lemma {
     pub rules: HashMap<String, Vec<(String, String)>>,
     pub exc: HashMap<String, HashMap<String, Vec<String>>>,
     pub index: HashMap<String, HashSet<String>>,
 }
 
-pub struct Model {
+pub(crate) struct Model {
     pub seeds: Vec<u32>,
-    pub embed: Vec<Vec<f32>>,
     pub mix: MaxoutLn,
     /// Embedding rows through the mixing layer ([`super::nn::mix_tables`]).
     pub mix_tables: Vec<Vec<f32>>,
@@ -115,7 +114,6 @@ pub struct Model {
     pub lower_w: Vec<f32>,
     pub lower_b: Vec<f32>,
     pub lower_pad: Vec<f32>,
-    pub upper_w: Vec<f32>,
     /// `upper_w` transposed (hidden x actions), for a row-at-a-time product.
     pub upper_wt: Vec<f32>,
     pub upper_b: Vec<f32>,
@@ -138,13 +136,12 @@ pub struct Model {
     pub phrasal_verbs: HashSet<String>,
     pub phrasal_preps: HashSet<String>,
     pub scene_nouns: HashSet<String>,
-    pub name: String,
 }
 
-pub const WIDTH: usize = 96;
-pub const HIDDEN: usize = 64;
-pub const N_FEATS: usize = 8;
-pub const PIECES: usize = 2;
+pub(crate) const WIDTH: usize = 96;
+pub(crate) const HIDDEN: usize = 64;
+pub(crate) const N_FEATS: usize = 8;
+pub(crate) const PIECES: usize = 2;
 
 fn s(v: &Value) -> std::result::Result<String, String> {
     v.as_str()
@@ -426,7 +423,6 @@ impl Model {
         let enc0_const = super::nn::zero_window_output(&enc[0]);
         Ok(Model {
             seeds,
-            embed,
             mix_tables,
             enc0_const,
             mix,
@@ -438,7 +434,6 @@ impl Model {
             lower_w,
             lower_b,
             lower_pad,
-            upper_w,
             upper_wt,
             upper_b,
             tags,
@@ -454,7 +449,6 @@ impl Model {
             phrasal_verbs: set("phrasal_verbs")?,
             phrasal_preps: set("phrasal_preps")?,
             scene_nouns: set("scene_nouns")?,
-            name: s(&header["model"])?,
         })
     }
 }

@@ -30,7 +30,7 @@ macro_rules! avx2_or_plain {
 }
 
 /// spaCy's string hash: MurmurHash64A, seed 1, over the UTF-8 bytes.
-pub fn hash_string(s: &str) -> u64 {
+pub(crate) fn hash_string(s: &str) -> u64 {
     if s.is_empty() {
         return 0;
     }
@@ -64,7 +64,7 @@ fn murmur64a(key: &[u8], seed: u64) -> u64 {
 }
 
 /// thinc's MurmurHash3_x86_128_uint64: four 32-bit keys for one id.
-pub fn hash_ids(val: u64, seed: u32) -> [u32; 4] {
+pub(crate) fn hash_ids(val: u64, seed: u32) -> [u32; 4] {
     let seed = seed as u64;
     let mut h1 = val;
     h1 = h1.wrapping_mul(0x87c3_7b91_1142_53d5);
@@ -92,7 +92,7 @@ pub fn hash_ids(val: u64, seed: u32) -> [u32; 4] {
 }
 
 /// spaCy's word shape ("Xxxxx", "dd", "xxxx'x").
-pub fn word_shape(text: &str) -> String {
+pub(crate) fn word_shape(text: &str) -> String {
     if text.chars().count() >= 100 {
         return "LONG".into();
     }
@@ -130,7 +130,13 @@ fn string_id(m: &Model, s: &str) -> u64 {
 }
 
 /// The six feature ids of a token: NORM, PREFIX, SUFFIX, SHAPE, SPACY, IS_SPACE.
-pub fn features(m: &Model, text: &str, norm: &str, space_after: bool, is_space: bool) -> [u64; 6] {
+pub(crate) fn features(
+    m: &Model,
+    text: &str,
+    norm: &str,
+    space_after: bool,
+    is_space: bool,
+) -> [u64; 6] {
     let chars: Vec<char> = text.chars().collect();
     let prefix: String = chars.iter().take(1).collect();
     let suffix: String = chars[chars.len().saturating_sub(3)..].iter().collect();
@@ -246,7 +252,7 @@ fn finish_maxout_ln_rows(layer: &MaxoutLn, pre: &[f32], out: &mut [f32]) {
 
 /// A layer's output for an all-zero input window: maxout and layer norm of
 /// the bias.
-pub fn zero_window_output(layer: &MaxoutLn) -> Vec<f32> {
+pub(crate) fn zero_window_output(layer: &MaxoutLn) -> Vec<f32> {
     let mut out = Vec::new();
     finish_maxout_ln(layer, &layer.b, &mut out);
     out
@@ -256,7 +262,7 @@ pub fn zero_window_output(layer: &MaxoutLn) -> Vec<f32> {
 /// times c's block of the mixing weights (rows x 288). A token's mixing
 /// pre-activation is then the bias plus 24 gathered rows, instead of a
 /// 576-wide product.
-pub fn mix_tables(embed: &[Vec<f32>], mix: &MaxoutLn) -> Vec<Vec<f32>> {
+pub(crate) fn mix_tables(embed: &[Vec<f32>], mix: &MaxoutLn) -> Vec<Vec<f32>> {
     let m = mix.n_out * mix.pieces;
     embed
         .iter()
@@ -310,7 +316,7 @@ fn gather_mix(m: &Model, feats: &[[u64; 6]], pre: &mut [f32]) {
 
 /// Token vectors (n x 96) for the tokens of several docs laid end to end;
 /// `lens` are the docs' token counts (the window never crosses a doc).
-pub fn tok2vec(m: &Model, feats: &[[u64; 6]], lens: &[usize]) -> Vec<f32> {
+pub(crate) fn tok2vec(m: &Model, feats: &[[u64; 6]], lens: &[usize]) -> Vec<f32> {
     let n = feats.len();
     let pm = m.mix.n_out * m.mix.pieces;
     let mut pre = Vec::with_capacity(n * pm);
@@ -397,7 +403,7 @@ pub fn tok2vec(m: &Model, feats: &[[u64; 6]], lens: &[usize]) -> Vec<f32> {
 }
 
 /// The best tag index per token.
-pub fn tag(m: &Model, vecs: &[f32]) -> Vec<usize> {
+pub(crate) fn tag(m: &Model, vecs: &[f32]) -> Vec<usize> {
     let n = vecs.len() / WIDTH;
     let nt = m.tags.len();
     let mut scores = Vec::new();
@@ -409,7 +415,7 @@ pub fn tag(m: &Model, vecs: &[f32]) -> Vec<usize> {
 }
 
 /// First index of the largest value.
-pub fn argmax(v: impl Iterator<Item = f32>) -> usize {
+pub(crate) fn argmax(v: impl Iterator<Item = f32>) -> usize {
     let mut best = 0;
     let mut bv = f32::NEG_INFINITY;
     for (i, x) in v.enumerate() {
@@ -422,7 +428,7 @@ pub fn argmax(v: impl Iterator<Item = f32>) -> usize {
 }
 
 /// The parser's per-token precomputed lower layer: n x (nF * nH * nP).
-pub fn parser_precompute(m: &Model, vecs: &[f32]) -> Vec<f32> {
+pub(crate) fn parser_precompute(m: &Model, vecs: &[f32]) -> Vec<f32> {
     let n = vecs.len() / WIDTH;
     let mut proj = Vec::new();
     linear(vecs, n, WIDTH, &m.proj_w, HIDDEN, &m.proj_b, &mut proj);
@@ -442,7 +448,7 @@ pub fn parser_precompute(m: &Model, vecs: &[f32]) -> Vec<f32> {
 
 /// Action scores of one parser state from its context token ids (-1: none).
 /// `pre` holds the doc's rows of [`parser_precompute`].
-pub fn parser_scores(m: &Model, pre: &[f32], ids: &[i32; N_FEATS], scores: &mut Vec<f32>) {
+pub(crate) fn parser_scores(m: &Model, pre: &[f32], ids: &[i32; N_FEATS], scores: &mut Vec<f32>) {
     scores.clear();
     scores.extend_from_slice(&m.upper_b);
     parser_scores_body(m, pre, ids, scores);

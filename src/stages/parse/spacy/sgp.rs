@@ -7,7 +7,7 @@ use super::model::Model;
 use crate::stages::parse::{Entity, Relation, SceneGraph};
 
 /// spaCy's English noun_chunks iterator: (start, end, root).
-pub fn noun_chunks(d: &Doc) -> Vec<(usize, usize, usize)> {
+pub(crate) fn noun_chunks(d: &Doc) -> Vec<(usize, usize, usize)> {
     const NP_DEPS: &[&str] = &[
         "oprd",
         "nsubj",
@@ -120,7 +120,7 @@ fn describe(
 /// the later upstream fixes: recursive compounds and conjunctions, no
 /// pronoun entities, PPs on a copula ("the dog is on the bed"), and
 /// "in front of" / "next to" after a verb or copula given to its subject.
-pub fn scene_graph(m: &Model, d: &Doc, strict: bool) -> SceneGraph {
+pub(crate) fn scene_graph(m: &Model, d: &Doc, strict: bool) -> SceneGraph {
     let t = &d.tokens;
     let deep = !strict;
     let chunks: Vec<(usize, usize, usize)> = noun_chunks(d)

@@ -11,7 +11,7 @@ struct Arc {
     child: i32,
 }
 
-pub struct State {
+pub(crate) struct State {
     n: i32,
     heads: Vec<i32>,
     labels: Vec<u16>,
@@ -25,7 +25,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(n: usize) -> State {
+    pub(crate) fn new(n: usize) -> State {
         State {
             n: n as i32,
             heads: vec![-1; n],
@@ -85,7 +85,7 @@ impl State {
         Self::nth_child(&self.right, head, idx)
     }
 
-    pub fn context(&self) -> [i32; 8] {
+    pub(crate) fn context(&self) -> [i32; 8] {
         [
             self.b(0),
             self.b(1),
@@ -102,7 +102,7 @@ impl State {
         (self.n - self.b_i) + self.rebuffer.len() as i32
     }
 
-    pub fn is_final(&self) -> bool {
+    pub(crate) fn is_final(&self) -> bool {
         self.stack.is_empty() && self.buffer_len() == 0
     }
 
@@ -148,7 +148,7 @@ impl State {
         self.labels[c] = label;
     }
 
-    pub fn is_valid(&self, mv: Move) -> bool {
+    pub(crate) fn is_valid(&self, mv: Move) -> bool {
         match mv {
             Move::Shift => {
                 if self.stack.is_empty() {
@@ -171,7 +171,7 @@ impl State {
         }
     }
 
-    pub fn apply(&mut self, mv: Move, label: u16) {
+    pub(crate) fn apply(&mut self, mv: Move, label: u16) {
         match mv {
             Move::Shift => self.push(),
             Move::Reduce => {
@@ -205,14 +205,14 @@ impl State {
     }
 
     /// Ends a parse that no valid move can continue.
-    pub fn force_final(&mut self) {
+    pub(crate) fn force_final(&mut self) {
         self.stack.clear();
         self.rebuffer.clear();
         self.b_i = self.n;
     }
 
     /// Head per token (itself when it has none) and the arc label id (0: root).
-    pub fn into_arcs(self) -> (Vec<i32>, Vec<u16>) {
+    pub(crate) fn into_arcs(self) -> (Vec<i32>, Vec<u16>) {
         let heads = self
             .heads
             .iter()

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-pub struct RawTok {
+pub(crate) struct RawTok {
     pub text: String,
     pub space_after: bool,
     pub norm: Option<String>,
@@ -277,7 +277,7 @@ fn split_infixes(s: &str, out: &mut Vec<RawTok>) {
 
 /// Tokens of a caption. Whitespace runs count as one space (spaCy would
 /// make extra spaces tokens of their own; captions rarely have them).
-pub fn tokenize(text: &str, special: &Special) -> Vec<RawTok> {
+pub(crate) fn tokenize(text: &str, special: &Special) -> Vec<RawTok> {
     let mut out: Vec<RawTok> = Vec::new();
     for chunk in text.split_whitespace() {
         if let Some(last) = out.last_mut() {
