@@ -17,3 +17,37 @@ pub mod stages;
 pub mod tables;
 
 pub use error::{Error, Result};
+
+/// Defines a test module `$name` that runs `$body` once per device
+/// libtorch sees: `$name::cpu` always, `$name::cuda` on CUDA device 0, which
+/// on a machine without CUDA passes with a printed notice that it skipped.
+/// For the model, training and ranking tests (as candle's `test_device!`).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! test_device {
+    ($name:ident, |$device:ident| $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn run($device: tch::Device) $body
+
+            #[test]
+            fn cpu() {
+                run(tch::Device::Cpu)
+            }
+
+            #[test]
+            fn cuda() {
+                if tch::Cuda::is_available() {
+                    run(tch::Device::Cuda(0))
+                } else {
+                    eprintln!(
+                        "{}::cuda skipped: libtorch sees no CUDA device",
+                        module_path!()
+                    );
+                }
+            }
+        }
+    };
+}

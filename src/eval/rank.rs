@@ -101,36 +101,38 @@ pub(crate) fn rank_global(
 mod tests {
     use super::*;
 
-    #[test]
-    fn masks_the_reference_and_ranks_the_best_relevant_image() {
-        // Gallery: unit vectors along axes 0..4; queries near some of them.
-        let d = 4;
-        let mut g = vec![0f32; 4 * d];
-        for i in 0..4 {
-            g[i * d + i] = 1.0;
+    crate::test_device!(
+        masks_the_reference_and_ranks_the_best_relevant_image,
+        |device| {
+            // Gallery: unit vectors along axes 0..4; queries near some of them.
+            let d = 4;
+            let mut g = vec![0f32; 4 * d];
+            for i in 0..4 {
+                g[i * d + i] = 1.0;
+            }
+            let gallery = Tensor::from_slice(&g).view([4, d as i64]).to_device(device);
+            let q = [
+                0.9f32, 0.4, 0.1, 0.0, // closest: 0 (masked), then 1, then 2
+                0.0, 0.1, 0.2, 0.97, // closest: 3, then 2, then 1
+            ];
+            let out = rank_global(
+                &q,
+                d,
+                &gallery,
+                &[Some(0), None],
+                &[vec![2], vec![1, 2]],
+                3,
+                device,
+            )
+            .unwrap();
+            assert_eq!(out[0].rank, 2, "1 beats 2 once 0 is masked");
+            assert_eq!(
+                out[0].top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                vec![1, 2, 3]
+            );
+            assert_eq!(out[1].rank, 2, "the better of the relevant 1 and 2 counts");
+            let none = rank_global(&q[..d], d, &gallery, &[None], &[vec![]], 2, device).unwrap();
+            assert_eq!(none[0].rank, 5);
         }
-        let gallery = Tensor::from_slice(&g).view([4, d as i64]);
-        let q = [
-            0.9f32, 0.4, 0.1, 0.0, // closest: 0 (masked), then 1, then 2
-            0.0, 0.1, 0.2, 0.97, // closest: 3, then 2, then 1
-        ];
-        let out = rank_global(
-            &q,
-            d,
-            &gallery,
-            &[Some(0), None],
-            &[vec![2], vec![1, 2]],
-            3,
-            Device::Cpu,
-        )
-        .unwrap();
-        assert_eq!(out[0].rank, 2, "1 beats 2 once 0 is masked");
-        assert_eq!(
-            out[0].top.iter().map(|t| t.0).collect::<Vec<_>>(),
-            vec![1, 2, 3]
-        );
-        assert_eq!(out[1].rank, 2, "the better of the relevant 1 and 2 counts");
-        let none = rank_global(&q[..d], d, &gallery, &[None], &[vec![]], 2, Device::Cpu).unwrap();
-        assert_eq!(none[0].rank, 5);
-    }
+    );
 }

@@ -46,37 +46,35 @@ pub(crate) static EMBED_REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub(crate) struct EmbedParams {
     /// CLIP weights: OpenAI's TorchScript .pt, a torch.save state dict, or
     /// .safetensors. Not needed when a train stage in inputs gives a
     /// fine-tuned backbone.
-    #[serde(default)]
     pub checkpoint: Option<PathBuf>,
     /// Name stored in the `model` column (default: the checkpoint's file stem).
-    #[serde(default)]
     pub model: Option<String>,
     /// `auto` (GPU when libtorch sees one), `cpu`, `cuda`, `cuda:N`.
-    #[serde(default = "auto")]
     pub device: String,
     /// fp16 autocast on a GPU (ignored on CPU).
-    #[serde(default)]
     pub mixed_precision: bool,
-    #[serde(default = "default_batch")]
     pub batch_size: usize,
     /// Images (and texts) per part file: the unit of resume and sharding.
-    #[serde(default = "default_chunk")]
     pub chunk_size: usize,
 }
 
-fn auto() -> String {
-    "auto".into()
-}
-fn default_batch() -> usize {
-    64
-}
-fn default_chunk() -> usize {
-    2048
+impl Default for EmbedParams {
+    /// The defaults of every param, in one place.
+    fn default() -> Self {
+        EmbedParams {
+            checkpoint: Default::default(),
+            model: Default::default(),
+            device: "auto".into(),
+            mixed_precision: Default::default(),
+            batch_size: 64,
+            chunk_size: 2048,
+        }
+    }
 }
 
 impl EmbedParams {

@@ -38,38 +38,36 @@ pub(crate) enum Format {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub(crate) struct IngestParams {
     /// The captions file (or image folder). Not needed when a `synth` stage
     /// in inputs gives its files (its `sources` table).
-    #[serde(default)]
     pub path: Option<PathBuf>,
     /// Inferred from `path` when absent: .tsv, .jsonl, or a folder.
-    #[serde(default)]
     pub format: Option<Format>,
     /// Folder the images live in; `image_path` is resolved against it.
-    #[serde(default)]
     pub images_dir: Option<PathBuf>,
     /// File name of image `{id}` for CC3M TSV (`{id}` or zero-padded `{id:09}`).
-    #[serde(default = "default_image_name")]
     pub image_name: String,
     /// For `image-folder`: the captions file (default `<path>/captions.tsv`).
-    #[serde(default)]
     pub captions_file: Option<PathBuf>,
-    #[serde(default = "default_max_line_bytes")]
     pub max_line_bytes: usize,
-    #[serde(default = "default_chunk_rows")]
     pub chunk_rows: usize,
 }
 
-fn default_image_name() -> String {
-    "{id}".into()
-}
-fn default_max_line_bytes() -> usize {
-    64 * 1024
-}
-fn default_chunk_rows() -> usize {
-    100_000
+impl Default for IngestParams {
+    /// The defaults of every param, in one place.
+    fn default() -> Self {
+        IngestParams {
+            path: Default::default(),
+            format: Default::default(),
+            images_dir: Default::default(),
+            image_name: "{id}".into(),
+            captions_file: Default::default(),
+            max_line_bytes: 64 * 1024,
+            chunk_rows: 100_000,
+        }
+    }
 }
 
 impl IngestParams {

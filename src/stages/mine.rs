@@ -104,53 +104,39 @@ impl<'de> Deserialize<'de> for Threshold {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub(crate) struct MineParams {
-    #[serde(default = "d_num_samples")]
     pub num_samples: u64,
-    #[serde(default)]
     pub seed: u64,
-    #[serde(default = "d_min_images")]
     pub min_images_with_subject: u64,
-    #[serde(default = "d_min_objects")]
     pub min_objects_per_subject: u64,
-    #[serde(default = "d_threshold")]
     pub concreteness_threshold: Threshold,
     /// The Brysbaert ratings file (tab-separated: Word, Bigram, Conc.M, ...).
-    #[serde(default)]
     pub concreteness_path: Option<PathBuf>,
     /// Proposals per sample before it is given up (and listed in `exhausted`).
-    #[serde(default = "d_max_attempts")]
     pub max_attempts: u32,
     /// Target redraws per proposal while the target repeats the reference's
     /// object or image (the original's cap is 100).
-    #[serde(default = "d_max_target_redraws")]
     pub max_target_redraws: u32,
     /// Samples per part file (the unit of resume and sharding).
-    #[serde(default = "d_chunk_samples")]
     pub chunk_samples: u64,
 }
 
-fn d_num_samples() -> u64 {
-    1_600_000
-}
-fn d_min_images() -> u64 {
-    5
-}
-fn d_min_objects() -> u64 {
-    2
-}
-fn d_threshold() -> Threshold {
-    Threshold(Some(4.8))
-}
-fn d_max_attempts() -> u32 {
-    1000
-}
-fn d_max_target_redraws() -> u32 {
-    100
-}
-fn d_chunk_samples() -> u64 {
-    250_000
+impl Default for MineParams {
+    /// The defaults of every param, in one place.
+    fn default() -> Self {
+        MineParams {
+            num_samples: 1_600_000,
+            seed: Default::default(),
+            min_images_with_subject: 5,
+            min_objects_per_subject: 2,
+            concreteness_threshold: Threshold(Some(4.8)),
+            concreteness_path: Default::default(),
+            max_attempts: 1000,
+            max_target_redraws: 100,
+            chunk_samples: 250_000,
+        }
+    }
 }
 
 pub(crate) struct Mine;

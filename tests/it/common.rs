@@ -234,16 +234,26 @@ pub fn python(code: &str) -> String {
 /// counted in.
 pub const EPS32: f64 = f32::EPSILON as f64;
 
+/// The unit a device's float32 products round to: float32's epsilon on
+/// the CPU; on CUDA, TF32's (2^-10, its 10 mantissa bits), which cuDNN's
+/// convolutions use by default in libtorch.
+pub fn product_eps(device: tch::Device) -> f64 {
+    match device {
+        tch::Device::Cpu => EPS32,
+        _ => 2f64.powi(-10),
+    }
+}
+
 /// Tolerance, relative to the reference's largest magnitude, for a float32
-/// forward pass whose longest dot product has `k` terms and which chains
-/// `depth` such products. Each dot product is off by at most
+/// forward pass on `device` whose longest dot product has `k` terms and
+/// which chains `depth` such products. Each dot product is off by at most
 /// gamma_k = k eps / (1 - k eps) of its terms' size (Higham, Accuracy and
-/// Stability, 3.1), whatever order a CPU's GEMM kernel sums in; layer norms
+/// Stability, 3.1), whatever order a GEMM kernel sums in; layer norms
 /// bring activations back to one scale, so the layers' errors add. A real
 /// bug (a wrong activation, a missing scale, a transposed weight) changes
 /// outputs by far more than this.
-pub fn f32_forward_tolerance(k: usize, depth: usize) -> f64 {
-    let g = k as f64 * EPS32;
+pub fn forward_tolerance(k: usize, depth: usize, device: tch::Device) -> f64 {
+    let g = k as f64 * product_eps(device);
     depth as f64 * g / (1.0 - g)
 }
 

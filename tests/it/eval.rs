@@ -9,7 +9,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float32Type, Float64Type, UInt32Type};
 use genecis::framework::store::read_table;
 
-use crate::common::{f32_forward_tolerance, genecis, sql_csv, write, Manifest};
+use crate::common::{forward_tolerance, genecis, sql_csv, write, Manifest};
 use crate::model::fixtures;
 
 /// A small JPEG whose content depends on `seed` (gradients plus a hashed
@@ -868,7 +868,7 @@ fn scores_match_the_original_evaluation() {
     // The fixture's ViT: its patch conv sums 3 x 32 x 32 terms; 2 + 2 x 7
     // products through the towers, 4 more in the Combiner. Similarities are
     // cosines, at most 1 in size.
-    let tol = f32_forward_tolerance(3 * 32 * 32, 2 + 2 * 7 + 4);
+    let tol = forward_tolerance(3 * 32 * 32, 2 + 2 * 7 + 4, tch::Device::Cpu);
     let (mut n, mut worst, mut near_ties) = (0, 0f64, 0);
     let mut rank_diffs = Vec::new();
     for (task, rows) in refs.as_object().unwrap() {

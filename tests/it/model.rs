@@ -12,7 +12,7 @@ use genecis::model::tokenizer::ClipTokenizer;
 use genecis::model::{ModelError, StateDict};
 use tch::{Device, Tensor};
 
-use crate::common::{f32_forward_tolerance, relative_max_diff, script_fixtures};
+use crate::common::{forward_tolerance, relative_max_diff, script_fixtures};
 
 /// The tiny ViT's longest dot product (its MLP: 4 x width 64) and its chain
 /// of products (patch conv; per layer q/k/v, scores, values, out, two MLP
@@ -38,22 +38,35 @@ fn reference(name: &str) -> HashMap<String, Tensor> {
         .collect()
 }
 
-fn clip_from(file: &str) -> Clip {
-    Clip::new(StateDict::load(&fixtures().join(file), Device::Cpu).unwrap()).unwrap()
+fn clip_from(file: &str, device: Device) -> Clip {
+    Clip::new(StateDict::load(&fixtures().join(file), device).unwrap()).unwrap()
 }
 
 /// Our towers against PyTorch's on the same batch, within float32's
 /// reordering bound for the towers' longest dot product: `k` terms
 /// (ViT: the MLP's 4 x width; ResNet: the last 3x3 conv's 9 x channels),
-/// chained `depth` times (layers and projections).
-fn check_parity(model: &Clip, refs: &HashMap<String, Tensor>, k: usize, depth: usize) {
-    let img = model.encode_image(&refs["images"]).unwrap();
-    let txt = model.encode_text(&refs["tokens"]).unwrap();
+/// chained `depth` times (layers and projections), on `device`; the
+/// comparison on the CPU.
+fn check_parity(
+    model: &Clip,
+    refs: &HashMap<String, Tensor>,
+    (k, depth): (usize, usize),
+    device: Device,
+) {
+    let on = |t: &Tensor| t.to_device(device);
+    let img = model
+        .encode_image(&on(&refs["images"]))
+        .unwrap()
+        .to_device(Device::Cpu);
+    let txt = model
+        .encode_text(&on(&refs["tokens"]))
+        .unwrap()
+        .to_device(Device::Cpu);
     let (di, dt) = (
         relative_max_diff(&img, &refs["image_features"]),
         relative_max_diff(&txt, &refs["text_features"]),
     );
-    let tol = f32_forward_tolerance(k, depth);
+    let tol = forward_tolerance(k, depth, device);
     assert!(
         di <= tol,
         "encode_image differs by {di} of its scale (bound {tol})"
@@ -64,10 +77,9 @@ fn check_parity(model: &Clip, refs: &HashMap<String, Tensor>, k: usize, depth: u
     );
 }
 
-#[test]
-fn vit_matches_pytorch_from_every_checkpoint_format() {
+genecis::test_device!(vit_matches_pytorch_from_every_checkpoint_format, |device| {
     let refs = reference("vit_ref.pt");
-    let m = clip_from("vit_state.pt");
+    let m = clip_from("vit_state.pt", device);
     assert_eq!(
         m.config.vision,
         Vision::Vit {
@@ -85,26 +97,30 @@ fn vit_matches_pytorch_from_every_checkpoint_format() {
         ),
         (32, 32, 2)
     );
-    check_parity(&m, &refs, VIT.0, VIT.1);
-    check_parity(&clip_from("vit_module_state.pt"), &refs, VIT.0, VIT.1);
-    check_parity(&clip_from("vit_jit.pt"), &refs, VIT.0, VIT.1);
+    check_parity(&m, &refs, VIT, device);
+    check_parity(
+        &clip_from("vit_module_state.pt", device),
+        &refs,
+        VIT,
+        device,
+    );
+    check_parity(&clip_from("vit_jit.pt", device), &refs, VIT, device);
     // safetensors: written from the loaded state dict, read back.
     let sd = StateDict::load(&fixtures().join("vit_state.pt"), Device::Cpu).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let st = tmp.path().join("vit.safetensors");
     sd.write_safetensors(&st).unwrap();
     check_parity(
-        &Clip::new(StateDict::load(&st, Device::Cpu).unwrap()).unwrap(),
+        &Clip::new(StateDict::load(&st, device).unwrap()).unwrap(),
         &refs,
-        VIT.0,
-        VIT.1,
+        VIT,
+        device,
     );
-}
+});
 
-#[test]
-fn modified_resnet_matches_pytorch() {
+genecis::test_device!(modified_resnet_matches_pytorch, |device| {
     let refs = reference("rn_ref.pt");
-    let m = clip_from("rn_state.pt");
+    let m = clip_from("rn_state.pt", device);
     assert_eq!(
         m.config.vision,
         Vision::ResNet {
@@ -114,29 +130,31 @@ fn modified_resnet_matches_pytorch() {
         }
     );
     assert_eq!(m.config.image_resolution, 64);
-    check_parity(&m, &refs, RN.0, RN.1);
-    check_parity(&clip_from("rn_module_state.pt"), &refs, RN.0, RN.1);
-}
+    check_parity(&m, &refs, RN, device);
+    check_parity(&clip_from("rn_module_state.pt", device), &refs, RN, device);
+});
 
-#[test]
-fn combiner_matches_pytorch() {
+genecis::test_device!(combiner_matches_pytorch, |device| {
     let refs = reference("combiner_ref.pt");
-    let c =
-        Combiner::new(StateDict::load(&fixtures().join("combiner_state.pt"), Device::Cpu).unwrap())
-            .unwrap();
+    let sd = StateDict::load(&fixtures().join("combiner_state.pt"), device).unwrap();
+    let c = Combiner::new(sd).unwrap();
     assert_eq!(c.dim, 32);
-    let out = c.forward(&refs["image"], &refs["text"]).unwrap();
+    let on = |t: &Tensor| t.to_device(device);
+    let out = c
+        .forward(&on(&refs["image"]), &on(&refs["text"]))
+        .unwrap()
+        .to_device(Device::Cpu);
     // Its longest dot product: the combiner layer over 2 x proj 64; four
     // products chained (projection, combiner layer, output, scalar).
     let (d, tol) = (
         relative_max_diff(&out, &refs["combined"]),
-        f32_forward_tolerance(2 * 64, 4),
+        forward_tolerance(2 * 64, 4, device),
     );
     assert!(
         d <= tol,
         "combiner differs by {d} of its scale (bound {tol})"
     );
-}
+});
 
 #[test]
 fn tokenizer_matches_clip_tokenize_truncate() {
@@ -183,16 +201,18 @@ fn missing_or_misshaped_tensors_are_named() {
     assert!(e.to_string().contains("cannot load checkpoint"), "{e}");
 }
 
-#[test]
-fn resnet_torchscript_archive_with_batchnorm_buffers() {
-    let refs = reference("rn_ref.pt");
-    let sd = StateDict::load(&fixtures().join("rn_jit.pt"), Device::Cpu).unwrap();
-    assert!(
-        sd.has("visual.bn1.running_mean"),
-        "buffers come with the parameters"
-    );
-    check_parity(&Clip::new(sd).unwrap(), &refs, RN.0, RN.1);
-}
+genecis::test_device!(
+    resnet_torchscript_archive_with_batchnorm_buffers,
+    |device| {
+        let refs = reference("rn_ref.pt");
+        let sd = StateDict::load(&fixtures().join("rn_jit.pt"), device).unwrap();
+        assert!(
+            sd.has("visual.bn1.running_mean"),
+            "buffers come with the parameters"
+        );
+        check_parity(&Clip::new(sd).unwrap(), &refs, RN, device);
+    }
+);
 
 #[test]
 fn preprocessing_matches_pil() {

@@ -17,7 +17,7 @@ use genecis::model::StateDict;
 use genecis::stages::train::{train_step, Finetune, Optimizer, StepConfig};
 
 use crate::common::{
-    bin, f32_forward_tolerance, genecis, python, script_fixtures, sql_csv, write, Manifest, EPS32,
+    bin, forward_tolerance, genecis, python, script_fixtures, sql_csv, write, Manifest, EPS32,
 };
 use crate::eval::small_world;
 use crate::model::fixtures;
@@ -40,15 +40,14 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 /// Three AdamW steps of ours against three of PyTorch's (the original's
 /// loss, clip_grad_norm_ on CLIP, weight decay on), dropout off.
-fn parity(name: &str) {
+fn parity(name: &str, device: Device) {
     let fx = train_fixtures();
     let batch = load(&fx.join(format!("{name}_batch.pt")));
     let mut clip =
-        Clip::new(StateDict::load(&fx.join(format!("{name}_init.pt")), Device::Cpu).unwrap())
-            .unwrap();
+        Clip::new(StateDict::load(&fx.join(format!("{name}_init.pt")), device).unwrap()).unwrap();
     clip.set_training(true);
     let comb = Combiner::new(
-        StateDict::load(&fx.join(format!("{name}_combiner_init.pt")), Device::Cpu).unwrap(),
+        StateDict::load(&fx.join(format!("{name}_combiner_init.pt")), device).unwrap(),
     )
     .unwrap();
     let mut opt = Optimizer::new(
@@ -63,11 +62,11 @@ fn parity(name: &str) {
         clip_grad_norm: 1.0,
         clip_before_unscale: true,
         dropout: false,
-        device: Device::Cpu,
+        device,
         amp: false,
     };
-    let images = batch["images"].shallow_clone();
-    let tokens = batch["tokens"].to_kind(Kind::Int64);
+    let images = batch["images"].to_device(device);
+    let tokens = batch["tokens"].to_kind(Kind::Int64).to_device(device);
     let losses = Vec::<f64>::try_from(&batch["losses"]).unwrap();
     // The fixture script's LR.
     let lr = 1e-4;
@@ -92,7 +91,7 @@ fn parity(name: &str) {
         // model.rs), a cosine twice that, and CE is 2-Lipschitz in the
         // logits' max norm.
         let got = m[0].1;
-        let tol = 2.0 * cfg.lamda * 2.0 * f32_forward_tolerance(tower.0, tower.1);
+        let tol = 2.0 * cfg.lamda * 2.0 * forward_tolerance(tower.0, tower.1, device);
         assert!(
             (got - want).abs() <= tol,
             "{name} step {s}: loss {got} vs PyTorch {want} (bound {tol})"
@@ -123,7 +122,7 @@ fn parity(name: &str) {
         (&comb.weights().tensors, &want_comb, "Combiner"),
     ] {
         for (k, w) in want {
-            let off = l2(&(&ours[k] - w));
+            let off = l2(&(ours[k].to_device(Device::Cpu) - w));
             if !w.is_floating_point() {
                 // BatchNorm's step counter.
                 assert_eq!(off, 0.0, "{name}: {what} {k} differs");
@@ -164,68 +163,70 @@ fn adam_ratio_bound(b1: f64, b2: f64, t: usize) -> f64 {
         * s.sqrt()
 }
 
-/// AdamW and clip_grad_norm_ alone, on gradients PyTorch used, so nothing
-/// but elementwise rounding differs and the bound is derived. Per element
-/// and step: the decay and the final add round once each relative to |p|;
-/// the update (at most lr * adam_ratio_bound) carries the moments' rounding
-/// (lerp, mul + addcmul: 3 eps a step, kept from step to step), the
-/// denominator's and the division's (4 eps), and twice the clipping
-/// coefficient's relative error (ATen's cascade sum: log2 n + 4 eps).
-/// A wrong beta, a missing weight decay or a clip in the wrong place moves
-/// elements by orders of magnitude more.
-#[test]
-fn adamw_and_clipping_match_pytorch_to_float32_rounding() {
-    let fx = load(&train_fixtures().join("optimizer.pt"));
-    let hyper = Vec::<f64>::try_from(&fx["hyper"]).unwrap();
-    let (lr, wd, eps, steps) = (hyper[0], hyper[1], hyper[2], hyper[3] as usize);
-    let (b1, b2) = (0.9, 0.999);
-    let names = ["w", "b", "ln", "skipped"];
-    let params: Vec<(String, Tensor)> = names
-        .iter()
-        .map(|n| (n.to_string(), fx[&format!("init.{n}")].copy()))
-        .collect();
-    let clipped: i64 = params[..2].iter().map(|(_, p)| p.numel() as i64).sum();
-    let mut opt = AdamW::new((b1, b2), eps, wd);
-    for t in 0..steps {
-        let mut grads: Vec<Option<Tensor>> = names
+// AdamW and clip_grad_norm_ alone, on gradients PyTorch used, so nothing
+// but elementwise rounding differs and the bound is derived. Per element
+// and step: the decay and the final add round once each relative to |p|;
+// the update (at most lr * adam_ratio_bound) carries the moments' rounding
+// (lerp, mul + addcmul: 3 eps a step, kept from step to step), the
+// denominator's and the division's (4 eps), and twice the clipping
+// coefficient's relative error (ATen's cascade sum: log2 n + 4 eps).
+// A wrong beta, a missing weight decay or a clip in the wrong place moves
+// elements by orders of magnitude more.
+genecis::test_device!(
+    adamw_and_clipping_match_pytorch_to_float32_rounding,
+    |device| {
+        let fx = load(&train_fixtures().join("optimizer.pt"));
+        let hyper = Vec::<f64>::try_from(&fx["hyper"]).unwrap();
+        let (lr, wd, eps, steps) = (hyper[0], hyper[1], hyper[2], hyper[3] as usize);
+        let (b1, b2) = (0.9, 0.999);
+        let names = ["w", "b", "ln", "skipped"];
+        let params: Vec<(String, Tensor)> = names
             .iter()
-            .map(|n| fx.get(&format!("grad{t}.{n}")).map(Tensor::copy))
+            .map(|n| (n.to_string(), fx[&format!("init.{n}")].to_device(device)))
             .collect();
-        clip_grad_norm(&mut grads[..2], 1.0).unwrap();
-        opt.step(lr, &params, &grads).unwrap();
+        let clipped: i64 = params[..2].iter().map(|(_, p)| p.numel() as i64).sum();
+        let mut opt = AdamW::new((b1, b2), eps, wd);
+        for t in 0..steps {
+            let mut grads: Vec<Option<Tensor>> = names
+                .iter()
+                .map(|n| fx.get(&format!("grad{t}.{n}")).map(|g| g.to_device(device)))
+                .collect();
+            clip_grad_norm(&mut grads[..2], 1.0).unwrap();
+            opt.step(lr, &params, &grads).unwrap();
+        }
+        let coef = 2.0 * ((clipped as f64).log2().ceil() + 4.0);
+        let mut update_tol = 0.0;
+        for t in 1..=steps {
+            update_tol += lr * adam_ratio_bound(b1, b2, t) * EPS32 * (3.0 * t as f64 + 4.0 + coef);
+        }
+        for (n, p) in &params {
+            let want = fx[&format!("final.{n}")].to_kind(Kind::Double);
+            let tol = want.abs() * (2.0 * EPS32 * steps as f64) + update_tol;
+            let p = p.to_device(Device::Cpu).to_kind(Kind::Double);
+            let excess = ((p - &want).abs() - &tol).max().double_value(&[]);
+            assert!(
+                excess <= 0.0,
+                "{n}: off PyTorch's by {excess:.3e} beyond the rounding bound"
+            );
+            let moved = l2(&(&want - fx[&format!("init.{n}")].to_kind(Kind::Double)));
+            assert!(
+                moved > 100.0 * l2(&tol),
+                "{n}: the steps moved it ({moved:.3e})"
+            );
+        }
     }
-    let coef = 2.0 * ((clipped as f64).log2().ceil() + 4.0);
-    let mut update_tol = 0.0;
-    for t in 1..=steps {
-        update_tol += lr * adam_ratio_bound(b1, b2, t) * EPS32 * (3.0 * t as f64 + 4.0 + coef);
-    }
-    for (n, p) in &params {
-        let want = fx[&format!("final.{n}")].to_kind(Kind::Double);
-        let tol = want.abs() * (2.0 * EPS32 * steps as f64) + update_tol;
-        let excess = ((p.to_kind(Kind::Double) - &want).abs() - &tol)
-            .max()
-            .double_value(&[]);
-        assert!(
-            excess <= 0.0,
-            "{n}: off PyTorch's by {excess:.3e} beyond the rounding bound"
-        );
-        let moved = l2(&(&want - fx[&format!("init.{n}")].to_kind(Kind::Double)));
-        assert!(
-            moved > 100.0 * l2(&tol),
-            "{n}: the steps moved it ({moved:.3e})"
-        );
-    }
-}
+);
 
-#[test]
-fn adamw_steps_match_pytorch_vit() {
-    parity("vit");
-}
+genecis::test_device!(adamw_steps_match_pytorch_vit, |device| {
+    parity("vit", device);
+});
 
-#[test]
-fn adamw_steps_match_pytorch_resnet_with_batchnorm_in_train_mode() {
-    parity("rn");
-}
+genecis::test_device!(
+    adamw_steps_match_pytorch_resnet_with_batchnorm_in_train_mode,
+    |device| {
+        parity("rn", device);
+    }
+);
 
 #[test]
 fn combiner_init_draws_as_pytorch_does() {

@@ -29,20 +29,25 @@ use crate::framework::stage::{
 use crate::tables::graphs::{GraphRows, ENTITIES_SCHEMA, RELATIONS_SCHEMA};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub(crate) struct ParseParams {
     /// true: SceneGraphParser 0.1.0 exactly, quirks included (GeneCIS parity);
     /// false: the later upstream fixes on the same parse.
-    #[serde(default = "yes")]
     pub strict_v010: bool,
     /// Accepted only as "spacy", the one engine; kept so that a manifest
     /// naming the removed "rules" engine gets a clear error.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
 }
 
-fn yes() -> bool {
-    true
+impl Default for ParseParams {
+    /// The defaults of every param, in one place.
+    fn default() -> Self {
+        ParseParams {
+            strict_v010: true,
+            engine: None,
+        }
+    }
 }
 
 /// One parsed entity.

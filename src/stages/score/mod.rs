@@ -82,50 +82,44 @@ pub(crate) static RESULTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub(crate) struct ScoreParams {
     /// Default: image_only, text_only, image_plus_text, and combiner when a
     /// combiner checkpoint is given.
-    #[serde(default)]
     pub methods: Option<Vec<Method>>,
     /// Weight of the text in image_plus_text: normalize((1-w) img + w txt).
-    #[serde(default = "half")]
     pub text_weight: f64,
     /// The features image_plus_text averages. `raw` is the original's
     /// FeatureComb (CLIP's image and text features have different norms,
     /// so the text weighs more than `text_weight` says); `normalized`
     /// averages unit vectors, the weight meaning what it says.
-    #[serde(default = "raw")]
     pub image_plus_text_input: FeatureInput,
     /// A Combiner head (`*_combiner_head.pt` state dict, or safetensors).
-    #[serde(default)]
     pub combiner: Option<PathBuf>,
-    #[serde(default = "raw")]
     pub combiner_input: FeatureInput,
     /// Which model's embeddings (the `model` column); needed only when the
     /// embeddings hold several.
-    #[serde(default)]
     pub model: Option<String>,
     /// Where the Combiner runs: `auto`, `cpu`, `cuda`, `cuda:N`.
-    #[serde(default = "auto")]
     pub device: String,
     /// The audit's near-duplicate threshold: image cosine at or above it.
-    #[serde(default = "near")]
     pub near_duplicate: f64,
 }
 
-fn near() -> f64 {
-    0.99
-}
-
-fn half() -> f64 {
-    0.5
-}
-fn raw() -> FeatureInput {
-    FeatureInput::Raw
-}
-fn auto() -> String {
-    "auto".into()
+impl Default for ScoreParams {
+    /// The defaults of every param, in one place.
+    fn default() -> Self {
+        ScoreParams {
+            methods: Default::default(),
+            text_weight: 0.5,
+            image_plus_text_input: FeatureInput::Raw,
+            combiner: Default::default(),
+            combiner_input: FeatureInput::Raw,
+            model: Default::default(),
+            device: "auto".into(),
+            near_duplicate: 0.99,
+        }
+    }
 }
 
 impl ScoreParams {

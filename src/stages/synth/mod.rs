@@ -78,59 +78,41 @@ pub(crate) static OBJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub(crate) struct SynthParams {
-    #[serde(default)]
     pub seed: u64,
     /// Training scenes (captioned).
-    #[serde(default = "d_train")]
     pub train_scenes: usize,
     /// Held-out base scenes; each template takes one as its reference.
-    #[serde(default = "d_heldout")]
     pub heldout_scenes: usize,
     /// Templates per GeneCIS task (four tasks).
-    #[serde(default = "d_templates")]
     pub templates_per_task: usize,
     /// Image side in pixels.
-    #[serde(default = "d_size")]
     pub image_size: u32,
-    #[serde(default = "one")]
     pub min_objects: usize,
-    #[serde(default = "three")]
     pub max_objects: usize,
-    #[serde(default = "d_quality")]
     pub jpeg_quality: u8,
     /// Share of training images that are close-ups of one object (its
     /// VAW-style crop, captioned with that object alone): the view the
     /// attribute tasks' crops give.
-    #[serde(default = "d_closeups")]
     pub closeups: f64,
 }
 
-fn d_closeups() -> f64 {
-    0.25
-}
-
-fn d_train() -> usize {
-    3000
-}
-fn d_heldout() -> usize {
-    400
-}
-fn d_templates() -> usize {
-    100
-}
-fn d_size() -> u32 {
-    64
-}
-fn one() -> usize {
-    1
-}
-fn three() -> usize {
-    3
-}
-fn d_quality() -> u8 {
-    90
+impl Default for SynthParams {
+    /// The defaults of every param, in one place.
+    fn default() -> Self {
+        SynthParams {
+            seed: Default::default(),
+            train_scenes: 3000,
+            heldout_scenes: 400,
+            templates_per_task: 100,
+            image_size: 64,
+            min_objects: 1,
+            max_objects: 3,
+            jpeg_quality: 90,
+            closeups: 0.25,
+        }
+    }
 }
 
 pub(crate) struct Synth;

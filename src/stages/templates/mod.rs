@@ -73,41 +73,49 @@ const COCO_VAL2017_IMAGES: usize = 5_000;
 const VG_IMAGES: usize = 108_249;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub(crate) struct TemplatesParams {
-    #[serde(default)]
     pub focus_attribute: Option<PathBuf>,
-    #[serde(default)]
     pub change_attribute: Option<PathBuf>,
-    #[serde(default)]
     pub focus_object: Option<PathBuf>,
-    #[serde(default)]
     pub change_object: Option<PathBuf>,
     /// COCO val2017 images (`{id:012d}.jpg`), for COCO-style templates.
-    #[serde(default)]
     pub coco_dir: Option<PathBuf>,
     /// Visual Genome images, all in one folder (`{image_id}.jpg`), for
     /// VAW-style templates.
-    #[serde(default)]
     pub vg_dir: Option<PathBuf>,
     /// CIRR (the original's cirr_root: cirr/captions, cirr/image_splits and
     /// the image folders): adds task `cirr_val`, global retrieval over the
     /// val images.
-    #[serde(default)]
     pub cirr_dir: Option<PathBuf>,
     /// MIT-States (images/<adj noun>/*.jpg): adds task `mit_states`, global
     /// retrieval over the 49 test nouns' images.
-    #[serde(default)]
     pub mit_states_dir: Option<PathBuf>,
     /// MIT-States queries say "adj noun" instead of the adjective alone
     /// (the original's use_complete_text_query).
-    #[serde(default)]
     pub mit_states_full_query: bool,
     /// The original keeps only templates whose gallery has the file's most
     /// common length (ties: the shortest) and drops the rest ("a hack", its
     /// code says); they go to `rejects` here. true keeps every template.
-    #[serde(default)]
     pub keep_all_gallery_sizes: bool,
+}
+
+impl Default for TemplatesParams {
+    /// The defaults of every param, in one place.
+    fn default() -> Self {
+        TemplatesParams {
+            focus_attribute: Default::default(),
+            change_attribute: Default::default(),
+            focus_object: Default::default(),
+            change_object: Default::default(),
+            coco_dir: Default::default(),
+            vg_dir: Default::default(),
+            cirr_dir: Default::default(),
+            mit_states_dir: Default::default(),
+            mit_states_full_query: Default::default(),
+            keep_all_gallery_sizes: Default::default(),
+        }
+    }
 }
 
 impl TemplatesParams {

@@ -52,117 +52,85 @@ impl Finetune {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TrainParams {
-    #[serde(default = "whole")]
     pub finetune: Finetune,
     /// The CLIP to start from (needed when fine-tuning).
-    #[serde(default)]
     pub checkpoint: Option<PathBuf>,
     /// A Combiner to start from instead of a fresh one.
-    #[serde(default)]
     pub combiner: Option<PathBuf>,
-    #[serde(default = "six")]
     pub epochs: usize,
-    #[serde(default = "b256")]
     pub batch_size: usize,
-    #[serde(default = "lr")]
     pub lr: f64,
-    #[serde(default)]
     pub weight_decay: f64,
-    #[serde(default = "betas")]
     pub betas: [f64; 2],
-    #[serde(default = "eps")]
     pub eps: f64,
     /// 1 / temperature of the contrastive softmax.
-    #[serde(default = "lamda")]
     pub lamda: f64,
     /// Seeds the Combiner's initialisation, dropout and crops.
-    #[serde(default)]
     pub seed: u64,
     /// The shuffle's seed: the original's DistributedSampler uses its
     /// default 0 (plus the epoch), whatever `--seed` says.
-    #[serde(default)]
     pub sampler_seed: u64,
-    #[serde(default = "tenth")]
     pub val_fraction: f64,
-    #[serde(default)]
     pub val_start_idx: usize,
     /// The val loader drops its last partial batch, as the original's.
-    #[serde(default = "yes")]
     pub val_drop_last: bool,
     /// Max L2 norm of the CLIP gradients (0 turns clipping off).
-    #[serde(default = "one")]
     pub clip_grad_norm: f64,
     /// The original clips the scaled gradients (before the GradScaler
     /// unscales them), so under AMP the effective bound is max_norm/scale.
     /// `false` unscales first, as PyTorch's AMP recipe says.
-    #[serde(default = "yes")]
     pub clip_before_unscale: bool,
     /// Encode the distractor images (not in the loss; with a ResNet they
     /// shape BatchNorm's batch statistics).
-    #[serde(default = "yes")]
     pub encode_distractors: bool,
-    #[serde(default = "proj")]
     pub projection_dim: i64,
-    #[serde(default = "hidden")]
     pub hidden_dim: i64,
-    #[serde(default = "auto")]
     pub device: String,
     /// fp16 autocast with a GradScaler on a GPU (ignored on CPU).
-    #[serde(default = "yes")]
     pub mixed_precision: bool,
     /// Also checkpoint every N steps inside an epoch (0: epoch ends only).
-    #[serde(default)]
     pub checkpoint_every_steps: u64,
     /// `split/metric` that picks the best epoch: `templates/cirr_val/recall_at_1`
     /// (the original's), `templates/change_attribute/recall_at_1`,
     /// `val/recall_at_1`; `auto` takes the first of those available.
-    #[serde(default = "auto")]
     pub select_by: String,
     /// Which model's embeddings (cached mode), when they hold several.
-    #[serde(default)]
     pub model: Option<String>,
 }
 
-pub(super) fn whole() -> Finetune {
-    Finetune::ImagePlusTextWhole
-}
-pub(super) fn six() -> usize {
-    6
-}
-pub(super) fn b256() -> usize {
-    256
-}
-pub(super) fn lr() -> f64 {
-    1e-6
-}
-pub(super) fn betas() -> [f64; 2] {
-    [0.9, 0.999]
-}
-pub(super) fn eps() -> f64 {
-    1e-8
-}
-pub(super) fn lamda() -> f64 {
-    100.0
-}
-pub(super) fn tenth() -> f64 {
-    0.1
-}
-pub(super) fn yes() -> bool {
-    true
-}
-pub(super) fn one() -> f64 {
-    1.0
-}
-pub(super) fn proj() -> i64 {
-    PROJECTION_DIM
-}
-pub(super) fn hidden() -> i64 {
-    HIDDEN_DIM
-}
-pub(super) fn auto() -> String {
-    "auto".into()
+impl Default for TrainParams {
+    /// The defaults of every param, in one place.
+    fn default() -> Self {
+        TrainParams {
+            finetune: Finetune::ImagePlusTextWhole,
+            checkpoint: Default::default(),
+            combiner: Default::default(),
+            epochs: 6,
+            batch_size: 256,
+            lr: 1e-6,
+            weight_decay: Default::default(),
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            lamda: 100.0,
+            seed: Default::default(),
+            sampler_seed: Default::default(),
+            val_fraction: 0.1,
+            val_start_idx: Default::default(),
+            val_drop_last: true,
+            clip_grad_norm: 1.0,
+            clip_before_unscale: true,
+            encode_distractors: true,
+            projection_dim: PROJECTION_DIM,
+            hidden_dim: HIDDEN_DIM,
+            device: "auto".into(),
+            mixed_precision: true,
+            checkpoint_every_steps: Default::default(),
+            select_by: "auto".into(),
+            model: Default::default(),
+        }
+    }
 }
 
 #[cfg(test)]
