@@ -182,14 +182,22 @@ genecis::test_device!(
         let names = ["w", "b", "ln", "skipped"];
         let params: Vec<(String, Tensor)> = names
             .iter()
-            .map(|n| (n.to_string(), fx[&format!("init.{n}")].to_device(device)))
+            .map(|n| {
+                (
+                    n.to_string(),
+                    fx[&format!("init.{n}")].copy().to_device(device),
+                )
+            })
             .collect();
         let clipped: i64 = params[..2].iter().map(|(_, p)| p.numel() as i64).sum();
         let mut opt = AdamW::new((b1, b2), eps, wd);
         for t in 0..steps {
             let mut grads: Vec<Option<Tensor>> = names
                 .iter()
-                .map(|n| fx.get(&format!("grad{t}.{n}")).map(|g| g.to_device(device)))
+                .map(|n| {
+                    fx.get(&format!("grad{t}.{n}"))
+                        .map(|g| g.copy().to_device(device))
+                })
                 .collect();
             clip_grad_norm(&mut grads[..2], 1.0).unwrap();
             opt.step(lr, &params, &grads).unwrap();
