@@ -51,6 +51,17 @@ pub(crate) struct Raster {
     pub data: Vec<u8>,
 }
 
+impl From<RgbImage> for Raster {
+    fn from(img: RgbImage) -> Raster {
+        Raster {
+            width: img.width(),
+            height: img.height(),
+            mode: Mode::Rgb,
+            data: img.into_raw(),
+        }
+    }
+}
+
 /// Python's `round` (half to even), which PIL's `crop` applies to a float box.
 pub(crate) fn round_half_even(x: f64) -> i64 {
     let r = x.round();

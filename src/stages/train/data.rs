@@ -259,12 +259,7 @@ pub(crate) fn open_eval(path: &Path, size: u32) -> std::result::Result<Raster, S
         },
         size,
     )?;
-    Ok(Raster {
-        width: img.width(),
-        height: img.height(),
-        mode: Mode::Rgb,
-        data: img.into_raw(),
-    })
+    Ok(Raster::from(img))
 }
 
 /// Sums for epoch averages weighted by batch size, as AverageMeter.

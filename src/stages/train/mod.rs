@@ -45,7 +45,7 @@ use crate::framework::stage::{
 use crate::model::clip::{Clip, Vision};
 use crate::model::combiner::{l2_normalize, Combiner, HIDDEN_DIM, PROJECTION_DIM};
 use crate::model::optim::{cosine_lrs, AdamW, GradScaler};
-use crate::model::preprocess::{load_rgb, to_tensor, ImageKey, Mode, Raster};
+use crate::model::preprocess::{load_rgb, to_tensor, ImageKey, Raster};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{select_device, with_precision, StateDict};
 use crate::rng::Rng;
@@ -523,12 +523,7 @@ impl Trainer {
                         },
                         n_px,
                     )?;
-                    Ok(Raster {
-                        width: img.width(),
-                        height: img.height(),
-                        mode: Mode::Rgb,
-                        data: img.into_raw(),
-                    })
+                    Ok(Raster::from(img))
                 })?);
             }
         }
@@ -781,12 +776,7 @@ impl Trainer {
                     let loss = logits
                         .cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0)
                         .double_value(&[]);
-                    let acc = logits
-                        .argmax(-1, false)
-                        .eq_tensor(&labels)
-                        .to_kind(Kind::Float)
-                        .mean(Kind::Float)
-                        .double_value(&[]);
+                    let acc = step::in_batch_accuracy(&logits, &labels);
                     // Rank of the diagonal: 1 + candidates scoring strictly more.
                     let diag = logits.diagonal(0, 0, 1).unsqueeze(1);
                     let ranks = Vec::<i64>::try_from(

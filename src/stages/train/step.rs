@@ -102,12 +102,7 @@ pub fn train_step(
             let loss =
                 logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0);
             let m = tch::no_grad(|| -> Result<Vec<(String, f64)>> {
-                let acc = logits
-                    .argmax(-1, false)
-                    .eq_tensor(&labels)
-                    .to_kind(Kind::Float)
-                    .mean(Kind::Float)
-                    .double_value(&[]);
+                let acc = in_batch_accuracy(&logits, &labels);
                 let img_d = l2_normalize(&r)
                     .matmul(&combined.tr())
                     .mean(Kind::Float)
@@ -159,4 +154,15 @@ pub fn train_step(
     }
     opt.scaler.update(found_inf);
     Ok(metrics)
+}
+
+/// Share of rows whose largest logit is their label: the original's
+/// `base_acc`.
+pub(super) fn in_batch_accuracy(logits: &Tensor, labels: &Tensor) -> f64 {
+    logits
+        .argmax(-1, false)
+        .eq_tensor(labels)
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[])
 }
