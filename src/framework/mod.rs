@@ -9,3 +9,4 @@ pub mod runner;
 pub mod sql;
 pub(crate) mod stage;
 pub mod store;
+pub(crate) mod tabledef;

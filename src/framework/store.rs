@@ -23,7 +23,7 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::framework::stage::TableDef;
+use crate::framework::tabledef::{Shard, TableDef};
 
 pub(crate) const RECORD_FILE: &str = "_stage.json";
 const WORK_FILE: &str = "_work.json";
@@ -481,10 +481,7 @@ impl WorkdirLock {
     /// Exclusive for a whole run; shared (plus an exclusive per-shard lock)
     /// for `--shard` runs, so shards of one stage can run side by side but
     /// never beside an unsharded run.
-    pub fn acquire(
-        workdir: &Path,
-        shard: Option<crate::framework::stage::Shard>,
-    ) -> Result<WorkdirLock> {
+    pub fn acquire(workdir: &Path, shard: Option<Shard>) -> Result<WorkdirLock> {
         fs::create_dir_all(workdir).map_err(Error::io("cannot create workdir", workdir))?;
         let path = workdir.join(LOCK_FILE);
         let main = fs::OpenOptions::new()
