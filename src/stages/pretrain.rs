@@ -14,8 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::Int64Type;
+use arrow::array::Array;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -29,6 +28,7 @@ use crate::model::optim::AdamW;
 use crate::model::preprocess::{load_batch, ImageKey};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{select_device, StateDict};
+use crate::tables::captions::read_captions;
 use crate::tables::metrics::MetricRow;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -320,23 +320,9 @@ impl Stage for Pretrain {
         let device = select_device(&p.device).map_err(Error::Data)?;
         // Pairs with a readable image.
         let mut pairs: Vec<(i64, String, PathBuf)> = Vec::new();
-        for b in crate::framework::store::read_table(ctx.input("captions")?)? {
-            let id = crate::framework::store::column(&b, "image_id")?.clone();
-            let cap = crate::framework::store::column(&b, "caption")?.clone();
-            let path = crate::framework::store::column(&b, "image_path")?.clone();
-            let (id, cap, path) = (
-                id.as_primitive::<Int64Type>(),
-                cap.as_string::<i32>(),
-                path.as_string::<i32>(),
-            );
-            for i in 0..b.num_rows() {
-                if path.is_valid(i) {
-                    pairs.push((
-                        id.value(i),
-                        cap.value(i).to_string(),
-                        ctx.resolve(Path::new(path.value(i))),
-                    ));
-                }
+        for c in read_captions(ctx.input("captions")?)? {
+            if let Some(path) = &c.image_path {
+                pairs.push((c.image_id, c.caption, ctx.resolve(Path::new(path))));
             }
         }
         pairs.sort_by_key(|r| r.0);

@@ -16,8 +16,6 @@ pub mod spacy;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
-use arrow::array::AsArray;
-use arrow::datatypes::{DataType, Int64Type};
 use arrow::record_batch::RecordBatch;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -26,6 +24,7 @@ use crate::error::Result;
 use crate::framework::stage::{
     ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
+use crate::tables::captions::captions_of;
 use crate::tables::graphs::{GraphRows, ENTITIES_SCHEMA, RELATIONS_SCHEMA};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,24 +161,8 @@ impl Stage for Parse {
 }
 
 fn read_captions(path: &Path) -> Result<(Vec<i64>, Vec<String>)> {
-    let (mut ids, mut caps) = (Vec::new(), Vec::new());
-    for b in crate::framework::store::read_part(path)? {
-        let id = arrow::compute::cast(
-            crate::framework::store::column(&b, "image_id")?,
-            &DataType::Int64,
-        )?;
-        let cap = arrow::compute::cast(
-            crate::framework::store::column(&b, "caption")?,
-            &DataType::Utf8,
-        )?;
-        ids.extend(id.as_primitive::<Int64Type>().values().iter().copied());
-        caps.extend(
-            cap.as_string::<i32>()
-                .iter()
-                .map(|s| s.unwrap_or("").to_string()),
-        )
-    }
-    Ok((ids, caps))
+    let rows = captions_of(&crate::framework::store::read_part(path)?)?;
+    Ok(rows.into_iter().map(|c| (c.image_id, c.caption)).unzip())
 }
 
 /// A parsed graph for one image.
