@@ -14,7 +14,6 @@
 
 use std::path::{Path, PathBuf};
 
-use arrow::array::Array;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
