@@ -60,6 +60,10 @@ pub enum Error {
     #[error("workdir {} is in use by another genecis run ({holder}). Wait for it to finish; the lock is released as soon as that process exits, even if it is killed.", .workdir.display())]
     Locked { workdir: PathBuf, holder: String },
 
+    /// A folder genecis would replace or delete but did not make.
+    #[error("{} {why}; genecis deletes only what its own records say it wrote, so nothing was run or written. Move it away, or use another --workdir.", .path.display())]
+    NotOurs { path: PathBuf, why: String },
+
     #[error("stage '{stage}' cannot run now: {reason}")]
     NotReady { stage: String, reason: String },
 
@@ -147,6 +151,7 @@ impl Error {
                 | Error::ManifestInvalid { .. }
                 | Error::Usage { .. }
                 | Error::CheckFailed { .. }
+                | Error::NotOurs { .. }
         )
     }
 

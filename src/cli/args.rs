@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// Do not validate the data (templates, images, checkpoints) first.
     #[arg(long)]
     skip_check: bool,
+    /// Run in a non-empty folder that holds no genecis run (genecis still
+    /// writes only its stage folders and .work/ there).
+    #[arg(long)]
+    adopt_workdir: bool,
 }
 
 #[derive(Args)]
@@ -165,6 +169,7 @@ impl Cmd {
                 )?;
                 req.progress = !a.quiet;
                 req.skip_check = a.skip_check;
+                req.adopt_workdir = a.adopt_workdir;
                 Command::Run(plan, req)
             }
             Cmd::Status(a) => Command::Status(a.plan()?),

@@ -409,6 +409,12 @@ pub(crate) fn evaluate(
                         let y = tch::no_grad(|| comb.forward(&qi, &qt))?;
                         let flat =
                             Vec::<f32>::try_from(y.to_device(Device::Cpu).contiguous().view([-1]))?;
+                        if flat.iter().any(|x| !x.is_finite()) {
+                            return Err(Error::Data(format!(
+                                "the Combiner gives NaN or infinite outputs on task {}: its weights or its inputs are broken; no score is made from them",
+                                t.task
+                            )));
+                        }
                         out.extend(flat.chunks(img.dim).map(normalized));
                     }
                     out
@@ -442,6 +448,14 @@ pub(crate) fn evaluate(
                     for (i, q) in queries.iter().enumerate() {
                         let sims: Vec<f32> =
                             t.candidates[i].iter().map(|&c| dot(q, &img_n[c])).collect();
+                        if sims.iter().any(|s| !s.is_finite()) {
+                            return Err(Error::Data(format!(
+                                "{} template {}: a {} similarity is NaN or infinite; no rank is made from it",
+                                t.task,
+                                t.template_ids[i],
+                                method.name()
+                            )));
+                        }
                         let rank = target_rank(&sims);
                         emit(&t.task, t.template_ids[i], method, rank, &sims, None);
                         ranks.push(rank);

@@ -367,6 +367,12 @@ impl Issues {
     }
 }
 
+/// A stage name's longest: file names stop at 255 bytes, and a stage's
+/// commit adds a suffix.
+const MAX_STAGE_NAME: usize = 100;
+/// Schemas of DataFusion's own that a stage's schema would collide with.
+const RESERVED_NAMES: [&str; 2] = ["information_schema", "public"];
+
 /// Stage names: unique, usable as folder names and SQL schema names.
 fn check_names(src: &Source, issues: &mut Issues) -> HashMap<String, usize> {
     let raw = src.raw;
@@ -385,6 +391,25 @@ fn check_names(src: &Source, issues: &mut Issues) -> HashMap<String, usize> {
                 Some(name),
                 "name",
                 "use letters, digits, '_' and '-' only (it names a folder and a SQL schema)".into(),
+            );
+        }
+        if name.len() > MAX_STAGE_NAME {
+            issues.add(
+                line,
+                Some(name),
+                "name",
+                format!(
+                    "{} characters; use at most {MAX_STAGE_NAME} (it names folders)",
+                    name.len()
+                ),
+            );
+        }
+        if RESERVED_NAMES.contains(&name.to_ascii_lowercase().as_str()) {
+            issues.add(
+                line,
+                Some(name),
+                "name",
+                format!("'{name}' is a schema SQL itself uses; name the stage otherwise"),
             );
         }
         if let Some(first) = seen.insert(name.clone(), line.unwrap_or(0)) {

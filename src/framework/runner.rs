@@ -157,6 +157,8 @@ pub struct RunRequest {
     pub progress: bool,
     /// Skip the data checks ([`check_plan`]) before running.
     pub skip_check: bool,
+    /// Run in a non-empty folder that holds no genecis run.
+    pub adopt_workdir: bool,
 }
 
 impl RunRequest {
@@ -202,8 +204,41 @@ impl RunRequest {
             shard,
             progress: true,
             skip_check: false,
+            adopt_workdir: false,
         })
     }
+}
+
+/// Before anything is written: the workdir is not a file system root, not
+/// someone else's non-empty folder (unless adopted), and every folder the
+/// selected stages would replace is genecis's.
+fn check_workdir(plan: &Plan, req: &RunRequest) -> Result<()> {
+    let w = &plan.workdir;
+    if w.parent().is_none() {
+        return Err(Error::NotOurs {
+            path: w.clone(),
+            why: "is a file system root, which genecis never uses as a workdir".into(),
+        });
+    }
+    if w.exists() && !w.is_dir() {
+        return Err(Error::NotOurs {
+            path: w.clone(),
+            why: "is a file, not a folder".into(),
+        });
+    }
+    let non_empty = std::fs::read_dir(w).is_ok_and(|mut rd| rd.next().is_some());
+    if non_empty && !store::holds_run(w) && !req.adopt_workdir {
+        return Err(Error::NotOurs {
+            path: w.clone(),
+            why: "is a non-empty folder that holds no genecis run (pass --adopt-workdir to run in it anyway; genecis then writes only its stage folders and .work/)".into(),
+        });
+    }
+    for name in &req.selected {
+        for (dir, role) in store::stage_folders(w, name) {
+            store::ensure_ours(&dir, &role)?;
+        }
+    }
+    Ok(())
 }
 
 pub fn run(plan: &Plan, req: &RunRequest) -> Result<Vec<StageOutcome>> {
@@ -232,6 +267,7 @@ pub fn run(plan: &Plan, req: &RunRequest) -> Result<Vec<StageOutcome>> {
         }
     }
 
+    check_workdir(plan, req)?;
     let _lock = WorkdirLock::acquire(&plan.workdir, req.shard)?;
     let progress = Progress::new(req.progress);
     let mut outcomes = Vec::new();
@@ -279,8 +315,8 @@ pub fn run(plan: &Plan, req: &RunRequest) -> Result<Vec<StageOutcome>> {
         if forced.contains(&s.name) {
             // A forced run starts from scratch: drop kept chunks.
             let work = plan.workdir.join(".work").join(&s.name);
-            if work.exists() && req.shard.is_none() {
-                std::fs::remove_dir_all(&work).map_err(Error::io("cannot clear", &work))?;
+            if req.shard.is_none() {
+                store::remove_ours(&work, &format!("stage '{}''s work", s.name))?;
             }
         }
         let outcome = run_stage(plan, s, req.shard, &progress).map_err(|e| match e {

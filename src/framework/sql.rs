@@ -11,6 +11,7 @@ use arrow::array::Array;
 use arrow::record_batch::RecordBatch;
 use datafusion::catalog::MemorySchemaProvider;
 use datafusion::common::TableReference;
+use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 
 use crate::error::{Error, Result};
@@ -122,7 +123,22 @@ pub(crate) async fn session(entries: &[TableEntry]) -> Result<SessionContext> {
 /// Runs a query. An empty result still carries one empty batch, so CSV gets
 /// its header and Parquet its schema.
 pub(crate) async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
-    let df = ctx.sql(sql).await?;
+    // Committed tables are read-only: INSERT would add a part the record
+    // does not know and COPY writes wherever it is told. Results leave
+    // through --out.
+    let read_only = SQLOptions::new().with_allow_dml(false);
+    let df = match ctx.sql_with_options(sql, read_only).await {
+        Err(e) if e.to_string().contains("DML not supported") => {
+            return Err(Error::Usage {
+                arg: "QUERY".into(),
+                message: format!(
+                    "genecis sql is read-only ({}): a run's tables change only by running its stages; write a result with --out FILE",
+                    e.to_string().lines().next().unwrap_or("")
+                ),
+            })
+        }
+        r => r?,
+    };
     let schema = Arc::new(df.schema().as_arrow().clone());
     let mut batches = df.collect().await?;
     if batches.is_empty() {

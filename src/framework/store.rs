@@ -29,6 +29,62 @@ pub(crate) const RECORD_FILE: &str = "_stage.json";
 const WORK_FILE: &str = "_work.json";
 const WORK_DIR: &str = ".work";
 const LOCK_FILE: &str = ".genecis.lock";
+/// Written into every stage folder genecis creates and kept through the
+/// commit: what marks a folder as genecis's to replace or delete, even when
+/// a crash left it without its record.
+const OWNER_FILE: &str = "_genecis";
+
+/// Whether genecis made `dir` (a stage or work folder): its marker, its
+/// record or its work record is there.
+pub(crate) fn made_by_genecis(dir: &Path) -> bool {
+    [OWNER_FILE, RECORD_FILE, WORK_FILE]
+        .iter()
+        .any(|f| dir.join(f).is_file())
+}
+
+/// Refuses a folder genecis would replace or delete but did not make.
+pub(crate) fn ensure_ours(dir: &Path, role: &str) -> Result<()> {
+    if dir.exists() && !(dir.is_dir() && made_by_genecis(dir)) {
+        return Err(Error::NotOurs {
+            path: dir.to_path_buf(),
+            why: format!("is in the way of {role} but was not made by genecis"),
+        });
+    }
+    Ok(())
+}
+
+/// Removes a folder genecis made; refuses anything else.
+pub(crate) fn remove_ours(dir: &Path, role: &str) -> Result<()> {
+    ensure_ours(dir, role)?;
+    if dir.exists() {
+        fs::remove_dir_all(dir).map_err(Error::io("cannot remove", dir))?;
+    }
+    Ok(())
+}
+
+/// Whether `workdir` holds a genecis run (a lock file, a work folder, or a
+/// committed stage).
+pub(crate) fn holds_run(workdir: &Path) -> bool {
+    workdir.join(LOCK_FILE).is_file()
+        || workdir.join(WORK_DIR).is_dir()
+        || fs::read_dir(workdir).is_ok_and(|rd| {
+            rd.filter_map(|e| e.ok())
+                .any(|e| made_by_genecis(&e.path()))
+        })
+}
+
+/// The folders a run of `stage` may replace: its committed folder, its
+/// work folder and the commit's set-aside copy.
+pub(crate) fn stage_folders(workdir: &Path, stage: &str) -> [(PathBuf, String); 3] {
+    [
+        (stage_dir(workdir, stage), format!("stage '{stage}'")),
+        (work_dir(workdir, stage), format!("stage '{stage}''s work")),
+        (
+            workdir.join(WORK_DIR).join(format!("{stage}.old")),
+            format!("stage '{stage}''s commit"),
+        ),
+    ]
+}
 
 /// A file a stage read, as fingerprinted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,10 +223,14 @@ impl StageWriter {
             .ok()
             .and_then(|t| serde_json::from_str::<WorkInfo>(&t).ok())
             .is_some_and(|w| w.fingerprint == fingerprint);
-        if !reusable && dir.exists() {
-            fs::remove_dir_all(&dir).map_err(Error::io("cannot clear stale work folder", &dir))?;
+        if !reusable {
+            remove_ours(&dir, &format!("stage '{stage}''s work"))?;
         }
         fs::create_dir_all(&dir).map_err(Error::io("cannot create", &dir))?;
+        write_atomic(
+            &dir.join(OWNER_FILE),
+            format!("genecis stage {stage}\n").as_bytes(),
+        )?;
         if !reusable {
             let info = serde_json::to_string(&WorkInfo {
                 fingerprint: fingerprint.to_string(),
@@ -324,12 +384,11 @@ impl StageWriter {
         write_atomic(&self.dir.join(RECORD_FILE), json.as_bytes())?;
         let _ = fs::remove_file(self.dir.join(WORK_FILE));
         let dest = stage_dir(workdir, stage);
+        let trash = workdir.join(WORK_DIR).join(format!("{stage}.old"));
+        ensure_ours(&dest, &format!("stage '{stage}'"))?;
+        remove_ours(&trash, &format!("stage '{stage}''s commit"))?;
         if dest.exists() {
             let _ = fs::remove_file(dest.join(RECORD_FILE));
-            let trash = workdir.join(WORK_DIR).join(format!("{stage}.old"));
-            if trash.exists() {
-                fs::remove_dir_all(&trash).map_err(Error::io("cannot remove", &trash))?;
-            }
             fs::rename(&dest, &trash).map_err(Error::io("cannot move aside", &dest))?;
             fs::rename(&self.dir, &dest).map_err(Error::io("cannot commit", &self.dir))?;
             fs::remove_dir_all(&trash).map_err(Error::io("cannot remove", &trash))?;

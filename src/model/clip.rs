@@ -248,6 +248,7 @@ fn conv(x: &Tensor, w: &StateDict, p: &str, stride: i64, padding: i64) -> Result
 impl Clip {
     pub fn new(w: StateDict) -> Result<Clip> {
         let config = ClipConfig::infer(&w)?;
+        w.ensure_finite()?;
         let c = Clip {
             config,
             w,

@@ -31,6 +31,7 @@ impl Combiner {
     /// From a `*_combiner_head.pt` state dict (or any of the formats
     /// [`StateDict::load`] reads).
     pub fn new(w: StateDict) -> Result<Combiner> {
+        w.ensure_finite()?;
         let tp = w.get_shaped("text_projection_layer.weight", &[-1, -1])?;
         let (proj, dim) = (tp.size()[0], tp.size()[1]);
         let _ = w.get_shaped("image_projection_layer.weight", &[proj, dim])?;

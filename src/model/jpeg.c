@@ -39,7 +39,7 @@ static void genecis_output_message(j_common_ptr cinfo) { (void)cinfo; }
  * writes a message into err. */
 int genecis_jpeg_decode(const unsigned char *data, unsigned long len, unsigned char **out,
                         unsigned int *width, unsigned int *height, int *channels, char *err,
-                        size_t err_len) {
+                        size_t err_len, unsigned long long max_pixels) {
     struct jpeg_decompress_struct cinfo;
     struct genecis_err jerr;
     unsigned char *volatile buf = NULL;
@@ -60,6 +60,17 @@ int genecis_jpeg_decode(const unsigned char *data, unsigned long len, unsigned c
     jpeg_create_decompress(&cinfo);
     jpeg_mem_src(&cinfo, data, len);
     jpeg_read_header(&cinfo, TRUE);
+    /* Refused before any pixel buffer exists: a few bytes may claim a
+       65000x65000 image. */
+    unsigned long long pixels = (unsigned long long)cinfo.image_width * cinfo.image_height;
+    if (pixels > max_pixels) {
+        snprintf(err, err_len,
+                 "the header claims %ux%u = %llu pixels, over the limit of %llu "
+                 "(Pillow's decompression-bomb rule)",
+                 cinfo.image_width, cinfo.image_height, pixels, max_pixels);
+        jpeg_destroy_decompress(&cinfo);
+        return 1;
+    }
     switch (cinfo.num_components) {
     case 1:
         cinfo.out_color_space = JCS_GRAYSCALE;

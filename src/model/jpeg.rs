@@ -13,6 +13,7 @@ extern "C" {
         channels: *mut c_int,
         err: *mut c_char,
         err_len: usize,
+        max_pixels: u64,
     ) -> c_int;
     fn genecis_jpeg_free(p: *mut u8);
 }
@@ -23,7 +24,7 @@ pub(crate) fn is_jpeg(bytes: &[u8]) -> bool {
 }
 
 /// Pixels as Pillow opens the file: 1 channel (L), 3 (RGB) or 4 (CMYK).
-pub(crate) fn decode(bytes: &[u8]) -> Result<(u32, u32, usize, Vec<u8>), String> {
+pub(crate) fn decode(bytes: &[u8], max_pixels: u64) -> Result<(u32, u32, usize, Vec<u8>), String> {
     let mut out: *mut u8 = std::ptr::null_mut();
     let (mut w, mut h, mut c): (c_uint, c_uint, c_int) = (0, 0, 0);
     let mut err = [0 as c_char; 256];
@@ -40,6 +41,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(u32, u32, usize, Vec<u8>), String>
             &mut c,
             err.as_mut_ptr(),
             err.len(),
+            max_pixels,
         )
     };
     if rc != 0 {

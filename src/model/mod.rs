@@ -38,6 +38,12 @@ pub enum ModelError {
         got: Vec<i64>,
         expected: String,
     },
+    #[error("checkpoint {}: tensor '{key}' holds {count} NaN or infinite value(s); every score made with it would be meaningless. Use a checkpoint saved before training diverged", .path.display())]
+    NonFinite {
+        path: PathBuf,
+        key: String,
+        count: i64,
+    },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }
@@ -51,6 +57,29 @@ pub struct StateDict {
 }
 
 impl StateDict {
+    /// Refuses NaN and infinite weights (one pass over the floats), so a
+    /// diverged checkpoint is an error, never a run of meaningless scores.
+    pub(crate) fn ensure_finite(&self) -> Result<()> {
+        let mut keys: Vec<&String> = self.tensors.keys().collect();
+        keys.sort();
+        for k in keys {
+            let t = &self.tensors[k];
+            if !t.is_floating_point() {
+                continue;
+            }
+            let bad = t.f_isfinite()?.f_logical_not()?.f_sum(tch::Kind::Int64)?;
+            let count = bad.f_int64_value(&[])?;
+            if count > 0 {
+                return Err(ModelError::NonFinite {
+                    path: self.path.clone(),
+                    key: k.clone(),
+                    count,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Loads `path` in whichever format it is: safetensors (by its header),
     /// a torch.save'd state dict, or a TorchScript archive (parameters and
     /// buffers, read from its pickled module tree; libtorch's module loader

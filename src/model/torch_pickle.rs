@@ -309,10 +309,12 @@ impl Machine<'_> {
                 };
                 let size = ints(a.get(2).ok_or("no size")?)?;
                 let stride = ints(a.get(3).ok_or("no stride")?)?;
+                check_view(key, *numel, offset, &size, &stride)?;
                 let storage = (self.storages)(dtype, key, *numel)?;
                 let t = storage
-                    .as_strided(size.as_slice(), stride.as_slice(), Some(offset))
-                    .contiguous();
+                    .f_as_strided(size.as_slice(), stride.as_slice(), Some(offset))
+                    .and_then(|t| t.f_contiguous())
+                    .map_err(|e| format!("tensor over storage {key}: {e}"))?;
                 self.tensors.push(t);
                 Ok(Value::Tensor(self.tensors.len() - 1))
             }
@@ -342,6 +344,55 @@ fn kind_of(storage: &str) -> Option<(Kind, usize)> {
 }
 
 /// The named tensors of a torch.save'd state dict.
+/// Checks a tensor's view (size, stride, offset) against its storage's
+/// element count before anything is allocated: every element it reads must
+/// lie inside the storage, and it may not hold more elements than the
+/// storage (overlapping views are not what a state dict saves; a few
+/// header bytes could otherwise claim gigabytes).
+fn check_view(
+    key: &str,
+    numel: i64,
+    offset: i64,
+    size: &[i64],
+    stride: &[i64],
+) -> Result<(), String> {
+    let bad = |why: String| Err(format!("tensor over storage {key}: {why}"));
+    if numel < 0 || offset < 0 || size.iter().chain(stride).any(|&x| x < 0) {
+        return bad(format!(
+            "negative size, stride or offset (storage {numel}, offset {offset}, size {size:?}, stride {stride:?})"
+        ));
+    }
+    if size.len() != stride.len() {
+        return bad(format!("{} sizes but {} strides", size.len(), stride.len()));
+    }
+    let overflow = || format!("size {size:?} overflows");
+    let elements = size
+        .iter()
+        .try_fold(1i64, |n, &s| n.checked_mul(s))
+        .ok_or_else(overflow)?;
+    if elements == 0 {
+        return Ok(());
+    }
+    let last = size
+        .iter()
+        .zip(stride)
+        .try_fold(offset, |acc, (&s, &st)| {
+            acc.checked_add((s - 1).checked_mul(st)?)
+        })
+        .ok_or_else(overflow)?;
+    if last >= numel {
+        return bad(format!(
+            "size {size:?}, stride {stride:?} and offset {offset} reach element {last} of a storage of {numel}"
+        ));
+    }
+    if elements > numel {
+        return bad(format!(
+            "{elements} elements over a storage of {numel}: a view larger than its storage"
+        ));
+    }
+    Ok(())
+}
+
 pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("not a zip archive: {e}"))?;
@@ -363,17 +414,42 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
     let storages = |dtype: &str, key: &str, numel: i64| -> Result<Tensor, String> {
         let (kind, width) =
             kind_of(dtype).ok_or_else(|| format!("unsupported storage type {dtype}"))?;
-        let mut bytes = Vec::new();
-        zip.borrow_mut()
+        let need = usize::try_from(numel)
+            .ok()
+            .and_then(|n| n.checked_mul(width))
+            .ok_or_else(|| format!("storage {key} claims {numel} elements"))?;
+        let mut zip = zip.borrow_mut();
+        let entry = zip
             .by_name(&format!("{prefix}data/{key}"))
-            .map_err(|e| format!("storage {key}: {e}"))?
+            .map_err(|e| format!("storage {key}: {e}"))?;
+        // What the archive can really hold: torch.save stores entries
+        // uncompressed; DEFLATE expands at most 1032:1.
+        let ratio = match entry.compression() {
+            zip::CompressionMethod::Stored => 1,
+            _ => 1032,
+        };
+        if need as u128 > entry.compressed_size() as u128 * ratio {
+            return Err(format!(
+                "storage {key} claims {numel} elements ({need} bytes), more than its {} bytes in the file can hold",
+                entry.compressed_size()
+            ));
+        }
+        if (entry.size() as u128) < need as u128 {
+            return Err(format!(
+                "storage {key} claims {numel} elements ({need} bytes) but holds {} bytes",
+                entry.size()
+            ));
+        }
+        // Never more than the storage needs, whatever the entry claims.
+        let mut bytes = Vec::new();
+        entry
+            .take(need as u64)
             .read_to_end(&mut bytes)
             .map_err(|e| e.to_string())?;
-        if bytes.len() < numel as usize * width {
+        if bytes.len() < need {
             return Err(format!("storage {key} is truncated"));
         }
-        Tensor::f_from_data_size(&bytes[..numel as usize * width], &[numel], kind)
-            .map_err(|e| e.to_string())
+        Tensor::f_from_data_size(&bytes, &[numel], kind).map_err(|e| e.to_string())
     };
     let mut m = Machine {
         data: &pkl,

@@ -31,7 +31,7 @@ use crate::framework::stage::{
     resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
 use crate::model::clip::Clip;
-use crate::model::preprocess::{load_batch, ImageKey};
+use crate::model::preprocess::{load_batch, set_max_pixels, ImageKey, PILLOW_MAX_IMAGE_PIXELS};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{select_device, with_precision, StateDict};
 use crate::tables::embeddings::{image_embeddings_schema, tensor_rows, text_embeddings_schema};
@@ -61,6 +61,16 @@ pub(crate) struct EmbedParams {
     pub batch_size: usize,
     /// Images (and texts) per part file: the unit of resume and sharding.
     pub chunk_size: usize,
+    /// Images over this many pixels are refused before decoding (a few
+    /// bytes of header can claim gigabytes): Pillow's
+    /// DecompressionBombError threshold, 2 x 89,478,485, by default.
+    /// Left out of the fingerprint at its default.
+    #[serde(skip_serializing_if = "is_pillow_limit")]
+    pub max_image_pixels: u64,
+}
+
+fn is_pillow_limit(n: &u64) -> bool {
+    *n == 2 * PILLOW_MAX_IMAGE_PIXELS
 }
 
 impl Default for EmbedParams {
@@ -73,6 +83,7 @@ impl Default for EmbedParams {
             mixed_precision: Default::default(),
             batch_size: 64,
             chunk_size: 2048,
+            max_image_pixels: 2 * PILLOW_MAX_IMAGE_PIXELS,
         }
     }
 }
@@ -161,6 +172,9 @@ impl Stage for Embed {
         if p.chunk_size == 0 {
             out.push(Finding::error("chunk_size", "must be at least 1"));
         }
+        if p.max_image_pixels == 0 {
+            out.push(Finding::error("max_image_pixels", "must be at least 1"));
+        }
         if let Err(m) = select_device(&p.device) {
             out.push(Finding::error("device", m));
         }
@@ -206,6 +220,7 @@ impl Stage for Embed {
     }
 
     fn plan(p: &EmbedParams, ctx: &StageContext) -> Result<Chunks<Encoding>> {
+        set_max_pixels(p.max_image_pixels);
         let mut keys = match ctx.optional_input("image_keys") {
             Some(d) => read_image_keys(d)?,
             None => Vec::new(),
@@ -368,7 +383,7 @@ impl Stage for Embed {
                     let feats = tch::no_grad(|| {
                         with_precision(device, p.mixed_precision, || st.clip.encode_image(&x))
                     })?;
-                    e_vals.extend(tensor_rows(&feats)?);
+                    e_vals.extend(finite_rows(&feats, "image")?);
                     st.t_model += t1.elapsed();
                     for r in ok_rows {
                         e_key.append_value(&r.key);
@@ -392,7 +407,7 @@ impl Stage for Embed {
             let feats = tch::no_grad(|| {
                 with_precision(device, p.mixed_precision, || st.clip.encode_text(&toks))
             })?;
-            t_vals.extend(tensor_rows(&feats)?);
+            t_vals.extend(finite_rows(&feats, "text")?);
             for t in batch {
                 tt_key.append_value(t);
             }
@@ -494,4 +509,16 @@ struct EncodeState {
     n_images: usize,
     n_rejected: usize,
     started: Instant,
+}
+
+/// The rows of a batch of features; NaN or infinite ones are an error, so
+/// they never become scores.
+fn finite_rows(feats: &Tensor, what: &str) -> Result<Vec<f32>> {
+    let rows = tensor_rows(feats)?;
+    if rows.iter().any(|x| !x.is_finite()) {
+        return Err(Error::Data(format!(
+            "the model gives NaN or infinite {what} embeddings (its weights are finite, so an overflow: with mixed_precision = true, try false)"
+        )));
+    }
+    Ok(rows)
 }

@@ -128,7 +128,14 @@ pub(crate) fn read_embeddings(
             if index.insert(keys.value(i).to_string(), row).is_some() {
                 return Err(format!("'{}' has two embeddings", keys.value(i)));
             }
-            values.extend_from_slice(&vals.values()[i * d..(i + 1) * d]);
+            let v = &vals.values()[i * d..(i + 1) * d];
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(format!(
+                    "the embedding of '{}' (model {chosen}) holds NaN or infinite values: the model that wrote it is broken (rerun the embed stage with finite weights); no score is made from it",
+                    keys.value(i)
+                ));
+            }
+            values.extend_from_slice(v);
         }
     }
     Ok((chosen, Embeddings { index, values, dim }))

@@ -50,7 +50,7 @@ pub(crate) struct World {
     pub(crate) vaw_json: PathBuf,
     pub(crate) coco_dir: PathBuf,
     pub(crate) vg_dir: PathBuf,
-    coco_ids: BTreeSet<u64>,
+    pub(crate) coco_ids: BTreeSet<u64>,
     vaw_keys: BTreeSet<String>,
 }
 

@@ -3,6 +3,7 @@
 mod common;
 mod eval;
 mod global;
+mod hostile;
 mod ingest;
 mod manifest;
 mod mine;

@@ -331,7 +331,13 @@ fn data_json(p: &Page, thumbs: &HashMap<String, (String, Option<String>)>) -> St
     let v = serde_json::json!({
         "keys": keys, "thumbs": thumb, "tasks": tasks, "methods": p.methods, "cards": cards
     });
-    v.to_string().replace("</", "<\\/")
+    // Every `<` (and `>`, `&`) as a JSON escape: inside <script> the HTML
+    // parser ends the block at `</script` and enters a comment state at
+    // `<!--`, whatever JSON's quotes say; escaped, neither can occur.
+    v.to_string()
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
 }
 
 pub(crate) fn render(p: &Page, thumbs: &HashMap<String, (String, Option<String>)>) -> String {

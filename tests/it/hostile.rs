@@ -1,0 +1,273 @@
+//! Hostile and damaged input: each class gets a clear error (exit code and
+//! a message naming the file or field), nothing outside the run changes
+//! (a canary file), and the bombs stay under a stated memory bound,
+//! measured as the child process's own peak RSS.
+
+use std::path::{Path, PathBuf};
+
+use crate::common::{bin, genecis, ingest_manifest, python, synthetic_tsv, write, Res};
+use crate::eval::{jpeg, manifest as eval_manifest, small_world};
+
+/// Peak RSS a refused bomb may reach: what libtorch, DataFusion and the
+/// binary take to start and check a tiny pipeline is 550 to 610 MiB here;
+/// the bombs below would take 10 to 13 GB if decoded.
+const BOMB_RSS_MIB: f64 = 1024.0;
+
+/// Runs the binary and returns its result with its own peak RSS (MiB),
+/// from `wait4` on that child alone.
+fn measured(args: &[&str]) -> (Res, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let child = bin()
+        .args(args)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value; wait4 fills it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, once; the pointers are live locals.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32, "wait4 failed");
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    let res = Res {
+        code,
+        stdout: std::fs::read_to_string(out).unwrap(),
+        stderr: std::fs::read_to_string(err).unwrap(),
+    };
+    (res, usage.ru_maxrss as f64 / 1024.0)
+}
+
+/// A file outside every run, which no command may touch.
+fn canary(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let p = dir.join("canary.txt");
+    let bytes = b"the user's own data\n".to_vec();
+    write(&p, &bytes);
+    (p, bytes)
+}
+
+fn assert_untouched((p, bytes): &(PathBuf, Vec<u8>)) {
+    assert_eq!(&std::fs::read(p).unwrap(), bytes, "{} changed", p.display());
+}
+
+#[test]
+fn a_users_folder_named_like_a_stage_is_refused_not_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("c.tsv"), 20);
+    let m = ingest_manifest(dir.path(), "c.tsv", "");
+    let run = dir.path().join("run");
+    // The user's folder where stage `captions` would commit, inside a run.
+    genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
+    std::fs::remove_dir_all(run.join("captions")).unwrap();
+    let own = canary(&run.join("captions"));
+    let r = genecis(&["run", m.to_str().unwrap(), "-q", "--force"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&run.join("captions").display().to_string())
+            && r.stderr.contains("not made by genecis"),
+        "{}",
+        r.stderr
+    );
+    assert_untouched(&own);
+    // The same for the work folder of an unfinished stage.
+    let own_work = canary(&run.join(".work/captions"));
+    std::fs::remove_dir_all(run.join("captions")).unwrap();
+    let r = genecis(&["run", m.to_str().unwrap(), "-q"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_untouched(&own_work);
+}
+
+#[test]
+fn root_and_foreign_workdirs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("c.tsv"), 20);
+    let m = ingest_manifest(dir.path(), "c.tsv", "");
+    let r = genecis(&["run", m.to_str().unwrap(), "-q", "--workdir", "/"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("file system root"), "{}", r.stderr);
+    assert!(!Path::new("/captions").exists() && !Path::new("/.work").exists());
+
+    // A folder of the user's, not empty, holding no run.
+    let theirs = dir.path().join("theirs");
+    let c = canary(&theirs);
+    let w = theirs.to_str().unwrap();
+    let r = genecis(&["run", m.to_str().unwrap(), "-q", "--workdir", w]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--adopt-workdir"), "{}", r.stderr);
+    assert_eq!(
+        std::fs::read_dir(&theirs).unwrap().count(),
+        1,
+        "nothing written"
+    );
+    // Said explicitly, it runs there and leaves the user's file alone.
+    genecis(&[
+        "run",
+        m.to_str().unwrap(),
+        "-q",
+        "--workdir",
+        w,
+        "--adopt-workdir",
+    ])
+    .ok();
+    assert!(theirs.join("captions/_stage.json").is_file());
+    assert_untouched(&c);
+}
+
+#[test]
+fn sql_cannot_write_into_a_run_or_anywhere_else() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("c.tsv"), 20);
+    let m = ingest_manifest(dir.path(), "c.tsv", "");
+    genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
+    let run = dir.path().join("run");
+    let parts = || {
+        std::fs::read_dir(run.join("captions/captions"))
+            .unwrap()
+            .count()
+    };
+    let before = parts();
+    let target = run.to_str().unwrap();
+    let insert = "INSERT INTO captions.captions SELECT * FROM captions.captions";
+    let r = genecis(&["sql", target, insert]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("read-only") && r.stderr.contains("--out"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(parts(), before, "no part was added");
+    let elsewhere = dir.path().join("copied.csv");
+    let copy = format!(
+        "COPY (SELECT * FROM captions.captions) TO '{}'",
+        elsewhere.display()
+    );
+    let r = genecis(&["sql", target, &copy]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(!elsewhere.exists());
+    // The run still answers in full.
+    let r = genecis(&[
+        "sql",
+        target,
+        "SELECT count(*) AS n FROM captions",
+        "--format",
+        "csv",
+    ]);
+    r.ok();
+    assert_eq!(r.stdout.lines().nth(1), Some("20"));
+}
+
+#[test]
+fn stage_names_that_break_sql_or_folders_are_manifest_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("c.tsv"), 5);
+    for name in ["information_schema", "public", &"x".repeat(300)] {
+        let m = crate::common::Manifest::new("t")
+            .stage(name, "ingest", &[], "path = \"c.tsv\"")
+            .write(dir.path());
+        let r = genecis(&["run", m.to_str().unwrap(), "-q"]);
+        assert_eq!(r.code, 2, "{name}: {}", r.stderr);
+        assert!(r.stderr.contains("name"), "{}", r.stderr);
+        assert!(
+            !dir.path().join("run").exists(),
+            "nothing written for {name}"
+        );
+    }
+}
+
+/// A Combiner (or CLIP) with a NaN weight is refused by name before any
+/// run: before, every similarity was NaN and the rank rule put every
+/// target first (R@1 = 100%).
+#[test]
+fn non_finite_weights_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = small_world(dir.path());
+    let m = eval_manifest(dir.path(), &w, true);
+    let fx = crate::model::fixtures();
+    let nan = dir.path().join("nan_combiner.pt");
+    python(&format!(
+        "import torch\n\
+         sd = torch.load('{}')\n\
+         sd['combiner_layer.weight'][0, 0] = float('nan')\n\
+         torch.save(sd, '{}')",
+        fx.join("combiner_state.pt").display(),
+        nan.display()
+    ));
+    let text = std::fs::read_to_string(&m).unwrap().replace(
+        &fx.join("combiner_state.pt").display().to_string(),
+        &nan.display().to_string(),
+    );
+    write(&m, text);
+    let r = genecis(&["run", m.to_str().unwrap(), "-q"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("combiner_layer.weight") && r.stderr.contains("NaN"),
+        "{}",
+        r.stderr
+    );
+    assert!(!dir.path().join("run/score").exists());
+}
+
+/// 531 bytes of torch.save that declare a 50000 x 50000 float tensor over
+/// a one-element storage (stride 0): about 10 GB if materialised.
+#[test]
+fn a_torch_save_bomb_is_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = small_world(dir.path());
+    let m = eval_manifest(dir.path(), &w, false);
+    let bomb = dir.path().join("bomb.pt");
+    python(&format!(
+        "import torch; torch.save({{'visual.proj': torch.zeros(1).expand(50000, 50000)}}, '{}')",
+        bomb.display()
+    ));
+    assert!(std::fs::metadata(&bomb).unwrap().len() < 4096);
+    let fx = crate::model::fixtures();
+    let text = std::fs::read_to_string(&m).unwrap().replace(
+        &fx.join("vit_state.pt").display().to_string(),
+        &bomb.display().to_string(),
+    );
+    write(&m, text);
+    let (r, rss) = measured(&["check", m.to_str().unwrap()]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stdout.contains("larger than its storage")
+            || r.stderr.contains("larger than its storage"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+    eprintln!("torch.save bomb: peak RSS {rss:.0} MiB (bound {BOMB_RSS_MIB})");
+    assert!(rss < BOMB_RSS_MIB, "peak RSS {rss:.0} MiB");
+}
+
+/// A small JPEG whose header claims 65000 x 65000 pixels (12.7 GB decoded)
+/// is refused by Pillow's rule before any pixel buffer exists.
+#[test]
+fn a_jpeg_bomb_is_refused_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = small_world(dir.path());
+    let m = eval_manifest(dir.path(), &w, false);
+    let id = *w.coco_ids.iter().next().unwrap();
+    let victim = w.coco_dir.join(format!("{id:012}.jpg"));
+    jpeg(&victim, 1, 16, 16);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    // The SOF0 marker's height and width fields.
+    let sof = bytes.windows(2).position(|x| x == [0xFF, 0xC0]).unwrap();
+    bytes[sof + 5..sof + 9].copy_from_slice(&[0xFD, 0xE8, 0xFD, 0xE8]);
+    write(&victim, &bytes);
+    assert!(bytes.len() < 8192);
+    let (r, rss) = measured(&["run", m.to_str().unwrap(), "-q", "--skip-check"]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        all.contains("65000x65000") && all.contains("max_image_pixels"),
+        "{all}"
+    );
+    eprintln!("JPEG bomb: peak RSS {rss:.0} MiB (bound {BOMB_RSS_MIB})");
+    assert!(rss < BOMB_RSS_MIB, "peak RSS {rss:.0} MiB");
+}
