@@ -48,7 +48,7 @@ pub(crate) fn stage_state(plan: &Plan, s: &PlannedStage) -> Result<StageState> {
         });
     };
     if rec.fingerprint == s.fingerprint {
-        let damaged = rec.damaged_parts(&dir);
+        let damaged = rec.damaged_parts(&dir, true);
         if damaged.is_empty() {
             return Ok(StageState::Done);
         }

@@ -35,6 +35,17 @@ pub(crate) fn discover(workdir: &Path) -> Result<Vec<TableEntry>> {
             continue;
         }
         if let Some(rec) = StageRecord::read(&dir)? {
+            // Parts missing or resized since the commit: answering without
+            // them would be answering wrong.
+            let damaged = rec.damaged_parts(&dir, false);
+            if !damaged.is_empty() {
+                return Err(Error::Data(format!(
+                    "stage '{}' is damaged: {}. Rebuild it (genecis run MANIFEST --only {} --force) before querying it",
+                    rec.stage,
+                    damaged.join("; "),
+                    rec.stage
+                )));
+            }
             for (name, stat) in &rec.tables {
                 let tdir = dir.join(name);
                 if tdir.is_dir() {

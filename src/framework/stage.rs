@@ -446,6 +446,10 @@ where
     }
 
     fn bind(&self, raw: toml::Table, base_dir: &Path) -> Result<Box<dyn BoundStage>, Vec<Finding>> {
+        let non_finite = non_finite_floats("params", &toml::Value::Table(raw.clone()));
+        if !non_finite.is_empty() {
+            return Err(non_finite);
+        }
         let params: S::Params =
             serde_path_to_error::deserialize(toml::Value::Table(raw)).map_err(|e| {
                 let path = e.path().to_string();
@@ -467,6 +471,26 @@ where
                 .collect());
         }
         Ok(Box::new(Bound::<S>(params)))
+    }
+}
+
+/// NaN and infinite floats anywhere in a param value: no param means them,
+/// and serialised they would hash as null.
+fn non_finite_floats(field: &str, v: &toml::Value) -> Vec<Finding> {
+    match v {
+        toml::Value::Float(x) if !x.is_finite() => {
+            vec![Finding::error(field, format!("{x} is not a finite number"))]
+        }
+        toml::Value::Table(t) => t
+            .iter()
+            .flat_map(|(k, v)| non_finite_floats(&format!("{field}.{k}"), v))
+            .collect(),
+        toml::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .flat_map(|(i, v)| non_finite_floats(&format!("{field}[{i}]"), v))
+            .collect(),
+        _ => Vec::new(),
     }
 }
 

@@ -127,6 +127,18 @@ pub struct TableStat {
     /// or overwritten after the commit (absent in records of older runs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub part_bytes: Vec<u64>,
+    /// blake3 of each part file, so bytes overwritten at the same size are
+    /// noticed too (absent in records of older runs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub part_blake3: Vec<String>,
+}
+
+/// blake3 of a file, hex.
+pub(crate) fn file_blake3(path: &Path) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    let mut f = File::open(path).map_err(Error::io("cannot open", path))?;
+    std::io::copy(&mut f, &mut h).map_err(Error::io("cannot read", path))?;
+    Ok(h.finalize().to_hex().to_string())
 }
 
 /// `_stage.json`: what was run, from what, and what it produced.
@@ -166,9 +178,11 @@ impl StageRecord {
             })
     }
 
-    /// What is wrong with the committed part files: missing ones, and ones
-    /// whose size differs from the record. Empty when all are intact.
-    pub(crate) fn damaged_parts(&self, stage_dir: &Path) -> Vec<String> {
+    /// What is wrong with the committed part files: missing ones, ones
+    /// whose size differs from the record and, with `content`, ones whose
+    /// blake3 differs (every byte read: `status` and `run` pay this, `sql`
+    /// does not). Empty when all are intact.
+    pub(crate) fn damaged_parts(&self, stage_dir: &Path, content: bool) -> Vec<String> {
         let mut out = Vec::new();
         for (name, stat) in &self.tables {
             for k in 0..stat.parts {
@@ -180,7 +194,17 @@ impl StageRecord {
                         p.display(),
                         m.len()
                     )),
-                    _ => {}
+                    _ => {
+                        let want = stat.part_blake3.get(k).filter(|_| content);
+                        if let Some(want) = want {
+                            if file_blake3(&p).ok().as_ref() != Some(want) {
+                                out.push(format!(
+                                    "part file {} differs from what the stage wrote (blake3; overwritten in place)",
+                                    p.display()
+                                ));
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -337,8 +361,10 @@ impl StageWriter {
         for (t, _) in &self.tables {
             let mut rows = 0u64;
             let mut part_bytes = Vec::with_capacity(chunks);
+            let mut part_blake3 = Vec::with_capacity(chunks);
             for k in 0..chunks {
                 let p = self.dir.join(t).join(part_name(k));
+                part_blake3.push(file_blake3(&p)?);
                 let f = File::open(&p).map_err(Error::io("cannot open", &p))?;
                 part_bytes.push(f.metadata().map_err(Error::io("cannot read", &p))?.len());
                 let r = SerializedFileReader::new(f).map_err(|source| Error::Parquet {
@@ -353,6 +379,7 @@ impl StageWriter {
                     rows,
                     parts: chunks,
                     part_bytes,
+                    part_blake3,
                 },
             );
         }

@@ -241,6 +241,28 @@ impl Stage for Pretrain {
 
     fn validate(p: &PretrainParams, _base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
+        // Sizes a tensor is drawn with: positive, and small enough to be a
+        // model rather than an allocation failure.
+        for (field, v, max) in [
+            ("width", p.width, 4096),
+            ("embed_dim", p.embed_dim, 4096),
+            ("resnet_width", p.resnet_width, 1024),
+            ("vision_layers", p.vision_layers, 64),
+            ("text_layers", p.text_layers, 64),
+            ("image_resolution", p.image_resolution, 1024),
+            ("patch_size", p.patch_size, 1024),
+            ("context_length", p.context_length, 77),
+        ] {
+            if !(1..=max).contains(&v) {
+                out.push(Finding::error(field, format!("{v}: use 1 to {max}")));
+            }
+        }
+        if p.batch_size > 1 << 20 || p.epochs > 100_000 {
+            out.push(Finding::error(
+                "batch_size",
+                "batch_size at most 1,048,576 and epochs at most 100,000",
+            ));
+        }
         if p.width % 64 != 0 || p.width == 0 {
             out.push(Finding::error(
                 "width",

@@ -271,3 +271,116 @@ fn a_jpeg_bomb_is_refused_before_decoding() {
     eprintln!("JPEG bomb: peak RSS {rss:.0} MiB (bound {BOMB_RSS_MIB})");
     assert!(rss < BOMB_RSS_MIB, "peak RSS {rss:.0} MiB");
 }
+
+/// Strings that end a script block or open an HTML comment, in a condition
+/// and in a template file's name, reach report.html's embedded data: the
+/// page must still render every card (before, `<!--` emptied it).
+#[test]
+fn hostile_strings_cannot_break_the_report_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = small_world(dir.path());
+    let hostile = "wall <!--<script>document.body.innerHTML='owned'</script>--> & \\\" '";
+    let json = std::fs::read_to_string(&w.coco_json).unwrap();
+    let renamed = dir.path().join("focus_object <!--<script>.json");
+    write(
+        &renamed,
+        json.replace("\"cardboard\"", &serde_json::to_string(hostile).unwrap()),
+    );
+    let m = eval_manifest(dir.path(), &w, false);
+    let text = std::fs::read_to_string(&m).unwrap().replace(
+        &w.coco_json.display().to_string(),
+        &renamed.display().to_string().replace('\\', "\\\\"),
+    );
+    write(&m, text);
+    genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
+    let page = dir.path().join("run/score/report.html");
+    let html = std::fs::read_to_string(&page).unwrap();
+    let data = &html[html.find("id=\"data\">").unwrap()..];
+    let data = &data[..data.find("</script>").unwrap()];
+    assert!(!data[10..].contains('<'), "raw < in the embedded data");
+    let Some(chrome) = crate::report::chromium() else {
+        return;
+    };
+    let url = format!("file://{}#eager=1&method=image_only", page.display());
+    let dom = crate::report::browser(&chrome, &["--dump-dom", &url]);
+    // Shown as text (escaped), not run: a run script would have replaced
+    // the body and no card would be there.
+    assert!(
+        dom.contains("&lt;!--&lt;script&gt;"),
+        "the condition is shown as text"
+    );
+    assert_eq!(
+        crate::report::attr(&dom, "count"),
+        10,
+        "every card rendered"
+    );
+}
+
+/// Non-finite floats and sizes that would overflow or exhaust memory are
+/// manifest errors: exit 2, the field named, nothing written.
+#[test]
+fn absurd_numbers_are_manifest_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = crate::common::Manifest::new("t")
+        .stage(
+            "world",
+            "synth",
+            &[],
+            "train_scenes = 50, heldout_scenes = 40, templates_per_task = 2",
+        )
+        .stage("clip", "pretrain", &["world"], "")
+        .write(dir.path());
+    let m = m.to_str().unwrap();
+    for (set, field) in [
+        ("world.image_size=4000000000", "params.image_size"),
+        (
+            "world.train_scenes=9223372036854775807",
+            "params.train_scenes",
+        ),
+        ("world.closeups=nan", "params.closeups"),
+        ("clip.lr=inf", "params.lr"),
+        ("clip.width=-64", "params.width"),
+        ("clip.image_resolution=1000000", "params.image_resolution"),
+    ] {
+        let r = genecis(&["run", m, "-q", "--set", set]);
+        assert_eq!(r.code, 2, "{set}: {}", r.stderr);
+        assert!(r.stderr.contains(field), "{set}: {}", r.stderr);
+        assert!(!dir.path().join("run").exists(), "{set}: nothing written");
+    }
+}
+
+/// A part overwritten at its own size is found by its blake3 (`status`,
+/// `run`), and the next run rebuilds it; a deleted part stops `sql`
+/// instead of answering with fewer rows.
+#[test]
+fn damaged_parts_are_found_by_content_and_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("c.tsv"), 100);
+    let m = ingest_manifest(dir.path(), "c.tsv", ", chunk_rows = 40");
+    let m = m.to_str().unwrap();
+    genecis(&["run", m, "-q"]).ok();
+    let part = dir.path().join("run/captions/captions/part-00001.parquet");
+    let good = std::fs::read(&part).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xFF;
+    std::fs::write(&part, &bad).unwrap();
+    let st = genecis(&["status", m]);
+    assert!(
+        st.ok()
+            .stdout
+            .contains("part-00001.parquet differs from what the stage wrote"),
+        "{}",
+        st.stdout
+    );
+    genecis(&["run", m, "-q"]).ok();
+    assert_eq!(std::fs::read(&part).unwrap(), good, "rebuilt as it was");
+    std::fs::remove_file(&part).unwrap();
+    let r = genecis(&["sql", m, "SELECT count(*) FROM captions"]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("part-00001.parquet is missing") && r.stderr.contains("--force"),
+        "{}",
+        r.stderr
+    );
+}

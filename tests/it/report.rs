@@ -9,7 +9,7 @@ use crate::common::{genecis, sql_csv, write};
 use crate::eval::{jpeg, manifest, small_world};
 
 /// Debian's chromium (installed by scripts/setup.sh where it can be).
-fn chromium() -> Option<PathBuf> {
+pub(crate) fn chromium() -> Option<PathBuf> {
     for c in ["chromium", "chromium-browser", "google-chrome"] {
         if let Ok(o) = Command::new("sh")
             .arg("-c")
@@ -26,7 +26,7 @@ fn chromium() -> Option<PathBuf> {
     None
 }
 
-fn browser(chrome: &Path, args: &[&str]) -> String {
+pub(crate) fn browser(chrome: &Path, args: &[&str]) -> String {
     let out = Command::new(chrome)
         .args([
             "--headless=new",
@@ -48,7 +48,7 @@ fn browser(chrome: &Path, args: &[&str]) -> String {
 }
 
 /// `data-NAME="N"` of the first element that has it.
-fn attr(dom: &str, name: &str) -> usize {
+pub(crate) fn attr(dom: &str, name: &str) -> usize {
     let pat = format!("data-{name}=\"");
     let at = dom
         .find(&pat)

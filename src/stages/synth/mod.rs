@@ -98,6 +98,12 @@ pub(crate) struct SynthParams {
     pub closeups: f64,
 }
 
+/// The largest world image side: enough for any CLIP input, small enough
+/// that a scene's pixels fit in memory many times over.
+const MAX_IMAGE_SIZE: u32 = 4096;
+/// The most scenes of one kind: ten million image files.
+const MAX_SCENES: usize = 10_000_000;
+
 impl Default for SynthParams {
     /// The defaults of every param, in one place.
     fn default() -> Self {
@@ -173,14 +179,26 @@ impl Stage for Synth {
                 format!("must be between min_objects ({}) and 4", p.min_objects),
             ));
         }
-        if p.image_size < 32 {
+        if !(32..=MAX_IMAGE_SIZE).contains(&p.image_size) {
             out.push(Finding::error(
                 "image_size",
                 format!(
-                    "{} px is too small to draw on: use 32 or more",
+                    "{} px: use 32 (the least to draw on) to {MAX_IMAGE_SIZE}",
                     p.image_size
                 ),
             ));
+        }
+        for (field, n) in [
+            ("train_scenes", p.train_scenes),
+            ("heldout_scenes", p.heldout_scenes),
+            ("templates_per_task", p.templates_per_task),
+        ] {
+            if n > MAX_SCENES {
+                out.push(Finding::error(
+                    field,
+                    format!("{n}: at most {MAX_SCENES} (each scene is an image file)"),
+                ));
+            }
         }
         if p.train_scenes == 0 {
             out.push(Finding::error("train_scenes", "must be at least 1"));
