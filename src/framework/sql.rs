@@ -91,7 +91,16 @@ pub fn run_cli(
     rt.block_on(async {
         let ctx = session(&entries).await?;
         match query_text {
-            Some(q) => write_results(&query(&ctx, q).await?, format, out),
+            Some(q) => {
+                let df = read_only_sql(&ctx, q).await?;
+                let schema = Arc::new(df.schema().as_arrow().clone());
+                let mut stream = df.execute_stream().await?;
+                let mut w = ResultWriter::new(format, out, schema)?;
+                while let Some(b) = futures::StreamExt::next(&mut stream).await {
+                    w.write(&b?)?;
+                }
+                w.finish()
+            }
             None => repl(&ctx, &entries, &workdir.join(".sql_history")).await,
         }
     })
@@ -134,6 +143,20 @@ pub(crate) async fn session(entries: &[TableEntry]) -> Result<SessionContext> {
 /// Runs a query. An empty result still carries one empty batch, so CSV gets
 /// its header and Parquet its schema.
 pub(crate) async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+    let df = read_only_sql(ctx, sql).await?;
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let mut batches = df.collect().await?;
+    if batches.is_empty() {
+        batches.push(RecordBatch::new_empty(schema));
+    }
+    Ok(batches)
+}
+
+/// Plans `sql` with writes refused.
+async fn read_only_sql(
+    ctx: &SessionContext,
+    sql: &str,
+) -> Result<datafusion::dataframe::DataFrame> {
     // Committed tables are read-only: INSERT would add a part the record
     // does not know and COPY writes wherever it is told. Results leave
     // through --out.
@@ -150,12 +173,7 @@ pub(crate) async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordB
         }
         r => r?,
     };
-    let schema = Arc::new(df.schema().as_arrow().clone());
-    let mut batches = df.collect().await?;
-    if batches.is_empty() {
-        batches.push(RecordBatch::new_empty(schema));
-    }
-    Ok(batches)
+    Ok(df)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,70 +185,168 @@ pub enum OutputFormat {
 }
 
 /// Writes query results in `format` to `out` (stdout when `None`).
+/// Rows the table format prints; the rest are counted, not held.
+const TABLE_ROWS: usize = 1000;
+
+/// Writes a result batch by batch, so memory holds one batch at a time
+/// (the table format: its first [`TABLE_ROWS`] rows).
+pub(crate) struct ResultWriter {
+    kind: Sink,
+    out: Option<PathBuf>,
+    schema: arrow::datatypes::SchemaRef,
+    /// Whether a batch was written (CSV still gets its header without).
+    any: bool,
+}
+
+enum Sink {
+    Table {
+        shown: Vec<RecordBatch>,
+        kept: usize,
+        rows: usize,
+    },
+    Csv(Box<arrow::csv::Writer<Box<dyn Write>>>),
+    Json(Box<arrow::json::LineDelimitedWriter<Box<dyn Write>>>),
+    Parquet(Box<parquet::arrow::ArrowWriter<std::fs::File>>),
+}
+
+impl ResultWriter {
+    pub(crate) fn new(
+        format: OutputFormat,
+        out: Option<&Path>,
+        schema: arrow::datatypes::SchemaRef,
+    ) -> Result<ResultWriter> {
+        let open = || -> Result<Box<dyn Write>> {
+            Ok(match out {
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p).map_err(Error::io("cannot create", p))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+            })
+        };
+        let kind = match format {
+            OutputFormat::Table => Sink::Table {
+                shown: Vec::new(),
+                kept: 0,
+                rows: 0,
+            },
+            OutputFormat::Csv => Sink::Csv(Box::new(
+                arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(open()?),
+            )),
+            OutputFormat::Json => {
+                Sink::Json(Box::new(arrow::json::LineDelimitedWriter::new(open()?)))
+            }
+            OutputFormat::Parquet => {
+                let path = out.ok_or_else(|| Error::Usage {
+                    arg: "--format parquet".into(),
+                    message: "needs --out FILE (Parquet is not written to a terminal)".into(),
+                })?;
+                let file = std::fs::File::create(path).map_err(Error::io("cannot create", path))?;
+                let w = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None).map_err(
+                    |source| Error::Parquet {
+                        path: path.to_path_buf(),
+                        source,
+                    },
+                )?;
+                Sink::Parquet(Box::new(w))
+            }
+        };
+        Ok(ResultWriter {
+            kind,
+            out: out.map(Path::to_path_buf),
+            schema,
+            any: false,
+        })
+    }
+
+    fn parquet_err(&self, source: parquet::errors::ParquetError) -> Error {
+        Error::Parquet {
+            path: self.out.clone().unwrap_or_default(),
+            source,
+        }
+    }
+
+    pub(crate) fn write(&mut self, b: &RecordBatch) -> Result<()> {
+        self.any = true;
+        match &mut self.kind {
+            Sink::Table { shown, kept, rows } => {
+                *rows += b.num_rows();
+                if *kept < TABLE_ROWS {
+                    let take = (TABLE_ROWS - *kept).min(b.num_rows());
+                    shown.push(b.slice(0, take));
+                    *kept += take;
+                }
+            }
+            Sink::Csv(w) => w.write(&lists_as_text(b)?)?,
+            Sink::Json(w) => w.write(b)?,
+            Sink::Parquet(w) => {
+                if let Err(e) = w.write(b) {
+                    return Err(self.parquet_err(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish(mut self) -> Result<()> {
+        if !self.any {
+            self.write(&RecordBatch::new_empty(self.schema.clone()))?;
+        }
+        let out = self.out.clone();
+        let io = |e| Error::Io {
+            action: "cannot write output",
+            path: out.clone().unwrap_or_else(|| "<stdout>".into()),
+            source: e,
+        };
+        match self.kind {
+            Sink::Table { shown, kept, rows } => {
+                let mut sink = std::io::stdout().lock();
+                let text = arrow::util::pretty::pretty_format_batches(&shown)?;
+                writeln!(sink, "{text}").map_err(io)?;
+                if rows > kept {
+                    writeln!(
+                        sink,
+                        "({rows} rows; the first {kept} shown: --format csv or --out FILE gives all)"
+                    )
+                    .map_err(io)?;
+                } else {
+                    writeln!(sink, "({rows} row{})", if rows == 1 { "" } else { "s" })
+                        .map_err(io)?;
+                }
+                sink.flush().map_err(io)
+            }
+            Sink::Csv(w) => w.into_inner().flush().map_err(io),
+            Sink::Json(mut w) => {
+                w.finish()?;
+                w.into_inner().flush().map_err(io)
+            }
+            Sink::Parquet(w) => match w.close() {
+                Ok(_) => Ok(()),
+                Err(source) => Err(Error::Parquet {
+                    path: out.unwrap_or_default(),
+                    source,
+                }),
+            },
+        }
+    }
+}
+
+/// Writes collected batches (the prompt's results).
 pub(crate) fn write_results(
     batches: &[RecordBatch],
     format: OutputFormat,
     out: Option<&Path>,
 ) -> Result<()> {
-    let mut sink: Box<dyn Write> = match out {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).map_err(Error::io("cannot create", p))?,
-        )),
-        None => Box::new(std::io::stdout().lock()),
-    };
-    let io = |e| Error::Io {
-        action: "cannot write output",
-        path: out
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| "<stdout>".into()),
-        source: e,
-    };
-    match format {
-        OutputFormat::Table => {
-            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-            let text = arrow::util::pretty::pretty_format_batches(batches)?;
-            writeln!(sink, "{text}").map_err(io)?;
-            writeln!(sink, "({rows} row{})", if rows == 1 { "" } else { "s" }).map_err(io)?;
-        }
-        OutputFormat::Csv => {
-            let mut w = arrow::csv::WriterBuilder::new()
-                .with_header(true)
-                .build(&mut sink);
-            for b in batches {
-                w.write(&lists_as_text(b)?)?;
-            }
-        }
-        OutputFormat::Json => {
-            let mut w = arrow::json::LineDelimitedWriter::new(&mut sink);
-            for b in batches {
-                w.write(b)?;
-            }
-            w.finish()?;
-        }
-        OutputFormat::Parquet => {
-            let path = out.ok_or_else(|| Error::Usage {
-                arg: "--format parquet".into(),
-                message: "needs --out FILE (Parquet is not written to a terminal)".into(),
-            })?;
-            drop(sink);
-            let file = std::fs::File::create(path).map_err(Error::io("cannot create", path))?;
-            let schema = batches
-                .first()
-                .map(|b| b.schema())
-                .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
-            let perr = |source| Error::Parquet {
-                path: path.to_path_buf(),
-                source,
-            };
-            let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, None).map_err(perr)?;
-            for b in batches {
-                w.write(b).map_err(perr)?;
-            }
-            w.close().map_err(perr)?;
-            return Ok(());
-        }
+    let schema = batches
+        .first()
+        .map(|b| b.schema())
+        .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
+    let mut w = ResultWriter::new(format, out, schema)?;
+    for b in batches {
+        w.write(b)?;
     }
-    sink.flush().map_err(io)
+    w.finish()
 }
 
 /// CSV has no nested values: list columns (`scores.similarities`,

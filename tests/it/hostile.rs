@@ -384,3 +384,44 @@ fn damaged_parts_are_found_by_content_and_rebuilt() {
         r.stderr
     );
 }
+
+/// A result of 20 million rows streams: the table format prints its first
+/// 1000 rows and counts the rest, CSV writes batch by batch. Held whole,
+/// it would take gigabytes before the first line.
+#[test]
+fn large_sql_results_stream_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("c.tsv"), 10);
+    let m = ingest_manifest(dir.path(), "c.tsv", "");
+    genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
+    let run = dir.path().join("run");
+    let q = "SELECT value, value * 2 AS twice FROM generate_series(1, 20000000)";
+    let (r, rss) = measured(&["sql", run.to_str().unwrap(), q]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains(
+            "(20000001 rows; the first 1000 shown: --format csv or --out FILE gives all)"
+        ) || r.stdout.contains("(20000000 rows; the first 1000 shown"),
+        "{}",
+        &r.stdout[r.stdout.len().saturating_sub(300)..]
+    );
+    eprintln!("20 M rows as a table: peak RSS {rss:.0} MiB (bound {BOMB_RSS_MIB})");
+    assert!(rss < BOMB_RSS_MIB, "peak RSS {rss:.0} MiB");
+    let csv = dir.path().join("all.csv");
+    let (r, rss) = measured(&[
+        "sql",
+        run.to_str().unwrap(),
+        q,
+        "--format",
+        "csv",
+        "--out",
+        csv.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    eprintln!("20 M rows as CSV: peak RSS {rss:.0} MiB (bound {BOMB_RSS_MIB})");
+    assert!(rss < BOMB_RSS_MIB, "peak RSS {rss:.0} MiB");
+    let lines =
+        std::io::BufRead::lines(std::io::BufReader::new(std::fs::File::open(&csv).unwrap()))
+            .count();
+    assert!(lines >= 20_000_000, "{lines} lines");
+}
