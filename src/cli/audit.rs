@@ -60,7 +60,10 @@ pub fn audit_cli(targets: &[std::path::PathBuf]) -> Result<String> {
             for (c, n) in counts(&rows) {
                 if matches!(
                     c,
-                    "duplicate_in_gallery" | "target_among_distractors" | "singleton_condition"
+                    "reference_in_gallery"
+                        | "duplicate_in_gallery"
+                        | "target_among_distractors"
+                        | "singleton_condition"
                 ) {
                     let _ = writeln!(out, "  {c:<34} {n}");
                 }

@@ -8,7 +8,9 @@
 //! - `near_duplicate_reference_target`: cosine >= 0.99 between the
 //!   reference and the target (needs embeddings);
 //! - `all_methods_fail_at_3`: every method scored ranks the target below 3;
-//! - `singleton_condition`: the condition occurs once in its task.
+//! - `singleton_condition`: the condition occurs once in its task;
+//! - `reference_in_gallery`: the reference image is also a distractor (or
+//!   the target), so image-only retrieval finds a perfect match.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock};
@@ -18,7 +20,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::Result;
 
-pub(crate) const CHECKS: [&str; 6] = [
+pub(crate) const CHECKS: [&str; 7] = [
+    "reference_in_gallery",
     "duplicate_in_gallery",
     "target_among_distractors",
     "near_duplicate_target_distractor",
@@ -72,6 +75,20 @@ pub(crate) fn key_checks(ts: &[KeyedTemplate]) -> Vec<AuditRow> {
         *per_condition.entry((t.task, t.condition)).or_default() += 1;
     }
     for t in ts {
+        if t.target == t.reference {
+            out.push(row(
+                t,
+                "reference_in_gallery",
+                format!("{} is the reference and the target", t.reference),
+            ));
+        }
+        if let Some(i) = t.gallery.iter().position(|g| *g == t.reference) {
+            out.push(row(
+                t,
+                "reference_in_gallery",
+                format!("{} is the reference and distractor {i}", t.reference),
+            ));
+        }
         let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
         for g in &t.gallery {
             *seen.entry(g).or_default() += 1;

@@ -160,6 +160,13 @@ pub(crate) struct TemplateFile {
 /// is an error; a malformed template is a reject.
 pub(crate) fn read_template_file(path: &Path) -> Result<TemplateFile, String> {
     let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if text.starts_with(b"\xEF\xBB\xBF") {
+        // The original's json.load refuses it too ("Unexpected UTF-8 BOM").
+        return Err(format!(
+            "{} starts with a UTF-8 byte-order mark, which JSON (and the original's json.load) does not allow: save it as UTF-8 without BOM",
+            path.display()
+        ));
+    }
     let v: Value = serde_json::from_slice(&text)
         .map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
     let arr = v.as_array().ok_or_else(|| {

@@ -92,7 +92,7 @@ pub fn run_cli(
         let ctx = session(&entries).await?;
         match query_text {
             Some(q) => {
-                let df = read_only_sql(&ctx, q).await?;
+                let df = read_only_sql(&ctx, &entries, q).await?;
                 let schema = Arc::new(df.schema().as_arrow().clone());
                 let mut stream = df.execute_stream().await?;
                 let mut w = ResultWriter::new(format, out, schema)?;
@@ -142,8 +142,12 @@ pub(crate) async fn session(entries: &[TableEntry]) -> Result<SessionContext> {
 
 /// Runs a query. An empty result still carries one empty batch, so CSV gets
 /// its header and Parquet its schema.
-pub(crate) async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
-    let df = read_only_sql(ctx, sql).await?;
+pub(crate) async fn query(
+    ctx: &SessionContext,
+    entries: &[TableEntry],
+    sql: &str,
+) -> Result<Vec<RecordBatch>> {
+    let df = read_only_sql(ctx, entries, sql).await?;
     let schema = Arc::new(df.schema().as_arrow().clone());
     let mut batches = df.collect().await?;
     if batches.is_empty() {
@@ -155,6 +159,7 @@ pub(crate) async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordB
 /// Plans `sql` with writes refused.
 async fn read_only_sql(
     ctx: &SessionContext,
+    entries: &[TableEntry],
     sql: &str,
 ) -> Result<datafusion::dataframe::DataFrame> {
     // Committed tables are read-only: INSERT would add a part the record
@@ -171,7 +176,31 @@ async fn read_only_sql(
                 ),
             })
         }
-        r => r?,
+        Err(e) => {
+            // A bare name several stages have is not registered: say so.
+            let text = e.to_string();
+            let ambiguous = entries.iter().find(|t| {
+                text.contains(&format!("table 'datafusion.public.{}' not found", t.table))
+                    && entries.iter().filter(|u| u.table == t.table).count() > 1
+            });
+            if let Some(t) = ambiguous {
+                let stages: Vec<String> = entries
+                    .iter()
+                    .filter(|u| u.table == t.table)
+                    .map(|u| format!("{}.{}", u.stage, u.table))
+                    .collect();
+                return Err(Error::Usage {
+                    arg: "QUERY".into(),
+                    message: format!(
+                        "table '{}' is ambiguous: several stages have it ({}); name one as stage.table",
+                        t.table,
+                        stages.join(", ")
+                    ),
+                });
+            }
+            return Err(e.into());
+        }
+        Ok(df) => df,
     };
     Ok(df)
 }
@@ -456,7 +485,7 @@ pub(crate) async fn repl(
             match trimmed.split_whitespace().collect::<Vec<_>>().as_slice() {
                 ["\\q"] => break,
                 ["\\d"] => print!("{}", describe_tables(entries)),
-                ["\\d", name] => match query(ctx, &format!("DESCRIBE {name}")).await {
+                ["\\d", name] => match query(ctx, entries, &format!("DESCRIBE {name}")).await {
                     Ok(b) => {
                         let _ = write_results(&b, OutputFormat::Table, None);
                     }
@@ -476,7 +505,7 @@ pub(crate) async fn repl(
         }
         let stmt = std::mem::take(&mut buf);
         let _ = rl.add_history_entry(stmt.trim());
-        match query(ctx, &stmt).await {
+        match query(ctx, entries, &stmt).await {
             Ok(b) => {
                 if let Err(e) = write_results(&b, OutputFormat::Table, None) {
                     eprintln!("error: {e}");

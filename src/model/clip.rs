@@ -263,6 +263,30 @@ impl Clip {
         let c = &self.config;
         let w = &self.w;
         let tw = c.transformer_width;
+        // The towers' output widths must agree; when they do not, either
+        // projection may be the wrong one, so the error names both.
+        let (image_key, image_out) = match &c.vision {
+            Vision::Vit { width, .. } => (
+                "visual.proj",
+                w.get_shaped("visual.proj", &[*width, -1])?.size()[1],
+            ),
+            Vision::ResNet { width, .. } => (
+                "visual.attnpool.c_proj.weight",
+                w.get_shaped("visual.attnpool.c_proj.weight", &[-1, width * 32])?
+                    .size()[0],
+            ),
+        };
+        if image_out != c.embed_dim {
+            return Err(ModelError::Shape {
+                path: w.path.clone(),
+                key: "text_projection".into(),
+                got: w.get("text_projection")?.size(),
+                expected: format!(
+                    "[{tw}, {image_out}]: the image tower's {image_key} projects to {image_out}, the text tower to {}; one of the two does not belong to this model",
+                    c.embed_dim
+                ),
+            });
+        }
         let _ = w.get_shaped("token_embedding.weight", &[c.vocab_size, tw])?;
         let _ = w.get_shaped("text_projection", &[tw, c.embed_dim])?;
         for i in 0..c.transformer_layers {

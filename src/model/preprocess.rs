@@ -711,12 +711,24 @@ pub fn load_rgb(k: &ImageKey, n_px: u32) -> Result<RgbImage, String> {
     if let Some(b) = k.bbox {
         let bx = vaw_crop_box(b, img.width, img.height);
         if bx.2 <= bx.0 || bx.3 <= bx.1 {
-            return Err(format!(
-                "{}: instance_bbox {b:?} lies outside the {}x{} image",
-                k.path.display(),
-                img.width,
-                img.height
-            ));
+            let [x, y, w, h] = b;
+            let (iw, ih) = (img.width as f64, img.height as f64);
+            let overlaps = x < iw && y < ih && x + w > 0.0 && y + h > 0.0;
+            return Err(if overlaps {
+                format!(
+                    "{}: instance_bbox {b:?} rounds to the empty crop {bx:?} of the {}x{} image (the dilated box is under a pixel wide or tall): the template's box is the problem, not the image",
+                    k.path.display(),
+                    img.width,
+                    img.height
+                )
+            } else {
+                format!(
+                    "{}: instance_bbox {b:?} lies outside the {}x{} image: the template names another image, or this file is not the one it was made on",
+                    k.path.display(),
+                    img.width,
+                    img.height
+                )
+            });
         }
         if img.mode == Mode::P {
             // PIL would paste palette indices into a new palette image;
@@ -785,8 +797,19 @@ mod tests {
                 bbox: Some([10.0, 10.0, 10.0, 10.0]),
                 rgb_first: false,
             },
+            // Inside the image, but the dilated box rounds to no pixel.
+            ImageKey {
+                path: &p,
+                bbox: Some([50.2, 40.2, 0.1, 0.1]),
+                rgb_first: false,
+            },
         ];
         let out = load_batch(&keys, 16);
+        let empty = out[2].as_ref().unwrap_err();
+        assert!(
+            empty.contains("rounds to the empty crop") && empty.contains("not the image"),
+            "{empty}"
+        );
         assert!(out[0]
             .as_ref()
             .unwrap_err()

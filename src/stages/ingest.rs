@@ -367,9 +367,17 @@ enum Outcome {
 /// start another line.
 fn split_lines(bytes: &[u8]) -> Vec<&[u8]> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    // Classic Mac files end lines with CR alone: with no LF anywhere, CR
+    // is the line end (as pandas' reader takes it), not one giant line.
+    let end_byte =
+        if memchr::memchr(b'\n', bytes).is_none() && memchr::memchr(b'\r', bytes).is_some() {
+            b'\r'
+        } else {
+            b'\n'
+        };
     let mut out = Vec::new();
     let mut start = 0;
-    for end in memchr::memchr_iter(b'\n', bytes) {
+    for end in memchr::memchr_iter(end_byte, bytes) {
         out.push(&bytes[start..end]);
         start = end + 1;
     }
@@ -649,6 +657,9 @@ mod tests {
         assert_eq!(l, vec![&b"a\tb"[..], b"", b"c"]);
         assert_eq!(split_lines(b"x\n").len(), 1);
         assert!(split_lines(b"").is_empty());
+        // CR alone ends lines only in a file without LF.
+        assert_eq!(split_lines(b"a\rb\rc"), vec![&b"a"[..], b"b", b"c"]);
+        assert_eq!(split_lines(b"a\rb\nc"), vec![&b"a\rb"[..], b"c"]);
     }
 
     #[test]

@@ -425,3 +425,50 @@ fn large_sql_results_stream_in_bounded_memory() {
             .count();
     assert!(lines >= 20_000_000, "{lines} lines");
 }
+
+/// Messages that used to mislead: each names what is really wrong.
+#[test]
+fn unclear_cases_get_messages_that_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    // CR-only line ends: three captions, not one rejected line.
+    write(
+        &d.join("mac.tsv"),
+        "a dog on a bench\thttp://x.invalid/1.jpg\ra cat in a box\thttp://x.invalid/2.jpg\ra car on a road\thttp://x.invalid/3.jpg\r",
+    );
+    let m = ingest_manifest(d, "mac.tsv", "");
+    genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
+    let run = d.join("run");
+    let rows = crate::common::sql_csv(&run, "SELECT count(*) AS n FROM captions.captions");
+    assert_eq!(rows[1], "3", "{rows:?}");
+
+    // A bare table name that several stages have is ambiguous, not missing.
+    let m2 = crate::common::Manifest::new("t")
+        .stage("a", "ingest", &[], "path = \"mac.tsv\"")
+        .stage("b", "ingest", &[], "path = \"mac.tsv\"")
+        .write(&d.join("two"));
+    std::fs::copy(d.join("mac.tsv"), d.join("two/mac.tsv")).unwrap();
+    genecis(&["run", m2.to_str().unwrap(), "-q"]).ok();
+    let r = genecis(&["sql", m2.to_str().unwrap(), "SELECT count(*) FROM rejects"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("ambiguous") && r.stderr.contains("a.rejects"),
+        "{}",
+        r.stderr
+    );
+
+    // A template file with a byte-order mark says so.
+    let bom = d.join("focus_object.json");
+    let t = "{\"condition\": \"dog\", \"reference\": {\"val_image_id\": 1}, \"target\": {\"val_image_id\": 2}, \"gallery\": [{\"val_image_id\": 1}, {\"val_image_id\": 3}]}";
+    write(&bom, format!("\u{feff}[{t}]"));
+    let r = genecis(&["audit", bom.to_str().unwrap()]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("byte-order mark"), "{}", r.stderr);
+
+    // A reference that is also one of its own distractors is an audit finding.
+    write(&bom, format!("[{t}]"));
+    let r = genecis(&["audit", bom.to_str().unwrap()]);
+    r.ok();
+    assert!(r.stdout.contains("reference_in_gallery"), "{}", r.stdout);
+}

@@ -293,3 +293,20 @@ fn decode_crop_and_resize_match_the_original_bit_for_bit() {
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
+
+/// When the towers' projections disagree, the error names both: either may
+/// be the one that does not belong.
+#[test]
+fn disagreeing_projections_are_both_named() {
+    let mut sd = StateDict::load(&fixtures().join("vit_state.pt"), Device::Cpu).unwrap();
+    sd.tensors.insert(
+        "text_projection".into(),
+        Tensor::zeros([64, 16], (tch::Kind::Float, Device::Cpu)),
+    );
+    let e = Clip::new(sd).err().unwrap().to_string();
+    assert!(
+        e.contains("'text_projection' has shape [64, 16]")
+            && e.contains("visual.proj projects to 32"),
+        "{e}"
+    );
+}

@@ -146,7 +146,8 @@ pub(crate) struct Score;
 
 impl Stage for Score {
     const KIND: &'static str = "score";
-    const VERSION: &'static str = "2";
+    /// 3: the audit's `reference_in_gallery` check.
+    const VERSION: &'static str = "3";
     const ABOUT: &'static str =
         "templates + embeddings (+ Combiner) -> scores, results (R@1/2/3), report.md, results.png";
     type Params = ScoreParams;
