@@ -85,8 +85,8 @@ impl Stage for ImportParses {
     }
 
     fn validate(p: &ImportParams, _base: &Path) -> Vec<Finding> {
-        if p.repeat == 0 {
-            return vec![Finding::error("repeat", "must be at least 1")];
+        if p.repeat == 0 || p.repeat > 10_000 {
+            return vec![Finding::error("repeat", "use 1 to 10,000")];
         }
         Vec::new()
     }

@@ -122,6 +122,10 @@ pub(crate) struct MineParams {
     pub chunk_samples: u64,
 }
 
+/// The most triplets one stage mines: a billion rows, far beyond CC3M's
+/// recipe (1.6 M), still an allocation that fits.
+const MAX_SAMPLES: u64 = 1_000_000_000;
+
 impl Default for MineParams {
     /// The defaults of every param, in one place.
     fn default() -> Self {
@@ -176,8 +180,11 @@ impl Stage for Mine {
 
     fn validate(p: &MineParams, _base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
-        if p.num_samples == 0 {
-            out.push(Finding::error("num_samples", "must be at least 1"));
+        if p.num_samples == 0 || p.num_samples > MAX_SAMPLES {
+            out.push(Finding::error(
+                "num_samples",
+                format!("{}: use 1 to {MAX_SAMPLES}", p.num_samples),
+            ));
         }
         if p.chunk_samples == 0 {
             out.push(Finding::error("chunk_samples", "must be at least 1"));

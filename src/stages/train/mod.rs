@@ -139,7 +139,12 @@ impl Stage for Train {
                 out.push(Finding::error(f.to_string(), m.to_string()));
             }
         };
-        need(p.epochs >= 1, "epochs", "must be at least 1");
+        need(
+            (1..=100_000).contains(&p.epochs),
+            "epochs",
+            "use 1 to 100,000",
+        );
+        need(p.batch_size <= 1 << 20, "batch_size", "at most 1,048,576");
         need(
             p.batch_size >= 2,
             "batch_size",
