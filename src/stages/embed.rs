@@ -172,6 +172,12 @@ impl Stage for Embed {
         if p.chunk_size == 0 {
             out.push(Finding::error("chunk_size", "must be at least 1"));
         }
+        if p.batch_size > 65_536 || p.chunk_size > 10_000_000 {
+            out.push(Finding::error(
+                "batch_size",
+                "batch_size at most 65,536 and chunk_size at most 10,000,000",
+            ));
+        }
         if p.max_image_pixels == 0 {
             out.push(Finding::error("max_image_pixels", "must be at least 1"));
         }

@@ -146,11 +146,11 @@ impl Stage for Ingest {
                 "cannot tell the format from the file name; set format = \"cc3m-tsv\", \"jsonl\" or \"image-folder\"",
             ));
         }
-        if p.chunk_rows == 0 {
-            out.push(Finding::error("chunk_rows", "must be at least 1"));
+        if !(1..=10_000_000).contains(&p.chunk_rows) {
+            out.push(Finding::error("chunk_rows", "use 1 to 10,000,000"));
         }
-        if p.max_line_bytes < 16 {
-            out.push(Finding::error("max_line_bytes", "must be at least 16"));
+        if !(16..=1 << 30).contains(&p.max_line_bytes) {
+            out.push(Finding::error("max_line_bytes", "use 16 to 1 GiB"));
         }
         if let Err(m) = ImageName::parse(&p.image_name) {
             out.push(Finding::error("image_name", m));

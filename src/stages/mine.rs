@@ -186,8 +186,8 @@ impl Stage for Mine {
                 format!("{}: use 1 to {MAX_SAMPLES}", p.num_samples),
             ));
         }
-        if p.chunk_samples == 0 {
-            out.push(Finding::error("chunk_samples", "must be at least 1"));
+        if !(1..=100_000_000).contains(&p.chunk_samples) {
+            out.push(Finding::error("chunk_samples", "use 1 to 100,000,000"));
         }
         if p.max_attempts == 0 || p.max_target_redraws == 0 {
             out.push(Finding::error(

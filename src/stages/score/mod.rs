@@ -187,6 +187,12 @@ impl Stage for Score {
         if seen.len() != methods.len() {
             out.push(Finding::error("methods", "a method is listed twice"));
         }
+        if !(-1.0..=1.0).contains(&p.near_duplicate) {
+            out.push(Finding::error(
+                "near_duplicate",
+                "a cosine: between -1 and 1",
+            ));
+        }
         if !(0.0..=1.0).contains(&p.text_weight) {
             out.push(Finding::error("text_weight", "must be between 0 and 1"));
         }

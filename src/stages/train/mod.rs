@@ -167,10 +167,16 @@ impl Stage for Train {
             "must not be negative (0 turns clipping off)",
         );
         need(
-            p.projection_dim >= 1 && p.hidden_dim >= 1,
+            (1..=65_536).contains(&p.projection_dim) && (1..=65_536).contains(&p.hidden_dim),
             "projection_dim",
-            "layer sizes must be positive",
+            "layer sizes must be 1 to 65,536",
         );
+        need(
+            p.betas.iter().all(|b| (0.0..1.0).contains(b)),
+            "betas",
+            "each in [0, 1)",
+        );
+        need(p.eps > 0.0, "eps", "must be positive");
         need(
             p.finetune == Finetune::None || p.checkpoint.is_some(),
             "checkpoint",
