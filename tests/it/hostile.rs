@@ -286,11 +286,15 @@ fn hostile_strings_cannot_break_the_report_page() {
         &renamed,
         json.replace("\"cardboard\"", &serde_json::to_string(hostile).unwrap()),
     );
-    let m = eval_manifest(dir.path(), &w, false);
-    let text = std::fs::read_to_string(&m).unwrap().replace(
-        &w.coco_json.display().to_string(),
-        &renamed.display().to_string().replace('\\', "\\\\"),
-    );
+    let m = eval_manifest(dir.path(), &w, true);
+    // The Combiner's file name reaches the page's provenance.
+    let fx = crate::model::fixtures().join("combiner_state.pt");
+    let comb = dir.path().join("head <!--<script>.pt");
+    std::fs::copy(&fx, &comb).unwrap();
+    let text = std::fs::read_to_string(&m)
+        .unwrap()
+        .replace(&w.coco_json.display().to_string(), &renamed.display().to_string())
+        .replace(&fx.display().to_string(), &comb.display().to_string());
     write(&m, text);
     genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
     let page = dir.path().join("run/score/report.html");
@@ -298,6 +302,10 @@ fn hostile_strings_cannot_break_the_report_page() {
     let data = &html[html.find("id=\"data\">").unwrap()..];
     let data = &data[..data.find("</script>").unwrap()];
     assert!(!data[10..].contains('<'), "raw < in the embedded data");
+    assert!(
+        html.contains("head &lt;!--&lt;script&gt;.pt") || data.contains("head \\u003c!--"),
+        "the Combiner's file name is on the page"
+    );
     let Some(chrome) = crate::report::chromium() else {
         return;
     };
