@@ -7,6 +7,7 @@
 
 pub mod clip;
 pub mod combiner;
+pub(crate) mod decode;
 pub(crate) mod init;
 pub(crate) mod jpeg;
 pub mod optim;

@@ -31,7 +31,8 @@ use crate::framework::stage::{
     resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
 use crate::model::clip::Clip;
-use crate::model::preprocess::{load_batch, set_max_pixels, ImageKey, PILLOW_MAX_IMAGE_PIXELS};
+use crate::model::decode::{set_max_pixels, PILLOW_MAX_IMAGE_PIXELS};
+use crate::model::preprocess::{load_batch, ImageKey};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{select_device, with_precision, StateDict};
 use crate::tables::embeddings::{image_embeddings_schema, tensor_rows, text_embeddings_schema};
