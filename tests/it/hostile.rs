@@ -293,7 +293,10 @@ fn hostile_strings_cannot_break_the_report_page() {
     std::fs::copy(&fx, &comb).unwrap();
     let text = std::fs::read_to_string(&m)
         .unwrap()
-        .replace(&w.coco_json.display().to_string(), &renamed.display().to_string())
+        .replace(
+            &w.coco_json.display().to_string(),
+            &renamed.display().to_string(),
+        )
         .replace(&fx.display().to_string(), &comb.display().to_string());
     write(&m, text);
     genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
