@@ -5,6 +5,7 @@
 
 pub(crate) mod audit;
 pub(crate) mod rank;
+pub(crate) mod stats;
 pub(crate) mod template_file;
 
 use std::collections::HashMap;
@@ -302,6 +303,126 @@ pub(crate) struct Recall {
     pub n: u64,
     /// A global task (reported at K = 1, 5, 10).
     pub global: bool,
+    /// 95% bootstrap intervals of R@1, R@2, R@3 ([`stats`]); NaN until
+    /// [`with_intervals`] sets them.
+    pub ci: [(f64, f64); 3],
+}
+
+/// Per-template ranks of each (task, method), in template order: what the
+/// intervals and paired tests resample.
+pub(crate) type RankTable = HashMap<(String, &'static str), Vec<u32>>;
+
+/// Stable seed part for a name (tasks and methods seed their resamples).
+fn name_seed(s: &str) -> u64 {
+    let h = blake3::hash(s.as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// Hits at K of ranks.
+pub(crate) fn hits(ranks: &[u32], k: u32) -> Vec<bool> {
+    ranks.iter().map(|&r| r <= k).collect()
+}
+
+/// The ranks a recall row was computed from: its task's, or for
+/// `average` each GeneCIS task's (the strata the average is over).
+fn strata<'a>(
+    recalls: &[Recall],
+    ranks: &'a RankTable,
+    task: &str,
+    method: &'static str,
+) -> Vec<&'a [u32]> {
+    if task == "average" {
+        recalls
+            .iter()
+            .filter(|r| r.method == method && !r.global && r.task != "average")
+            .filter_map(|r| ranks.get(&(r.task.clone(), method)).map(Vec::as_slice))
+            .collect()
+    } else {
+        ranks
+            .get(&(task.to_string(), method))
+            .map(|v| vec![v.as_slice()])
+            .unwrap_or_default()
+    }
+}
+
+/// Sets every recall's 95% intervals at K = 1, 2, 3: a percentile
+/// bootstrap over the task's templates (`resamples`, seeded by `seed`, the
+/// task and the method), within each task for `average`.
+pub(crate) fn with_intervals(
+    recalls: &mut [Recall],
+    ranks: &RankTable,
+    resamples: usize,
+    seed: u64,
+) {
+    use rayon::prelude::*;
+    // Each row's resamples are seeded by its own names: the same intervals
+    // whatever the thread count.
+    let all = recalls.to_vec();
+    recalls.par_iter_mut().for_each(|r| {
+        let st = strata(&all, ranks, &r.task, r.method);
+        for (i, k) in [1u32, 2, 3].into_iter().enumerate() {
+            let h: Vec<Vec<bool>> = st.iter().map(|s| hits(s, k)).collect();
+            let refs: Vec<&[bool]> = h.iter().map(Vec::as_slice).collect();
+            let parts = [seed, name_seed(&r.task), name_seed(r.method), k as u64];
+            r.ci[i] = stats::recall_interval(&refs, resamples, &parts);
+        }
+    });
+}
+
+/// One row of the `paired` table.
+pub(crate) struct PairedRow {
+    pub task: String,
+    pub a: &'static str,
+    pub b: &'static str,
+    pub p: stats::Paired,
+}
+
+/// Every pair of methods on every task (and the average): the paired
+/// bootstrap interval of the difference in R@1 and McNemar's exact test.
+pub(crate) fn paired_rows(
+    recalls: &[Recall],
+    ranks: &RankTable,
+    resamples: usize,
+    seed: u64,
+) -> Vec<PairedRow> {
+    let mut tasks: Vec<&str> = Vec::new();
+    let mut methods: Vec<&'static str> = Vec::new();
+    for r in recalls {
+        if !tasks.contains(&r.task.as_str()) {
+            tasks.push(&r.task);
+        }
+        if !methods.contains(&r.method) {
+            methods.push(r.method);
+        }
+    }
+    use rayon::prelude::*;
+    let mut jobs = Vec::new();
+    for t in tasks {
+        for (i, &a) in methods.iter().enumerate() {
+            for &b in &methods[i + 1..] {
+                jobs.push((t, a, b));
+            }
+        }
+    }
+    jobs.par_iter()
+        .filter_map(|&(t, a, b)| {
+            let (sa, sb) = (strata(recalls, ranks, t, a), strata(recalls, ranks, t, b));
+            if sa.is_empty() || sa.len() != sb.len() {
+                return None;
+            }
+            let ha: Vec<Vec<bool>> = sa.iter().map(|s| hits(s, 1)).collect();
+            let hb: Vec<Vec<bool>> = sb.iter().map(|s| hits(s, 1)).collect();
+            let ra: Vec<&[bool]> = ha.iter().map(Vec::as_slice).collect();
+            let rb: Vec<&[bool]> = hb.iter().map(Vec::as_slice).collect();
+            let parts = [seed, name_seed(t), name_seed(a), name_seed(b)];
+            Some(PairedRow {
+                task: t.to_string(),
+                a,
+                b,
+                p: stats::paired(&ra, &rb, resamples, &parts),
+            })
+        })
+        .collect()
 }
 
 impl Recall {
@@ -315,6 +436,7 @@ impl Recall {
             }),
             n,
             global,
+            ci: [(f64::NAN, f64::NAN); 3],
         }
     }
 
@@ -490,6 +612,7 @@ pub(crate) fn evaluate(
                 at,
                 n: rs.iter().map(|r| r.n).sum(),
                 global: false,
+                ci: [(f64::NAN, f64::NAN); 3],
             });
         }
     }

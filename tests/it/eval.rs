@@ -961,3 +961,65 @@ fn odd_gallery_sizes_are_dropped_as_the_original_does() {
     .ok();
     assert_eq!(sql_csv(&m, "SELECT count(*) FROM templates")[1], "6");
 }
+
+/// Every recall has its 95% interval, which holds the recall; every pair
+/// of methods on every task has a paired row; the same run gives the same
+/// intervals (seeded resamples).
+#[test]
+fn results_carry_intervals_and_paired_tests_reproducibly() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = small_world(dir.path());
+    let m = manifest(dir.path(), &w, true);
+    genecis(&[
+        "run",
+        m.to_str().unwrap(),
+        "-q",
+        "--set",
+        "score.bootstrap=2000",
+    ])
+    .ok();
+    let run = dir.path().join("run");
+    let rows = sql_csv(
+        &run,
+        "SELECT task, method, recall_at_1, recall_at_1_lo, recall_at_1_hi, recall_at_3_lo, recall_at_3_hi FROM score.results ORDER BY task, method",
+    );
+    assert_eq!(rows.len(), 1 + 3 * 4, "{rows:?}");
+    for r in &rows[1..] {
+        let v: Vec<f64> = r.split(',').skip(2).map(|x| x.parse().unwrap()).collect();
+        assert!(
+            v[1] <= v[0] && v[0] <= v[2],
+            "R@1 outside its interval: {r}"
+        );
+        assert!(v[3] <= v[4], "{r}");
+    }
+    let paired = sql_csv(
+        &run,
+        "SELECT task, method_a, method_b, n, delta_recall_at_1, lo, hi, p_value FROM score.paired ORDER BY task, method_a, method_b",
+    );
+    // 3 tasks (two GeneCIS ones and their average) x C(4, 2) pairs.
+    assert_eq!(paired.len(), 1 + 3 * 6, "{paired:?}");
+    for r in &paired[1..] {
+        let v: Vec<f64> = r.split(',').skip(3).map(|x| x.parse().unwrap()).collect();
+        assert!(
+            v[2] <= v[1] && v[1] <= v[3],
+            "delta outside its interval: {r}"
+        );
+        assert!((0.0..=1.0).contains(&v[4]), "{r}");
+    }
+    let report = std::fs::read_to_string(run.join("score/report.md")).unwrap();
+    assert!(report.contains("Paired differences in R@1"), "{report}");
+    let before = std::fs::read(run.join("score/results/part-00000.parquet")).unwrap();
+    genecis(&[
+        "run",
+        m.to_str().unwrap(),
+        "-q",
+        "--set",
+        "score.bootstrap=2000",
+        "--only",
+        "score",
+        "--force",
+    ])
+    .ok();
+    let after = std::fs::read(run.join("score/results/part-00000.parquet")).unwrap();
+    assert_eq!(before, after, "the same run gives the same intervals");
+}

@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    ArrayRef, Float32Builder, Float64Builder, ListBuilder, StringBuilder, UInt32Builder,
-    UInt64Builder,
+    ArrayRef, Float32Builder, Float64Array, Float64Builder, ListBuilder, StringArray,
+    StringBuilder, UInt32Builder, UInt64Array, UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -39,7 +39,8 @@ use tch::Device;
 use crate::error::{Error, Result};
 use crate::eval::audit;
 use crate::eval::{
-    evaluate, read_galleries, read_templates, FeatureInput, Method, QueryConfig, Recall,
+    evaluate, paired_rows, read_galleries, read_templates, with_intervals, FeatureInput, Method,
+    PairedRow, QueryConfig, RankTable, Recall,
 };
 use crate::framework::stage::{
     resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
@@ -78,6 +79,28 @@ pub(crate) static RESULTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("recall_at_5", DataType::Float64, false),
         Field::new("recall_at_10", DataType::Float64, false),
         Field::new("n_templates", DataType::UInt64, false),
+        Field::new("recall_at_1_lo", DataType::Float64, true),
+        Field::new("recall_at_1_hi", DataType::Float64, true),
+        Field::new("recall_at_2_lo", DataType::Float64, true),
+        Field::new("recall_at_2_hi", DataType::Float64, true),
+        Field::new("recall_at_3_lo", DataType::Float64, true),
+        Field::new("recall_at_3_hi", DataType::Float64, true),
+    ]))
+});
+
+/// Every pair of methods on every task: the paired bootstrap interval of
+/// the difference in R@1 and the exact McNemar test.
+pub(crate) static PAIRED_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("task", DataType::Utf8, false),
+        Field::new("method_a", DataType::Utf8, false),
+        Field::new("method_b", DataType::Utf8, false),
+        Field::new("n", DataType::UInt64, false),
+        Field::new("delta_recall_at_1", DataType::Float64, false),
+        Field::new("lo", DataType::Float64, true),
+        Field::new("hi", DataType::Float64, true),
+        Field::new("p_value", DataType::Float64, false),
+        Field::new("test", DataType::Utf8, false),
     ]))
 });
 
@@ -104,6 +127,10 @@ pub(crate) struct ScoreParams {
     pub device: String,
     /// The audit's near-duplicate threshold: image cosine at or above it.
     pub near_duplicate: f64,
+    /// Bootstrap resamples of each interval (0: no intervals).
+    pub bootstrap: usize,
+    /// Seed of the resamples: the same run gives the same intervals.
+    pub seed: u64,
 }
 
 impl Default for ScoreParams {
@@ -118,6 +145,8 @@ impl Default for ScoreParams {
             model: Default::default(),
             device: "auto".into(),
             near_duplicate: 0.99,
+            bootstrap: 10_000,
+            seed: 0,
         }
     }
 }
@@ -146,8 +175,9 @@ pub(crate) struct Score;
 
 impl Stage for Score {
     const KIND: &'static str = "score";
-    /// 3: the audit's `reference_in_gallery` check.
-    const VERSION: &'static str = "3";
+    /// 3: the audit's `reference_in_gallery` check. 4: 95% intervals in
+    /// `results`, the `paired` table.
+    const VERSION: &'static str = "4";
     const ABOUT: &'static str =
         "templates + embeddings (+ Combiner) -> scores, results (R@1/2/3), report.md, results.png";
     type Params = ScoreParams;
@@ -172,6 +202,7 @@ impl Stage for Score {
             TableDef::new("results", RESULTS_SCHEMA.clone()),
             TableDef::new("recall_by_condition", browse::BY_CONDITION_SCHEMA.clone()),
             TableDef::new("audit", audit::AUDIT_SCHEMA.clone()),
+            TableDef::new("paired", PAIRED_SCHEMA.clone()),
         ]
     }
 
@@ -186,6 +217,12 @@ impl Stage for Score {
         seen.dedup();
         if seen.len() != methods.len() {
             out.push(Finding::error("methods", "a method is listed twice"));
+        }
+        if p.bootstrap > 1_000_000 {
+            out.push(Finding::error(
+                "bootstrap",
+                "at most 1,000,000 resamples (0 turns the intervals off)",
+            ));
         }
         if !(-1.0..=1.0).contains(&p.near_duplicate) {
             out.push(Finding::error(
@@ -313,7 +350,8 @@ impl Stage for Score {
         };
 
         let mut rows = ScoreRows::default();
-        let recalls = evaluate(
+        let mut ranks = RankTable::new();
+        let mut recalls = evaluate(
             &tasks,
             &img,
             &txt,
@@ -321,16 +359,27 @@ impl Stage for Score {
             &methods,
             combiner.as_ref(),
             device,
-            &mut |task, id, method, rank, sims, top| rows.push(task, id, method, rank, sims, top),
+            &mut |task, id, method, rank, sims, top| {
+                ranks
+                    .entry((task.to_string(), method.name()))
+                    .or_default()
+                    .push(rank);
+                rows.push(task, id, method, rank, sims, top)
+            },
         )?;
         let scores = rows.finish()?;
+        with_intervals(&mut recalls, &ranks, p.bootstrap, p.seed);
+        let paired = paired_rows(&recalls, &ranks, p.bootstrap, p.seed);
         let results = results_batch(&recalls)?;
         let title = format!(
             "GeneCIS, model {model}; image_plus_text on {} features, w_text = {}",
             p.image_plus_text_input.name(),
             p.text_weight
         );
-        let report = ctx.write_file("report.md", report::markdown(&title, &recalls).as_bytes())?;
+        let report = ctx.write_file(
+            "report.md",
+            report::markdown(&title, &recalls, &paired).as_bytes(),
+        )?;
         ctx.write_file(
             "results.png",
             &report::chart_png(&title, &recalls).map_err(fail)?,
@@ -367,6 +416,7 @@ impl Stage for Score {
                 browse::by_condition_batch(&by_condition)?,
             ),
             ("audit", audit::batch(&audit_rows)?),
+            ("paired", paired_batch(&paired)?),
         ]))
     }
 }
@@ -387,7 +437,43 @@ fn results_batch(recalls: &[Recall]) -> Result<RecordBatch> {
     let mut cols: Vec<ArrayRef> = vec![Arc::new(task.finish()), Arc::new(method.finish())];
     cols.extend(at.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
     cols.push(Arc::new(n.finish()));
+    for i in 0..3 {
+        let interval = |hi: bool| -> ArrayRef {
+            Arc::new(Float64Array::from_iter(recalls.iter().map(|r| {
+                let v = if hi { r.ci[i].1 } else { r.ci[i].0 };
+                v.is_finite().then_some(v)
+            })))
+        };
+        cols.push(interval(false));
+        cols.push(interval(true));
+    }
     Ok(RecordBatch::try_new(RESULTS_SCHEMA.clone(), cols)?)
+}
+
+fn paired_batch(rows: &[PairedRow]) -> Result<RecordBatch> {
+    let opt = |v: f64| v.is_finite().then_some(v);
+    Ok(RecordBatch::try_new(
+        PAIRED_SCHEMA.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.task.as_str()),
+            )) as ArrayRef,
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.a))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.b))),
+            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.p.n))),
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| r.p.delta),
+            )),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| opt(r.p.lo)))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| opt(r.p.hi)))),
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| r.p.p_value),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|_| "mcnemar_exact"),
+            )),
+        ],
+    )?)
 }
 
 /// Builders of the `scores` table.

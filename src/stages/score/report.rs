@@ -34,7 +34,7 @@ fn ks(rs: &[Recall], task: &str) -> [usize; 3] {
         .unwrap_or([1, 2, 3])
 }
 
-pub(crate) fn markdown(title: &str, rs: &[Recall]) -> String {
+pub(crate) fn markdown(title: &str, rs: &[Recall], paired: &[crate::eval::PairedRow]) -> String {
     let (tasks, methods) = axes(rs);
     let mut s = format!("# {title}\n\nRecall@K (%) per task: GeneCIS tasks at K = 1, 2, 3 (the target is candidate 0 of each template's 15); global tasks (CIRR, MIT-States) at K = 1, 5, 10 over the whole gallery, the reference left out.\n\n");
     s.push_str("| method |");
@@ -53,8 +53,23 @@ pub(crate) fn markdown(title: &str, rs: &[Recall]) -> String {
         for t in &tasks {
             match find(rs, t, m) {
                 Some(r) => {
-                    for (_, v) in r.shown() {
-                        s.push_str(&format!(" {:.1} |", 100.0 * v));
+                    for (i, (_, v)) in r.shown().into_iter().enumerate() {
+                        // The interval where it is the K the row shows.
+                        let (lo, hi) = if r.global && i > 0 {
+                            (f64::NAN, f64::NAN)
+                        } else {
+                            r.ci[i]
+                        };
+                        if lo.is_finite() {
+                            s.push_str(&format!(
+                                " {:.1} ({:.1}–{:.1}) |",
+                                100.0 * v,
+                                100.0 * lo,
+                                100.0 * hi
+                            ));
+                        } else {
+                            s.push_str(&format!(" {:.1} |", 100.0 * v));
+                        }
                     }
                 }
                 None => s.push_str(" | | |"),
@@ -66,6 +81,22 @@ pub(crate) fn markdown(title: &str, rs: &[Recall]) -> String {
     for t in &tasks {
         if let Some(r) = rs.iter().find(|r| r.task == *t) {
             s.push_str(&format!("| {t} | {} |\n", r.n));
+        }
+    }
+    if !paired.is_empty() {
+        s.push_str("\nIn brackets: 95% percentile-bootstrap intervals over the task's templates (the average resampled within each task).\n\n## Paired differences in R@1\n\nMethod a minus method b on the same templates: the paired bootstrap's 95% interval and McNemar's exact test; * marks p < 0.05.\n\n| task | a | b | Δ R@1 | 95% interval | p | |\n|---|---|---|---:|---:|---:|---|\n");
+        for r in paired {
+            s.push_str(&format!(
+                "| {} | {} | {} | {:+.1} | {:+.1} to {:+.1} | {:.3} | {} |\n",
+                r.task,
+                r.a,
+                r.b,
+                100.0 * r.p.delta,
+                100.0 * r.p.lo,
+                100.0 * r.p.hi,
+                r.p.p_value,
+                if r.p.p_value < 0.05 { "*" } else { "" }
+            ));
         }
     }
     s.push_str("\n![R@1 by task and method](results.png)\n");
