@@ -76,6 +76,7 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::ParseEval(a) => devtools::parse_eval(&a)?,
         Command::Bench(b) => devtools::bench(&b)?,
         Command::Audit(t) => print!("{}", genecis::cli::audit::audit_cli(&t)?),
+        Command::Compare(r) => print!("{}", genecis::cli::compare::compare(&r)?),
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::cli::compare::{CompareFormat, CompareRequest};
 use crate::cli::devtools::{BenchCmd, ParseEvalArgs};
 use crate::error::{Error, Result};
 use crate::framework::manifest::{Plan, SetOverride};
@@ -49,6 +50,41 @@ pub enum Cmd {
         /// Template .json files, or a manifest / workdir.
         targets: Vec<PathBuf>,
     },
+    /// Compare two runs' scores on the same templates: R@1 of each, the
+    /// paired difference with its interval, McNemar's p, templates won and lost.
+    Compare(CompareArgs),
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// A manifest, a workdir, or a score stage's folder.
+    a: PathBuf,
+    /// The other run.
+    b: PathBuf,
+    /// Only this method (default: every method both runs scored).
+    #[arg(long)]
+    method: Option<String>,
+    /// Only this task.
+    #[arg(long)]
+    task: Option<String>,
+    /// When the runs scored different templates, compare those both scored.
+    #[arg(long)]
+    common: bool,
+    #[arg(long, value_enum, default_value_t = CompareFormatArg::Table)]
+    format: CompareFormatArg,
+    /// Bootstrap resamples of each interval.
+    #[arg(long, default_value_t = 10_000)]
+    bootstrap: usize,
+    /// Seed of the resamples.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum CompareFormatArg {
+    Table,
+    Csv,
+    Json,
 }
 
 #[derive(Args)]
@@ -135,6 +171,7 @@ pub enum Command {
     ParseEval(ParseEvalArgs),
     Bench(BenchCmd),
     Audit(Vec<PathBuf>),
+    Compare(CompareRequest),
 }
 
 impl ManifestArgs {
@@ -205,6 +242,28 @@ impl Cmd {
             Cmd::ParseEval(a) => Command::ParseEval(a),
             Cmd::Bench(b) => Command::Bench(b),
             Cmd::Audit { targets } => Command::Audit(targets),
+            Cmd::Compare(a) => {
+                if a.bootstrap > 1_000_000 {
+                    return Err(Error::Usage {
+                        arg: "--bootstrap".into(),
+                        message: "at most 1,000,000 resamples".into(),
+                    });
+                }
+                Command::Compare(CompareRequest {
+                    a: a.a,
+                    b: a.b,
+                    method: a.method,
+                    task: a.task,
+                    common: a.common,
+                    format: match a.format {
+                        CompareFormatArg::Table => CompareFormat::Table,
+                        CompareFormatArg::Csv => CompareFormat::Csv,
+                        CompareFormatArg::Json => CompareFormat::Json,
+                    },
+                    bootstrap: a.bootstrap,
+                    seed: a.seed,
+                })
+            }
         })
     }
 }

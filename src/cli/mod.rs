@@ -3,4 +3,5 @@
 
 pub mod args;
 pub mod audit;
+pub mod compare;
 pub mod devtools;

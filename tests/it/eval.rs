@@ -1023,3 +1023,94 @@ fn results_carry_intervals_and_paired_tests_reproducibly() {
     let after = std::fs::read(run.join("score/results/part-00000.parquet")).unwrap();
     assert_eq!(before, after, "the same run gives the same intervals");
 }
+
+/// `genecis compare`: two runs on the same templates, per task and on the
+/// average; a run on other templates is refused with the counts, and
+/// compared on the common ones with --common.
+#[test]
+fn compare_two_runs_on_the_same_templates() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = small_world(dir.path());
+    let m = manifest(dir.path(), &w, false);
+    let m = m.to_str().unwrap();
+    let (ra, rb, rc) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    genecis(&["run", m, "-q", "--workdir", ra.to_str().unwrap()]).ok();
+    genecis(&[
+        "run",
+        m,
+        "-q",
+        "--workdir",
+        rb.to_str().unwrap(),
+        "--set",
+        "score.text_weight=0.9",
+    ])
+    .ok();
+    let r = genecis(&[
+        "compare",
+        ra.to_str().unwrap(),
+        rb.to_str().unwrap(),
+        "--format",
+        "csv",
+    ]);
+    r.ok();
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    // 3 methods x (2 tasks + their average).
+    assert_eq!(lines.len(), 1 + 3 * 3, "{}", r.stdout);
+    for l in &lines[1..] {
+        let f: Vec<&str> = l.split(',').collect();
+        if f[1] == "image_only" {
+            // The same queries in both runs: no difference at all.
+            assert_eq!(
+                (f[5], f[8], f[9], f[10]),
+                ("0.0000", "1.000000", "0", "0"),
+                "{l}"
+            );
+        }
+        let v: Vec<f64> = f[5..8].iter().map(|x| x.parse().unwrap()).collect();
+        assert!(v[1] <= v[0] && v[0] <= v[2], "{l}");
+    }
+    let table = genecis(&["compare", ra.to_str().unwrap(), rb.to_str().unwrap()]);
+    assert!(table.ok().stdout.contains("average"), "{}", table.stdout);
+
+    // Other templates: one template fewer in focus_object.
+    let json = std::fs::read_to_string(&w.coco_json).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let fewer = serde_json::Value::Array(v.as_array().unwrap()[..5].to_vec());
+    let other = dir.path().join("fewer.json");
+    write(&other, fewer.to_string());
+    let text = std::fs::read_to_string(m).unwrap().replace(
+        &w.coco_json.display().to_string(),
+        &other.display().to_string(),
+    );
+    let m2 = dir.path().join("fewer.toml");
+    write(&m2, text);
+    genecis(&[
+        "run",
+        m2.to_str().unwrap(),
+        "-q",
+        "--workdir",
+        rc.to_str().unwrap(),
+    ])
+    .ok();
+    let r = genecis(&["compare", ra.to_str().unwrap(), rc.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("different templates") && r.stderr.contains("1 only in A"),
+        "{}",
+        r.stderr
+    );
+    let r = genecis(&[
+        "compare",
+        ra.to_str().unwrap(),
+        rc.to_str().unwrap(),
+        "--common",
+        "--format",
+        "json",
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(&r.ok().stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 9);
+}
