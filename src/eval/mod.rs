@@ -8,7 +8,7 @@ pub(crate) mod rank;
 pub(crate) mod stats;
 pub(crate) mod template_file;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use arrow::array::{Array, AsArray};
@@ -593,30 +593,76 @@ pub(crate) fn evaluate(
             ));
         }
     }
-    let local: Vec<&TaskRows> = tasks.iter().filter(|t| t.global.is_none()).collect();
-    if local.len() > 1 {
-        for &method in methods {
-            let rs: Vec<&Recall> = recalls
-                .iter()
-                .filter(|r| r.method == method.name() && !r.global)
-                .collect();
-            let mut at = [0.0; 5];
-            for r in &rs {
-                for (a, v) in at.iter_mut().zip(r.at) {
-                    *a += v / rs.len() as f64;
-                }
+    let names: Vec<&'static str> = methods.iter().map(|m| m.name()).collect();
+    push_averages(&mut recalls, &names);
+    Ok(recalls)
+}
+
+/// The GeneCIS average per method (the mean of its GeneCIS tasks'
+/// recalls), when more than one GeneCIS task was scored.
+fn push_averages(recalls: &mut Vec<Recall>, methods: &[&'static str]) {
+    let local: BTreeSet<&str> = recalls
+        .iter()
+        .filter(|r| !r.global)
+        .map(|r| r.task.as_str())
+        .collect();
+    if local.len() < 2 {
+        return;
+    }
+    for &method in methods {
+        let rs: Vec<&Recall> = recalls
+            .iter()
+            .filter(|r| r.method == method && !r.global)
+            .collect();
+        let mut at = [0.0; 5];
+        for r in &rs {
+            for (a, v) in at.iter_mut().zip(r.at) {
+                *a += v / rs.len() as f64;
             }
-            recalls.push(Recall {
-                task: "average".into(),
-                method: method.name(),
-                at,
-                n: rs.iter().map(|r| r.n).sum(),
-                global: false,
-                ci: [(f64::NAN, f64::NAN); 3],
-            });
+        }
+        let n = rs.iter().map(|r| r.n).sum();
+        recalls.push(Recall {
+            task: "average".into(),
+            method,
+            at,
+            n,
+            global: false,
+            ci: [(f64::NAN, f64::NAN); 3],
+        });
+    }
+}
+
+/// The recalls of the templates `keep` accepts (by task and template id):
+/// the audited subset. `ids` holds each (task, method)'s template ids in
+/// the order of its ranks.
+pub(crate) fn subset_recalls(
+    recalls: &[Recall],
+    ranks: &RankTable,
+    ids: &RankTable,
+    keep: impl Fn(&str, u32) -> bool,
+) -> (Vec<Recall>, RankTable) {
+    let mut kept = RankTable::new();
+    let mut out = Vec::new();
+    let mut methods: Vec<&'static str> = Vec::new();
+    for r in recalls.iter().filter(|r| r.task != "average") {
+        let key = (r.task.clone(), r.method);
+        let (Some(rk), Some(id)) = (ranks.get(&key), ids.get(&key)) else {
+            continue;
+        };
+        let k: Vec<u32> = rk
+            .iter()
+            .zip(id)
+            .filter(|(_, &i)| keep(&r.task, i))
+            .map(|(&x, _)| x)
+            .collect();
+        out.push(Recall::from_ranks(&r.task, r.method, &k, r.global));
+        kept.insert(key, k);
+        if !methods.contains(&r.method) {
+            methods.push(r.method);
         }
     }
-    Ok(recalls)
+    push_averages(&mut out, &methods);
+    (out, kept)
 }
 
 /// A Combiner's recalls on the templates (what `train` selects by).

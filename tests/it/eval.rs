@@ -1114,3 +1114,55 @@ fn compare_two_runs_on_the_same_templates() {
     let rows: serde_json::Value = serde_json::from_str(&r.ok().stdout).unwrap();
     assert_eq!(rows.as_array().unwrap().len(), 9);
 }
+
+/// `exclude`: results gain `subset = "audited"` rows over the templates no
+/// excluded audit check flags, and they agree with the scores of exactly
+/// those templates.
+#[test]
+fn audited_subset_leaves_out_flagged_templates() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = small_world(dir.path());
+    let m = manifest(dir.path(), &w, false);
+    genecis(&[
+        "run",
+        m.to_str().unwrap(),
+        "-q",
+        "--set",
+        "score.exclude=[\"singleton_condition\"]",
+        "--set",
+        "score.bootstrap=500",
+    ])
+    .ok();
+    let run = dir.path().join("run");
+    let got = sql_csv(
+        &run,
+        "SELECT task, method, n_templates, recall_at_1 FROM score.results WHERE subset = 'audited' AND task <> 'average' ORDER BY task, method",
+    );
+    let want = sql_csv(
+        &run,
+        "SELECT s.task, s.method, count(*) AS n_templates, avg(CASE WHEN s.target_rank <= 1 THEN 1.0 ELSE 0.0 END) AS recall_at_1 \
+         FROM score.scores s WHERE NOT EXISTS (SELECT 1 FROM score.audit a WHERE a.task = s.task AND a.template_id = s.template_id AND a.\"check\" = 'singleton_condition') \
+         GROUP BY s.task, s.method ORDER BY s.task, s.method",
+    );
+    assert_eq!(got.len(), 1 + 2 * 3, "{got:?}");
+    assert_eq!(got, want);
+    // Both conditions' tasks lose their singletons: 6 -> 2 and 4 -> 2.
+    assert!(
+        got[1..].iter().all(|r| r.split(',').nth(2) == Some("2")),
+        "{got:?}"
+    );
+    let all = sql_csv(
+        &run,
+        "SELECT count(*) FROM score.results WHERE subset = 'all'",
+    );
+    assert_eq!(all[1], "9");
+    let r = genecis(&[
+        "run",
+        m.to_str().unwrap(),
+        "-q",
+        "--set",
+        "score.exclude=[\"no_such_check\"]",
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("no_such_check"), "{}", r.stderr);
+}

@@ -39,8 +39,8 @@ use tch::Device;
 use crate::error::{Error, Result};
 use crate::eval::audit;
 use crate::eval::{
-    evaluate, paired_rows, read_galleries, read_templates, with_intervals, FeatureInput, Method,
-    PairedRow, QueryConfig, RankTable, Recall,
+    evaluate, paired_rows, read_galleries, read_templates, subset_recalls, with_intervals,
+    FeatureInput, Method, PairedRow, QueryConfig, RankTable, Recall,
 };
 use crate::framework::stage::{
     resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
@@ -85,6 +85,7 @@ pub(crate) static RESULTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("recall_at_2_hi", DataType::Float64, true),
         Field::new("recall_at_3_lo", DataType::Float64, true),
         Field::new("recall_at_3_hi", DataType::Float64, true),
+        Field::new("subset", DataType::Utf8, false),
     ]))
 });
 
@@ -131,6 +132,10 @@ pub(crate) struct ScoreParams {
     pub bootstrap: usize,
     /// Seed of the resamples: the same run gives the same intervals.
     pub seed: u64,
+    /// Audit checks whose flagged templates are left out of a second set
+    /// of `results` rows, `subset = "audited"` (e.g.
+    /// `["target_among_distractors", "duplicate_in_gallery"]`).
+    pub exclude: Vec<String>,
 }
 
 impl Default for ScoreParams {
@@ -147,6 +152,7 @@ impl Default for ScoreParams {
             near_duplicate: 0.99,
             bootstrap: 10_000,
             seed: 0,
+            exclude: Vec::new(),
         }
     }
 }
@@ -217,6 +223,17 @@ impl Stage for Score {
         seen.dedup();
         if seen.len() != methods.len() {
             out.push(Finding::error("methods", "a method is listed twice"));
+        }
+        for c in &p.exclude {
+            if !audit::CHECKS.contains(&c.as_str()) {
+                out.push(Finding::error(
+                    "exclude",
+                    format!(
+                        "'{c}' is not an audit check; the checks: {}",
+                        audit::CHECKS.join(", ")
+                    ),
+                ));
+            }
         }
         if p.bootstrap > 1_000_000 {
             out.push(Finding::error(
@@ -351,6 +368,7 @@ impl Stage for Score {
 
         let mut rows = ScoreRows::default();
         let mut ranks = RankTable::new();
+        let mut ids = RankTable::new();
         let mut recalls = evaluate(
             &tasks,
             &img,
@@ -364,22 +382,68 @@ impl Stage for Score {
                     .entry((task.to_string(), method.name()))
                     .or_default()
                     .push(rank);
+                ids.entry((task.to_string(), method.name()))
+                    .or_default()
+                    .push(id);
                 rows.push(task, id, method, rank, sims, top)
             },
         )?;
         let scores = rows.finish()?;
         with_intervals(&mut recalls, &ranks, p.bootstrap, p.seed);
         let paired = paired_rows(&recalls, &ranks, p.bootstrap, p.seed);
-        let results = results_batch(&recalls)?;
+        // The audit flags templates from the scores; the audited subset
+        // leaves out those the excluded checks flag.
+        let browse = browse::Browse::new(&tasks, &img, &scores, &methods)?;
+        let audit_rows = browse.audit(p.near_duplicate as f32);
+        let audited = (!p.exclude.is_empty()).then(|| {
+            let flagged: std::collections::HashSet<(&str, u32)> = audit_rows
+                .iter()
+                .filter(|r| p.exclude.iter().any(|c| c == r.check))
+                .map(|r| (r.task.as_str(), r.template_id))
+                .collect();
+            let (mut sub, kept) =
+                subset_recalls(&recalls, &ranks, &ids, |t, i| !flagged.contains(&(t, i)));
+            with_intervals(&mut sub, &kept, p.bootstrap, p.seed);
+            sub
+        });
+        let mut results = results_batch(&recalls, "all")?;
+        if let Some(sub) = &audited {
+            results = arrow::compute::concat_batches(
+                &RESULTS_SCHEMA,
+                &[results, results_batch(sub, "audited")?],
+            )?;
+            // Templates of one method (every method scores the same ones).
+            let n = |rs: &[Recall]| -> u64 {
+                let first = rs.first().map(|r| r.method);
+                rs.iter()
+                    .filter(|r| r.task != "average" && Some(r.method) == first)
+                    .map(|r| r.n)
+                    .sum()
+            };
+            ctx.note(format!(
+                "audited subset without {}: {} of {} templates",
+                p.exclude.join(", "),
+                n(sub),
+                n(&recalls)
+            ));
+        }
         let title = format!(
             "GeneCIS, model {model}; image_plus_text on {} features, w_text = {}",
             p.image_plus_text_input.name(),
             p.text_weight
         );
-        let report = ctx.write_file(
-            "report.md",
-            report::markdown(&title, &recalls, &paired).as_bytes(),
-        )?;
+        let mut md = report::markdown(&title, &recalls, &paired);
+        if let Some(sub) = &audited {
+            md.push_str(&report::markdown(
+                &format!(
+                    "Audited subset: without the templates {} flag",
+                    p.exclude.join(", ")
+                ),
+                sub,
+                &[],
+            ));
+        }
+        let report = ctx.write_file("report.md", md.as_bytes())?;
         ctx.write_file(
             "results.png",
             &report::chart_png(&title, &recalls).map_err(fail)?,
@@ -387,9 +451,7 @@ impl Stage for Score {
         for line in report::text_table(&recalls).lines() {
             ctx.note(line);
         }
-        let browse = browse::Browse::new(&tasks, &img, &scores, &methods)?;
         let by_condition = browse.by_condition();
-        let audit_rows = browse.audit(p.near_duplicate as f32);
         for (check, n) in audit::counts(&audit_rows) {
             if n > 0 {
                 ctx.note(format!("audit: {check}: {n} finding(s)"));
@@ -421,7 +483,7 @@ impl Stage for Score {
     }
 }
 
-fn results_batch(recalls: &[Recall]) -> Result<RecordBatch> {
+fn results_batch(recalls: &[Recall], subset: &str) -> Result<RecordBatch> {
     let mut task = StringBuilder::new();
     let mut method = StringBuilder::new();
     let mut at: [Float64Builder; 5] = Default::default();
@@ -447,6 +509,9 @@ fn results_batch(recalls: &[Recall]) -> Result<RecordBatch> {
         cols.push(interval(false));
         cols.push(interval(true));
     }
+    cols.push(Arc::new(StringArray::from_iter_values(
+        recalls.iter().map(|_| subset),
+    )));
     Ok(RecordBatch::try_new(RESULTS_SCHEMA.clone(), cols)?)
 }
 
