@@ -166,10 +166,24 @@ fn results_table(p: &Page) -> String {
             ));
             let vals: Vec<Option<f64>> = rs.iter().map(|r| r.map(|r| r.shown()[i].1)).collect();
             let best = vals.iter().flatten().cloned().fold(f64::MIN, f64::max);
-            for v in vals {
+            for (v, r) in vals.into_iter().zip(&rs) {
+                // The 95% interval where it is of the K shown.
+                let ci = r
+                    .filter(|r| !(r.global && i > 0))
+                    .map(|r| r.ci[i])
+                    .filter(|c| c.0.is_finite());
+                let ci = ci
+                    .map(|(lo, hi)| {
+                        format!(
+                            " <small class=\"ci\">{:.1}–{:.1}</small>",
+                            100.0 * lo,
+                            100.0 * hi
+                        )
+                    })
+                    .unwrap_or_default();
                 match v {
                     Some(v) => s.push_str(&format!(
-                        "<td{}>{:.1}</td>",
+                        "<td{}>{:.1}{ci}</td>",
                         if v == best { " class=\"best\"" } else { "" },
                         100.0 * v
                     )),

@@ -154,7 +154,17 @@ pub(crate) fn chart_png(title: &str, rs: &[Recall]) -> Result<Vec<u8>, String> {
     let (left, right, top, bottom) = (70i64, 20i64, 60i64, 90i64);
     let plot_h = h as i64 - top - bottom;
     let plot_w = w as i64 - left - right;
-    let max = rs.iter().map(|r| r.at[0]).fold(0.0f64, f64::max);
+    // The axis holds the bars and their intervals' tops.
+    let max = rs
+        .iter()
+        .map(|r| {
+            r.at[0].max(if r.ci[0].1.is_finite() {
+                r.ci[0].1
+            } else {
+                0.0
+            })
+        })
+        .fold(0.0f64, f64::max);
     // Axis top: the next 10% step above the best bar.
     let ymax = ((max * 10.0).floor() + 1.0).min(10.0) / 10.0;
     let y_of = |v: f64| top + plot_h - (v / ymax * plot_h as f64).round() as i64;
@@ -203,6 +213,20 @@ pub(crate) fn chart_png(title: &str, rs: &[Recall]) -> Result<Vec<u8>, String> {
                     top + plot_h - y,
                     COLORS[mi % COLORS.len()],
                 );
+                // The 95% interval as an error bar: a line with caps.
+                let (lo, hi) = r.ci[0];
+                let y = if lo.is_finite() && hi.is_finite() {
+                    let (ylo, yhi) = (y_of(lo), y_of(hi));
+                    let cx = x + bar_w / 2;
+                    let cap = (bar_w / 4).max(2);
+                    let ink = [30, 30, 30];
+                    rect(&mut img, cx, yhi, 1, (ylo - yhi).max(1), ink);
+                    rect(&mut img, cx - cap / 2, yhi, cap, 1, ink);
+                    rect(&mut img, cx - cap / 2, ylo, cap, 1, ink);
+                    y.min(yhi)
+                } else {
+                    y
+                };
                 let label = format!("{:.1}", 100.0 * r.at[0]);
                 let sc = if 12 * label.len() as i64 <= bar_w {
                     2
