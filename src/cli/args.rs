@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cli::compare::{CompareFormat, CompareRequest};
+use crate::cli::contamination::ContaminationRequest;
 use crate::cli::devtools::{BenchCmd, ParseEvalArgs};
 use crate::error::{Error, Result};
 use crate::framework::manifest::{Plan, SetOverride};
@@ -53,6 +54,36 @@ pub enum Cmd {
     /// Compare two runs' scores on the same templates: R@1 of each, the
     /// paired difference with its interval, McNemar's p, templates won and lost.
     Compare(CompareArgs),
+    /// Evaluation images a model may have seen in training: exact duplicates
+    /// (decoded pixels) and near duplicates (embedding cosine) between a
+    /// training run's and an evaluation run's embed stages.
+    Contamination(ContaminationArgs),
+}
+
+#[derive(Args)]
+pub struct ContaminationArgs {
+    /// The training run's embed stage folder (<workdir>/<stage>, run on triplets).
+    train: PathBuf,
+    /// The evaluation run's embed stage folder (run on templates).
+    eval: PathBuf,
+    /// Cosine from which two images count as near duplicates.
+    #[arg(long, default_value_t = 0.95)]
+    threshold: f64,
+    /// Training images per matrix product.
+    #[arg(long, default_value_t = 65_536)]
+    block: usize,
+    /// Write the table (eval_key, train_image_id, cosine, kind) to FILE.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = TableFileArg::Parquet)]
+    format: TableFileArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum TableFileArg {
+    Parquet,
+    Csv,
+    Json,
 }
 
 #[derive(Args)]
@@ -172,6 +203,7 @@ pub enum Command {
     Bench(BenchCmd),
     Audit(Vec<PathBuf>),
     Compare(CompareRequest),
+    Contamination(ContaminationRequest),
 }
 
 impl ManifestArgs {
@@ -242,6 +274,26 @@ impl Cmd {
             Cmd::ParseEval(a) => Command::ParseEval(a),
             Cmd::Bench(b) => Command::Bench(b),
             Cmd::Audit { targets } => Command::Audit(targets),
+            Cmd::Contamination(a) => {
+                if !(-1.0..=1.0).contains(&a.threshold) || a.block == 0 {
+                    return Err(Error::Usage {
+                        arg: "--threshold".into(),
+                        message: "a cosine between -1 and 1, and --block at least 1".into(),
+                    });
+                }
+                Command::Contamination(ContaminationRequest {
+                    train: a.train,
+                    eval: a.eval,
+                    threshold: a.threshold,
+                    block: a.block,
+                    out: a.out,
+                    format: match a.format {
+                        TableFileArg::Parquet => OutputFormat::Parquet,
+                        TableFileArg::Csv => OutputFormat::Csv,
+                        TableFileArg::Json => OutputFormat::Json,
+                    },
+                })
+            }
             Cmd::Compare(a) => {
                 if a.bootstrap > 1_000_000 {
                     return Err(Error::Usage {

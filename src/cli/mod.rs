@@ -4,4 +4,5 @@
 pub mod args;
 pub mod audit;
 pub mod compare;
+pub mod contamination;
 pub mod devtools;

@@ -271,3 +271,84 @@ fn reduced_demo_runs_end_to_end() {
     ));
     assert!(text.contains("built VisionTransformer 64"), "{text}");
 }
+
+/// `genecis contamination` between a training embed stage (triplets) and
+/// an evaluation one (templates) of the generated world: the world shares
+/// no image between its training and held-out scenes, so no exact
+/// duplicate; a training image overwritten with an evaluation image is
+/// found, by pixels and with cosine 1.
+#[test]
+fn contamination_finds_planted_duplicates_and_none_in_a_clean_world() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vit = crate::model::fixtures().join("vit_state.pt");
+    let embed = format!(
+        "checkpoint = \"{}\", model = \"tiny\", device = \"cpu\", batch_size = 32",
+        vit.display()
+    );
+    let m = crate::common::Manifest::new("contamination")
+        .stage(
+            "world",
+            "synth",
+            &[],
+            "train_scenes = 300, heldout_scenes = 40, templates_per_task = 4, image_size = 32",
+        )
+        .stage("captions", "ingest", &["world"], "format = \"cc3m-tsv\"")
+        .stage("graphs", "parse", &["captions"], "")
+        .stage(
+            "triplets",
+            "mine",
+            &["graphs.relations"],
+            "num_samples = 60, concreteness_threshold = \"none\"",
+        )
+        .stage("features", "embed", &["triplets", "captions"], &embed)
+        .stage("templates", "templates", &["world"], "")
+        .stage("eval_features", "embed", &["templates"], &embed)
+        .write(tmp.path());
+    let m = m.to_str().unwrap();
+    let run = tmp.path().join("run");
+    let check = || {
+        let out = tmp.path().join("c.csv");
+        let r = genecis(&[
+            "contamination",
+            run.join("features").to_str().unwrap(),
+            run.join("eval_features").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--format",
+            "csv",
+        ]);
+        r.ok();
+        (r.stdout, std::fs::read_to_string(out).unwrap())
+    };
+    genecis(&["run", m, "-q"]).ok();
+    let (summary, table) = check();
+    assert!(summary.contains(" 0 exact duplicate pair(s)"), "{summary}");
+    assert!(!table.contains(",exact"), "{table}");
+    assert!(
+        summary.contains("templates touch a training image"),
+        "{summary}"
+    );
+
+    // Plant: a training image of the triplets becomes an evaluation image.
+    let id = sql_csv(&run, "SELECT min(ref_image_id) FROM triplets.triplets")[1].clone();
+    let path = sql_csv(
+        &run,
+        &format!("SELECT image_path FROM captions.captions WHERE image_id = {id}"),
+    )[1]
+    .clone();
+    let eval_img = sql_csv(
+        &run,
+        "SELECT path FROM templates.image_keys WHERE bbox_x IS NULL ORDER BY image_key LIMIT 1",
+    )[1]
+    .clone();
+    std::fs::copy(&eval_img, &path).unwrap();
+    genecis(&["run", m, "-q", "--from", "features"]).ok();
+    let (summary, table) = check();
+    let row = table
+        .lines()
+        .find(|l| l.contains(&format!(",{id},")) && l.ends_with(",exact"))
+        .unwrap_or_else(|| panic!("no exact row for image {id}:\n{table}"));
+    let cosine: f64 = row.split(',').nth(2).unwrap().parse().unwrap();
+    assert!(cosine > 0.999, "{row}");
+    assert!(!summary.contains(" 0 exact duplicate pair(s)"), "{summary}");
+}
