@@ -223,6 +223,7 @@ impl<'a> Browse<'a> {
         recalls: &[Recall],
         by_condition: &[ConditionRecall],
         audit_rows: &[AuditRow],
+        paired: &[crate::eval::PairedRow],
         combiner: &Option<PathBuf>,
     ) -> Result<PathBuf> {
         let key_rows = match ctx.optional_input("image_keys") {
@@ -273,6 +274,7 @@ impl<'a> Browse<'a> {
             cards,
             by_condition,
             audit: audit_rows,
+            paired,
             provenance: provenance(ctx, combiner),
             manifest_text: std::fs::read_to_string(ctx.manifest).unwrap_or_default(),
         };

@@ -45,6 +45,8 @@ pub(crate) struct Page<'a> {
     pub cards: Vec<Card>,
     pub by_condition: &'a [ConditionRecall],
     pub audit: &'a [AuditRow],
+    /// Paired differences in R@1 between methods, with their tests.
+    pub paired: &'a [crate::eval::PairedRow],
     pub provenance: Vec<(String, String)>,
     pub manifest_text: String,
 }
@@ -136,6 +138,33 @@ pub(crate) fn write_thumbnails(
         })
         .collect();
     Ok(made.into_iter().flatten().collect())
+}
+
+/// The paired differences, significant ones (p < 0.05) marked.
+fn paired_table(p: &Page) -> String {
+    if p.paired.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "<h3>Paired differences in R@1</h3><p class=\"legend\">a minus b on the same templates: the paired bootstrap's 95% interval and McNemar's exact test; <b>*</b> marks p &lt; 0.05.</p><table class=\"res\" id=\"paired\"><tr><th>task</th><th>a</th><th>b</th><th>&Delta; R@1</th><th>95% interval</th><th>p</th><th></th></tr>",
+    );
+    for r in p.paired {
+        let sig = r.p.p_value < 0.05;
+        s.push_str(&format!(
+            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{:+.1}</td><td>{:+.1} to {:+.1}</td><td>{:.3}</td><td>{}</td></tr>",
+            if sig { " class=\"sig\"" } else { "" },
+            esc(&r.task),
+            esc(r.a),
+            esc(r.b),
+            100.0 * r.p.delta,
+            100.0 * r.p.lo,
+            100.0 * r.p.hi,
+            r.p.p_value,
+            if sig { "*" } else { "" }
+        ));
+    }
+    s.push_str("</table>");
+    s
 }
 
 fn results_table(p: &Page) -> String {
@@ -376,6 +405,7 @@ pub(crate) fn render(p: &Page, thumbs: &HashMap<String, (String, Option<String>)
     html.push_str("</h1><nav><a href=\"#view=cards\">summary and templates</a> · <a href=\"#view=cards&summary=0\">templates only</a> · <a href=\"#view=compare&summary=0\">compare two methods</a> · <a href=\"report.md\">report.md</a></nav>");
     html.push_str("<section id=\"summary\"><h2>Results (%)</h2>");
     html.push_str(&results_table(p));
+    html.push_str(&paired_table(p));
     html.push_str("<p><img src=\"results.png\" alt=\"results chart\" class=\"chart\"></p><h2>Recall by condition</h2>");
     html.push_str(&condition_chart(p));
     html.push_str("<h2>Audit</h2>");

@@ -463,6 +463,7 @@ impl Stage for Score {
             &recalls,
             &by_condition,
             &audit_rows,
+            &paired,
             &comb_path,
         )?;
         ctx.note(format!(
