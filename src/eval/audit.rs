@@ -10,7 +10,9 @@
 //! - `all_methods_fail_at_3`: every method scored ranks the target below 3;
 //! - `singleton_condition`: the condition occurs once in its task;
 //! - `reference_in_gallery`: the reference image is also a distractor (or
-//!   the target), so image-only retrieval finds a perfect match.
+//!   the target), so image-only retrieval finds a perfect match;
+//! - `contaminated`: an image of the template is in a `genecis
+//!   contamination` table (score's `contamination` param).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock};
@@ -20,7 +22,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::error::Result;
 
-pub(crate) const CHECKS: [&str; 7] = [
+pub(crate) const CHECKS: [&str; 8] = [
+    "contaminated",
     "reference_in_gallery",
     "duplicate_in_gallery",
     "target_among_distractors",

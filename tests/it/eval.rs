@@ -1009,7 +1009,10 @@ fn results_carry_intervals_and_paired_tests_reproducibly() {
     let report = std::fs::read_to_string(run.join("score/report.md")).unwrap();
     assert!(report.contains("Paired differences in R@1"), "{report}");
     let html = std::fs::read_to_string(run.join("score/report.html")).unwrap();
-    assert!(html.contains("id=\"paired\""), "report.html lists the pairs");
+    assert!(
+        html.contains("id=\"paired\""),
+        "report.html lists the pairs"
+    );
     let before = std::fs::read(run.join("score/results/part-00000.parquet")).unwrap();
     genecis(&[
         "run",

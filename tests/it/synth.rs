@@ -303,6 +303,12 @@ fn contamination_finds_planted_duplicates_and_none_in_a_clean_world() {
         .stage("features", "embed", &["triplets", "captions"], &embed)
         .stage("templates", "templates", &["world"], "")
         .stage("eval_features", "embed", &["templates"], &embed)
+        .stage(
+            "score",
+            "score",
+            &["templates", "eval_features"],
+            "device = \"cpu\", bootstrap = 200",
+        )
         .write(tmp.path());
     let m = m.to_str().unwrap();
     let run = tmp.path().join("run");
@@ -351,4 +357,43 @@ fn contamination_finds_planted_duplicates_and_none_in_a_clean_world() {
     let cosine: f64 = row.split(',').nth(2).unwrap().parse().unwrap();
     assert!(cosine > 0.999, "{row}");
     assert!(!summary.contains(" 0 exact duplicate pair(s)"), "{summary}");
+
+    // Only the exact pairs, as Parquet, fed to score: the templates that
+    // use the planted image are flagged and left out of the audited rows.
+    let exact = tmp.path().join("exact.parquet");
+    let r = genecis(&[
+        "contamination",
+        run.join("features").to_str().unwrap(),
+        run.join("eval_features").to_str().unwrap(),
+        "--threshold",
+        "1.0",
+        "--out",
+        exact.to_str().unwrap(),
+    ]);
+    r.ok();
+    genecis(&[
+        "run",
+        m,
+        "-q",
+        "--set",
+        &format!("score.contamination=\"{}\"", exact.display()),
+        "--set",
+        "score.exclude=[\"contaminated\"]",
+    ])
+    .ok();
+    let flagged = sql_csv(
+        &run,
+        "SELECT count(*) FROM score.audit WHERE \"check\" = 'contaminated'",
+    );
+    let flagged: u64 = flagged[1].parse().unwrap();
+    assert!(flagged >= 1, "the planted image's templates are flagged");
+    let n = |subset: &str| -> u64 {
+        sql_csv(
+            &run,
+            &format!("SELECT sum(n_templates) FROM score.results WHERE subset = '{subset}' AND task <> 'average' AND method = 'image_only'"),
+        )[1]
+        .parse()
+        .unwrap()
+    };
+    assert_eq!(n("all") - n("audited"), flagged);
 }

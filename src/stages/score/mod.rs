@@ -136,6 +136,10 @@ pub(crate) struct ScoreParams {
     /// of `results` rows, `subset = "audited"` (e.g.
     /// `["target_among_distractors", "duplicate_in_gallery"]`).
     pub exclude: Vec<String>,
+    /// A `genecis contamination --out` table: templates that touch one of
+    /// its evaluation images get the audit finding `contaminated` (leave
+    /// them out with `exclude = ["contaminated"]`).
+    pub contamination: Option<PathBuf>,
 }
 
 impl Default for ScoreParams {
@@ -153,6 +157,7 @@ impl Default for ScoreParams {
             bootstrap: 10_000,
             seed: 0,
             exclude: Vec::new(),
+            contamination: None,
         }
     }
 }
@@ -271,10 +276,17 @@ impl Stage for Score {
     }
 
     fn files(p: &ScoreParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
-        p.combiner
+        let mut v: Vec<(&'static str, PathBuf)> = p
+            .combiner
             .iter()
             .map(|c| ("combiner", resolve_path(base, c)))
-            .collect()
+            .collect();
+        v.extend(
+            p.contamination
+                .iter()
+                .map(|c| ("contamination", resolve_path(base, c))),
+        );
+        v
     }
 
     fn check(p: &ScoreParams, base: &Path) -> Vec<Finding> {
@@ -394,7 +406,10 @@ impl Stage for Score {
         // The audit flags templates from the scores; the audited subset
         // leaves out those the excluded checks flag.
         let browse = browse::Browse::new(&tasks, &img, &scores, &methods)?;
-        let audit_rows = browse.audit(p.near_duplicate as f32);
+        let mut audit_rows = browse.audit(p.near_duplicate as f32);
+        if let Some(c) = &p.contamination {
+            audit_rows.extend(contaminated(&ctx.resolve(c), ctx.input("templates")?)?);
+        }
         let audited = (!p.exclude.is_empty()).then(|| {
             let flagged: std::collections::HashSet<(&str, u32)> = audit_rows
                 .iter()
@@ -595,4 +610,68 @@ impl ScoreRows {
             ],
         )?)
     }
+}
+
+/// `contaminated` audit rows: templates whose reference, target or
+/// distractors include an evaluation image of a contamination table.
+fn contaminated(table: &Path, templates: &Path) -> Result<Vec<audit::AuditRow>> {
+    use arrow::array::{Array, AsArray};
+    let bad = |m: String| Error::BadInputFile {
+        what: "contamination table",
+        path: table.to_path_buf(),
+        message: m,
+        advice: "give the Parquet file that `genecis contamination --out` wrote",
+    };
+    let file = std::fs::File::open(table).map_err(|e| bad(e.to_string()))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| bad(e.to_string()))?;
+    let mut flagged = std::collections::BTreeSet::new();
+    for b in reader {
+        let b = b.map_err(|e| bad(e.to_string()))?;
+        let k = b
+            .column_by_name("eval_key")
+            .ok_or_else(|| bad("no eval_key column".into()))?
+            .as_string_opt::<i32>()
+            .ok_or_else(|| bad("eval_key is not text".into()))?
+            .clone();
+        flagged.extend(k.iter().flatten().map(str::to_string));
+    }
+    let mut out = Vec::new();
+    for b in crate::framework::store::read_table(templates)? {
+        let col = |n: &str| crate::framework::store::column(&b, n).cloned();
+        let (task, id, r, t, g) = (
+            col("task")?,
+            col("template_id")?,
+            col("reference_key")?,
+            col("target_key")?,
+            col("gallery_keys")?,
+        );
+        let (task, id) = (
+            task.as_string::<i32>(),
+            id.as_primitive::<arrow::datatypes::UInt32Type>(),
+        );
+        let (r, t, g) = (
+            r.as_string::<i32>(),
+            t.as_string::<i32>(),
+            g.as_list::<i32>(),
+        );
+        for i in 0..b.num_rows() {
+            let gl = g.value(i);
+            let gl = gl.as_string::<i32>();
+            let hit = std::iter::once(r.value(i))
+                .chain(t.is_valid(i).then(|| t.value(i)))
+                .chain((0..gl.len()).map(|j| gl.value(j)))
+                .find(|k| flagged.contains(*k));
+            if let Some(k) = hit {
+                out.push(audit::AuditRow {
+                    task: task.value(i).to_string(),
+                    template_id: id.value(i),
+                    check: "contaminated",
+                    detail: format!("{k} is in the contamination table"),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
