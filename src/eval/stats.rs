@@ -35,7 +35,7 @@ fn resample(rng: &mut Rng, sizes: &[usize]) -> Vec<Vec<usize>> {
 /// over tasks, resampled within each task as the average is computed).
 pub(crate) fn recall_interval(strata: &[&[bool]], resamples: usize, seed: &[u64]) -> (f64, f64) {
     let sizes: Vec<usize> = strata.iter().map(|s| s.len()).collect();
-    if sizes.iter().any(|&n| n == 0) || resamples == 0 {
+    if sizes.contains(&0) || resamples == 0 {
         return (f64::NAN, f64::NAN);
     }
     let mut rng = Rng::new(seed);
@@ -85,7 +85,7 @@ pub(crate) fn paired(a: &[&[bool]], b: &[&[bool]], resamples: usize, seed: &[u64
             }
         }
     }
-    let (lo, hi) = if sizes.iter().any(|&n| n == 0) || resamples == 0 {
+    let (lo, hi) = if sizes.contains(&0) || resamples == 0 {
         (f64::NAN, f64::NAN)
     } else {
         let mut rng = Rng::new(seed);

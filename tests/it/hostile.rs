@@ -15,6 +15,8 @@ const BOMB_RSS_MIB: f64 = 1024.0;
 
 /// Runs the binary and returns its result with its own peak RSS (MiB),
 /// from `wait4` on that child alone.
+// The child is reaped by wait4, which std's Child does not know of.
+#[allow(clippy::zombie_processes)]
 fn measured(args: &[&str]) -> (Res, f64) {
     let dir = tempfile::tempdir().unwrap();
     let (out, err) = (dir.path().join("out"), dir.path().join("err"));

@@ -216,6 +216,7 @@ impl<'a> Browse<'a> {
     }
 
     /// Writes `report.html` and its thumbnails into the stage folder.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn write_html(
         &self,
         ctx: &StageContext,
