@@ -77,6 +77,9 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::Bench(b) => devtools::bench(&b)?,
         Command::Audit(t) => print!("{}", genecis::cli::audit::audit_cli(&t)?),
         Command::Compare(r) => print!("{}", genecis::cli::compare::compare(&r)?),
+        Command::Encode(r) => {
+            print!("{}", genecis::cli::encode::encode(&r)?)
+        }
         Command::Contamination(r) => {
             print!("{}", genecis::cli::contamination::contamination(&r)?)
         }

@@ -1,13 +1,16 @@
 //! The `genecis` command's arguments (clap), resolved into one validated
 //! [`Command`] before any work starts (ripgrep's low and high arguments).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cli::compare::{CompareFormat, CompareRequest};
 use crate::cli::contamination::ContaminationRequest;
 use crate::cli::devtools::{BenchCmd, ParseEvalArgs};
+use crate::cli::encode::EncodeRequest;
+use crate::model::arch::ArchSpec;
+use crate::model::select_device;
 use crate::error::{Error, Result};
 use crate::framework::manifest::{Plan, SetOverride};
 use crate::framework::runner::RunRequest;
@@ -58,6 +61,48 @@ pub enum Cmd {
     /// (decoded pixels) and near duplicates (embedding cosine) between a
     /// training run's and an evaluation run's embed stages.
     Contamination(ContaminationArgs),
+    /// CLIP features of image files and texts, without a manifest, in the
+    /// tables `embed` writes (raw features, not normalised).
+    Encode(EncodeArgs),
+}
+
+#[derive(Args)]
+pub struct EncodeArgs {
+    /// CLIP weights: an OpenAI .pt, an open_clip state dict or training
+    /// checkpoint (.pt, .bin, .safetensors), a Hugging Face CLIPModel
+    /// folder, or an open_clip hub folder.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Which CLIP it is: an open_clip model name (ViT-B-32, ViT-H-14,
+    /// RN50-quickgelu, ...) or an open_clip model-config .json. Left out,
+    /// OpenAI's config is assumed (and said).
+    #[arg(long)]
+    arch: Option<String>,
+    /// A folder (every image file under it; keys are paths relative to it)
+    /// or a list file (one image path per line, relative to the list).
+    #[arg(long, value_name = "DIR_OR_LIST")]
+    images: Option<PathBuf>,
+    /// A text file, one text per line.
+    #[arg(long)]
+    texts: Option<PathBuf>,
+    /// The Parquet file; with both --images and --texts, STEM.images.parquet
+    /// and STEM.texts.parquet beside it.
+    #[arg(long, default_value = "embeddings.parquet")]
+    out: PathBuf,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// fp16 autocast on a GPU (ignored on the CPU).
+    #[arg(long)]
+    mixed_precision: bool,
+    /// The `model` column (default: the checkpoint's file name without extension).
+    #[arg(long)]
+    model: Option<String>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -204,6 +249,7 @@ pub enum Command {
     Audit(Vec<PathBuf>),
     Compare(CompareRequest),
     Contamination(ContaminationRequest),
+    Encode(EncodeRequest),
 }
 
 impl ManifestArgs {
@@ -274,6 +320,52 @@ impl Cmd {
             Cmd::ParseEval(a) => Command::ParseEval(a),
             Cmd::Bench(b) => Command::Bench(b),
             Cmd::Audit { targets } => Command::Audit(targets),
+            Cmd::Encode(a) => {
+                let usage = |arg: &str, message: String| Error::Usage {
+                    arg: arg.into(),
+                    message,
+                };
+                if a.images.is_none() && a.texts.is_none() {
+                    return Err(usage("--images", "give --images, --texts or both".into()));
+                }
+                if a.batch_size == 0 || a.batch_size > 65_536 {
+                    return Err(usage("--batch-size", "between 1 and 65,536".into()));
+                }
+                for (arg, p) in [("--images", &a.images), ("--texts", &a.texts)] {
+                    if let Some(p) = p {
+                        if !p.exists() {
+                            return Err(usage(arg, format!("{} does not exist", p.display())));
+                        }
+                    }
+                }
+                if !a.checkpoint.exists() {
+                    return Err(usage("--checkpoint", format!("{} does not exist", a.checkpoint.display())));
+                }
+                let arch = match &a.arch {
+                    Some(s) => {
+                        let spec = ArchSpec::parse(s, Path::new("")).map_err(|m| usage("--arch", m))?;
+                        spec.config().map_err(|m| usage("--arch", m))?;
+                        Some(spec)
+                    }
+                    None => None,
+                };
+                let device = select_device(&a.device).map_err(|m| usage("--device", m))?;
+                if a.model.as_deref().is_some_and(|m| m.trim().is_empty()) {
+                    return Err(usage("--model", "must not be empty".into()));
+                }
+                Command::Encode(EncodeRequest {
+                    checkpoint: a.checkpoint,
+                    arch,
+                    images: a.images,
+                    texts: a.texts,
+                    out: a.out,
+                    device,
+                    batch_size: a.batch_size,
+                    mixed_precision: a.mixed_precision,
+                    model: a.model,
+                    progress: !a.quiet,
+                })
+            }
             Cmd::Contamination(a) => {
                 if !(-1.0..=1.0).contains(&a.threshold) || a.block == 0 {
                     return Err(Error::Usage {

@@ -6,3 +6,4 @@ pub mod audit;
 pub mod compare;
 pub mod contamination;
 pub mod devtools;
+pub mod encode;

@@ -1,117 +1,14 @@
-//! OpenAI CLIP (clip/model.py) over a state dict: the configuration is
-//! inferred from the tensors the way `build_model` does, and the forward
-//! passes follow the reference module by module.
+//! CLIP over a state dict in OpenAI's layout: the forward passes follow
+//! OpenAI's clip/model.py and open_clip's transformer.py module by module,
+//! configured by a [`ClipConfig`] (see `arch.rs` for where one comes from).
 
-use tch::{Kind, Tensor};
+use std::path::Path;
 
+use tch::{Device, Kind, Tensor};
+
+pub use super::arch::{Act, ArchSpec, Blocks, ClipConfig, TextPool, TextProj, Vision, VisionPool};
+use super::arch::{from_hf_config, from_open_clip_json, Layout};
 use super::{linear, ModelError, Result, StateDict};
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Vision {
-    Vit {
-        width: i64,
-        layers: i64,
-        patch: i64,
-        heads: i64,
-    },
-    ResNet {
-        width: i64,
-        layers: [i64; 4],
-        heads: i64,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClipConfig {
-    pub embed_dim: i64,
-    pub image_resolution: i64,
-    pub vision: Vision,
-    pub context_length: i64,
-    pub vocab_size: i64,
-    pub transformer_width: i64,
-    pub transformer_heads: i64,
-    pub transformer_layers: i64,
-}
-
-fn count_blocks(sd: &StateDict, prefix: &str, depth: usize) -> i64 {
-    let mut ids: Vec<&str> = sd
-        .tensors
-        .keys()
-        .filter(|k| k.starts_with(prefix))
-        .filter_map(|k| k.split('.').nth(depth))
-        .collect();
-    ids.sort();
-    ids.dedup();
-    ids.len() as i64
-}
-
-impl ClipConfig {
-    /// What `build_model` infers from the state dict.
-    pub(crate) fn infer(sd: &StateDict) -> Result<ClipConfig> {
-        let vit = sd.has("visual.proj");
-        let (vision, image_resolution) = if vit {
-            let conv = sd.get_shaped("visual.conv1.weight", &[-1, 3, -1, -1])?;
-            let width = conv.size()[0];
-            let patch = conv.size()[3];
-            let layers = sd
-                .tensors
-                .keys()
-                .filter(|k| k.starts_with("visual.") && k.ends_with(".attn.in_proj_weight"))
-                .count() as i64;
-            let pos = sd.get_shaped("visual.positional_embedding", &[-1, width])?;
-            let grid = (((pos.size()[0] - 1) as f64).sqrt()).round() as i64;
-            (
-                Vision::Vit {
-                    width,
-                    layers,
-                    patch,
-                    heads: width / 64,
-                },
-                patch * grid,
-            )
-        } else {
-            let mut layers = [0i64; 4];
-            for (b, l) in layers.iter_mut().enumerate() {
-                *l = count_blocks(sd, &format!("visual.layer{}.", b + 1), 2);
-            }
-            if layers.contains(&0) {
-                return Err(ModelError::Missing {
-                    path: sd.path.clone(),
-                    key: "visual.proj or visual.layer1..4".into(),
-                    hint: " (not a CLIP checkpoint: no ViT projection and no ResNet layers)".into(),
-                });
-            }
-            let width = sd
-                .get_shaped("visual.layer1.0.conv1.weight", &[-1, -1, 1, 1])?
-                .size()[0];
-            let pos = sd.get_shaped("visual.attnpool.positional_embedding", &[-1, width * 32])?;
-            let out = (((pos.size()[0] - 1) as f64).sqrt()).round() as i64;
-            (
-                Vision::ResNet {
-                    width,
-                    layers,
-                    heads: width * 32 / 64,
-                },
-                out * 32,
-            )
-        };
-        let embed_dim = sd.get_shaped("text_projection", &[-1, -1])?.size()[1];
-        let context_length = sd.get_shaped("positional_embedding", &[-1, -1])?.size()[0];
-        let vocab_size = sd.get_shaped("token_embedding.weight", &[-1, -1])?.size()[0];
-        let transformer_width = sd.get_shaped("ln_final.weight", &[-1])?.size()[0];
-        let transformer_layers = count_blocks(sd, "transformer.resblocks.", 2);
-        Ok(ClipConfig {
-            embed_dim,
-            image_resolution,
-            vision,
-            context_length,
-            vocab_size,
-            transformer_width,
-            transformer_heads: transformer_width / 64,
-            transformer_layers,
-        })
-    }
-}
 
 pub struct Clip {
     pub config: ClipConfig,
@@ -122,12 +19,12 @@ pub struct Clip {
     training: bool,
 }
 
-fn layer_norm(x: &Tensor, w: &StateDict, p: &str) -> Result<Tensor> {
+fn layer_norm(x: &Tensor, w: &StateDict, p: &str, eps: f64) -> Result<Tensor> {
     let g = w.get(&format!("{p}.weight"))?;
     let b = w.get(&format!("{p}.bias"))?;
     let d = g.size()[0];
     Ok(x.to_kind(Kind::Float)
-        .layer_norm([d].as_slice(), Some(&g), Some(&b), 1e-5, false))
+        .layer_norm([d].as_slice(), Some(&g), Some(&b), eps, false))
 }
 
 fn lin(x: &Tensor, w: &StateDict, p: &str) -> Result<Tensor> {
@@ -187,27 +84,37 @@ fn attention(
     out(&a)
 }
 
-fn quick_gelu(x: &Tensor) -> Tensor {
-    x * (x * 1.702).sigmoid()
+fn activation(x: &Tensor, act: Act) -> Tensor {
+    match act {
+        // QuickGELU: x * sigmoid(1.702 x).
+        Act::QuickGelu => x * (x * 1.702).sigmoid(),
+        // nn.GELU(): the exact (erf) form.
+        Act::Gelu => x.gelu("none"),
+    }
 }
 
-/// Transformer over [L, N, D].
+/// Transformer over [L, N, D]: pre-norm residual blocks, with open_clip's
+/// LayerScale when the config has it.
 fn transformer(
     x: &Tensor,
     w: &StateDict,
     p: &str,
-    layers: i64,
-    heads: i64,
+    b: &Blocks,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let mut x = x.shallow_clone();
-    for i in 0..layers {
-        let b = format!("{p}.resblocks.{i}");
-        let h = layer_norm(&x, w, &format!("{b}.ln_1"))?;
-        x = &x + mha(&h, w, &format!("{b}.attn"), heads, mask)?;
-        let h = layer_norm(&x, w, &format!("{b}.ln_2"))?;
-        let h = quick_gelu(&lin(&h, w, &format!("{b}.mlp.c_fc"))?);
-        x = &x + lin(&h, w, &format!("{b}.mlp.c_proj"))?;
+    let scale = |h: Tensor, key: String| -> Result<Tensor> {
+        Ok(if b.layer_scale { h * w.get(&key)? } else { h })
+    };
+    for i in 0..b.layers {
+        let r = format!("{p}.resblocks.{i}");
+        let h = layer_norm(&x, w, &format!("{r}.ln_1"), b.ln_eps)?;
+        let h = mha(&h, w, &format!("{r}.attn"), b.heads, mask)?;
+        x = &x + scale(h, format!("{r}.ls_1.gamma"))?;
+        let h = layer_norm(&x, w, &format!("{r}.ln_2"), b.ln_eps)?;
+        let h = activation(&lin(&h, w, &format!("{r}.mlp.c_fc"))?, b.act);
+        let h = lin(&h, w, &format!("{r}.mlp.c_proj"))?;
+        x = &x + scale(h, format!("{r}.ls_2.gamma"))?;
     }
     Ok(x)
 }
@@ -246,83 +153,121 @@ fn conv(x: &Tensor, w: &StateDict, p: &str, stride: i64, padding: i64) -> Result
 }
 
 impl Clip {
+    /// OpenAI's CLIP, configured from the tensors as `build_model` does.
     pub fn new(w: StateDict) -> Result<Clip> {
-        let config = ClipConfig::infer(&w)?;
+        let config = ClipConfig::openai(&w)?;
+        Clip::with_config(w, config)
+    }
+
+    /// A checkpoint in any layout this build reads, under `arch` when given:
+    /// a file (OpenAI TorchScript, torch.save state dict or training
+    /// checkpoint, safetensors), a Hugging Face `CLIPModel` folder
+    /// (`config.json` beside the weights), or an open_clip hub folder
+    /// (`open_clip_config.json`). With neither `arch` nor a config beside
+    /// the weights, OpenAI's configuration is assumed and
+    /// `config.assumed` says so.
+    pub fn load(path: &Path, arch: Option<&ArchSpec>, device: Device) -> Result<Clip> {
+        let cfg_err = |m: String| ModelError::Config {
+            path: path.to_path_buf(),
+            message: m,
+        };
+        let (file, dir) = checkpoint_file(path)?;
+        let mut sd = StateDict::load(&file, device)?;
+        sd.path = path.to_path_buf();
+        let read_json = |name: &str| -> Result<Option<serde_json::Value>> {
+            let Some(d) = &dir else { return Ok(None) };
+            let p = d.join(name);
+            match std::fs::read_to_string(&p) {
+                Ok(t) => serde_json::from_str(&t)
+                    .map(Some)
+                    .map_err(|e| cfg_err(format!("{} is not JSON: {e}", p.display()))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(cfg_err(format!("cannot read {}: {e}", p.display()))),
+            }
+        };
+        let config = match Layout::of(sd.tensors.keys()) {
+            Layout::HuggingFace => {
+                if let Some(a) = arch {
+                    return Err(cfg_err(format!(
+                        "arch {a:?} does not apply: a Hugging Face CLIPModel checkpoint is configured by its config.json; leave arch out"
+                    )));
+                }
+                let Some(config) = read_json("config.json")? else {
+                    return Err(cfg_err(
+                        "its keys are a Hugging Face CLIPModel's, but no config.json is beside it: give the model's folder (config.json and the weights)".into(),
+                    ));
+                };
+                let pre = read_json("preprocessor_config.json")?;
+                sd = super::hf::to_openai_layout(sd)?;
+                from_hf_config(&config, pre.as_ref(), "Hugging Face CLIPModel config.json")
+                    .map_err(|m| cfg_err(format!("config.json: {m}")))?
+            }
+            layout => {
+                if layout == Layout::CustomText {
+                    sd = sd.renamed(|k| k.strip_prefix("text.").map(str::to_string));
+                }
+                match (arch, read_json("open_clip_config.json")?) {
+                    (Some(a), _) => a.config().map_err(cfg_err)?,
+                    (None, Some(v)) => {
+                        let model = v.get("model_cfg").unwrap_or(&v);
+                        from_open_clip_json(model, v.get("preprocess_cfg"), "open_clip_config.json")
+                            .map_err(|m| cfg_err(format!("open_clip_config.json: {m}")))?
+                    }
+                    (None, None) => ClipConfig::openai(&sd)?,
+                }
+            }
+        };
+        Clip::with_config(sd, config)
+    }
+
+    /// The weights under a known configuration: every tensor it reads
+    /// present with its shape, nothing else, all finite.
+    pub fn with_config(w: StateDict, config: ClipConfig) -> Result<Clip> {
+        check_projections(&w, &config)?;
+        let expected = config.expected();
+        for (key, shape) in &expected {
+            let t = w.get(key).map_err(|e| match e {
+                ModelError::Missing { path, key, hint } => ModelError::Missing {
+                    path,
+                    key,
+                    hint: format!(
+                        "{hint}, which {} has: the checkpoint is another model; set arch to its configuration",
+                        config.source
+                    ),
+                },
+                e => e,
+            })?;
+            if t.size() != *shape {
+                return Err(ModelError::Shape {
+                    path: w.path.clone(),
+                    key: key.clone(),
+                    got: t.size(),
+                    expected: format!("{shape:?} under {}", config.source),
+                });
+            }
+        }
+        let known: std::collections::HashSet<&str> =
+            expected.iter().map(|(k, _)| k.as_str()).collect();
+        let mut extra: Vec<&String> = w
+            .tensors
+            .keys()
+            .filter(|k| !known.contains(k.as_str()) && !ClipConfig::tolerated(k))
+            .collect();
+        extra.sort();
+        if let Some(k) = extra.first() {
+            return Err(ModelError::Unexpected {
+                path: w.path.clone(),
+                key: (*k).clone(),
+                count: extra.len(),
+                model: config.source.clone(),
+            });
+        }
         w.ensure_finite()?;
-        let c = Clip {
+        Ok(Clip {
             config,
             w,
             training: false,
-        };
-        c.check()?;
-        Ok(c)
-    }
-
-    /// Every tensor the forward passes use is present with the right shape.
-    fn check(&self) -> Result<()> {
-        let c = &self.config;
-        let w = &self.w;
-        let tw = c.transformer_width;
-        // The towers' output widths must agree; when they do not, either
-        // projection may be the wrong one, so the error names both.
-        let (image_key, image_out) = match &c.vision {
-            Vision::Vit { width, .. } => (
-                "visual.proj",
-                w.get_shaped("visual.proj", &[*width, -1])?.size()[1],
-            ),
-            Vision::ResNet { width, .. } => (
-                "visual.attnpool.c_proj.weight",
-                w.get_shaped("visual.attnpool.c_proj.weight", &[-1, width * 32])?
-                    .size()[0],
-            ),
-        };
-        if image_out != c.embed_dim {
-            return Err(ModelError::Shape {
-                path: w.path.clone(),
-                key: "text_projection".into(),
-                got: w.get("text_projection")?.size(),
-                expected: format!(
-                    "[{tw}, {image_out}]: the image tower's {image_key} projects to {image_out}, the text tower to {}; one of the two does not belong to this model",
-                    c.embed_dim
-                ),
-            });
-        }
-        let _ = w.get_shaped("token_embedding.weight", &[c.vocab_size, tw])?;
-        let _ = w.get_shaped("text_projection", &[tw, c.embed_dim])?;
-        for i in 0..c.transformer_layers {
-            let b = format!("transformer.resblocks.{i}");
-            let _ = w.get_shaped(&format!("{b}.attn.in_proj_weight"), &[3 * tw, tw])?;
-            let _ = w.get_shaped(&format!("{b}.attn.out_proj.weight"), &[tw, tw])?;
-            let _ = w.get_shaped(&format!("{b}.mlp.c_fc.weight"), &[4 * tw, tw])?;
-            let _ = w.get_shaped(&format!("{b}.mlp.c_proj.weight"), &[tw, 4 * tw])?;
-            let _ = w.get_shaped(&format!("{b}.ln_1.weight"), &[tw])?;
-            let _ = w.get_shaped(&format!("{b}.ln_2.weight"), &[tw])?;
-        }
-        match &c.vision {
-            Vision::Vit { width, layers, .. } => {
-                let _ = w.get_shaped("visual.class_embedding", &[*width])?;
-                let _ = w.get_shaped("visual.proj", &[*width, c.embed_dim])?;
-                let _ = w.get_shaped("visual.ln_pre.weight", &[*width])?;
-                let _ = w.get_shaped("visual.ln_post.weight", &[*width])?;
-                for i in 0..*layers {
-                    let _ = w.get_shaped(
-                        &format!("visual.transformer.resblocks.{i}.attn.in_proj_weight"),
-                        &[3 * width, *width],
-                    )?;
-                }
-            }
-            Vision::ResNet { width, .. } => {
-                let e = width * 32;
-                for p in ["q_proj", "k_proj", "v_proj"] {
-                    let _ = w.get_shaped(&format!("visual.attnpool.{p}.weight"), &[e, e])?;
-                }
-                let _ = w.get_shaped("visual.attnpool.c_proj.weight", &[c.embed_dim, e])?;
-                for p in ["bn1", "bn2", "bn3"] {
-                    let _ = w.get(&format!("visual.{p}.running_mean"))?;
-                }
-            }
-        }
-        Ok(())
+        })
     }
 
     /// `model.train()` / `model.eval()`.
@@ -339,13 +284,15 @@ impl Clip {
     pub fn encode_image(&self, images: &Tensor) -> Result<Tensor> {
         let train = self.training;
         let v = self.w.sub("visual");
-        match self.config.vision {
+        match &self.config.vision {
             Vision::Vit {
-                width,
-                layers,
-                heads,
+                blocks: b,
                 patch,
+                ln_pre,
+                pool,
+                final_ln_after_pool,
             } => {
+                let (width, patch) = (b.width, *patch);
                 let x = images.conv2d(
                     &v.get("conv1.weight")?,
                     None::<Tensor>,
@@ -360,10 +307,25 @@ impl Clip {
                     .get("class_embedding")?
                     .view([1, 1, width])
                     .expand([n, 1, width], true);
-                let x = Tensor::cat(&[&cls, &x], 1) + v.get("positional_embedding")?;
-                let x = layer_norm(&x, &v, "ln_pre")?.permute([1, 0, 2]);
-                let x = transformer(&x, &v, "transformer", layers, heads, None)?.permute([1, 0, 2]);
-                let x = layer_norm(&x.select(1, 0), &v, "ln_post")?;
+                let mut x = Tensor::cat(&[&cls, &x], 1) + v.get("positional_embedding")?;
+                if *ln_pre {
+                    x = layer_norm(&x, &v, "ln_pre", b.ln_eps)?;
+                }
+                let x = transformer(&x.permute([1, 0, 2]), &v, "transformer", b, None)?
+                    .permute([1, 0, 2]);
+                let pooled = |x: &Tensor| match pool {
+                    VisionPool::Tok => x.select(1, 0),
+                    VisionPool::Avg => x.narrow(1, 1, x.size()[1] - 1).mean_dim(
+                        [1i64].as_slice(),
+                        false,
+                        Kind::Float,
+                    ),
+                };
+                let x = if *final_ln_after_pool {
+                    layer_norm(&pooled(&x), &v, "ln_post", b.ln_eps)?
+                } else {
+                    pooled(&layer_norm(&x, &v, "ln_post", b.ln_eps)?)
+                };
                 Ok(x.matmul(&v.get("proj")?))
             }
             Vision::ResNet { layers, heads, .. } => {
@@ -387,34 +349,97 @@ impl Clip {
                         x = bottleneck(&x, &v, &format!("layer{}.{bi}", li + 1), stride, train)?;
                     }
                 }
-                attn_pool(&x, &v.sub("attnpool"), heads)
+                attn_pool(&x, &v.sub("attnpool"), *heads)
             }
         }
     }
 
     pub fn encode_text(&self, tokens: &Tensor) -> Result<Tensor> {
         let c = &self.config;
-        let ctx = tokens.size()[1];
+        let (n, ctx) = tokens.size2()?;
         let x = self
             .w
             .get("token_embedding.weight")?
             .index_select(0, &tokens.view([-1]))
-            .view([tokens.size()[0], ctx, -1]);
+            .view([n, ctx, -1]);
         let x = x + self.w.get("positional_embedding")?.narrow(0, 0, ctx);
-        let mask = Tensor::full([ctx, ctx], f64::NEG_INFINITY, (Kind::Float, x.device())).triu(1);
+        let mask = c.causal.then(|| {
+            Tensor::full([ctx, ctx], f64::NEG_INFINITY, (Kind::Float, x.device())).triu(1)
+        });
         let x = transformer(
             &x.permute([1, 0, 2]),
             &self.w,
             "transformer",
-            c.transformer_layers,
-            c.transformer_heads,
-            Some(&mask),
+            &c.text,
+            mask.as_ref(),
         )?;
-        let x = layer_norm(&x.permute([1, 0, 2]), &self.w, "ln_final")?;
-        let eot = tokens.argmax(-1, false);
-        let rows = Tensor::arange(x.size()[0], (Kind::Int64, x.device()));
-        let x = x.index(&[Some(rows), Some(eot)]);
-        Ok(x.matmul(&self.w.get("text_projection")?))
+        let x = layer_norm(&x.permute([1, 0, 2]), &self.w, "ln_final", c.text.ln_eps)?;
+        let at = match c.text_pool {
+            TextPool::Argmax => tokens.argmax(-1, false),
+            TextPool::First => Tensor::zeros([n], (Kind::Int64, x.device())),
+            TextPool::Last => Tensor::full([n], ctx - 1, (Kind::Int64, x.device())),
+            // The first position holding the id (0 when none does, as
+            // torch's argmax of an all-zero row gives).
+            TextPool::Eos(id) => tokens.eq(id).to_kind(Kind::Int).argmax(-1, false),
+        };
+        let rows = Tensor::arange(n, (Kind::Int64, x.device()));
+        let x = x.index(&[Some(rows), Some(at.to_device(x.device()))]);
+        match c.text_proj {
+            TextProj::Matrix => Ok(x.matmul(&self.w.get("text_projection")?)),
+            TextProj::Linear => lin(&x, &self.w, "text_projection"),
+            TextProj::None => Ok(x),
+        }
+    }
+}
+
+/// The towers' output widths must agree; when they do not, either
+/// projection may be the wrong one, so the error names both.
+fn check_projections(w: &StateDict, c: &ClipConfig) -> Result<()> {
+    let (image_key, image_out) = match &c.vision {
+        Vision::Vit { .. } => ("visual.proj", w.get_shaped("visual.proj", &[-1, -1])?.size()[1]),
+        Vision::ResNet { .. } => (
+            "visual.attnpool.c_proj.weight",
+            w.get_shaped("visual.attnpool.c_proj.weight", &[-1, -1])?.size()[0],
+        ),
+    };
+    if c.text_proj == TextProj::Matrix && image_out != c.embed_dim {
+        return Err(ModelError::Shape {
+            path: w.path.clone(),
+            key: "text_projection".into(),
+            got: w.get("text_projection")?.size(),
+            expected: format!(
+                "[{}, {image_out}]: the image tower's {image_key} projects to {image_out}, the text tower to {}; one of the two does not belong to this model",
+                c.text.width, c.embed_dim
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The weights file of a checkpoint path and the folder whose config files
+/// describe it: a folder is a Hugging Face or open_clip hub download (its
+/// weights file found by the names those libraries write); a file's own
+/// folder holds its configs.
+fn checkpoint_file(path: &Path) -> Result<(std::path::PathBuf, Option<std::path::PathBuf>)> {
+    if !path.is_dir() {
+        return Ok((path.to_path_buf(), path.parent().map(Path::to_path_buf)));
+    }
+    const NAMES: &[&str] = &[
+        "open_clip_model.safetensors",
+        "open_clip_pytorch_model.bin",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+    ];
+    match NAMES.iter().map(|n| path.join(n)).find(|p| p.is_file()) {
+        Some(f) => Ok((f, Some(path.to_path_buf()))),
+        None => Err(ModelError::Load {
+            path: path.to_path_buf(),
+            message: format!(
+                "a folder without a weights file ({})",
+                NAMES.join(", ")
+            ),
+        }),
     }
 }
 

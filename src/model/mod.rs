@@ -5,9 +5,11 @@
 //! Models are functional over a name -> tensor map in OpenAI's state-dict
 //! layout, so a checkpoint is used as saved, whatever produced it.
 
+pub mod arch;
 pub mod clip;
 pub mod combiner;
 pub(crate) mod decode;
+pub(crate) mod hf;
 pub(crate) mod init;
 pub(crate) mod jpeg;
 pub mod optim;
@@ -45,6 +47,15 @@ pub enum ModelError {
         key: String,
         count: i64,
     },
+    #[error("checkpoint {}: tensor '{key}' is not part of {model}{}. The checkpoint is another model: set arch to its configuration (an open_clip name or model-config .json)", .path.display(), if *.count > 1 { format!(" (nor are {} other keys)", .count - 1) } else { String::new() })]
+    Unexpected {
+        path: PathBuf,
+        key: String,
+        count: usize,
+        model: String,
+    },
+    #[error("checkpoint {}: {message}", .path.display())]
+    Config { path: PathBuf, message: String },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }
@@ -90,10 +101,18 @@ impl StateDict {
             path: path.to_path_buf(),
             message: m,
         };
-        let head = std::fs::read(path)
-            .map(|b| b[..b.len().min(16)].to_vec())
-            .map_err(|e| err(e.to_string()))?;
-        let named: Vec<(String, Tensor)> = if is_safetensors(path, &head) {
+        // The first bytes tell the format; the file itself may be gigabytes.
+        let head = {
+            use std::io::Read;
+            let mut b = Vec::with_capacity(16);
+            std::fs::File::open(path)
+                .and_then(|f| f.take(16).read_to_end(&mut b))
+                .map_err(|e| err(e.to_string()))?;
+            b
+        };
+        let named: Vec<(String, Tensor)> = if path.to_string_lossy().ends_with(".index.json") {
+            sharded(path).map_err(err)?
+        } else if is_safetensors(path, &head) {
             Tensor::read_safetensors(path).map_err(|e| err(e.to_string()))?
         } else if head.starts_with(b"PK") {
             match torch_pickle::read_state_dict(path) {
@@ -112,8 +131,18 @@ impl StateDict {
         } else {
             return Err(err("not a zip archive or safetensors file".into()));
         };
+        // A training checkpoint ({"epoch", "state_dict", "optimizer"}, as
+        // open_clip saves one) holds the weights under `state_dict`.
+        let wrapped = named.iter().any(|(k, _)| k.starts_with("state_dict."));
         let tensors = named
             .into_iter()
+            .filter_map(|(k, v)| {
+                if wrapped {
+                    k.strip_prefix("state_dict.").map(|s| (s.to_string(), v))
+                } else {
+                    Some((k, v))
+                }
+            })
             .map(|(k, v)| {
                 let k = k.strip_prefix("module.").map(str::to_string).unwrap_or(k);
                 (k, v.to_device(device).to_kind(Kind::Float))
@@ -123,6 +152,18 @@ impl StateDict {
             path: path.to_path_buf(),
             tensors,
         })
+    }
+
+    /// The tensors renamed by `f` (a key it maps to `None` keeps its name).
+    pub(crate) fn renamed(self, f: impl Fn(&str) -> Option<String>) -> StateDict {
+        StateDict {
+            path: self.path,
+            tensors: self
+                .tensors
+                .into_iter()
+                .map(|(k, v)| (f(&k).unwrap_or(k), v))
+                .collect(),
+        }
     }
 
     /// A view of the keys under `prefix.` (prefix removed).
@@ -190,6 +231,29 @@ impl StateDict {
         v.sort_by_key(|(k, _)| *k);
         Ok(Tensor::write_safetensors(&v, path)?)
     }
+}
+
+/// The tensors of a sharded safetensors checkpoint: the shards its
+/// `model.safetensors.index.json` names in `weight_map`.
+fn sharded(index: &Path) -> std::result::Result<Vec<(String, Tensor)>, String> {
+    let text = std::fs::read_to_string(index).map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("index: {e}"))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or("the index has no weight_map")?;
+    let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+    files.sort();
+    files.dedup();
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::new();
+    for f in files {
+        if f.contains('/') || f.contains("..") {
+            return Err(format!("shard name '{f}' is not a file beside the index"));
+        }
+        out.extend(Tensor::read_safetensors(dir.join(f)).map_err(|e| format!("shard {f}: {e}"))?);
+    }
+    Ok(out)
 }
 
 /// libtorch errors carry a C++ backtrace; users need the first line.

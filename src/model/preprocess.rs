@@ -20,6 +20,63 @@ pub(crate) const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 pub(crate) const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 pub(crate) const DILATION: f64 = 0.7;
 
+/// How a model family prepares an image: the crop size and the
+/// normalisation, and whose arithmetic does each step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preprocess {
+    /// The side of the square the model sees.
+    pub size: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub family: Family,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Family {
+    /// OpenAI's and open_clip's torchvision transform: resize, centre crop
+    /// at `round((n - size) / 2)`, RGB, `v / 255` in float32, Normalize.
+    Torchvision,
+    /// transformers' CLIPImageProcessor: RGB first, resize, centre crop at
+    /// `(n - size) // 2`, `v * rescale` in float64 cast to float32, then
+    /// `(x - mean) / std` in float32.
+    HuggingFace { rescale: f64 },
+}
+
+impl Preprocess {
+    pub fn openai(size: u32) -> Preprocess {
+        Preprocess {
+            size,
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+            family: Family::Torchvision,
+        }
+    }
+
+    pub fn huggingface(size: u32, mean: [f32; 3], std: [f32; 3], rescale: f64) -> Preprocess {
+        Preprocess {
+            size,
+            mean,
+            std,
+            family: Family::HuggingFace { rescale },
+        }
+    }
+
+    /// The normalised value of each byte, per channel.
+    fn table(&self) -> [[f32; 256]; 3] {
+        let mut t = [[0f32; 256]; 3];
+        for (c, row) in t.iter_mut().enumerate() {
+            for (v, x) in row.iter_mut().enumerate() {
+                let unit = match self.family {
+                    Family::Torchvision => v as f32 / 255.0,
+                    Family::HuggingFace { rescale } => (v as f64 * rescale) as f32,
+                };
+                *x = (unit - self.mean[c]) / self.std[c];
+            }
+        }
+        t
+    }
+}
+
 /// The mode Pillow opens a file in (the ones the benchmarks meet).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -554,6 +611,11 @@ pub(crate) fn crop_pad_square(img: &Raster, bx: (i64, i64, i64, i64)) -> Raster 
 /// torchvision's `Resize(n)` (shorter side to `n`, the other
 /// `int(n * long / short)`) then `CenterCrop(n)`, in the image's mode.
 pub(crate) fn resize_center_crop_raster(img: &Raster, n_px: u32) -> Raster {
+    resize_center_crop_family(img, n_px, Family::Torchvision)
+}
+
+/// [`resize_center_crop_raster`] with the crop offset of `family`.
+fn resize_center_crop_family(img: &Raster, n_px: u32, family: Family) -> Raster {
     let (w, h) = (img.width, img.height);
     let (nw, nh) = if w <= h {
         (n_px, ((n_px as u64 * h as u64) / w as u64) as u32)
@@ -561,9 +623,15 @@ pub(crate) fn resize_center_crop_raster(img: &Raster, n_px: u32) -> Raster {
         (((n_px as u64 * w as u64) / h as u64) as u32, n_px)
     };
     let (nw, nh) = (nw.max(1), nh.max(1));
-    // torchvision's CenterCrop: int(round((size - n) / 2)), Python rounding.
-    let left = round_half_even((nw as f64 - n_px as f64) / 2.0).max(0) as u32;
-    let top = round_half_even((nh as f64 - n_px as f64) / 2.0).max(0) as u32;
+    let offset = |side: u32| -> u32 {
+        match family {
+            // torchvision's CenterCrop: int(round((size - n) / 2)), Python rounding.
+            Family::Torchvision => round_half_even((side as f64 - n_px as f64) / 2.0).max(0) as u32,
+            // transformers' center_crop: (size - n) // 2.
+            Family::HuggingFace { .. } => side.saturating_sub(n_px) / 2,
+        }
+    };
+    let (left, top) = (offset(nw), offset(nh));
     resize_window(img, nw, nh, (left, top, n_px.min(nw), n_px.min(nh)))
 }
 
@@ -586,24 +654,26 @@ pub(crate) fn resize_center_crop_rgb(rgb: &RgbImage, n_px: u32) -> RgbImage {
 /// CLIP's normalised [3, n, n] float tensor: `(v / 255 - mean) / std` in
 /// f32, as ToTensor + Normalize compute it, looked up per byte value.
 pub(crate) fn to_tensor(img: &RgbImage) -> Tensor {
-    static LUT: std::sync::LazyLock<[[f32; 256]; 3]> = std::sync::LazyLock::new(|| {
-        let mut t = [[0f32; 256]; 3];
-        for (c, row) in t.iter_mut().enumerate() {
-            for (v, x) in row.iter_mut().enumerate() {
-                *x = (v as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
-            }
-        }
-        t
-    });
+    static LUT: std::sync::LazyLock<[[f32; 256]; 3]> =
+        std::sync::LazyLock::new(|| Preprocess::openai(0).table());
+    to_tensor_lut(img, &LUT)
+}
+
+/// [`to_tensor`] with a family's normalisation.
+pub fn to_tensor_with(img: &RgbImage, pre: &Preprocess) -> Tensor {
+    to_tensor_lut(img, &pre.table())
+}
+
+fn to_tensor_lut(img: &RgbImage, lut: &[[f32; 256]; 3]) -> Tensor {
     let (w, h) = img.dimensions();
     let plane = (w * h) as usize;
     let mut data = vec![0f32; 3 * plane];
     let (r, rest) = data.split_at_mut(plane);
     let (g, b) = rest.split_at_mut(plane);
     for (i, p) in img.as_raw().chunks_exact(3).enumerate() {
-        r[i] = LUT[0][p[0] as usize];
-        g[i] = LUT[1][p[1] as usize];
-        b[i] = LUT[2][p[2] as usize];
+        r[i] = lut[0][p[0] as usize];
+        g[i] = lut[1][p[1] as usize];
+        b[i] = lut[2][p[2] as usize];
     }
     Tensor::from_slice(&data).view([3, h as i64, w as i64])
 }
@@ -621,8 +691,15 @@ pub struct ImageKey<'a> {
 /// The RGB pixels the original feeds CLIP for one key, before
 /// normalisation: open, VAW crop and pad, resize, centre crop, to RGB.
 pub fn load_rgb(k: &ImageKey, n_px: u32) -> Result<RgbImage, String> {
+    load_rgb_with(k, &Preprocess::openai(n_px))
+}
+
+/// [`load_rgb`] as `pre`'s family prepares the pixels.
+pub fn load_rgb_with(k: &ImageKey, pre: &Preprocess) -> Result<RgbImage, String> {
+    let n_px = pre.size;
     let mut img = open(k.path)?;
-    if k.rgb_first && img.mode != Mode::Rgb {
+    let rgb_first = k.rgb_first || matches!(pre.family, Family::HuggingFace { .. });
+    if rgb_first && img.mode != Mode::Rgb {
         img = Raster {
             data: to_rgb(&img),
             mode: Mode::Rgb,
@@ -658,17 +735,23 @@ pub fn load_rgb(k: &ImageKey, n_px: u32) -> Result<RgbImage, String> {
         }
         img = crop_pad_square(&img, bx);
     }
-    Ok(to_rgb_image(resize_center_crop_raster(&img, n_px)))
+    Ok(to_rgb_image(resize_center_crop_family(&img, n_px, pre.family)))
 }
 
 /// Decodes and preprocesses a batch in parallel; per image an error
 /// message instead of a panic.
 pub(crate) fn load_batch(keys: &[ImageKey], n_px: u32) -> Vec<Result<Tensor, String>> {
+    load_batch_with(keys, &Preprocess::openai(n_px))
+}
+
+/// [`load_batch`] as `pre`'s family prepares the pixels.
+pub(crate) fn load_batch_with(keys: &[ImageKey], pre: &Preprocess) -> Vec<Result<Tensor, String>> {
+    let lut = pre.table();
     let prepared: Vec<Result<RgbImage, String>> =
-        keys.par_iter().map(|k| load_rgb(k, n_px)).collect();
+        keys.par_iter().map(|k| load_rgb_with(k, pre)).collect();
     prepared
         .into_iter()
-        .map(|r| r.map(|img| to_tensor(&img)))
+        .map(|r| r.map(|img| to_tensor_lut(&img, &lut)))
         .collect()
 }
 

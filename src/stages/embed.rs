@@ -18,7 +18,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use arrow::array::{
-    ArrayBuilder, ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray,
+    ArrayRef, RecordBatch,
     StringBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -32,10 +32,13 @@ use crate::framework::stage::{
 };
 use crate::model::clip::Clip;
 use crate::model::decode::{set_max_pixels, PILLOW_MAX_IMAGE_PIXELS};
-use crate::model::preprocess::{load_batch, ImageKey};
+use crate::model::arch::{arch_spec, ArchSpec, ASSUMED_NOTE};
+use crate::model::preprocess::{load_batch_with, ImageKey};
 use crate::model::tokenizer::ClipTokenizer;
-use crate::model::{select_device, with_precision, StateDict};
-use crate::tables::embeddings::{image_embeddings_schema, tensor_rows, text_embeddings_schema};
+use crate::model::{select_device, with_precision};
+use crate::tables::embeddings::{
+    embeddings_batch, finite_rows, image_embeddings_schema, text_embeddings_schema,
+};
 use crate::tables::image_keys::{read_image_keys, read_texts, KeyRow};
 
 pub(crate) static EMBED_REJECTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -53,6 +56,12 @@ pub(crate) struct EmbedParams {
     /// .safetensors. Not needed when a train stage in inputs gives a
     /// fine-tuned backbone.
     pub checkpoint: Option<PathBuf>,
+    /// Which CLIP the checkpoint is: an open_clip model name (`ViT-H-14`,
+    /// `ViT-B-32-quickgelu`, ...) or an open_clip model-config .json. Left
+    /// out, an OpenAI archive or state dict is taken as OpenAI's config
+    /// (and the summary says so); a Hugging Face folder reads its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
     /// Name stored in the `model` column (default: the checkpoint's file stem).
     pub model: Option<String>,
     /// `auto` (GPU when libtorch sees one), `cpu`, `cuda`, `cuda:N`.
@@ -79,6 +88,7 @@ impl Default for EmbedParams {
     fn default() -> Self {
         EmbedParams {
             checkpoint: Default::default(),
+            arch: Default::default(),
             model: Default::default(),
             device: "auto".into(),
             mixed_precision: Default::default(),
@@ -125,15 +135,6 @@ fn triplet_keys(dir: &Path, ctx: &StageContext) -> Result<(Vec<KeyRow>, Vec<Stri
     Ok((keys, t.texts))
 }
 
-fn fixed_list(values: Vec<f32>, dim: i32) -> Result<FixedSizeListArray> {
-    Ok(FixedSizeListArray::try_new(
-        Arc::new(Field::new("item", DataType::Float32, false)),
-        dim,
-        Arc::new(Float32Array::from(values)),
-        None,
-    )?)
-}
-
 pub(crate) struct Embed;
 
 impl Stage for Embed {
@@ -165,8 +166,11 @@ impl Stage for Embed {
         ]
     }
 
-    fn validate(p: &EmbedParams, _base: &Path) -> Vec<Finding> {
+    fn validate(p: &EmbedParams, base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
+        if let Err(m) = arch_spec(p.arch.as_deref(), base).and_then(|a| a.map(|a| a.config()).transpose()) {
+            out.push(Finding::error("arch", m));
+        }
         if p.batch_size == 0 {
             out.push(Finding::error("batch_size", "must be at least 1"));
         }
@@ -210,17 +214,25 @@ impl Stage for Embed {
     }
 
     fn files(p: &EmbedParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
-        p.checkpoint
+        let mut out: Vec<(&'static str, PathBuf)> = p
+            .checkpoint
             .iter()
             .map(|c| ("checkpoint", resolve_path(base, c)))
-            .collect()
+            .collect();
+        if let Ok(Some(ArchSpec::Json(j))) = arch_spec(p.arch.as_deref(), base) {
+            out.push(("arch", j));
+        }
+        out
     }
 
     fn check(p: &EmbedParams, base: &Path) -> Vec<Finding> {
         let Some(c) = &p.checkpoint else {
             return Vec::new();
         };
-        match StateDict::load(&resolve_path(base, c), Device::Cpu).and_then(Clip::new) {
+        let Ok(arch) = arch_spec(p.arch.as_deref(), base) else {
+            return Vec::new();
+        };
+        match Clip::load(&resolve_path(base, c), arch.as_ref(), Device::Cpu) {
             Ok(_) => Vec::new(),
             Err(e) => vec![Finding::error("checkpoint", e.to_string())],
         }
@@ -291,7 +303,12 @@ impl Stage for Embed {
             )));
         }
         let device = select_device(&p.device).map_err(Error::Data)?;
-        let clip = Clip::new(StateDict::load(&weights, device)?)?;
+        let arch = arch_spec(p.arch.as_deref(), ctx.base_dir).map_err(Error::Data)?;
+        let clip = Clip::load(&weights, arch.as_ref(), device)?;
+        ctx.note(format!("CLIP: {}", clip.config.describe()));
+        if clip.config.assumed {
+            ctx.note(ASSUMED_NOTE);
+        }
         let dim = clip.config.embed_dim as i32;
         let tokenizer = ClipTokenizer::new(clip.config.context_length as usize);
         let cs = p.chunk_size;
@@ -332,7 +349,7 @@ impl Stage for Embed {
     ) -> Result<Option<ChunkTables>> {
         let st = &mut w.state;
         let (device, dim) = (w.device, w.dim);
-        let n_px = st.clip.config.image_resolution as u32;
+        let pre = &st.clip.config.preprocess;
         // Images.
         let chunk = &w.keys[slice(w.keys.len(), p.chunk_size, k)];
         let mut e_key = StringBuilder::new();
@@ -356,7 +373,7 @@ impl Stage for Embed {
                             rgb_first: r.rgb_first,
                         })
                         .collect();
-                    let loaded = load_batch(&ik, n_px);
+                    let loaded = load_batch_with(&ik, pre);
                     if tx.send((batch, loaded, t0.elapsed())).is_err() {
                         break;
                     }
@@ -419,26 +436,8 @@ impl Stage for Embed {
                 tt_key.append_value(t);
             }
         }
-        let n_img = e_key.len();
-        let n_txt = tt_key.len();
-        let model_col =
-            |n: usize| -> ArrayRef { Arc::new(StringArray::from(vec![w.model.as_str(); n])) };
-        let img = RecordBatch::try_new(
-            image_embeddings_schema(dim),
-            vec![
-                Arc::new(e_key.finish()) as ArrayRef,
-                model_col(n_img),
-                Arc::new(fixed_list(e_vals, dim)?),
-            ],
-        )?;
-        let txt = RecordBatch::try_new(
-            text_embeddings_schema(dim),
-            vec![
-                Arc::new(tt_key.finish()) as ArrayRef,
-                model_col(n_txt),
-                Arc::new(fixed_list(t_vals, dim)?),
-            ],
-        )?;
+        let img = embeddings_batch(true, Arc::new(e_key.finish()), &w.model, e_vals, dim)?;
+        let txt = embeddings_batch(false, Arc::new(tt_key.finish()), &w.model, t_vals, dim)?;
         let rej = RecordBatch::try_new(
             EMBED_REJECTS_SCHEMA.clone(),
             vec![
@@ -518,14 +517,3 @@ struct EncodeState {
     started: Instant,
 }
 
-/// The rows of a batch of features; NaN or infinite ones are an error, so
-/// they never become scores.
-fn finite_rows(feats: &Tensor, what: &str) -> Result<Vec<f32>> {
-    let rows = tensor_rows(feats)?;
-    if rows.iter().any(|x| !x.is_finite()) {
-        return Err(Error::Data(format!(
-            "the model gives NaN or infinite {what} embeddings (its weights are finite, so an overflow: with mixed_precision = true, try false)"
-        )));
-    }
-    Ok(rows)
-}

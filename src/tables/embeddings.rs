@@ -141,6 +141,49 @@ pub(crate) fn read_embeddings(
     Ok((chosen, Embeddings { index, values, dim }))
 }
 
+/// One batch of `image_embeddings` (`image = true`) or `text_embeddings`:
+/// `keys[i]` has row i of the row-major `values`.
+pub(crate) fn embeddings_batch(
+    image: bool,
+    keys: arrow::array::ArrayRef,
+    model: &str,
+    values: Vec<f32>,
+    dim: i32,
+) -> crate::error::Result<arrow::array::RecordBatch> {
+    let n = keys.len();
+    let schema = if image {
+        image_embeddings_schema(dim)
+    } else {
+        text_embeddings_schema(dim)
+    };
+    let list = arrow::array::FixedSizeListArray::try_new(
+        Arc::new(Field::new("item", DataType::Float32, false)),
+        dim,
+        Arc::new(arrow::array::Float32Array::from(values)),
+        None,
+    )?;
+    Ok(arrow::array::RecordBatch::try_new(
+        schema,
+        vec![
+            keys,
+            Arc::new(arrow::array::StringArray::from(vec![model; n])),
+            Arc::new(list),
+        ],
+    )?)
+}
+
+/// A model's output as rows, refused when any value is NaN or infinite
+/// (its weights are checked finite on load, so an overflow).
+pub(crate) fn finite_rows(feats: &Tensor, what: &str) -> crate::error::Result<Vec<f32>> {
+    let rows = tensor_rows(feats)?;
+    if rows.iter().any(|x| !x.is_finite()) {
+        return Err(crate::error::Error::Data(format!(
+            "the model gives NaN or infinite {what} embeddings (its weights are finite, so an overflow: with mixed precision, try fp32)"
+        )));
+    }
+    Ok(rows)
+}
+
 pub(crate) fn tensor_rows(t: &Tensor) -> Result<Vec<f32>, tch::TchError> {
     let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
     Vec::<f32>::try_from(t.view([-1]))

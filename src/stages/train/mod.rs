@@ -42,6 +42,8 @@ use crate::error::{Error, Result};
 use crate::framework::stage::{
     resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
+use crate::model::arch::{arch_spec, ArchSpec, ASSUMED_NOTE};
+use crate::model::preprocess::Preprocess;
 use crate::model::clip::{Clip, Vision};
 use crate::model::combiner::{l2_normalize, Combiner, HIDDEN_DIM, PROJECTION_DIM};
 use crate::model::optim::{cosine_lrs, AdamW, GradScaler};
@@ -132,8 +134,13 @@ impl Stage for Train {
         ]
     }
 
-    fn validate(p: &TrainParams, _base: &Path) -> Vec<Finding> {
+    fn validate(p: &TrainParams, base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
+        if let Err(m) =
+            arch_spec(p.arch.as_deref(), base).and_then(|a| a.map(|a| a.config()).transpose())
+        {
+            out.push(Finding::error("arch", m));
+        }
         let mut need = |ok: bool, f: &str, m: &str| {
             if !ok {
                 out.push(Finding::error(f.to_string(), m.to_string()));
@@ -216,6 +223,9 @@ impl Stage for Train {
 
     fn files(p: &TrainParams, base: &Path) -> Vec<(&'static str, PathBuf)> {
         let mut f = Vec::new();
+        if let Ok(Some(ArchSpec::Json(j))) = arch_spec(p.arch.as_deref(), base) {
+            f.push(("arch", j));
+        }
         if let Some(c) = &p.checkpoint {
             f.push(("checkpoint", resolve_path(base, c)));
         }
@@ -227,9 +237,8 @@ impl Stage for Train {
 
     fn check(p: &TrainParams, base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
-        if let Some(c) = &p.checkpoint {
-            if let Err(e) = StateDict::load(&resolve_path(base, c), Device::Cpu).and_then(Clip::new)
-            {
+        if let (Some(c), Ok(arch)) = (&p.checkpoint, arch_spec(p.arch.as_deref(), base)) {
+            if let Err(e) = Clip::load(&resolve_path(base, c), arch.as_ref(), Device::Cpu) {
                 out.push(Finding::error("checkpoint", e.to_string()));
             }
         }
@@ -374,7 +383,22 @@ impl Trainer {
         tch::manual_seed(p.seed as i64);
         let mut clip = match (&p.checkpoint, p.finetune) {
             (Some(c), f) if f != Finetune::None => {
-                Some(Clip::new(StateDict::load(&ctx.resolve(c), device)?)?)
+                let arch = arch_spec(p.arch.as_deref(), ctx.base_dir).map_err(Error::Data)?;
+                let clip = Clip::load(&ctx.resolve(c), arch.as_ref(), device)?;
+                ctx.note(format!("CLIP: {}", clip.config.describe()));
+                if clip.config.assumed {
+                    ctx.note(ASSUMED_NOTE);
+                }
+                // The original's train transform normalises with CLIP's
+                // mean and std; another family's would be a different model.
+                let pre = &clip.config.preprocess;
+                if *pre != Preprocess::openai(pre.size) {
+                    return Err(Error::Data(format!(
+                        "{} prepares images its own way ({pre:?}); fine-tuning uses the original's transform (torchvision's, CLIP's mean and std), so it is not implemented for this model. Cached mode works: embed, then train with finetune = \"none\"",
+                        clip.config.source
+                    )));
+                }
+                Some(clip)
             }
             _ => None,
         };
@@ -386,10 +410,10 @@ impl Trainer {
                     p.finetune
                 )));
             }
-            if p.finetune == Finetune::ImagePlusText && c.config.transformer_layers < 12 {
+            if p.finetune == Finetune::ImagePlusText && c.config.text.layers < 12 {
                 return Err(Error::Data(format!(
                     "finetune = image_plus_text trains text block 11, but the text transformer has {} blocks",
-                    c.config.transformer_layers
+                    c.config.text.layers
                 )));
             }
         }

@@ -57,6 +57,10 @@ pub struct TrainParams {
     pub finetune: Finetune,
     /// The CLIP to start from (needed when fine-tuning).
     pub checkpoint: Option<PathBuf>,
+    /// Which CLIP the checkpoint is (as `embed`'s `arch`): an open_clip
+    /// model name or model-config .json; left out, OpenAI's is assumed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
     /// A Combiner to start from instead of a fresh one.
     pub combiner: Option<PathBuf>,
     pub epochs: usize,
@@ -106,6 +110,7 @@ impl Default for TrainParams {
         TrainParams {
             finetune: Finetune::ImagePlusTextWhole,
             checkpoint: Default::default(),
+            arch: Default::default(),
             combiner: Default::default(),
             epochs: 6,
             batch_size: 256,
