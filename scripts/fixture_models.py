@@ -41,3 +41,16 @@ class Combiner(nn.Module):
         c = self.dropout3(F.relu(self.combiner_layer(raw)))
         s = self.dynamic_scalar(raw)
         return F.normalize(self.output_layer(c) + s * text + (1 - s) * image, dim=-1)
+
+
+def tokens_batch(n):
+    """CLIP-tokenised-looking rows: <sot>, random ids, <eot>, zero padding;
+    every family's parity is tested on the same text."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.zeros(n, 77, dtype=torch.long)
+    for i in range(n):
+        length = 5 + 7 * i
+        t[i, 0] = 49406
+        t[i, 1 : length - 1] = torch.randint(1, 49405, (length - 2,), generator=g)
+        t[i, length - 1] = 49407
+    return t

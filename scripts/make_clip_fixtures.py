@@ -15,7 +15,7 @@ import torch.nn as nn
 out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fixture_models import Combiner, load_clip_module as load  # noqa: E402
+from fixture_models import Combiner, load_clip_module as load, tokens_batch  # noqa: E402
 
 clip_model = load("model")
 torch.manual_seed(0)
@@ -24,17 +24,6 @@ CONFIGS = {
     "rn": dict(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=64, vision_patch_size=None),
 }
 TEXT = dict(context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)  # heads = width // 64, as build_model infers
-
-
-def tokens_batch(n):
-    g = torch.Generator().manual_seed(1)
-    t = torch.zeros(n, 77, dtype=torch.long)
-    for i in range(n):
-        length = 5 + 7 * i
-        t[i, 0] = 49406
-        t[i, 1 : length - 1] = torch.randint(1, 49405, (length - 2,), generator=g)
-        t[i, length - 1] = 49407
-    return t
 
 
 for name, cfg in CONFIGS.items():

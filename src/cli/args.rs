@@ -9,13 +9,13 @@ use crate::cli::compare::{CompareFormat, CompareRequest};
 use crate::cli::contamination::ContaminationRequest;
 use crate::cli::devtools::{BenchCmd, ParseEvalArgs};
 use crate::cli::encode::EncodeRequest;
-use crate::model::arch::ArchSpec;
-use crate::model::select_device;
 use crate::error::{Error, Result};
 use crate::framework::manifest::{Plan, SetOverride};
 use crate::framework::runner::RunRequest;
 use crate::framework::sql::OutputFormat;
 use crate::framework::stage::Shard;
+use crate::model::arch::ArchSpec;
+use crate::model::select_device;
 
 #[derive(Parser)]
 #[command(
@@ -339,11 +339,15 @@ impl Cmd {
                     }
                 }
                 if !a.checkpoint.exists() {
-                    return Err(usage("--checkpoint", format!("{} does not exist", a.checkpoint.display())));
+                    return Err(usage(
+                        "--checkpoint",
+                        format!("{} does not exist", a.checkpoint.display()),
+                    ));
                 }
                 let arch = match &a.arch {
                     Some(s) => {
-                        let spec = ArchSpec::parse(s, Path::new("")).map_err(|m| usage("--arch", m))?;
+                        let spec =
+                            ArchSpec::parse(s, Path::new("")).map_err(|m| usage("--arch", m))?;
                         spec.config().map_err(|m| usage("--arch", m))?;
                         Some(spec)
                     }

@@ -19,7 +19,9 @@ use crate::model::clip::Clip;
 use crate::model::preprocess::{load_batch_with, ImageKey};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::with_precision;
-use crate::tables::embeddings::{embeddings_batch, finite_rows, image_embeddings_schema, text_embeddings_schema};
+use crate::tables::embeddings::{
+    embeddings_batch, finite_rows, image_embeddings_schema, text_embeddings_schema,
+};
 
 /// Extensions taken from a folder (lower case); Pillow opens them all.
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"];
@@ -132,7 +134,10 @@ fn text_list(src: &Path) -> Result<Vec<String>> {
     v.sort();
     v.dedup();
     if v.is_empty() {
-        return Err(Error::Data(format!("{}: no texts (one per line)", src.display())));
+        return Err(Error::Data(format!(
+            "{}: no texts (one per line)",
+            src.display()
+        )));
     }
     Ok(v)
 }
@@ -157,7 +162,11 @@ pub fn encode(req: &EncodeRequest) -> Result<String> {
     let progress = Progress::new(req.progress);
     if let Some(list) = &images {
         let tmp = image_out.with_extension("parquet.tmp");
-        let mut w = ResultWriter::new(OutputFormat::Parquet, Some(&tmp), image_embeddings_schema(dim))?;
+        let mut w = ResultWriter::new(
+            OutputFormat::Parquet,
+            Some(&tmp),
+            image_embeddings_schema(dim),
+        )?;
         let bar = progress.bar("encode images", list.len() as u64, "images");
         let started = Instant::now();
         let mut rejects: Vec<(String, String)> = Vec::new();
@@ -172,7 +181,10 @@ pub fn encode(req: &EncodeRequest) -> Result<String> {
                 .collect();
             let mut ok_keys = Vec::new();
             let mut tensors = Vec::new();
-            for ((key, _), t) in batch.iter().zip(load_batch_with(&keys, &clip.config.preprocess)) {
+            for ((key, _), t) in batch
+                .iter()
+                .zip(load_batch_with(&keys, &clip.config.preprocess))
+            {
                 match t {
                     Ok(t) => {
                         ok_keys.push(key.as_str());
@@ -187,7 +199,13 @@ pub fn encode(req: &EncodeRequest) -> Result<String> {
                     with_precision(req.device, req.mixed_precision, || clip.encode_image(&x))
                 })?;
                 let keys: ArrayRef = Arc::new(StringArray::from(ok_keys));
-                w.write(&embeddings_batch(true, keys, &model, finite_rows(&f, "image")?, dim)?)?;
+                w.write(&embeddings_batch(
+                    true,
+                    keys,
+                    &model,
+                    finite_rows(&f, "image")?,
+                    dim,
+                )?)?;
             }
             bar.inc(batch.len() as u64);
         }
@@ -220,7 +238,11 @@ pub fn encode(req: &EncodeRequest) -> Result<String> {
     if let Some(list) = &texts {
         let tok = ClipTokenizer::new(clip.config.context_length as usize);
         let tmp = text_out.with_extension("parquet.tmp");
-        let mut w = ResultWriter::new(OutputFormat::Parquet, Some(&tmp), text_embeddings_schema(dim))?;
+        let mut w = ResultWriter::new(
+            OutputFormat::Parquet,
+            Some(&tmp),
+            text_embeddings_schema(dim),
+        )?;
         let bar = progress.bar("encode texts", list.len() as u64, "texts");
         let started = Instant::now();
         for batch in list.chunks(req.batch_size) {
@@ -230,7 +252,13 @@ pub fn encode(req: &EncodeRequest) -> Result<String> {
                 with_precision(req.device, req.mixed_precision, || clip.encode_text(&t))
             })?;
             let keys: ArrayRef = Arc::new(StringArray::from(refs));
-            w.write(&embeddings_batch(false, keys, &model, finite_rows(&f, "text")?, dim)?)?;
+            w.write(&embeddings_batch(
+                false,
+                keys,
+                &model,
+                finite_rows(&f, "text")?,
+                dim,
+            )?)?;
             bar.inc(batch.len() as u64);
         }
         bar.finish_and_clear();

@@ -218,7 +218,14 @@ const fn vit(
     }
 }
 
-const fn rn(embed: i64, image: i64, layers: [i64; 4], width: i64, t: (i64, i64, i64), q: bool) -> Named {
+const fn rn(
+    embed: i64,
+    image: i64,
+    layers: [i64; 4],
+    width: i64,
+    t: (i64, i64, i64),
+    q: bool,
+) -> Named {
     Named {
         embed,
         image,
@@ -239,38 +246,126 @@ const fn rn(embed: i64, image: i64, layers: [i64; 4], width: i64, t: (i64, i64, 
 /// vocabulary). ViT: (layers, width, head width, MLP ratio, patch).
 static NAMED: &[(&str, Named)] = &[
     ("RN50", rn(1024, 224, [3, 4, 6, 3], 64, (512, 8, 12), false)),
-    ("RN50-quickgelu", rn(1024, 224, [3, 4, 6, 3], 64, (512, 8, 12), true)),
-    ("RN101", rn(512, 224, [3, 4, 23, 3], 64, (512, 8, 12), false)),
-    ("RN101-quickgelu", rn(512, 224, [3, 4, 23, 3], 64, (512, 8, 12), true)),
-    ("RN50x4", rn(640, 288, [4, 6, 10, 6], 80, (640, 10, 12), false)),
-    ("RN50x4-quickgelu", rn(640, 288, [4, 6, 10, 6], 80, (640, 10, 12), true)),
-    ("RN50x16", rn(768, 384, [6, 8, 18, 8], 96, (768, 12, 12), false)),
-    ("RN50x16-quickgelu", rn(768, 384, [6, 8, 18, 8], 96, (768, 12, 12), true)),
-    ("RN50x64", rn(1024, 448, [3, 15, 36, 10], 128, (1024, 16, 12), false)),
-    ("RN50x64-quickgelu", rn(1024, 448, [3, 15, 36, 10], 128, (1024, 16, 12), true)),
-    ("ViT-B-32", vit(512, 224, (12, 768, 64, 4.0, 32), (512, 8, 12), false)),
-    ("ViT-B-32-quickgelu", vit(512, 224, (12, 768, 64, 4.0, 32), (512, 8, 12), true)),
-    ("ViT-B-32-256", vit(512, 256, (12, 768, 64, 4.0, 32), (512, 8, 12), false)),
-    ("ViT-B-16", vit(512, 224, (12, 768, 64, 4.0, 16), (512, 8, 12), false)),
-    ("ViT-B-16-quickgelu", vit(512, 224, (12, 768, 64, 4.0, 16), (512, 8, 12), true)),
-    ("ViT-B-16-plus-240", vit(640, 240, (12, 896, 64, 4.0, 16), (640, 10, 12), false)),
-    ("ViT-L-14", vit(768, 224, (24, 1024, 64, 4.0, 14), (768, 12, 12), false)),
-    ("ViT-L-14-quickgelu", vit(768, 224, (24, 1024, 64, 4.0, 14), (768, 12, 12), true)),
-    ("ViT-L-14-336", vit(768, 336, (24, 1024, 64, 4.0, 14), (768, 12, 12), false)),
-    ("ViT-L-14-336-quickgelu", vit(768, 336, (24, 1024, 64, 4.0, 14), (768, 12, 12), true)),
-    ("ViT-H-14", vit(1024, 224, (32, 1280, 80, 4.0, 14), (1024, 16, 24), false)),
-    ("ViT-H-14-quickgelu", vit(1024, 224, (32, 1280, 80, 4.0, 14), (1024, 16, 24), true)),
-    ("ViT-H-14-378", vit(1024, 378, (32, 1280, 80, 4.0, 14), (1024, 16, 24), false)),
-    ("ViT-H-14-378-quickgelu", vit(1024, 378, (32, 1280, 80, 4.0, 14), (1024, 16, 24), true)),
-    ("ViT-g-14", vit(1024, 224, (40, 1408, 88, 4.3637, 14), (1024, 16, 24), false)),
-    ("ViT-bigG-14", vit(1280, 224, (48, 1664, 104, 4.9231, 14), (1280, 20, 32), false)),
-    ("ViT-bigG-14-quickgelu", vit(1280, 224, (48, 1664, 104, 4.9231, 14), (1280, 20, 32), true)),
+    (
+        "RN50-quickgelu",
+        rn(1024, 224, [3, 4, 6, 3], 64, (512, 8, 12), true),
+    ),
+    (
+        "RN101",
+        rn(512, 224, [3, 4, 23, 3], 64, (512, 8, 12), false),
+    ),
+    (
+        "RN101-quickgelu",
+        rn(512, 224, [3, 4, 23, 3], 64, (512, 8, 12), true),
+    ),
+    (
+        "RN50x4",
+        rn(640, 288, [4, 6, 10, 6], 80, (640, 10, 12), false),
+    ),
+    (
+        "RN50x4-quickgelu",
+        rn(640, 288, [4, 6, 10, 6], 80, (640, 10, 12), true),
+    ),
+    (
+        "RN50x16",
+        rn(768, 384, [6, 8, 18, 8], 96, (768, 12, 12), false),
+    ),
+    (
+        "RN50x16-quickgelu",
+        rn(768, 384, [6, 8, 18, 8], 96, (768, 12, 12), true),
+    ),
+    (
+        "RN50x64",
+        rn(1024, 448, [3, 15, 36, 10], 128, (1024, 16, 12), false),
+    ),
+    (
+        "RN50x64-quickgelu",
+        rn(1024, 448, [3, 15, 36, 10], 128, (1024, 16, 12), true),
+    ),
+    (
+        "ViT-B-32",
+        vit(512, 224, (12, 768, 64, 4.0, 32), (512, 8, 12), false),
+    ),
+    (
+        "ViT-B-32-quickgelu",
+        vit(512, 224, (12, 768, 64, 4.0, 32), (512, 8, 12), true),
+    ),
+    (
+        "ViT-B-32-256",
+        vit(512, 256, (12, 768, 64, 4.0, 32), (512, 8, 12), false),
+    ),
+    (
+        "ViT-B-16",
+        vit(512, 224, (12, 768, 64, 4.0, 16), (512, 8, 12), false),
+    ),
+    (
+        "ViT-B-16-quickgelu",
+        vit(512, 224, (12, 768, 64, 4.0, 16), (512, 8, 12), true),
+    ),
+    (
+        "ViT-B-16-plus-240",
+        vit(640, 240, (12, 896, 64, 4.0, 16), (640, 10, 12), false),
+    ),
+    (
+        "ViT-L-14",
+        vit(768, 224, (24, 1024, 64, 4.0, 14), (768, 12, 12), false),
+    ),
+    (
+        "ViT-L-14-quickgelu",
+        vit(768, 224, (24, 1024, 64, 4.0, 14), (768, 12, 12), true),
+    ),
+    (
+        "ViT-L-14-336",
+        vit(768, 336, (24, 1024, 64, 4.0, 14), (768, 12, 12), false),
+    ),
+    (
+        "ViT-L-14-336-quickgelu",
+        vit(768, 336, (24, 1024, 64, 4.0, 14), (768, 12, 12), true),
+    ),
+    (
+        "ViT-H-14",
+        vit(1024, 224, (32, 1280, 80, 4.0, 14), (1024, 16, 24), false),
+    ),
+    (
+        "ViT-H-14-quickgelu",
+        vit(1024, 224, (32, 1280, 80, 4.0, 14), (1024, 16, 24), true),
+    ),
+    (
+        "ViT-H-14-378",
+        vit(1024, 378, (32, 1280, 80, 4.0, 14), (1024, 16, 24), false),
+    ),
+    (
+        "ViT-H-14-378-quickgelu",
+        vit(1024, 378, (32, 1280, 80, 4.0, 14), (1024, 16, 24), true),
+    ),
+    (
+        "ViT-g-14",
+        vit(1024, 224, (40, 1408, 88, 4.3637, 14), (1024, 16, 24), false),
+    ),
+    (
+        "ViT-bigG-14",
+        vit(
+            1280,
+            224,
+            (48, 1664, 104, 4.9231, 14),
+            (1280, 20, 32),
+            false,
+        ),
+    ),
+    (
+        "ViT-bigG-14-quickgelu",
+        vit(1280, 224, (48, 1664, 104, 4.9231, 14), (1280, 20, 32), true),
+    ),
 ];
 
 /// The configuration of an open_clip model name in the table.
 pub fn named(name: &str) -> Option<ClipConfig> {
     let (n, c) = NAMED.iter().find(|(n, _)| *n == name)?;
-    let act = if c.quick_gelu { Act::QuickGelu } else { Act::Gelu };
+    let act = if c.quick_gelu {
+        Act::QuickGelu
+    } else {
+        Act::Gelu
+    };
     let vision = match c.rn {
         Some(layers) => Vision::ResNet {
             width: c.v_width,
@@ -369,10 +464,7 @@ fn refuse(cfg: &Value, tower: &str, keys: &[(&str, &str)]) -> Result<(), String>
             Some(_) => true,
         };
         if set {
-            return Err(format!(
-                "{tower}.{k} = {} is not supported: {why}",
-                cfg[*k]
-            ));
+            return Err(format!("{tower}.{k} = {} is not supported: {why}", cfg[*k]));
         }
     }
     Ok(())
@@ -386,11 +478,18 @@ pub fn from_open_clip_json(
     preprocess: Option<&Value>,
     source: &str,
 ) -> Result<ClipConfig, String> {
-    let obj = v.as_object().ok_or("the model config must be a JSON object")?;
+    let obj = v
+        .as_object()
+        .ok_or("the model config must be a JSON object")?;
     for k in obj.keys() {
         if !matches!(
             k.as_str(),
-            "embed_dim" | "quick_gelu" | "vision_cfg" | "text_cfg" | "custom_text" | "preprocess_cfg"
+            "embed_dim"
+                | "quick_gelu"
+                | "vision_cfg"
+                | "text_cfg"
+                | "custom_text"
+                | "preprocess_cfg"
         ) {
             return Err(format!(
                 "{k} is not supported (CoCa, SigLIP and other non-CLIP heads are not implemented)"
@@ -413,31 +512,58 @@ pub fn from_open_clip_json(
         "vision_cfg",
         &[
             ("timm_model_name", "timm image towers are not implemented"),
-            ("attentional_pool", "the attentional pooler (CoCa) is not implemented"),
+            (
+                "attentional_pool",
+                "the attentional pooler (CoCa) is not implemented",
+            ),
             ("block_type", "custom attention blocks are not implemented"),
             ("qk_norm", "custom attention blocks are not implemented"),
-            ("scaled_cosine_attn", "custom attention blocks are not implemented"),
+            (
+                "scaled_cosine_attn",
+                "custom attention blocks are not implemented",
+            ),
             ("scale_heads", "custom attention blocks are not implemented"),
-            ("scale_attn_inner", "custom attention blocks are not implemented"),
+            (
+                "scale_attn_inner",
+                "custom attention blocks are not implemented",
+            ),
             ("scale_attn", "custom attention blocks are not implemented"),
             ("scale_fc", "custom attention blocks are not implemented"),
             ("act_kwargs", "activation options are not implemented"),
-            ("pos_embed_type", "only learnable position embeddings are implemented"),
+            (
+                "pos_embed_type",
+                "only learnable position embeddings are implemented",
+            ),
         ],
     )?;
     refuse(
         tc,
         "text_cfg",
         &[
-            ("hf_model_name", "Hugging Face text towers are not implemented"),
-            ("hf_tokenizer_name", "only CLIP's BPE tokenizer is implemented"),
+            (
+                "hf_model_name",
+                "Hugging Face text towers are not implemented",
+            ),
+            (
+                "hf_tokenizer_name",
+                "only CLIP's BPE tokenizer is implemented",
+            ),
             ("tokenizer_mode", "only CLIP's BPE tokenizer is implemented"),
-            ("embed_cls", "the appended class token (CoCa) is not implemented"),
+            (
+                "embed_cls",
+                "the appended class token (CoCa) is not implemented",
+            ),
             ("block_type", "custom attention blocks are not implemented"),
             ("qk_norm", "custom attention blocks are not implemented"),
-            ("scaled_cosine_attn", "custom attention blocks are not implemented"),
+            (
+                "scaled_cosine_attn",
+                "custom attention blocks are not implemented",
+            ),
             ("scale_heads", "custom attention blocks are not implemented"),
-            ("scale_attn_inner", "custom attention blocks are not implemented"),
+            (
+                "scale_attn_inner",
+                "custom attention blocks are not implemented",
+            ),
             ("scale_attn", "custom attention blocks are not implemented"),
             ("scale_fc", "custom attention blocks are not implemented"),
             ("act_kwargs", "activation options are not implemented"),
@@ -445,7 +571,9 @@ pub fn from_open_clip_json(
     )?;
     let image_resolution = match vc.get("image_size") {
         Some(Value::Array(a)) if a.len() == 2 && a[0] == a[1] => a[0].as_i64().unwrap_or(0),
-        Some(Value::Array(_)) => return Err("vision_cfg.image_size: only square images are supported".into()),
+        Some(Value::Array(_)) => {
+            return Err("vision_cfg.image_size: only square images are supported".into())
+        }
         _ => int(vc, "image_size", 224)?,
     };
     let head_width = int(vc, "head_width", 64)?;
@@ -469,7 +597,11 @@ pub fn from_open_clip_json(
             let pool = match vc.get("pool_type").and_then(Value::as_str).unwrap_or("tok") {
                 "tok" => VisionPool::Tok,
                 "avg" => VisionPool::Avg,
-                p => return Err(format!("vision_cfg.pool_type '{p}' is not supported (tok, avg)")),
+                p => {
+                    return Err(format!(
+                        "vision_cfg.pool_type '{p}' is not supported (tok, avg)"
+                    ))
+                }
             };
             let width = v_width;
             Vision::Vit {
@@ -490,12 +622,20 @@ pub fn from_open_clip_json(
         }
     };
     let t_width = int(tc, "width", 512)?;
-    let text_pool = match tc.get("pool_type").and_then(Value::as_str).unwrap_or("argmax") {
+    let text_pool = match tc
+        .get("pool_type")
+        .and_then(Value::as_str)
+        .unwrap_or("argmax")
+    {
         "argmax" => TextPool::Argmax,
         "first" => TextPool::First,
         "last" => TextPool::Last,
         "eos" => TextPool::Eos(int(tc, "eos_id", 2)?),
-        p => return Err(format!("text_cfg.pool_type '{p}' is not supported (argmax, first, last, eos)")),
+        p => {
+            return Err(format!(
+                "text_cfg.pool_type '{p}' is not supported (argmax, first, last, eos)"
+            ))
+        }
     };
     let text_proj = if tc.get("proj_type").and_then(Value::as_str) == Some("none") {
         TextProj::None
@@ -538,7 +678,9 @@ fn triple(v: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3], String> {
         Some(Value::Array(a)) if a.len() == 3 => {
             let mut out = [0f32; 3];
             for (o, x) in out.iter_mut().zip(a) {
-                *o = x.as_f64().ok_or_else(|| format!("{key} must hold numbers"))? as f32;
+                *o = x
+                    .as_f64()
+                    .ok_or_else(|| format!("{key} must hold numbers"))? as f32;
             }
             Ok(out)
         }
@@ -554,12 +696,16 @@ fn triple(v: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3], String> {
 fn preprocess_cfg(p: &Value, size: u32) -> Result<Preprocess, String> {
     if let Some(i) = p.get("interpolation").and_then(Value::as_str) {
         if i != "bicubic" {
-            return Err(format!("preprocess_cfg.interpolation '{i}' is not supported (bicubic)"));
+            return Err(format!(
+                "preprocess_cfg.interpolation '{i}' is not supported (bicubic)"
+            ));
         }
     }
     if let Some(r) = p.get("resize_mode").and_then(Value::as_str) {
         if r != "shortest" {
-            return Err(format!("preprocess_cfg.resize_mode '{r}' is not supported (shortest)"));
+            return Err(format!(
+                "preprocess_cfg.resize_mode '{r}' is not supported (shortest)"
+            ));
         }
     }
     let mut pre = Preprocess::openai(size);
@@ -569,10 +715,16 @@ fn preprocess_cfg(p: &Value, size: u32) -> Result<Preprocess, String> {
 }
 
 fn hf_act(v: &Value) -> Result<Act, String> {
-    match v.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu") {
+    match v
+        .get("hidden_act")
+        .and_then(Value::as_str)
+        .unwrap_or("quick_gelu")
+    {
         "quick_gelu" => Ok(Act::QuickGelu),
         "gelu" => Ok(Act::Gelu),
-        a => Err(format!("hidden_act '{a}' is not supported (quick_gelu, gelu)")),
+        a => Err(format!(
+            "hidden_act '{a}' is not supported (quick_gelu, gelu)"
+        )),
     }
 }
 
@@ -671,7 +823,9 @@ fn hf_preprocessor(p: &Value, image: u32) -> Result<Preprocess, String> {
         ("do_convert_rgb", "RGB conversion"),
     ] {
         if p.get(flag).and_then(Value::as_bool) == Some(false) {
-            return Err(format!("{flag} = false is not supported (this build always does {what})"));
+            return Err(format!(
+                "{flag} = false is not supported (this build always does {what})"
+            ));
         }
     }
     if let Some(r) = p.get("resample").and_then(Value::as_i64) {
@@ -784,7 +938,10 @@ impl ClipConfig {
                 }
                 let e = w * 32;
                 let g = self.image_resolution / 32;
-                put("visual.attnpool.positional_embedding".into(), &[g * g + 1, e]);
+                put(
+                    "visual.attnpool.positional_embedding".into(),
+                    &[g * g + 1, e],
+                );
                 for p in ["q_proj", "k_proj", "v_proj"] {
                     put(format!("visual.attnpool.{p}.weight"), &[e, e]);
                     put(format!("visual.attnpool.{p}.bias"), &[e]);
@@ -795,7 +952,10 @@ impl ClipConfig {
         }
         let t = &self.text;
         put("token_embedding.weight".into(), &[self.vocab_size, t.width]);
-        put("positional_embedding".into(), &[self.context_length, t.width]);
+        put(
+            "positional_embedding".into(),
+            &[self.context_length, t.width],
+        );
         blocks("transformer", t, &mut put);
         ln("ln_final", t.width, &mut put);
         match self.text_proj {
@@ -814,7 +974,12 @@ impl ClipConfig {
     pub fn tolerated(key: &str) -> bool {
         matches!(
             key,
-            "logit_scale" | "logit_bias" | "input_resolution" | "context_length" | "vocab_size" | "attn_mask"
+            "logit_scale"
+                | "logit_bias"
+                | "input_resolution"
+                | "context_length"
+                | "vocab_size"
+                | "attn_mask"
         ) || key.ends_with(".num_batches_tracked")
             || key.ends_with(".attn_mask")
     }
@@ -827,14 +992,20 @@ impl ClipConfig {
             Act::Gelu => "GELU",
         };
         let vision = match &self.vision {
-            Vision::Vit { blocks: b, patch, .. } => format!(
+            Vision::Vit {
+                blocks: b, patch, ..
+            } => format!(
                 "ViT {}x{} patch {patch}, {} heads of {}",
                 b.layers,
                 b.width,
                 b.heads,
                 b.width / b.heads.max(1)
             ),
-            Vision::ResNet { width, layers, heads } => {
+            Vision::ResNet {
+                width,
+                layers,
+                heads,
+            } => {
                 format!("ModifiedResNet {layers:?} width {width}, {heads} pool heads")
             }
         };

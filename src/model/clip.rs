@@ -6,8 +6,8 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-pub use super::arch::{Act, ArchSpec, Blocks, ClipConfig, TextPool, TextProj, Vision, VisionPool};
 use super::arch::{from_hf_config, from_open_clip_json, Layout};
+pub use super::arch::{Act, ArchSpec, Blocks, ClipConfig, TextPool, TextProj, Vision, VisionPool};
 use super::{linear, ModelError, Result, StateDict};
 
 pub struct Clip {
@@ -223,20 +223,23 @@ impl Clip {
     /// The weights under a known configuration: every tensor it reads
     /// present with its shape, nothing else, all finite.
     pub fn with_config(w: StateDict, config: ClipConfig) -> Result<Clip> {
-        check_projections(&w, &config)?;
+        let another = |e| {
+            match e {
+            ModelError::Missing { path, key, hint } => ModelError::Missing {
+                path,
+                key,
+                hint: format!(
+                    "{hint}, which {} has: the checkpoint is another model; set arch to its configuration",
+                    config.source
+                ),
+            },
+            e => e,
+        }
+        };
+        check_projections(&w, &config).map_err(another)?;
         let expected = config.expected();
         for (key, shape) in &expected {
-            let t = w.get(key).map_err(|e| match e {
-                ModelError::Missing { path, key, hint } => ModelError::Missing {
-                    path,
-                    key,
-                    hint: format!(
-                        "{hint}, which {} has: the checkpoint is another model; set arch to its configuration",
-                        config.source
-                    ),
-                },
-                e => e,
-            })?;
+            let t = w.get(key).map_err(another)?;
             if t.size() != *shape {
                 return Err(ModelError::Shape {
                     path: w.path.clone(),
@@ -396,10 +399,14 @@ impl Clip {
 /// projection may be the wrong one, so the error names both.
 fn check_projections(w: &StateDict, c: &ClipConfig) -> Result<()> {
     let (image_key, image_out) = match &c.vision {
-        Vision::Vit { .. } => ("visual.proj", w.get_shaped("visual.proj", &[-1, -1])?.size()[1]),
+        Vision::Vit { blocks, .. } => (
+            "visual.proj",
+            w.get_shaped("visual.proj", &[blocks.width, -1])?.size()[1],
+        ),
         Vision::ResNet { .. } => (
             "visual.attnpool.c_proj.weight",
-            w.get_shaped("visual.attnpool.c_proj.weight", &[-1, -1])?.size()[0],
+            w.get_shaped("visual.attnpool.c_proj.weight", &[-1, -1])?
+                .size()[0],
         ),
     };
     if c.text_proj == TextProj::Matrix && image_out != c.embed_dim {
@@ -435,10 +442,7 @@ fn checkpoint_file(path: &Path) -> Result<(std::path::PathBuf, Option<std::path:
         Some(f) => Ok((f, Some(path.to_path_buf()))),
         None => Err(ModelError::Load {
             path: path.to_path_buf(),
-            message: format!(
-                "a folder without a weights file ({})",
-                NAMES.join(", ")
-            ),
+            message: format!("a folder without a weights file ({})", NAMES.join(", ")),
         }),
     }
 }

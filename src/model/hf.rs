@@ -58,10 +58,10 @@ pub(crate) fn to_openai_layout(sd: StateDict) -> Result<StateDict> {
         let name = if let Some(r) = rest.strip_prefix("encoder.layers.") {
             let (i, r) = r.split_once('.').ok_or_else(|| unknown(&sd, &key))?;
             let block = format!("{tower}transformer.resblocks.{i}");
-            if let Some(p) = ["q_proj.", "k_proj.", "v_proj."]
-                .iter()
-                .position(|p| r.strip_prefix("self_attn.").is_some_and(|s| s.starts_with(p)))
-            {
+            if let Some(p) = ["q_proj.", "k_proj.", "v_proj."].iter().position(|p| {
+                r.strip_prefix("self_attn.")
+                    .is_some_and(|s| s.starts_with(p))
+            }) {
                 let what = &r["self_attn.q_proj.".len()..];
                 let slot = qkv
                     .entry(format!("{block}.attn.in_proj_{what}"))

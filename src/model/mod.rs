@@ -219,7 +219,19 @@ impl StateDict {
                 path: self.path.clone(),
                 key: key.to_string(),
                 got,
-                expected: format!("{shape:?}"),
+                // `_` for a size that may be anything.
+                expected: format!(
+                    "[{}]",
+                    shape
+                        .iter()
+                        .map(|s| if *s == -1 {
+                            "_".to_string()
+                        } else {
+                            s.to_string()
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             });
         }
         Ok(t)

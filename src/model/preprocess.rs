@@ -735,7 +735,9 @@ pub fn load_rgb_with(k: &ImageKey, pre: &Preprocess) -> Result<RgbImage, String>
         }
         img = crop_pad_square(&img, bx);
     }
-    Ok(to_rgb_image(resize_center_crop_family(&img, n_px, pre.family)))
+    Ok(to_rgb_image(resize_center_crop_family(
+        &img, n_px, pre.family,
+    )))
 }
 
 /// Decodes and preprocesses a batch in parallel; per image an error

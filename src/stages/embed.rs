@@ -17,10 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use arrow::array::{
-    ArrayRef, RecordBatch,
-    StringBuilder,
-};
+use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -30,9 +27,9 @@ use crate::error::{Error, Result};
 use crate::framework::stage::{
     resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
+use crate::model::arch::{arch_spec, ArchSpec, ASSUMED_NOTE};
 use crate::model::clip::Clip;
 use crate::model::decode::{set_max_pixels, PILLOW_MAX_IMAGE_PIXELS};
-use crate::model::arch::{arch_spec, ArchSpec, ASSUMED_NOTE};
 use crate::model::preprocess::{load_batch_with, ImageKey};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{select_device, with_precision};
@@ -168,7 +165,9 @@ impl Stage for Embed {
 
     fn validate(p: &EmbedParams, base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
-        if let Err(m) = arch_spec(p.arch.as_deref(), base).and_then(|a| a.map(|a| a.config()).transpose()) {
+        if let Err(m) =
+            arch_spec(p.arch.as_deref(), base).and_then(|a| a.map(|a| a.config()).transpose())
+        {
             out.push(Finding::error("arch", m));
         }
         if p.batch_size == 0 {
@@ -516,4 +515,3 @@ struct EncodeState {
     n_rejected: usize,
     started: Instant,
 }
-

@@ -54,6 +54,17 @@ pub(crate) struct World {
     vaw_keys: BTreeSet<String>,
 }
 
+/// The `templates` stage's params over a generated world.
+pub(crate) fn templates_params(w: &World) -> String {
+    format!(
+        "focus_object = \"{}\", focus_attribute = \"{}\", coco_dir = \"{}\", vg_dir = \"{}\"",
+        w.coco_json.display(),
+        w.vaw_json.display(),
+        w.coco_dir.display(),
+        w.vg_dir.display()
+    )
+}
+
 /// 6 COCO-style templates over 20 images (gallery 14) and 4 VAW-style ones
 /// over 5 images: one (image, box) pair repeats, one image has two boxes.
 pub(crate) fn small_world(dir: &Path) -> World {
@@ -145,13 +156,7 @@ pub(crate) fn manifest(dir: &Path, w: &World, combiner: bool) -> PathBuf {
             "templates",
             "templates",
             &[],
-            &format!(
-                "focus_object = \"{}\", focus_attribute = \"{}\", coco_dir = \"{}\", vg_dir = \"{}\"",
-                w.coco_json.display(),
-                w.vaw_json.display(),
-                w.coco_dir.display(),
-                w.vg_dir.display()
-            ),
+            &templates_params(&w),
         )
         .stage(
             "embed",

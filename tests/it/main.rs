@@ -2,6 +2,7 @@
 
 mod common;
 mod eval;
+mod families;
 mod global;
 mod hostile;
 mod ingest;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use genecis::model::clip::{Clip, Vision};
+use genecis::model::clip::{Act, Blocks, Clip, Vision, VisionPool};
 use genecis::model::combiner::Combiner;
 use genecis::model::tokenizer::ClipTokenizer;
 use genecis::model::{ModelError, StateDict};
@@ -47,12 +47,12 @@ fn clip_from(file: &str, device: Device) -> Clip {
 /// (ViT: the MLP's 4 x width; ResNet: the last 3x3 conv's 9 x channels),
 /// chained `depth` times (layers and projections), on `device`; the
 /// comparison on the CPU.
-fn check_parity(
+pub(crate) fn check_parity(
     model: &Clip,
     refs: &HashMap<String, Tensor>,
     (k, depth): (usize, usize),
     device: Device,
-) {
+) -> (f64, f64) {
     let on = |t: &Tensor| t.to_device(device);
     let img = model
         .encode_image(&on(&refs["images"]))
@@ -75,6 +75,7 @@ fn check_parity(
         dt <= tol,
         "encode_text differs by {dt} of its scale (bound {tol})"
     );
+    (di, dt)
 }
 
 genecis::test_device!(vit_matches_pytorch_from_every_checkpoint_format, |device| {
@@ -83,17 +84,27 @@ genecis::test_device!(vit_matches_pytorch_from_every_checkpoint_format, |device|
     assert_eq!(
         m.config.vision,
         Vision::Vit {
-            width: 64,
-            layers: 2,
+            blocks: Blocks {
+                width: 64,
+                layers: 2,
+                heads: 1,
+                mlp_width: 256,
+                layer_scale: false,
+                act: Act::QuickGelu,
+                ln_eps: 1e-5,
+            },
             patch: 8,
-            heads: 1
+            ln_pre: true,
+            pool: VisionPool::Tok,
+            final_ln_after_pool: false,
         }
     );
+    assert!(m.config.assumed);
     assert_eq!(
         (
             m.config.image_resolution,
             m.config.embed_dim,
-            m.config.transformer_layers
+            m.config.text.layers
         ),
         (32, 32, 2)
     );

@@ -19,7 +19,7 @@ use genecis::stages::train::{train_step, Finetune, Optimizer, StepConfig};
 use crate::common::{
     bin, forward_tolerance, genecis, python, script_fixtures, sql_csv, write, Manifest, EPS32,
 };
-use crate::eval::small_world;
+use crate::eval::{small_world, templates_params};
 use crate::model::fixtures;
 
 fn train_fixtures() -> &'static Path {
@@ -260,7 +260,7 @@ fn train_world(dir: &Path) -> PathBuf {
             for k in 0..4u32 {
                 let path = dir.join(format!("images/{si}_{oi}_{k}.jpg"));
                 let img = image::RgbImage::from_fn(40, 32, |x, y| {
-                    let stripe = ((x / (2 + si as u32)) + y / 3 + k) % 2 == 0;
+                    let stripe = ((x / (2 + si as u32)) + y / 3 + k).is_multiple_of(2);
                     let base = [
                         (oi * 50) as u8,
                         (255 - oi * 45) as u8,
@@ -311,18 +311,7 @@ fn cached_training_learns_selects_on_templates_and_feeds_score() {
     let w = small_world(tmp.path());
     let fx = fixtures();
     let m = mined(tmp.path(), 400)
-        .stage(
-            "templates",
-            "templates",
-            &[],
-            &format!(
-                "focus_object = \"{}\", focus_attribute = \"{}\", coco_dir = \"{}\", vg_dir = \"{}\"",
-                w.coco_json.display(),
-                w.vaw_json.display(),
-                w.coco_dir.display(),
-                w.vg_dir.display()
-            ),
-        )
+        .stage("templates", "templates", &[], &templates_params(&w))
         .stage(
             "embed",
             "embed",

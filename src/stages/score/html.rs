@@ -18,6 +18,13 @@ use crate::tables::image_keys::KeyRow;
 /// Thumbnails are at most this many pixels on their long side.
 pub(crate) const THUMB: u32 = 96;
 
+/// A method's outcome on one template: the target's rank and the top keys
+/// with their similarity.
+pub(crate) type Outcome = (u32, Vec<(String, f32)>);
+
+/// A key's thumbnail file and, where made, its full-size copy.
+type Thumb = (String, Option<String>);
+
 /// One template and what each method retrieved.
 pub(crate) struct Card {
     pub task: String,
@@ -26,7 +33,7 @@ pub(crate) struct Card {
     pub reference: String,
     pub target: String,
     /// Per method, in `methods` order: (rank, top keys with similarity).
-    pub outcomes: Vec<Option<(u32, Vec<(String, f32)>)>>,
+    pub outcomes: Vec<Option<Outcome>>,
 }
 
 /// One `recall_by_condition` row.
@@ -117,10 +124,10 @@ pub(crate) fn write_thumbnails(
     dir: &Path,
     keys: &[&str],
     rows: &HashMap<String, KeyRow>,
-) -> Result<HashMap<String, (String, Option<String>)>, String> {
+) -> Result<HashMap<String, Thumb>, String> {
     let tdir = dir.join("thumbs");
     std::fs::create_dir_all(&tdir).map_err(|e| format!("{}: {e}", tdir.display()))?;
-    let made: Vec<Option<(String, (String, Option<String>))>> = keys
+    let made: Vec<Option<(String, Thumb)>> = keys
         .par_iter()
         .map(|k| {
             let row = rows.get(*k)?;

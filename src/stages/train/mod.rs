@@ -43,10 +43,10 @@ use crate::framework::stage::{
     resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
 use crate::model::arch::{arch_spec, ArchSpec, ASSUMED_NOTE};
-use crate::model::preprocess::Preprocess;
 use crate::model::clip::{Clip, Vision};
 use crate::model::combiner::{l2_normalize, Combiner, HIDDEN_DIM, PROJECTION_DIM};
 use crate::model::optim::{cosine_lrs, AdamW, GradScaler};
+use crate::model::preprocess::Preprocess;
 use crate::model::preprocess::{load_rgb, to_tensor, ImageKey, Raster};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{select_device, with_precision, StateDict};
