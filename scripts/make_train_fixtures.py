@@ -2,7 +2,9 @@
 train_one_epoch body (train/epoch_train_functions.py) on tiny CLIPs.
 Usage: make_train_fixtures.py OUT_DIR
 
-For a tiny ViT and a tiny ModifiedResNet (BatchNorm in train mode) with a
+For a tiny ViT and a tiny ModifiedResNet (BatchNorm in train mode) of
+OpenAI's code, and a tiny open_clip ViT (GELU, head width 32, LayerScale:
+the settings LAION models train with), each with a
 small Combiner (dropout off, so both sides compute the same function):
 encode [ref; target; distractor] images and the condition tokens, the
 contrastive loss with lamda, backward, clip_grad_norm_ on the CLIP
@@ -10,6 +12,7 @@ parameters, AdamW over Combiner + CLIP. Writes the initial weights, the
 batch, each step's loss and the final weights. Also checks that a Combiner
 initialised by `torch.manual_seed(s); Combiner(...)` is what we draw.
 """
+import json
 import os
 import sys
 
@@ -26,20 +29,35 @@ CONFIGS = {
     "vit": dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8),
     "rn": dict(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=64, vision_patch_size=None),
 }
+# open_clip's own CLIP class: fine-tuning an open_clip ViT.
+OPEN_CLIP = dict(
+    embed_dim=32,
+    vision_cfg=dict(image_size=32, layers=2, width=64, head_width=32, patch_size=8, ls_init_value=0.1),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2, ls_init_value=0.1),
+)
 TEXT = dict(context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
 # eps well above float noise: a zero-gradient direction (the key bias, a
 # bias before a train-mode BatchNorm) then stays put on both sides instead
 # of Adam blowing its float noise up to +-lr.
 B, STEPS, LR, WD, LAMDA, EPS = 4, 3, 1e-4, 0.01, 100.0, 1e-6
 
-for name, cfg in CONFIGS.items():
+def build(name):
+    if name == "oc":
+        import open_clip.model
+
+        with open(f"{out}/oc.json", "w") as f:
+            json.dump(OPEN_CLIP, f)
+        return open_clip.model.CLIP(**OPEN_CLIP).float(), OPEN_CLIP["vision_cfg"]["image_size"]
+    return clip_model.CLIP(**CONFIGS[name], **TEXT).float(), CONFIGS[name]["image_resolution"]
+
+
+for name in [*CONFIGS, "oc"]:
     torch.manual_seed(10)
-    model = clip_model.CLIP(**cfg, **TEXT).float()
+    model, res = build(name)
     comb = Combiner(32, proj=64, hidden=128)
     torch.save(model.state_dict(), f"{out}/{name}_init.pt")
     torch.save(comb.state_dict(), f"{out}/{name}_combiner_init.pt")
     g = torch.Generator().manual_seed(11)
-    res = cfg["image_resolution"]
     imgs = torch.randn(3 * B, 3, res, res, generator=g)
     tokens = torch.zeros(B, 77, dtype=torch.long)
     for i in range(B):

@@ -75,6 +75,7 @@ pub(crate) fn check_parity(
         dt <= tol,
         "encode_text differs by {dt} of its scale (bound {tol})"
     );
+    eprintln!("  encode_image {di:.2e}, encode_text {dt:.2e} of their scale (bound {tol:.2e})");
     (di, dt)
 }
 

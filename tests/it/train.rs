@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-use genecis::model::clip::Clip;
+use genecis::model::clip::{ArchSpec, Clip};
 use genecis::model::combiner::Combiner;
 use genecis::model::optim::{clip_grad_norm, AdamW, GradScaler};
 use genecis::model::torch_pickle::read_state_dict;
@@ -43,8 +43,13 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 fn parity(name: &str, device: Device) {
     let fx = train_fixtures();
     let batch = load(&fx.join(format!("{name}_batch.pt")));
-    let mut clip =
-        Clip::new(StateDict::load(&fx.join(format!("{name}_init.pt")), device).unwrap()).unwrap();
+    let init = fx.join(format!("{name}_init.pt"));
+    let mut clip = if name == "oc" {
+        let arch = ArchSpec::Json(fx.join("oc.json"));
+        Clip::load(&init, Some(&arch), device).unwrap()
+    } else {
+        Clip::new(StateDict::load(&init, device).unwrap()).unwrap()
+    };
     clip.set_training(true);
     let comb = Combiner::new(
         StateDict::load(&fx.join(format!("{name}_combiner_init.pt")), device).unwrap(),
@@ -70,7 +75,7 @@ fn parity(name: &str, device: Device) {
     let losses = Vec::<f64>::try_from(&batch["losses"]).unwrap();
     // The fixture script's LR.
     let lr = 1e-4;
-    let tower = if name == "vit" {
+    let tower = if name != "rn" {
         (4 * 64, 2 + 2 * 7)
     } else {
         (9 * 512, 3 + 4 * 3 + 4)
@@ -227,6 +232,12 @@ genecis::test_device!(
 
 genecis::test_device!(adamw_steps_match_pytorch_vit, |device| {
     parity("vit", device);
+});
+
+// Fine-tuning an open_clip ViT (GELU, LayerScale) against open_clip's
+// own model under the same loop.
+genecis::test_device!(adamw_steps_match_open_clip_vit, |device| {
+    parity("oc", device);
 });
 
 genecis::test_device!(
