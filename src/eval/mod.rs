@@ -32,7 +32,24 @@ pub(crate) enum Method {
     TextOnly,
     ImagePlusText,
     Combiner,
+    /// A method whose scores or query embeddings an `import-scores` stage
+    /// brought in; never a manifest's `methods` entry.
+    #[serde(skip)]
+    Imported(Name),
 }
+
+/// An imported method's interned name ([`Method::imported`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct Name(pub &'static str);
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Name, D::Error> {
+        Ok(Name(Method::imported(&String::deserialize(d)?).name()))
+    }
+}
+
+/// The built-in methods' names, for messages.
+pub(crate) const BUILT_IN: [&str; 4] = ["image_only", "text_only", "image_plus_text", "combiner"];
 
 impl Method {
     pub(crate) fn name(self) -> &'static str {
@@ -41,7 +58,25 @@ impl Method {
             Method::TextOnly => "text_only",
             Method::ImagePlusText => "image_plus_text",
             Method::Combiner => "combiner",
+            Method::Imported(Name(name)) => name,
         }
+    }
+
+    /// An imported method, its name interned: results and ranks key on
+    /// `&'static str`, and a run imports a handful of names.
+    pub(crate) fn imported(name: &str) -> Method {
+        static NAMES: std::sync::Mutex<BTreeSet<&'static str>> =
+            std::sync::Mutex::new(BTreeSet::new());
+        let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+        let name = match names.get(name) {
+            Some(n) => *n,
+            None => {
+                let n: &'static str = Box::leak(name.to_string().into_boxed_str());
+                names.insert(n);
+                n
+            }
+        };
+        Method::Imported(Name(name))
     }
 }
 
@@ -447,9 +482,27 @@ impl Recall {
     }
 }
 
+/// What an `import-scores` stage brought in for one method.
+pub(crate) enum Given {
+    /// Per (task, template id): one similarity per candidate, in the
+    /// template's order (target first). GeneCIS tasks only.
+    Similarities(HashMap<(String, u32), Vec<f32>>),
+    /// Per (task, template id): a query embedding, ranked against the
+    /// method's own gallery embeddings by cosine, as the built-in methods.
+    Embeddings {
+        queries: HashMap<(String, u32), Vec<f32>>,
+        gallery: Embeddings,
+    },
+}
+
+/// Imported methods by name.
+pub(crate) type GivenMethods = HashMap<&'static str, Given>;
+
 /// Queries of each method against each task's candidates (or gallery):
 /// each `scores` row to `emit`, and one Recall per (task, method), plus the
-/// GeneCIS average when several GeneCIS tasks were scored.
+/// GeneCIS average when several GeneCIS tasks were scored. Imported
+/// methods take their similarities or queries from `given`; one imported
+/// as similarities has no row for a global task.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn evaluate(
     tasks: &[TaskRows],
@@ -458,6 +511,7 @@ pub(crate) fn evaluate(
     p: &QueryConfig,
     methods: &[Method],
     combiner: Option<&Combiner>,
+    given: &GivenMethods,
     device: Device,
     emit: &mut EmitRow<'_>,
 ) -> Result<Vec<Recall>> {
@@ -467,25 +521,90 @@ pub(crate) fn evaluate(
     let txt_n: Vec<Vec<f32>> = (0..txt.index.len())
         .map(|i| normalized(txt.row(i)))
         .collect();
+    let mut row_keys = vec![""; img.index.len()];
+    for (k, &r) in &img.index {
+        row_keys[r] = k.as_str();
+    }
+    // Each imported-embeddings method's unit gallery vectors, by img row.
+    let mut own_units: HashMap<&'static str, Vec<Vec<f32>>> = HashMap::new();
+    for &m in methods {
+        if let Method::Imported(Name(name)) = m {
+            match given.get(name) {
+                Some(Given::Embeddings { gallery, .. }) => {
+                    let units = row_keys
+                        .iter()
+                        .map(|k| gallery.get(k).map(normalized).unwrap_or_default())
+                        .collect();
+                    own_units.insert(name, units);
+                }
+                Some(Given::Similarities(_)) => {}
+                None => {
+                    return Err(Error::Internal(format!(
+                        "imported method {name} has no imported data"
+                    )))
+                }
+            }
+        }
+    }
     let mut recalls: Vec<Recall> = Vec::new();
     for t in tasks {
-        // A global gallery goes to the device once per task.
-        let gallery = match &t.global {
-            Some(g) => {
-                let flat: Vec<f32> = g
-                    .gallery
-                    .iter()
-                    .flat_map(|&r| img_n[r].iter().copied())
-                    .collect();
-                Some(
-                    Tensor::f_from_slice(&flat)?
-                        .f_view([g.gallery.len() as i64, img.dim as i64])?
-                        .f_to_device(device)?,
-                )
+        // A global gallery goes to the device once per task (and per
+        // imported-embeddings method, whose gallery is its own).
+        let to_device = |units: &[Vec<f32>], g: &GlobalRows, dim: usize| -> Result<Tensor> {
+            let flat: Vec<f32> = g
+                .gallery
+                .iter()
+                .flat_map(|&r| units[r].iter().copied())
+                .collect();
+            if flat.len() != g.gallery.len() * dim {
+                return Err(Error::Data(format!(
+                    "{}: an imported gallery lacks one of its images or has another width; rerun the import-scores stage",
+                    t.task
+                )));
             }
+            Ok(Tensor::f_from_slice(&flat)?
+                .f_view([g.gallery.len() as i64, dim as i64])?
+                .f_to_device(device)?)
+        };
+        let gallery = match &t.global {
+            Some(g) => Some(to_device(&img_n, g, img.dim)?),
             None => None,
         };
         for &method in methods {
+            let given_method = match method {
+                Method::Imported(Name(name)) => given.get(name),
+                _ => None,
+            };
+            let key = |i: usize| (t.task.clone(), t.template_ids[i]);
+            let lacking = |i: usize| {
+                Error::Data(format!(
+                    "{} template {}: the imported method {} has nothing for it; rerun its import-scores stage on these templates",
+                    t.task,
+                    t.template_ids[i],
+                    method.name()
+                ))
+            };
+            if let Some(Given::Similarities(s)) = given_method {
+                if t.global.is_some() {
+                    continue;
+                }
+                let mut ranks = Vec::with_capacity(t.template_ids.len());
+                for i in 0..t.template_ids.len() {
+                    let sims = s.get(&key(i)).ok_or_else(|| lacking(i))?;
+                    if sims.len() != t.candidates[i].len() {
+                        return Err(Error::Data(format!(
+                            "{} template {}: {} imported similarities for {} candidates",
+                            t.task,
+                            t.template_ids[i],
+                            sims.len(),
+                            t.candidates[i].len()
+                        )));
+                    }
+                    ranks.push(rank_local(t, i, method, sims, emit)?);
+                }
+                recalls.push(Recall::from_ranks(&t.task, method.name(), &ranks, false));
+                continue;
+            }
             let queries: Vec<Vec<f32>> = match method {
                 Method::ImageOnly => t.reference.iter().map(|&r| img_n[r].clone()).collect(),
                 Method::TextOnly => t.text.iter().map(|&x| txt_n[x].clone()).collect(),
@@ -511,42 +630,51 @@ pub(crate) fn evaluate(
                     let comb = combiner.ok_or_else(|| {
                         Error::Internal("combiner method without a combiner".into())
                     })?;
-                    let pick = |rows: &[usize], e: &Embeddings, n: &[Vec<f32>]| -> Tensor {
-                        let flat: Vec<f32> = rows
-                            .iter()
-                            .flat_map(|&r| match p.combiner_input {
-                                FeatureInput::Raw => e.row(r).to_vec(),
-                                FeatureInput::Normalized => n[r].clone(),
-                            })
-                            .collect();
-                        Tensor::from_slice(&flat)
-                            .view([rows.len() as i64, e.dim as i64])
-                            .to_device(device)
+                    combined(t, img, txt, &img_n, &txt_n, p, comb, device)?
+                }
+                Method::Imported(_) => {
+                    let Some(Given::Embeddings { queries, .. }) = given_method else {
+                        return Err(Error::Internal("imported method without data".into()));
                     };
-                    let mut out = Vec::with_capacity(t.reference.len());
-                    // Blocks keep a large global task's activations small.
-                    for (refs, texts) in t.reference.chunks(4096).zip(t.text.chunks(4096)) {
-                        let qi = pick(refs, img, &img_n);
-                        let qt = pick(texts, txt, &txt_n);
-                        let y = tch::no_grad(|| comb.forward(&qi, &qt))?;
-                        let flat =
-                            Vec::<f32>::try_from(y.to_device(Device::Cpu).contiguous().view([-1]))?;
-                        if flat.iter().any(|x| !x.is_finite()) {
-                            return Err(Error::Data(format!(
-                                "the Combiner gives NaN or infinite outputs on task {}: its weights or its inputs are broken; no score is made from them",
-                                t.task
-                            )));
-                        }
-                        out.extend(flat.chunks(img.dim).map(normalized));
-                    }
-                    out
+                    (0..t.template_ids.len())
+                        .map(|i| {
+                            queries
+                                .get(&key(i))
+                                .map(|q| normalized(q))
+                                .ok_or_else(|| lacking(i))
+                        })
+                        .collect::<Result<_>>()?
                 }
             };
+            // The unit vectors candidates are compared with: the CLIP's
+            // image embeddings, or an imported method's own gallery.
+            let (units, dim) = match method {
+                Method::Imported(Name(name)) => match (own_units.get(name), given_method) {
+                    (Some(u), Some(Given::Embeddings { gallery, .. })) => (u, gallery.dim),
+                    _ => return Err(Error::Internal("imported gallery missing".into())),
+                },
+                _ => (&img_n, img.dim),
+            };
             let ranks = match (&t.global, &gallery) {
-                (Some(g), Some(gallery)) => {
+                (Some(g), Some(clip_gallery)) => {
+                    let own;
+                    let gallery = match method {
+                        Method::Imported(_) => {
+                            own = to_device(units, g, dim)?;
+                            &own
+                        }
+                        _ => clip_gallery,
+                    };
                     let flat: Vec<f32> = queries.iter().flatten().copied().collect();
+                    if flat.len() != queries.len() * dim {
+                        return Err(Error::Data(format!(
+                            "{}: the {} queries are not all {dim} wide like its gallery",
+                            t.task,
+                            method.name()
+                        )));
+                    }
                     let ranked =
-                        rank_global(&flat, img.dim, gallery, &g.mask, &g.relevant, 10, device)?;
+                        rank_global(&flat, dim, gallery, &g.mask, &g.relevant, 10, device)?;
                     for (i, r) in ranked.iter().enumerate() {
                         let sims: Vec<f32> = r.top.iter().map(|x| x.1).collect();
                         let keys: Vec<&str> = r
@@ -568,19 +696,22 @@ pub(crate) fn evaluate(
                 _ => {
                     let mut ranks = Vec::with_capacity(queries.len());
                     for (i, q) in queries.iter().enumerate() {
-                        let sims: Vec<f32> =
-                            t.candidates[i].iter().map(|&c| dot(q, &img_n[c])).collect();
-                        if sims.iter().any(|s| !s.is_finite()) {
-                            return Err(Error::Data(format!(
-                                "{} template {}: a {} similarity is NaN or infinite; no rank is made from it",
-                                t.task,
-                                t.template_ids[i],
-                                method.name()
-                            )));
+                        let mut sims = Vec::with_capacity(t.candidates[i].len());
+                        for &c in &t.candidates[i] {
+                            if units[c].len() != q.len() {
+                                return Err(Error::Data(format!(
+                                    "{} template {}: the {} query is {} wide but the candidate '{}' is {} wide (or has no embedding)",
+                                    t.task,
+                                    t.template_ids[i],
+                                    method.name(),
+                                    q.len(),
+                                    row_keys[c],
+                                    units[c].len()
+                                )));
+                            }
+                            sims.push(dot(q, &units[c]));
                         }
-                        let rank = target_rank(&sims);
-                        emit(&t.task, t.template_ids[i], method, rank, &sims, None);
-                        ranks.push(rank);
+                        ranks.push(rank_local(t, i, method, &sims, emit)?);
                     }
                     ranks
                 }
@@ -596,6 +727,70 @@ pub(crate) fn evaluate(
     let names: Vec<&'static str> = methods.iter().map(|m| m.name()).collect();
     push_averages(&mut recalls, &names);
     Ok(recalls)
+}
+
+/// The rank of template `i`'s target from its candidates' similarities;
+/// the row to `emit`. A NaN or infinite similarity is an error.
+fn rank_local(
+    t: &TaskRows,
+    i: usize,
+    method: Method,
+    sims: &[f32],
+    emit: &mut EmitRow<'_>,
+) -> Result<u32> {
+    if sims.iter().any(|s| !s.is_finite()) {
+        return Err(Error::Data(format!(
+            "{} template {}: a {} similarity is NaN or infinite; no rank is made from it",
+            t.task,
+            t.template_ids[i],
+            method.name()
+        )));
+    }
+    let rank = target_rank(sims);
+    emit(&t.task, t.template_ids[i], method, rank, sims, None);
+    Ok(rank)
+}
+
+/// The Combiner's unit outputs for a task's queries.
+#[allow(clippy::too_many_arguments)]
+fn combined(
+    t: &TaskRows,
+    img: &Embeddings,
+    txt: &Embeddings,
+    img_n: &[Vec<f32>],
+    txt_n: &[Vec<f32>],
+    p: &QueryConfig,
+    comb: &Combiner,
+    device: Device,
+) -> Result<Vec<Vec<f32>>> {
+    let pick = |rows: &[usize], e: &Embeddings, n: &[Vec<f32>]| -> Tensor {
+        let flat: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| match p.combiner_input {
+                FeatureInput::Raw => e.row(r).to_vec(),
+                FeatureInput::Normalized => n[r].clone(),
+            })
+            .collect();
+        Tensor::from_slice(&flat)
+            .view([rows.len() as i64, e.dim as i64])
+            .to_device(device)
+    };
+    let mut out = Vec::with_capacity(t.reference.len());
+    // Blocks keep a large global task's activations small.
+    for (refs, texts) in t.reference.chunks(4096).zip(t.text.chunks(4096)) {
+        let qi = pick(refs, img, img_n);
+        let qt = pick(texts, txt, txt_n);
+        let y = tch::no_grad(|| comb.forward(&qi, &qt))?;
+        let flat = Vec::<f32>::try_from(y.to_device(Device::Cpu).contiguous().view([-1]))?;
+        if flat.iter().any(|x| !x.is_finite()) {
+            return Err(Error::Data(format!(
+                "the Combiner gives NaN or infinite outputs on task {}: its weights or its inputs are broken; no score is made from them",
+                t.task
+            )));
+        }
+        out.extend(flat.chunks(img.dim).map(normalized));
+    }
+    Ok(out)
 }
 
 /// The GeneCIS average per method (the mean of its GeneCIS tasks'
@@ -684,6 +879,7 @@ pub(crate) fn combiner_recalls(
         &QueryConfig::default(),
         &[Method::Combiner],
         Some(combiner),
+        &GivenMethods::new(),
         device,
         &mut |_, _, _, _, _, _| {},
     )

@@ -7,6 +7,7 @@ use crate::framework::stage::{Kind, Registry};
 
 pub(crate) mod embed;
 pub(crate) mod import_parses;
+pub(crate) mod import_scores;
 pub(crate) mod ingest;
 pub(crate) mod mine;
 pub mod parse;
@@ -26,6 +27,7 @@ pub static KINDS: Registry = Registry(&[
     &Kind::<mine::Mine>::new(),
     &Kind::<templates::Templates>::new(),
     &Kind::<embed::Embed>::new(),
+    &Kind::<import_scores::ImportScores>::new(),
     &Kind::<score::Score>::new(),
     &Kind::<pretrain::Pretrain>::new(),
     &Kind::<train::Train>::new(),

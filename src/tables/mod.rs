@@ -6,6 +6,7 @@ pub(crate) mod captions;
 pub(crate) mod embeddings;
 pub(crate) mod graphs;
 pub(crate) mod image_keys;
+pub(crate) mod imported;
 pub(crate) mod metrics;
 pub(crate) mod rejects;
 pub(crate) mod sources;

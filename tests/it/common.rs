@@ -215,10 +215,16 @@ pub fn script_fixtures(script: &str, marker: &str) -> PathBuf {
 /// Runs `code` with the project venv's Python from the repository root;
 /// its stdout (a failure panics with stderr).
 pub fn python(code: &str) -> String {
+    python_with(code, &[])
+}
+
+/// [`python`] with `sys.argv[1:]` set to `args`.
+pub fn python_with(code: &str, args: &[&str]) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(root.join(".venv/bin/python"))
         .arg("-c")
         .arg(code)
+        .args(args)
         .current_dir(root)
         .output()
         .unwrap();

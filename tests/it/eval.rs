@@ -156,7 +156,7 @@ pub(crate) fn manifest(dir: &Path, w: &World, combiner: bool) -> PathBuf {
             "templates",
             "templates",
             &[],
-            &templates_params(&w),
+            &templates_params(w),
         )
         .stage(
             "embed",

@@ -5,6 +5,7 @@ mod eval;
 mod families;
 mod global;
 mod hostile;
+mod import;
 mod ingest;
 mod manifest;
 mod mine;

@@ -48,6 +48,7 @@ use crate::framework::stage::{
 use crate::model::combiner::Combiner;
 use crate::model::{select_device, StateDict};
 use crate::tables::embeddings::read_embeddings;
+use crate::tables::imported::read_given;
 
 pub(crate) static SCORES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -187,7 +188,8 @@ pub(crate) struct Score;
 impl Stage for Score {
     const KIND: &'static str = "score";
     /// 3: the audit's `reference_in_gallery` check. 4: 95% intervals in
-    /// `results`, the `paired` table.
+    /// `results`, the `paired` table. (Imported methods change nothing
+    /// for runs without them.)
     const VERSION: &'static str = "4";
     const ABOUT: &'static str =
         "templates + embeddings (+ Combiner) -> scores, results (R@1/2/3), report.md, results.png";
@@ -203,6 +205,9 @@ impl Stage for Score {
             InputTable::optional("image_keys"),
             InputTable::required("image_embeddings"),
             InputTable::required("text_embeddings"),
+            InputTable::optional("imported_scores"),
+            InputTable::optional("imported_queries"),
+            InputTable::optional("imported_gallery"),
         ];
         INPUTS
     }
@@ -220,9 +225,6 @@ impl Stage for Score {
     fn validate(p: &ScoreParams, _base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
         let methods = p.methods();
-        if methods.is_empty() {
-            out.push(Finding::error("methods", "name at least one method"));
-        }
         let mut seen = methods.clone();
         seen.sort_by_key(|m| m.name());
         seen.dedup();
@@ -262,6 +264,13 @@ impl Stage for Score {
     }
 
     fn validate_inputs(p: &ScoreParams, tables: &[String]) -> Vec<Finding> {
+        let imports = tables.iter().any(|t| t.starts_with("imported_"));
+        if p.methods().is_empty() && !imports {
+            return vec![Finding::error(
+                "methods",
+                "name at least one method (an empty list scores only imported methods: list an import-scores stage in inputs)",
+            )];
+        }
         let needs = p
             .methods
             .as_ref()
@@ -352,13 +361,26 @@ impl Stage for Score {
             ));
         }
         let comb_path = p.combiner.as_ref().map(|c| ctx.resolve(c)).or(trained);
-        let methods = p.methods.clone().unwrap_or_else(|| {
+        let mut methods = p.methods.clone().unwrap_or_else(|| {
             let mut m = vec![Method::ImageOnly, Method::TextOnly, Method::ImagePlusText];
             if comb_path.is_some() {
                 m.push(Method::Combiner);
             }
             m
         });
+        // Imported methods come after the built-in ones, by name.
+        let given = read_given(
+            ctx.optional_input("imported_scores"),
+            ctx.optional_input("imported_queries"),
+            ctx.optional_input("imported_gallery"),
+        )?;
+        let mut imported: Vec<&'static str> = given.keys().copied().collect();
+        imported.sort_unstable();
+        methods.extend(
+            imported
+                .into_iter()
+                .map(|n| Method::Imported(crate::eval::Name(n))),
+        );
         let combiner = match (&comb_path, methods.contains(&Method::Combiner)) {
             (None, true) => {
                 return Err(Error::Data(
@@ -388,6 +410,7 @@ impl Stage for Score {
             &p.queries(),
             &methods,
             combiner.as_ref(),
+            &given,
             device,
             &mut |task, id, method, rank, sims, top| {
                 ranks
