@@ -11,7 +11,7 @@ pub(crate) mod template_file;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use arrow::array::{Array, AsArray};
+use arrow::array::{Array, ArrayRef, AsArray};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
@@ -21,9 +21,23 @@ use crate::tables::embeddings::Embeddings;
 pub(crate) use rank::rank_global;
 pub(crate) use template_file::TASKS;
 
-/// The K of every recall computed; reports show 1/2/3 (GeneCIS) or 1/5/10
-/// (global tasks).
-pub(crate) const KS: [usize; 5] = [1, 2, 3, 5, 10];
+/// The K of every recall computed; reports show 1/2/3 (GeneCIS, CIRR's
+/// Recall_subset) or 1/5/10 (global tasks; CIRR also reports 50).
+pub(crate) const KS: [usize; 6] = [1, 2, 3, 5, 10, 50];
+
+/// Gallery images a global query keeps, best first: CIRR's test server
+/// takes the top 50.
+pub(crate) const GLOBAL_TOP: usize = 50;
+
+/// The task of a global task's Recall_subset (CIRR): ranked within each
+/// query's subset, like a GeneCIS task, but not in the GeneCIS average.
+pub(crate) fn subset_task(task: &str) -> String {
+    format!("{task}_subset")
+}
+
+fn is_subset_task(task: &str) -> bool {
+    task.ends_with("_subset")
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -156,6 +170,15 @@ pub(crate) struct GlobalRows {
     pub keys: Vec<String>,
     pub mask: Vec<Option<usize>>,
     pub relevant: Vec<Vec<usize>>,
+    /// Per query, the gallery positions of its subset (CIRR), or none.
+    pub subsets: Vec<Vec<usize>>,
+}
+
+impl GlobalRows {
+    /// No query has a hit: the labels are hidden (CIRR test1); no recall.
+    pub(crate) fn hidden(&self) -> bool {
+        self.relevant.iter().all(Vec::is_empty)
+    }
 }
 
 /// `galleries`: set -> image keys in order.
@@ -256,6 +279,7 @@ pub(crate) fn read_templates(
                                 keys: keys.clone(),
                                 mask: Vec::new(),
                                 relevant: Vec::new(),
+                                subsets: Vec::new(),
                             })
                         }
                     };
@@ -287,23 +311,26 @@ pub(crate) fn read_templates(
                     .copied()
                     .ok_or_else(|| missing("condition text", cond.value(i), name, tid))?,
             );
+            let members = g.value(i);
             if let Some(g) = &mut tr.global {
                 let pos = &positions[gs.value(i)];
                 g.mask.push(pos.get(r.value(i)).copied());
-                let hits = tk.value(i);
-                let hits = hits.as_string::<i32>();
-                g.relevant.push(
-                    (0..hits.len())
+                // Gallery positions of a list of keys (hits, subset members).
+                let positions = |keys: ArrayRef, what: &str| {
+                    let keys = keys.as_string::<i32>();
+                    (0..keys.len())
                         .map(|j| {
-                            pos.get(hits.value(j)).copied().ok_or_else(|| {
+                            pos.get(keys.value(j)).copied().ok_or_else(|| {
                                 format!(
-                                    "{name} template {tid}: target '{}' is not in its gallery",
-                                    hits.value(j)
+                                    "{name} template {tid}: {what} '{}' is not in its gallery",
+                                    keys.value(j)
                                 )
                             })
                         })
-                        .collect::<Result<Vec<_>, String>>()?,
-                );
+                        .collect::<Result<Vec<_>, String>>()
+                };
+                g.relevant.push(positions(tk.value(i), "target")?);
+                g.subsets.push(positions(members, "subset member")?);
                 continue;
             }
             let mut c = vec![get(t.value(i), "target image")?];
@@ -334,7 +361,7 @@ pub(crate) struct Recall {
     pub task: String,
     pub method: &'static str,
     /// Recall at each of [`KS`].
-    pub at: [f64; 5],
+    pub at: [f64; 6],
     pub n: u64,
     /// A global task (reported at K = 1, 5, 10).
     pub global: bool,
@@ -369,7 +396,9 @@ fn strata<'a>(
     if task == "average" {
         recalls
             .iter()
-            .filter(|r| r.method == method && !r.global && r.task != "average")
+            .filter(|r| {
+                r.method == method && !r.global && r.task != "average" && !is_subset_task(&r.task)
+            })
             .filter_map(|r| ranks.get(&(r.task.clone(), method)).map(Vec::as_slice))
             .collect()
     } else {
@@ -655,6 +684,7 @@ pub(crate) fn evaluate(
                 },
                 _ => (&img_n, img.dim),
             };
+            let mut sub_recall = None;
             let ranks = match (&t.global, &gallery) {
                 (Some(g), Some(clip_gallery)) => {
                     let own;
@@ -673,23 +703,71 @@ pub(crate) fn evaluate(
                             method.name()
                         )));
                     }
-                    let ranked =
-                        rank_global(&flat, dim, gallery, &g.mask, &g.relevant, 10, device)?;
+                    let ranked = rank_global(
+                        &flat,
+                        dim,
+                        gallery,
+                        &g.mask,
+                        &g.relevant,
+                        GLOBAL_TOP + 1,
+                        device,
+                    )?;
+                    // Hidden labels: rank 0, no recall.
+                    let hidden = g.hidden();
+                    let sub_task = subset_task(&t.task);
+                    let mut sub_ranks = Vec::new();
                     for (i, r) in ranked.iter().enumerate() {
-                        let sims: Vec<f32> = r.top.iter().map(|x| x.1).collect();
-                        let keys: Vec<&str> = r
+                        // The reference is no candidate: left out of the list.
+                        let top: Vec<(u32, f32)> = r
                             .top
                             .iter()
-                            .map(|x| g.keys[x.0 as usize].as_str())
+                            .copied()
+                            .filter(|x| Some(x.0 as usize) != g.mask[i])
+                            .take(GLOBAL_TOP)
                             .collect();
-                        emit(
-                            &t.task,
-                            t.template_ids[i],
-                            method,
-                            r.rank,
-                            &sims,
-                            Some(&keys),
-                        );
+                        let sims: Vec<f32> = top.iter().map(|x| x.1).collect();
+                        let keys: Vec<&str> =
+                            top.iter().map(|x| g.keys[x.0 as usize].as_str()).collect();
+                        let rank = if hidden { 0 } else { r.rank };
+                        emit(&t.task, t.template_ids[i], method, rank, &sims, Some(&keys));
+                        // Recall_subset: the target among the subset (the
+                        // reference is not in it), by the same tie rule as
+                        // GeneCIS; hidden labels: the subset's best three.
+                        let subset = &g.subsets[i];
+                        if subset.is_empty() {
+                            continue;
+                        }
+                        let q = &queries[i];
+                        let sim = |m: usize| dot(q, &units[g.gallery[m]]);
+                        if hidden {
+                            let mut order: Vec<usize> = subset.clone();
+                            order.sort_by(|&a, &b| sim(b).total_cmp(&sim(a)));
+                            order.truncate(3);
+                            let sims: Vec<f32> = order.iter().map(|&m| sim(m)).collect();
+                            let keys: Vec<&str> =
+                                order.iter().map(|&m| g.keys[m].as_str()).collect();
+                            emit(&sub_task, t.template_ids[i], method, 0, &sims, Some(&keys));
+                        } else {
+                            let target = g.relevant[i][0];
+                            let cands: Vec<usize> = std::iter::once(target)
+                                .chain(subset.iter().copied().filter(|&m| m != target))
+                                .collect();
+                            let sims: Vec<f32> = cands.iter().map(|&m| sim(m)).collect();
+                            let rank = target_rank(&sims);
+                            emit(&sub_task, t.template_ids[i], method, rank, &sims, None);
+                            sub_ranks.push(rank);
+                        }
+                    }
+                    if hidden {
+                        continue;
+                    }
+                    if !sub_ranks.is_empty() {
+                        sub_recall = Some(Recall::from_ranks(
+                            &sub_task,
+                            method.name(),
+                            &sub_ranks,
+                            false,
+                        ));
                     }
                     ranked.iter().map(|r| r.rank).collect::<Vec<_>>()
                 }
@@ -722,6 +800,7 @@ pub(crate) fn evaluate(
                 &ranks,
                 t.global.is_some(),
             ));
+            recalls.extend(sub_recall);
         }
     }
     let names: Vec<&'static str> = methods.iter().map(|m| m.name()).collect();
@@ -798,7 +877,7 @@ fn combined(
 fn push_averages(recalls: &mut Vec<Recall>, methods: &[&'static str]) {
     let local: BTreeSet<&str> = recalls
         .iter()
-        .filter(|r| !r.global)
+        .filter(|r| !r.global && !is_subset_task(&r.task))
         .map(|r| r.task.as_str())
         .collect();
     if local.len() < 2 {
@@ -807,9 +886,9 @@ fn push_averages(recalls: &mut Vec<Recall>, methods: &[&'static str]) {
     for &method in methods {
         let rs: Vec<&Recall> = recalls
             .iter()
-            .filter(|r| r.method == method && !r.global)
+            .filter(|r| r.method == method && !r.global && !is_subset_task(&r.task))
             .collect();
-        let mut at = [0.0; 5];
+        let mut at = [0.0; 6];
         for r in &rs {
             for (a, v) in at.iter_mut().zip(r.at) {
                 *a += v / rs.len() as f64;

@@ -14,40 +14,54 @@ use crate::eval::{embeddings, jpeg, unit};
 use crate::model::fixtures;
 
 /// CIRR: 12 val images (PNG, as CIRR ships), 8 captions, one caption whose
-/// reference is not in the split.
+/// reference is not in the split; each caption's `img_set.members` holds
+/// its reference, its target and 4 others, in a rotated order. The same
+/// for test1 (its own 12 images), without targets.
 fn cirr(root: &Path) {
-    let mut split = serde_json::Map::new();
-    for i in 0..12 {
-        let name = format!("dev-{i}-0-img0");
-        let rel = format!("./dev/{name}.png");
-        let img = image::RgbImage::from_fn(40 + i, 30 + 2 * i, |x, y| {
-            image::Rgb([(x * 5 + i * 20) as u8, (y * 7) as u8, ((x + y) * i) as u8])
-        });
-        std::fs::create_dir_all(root.join("dev")).unwrap();
-        img.save(root.join(format!("dev/{name}.png"))).unwrap();
-        split.insert(name, serde_json::Value::String(rel));
-    }
-    let caps: Vec<serde_json::Value> = (0..9)
-        .map(|i| {
-            let caption = ["make it red", "add a dog", "on the beach", "remove the cup"][i % 4];
-            serde_json::json!({
-                "pairid": i,
-                "reference": if i == 8 { "dev-99-0-img0".to_string() } else { format!("dev-{i}-0-img0") },
-                "target_hard": format!("dev-{}-0-img0", (i * 5 + 3) % 12),
-                "target_soft": {},
-                "caption": caption,
-                "img_set": {}
+    for split in ["val", "test1"] {
+        let prefix = if split == "val" { "dev" } else { "test1" };
+        let name = |i: usize| format!("{prefix}-{i}-0-img0");
+        let mut names = serde_json::Map::new();
+        for i in 0..12 {
+            let rel = format!("./{prefix}/{}.png", name(i));
+            let img = image::RgbImage::from_fn(40 + i as u32, 30 + 2 * i as u32, |x, y| {
+                let i = i as u32 + if split == "val" { 0 } else { 7 };
+                image::Rgb([(x * 5 + i * 20) as u8, (y * 7) as u8, ((x + y) * i) as u8])
+            });
+            std::fs::create_dir_all(root.join(prefix)).unwrap();
+            img.save(root.join(format!("{prefix}/{}.png", name(i))))
+                .unwrap();
+            names.insert(name(i), serde_json::Value::String(rel));
+        }
+        let caps: Vec<serde_json::Value> = (0..9)
+            .map(|i| {
+                let caption = ["make it red", "add a dog", "on the beach", "remove the cup"][i % 4];
+                let (r, t) = (i, (i * 5 + 3) % 12);
+                let mut members: Vec<String> = vec![name(r), name(t)];
+                members.extend((0..12).filter(|&j| j != r && j != t).take(4).map(name));
+                members.rotate_left(i % 6);
+                let mut c = serde_json::json!({
+                    "pairid": 100 + i,
+                    "reference": if i == 8 { "dev-99-0-img0".to_string() } else { name(r) },
+                    "caption": caption,
+                    "img_set": {"id": i, "members": members}
+                });
+                if split == "val" {
+                    c["target_hard"] = name(t).into();
+                    c["target_soft"] = serde_json::json!({});
+                }
+                c
             })
-        })
-        .collect();
-    write(
-        &root.join("cirr/image_splits/split.rc2.val.json"),
-        serde_json::to_string(&split).unwrap(),
-    );
-    write(
-        &root.join("cirr/captions/cap.rc2.val.json"),
-        serde_json::to_string(&caps).unwrap(),
-    );
+            .collect();
+        write(
+            &root.join(format!("cirr/image_splits/split.rc2.{split}.json")),
+            serde_json::to_string(&names).unwrap(),
+        );
+        write(
+            &root.join(format!("cirr/captions/cap.rc2.{split}.json")),
+            serde_json::to_string(&caps).unwrap(),
+        );
+    }
 }
 
 /// MIT-States: two test nouns (tomato: 3 adjectives, fish: 2), a noun not
@@ -81,6 +95,14 @@ fn mit_states(root: &Path) {
         .unwrap();
 }
 
+/// The embed stage's params: the tiny ViT on the CPU.
+fn embed_params() -> String {
+    format!(
+        "checkpoint = \"{}\", device = \"cpu\"",
+        fixtures().join("vit_state.pt").display()
+    )
+}
+
 /// Brute-force R@K and ranks: cosine against the whole gallery, the
 /// reference at -1e5, rank = 1 + images strictly above the best hit.
 fn brute(q: &[f64], gallery: &[Vec<f64>], reference: usize, hits: &[usize]) -> usize {
@@ -111,15 +133,7 @@ fn cirr_and_mit_states_rank_the_whole_gallery() {
                 ms.display()
             ),
         )
-        .stage(
-            "embed",
-            "embed",
-            &["templates"],
-            &format!(
-                "checkpoint = \"{}\", device = \"cpu\"",
-                fx.join("vit_state.pt").display()
-            ),
-        )
+        .stage("embed", "embed", &["templates"], &embed_params())
         .stage(
             "score",
             "score",
@@ -210,7 +224,11 @@ fn cirr_and_mit_states_rank_the_whole_gallery() {
             .as_list::<i32>()
             .clone();
         for i in 0..b.num_rows() {
-            assert_eq!(top.value(i).len(), 10.min(gallery[t.value(i)].len()));
+            // Recall_subset rows rank a subset, not the gallery.
+            if !t.value(i).ends_with("_subset") {
+                // The 10 best, the reference left out.
+                assert_eq!(top.value(i).len(), 10.min(gallery[t.value(i)].len() - 1));
+            }
             ranks.insert(
                 (t.value(i).into(), id.value(i), me.value(i).into()),
                 rk.value(i),
@@ -221,12 +239,13 @@ fn cirr_and_mit_states_rank_the_whole_gallery() {
     let mut count: HashMap<String, usize> = HashMap::new();
     for b in read_table(&run.join("templates/templates")).unwrap() {
         let col = |n: &str| b.column_by_name(n).unwrap().clone();
-        let (task, id, cond, rf, tk) = (
+        let (task, id, cond, rf, tk, sub) = (
             col("task"),
             col("template_id"),
             col("condition"),
             col("reference_key"),
             col("target_keys"),
+            col("gallery_keys"),
         );
         for i in 0..b.num_rows() {
             let task = task.as_string::<i32>().value(i).to_string();
@@ -257,6 +276,33 @@ fn cirr_and_mit_states_rank_the_whole_gallery() {
                 for (j, k) in [1, 5, 10].into_iter().enumerate() {
                     h[j] += (want <= k) as usize;
                 }
+                // CIRR's Recall_subset: the target among img_set.members
+                // without the reference, ties to the target.
+                let members = sub.as_list::<i32>().value(i);
+                let members: Vec<usize> = (0..members.len())
+                    .map(|j| pos(members.as_string::<i32>().value(j)))
+                    .collect();
+                if task == "cirr_val" {
+                    assert_eq!(members.len(), 5, "6 members less the reference");
+                    assert!(!members.contains(&pos(reference)));
+                    let sim =
+                        |m: usize| -> f64 { units[m].iter().zip(&q).map(|(a, b)| a * b).sum() };
+                    let t = targets[0];
+                    let want = 1 + members
+                        .iter()
+                        .filter(|&&m| m != t && sim(m) > sim(t))
+                        .count();
+                    let key = ("cirr_val_subset".to_string(), tid, method.to_string());
+                    assert_eq!(ranks[&key] as usize, want, "{key:?}");
+                    let h = hits
+                        .entry(("cirr_val_subset".into(), method.into()))
+                        .or_default();
+                    for (j, k) in [1, 2, 3].into_iter().enumerate() {
+                        h[j] += (want <= k) as usize;
+                    }
+                    *count.entry("cirr_val_subset".into()).or_default() +=
+                        usize::from(method == "image_only");
+                }
             }
         }
     }
@@ -272,10 +318,14 @@ fn cirr_and_mit_states_rank_the_whole_gallery() {
         for i in 0..b.num_rows() {
             let key = (task.value(i).to_string(), method.value(i).to_string());
             let Some(h) = hits.get(&key) else { continue };
-            for (j, col) in ["recall_at_1", "recall_at_5", "recall_at_10"]
-                .iter()
-                .enumerate()
-            {
+            let cols = if key.0.ends_with("_subset") {
+                ["recall_at_1", "recall_at_2", "recall_at_3"]
+            } else {
+                ["recall_at_1", "recall_at_5", "recall_at_10"]
+            };
+            // Every hit of these small galleries is within 50.
+            assert_eq!(f("recall_at_50").value(i), 1.0, "{key:?}");
+            for (j, col) in cols.iter().enumerate() {
                 let want = h[j] as f64 / count[&key.0] as f64;
                 assert!((f(col).value(i) - want).abs() < 1e-12, "{key:?} {col}");
             }
@@ -381,4 +431,100 @@ fn shipped_global_manifests_run_with_paths_set() {
         );
         assert_eq!(rows[1], "4", "{manifest}: one row per method");
     }
+}
+
+/// CIRR test1 hides its targets: no recall, but the two files the CIRR
+/// server takes, per method: each pair id's 50 best gallery images (here
+/// all 11 but the reference) and the best 3 of its subset, by cosine.
+#[test]
+fn cirr_test1_writes_the_server_submission_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = tmp.path().join("cirr_root");
+    cirr(&c);
+    let m = Manifest::new("test1")
+        .stage(
+            "templates",
+            "templates",
+            &[],
+            &format!("cirr_dir = \"{}\", cirr_split = \"test1\"", c.display()),
+        )
+        .stage("embed", "embed", &["templates"], &embed_params())
+        .stage(
+            "score",
+            "score",
+            &["templates", "embed"],
+            "device = \"cpu\", methods = [\"image_only\"]",
+        )
+        .write(tmp.path());
+    genecis(&["run", m.to_str().unwrap(), "-q", "--skip-check"]).ok();
+    let run = tmp.path().join("run");
+    assert_eq!(
+        sql_csv(&m, "SELECT count(*) FROM results")[1],
+        "0",
+        "no recall without labels"
+    );
+    let img = embeddings(&run.join("embed/image_embeddings"), "image_key");
+    let read = |metric: &str| -> serde_json::Map<String, serde_json::Value> {
+        let f = run.join(format!("score/cirr_test1.image_only.{metric}.json"));
+        serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap()
+    };
+    let (recall, subset) = (read("recall"), read("recall_subset"));
+    assert_eq!(recall["version"], "rc2");
+    assert_eq!(recall["metric"], "recall");
+    assert_eq!(subset["metric"], "recall_subset");
+    let key = |n: &str| format!("cirr/test1/{n}.png");
+    let caps: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(c.join("cirr/captions/cap.rc2.test1.json")).unwrap())
+            .unwrap();
+    let mut seen = 0;
+    for cap in &caps {
+        let pid = cap["pairid"].to_string();
+        let r = cap["reference"].as_str().unwrap();
+        if !img.contains_key(&key(r)) {
+            assert!(
+                !recall.contains_key(&pid),
+                "a rejected caption has no entry"
+            );
+            continue;
+        }
+        seen += 1;
+        let q = unit(&img[&key(r)]);
+        let sim = |n: &str| -> f64 { unit(&img[&key(n)]).iter().zip(&q).map(|(a, b)| a * b).sum() };
+        let ranked = |names: Vec<String>| {
+            let mut v: Vec<(f64, String)> = names.into_iter().map(|n| (sim(&n), n)).collect();
+            v.sort_by(|a, b| b.0.total_cmp(&a.0));
+            v.into_iter().map(|x| x.1).collect::<Vec<_>>()
+        };
+        let all: Vec<String> = (0..12)
+            .map(|i| format!("test1-{i}-0-img0"))
+            .filter(|n| n != r)
+            .collect();
+        let members: Vec<String> = cap["img_set"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap().to_string())
+            .filter(|m| m != r)
+            .collect();
+        let got = |m: &serde_json::Map<String, serde_json::Value>| -> Vec<String> {
+            m[&pid]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(
+            got(&recall),
+            ranked(all),
+            "pair {pid}: every image but the reference, best first"
+        );
+        assert_eq!(
+            got(&subset),
+            ranked(members)[..3].to_vec(),
+            "pair {pid}: the subset's best 3"
+        );
+    }
+    assert_eq!(seen, 8);
+    assert_eq!(recall.len(), 8 + 2, "8 pair ids, version, metric");
 }

@@ -92,6 +92,10 @@ impl<'a> Browse<'a> {
             let Some(&pos) = positions[ti].get(&id.value(r)) else {
                 continue;
             };
+            // Hidden labels (CIRR test1): nothing to browse by outcome.
+            if tasks[ti].global.as_ref().is_some_and(|g| g.hidden()) {
+                continue;
+            }
             let s = sims.value(r);
             let s: Vec<f32> = s.as_primitive::<Float32Type>().values().to_vec();
             let best: Vec<(String, f32)> = if top.is_valid(r) {

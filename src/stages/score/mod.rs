@@ -7,12 +7,17 @@
 //! - `scores(task, template_id, method, target_rank, similarities list<f32>,
 //!   top_keys list<utf8>?)`: GeneCIS tasks: the cosine similarity of the
 //!   query to each candidate (candidate 0 is the target), `top_keys` null;
-//!   global tasks: the 10 most similar gallery images and their
-//!   similarities. `target_rank` is the 1-based rank of the target (the
-//!   best-ranked hit for global tasks).
+//!   global tasks: the 10 most similar gallery images (the reference left
+//!   out) and their similarities. `target_rank` is the 1-based rank of the
+//!   target (the best-ranked hit for global tasks; 0 where labels are
+//!   hidden). A task with subsets (CIRR) adds `<task>_subset` rows: the
+//!   target ranked within the query's subset (Recall_subset).
 //! - `results(task, method, recall_at_1, recall_at_2, recall_at_3,
-//!   recall_at_5, recall_at_10, n_templates)`: task `average` is the mean
-//!   over the GeneCIS tasks scored (the paper's average R@1).
+//!   recall_at_5, recall_at_10, recall_at_50, n_templates)`: task `average`
+//!   is the mean over the GeneCIS tasks scored (the paper's average R@1).
+//!
+//! A task whose labels are hidden (CIRR test1) gets no recall but the CIRR
+//! server's two submission files per method.
 //!
 //! Also `report.md` and `results.png` in the stage folder.
 //!
@@ -24,6 +29,7 @@ mod browse;
 mod html;
 mod report;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
@@ -79,6 +85,7 @@ pub(crate) static RESULTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("recall_at_3", DataType::Float64, false),
         Field::new("recall_at_5", DataType::Float64, false),
         Field::new("recall_at_10", DataType::Float64, false),
+        Field::new("recall_at_50", DataType::Float64, false),
         Field::new("n_templates", DataType::UInt64, false),
         Field::new("recall_at_1_lo", DataType::Float64, true),
         Field::new("recall_at_1_hi", DataType::Float64, true),
@@ -188,9 +195,9 @@ pub(crate) struct Score;
 impl Stage for Score {
     const KIND: &'static str = "score";
     /// 3: the audit's `reference_in_gallery` check. 4: 95% intervals in
-    /// `results`, the `paired` table. (Imported methods change nothing
-    /// for runs without them.)
-    const VERSION: &'static str = "4";
+    /// `results`, the `paired` table. 5: `recall_at_50`, CIRR's subsets,
+    /// the reference out of global top lists, imported methods.
+    const VERSION: &'static str = "5";
     const ABOUT: &'static str =
         "templates + embeddings (+ Combiner) -> scores, results (R@1/2/3), report.md, results.png";
     type Params = ScoreParams;
@@ -403,6 +410,14 @@ impl Stage for Score {
         let mut rows = ScoreRows::default();
         let mut ranks = RankTable::new();
         let mut ids = RankTable::new();
+        // Tasks whose labels are hidden (CIRR test1) and their subsets:
+        // each method's ranked image names per template, for the server.
+        let hidden: Vec<String> = tasks
+            .iter()
+            .filter(|t| t.global.as_ref().is_some_and(|g| g.hidden()))
+            .flat_map(|t| [t.task.clone(), crate::eval::subset_task(&t.task)])
+            .collect();
+        let mut submissions: Submissions = BTreeMap::new();
         let mut recalls = evaluate(
             &tasks,
             &img,
@@ -413,6 +428,12 @@ impl Stage for Score {
             &given,
             device,
             &mut |task, id, method, rank, sims, top| {
+                if let (true, Some(keys)) = (hidden.iter().any(|h| h == task), top) {
+                    submissions
+                        .entry((task.to_string(), method.name()))
+                        .or_default()
+                        .insert(id, keys.iter().map(|k| cirr_name(k)).collect());
+                }
                 ranks
                     .entry((task.to_string(), method.name()))
                     .or_default()
@@ -424,6 +445,18 @@ impl Stage for Score {
             },
         )?;
         let scores = rows.finish()?;
+        for t in tasks
+            .iter()
+            .filter(|t| t.global.as_ref().is_some_and(|g| g.hidden()))
+        {
+            for m in &methods {
+                let files = write_submission(ctx, &t.task, m.name(), &submissions)?;
+                ctx.note(format!(
+                    "{}: labels hidden; {} for the CIRR server",
+                    t.task, files
+                ));
+            }
+        }
         with_intervals(&mut recalls, &ranks, p.bootstrap, p.seed);
         let paired = paired_rows(&recalls, &ranks, p.bootstrap, p.seed);
         // The audit flags templates from the scores; the audited subset
@@ -522,10 +555,61 @@ impl Stage for Score {
     }
 }
 
+/// (task, method) -> template id -> ranked image keys' names.
+type Submissions = BTreeMap<(String, &'static str), BTreeMap<u32, Vec<String>>>;
+
+/// A gallery key's image name as CIRR writes it: the file name without
+/// its extension.
+fn cirr_name(key: &str) -> String {
+    let file = key.rsplit('/').next().unwrap_or(key);
+    file.rsplit_once('.')
+        .map_or(file, |(stem, _)| stem)
+        .to_string()
+}
+
+/// The CIRR server's two files for one method: `recall` (the top 50 of
+/// each pair id, the reference left out) and `recall_subset` (the best 3
+/// of its subset); `{"version": "rc2", "metric": ..., "<pairid>": [...]}`.
+fn write_submission(
+    ctx: &StageContext,
+    task: &str,
+    method: &'static str,
+    all: &Submissions,
+) -> Result<String> {
+    let safe: String = method
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut names = Vec::new();
+    for (metric, of) in [
+        ("recall", task.to_string()),
+        ("recall_subset", crate::eval::subset_task(task)),
+    ] {
+        let mut obj = serde_json::Map::new();
+        obj.insert("version".into(), "rc2".into());
+        obj.insert("metric".into(), metric.into());
+        for (id, keys) in all.get(&(of, method)).into_iter().flatten() {
+            obj.insert(id.to_string(), keys.clone().into());
+        }
+        let name = format!("{task}.{safe}.{metric}.json");
+        let bytes = serde_json::to_vec(&serde_json::Value::Object(obj))
+            .map_err(|e| Error::Internal(format!("cannot write {name}: {e}")))?;
+        ctx.write_file(&name, &bytes)?;
+        names.push(name);
+    }
+    Ok(names.join(" and "))
+}
+
 fn results_batch(recalls: &[Recall], subset: &str) -> Result<RecordBatch> {
     let mut task = StringBuilder::new();
     let mut method = StringBuilder::new();
-    let mut at: [Float64Builder; 5] = Default::default();
+    let mut at: [Float64Builder; 6] = Default::default();
     let mut n = UInt64Builder::new();
     for r in recalls {
         task.append_value(&r.task);
@@ -580,6 +664,9 @@ fn paired_batch(rows: &[PairedRow]) -> Result<RecordBatch> {
     )?)
 }
 
+/// Gallery images a global query's `scores` row keeps.
+const TABLE_TOP: usize = 10;
+
 /// Builders of the `scores` table.
 #[derive(Default)]
 struct ScoreRows {
@@ -605,13 +692,18 @@ impl ScoreRows {
         self.id.append_value(id);
         self.method.append_value(method.name());
         self.rank.append_value(rank);
+        // Global tasks keep their 10 best in the table.
+        let sims = match top {
+            Some(_) => &sims[..sims.len().min(TABLE_TOP)],
+            None => sims,
+        };
         for &s in sims {
             self.sims.values().append_value(s);
         }
         self.sims.append(true);
         match top {
             Some(keys) => {
-                for k in keys {
+                for k in &keys[..keys.len().min(TABLE_TOP)] {
                     self.top.values().append_value(k);
                 }
                 self.top.append(true);

@@ -89,8 +89,12 @@ pub(crate) struct GlobalQuery {
     pub reference: usize,
     /// The single target, where there is one (CIRR's `target_hard`).
     pub target: Option<usize>,
-    /// Every image that counts as a hit.
+    /// Every image that counts as a hit (none where labels are hidden:
+    /// CIRR test1).
     pub relevant: Vec<usize>,
+    /// CIRR's `img_set.members` without the reference, in file order: the
+    /// candidates of Recall_subset; empty elsewhere.
+    pub subset: Vec<usize>,
 }
 
 fn bad(what: &'static str, path: &Path, message: String, advice: &'static str) -> Error {
@@ -120,9 +124,11 @@ fn strip_dots_and_slashes(s: &str) -> &str {
     s.trim_matches(|c| c == '.' || c == '/')
 }
 
-/// CIRR `split` as CIRRValGlobalDataset reads it: the gallery is every
-/// image of the split (name order), each caption a query from `reference`
-/// to `target_hard`.
+/// CIRR `split` (`val` or `test1`) as CIRRValGlobalDataset reads it: the
+/// gallery is every image of the split (name order), each caption a query
+/// from `reference` to `target_hard` (none in test1, whose labels are
+/// hidden), its template id the caption's `pairid` (the key the CIRR
+/// server expects), its subset `img_set.members` without the reference.
 pub(crate) fn read_cirr(root: &Path, split: &str) -> Result<GlobalTask> {
     let (cap_path, split_path) = cirr_files(root, split);
     let read_json = |p: &Path| -> Result<Value> {
@@ -159,39 +165,75 @@ pub(crate) fn read_cirr(root: &Path, split: &str) -> Result<GlobalTask> {
         bad(
             "CIRR caption file",
             &cap_path,
-            "expected an array of {reference, target_hard, caption, ...}".into(),
+            "expected an array of {pairid, reference, target_hard, caption, img_set, ...}".into(),
             CIRR_ADVICE,
         )
     })?;
+    let hidden = split.starts_with("test");
     let mut queries = Vec::new();
     let mut rejects = Vec::new();
+    let mut ids = BTreeMap::new();
     for (i, c) in caps.iter().enumerate() {
         let field = |k: &str| c.get(k).and_then(Value::as_str);
-        let parsed = match (field("reference"), field("target_hard"), field("caption")) {
-            (Some(r), Some(t), Some(cap)) => match (position.get(r), position.get(t)) {
-                (Some(&r), Some(&t)) => Ok((r, t, cap)),
-                (None, _) => Err(format!(
-                    "reference '{r}' is not an image of the {split} split"
-                )),
-                (_, None) => Err(format!(
-                    "target_hard '{t}' is not an image of the {split} split"
-                )),
-            },
-            _ => Err("needs string fields reference, target_hard and caption".to_string()),
+        let image = |name: &str, what: &str| {
+            position.get(name).copied().ok_or(format!(
+                "{what} '{name}' is not an image of the {split} split"
+            ))
         };
-        match parsed {
-            Ok((r, t, cap)) => queries.push(GlobalQuery {
-                id: i as u32,
+        let parsed = (|| -> std::result::Result<GlobalQuery, String> {
+            let id = c
+                .get("pairid")
+                .and_then(Value::as_u64)
+                .and_then(|x| u32::try_from(x).ok())
+                .ok_or("needs an integer pairid")?;
+            if let Some(first) = ids.insert(id, i) {
+                return Err(format!("pairid {id} is also entry {first}'s"));
+            }
+            let (Some(r), Some(cap)) = (field("reference"), field("caption")) else {
+                return Err("needs string fields reference and caption".into());
+            };
+            let reference = image(r, "reference")?;
+            let target = match (hidden, field("target_hard")) {
+                (true, _) => None,
+                (false, Some(t)) => Some(image(t, "target_hard")?),
+                (false, None) => return Err("needs a string target_hard".into()),
+            };
+            let members = c
+                .get("img_set")
+                .and_then(|s| s.get("members"))
+                .and_then(Value::as_array)
+                .ok_or("needs img_set.members")?;
+            let mut subset = Vec::new();
+            for m in members {
+                let m = image(
+                    m.as_str().ok_or("img_set.members holds a non-string")?,
+                    "member",
+                )?;
+                if m != reference {
+                    subset.push(m);
+                }
+            }
+            if let Some(t) = target {
+                if !subset.contains(&t) {
+                    return Err("target_hard is not among img_set.members".into());
+                }
+            }
+            Ok(GlobalQuery {
+                id,
                 condition: cap.to_string(),
-                reference: r,
-                target: Some(t),
-                relevant: vec![t],
-            }),
+                reference,
+                target,
+                relevant: target.into_iter().collect(),
+                subset,
+            })
+        })();
+        match parsed {
+            Ok(q) => queries.push(q),
             Err(reason) => rejects.push((i, reason, c.to_string())),
         }
     }
     Ok(GlobalTask {
-        task: "cirr_val",
+        task: if hidden { "cirr_test1" } else { "cirr_val" },
         source: "cirr",
         source_file: cap_path,
         gallery,
@@ -283,6 +325,7 @@ pub(crate) fn read_mit_states(root: &Path, full_query: bool) -> Result<GlobalTas
             }
             queries.push(GlobalQuery {
                 id: queries.len() as u32,
+                subset: Vec::new(),
                 condition: if full_query {
                     format!("{target_adj} {noun}")
                 } else {
@@ -307,8 +350,8 @@ pub(crate) fn read_mit_states(root: &Path, full_query: bool) -> Result<GlobalTas
 
 /// `genecis check` for a CIRR root: both files parse, and every image of
 /// the split exists.
-pub(crate) fn check_cirr(root: &Path) -> Vec<Finding> {
-    let (cap, split) = cirr_files(root, "val");
+pub(crate) fn check_cirr(root: &Path, split_name: &str) -> Vec<Finding> {
+    let (cap, split) = cirr_files(root, split_name);
     for f in [&cap, &split] {
         if !f.is_file() {
             return vec![Finding::error(
@@ -317,7 +360,7 @@ pub(crate) fn check_cirr(root: &Path) -> Vec<Finding> {
             )];
         }
     }
-    match read_cirr(root, "val") {
+    match read_cirr(root, split_name) {
         Err(e) => vec![Finding::error("cirr_dir", crate::error::report(&e))],
         Ok(t) => {
             let mut out = missing_images("cirr_dir", &t);

@@ -7,9 +7,12 @@
 //! Tables:
 //! - `templates(task, template_id, condition, reference_key, target_key?,
 //!   gallery_keys list<utf8>, gallery_set?, target_keys list<utf8>?)`:
-//!   `template_id` is the index in the file's array. GeneCIS tasks rank
-//!   `gallery_keys` with the target as candidate 0; global tasks rank the
-//!   whole `gallery_set` (reference masked), a hit being any of `target_keys`.
+//!   `template_id` is the index in the file's array (CIRR: the `pairid`).
+//!   GeneCIS tasks rank `gallery_keys` with the target as candidate 0;
+//!   global tasks rank the whole `gallery_set` (reference masked), a hit
+//!   being any of `target_keys` (empty where labels are hidden), and
+//!   `gallery_keys` holds CIRR's subset (`img_set.members` without the
+//!   reference) for Recall_subset.
 //! - `galleries(gallery_set, image_key)`: each global task's images, in order.
 //! - `image_keys(image_key, source, path, bbox_x, bbox_y, bbox_w, bbox_h,
 //!   required, rgb_first)`: distinct over all tasks; bbox only for `vg`;
@@ -88,6 +91,10 @@ pub(crate) struct TemplatesParams {
     /// the image folders): adds task `cirr_val`, global retrieval over the
     /// val images.
     pub cirr_dir: Option<PathBuf>,
+    /// The CIRR split: `val` (task `cirr_val`: R@1/5/10/50 and
+    /// Recall_subset@1/2/3) or `test1` (task `cirr_test1`: labels hidden;
+    /// `score` writes the CIRR server's two submission files).
+    pub cirr_split: String,
     /// MIT-States (images/<adj noun>/*.jpg): adds task `mit_states`, global
     /// retrieval over the 49 test nouns' images.
     pub mit_states_dir: Option<PathBuf>,
@@ -111,6 +118,7 @@ impl Default for TemplatesParams {
             coco_dir: Default::default(),
             vg_dir: Default::default(),
             cirr_dir: Default::default(),
+            cirr_split: "val".into(),
             mit_states_dir: Default::default(),
             mit_states_full_query: Default::default(),
             keep_all_gallery_sizes: Default::default(),
@@ -176,7 +184,9 @@ fn with_sources(p: &TemplatesParams, ctx: &StageContext) -> Result<TemplatesPara
 
 impl Stage for Templates {
     const KIND: &'static str = "templates";
-    const VERSION: &'static str = "1";
+    /// 2: CIRR's template ids are its pair ids; its subsets in
+    /// `gallery_keys`; `cirr_split`.
+    const VERSION: &'static str = "2";
     const ABOUT: &'static str =
         "GeneCIS template JSONs (COCO or VAW style) -> templates, image_keys, texts, rejects";
     type Params = TemplatesParams;
@@ -210,6 +220,15 @@ impl Stage for Templates {
             return out;
         }
         let tasks = p.tasks();
+        if !["val", "test1"].contains(&p.cirr_split.as_str()) {
+            out.push(Finding::error(
+                "cirr_split",
+                format!(
+                    "'{}' is not a CIRR split this scores: val or test1",
+                    p.cirr_split
+                ),
+            ));
+        }
         if tasks.is_empty() && p.cirr_dir.is_none() && p.mit_states_dir.is_none() {
             out.push(Finding::error(
                 "params",
@@ -248,7 +267,7 @@ impl Stage for Templates {
             v.push(("vg_dir", resolve_path(base, d)));
         }
         if let Some(d) = &p.cirr_dir {
-            let (cap, split) = global::cirr_files(&resolve_path(base, d), "val");
+            let (cap, split) = global::cirr_files(&resolve_path(base, d), &p.cirr_split);
             v.push(("cirr_dir", cap));
             v.push(("cirr_dir", split));
         }
@@ -279,7 +298,7 @@ impl Stage for Templates {
         }
         let mut globals = Vec::new();
         if let Some(d) = &p.cirr_dir {
-            globals.push(global::read_cirr(&ctx.resolve(d), "val")?);
+            globals.push(global::read_cirr(&ctx.resolve(d), &p.cirr_split)?);
         }
         if let Some(d) = &p.mit_states_dir {
             globals.push(global::read_mit_states(
@@ -460,6 +479,9 @@ impl TemplateRows {
         self.reference.append_value(&g.gallery[q.reference].0);
         self.target
             .append_option(q.target.map(|t| g.gallery[t].0.as_str()));
+        for &m in &q.subset {
+            self.gallery.values().append_value(&g.gallery[m].0);
+        }
         self.gallery.append(true);
         self.gallery_set.append_value(g.task);
         for &r in &q.relevant {
@@ -565,7 +587,7 @@ fn check(p: &TemplatesParams, base: &Path) -> Vec<Finding> {
         }
     }
     if let Some(d) = &p.cirr_dir {
-        out.extend(global::check_cirr(&resolve_path(base, d)));
+        out.extend(global::check_cirr(&resolve_path(base, d), &p.cirr_split));
     }
     if let Some(d) = &p.mit_states_dir {
         out.extend(global::check_mit_states(&resolve_path(base, d)));
