@@ -46,6 +46,12 @@ pub(crate) enum Method {
     TextOnly,
     ImagePlusText,
     Combiner,
+    /// Textual inversion (LinCIR's GeneCIS protocol): the reference's
+    /// feature mapped to a pseudo word by Pic2Word's IM2TEXT, SEARLE's or
+    /// LinCIR's Phi, in a prompt CLIP's text tower encodes.
+    Pic2word,
+    Searle,
+    Lincir,
     /// A method whose scores or query embeddings an `import-scores` stage
     /// brought in; never a manifest's `methods` entry.
     #[serde(skip)]
@@ -63,7 +69,15 @@ impl<'de> Deserialize<'de> for Name {
 }
 
 /// The built-in methods' names, for messages.
-pub(crate) const BUILT_IN: [&str; 4] = ["image_only", "text_only", "image_plus_text", "combiner"];
+pub(crate) const BUILT_IN: [&str; 7] = [
+    "image_only",
+    "text_only",
+    "image_plus_text",
+    "combiner",
+    "pic2word",
+    "searle",
+    "lincir",
+];
 
 impl Method {
     pub(crate) fn name(self) -> &'static str {
@@ -72,6 +86,9 @@ impl Method {
             Method::TextOnly => "text_only",
             Method::ImagePlusText => "image_plus_text",
             Method::Combiner => "combiner",
+            Method::Pic2word => "pic2word",
+            Method::Searle => "searle",
+            Method::Lincir => "lincir",
             Method::Imported(Name(name)) => name,
         }
     }
@@ -522,9 +539,12 @@ pub(crate) enum Given {
         queries: HashMap<(String, u32), Vec<f32>>,
         gallery: Embeddings,
     },
+    /// Per (task, template id): a query embedding, ranked against the
+    /// CLIP's own image embeddings (the textual-inversion methods).
+    Queries(HashMap<(String, u32), Vec<f32>>),
 }
 
-/// Imported methods by name.
+/// Methods whose queries or scores come from outside [`evaluate`], by name.
 pub(crate) type GivenMethods = HashMap<&'static str, Given>;
 
 /// Queries of each method against each task's candidates (or gallery):
@@ -557,22 +577,25 @@ pub(crate) fn evaluate(
     // Each imported-embeddings method's unit gallery vectors, by img row.
     let mut own_units: HashMap<&'static str, Vec<Vec<f32>>> = HashMap::new();
     for &m in methods {
-        if let Method::Imported(Name(name)) = m {
-            match given.get(name) {
-                Some(Given::Embeddings { gallery, .. }) => {
-                    let units = row_keys
-                        .iter()
-                        .map(|k| gallery.get(k).map(normalized).unwrap_or_default())
-                        .collect();
-                    own_units.insert(name, units);
-                }
-                Some(Given::Similarities(_)) => {}
-                None => {
-                    return Err(Error::Internal(format!(
-                        "imported method {name} has no imported data"
-                    )))
-                }
+        let needs = matches!(
+            m,
+            Method::Imported(_) | Method::Pic2word | Method::Searle | Method::Lincir
+        );
+        match given.get(m.name()) {
+            Some(Given::Embeddings { gallery, .. }) => {
+                let units = row_keys
+                    .iter()
+                    .map(|k| gallery.get(k).map(normalized).unwrap_or_default())
+                    .collect();
+                own_units.insert(m.name(), units);
             }
+            None if needs => {
+                return Err(Error::Internal(format!(
+                    "method {} has no queries",
+                    m.name()
+                )))
+            }
+            _ => {}
         }
     }
     let mut recalls: Vec<Recall> = Vec::new();
@@ -600,14 +623,11 @@ pub(crate) fn evaluate(
             None => None,
         };
         for &method in methods {
-            let given_method = match method {
-                Method::Imported(Name(name)) => given.get(name),
-                _ => None,
-            };
+            let given_method = given.get(method.name());
             let key = |i: usize| (t.task.clone(), t.template_ids[i]);
             let lacking = |i: usize| {
                 Error::Data(format!(
-                    "{} template {}: the imported method {} has nothing for it; rerun its import-scores stage on these templates",
+                    "{} template {}: method {} has no query for it (an imported method: rerun its import-scores stage on these templates)",
                     t.task,
                     t.template_ids[i],
                     method.name()
@@ -661,9 +681,11 @@ pub(crate) fn evaluate(
                     })?;
                     combined(t, img, txt, &img_n, &txt_n, p, comb, device)?
                 }
-                Method::Imported(_) => {
-                    let Some(Given::Embeddings { queries, .. }) = given_method else {
-                        return Err(Error::Internal("imported method without data".into()));
+                Method::Imported(_) | Method::Pic2word | Method::Searle | Method::Lincir => {
+                    let (Some(Given::Embeddings { queries, .. }) | Some(Given::Queries(queries))) =
+                        given_method
+                    else {
+                        return Err(Error::Internal("a method without its queries".into()));
                     };
                     (0..t.template_ids.len())
                         .map(|i| {
@@ -677,23 +699,20 @@ pub(crate) fn evaluate(
             };
             // The unit vectors candidates are compared with: the CLIP's
             // image embeddings, or an imported method's own gallery.
-            let (units, dim) = match method {
-                Method::Imported(Name(name)) => match (own_units.get(name), given_method) {
-                    (Some(u), Some(Given::Embeddings { gallery, .. })) => (u, gallery.dim),
-                    _ => return Err(Error::Internal("imported gallery missing".into())),
-                },
+            let (units, dim) = match (own_units.get(method.name()), given_method) {
+                (Some(u), Some(Given::Embeddings { gallery, .. })) => (u, gallery.dim),
                 _ => (&img_n, img.dim),
             };
             let mut sub_recall = None;
             let ranks = match (&t.global, &gallery) {
                 (Some(g), Some(clip_gallery)) => {
                     let own;
-                    let gallery = match method {
-                        Method::Imported(_) => {
-                            own = to_device(units, g, dim)?;
+                    let gallery = match own_units.get(method.name()) {
+                        Some(u) => {
+                            own = to_device(u, g, dim)?;
                             &own
                         }
-                        _ => clip_gallery,
+                        None => clip_gallery,
                     };
                     let flat: Vec<f32> = queries.iter().flatten().copied().collect();
                     if flat.len() != queries.len() * dim {

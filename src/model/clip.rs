@@ -358,13 +358,45 @@ impl Clip {
     }
 
     pub fn encode_text(&self, tokens: &Tensor) -> Result<Tensor> {
-        let c = &self.config;
+        self.encode_text_from(tokens, self.token_embeddings(tokens)?)
+    }
+
+    fn token_embeddings(&self, tokens: &Tensor) -> Result<Tensor> {
         let (n, ctx) = tokens.size2()?;
-        let x = self
+        Ok(self
             .w
             .get("token_embedding.weight")?
             .index_select(0, &tokens.view([-1]))
-            .view([n, ctx, -1]);
+            .view([n, ctx, -1]))
+    }
+
+    /// The text width: what a pseudo token must measure.
+    pub fn token_width(&self) -> Result<i64> {
+        Ok(self
+            .w
+            .get_shaped("token_embedding.weight", &[-1, -1])?
+            .size()[1])
+    }
+
+    /// `encode_text` with every `placeholder` token's embedding replaced by
+    /// its row's `pseudo` [N, width] before the positional embedding is
+    /// added, as LinCIR's `encode_with_pseudo_tokens_HF` does (SEARLE's
+    /// replaces the first occurrence; the same for one placeholder).
+    pub fn encode_text_with_pseudo(
+        &self,
+        tokens: &Tensor,
+        pseudo: &Tensor,
+        placeholder: i64,
+    ) -> Result<Tensor> {
+        let x = self.token_embeddings(tokens)?;
+        let at = tokens.eq(placeholder).unsqueeze(-1);
+        let x = x.where_self(&at.logical_not(), &pseudo.unsqueeze(1).to_kind(x.kind()));
+        self.encode_text_from(tokens, x)
+    }
+
+    fn encode_text_from(&self, tokens: &Tensor, x: Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (n, ctx) = tokens.size2()?;
         let x = x + self.w.get("positional_embedding")?.narrow(0, 0, ctx);
         let mask = c.causal.then(|| {
             Tensor::full([ctx, ctx], f64::NEG_INFINITY, (Kind::Float, x.device())).triu(1)

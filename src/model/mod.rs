@@ -12,6 +12,7 @@ pub(crate) mod decode;
 pub(crate) mod hf;
 pub(crate) mod init;
 pub(crate) mod jpeg;
+pub mod mapper;
 pub mod optim;
 pub mod preprocess;
 pub mod tokenizer;
@@ -97,40 +98,7 @@ impl StateDict {
     /// buffers, read from its pickled module tree; libtorch's module loader
     /// is the fallback).
     pub fn load(path: &Path, device: Device) -> Result<StateDict> {
-        let err = |m: String| ModelError::Load {
-            path: path.to_path_buf(),
-            message: m,
-        };
-        // The first bytes tell the format; the file itself may be gigabytes.
-        let head = {
-            use std::io::Read;
-            let mut b = Vec::with_capacity(16);
-            std::fs::File::open(path)
-                .and_then(|f| f.take(16).read_to_end(&mut b))
-                .map_err(|e| err(e.to_string()))?;
-            b
-        };
-        let named: Vec<(String, Tensor)> = if path.to_string_lossy().ends_with(".index.json") {
-            sharded(path).map_err(err)?
-        } else if is_safetensors(path, &head) {
-            Tensor::read_safetensors(path).map_err(|e| err(e.to_string()))?
-        } else if head.starts_with(b"PK") {
-            match torch_pickle::read_state_dict(path) {
-                Ok(v) => v,
-                Err(sd_err) => {
-                    let m = tch::CModule::load_on_device(path, device).map_err(|e| {
-                        err(format!(
-                            "neither a state dict ({sd_err}) nor TorchScript ({})",
-                            first_line(&e.to_string())
-                        ))
-                    })?;
-                    m.named_parameters()
-                        .map_err(|e| err(first_line(&e.to_string())))?
-                }
-            }
-        } else {
-            return Err(err("not a zip archive or safetensors file".into()));
-        };
+        let named = read_named(path, device)?;
         // A training checkpoint ({"epoch", "state_dict", "optimizer"}, as
         // open_clip saves one) holds the weights under `state_dict`.
         let wrapped = named.iter().any(|(k, _)| k.starts_with("state_dict."));
@@ -278,6 +246,47 @@ fn is_safetensors(path: &Path, head: &[u8]) -> bool {
 }
 
 /// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when libtorch sees a GPU).
+/// Every tensor of a weights file, named as stored (nested dicts joined
+/// with dots), whatever its format: safetensors, a torch.save pickle, a
+/// TorchScript archive, a sharded index.
+pub(crate) fn read_named(path: &Path, device: Device) -> Result<Vec<(String, Tensor)>> {
+    let err = |m: String| ModelError::Load {
+        path: path.to_path_buf(),
+        message: m,
+    };
+    // The first bytes tell the format; the file itself may be gigabytes.
+    let head = {
+        use std::io::Read;
+        let mut b = Vec::with_capacity(16);
+        std::fs::File::open(path)
+            .and_then(|f| f.take(16).read_to_end(&mut b))
+            .map_err(|e| err(e.to_string()))?;
+        b
+    };
+    let named: Vec<(String, Tensor)> = if path.to_string_lossy().ends_with(".index.json") {
+        sharded(path).map_err(err)?
+    } else if is_safetensors(path, &head) {
+        Tensor::read_safetensors(path).map_err(|e| err(e.to_string()))?
+    } else if head.starts_with(b"PK") {
+        match torch_pickle::read_state_dict(path) {
+            Ok(v) => v,
+            Err(sd_err) => {
+                let m = tch::CModule::load_on_device(path, device).map_err(|e| {
+                    err(format!(
+                        "neither a state dict ({sd_err}) nor TorchScript ({})",
+                        first_line(&e.to_string())
+                    ))
+                })?;
+                m.named_parameters()
+                    .map_err(|e| err(first_line(&e.to_string())))?
+            }
+        }
+    } else {
+        return Err(err("not a zip archive or safetensors file".into()));
+    };
+    Ok(named)
+}
+
 pub(crate) fn select_device(spec: &str) -> std::result::Result<Device, String> {
     match spec {
         "cpu" => Ok(Device::Cpu),

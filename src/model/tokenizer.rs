@@ -35,6 +35,17 @@ impl ClipTokenizer {
         ids
     }
 
+    /// `[sot] + bpe(text) + [eot]`, zero-padded, or the token count when
+    /// it does not fit: `clip.tokenize(..., truncate=False)`, which raises.
+    pub(crate) fn encode_exact(&self, text: &str) -> Result<Vec<i64>, usize> {
+        let mut toks = Vec::new();
+        self.inner.encode(text, &mut toks);
+        if toks.len() + 2 > self.context_length {
+            return Err(toks.len() + 2);
+        }
+        Ok(self.encode(text))
+    }
+
     /// A [N, context] int64 tensor.
     pub fn batch(&self, texts: &[&str]) -> Tensor {
         let flat: Vec<i64> = texts.iter().flat_map(|t| self.encode(t)).collect();

@@ -162,7 +162,7 @@ pub(crate) fn read_given(
                 });
                 let key = (task.value(i).to_string(), id.value(i));
                 match entry {
-                    Given::Similarities(m) => m.insert(key, list_row(&vals, i)),
+                    Given::Similarities(m) | Given::Queries(m) => m.insert(key, list_row(&vals, i)),
                     Given::Embeddings { queries, .. } => queries.insert(key, list_row(&vals, i)),
                 };
             }

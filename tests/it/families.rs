@@ -289,15 +289,15 @@ fn encode_writes_tables_pandas_reads_and_open_clip_agrees_with() {
     let tol = forward_tolerance(256, DEPTH, Device::Cpu);
     let code = format!(
         r#"
-import json, torch, pandas as pd, open_clip
+import json, torch, pandas as pd, pyarrow.parquet as pq, open_clip
 from PIL import Image
 from open_clip.model import CLIP
 cfg = json.load(open({cfg:?}))
 m = CLIP(**cfg).eval()
 m.load_state_dict(torch.load({w:?}))
 tf = open_clip.image_transform(32, is_train=False)
-img = pd.read_parquet({img:?})
-txt = pd.read_parquet({txt:?})
+img = pq.read_table({img:?}).to_pandas()
+txt = pq.read_table({txt:?}).to_pandas()
 assert list(img.columns) == ["image_key", "model", "embedding"], img.columns
 assert list(img.image_key) == ["img_0.jpg", "img_1.png", "sub/img_2.jpg"], list(img.image_key)
 assert set(img.model) == {{"vit_gelu"}}

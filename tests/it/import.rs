@@ -57,9 +57,9 @@ fn manifest(
 }
 
 /// (task, template_id, method) -> (rank, similarities) of a score stage.
-type Scored = HashMap<(String, u32, String), (u32, Vec<f32>)>;
+pub(crate) type Scored = HashMap<(String, u32, String), (u32, Vec<f32>)>;
 
-fn scores(dir: &Path) -> Scored {
+pub(crate) fn scores(dir: &Path) -> Scored {
     let mut out = HashMap::new();
     for b in read_table(dir).unwrap() {
         let task = b.column_by_name("task").unwrap().as_string::<i32>().clone();
@@ -123,13 +123,13 @@ fn imported_scores_rank_as_the_built_in_methods_do() {
         r#"
 import sys, numpy as np, pandas as pd, pyarrow as pa, pyarrow.parquet as pq
 run, d = sys.argv[1], sys.argv[2]
-s = pd.read_parquet(f"{d}/my_scores.parquet")
+s = pq.read_table(f"{d}/my_scores.parquet").to_pandas()
 s.assign(method="my_csv", similarities=[list(map(float, v)) for v in s.similarities]).to_csv(f"{d}/my_scores.csv", index=False)
 np.savez(f"{d}/my_scores.npz", task=s.task.to_numpy().astype(str), template_id=s.template_id.to_numpy(),
          method=np.array(["my_npz"] * len(s)),  # templates of fewer candidates padded with NaN
          similarities=np.array([np.pad(v, (0, 15 - len(v)), constant_values=np.nan) for v in s.similarities], dtype=np.float32))
-t = pd.read_parquet(f"{run}/templates/templates")
-emb = pd.read_parquet(f"{run}/embed/image_embeddings").set_index("image_key").embedding
+t = pq.read_table(f"{run}/templates/templates").to_pandas()
+emb = pq.read_table(f"{run}/embed/image_embeddings").to_pandas().set_index("image_key").embedding
 pq.write_table(pa.table({"task": t.task, "template_id": t.template_id, "method": ["my_emb"] * len(t),
     "embedding": [emb[k].tolist() for k in t.reference_key]}), f"{d}/queries.parquet")
 pq.write_table(pa.table({"image_key": emb.index, "embedding": [v.tolist() for v in emb]}), f"{d}/gallery.parquet")
@@ -268,7 +268,7 @@ fn bad_imported_files_are_refused_with_their_rows_and_nothing_is_written() {
     for (name, spoil, _) in &cases {
         run_py(
             &format!(
-                "import sys, pandas as pd, pyarrow as pa, pyarrow.parquet as pq\ns = pd.read_parquet(sys.argv[1])\n{spoil}\npq.write_table(pa.Table.from_pandas(s, preserve_index=False), sys.argv[2])\n"
+                "import sys, pandas as pd, pyarrow as pa, pyarrow.parquet as pq\ns = pq.read_table(sys.argv[1]).to_pandas()\n{spoil}\npq.write_table(pa.Table.from_pandas(s, preserve_index=False), sys.argv[2])\n"
             ),
             &[good.to_str().unwrap(), d.join(format!("{name}.parquet")).to_str().unwrap()],
         );
@@ -299,8 +299,8 @@ fn bad_imported_files_are_refused_with_their_rows_and_nothing_is_written() {
         r#"
 import sys, pandas as pd, pyarrow as pa, pyarrow.parquet as pq
 run, d = sys.argv[1], sys.argv[2]
-t = pd.read_parquet(f"{run}/templates/templates")
-emb = pd.read_parquet(f"{run}/embed/image_embeddings").set_index("image_key").embedding
+t = pq.read_table(f"{run}/templates/templates").to_pandas()
+emb = pq.read_table(f"{run}/embed/image_embeddings").to_pandas().set_index("image_key").embedding
 q = [emb[k].tolist() for k in t.reference_key]
 q[0] = q[0][:5]
 pq.write_table(pa.table({"task": t.task, "template_id": t.template_id, "method": ["m"] * len(t), "embedding": q}), f"{d}/q.parquet")

@@ -7,6 +7,7 @@ mod global;
 mod hostile;
 mod import;
 mod ingest;
+mod inversion;
 mod manifest;
 mod mine;
 mod model;

@@ -27,6 +27,7 @@
 
 mod browse;
 mod html;
+mod inversion;
 mod report;
 
 use std::collections::BTreeMap;
@@ -148,6 +149,36 @@ pub(crate) struct ScoreParams {
     /// its evaluation images get the audit finding `contaminated` (leave
     /// them out with `exclude = ["contaminated"]`).
     pub contamination: Option<PathBuf>,
+    /// The CLIP whose text tower encodes the textual-inversion methods'
+    /// prompts (pic2word, searle, lincir): the checkpoint the embed stage
+    /// used; checked against its text embeddings.
+    pub clip: Option<PathBuf>,
+    /// `clip`'s architecture, as `embed`'s `arch`.
+    pub arch: Option<String>,
+    /// Pic2Word's checkpoint (`pic2word_model.pt`: `state_dict_img2text`).
+    pub pic2word: Option<PathBuf>,
+    /// SEARLE's Phi (`SEARLE_ViT-L14.pt`: `{"epoch", "Phi"}`).
+    pub searle: Option<PathBuf>,
+    /// LinCIR's Phi (`lincir_large.pt`: `{"Phi"}`).
+    pub lincir: Option<PathBuf>,
+    /// The textual-inversion prompt: `{}` is the condition, the placeholder
+    /// the pseudo word (LinCIR's eval_genecis for all three methods).
+    pub inversion_prompt: String,
+    /// The pseudo word's token in the prompt (`$`; Pic2Word's own prompts
+    /// use `*`).
+    pub inversion_placeholder: String,
+    /// LinCIR's GeneCIS code formats the object tasks' target rank (a 0
+    /// tensor) where the condition should be: `published` reproduces that
+    /// ("a photo of $ that 0"), `condition` uses the condition.
+    pub inversion_object_condition: ObjectCondition,
+}
+
+/// What the textual-inversion prompt of an object task holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ObjectCondition {
+    Published,
+    Condition,
 }
 
 impl Default for ScoreParams {
@@ -166,6 +197,14 @@ impl Default for ScoreParams {
             seed: 0,
             exclude: Vec::new(),
             contamination: None,
+            clip: None,
+            arch: None,
+            pic2word: None,
+            searle: None,
+            lincir: None,
+            inversion_prompt: "a photo of $ that {}".into(),
+            inversion_placeholder: "$".into(),
+            inversion_object_condition: ObjectCondition::Published,
         }
     }
 }
@@ -229,7 +268,7 @@ impl Stage for Score {
         ]
     }
 
-    fn validate(p: &ScoreParams, _base: &Path) -> Vec<Finding> {
+    fn validate(p: &ScoreParams, base: &Path) -> Vec<Finding> {
         let mut out = Vec::new();
         let methods = p.methods();
         let mut seen = methods.clone();
@@ -267,6 +306,7 @@ impl Stage for Score {
         if let Err(m) = select_device(&p.device) {
             out.push(Finding::error("device", m));
         }
+        out.extend(inversion::validate(p, &methods, base));
         out
     }
 
@@ -297,6 +337,7 @@ impl Stage for Score {
             .iter()
             .map(|c| ("combiner", resolve_path(base, c)))
             .collect();
+        v.extend(inversion::files(p, base));
         v.extend(
             p.contamination
                 .iter()
@@ -376,12 +417,15 @@ impl Stage for Score {
             m
         });
         // Imported methods come after the built-in ones, by name.
-        let given = read_given(
+        let mut given = read_given(
             ctx.optional_input("imported_scores"),
             ctx.optional_input("imported_queries"),
             ctx.optional_input("imported_gallery"),
         )?;
         let mut imported: Vec<&'static str> = given.keys().copied().collect();
+        for (name, queries) in inversion::queries(p, ctx, &tasks, &img, &txt, &methods, device)? {
+            given.insert(name, crate::eval::Given::Queries(queries));
+        }
         imported.sort_unstable();
         methods.extend(
             imported
