@@ -336,6 +336,12 @@ fn cirr_and_mit_states_rank_the_whole_gallery() {
             .iter()
             .any(|l| l == "average")
     );
+    for l in sql_csv(
+        &m,
+        "SELECT task, method, recall_at_1, recall_at_2, recall_at_3, recall_at_5, recall_at_10, recall_at_50, n_templates FROM results WHERE task LIKE 'cirr%' ORDER BY task, method",
+    ) {
+        eprintln!("{l}");
+    }
 }
 
 #[test]

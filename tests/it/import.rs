@@ -174,6 +174,14 @@ pq.write_table(pa.table({"image_key": emb.index, "embedding": [v.tolist() for v 
             "device = \"cpu\", bootstrap = 0".into(),
         ));
     }
+    // Instead of the built-in methods: `methods = []`.
+    let only = ["templates", "embed", "imp_parquet"];
+    extra.push((
+        "score_only",
+        "score",
+        &only[..],
+        "device = \"cpu\", bootstrap = 0, methods = []".into(),
+    ));
     let r = genecis(&["run", manifest(d, &w, &extra).to_str().unwrap(), "-q"]);
     r.ok();
     let mut s = scores(&run.join("score/scores"));
@@ -222,6 +230,11 @@ pq.write_table(pa.table({"image_key": emb.index, "embedding": [v.tolist() for v 
         &d.join("m.toml"),
         "SELECT method, count(*) FROM score_imp_npz.results WHERE task <> 'average' GROUP BY method ORDER BY method",
     );
+    let only = crate::common::sql_csv(
+        &d.join("m.toml"),
+        "SELECT DISTINCT method FROM score_only.results",
+    );
+    assert_eq!(only[1..], ["my_model"], "only the imported method");
     assert!(
         results.iter().any(|l| l.starts_with("my_npz,")),
         "{results:?}"
