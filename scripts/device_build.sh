@@ -30,13 +30,13 @@ fi
 TORCH=$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)
 
 # The sources, with tch 0.24.
-mkdir -p "$SRC"
-rsync -a --delete --exclude target --exclude .venv --exclude .git --exclude device --exclude pipelines/runs "$ROOT/" "$SRC/"
+rm -rf "$SRC" && mkdir -p "$SRC"
+tar -C "$ROOT" --exclude=./target --exclude=./.venv --exclude=./.git --exclude=./device --exclude=./pipelines/runs -cf - . | tar -C "$SRC" -xf -
 sed -i 's/^tch = "0.26"$/tch = "0.24"/' "$SRC/Cargo.toml"
 grep -q '^tch = "0.24"$' "$SRC/Cargo.toml" || { echo "device_build: Cargo.toml's tch line changed; update this script" >&2; exit 1; }
 if [ ! -d "$TARGET/release" ] && [ -d "$MAIN_TARGET/release" ]; then
   echo "device_build: seeding $TARGET from $MAIN_TARGET/release"
-  mkdir -p "$TARGET" && cp -r "$MAIN_TARGET/release" "$TARGET/"
+  mkdir -p "$TARGET" && cp -a "$MAIN_TARGET/release" "$TARGET/"
 fi
 cd "$SRC"
 cargo update -q -p tch --precise 0.24.0

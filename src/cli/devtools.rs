@@ -161,6 +161,10 @@ pub enum BenchCmd {
         device: String,
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+        /// Write each query's rank and top-10 gallery indices, one line
+        /// per query, to compare devices (the inputs are seeded on the CPU).
+        #[arg(long, value_name = "FILE")]
+        dump: Option<PathBuf>,
     },
     /// Training steps (`train_step`, the stage's code) on random inputs:
     /// cached mode by default, fine-tuning with --checkpoint; s/step,
@@ -227,7 +231,8 @@ pub fn bench(cmd: &BenchCmd) -> Result<()> {
             dim,
             device,
             repeat,
-        } => bench_rank(*queries, *gallery, *dim, device, *repeat),
+            dump,
+        } => bench_rank(*queries, *gallery, *dim, device, *repeat, dump.as_deref()),
         BenchCmd::Train {
             samples,
             batch,
@@ -255,7 +260,14 @@ pub fn bench(cmd: &BenchCmd) -> Result<()> {
     }
 }
 
-fn bench_rank(n_q: usize, n_g: usize, d: usize, device: &str, repeat: usize) -> Result<()> {
+fn bench_rank(
+    n_q: usize,
+    n_g: usize,
+    d: usize,
+    device: &str,
+    repeat: usize,
+    dump: Option<&Path>,
+) -> Result<()> {
     use tch::{Kind, Tensor};
     let device = crate::model::select_device(device).map_err(|m| Error::Usage {
         arg: "--device".into(),
@@ -282,6 +294,7 @@ fn bench_rank(n_q: usize, n_g: usize, d: usize, device: &str, repeat: usize) -> 
         device,
     )?;
     let mut best = f64::INFINITY;
+    let mut last = Vec::new();
     for _ in 0..repeat.max(1) {
         let t0 = std::time::Instant::now();
         let out = crate::eval::rank_global(&queries, d, &gallery, &mask, &relevant, 10, device)?;
@@ -295,6 +308,19 @@ fn bench_rank(n_q: usize, n_g: usize, d: usize, device: &str, repeat: usize) -> 
                 out.len()
             )));
         }
+        last = out;
+    }
+    if let Some(path) = dump {
+        let mut text = String::new();
+        for r in &last {
+            text.push_str(&r.rank.to_string());
+            for (i, _) in &r.top {
+                text.push(' ');
+                text.push_str(&i.to_string());
+            }
+            text.push('\n');
+        }
+        std::fs::write(path, text).map_err(Error::io("cannot write", path))?;
     }
     println!(
         "ranked {n_q} queries x {n_g} gallery images (d = {d}) on {device:?} in {best:.3} s (best of {repeat}): {:.0} queries/s, {:.1} GFLOP/s in the matmul; {} threads",

@@ -13,7 +13,7 @@ use crate::model::clip::Clip;
 use crate::model::combiner::Combiner;
 use crate::model::optim::{AdamW, GradScaler};
 use crate::model::preprocess::{open, to_tensor};
-use crate::model::{select_device, StateDict};
+use crate::model::select_device;
 use crate::rng::Rng;
 
 pub(crate) struct TrainBench<'a> {
@@ -39,7 +39,8 @@ pub(crate) fn bench_train(b: &TrainBench) -> Result<()> {
     let amp = b.amp && device.is_cuda();
     tch::manual_seed(0);
     let mut clip = match b.checkpoint {
-        Some(c) => Some(Clip::new(StateDict::load(c, device)?)?),
+        // Any checkpoint `embed` reads: a file or a Hugging Face folder.
+        Some(c) => Some(Clip::load(c, None, device)?),
         None => None,
     };
     let dim = clip.as_ref().map(|c| c.config.embed_dim).unwrap_or(b.dim);
