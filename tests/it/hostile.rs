@@ -302,6 +302,30 @@ fn hostile_strings_cannot_break_the_report_page() {
         .replace(&fx.display().to_string(), &comb.display().to_string());
     write(&m, text);
     genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
+    // An imported method's name reaches the page's menus and cards.
+    let scores = dir.path().join("scores.parquet");
+    crate::common::python_with(
+        &crate::import::readme_example().replace(
+            "\"my_model\"",
+            "\"<img src=x onerror=\\\"document.body.innerHTML='owned'\\\">\"",
+        ),
+        &[
+            dir.path().join("run").to_str().unwrap(),
+            scores.to_str().unwrap(),
+        ],
+    );
+    let text = std::fs::read_to_string(&m).unwrap().replace(
+        "inputs = [\"templates\", \"embed\"]\nparams = { device",
+        "inputs = [\"templates\", \"embed\", \"imp\"]\nparams = { device",
+    );
+    assert!(text.contains("\"imp\"]"), "score takes the import stage");
+    let imp = format!(
+        "[[stage]]\nname = \"imp\"\nkind = \"import-scores\"\ninputs = [\"templates\"]\nparams = {{ file = \"{}\" }}\n\n",
+        scores.display()
+    );
+    let at = text.find("[[stage]]\nname = \"score\"").unwrap();
+    write(&m, format!("{}{imp}{}", &text[..at], &text[at..]));
+    genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
     let page = dir.path().join("run/score/report.html");
     let html = std::fs::read_to_string(&page).unwrap();
     let data = &html[html.find("id=\"data\">").unwrap()..];

@@ -16,7 +16,7 @@ use crate::eval::{small_world, templates_params};
 use crate::model::fixtures;
 
 /// The README block after the import-scores marker.
-fn readme_example() -> String {
+pub(crate) fn readme_example() -> String {
     let readme =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let at = readme

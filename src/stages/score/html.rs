@@ -452,7 +452,7 @@ const P=48;
 function q(){const o={};location.hash.slice(1).split('&').forEach(kv=>{if(!kv)return;const i=kv.indexOf('=');o[decodeURIComponent(i<0?kv:kv.slice(0,i))]=i<0?'':decodeURIComponent(kv.slice(i+1));});return o;}
 function setq(o){location.hash=Object.entries(o).filter(([k,v])=>v!==''&&v!==undefined).map(([k,v])=>encodeURIComponent(k)+'='+encodeURIComponent(v)).join('&');}
 function mi(name,def){const i=D.methods.indexOf(name);return i<0?def:i;}
-function sel(id,label,opts,val){return '<label>'+label+' <select id="'+id+'">'+opts.map(o=>'<option value="'+o[0]+'"'+(String(o[0])===String(val)?' selected':'')+'>'+o[1]+'</option>').join('')+'</select></label>';}
+function sel(id,label,opts,val){return '<label>'+label+' <select id="'+id+'">'+opts.map(o=>'<option value="'+esc(o[0])+'"'+(String(o[0])===String(val)?' selected':'')+'>'+esc(o[1])+'</option>').join('')+'</select></label>';}
 function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
 let loaded=0,broken=0;
 function img(k,full,eager,cls,cap){const t=D.thumbs[k];const src=t?(full&&t[1]?t[1]:t[0]):null;
@@ -473,7 +473,7 @@ function render(){const s=q();const view=s.view||'cards';const eager=s.eager==='
  if(view==='compare'){const a=mi(s.a,Math.max(0,D.methods.indexOf('combiner')));const b=mi(s.b,Math.max(0,D.methods.indexOf('image_plus_text')));const side=s.side||'wins';
   ctl+=sel('f-a','method A',D.methods.map((x,i)=>[x,x]),D.methods[a])+sel('f-b','method B',D.methods.map((x,i)=>[x,x]),D.methods[b])+sel('f-side','show',[['wins','A hits, B misses'],['losses','A misses, B hits']],side);
   const both=cards.filter(c=>c.m[a]&&c.m[b]);const win=both.filter(c=>c.m[a][0]===1&&c.m[b][0]!==1);const loss=both.filter(c=>c.m[a][0]!==1&&c.m[b][0]===1);
-  stats=D.methods[a]+' vs '+D.methods[b]+' at R@1 over '+both.length+' templates: <b id="wins">'+win.length+'</b> wins, <b id="losses">'+loss.length+'</b> losses, '+(both.length-win.length-loss.length)+' ties.';
+  stats=esc(D.methods[a])+' vs '+esc(D.methods[b])+' at R@1 over '+both.length+' templates: <b id="wins">'+win.length+'</b> wins, <b id="losses">'+loss.length+'</b> losses, '+(both.length-win.length-loss.length)+' ties.';
   cards=side==='wins'?win:loss;
   const page=Math.min(+s.page||0,Math.max(0,Math.ceil(cards.length/P)-1));
   html=cards.slice(page*P,page*P+P).map(c=>'<div class="row">'+card(c,a,eager)+card(c,b,eager)+'</div>').join('');
