@@ -42,8 +42,17 @@ cd "$SRC"
 cargo update -q -p tch --precise 0.24.0
 LIBTORCH="$TORCH" LIBTORCH_BYPASS_VERSION_CHECK=0 CARGO_TARGET_DIR="$TARGET" \
   cargo build --release --bin genecis
-mkdir -p "$ROOT/device"
+mkdir -p "$ROOT/device/lib"
 cp "$TARGET/release/genecis" "$ROOT/device/genecis"
 strip "$ROOT/device/genecis"
-ls -la "$ROOT/device/genecis"
-echo "device_build: device/genecis is linked against libtorch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'); carry device/ and run scripts/gpu_check.sh there"
+# Stripped it is ~140 MB, over the 64 MiB a device call carries: xz makes
+# it ~32 MB; gpu_check.sh unpacks it there.
+xz -T0 -6 -f -k "$ROOT/device/genecis"
+# The one library outside libtorch and glibc it links: the system's
+# libjpeg-turbo, which the GPU machine's image need not have.
+cp -L "$(ldconfig -p | awk '/libjpeg.so.62 / {print $NF; exit}')" "$ROOT/device/lib/libjpeg.so.62"
+# OpenAI's model code for the PyTorch side of the fine-tuning parity
+# (the GPU machine cannot fetch it): a wheel to carry.
+"$VENV/bin/pip" wheel --disable-pip-version-check -q --no-deps "openai-clip==1.0.1" -w "$ROOT/device/whl"
+ls -la "$ROOT/device" "$ROOT/device/lib" "$ROOT/device/whl"
+echo "device_build: device/genecis is linked against libtorch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'); carry device/genecis.xz, device/lib and device/whl, and run scripts/gpu_check.sh there"

@@ -193,6 +193,39 @@ pub enum BenchCmd {
         #[arg(long)]
         amp: bool,
     },
+    /// N training steps from given weights on a given batch, as the train
+    /// stage takes them (the original's loss, clip_grad_norm_ on CLIP,
+    /// AdamW over Combiner + CLIP, dropout off): the losses, and the final
+    /// weights as state dicts, to compare with PyTorch's steps
+    /// (scripts/gpu_check.py does, on the CPU and the GPU).
+    Steps {
+        /// The CLIP to fine-tune (any checkpoint `embed` reads).
+        #[arg(long)]
+        clip: PathBuf,
+        /// The Combiner head's initial state dict.
+        #[arg(long)]
+        combiner: PathBuf,
+        /// A torch.save'd dict: `images` [3B, 3, H, W] (reference, target,
+        /// distractor), `tokens` [B, 77].
+        #[arg(long)]
+        batch: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 1e-5)]
+        lr: f64,
+        #[arg(long, default_value_t = 0.01)]
+        weight_decay: f64,
+        #[arg(long, default_value_t = 1e-6)]
+        eps: f64,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// fp16 autocast + GradScaler (GPU only).
+        #[arg(long)]
+        amp: bool,
+        /// Writes clip_final.pt, combiner_final.pt and losses.json here.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// The training image path per core: JPEG decode + resize + random crop
     /// (the original's per-epoch work) against crops of the cached resize.
     Augment {
@@ -225,6 +258,27 @@ pub fn bench(cmd: &BenchCmd) -> Result<()> {
             min_captions,
             chunk,
         } => bench_parse(captions, *min_captions, *chunk),
+        BenchCmd::Steps {
+            clip,
+            combiner,
+            batch,
+            steps,
+            lr,
+            weight_decay,
+            eps,
+            device,
+            amp,
+            out,
+        } => bench_steps(
+            clip,
+            combiner,
+            batch,
+            *steps,
+            (*lr, *weight_decay, *eps),
+            device,
+            *amp,
+            out,
+        ),
         BenchCmd::Rank {
             queries,
             gallery,
@@ -328,6 +382,90 @@ fn bench_rank(
         2.0 * n_q as f64 * n_g as f64 * d as f64 / best / 1e9,
         tch::get_num_threads()
     );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_steps(
+    clip_path: &Path,
+    comb_path: &Path,
+    batch: &Path,
+    steps: usize,
+    (lr, wd, eps): (f64, f64, f64),
+    device: &str,
+    amp: bool,
+    out: &Path,
+) -> Result<()> {
+    use crate::model::clip::Clip;
+    use crate::model::combiner::Combiner;
+    use crate::model::optim::{AdamW, GradScaler};
+    use crate::model::StateDict;
+    use crate::stages::train::{train_step, Finetune, Optimizer, StepConfig};
+    use tch::Kind;
+    let device = crate::model::select_device(device).map_err(|m| Error::Usage {
+        arg: "--device".into(),
+        message: m,
+    })?;
+    let amp = amp && device.is_cuda();
+    let mut clip = Clip::load(clip_path, None, device)?;
+    clip.set_training(true);
+    let comb = Combiner::new(StateDict::load(comb_path, device)?)?;
+    let mut opt = Optimizer::new(
+        &comb,
+        Some(&clip),
+        Finetune::ImagePlusTextWhole,
+        AdamW::new((0.9, 0.999), eps, wd),
+        GradScaler::new(amp),
+    );
+    let cfg = StepConfig {
+        lamda: 100.0,
+        clip_grad_norm: 1.0,
+        clip_before_unscale: true,
+        dropout: false,
+        device,
+        amp,
+    };
+    let b: std::collections::HashMap<String, tch::Tensor> =
+        crate::model::torch_pickle::read_state_dict(batch)
+            .map_err(|m| Error::Data(format!("{}: {m}", batch.display())))?
+            .into_iter()
+            .collect();
+    let get = |k: &str| {
+        b.get(k)
+            .ok_or_else(|| Error::Data(format!("{} has no '{k}'", batch.display())))
+    };
+    let images = get("images")?.to_kind(Kind::Float).to_device(device);
+    let tokens = get("tokens")?.to_kind(Kind::Int64).to_device(device);
+    let mut losses = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let m = train_step(&cfg, &mut opt, &comb, lr, || {
+            let f = clip.encode_image(&images)?;
+            let p = f.chunk(3, 0);
+            Ok((
+                p[0].shallow_clone(),
+                p[1].shallow_clone(),
+                clip.encode_text(&tokens)?,
+            ))
+        })?;
+        losses.push(m[0].1);
+    }
+    std::fs::create_dir_all(out).map_err(Error::io("cannot create", out))?;
+    let save = |name: &str, w: &StateDict| -> Result<()> {
+        let mut named: Vec<(String, tch::Tensor)> = w
+            .tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_device(tch::Device::Cpu)))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        crate::model::torch_save::save_state_dict(&out.join(name), &named)
+            .map_err(|m| Error::Data(format!("cannot write {name}: {m}")))
+    };
+    save("clip_final.pt", clip.weights())?;
+    save("combiner_final.pt", comb.weights())?;
+    let json = serde_json::json!({ "losses": losses, "amp": amp, "device": format!("{device:?}") });
+    std::fs::write(out.join("losses.json"), json.to_string())
+        .map_err(Error::io("cannot write", out))?;
+    println!("{steps} steps on {device:?} (amp {amp}): losses {losses:?}");
     Ok(())
 }
 
