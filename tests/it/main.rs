@@ -8,6 +8,7 @@ mod hostile;
 mod import;
 mod ingest;
 mod inversion;
+mod kit;
 mod manifest;
 mod mine;
 mod model;
