@@ -30,6 +30,25 @@ fn main() {
         );
     }
     if let Ok(p) = std::env::var("LIBTORCH") {
+        // libtorch's process groups (src/model/c10d.cpp): its headers, and
+        // gloo's, which the wheel does not ship (Debian's libgloo-dev).
+        println!("cargo:rerun-if-changed=src/model/c10d.cpp");
+        if !std::path::Path::new("/usr/include/gloo/config.h").exists() {
+            panic!("gloo's headers (/usr/include/gloo) are missing: run `make setup` (scripts/setup.sh installs Debian's libgloo-dev)");
+        }
+        let inc = std::path::Path::new(&p).join("include");
+        cc::Build::new()
+            .cpp(true)
+            .file("src/model/c10d.cpp")
+            .include(&inc)
+            .include(inc.join("torch/csrc/api/include"))
+            .define("USE_C10D_GLOO", None)
+            .define("_GLIBCXX_USE_CXX11_ABI", "1")
+            .flag("-std=c++17")
+            .warnings(false)
+            .extra_warnings(false)
+            .flag("-w")
+            .compile("genecis_c10d");
         let lib = std::path::Path::new(&p).join("lib");
         let lib = lib.canonicalize().unwrap_or(lib);
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());

@@ -20,6 +20,18 @@ if [ ! -f /usr/include/jpeglib.h ]; then
   fi
 fi
 
+# Data-parallel training links libtorch's ProcessGroupGloo, whose header
+# includes gloo's; the torch wheel does not ship them: Debian's libgloo-dev.
+if [ ! -f /usr/include/gloo/config.h ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing libgloo-dev (Debian; gloo's headers for libtorch's process groups)"
+    apt-get install -y -q libgloo-dev >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q libgloo-dev >/dev/null; }
+  else
+    echo "setup: gloo's headers are missing; install them (Debian/Ubuntu: apt-get install libgloo-dev)" >&2
+    exit 1
+  fi
+fi
+
 # The report test loads report.html in a real browser: Debian's chromium.
 # Best effort: without it that test is skipped with a notice.
 if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then

@@ -124,6 +124,9 @@ pub enum Error {
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
 
+    #[error(transparent)]
+    Dist(#[from] crate::model::dist::DistError),
+
     #[error("libtorch")]
     Torch(#[from] tch::TchError),
 

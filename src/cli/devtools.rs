@@ -226,6 +226,23 @@ pub enum BenchCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// One rank of libtorch's process group (TCPStore + Gloo): all-reduce,
+    /// all-gather, broadcast from rank 0 and a barrier on small known
+    /// tensors; prints what this rank got as one JSON line. Start one per
+    /// rank with the same --world, --addr and --port.
+    Dist {
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        world: usize,
+        #[arg(long, default_value = "127.0.0.1")]
+        addr: String,
+        #[arg(long)]
+        port: u16,
+        /// Seconds to wait for the other ranks.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
     /// The training image path per core: JPEG decode + resize + random crop
     /// (the original's per-epoch work) against crops of the cached resize.
     Augment {
@@ -258,6 +275,13 @@ pub fn bench(cmd: &BenchCmd) -> Result<()> {
             min_captions,
             chunk,
         } => bench_parse(captions, *min_captions, *chunk),
+        BenchCmd::Dist {
+            rank,
+            world,
+            addr,
+            port,
+            timeout,
+        } => bench_dist(*rank, *world, addr, *port, *timeout),
         BenchCmd::Steps {
             clip,
             combiner,
@@ -381,6 +405,31 @@ fn bench_rank(
         n_q as f64 / best,
         2.0 * n_q as f64 * n_g as f64 * d as f64 / best / 1e9,
         tch::get_num_threads()
+    );
+    Ok(())
+}
+
+fn bench_dist(rank: usize, world: usize, addr: &str, port: u16, timeout: u64) -> Result<()> {
+    use crate::model::dist::ProcessGroup;
+    use tch::Tensor;
+    let mut pg = ProcessGroup::init(
+        addr,
+        port,
+        rank,
+        world,
+        std::time::Duration::from_secs(timeout),
+    )?;
+    let r = rank as f32;
+    let mut sum = Tensor::from_slice(&[r + 1.0; 4]);
+    pg.all_reduce_sum(&mut sum)?;
+    let gathered = pg.all_gather_cat(&Tensor::from_slice(&[10.0 * r, 10.0 * r + 1.0]))?;
+    let mut b = Tensor::from_slice(&[r + 100.0; 3]);
+    pg.broadcast(&mut b, 0)?;
+    pg.barrier()?;
+    let v = |t: &Tensor| Vec::<f32>::try_from(t.view([-1])).unwrap_or_default();
+    println!(
+        "{}",
+        serde_json::json!({ "rank": rank, "world": world, "all_reduce": v(&sum), "all_gather": v(&gathered), "broadcast": v(&b) })
     );
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod arch;
 pub mod clip;
 pub mod combiner;
 pub(crate) mod decode;
+pub mod dist;
 pub(crate) mod hf;
 pub(crate) mod init;
 pub(crate) mod jpeg;

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area.
 
 mod common;
+mod dist;
 mod eval;
 mod families;
 mod global;

@@ -1,0 +1,98 @@
+// libtorch's own distributed backend for Rust: a TCPStore rendezvous and a
+// ProcessGroupGloo (the group PyTorch's DDP uses on CPU), with the
+// collectives data-parallel training needs, on tch tensors (torch-sys
+// passes at::Tensor pointers). tch exposes nothing distributed
+// (tch-rs#936); this is compiled by build.rs with USE_C10D_GLOO, against
+// the wheel's headers and Debian's gloo headers (libgloo-dev), and linked
+// with the wheel's libtorch_cpu, which holds the implementations.
+#include <torch/torch.h>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+
+#include <chrono>
+#include <cstring>
+#include <string>
+#include <vector>
+
+struct gc_pg {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  int rank;
+  int world;
+};
+
+static void set_err(char *err, int len, const std::string &m) {
+  if (err && len > 0) {
+    std::strncpy(err, m.c_str(), len - 1);
+    err[len - 1] = 0;
+  }
+}
+
+#define GC_TRY(body)                 \
+  try {                              \
+    body;                            \
+    return 0;                        \
+  } catch (const std::exception &e) { \
+    set_err(err, errlen, e.what());  \
+    return -1;                       \
+  }
+
+extern "C" {
+
+// Rank 0 serves the store at addr:port; every rank waits for the others
+// up to timeout_ms, then joins the Gloo group over `iface_addr`.
+gc_pg *gc_init(const char *addr, int port, int rank, int world, int timeout_ms, char *err, int errlen) {
+  try {
+    c10d::TCPStoreOptions o;
+    o.port = static_cast<uint16_t>(port);
+    o.isServer = rank == 0;
+    o.numWorkers = world;
+    o.waitWorkers = true;
+    o.timeout = std::chrono::milliseconds(timeout_ms);
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(addr), o);
+    auto opts = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(std::string(addr)));
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+    return new gc_pg{store, pg, rank, world};
+  } catch (const std::exception &e) {
+    set_err(err, errlen, e.what());
+    return nullptr;
+  }
+}
+
+void gc_free(gc_pg *g) { delete g; }
+
+// In place: every rank's tensor becomes the sum over ranks.
+int gc_all_reduce_sum(gc_pg *g, at::Tensor *t, char *err, int errlen) {
+  GC_TRY({
+    std::vector<at::Tensor> v = {*t};
+    g->pg->allreduce(v)->wait();
+  })
+}
+
+// Every rank's tensor, concatenated along dim 0 in rank order, as a new tensor.
+int gc_all_gather_cat(gc_pg *g, const at::Tensor *t, at::Tensor **out, char *err, int errlen) {
+  GC_TRY({
+    std::vector<at::Tensor> in = {t->contiguous()};
+    std::vector<std::vector<at::Tensor>> outs(1);
+    for (int r = 0; r < g->world; r++) outs[0].push_back(torch::empty_like(in[0]));
+    g->pg->allgather(outs, in)->wait();
+    *out = new at::Tensor(torch::cat(outs[0], 0));
+  })
+}
+
+// In place: every rank's tensor becomes `root`'s.
+int gc_broadcast(gc_pg *g, at::Tensor *t, int root, char *err, int errlen) {
+  GC_TRY({
+    std::vector<at::Tensor> v = {*t};
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    g->pg->broadcast(v, o)->wait();
+  })
+}
+
+int gc_barrier(gc_pg *g, char *err, int errlen) {
+  GC_TRY({ g->pg->barrier()->wait(); })
+}
+
+}  // extern "C"

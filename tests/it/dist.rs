@@ -1,0 +1,78 @@
+//! libtorch's own process groups from Rust (`src/model/c10d.cpp`): ranks
+//! as separate processes on 127.0.0.1, rendezvous through a TCPStore,
+//! collectives through ProcessGroupGloo; a rank alone fails within its
+//! timeout, naming the address.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::common::bin;
+
+/// A port free now, from the OS.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn gloo_collectives_across_processes() {
+    let world = 3usize;
+    let port = free_port().to_string();
+    let children: Vec<_> = (0..world)
+        .map(|r| {
+            bin()
+                .args(["bench", "dist", "--rank", &r.to_string()])
+                .args([
+                    "--world",
+                    &world.to_string(),
+                    "--port",
+                    &port,
+                    "--timeout",
+                    "60",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (r, c) in children.into_iter().enumerate() {
+        let o = c.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "rank {r}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(j["rank"], r);
+        // 1 + 2 + 3 on every rank.
+        assert_eq!(j["all_reduce"], serde_json::json!([6.0, 6.0, 6.0, 6.0]));
+        // Each rank's [10r, 10r + 1], in rank order.
+        assert_eq!(
+            j["all_gather"],
+            serde_json::json!([0.0, 1.0, 10.0, 11.0, 20.0, 21.0])
+        );
+        // Rank 0's values everywhere.
+        assert_eq!(j["broadcast"], serde_json::json!([100.0, 100.0, 100.0]));
+    }
+}
+
+#[test]
+fn a_rank_alone_fails_within_its_timeout_naming_the_address() {
+    let port = free_port().to_string();
+    let t0 = Instant::now();
+    let o = bin()
+        .args(["bench", "dist", "--rank", "0", "--world", "2"])
+        .args(["--port", &port, "--timeout", "3"])
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(err.contains("MASTER_ADDR"), "{err}");
+    assert!(took < Duration::from_secs(30), "gave up after {took:?}");
+}
