@@ -243,6 +243,23 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// One rank of a data-parallel gradient check: a linear layer's
+    /// gradient of a contrastive loss over the global batch, each rank
+    /// holding a slice, features gathered with gradient and gradients
+    /// summed, against the single-process gradient this rank also
+    /// computes; prints the largest difference as one JSON line.
+    DistGrad {
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        world: usize,
+        #[arg(long, default_value = "127.0.0.1")]
+        addr: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
     /// The training image path per core: JPEG decode + resize + random crop
     /// (the original's per-epoch work) against crops of the cached resize.
     Augment {
@@ -282,6 +299,13 @@ pub fn bench(cmd: &BenchCmd) -> Result<()> {
             port,
             timeout,
         } => bench_dist(*rank, *world, addr, *port, *timeout),
+        BenchCmd::DistGrad {
+            rank,
+            world,
+            addr,
+            port,
+            timeout,
+        } => bench_dist_grad(*rank, *world, addr, *port, *timeout),
         BenchCmd::Steps {
             clip,
             combiner,
@@ -430,6 +454,51 @@ fn bench_dist(rank: usize, world: usize, addr: &str, port: u16, timeout: u64) ->
     println!(
         "{}",
         serde_json::json!({ "rank": rank, "world": world, "all_reduce": v(&sum), "all_gather": v(&gathered), "broadcast": v(&b) })
+    );
+    Ok(())
+}
+
+fn bench_dist_grad(rank: usize, world: usize, addr: &str, port: u16, timeout: u64) -> Result<()> {
+    use crate::model::dist::ProcessGroup;
+    use tch::{Device, Kind, Tensor};
+    let mut pg = ProcessGroup::init(
+        addr,
+        port,
+        rank,
+        world,
+        std::time::Duration::from_secs(timeout),
+    )?;
+    // The same draws on every rank: the model and the global batch.
+    let (n, d, k) = (4i64, 16i64, 8i64);
+    tch::manual_seed(7);
+    let b = n * world as i64;
+    let x = Tensor::randn([b, d], (Kind::Float, Device::Cpu));
+    let y = Tensor::randn([b, d], (Kind::Float, Device::Cpu));
+    let w0 = Tensor::randn([d, k], (Kind::Float, Device::Cpu)) * 0.3;
+    // The original's loss: CE(100 * normalize(query) @ normalize(target)^T).
+    let loss = |q: &Tensor, t: &Tensor| {
+        let q = q / q.norm_scalaropt_dim(2, [1i64].as_slice(), true);
+        let t = t / t.norm_scalaropt_dim(2, [1i64].as_slice(), true);
+        (q.matmul(&t.tr()) * 100.0)
+            .cross_entropy_for_logits(&Tensor::arange(q.size()[0], (Kind::Int64, Device::Cpu)))
+    };
+    // One process, the whole batch.
+    let w = w0.copy().set_requires_grad(true);
+    loss(&x.matmul(&w), &y.matmul(&w)).backward();
+    let single = w.grad().copy();
+    // This rank's slice, gathered with gradient, gradients summed.
+    let w = w0.copy().set_requires_grad(true);
+    let (r0, len) = (rank as i64 * n, n);
+    let q = pg.all_gather_with_grad(&x.narrow(0, r0, len).matmul(&w))?;
+    let t = pg.all_gather_with_grad(&y.narrow(0, r0, len).matmul(&w))?;
+    loss(&q, &t).backward();
+    let mut g = w.grad().copy();
+    pg.all_reduce_sum(&mut g)?;
+    let diff = (&g - &single).abs().max().double_value(&[]);
+    let scale = single.abs().max().double_value(&[]);
+    println!(
+        "{}",
+        serde_json::json!({ "rank": rank, "world": world, "max_diff": diff, "grad_scale": scale })
     );
     Ok(())
 }

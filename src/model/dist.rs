@@ -173,6 +173,32 @@ impl ProcessGroup {
         Ok(unsafe { Tensor::from_ptr(out as *mut _) })
     }
 
+    /// Every rank's `x` ([n, ...], the same n on every rank) concatenated
+    /// in rank order, this rank's rows still attached to the autograd
+    /// graph and the others constants. Loss on the result, backward, then
+    /// [`all_reduce_sum`](Self::all_reduce_sum) of every parameter's
+    /// gradient gives the single-process gradient of the global batch: what
+    /// the original's GatherLayer (backward: the summed gradient of this
+    /// rank's slice) and DDP's averaging give together.
+    pub fn all_gather_with_grad(&mut self, x: &Tensor) -> Result<Tensor, DistError> {
+        let all = self.all_gather_cat(&x.detach().contiguous())?;
+        let n = x.size().first().copied().unwrap_or(0);
+        let (r, w) = (self.rank as i64, self.world as i64);
+        if all.size().first().copied() != Some(n * w) {
+            return Err(DistError::Usage(format!(
+                "all_gather_with_grad needs the same number of rows on every rank (this one has {n})"
+            )));
+        }
+        Ok(Tensor::cat(
+            &[
+                all.narrow(0, 0, r * n),
+                x.shallow_clone(),
+                all.narrow(0, (r + 1) * n, (w - r - 1) * n),
+            ],
+            0,
+        ))
+    }
+
     /// `root`'s `t` on every rank, in place.
     pub fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<(), DistError> {
         let mut err = vec![0u8; ERR];

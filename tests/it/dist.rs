@@ -76,3 +76,50 @@ fn a_rank_alone_fails_within_its_timeout_naming_the_address() {
     assert!(err.contains("MASTER_ADDR"), "{err}");
     assert!(took < Duration::from_secs(30), "gave up after {took:?}");
 }
+
+/// The data-parallel gradient: each rank's slice gathered with gradient,
+/// gradients summed over ranks, equals one process's gradient of the
+/// whole batch. Float32 reordering only: the loss's sums run over 8 x 16
+/// terms per logit and 8 logits per row, a few products deep.
+#[test]
+fn gathered_gradients_summed_equal_one_process() {
+    let world = 2usize;
+    let port = free_port().to_string();
+    let children: Vec<_> = (0..world)
+        .map(|r| {
+            bin()
+                .args(["bench", "dist-grad", "--rank", &r.to_string()])
+                .args([
+                    "--world",
+                    &world.to_string(),
+                    "--port",
+                    &port,
+                    "--timeout",
+                    "60",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let tol = crate::common::forward_tolerance(16 * 8, 6, tch::Device::Cpu);
+    for (r, c) in children.into_iter().enumerate() {
+        let o = c.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "rank {r}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let (diff, scale) = (
+            j["max_diff"].as_f64().unwrap(),
+            j["grad_scale"].as_f64().unwrap(),
+        );
+        assert!(scale > 1e-3, "a gradient to compare: {j}");
+        assert!(
+            diff <= tol * scale,
+            "rank {r}: off by {diff:e} of {scale:e} (bound {tol:e} of it)"
+        );
+    }
+}
