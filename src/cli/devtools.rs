@@ -230,36 +230,13 @@ pub enum BenchCmd {
     /// all-gather, broadcast from rank 0 and a barrier on small known
     /// tensors; prints what this rank got as one JSON line. Start one per
     /// rank with the same --world, --addr and --port.
-    Dist {
-        #[arg(long)]
-        rank: usize,
-        #[arg(long)]
-        world: usize,
-        #[arg(long, default_value = "127.0.0.1")]
-        addr: String,
-        #[arg(long)]
-        port: u16,
-        /// Seconds to wait for the other ranks.
-        #[arg(long, default_value_t = 30)]
-        timeout: u64,
-    },
+    Dist(RankArgs),
     /// One rank of a data-parallel gradient check: a linear layer's
     /// gradient of a contrastive loss over the global batch, each rank
     /// holding a slice, features gathered with gradient and gradients
     /// summed, against the single-process gradient this rank also
     /// computes; prints the largest difference as one JSON line.
-    DistGrad {
-        #[arg(long)]
-        rank: usize,
-        #[arg(long)]
-        world: usize,
-        #[arg(long, default_value = "127.0.0.1")]
-        addr: String,
-        #[arg(long)]
-        port: u16,
-        #[arg(long, default_value_t = 30)]
-        timeout: u64,
-    },
+    DistGrad(RankArgs),
     /// The training image path per core: JPEG decode + resize + random crop
     /// (the original's per-epoch work) against crops of the cached resize.
     Augment {
@@ -269,6 +246,22 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 2)]
         repeat: usize,
     },
+}
+
+/// Which rank of which process group a `bench dist*` process is.
+#[derive(Debug, Args)]
+pub struct RankArgs {
+    #[arg(long)]
+    rank: usize,
+    #[arg(long)]
+    world: usize,
+    #[arg(long, default_value = "127.0.0.1")]
+    addr: String,
+    #[arg(long)]
+    port: u16,
+    /// Seconds to wait for the other ranks.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
 }
 
 /// `genecis bench ...` (build with --release first).
@@ -292,20 +285,8 @@ pub fn bench(cmd: &BenchCmd) -> Result<()> {
             min_captions,
             chunk,
         } => bench_parse(captions, *min_captions, *chunk),
-        BenchCmd::Dist {
-            rank,
-            world,
-            addr,
-            port,
-            timeout,
-        } => bench_dist(*rank, *world, addr, *port, *timeout),
-        BenchCmd::DistGrad {
-            rank,
-            world,
-            addr,
-            port,
-            timeout,
-        } => bench_dist_grad(*rank, *world, addr, *port, *timeout),
+        BenchCmd::Dist(a) => bench_dist(a),
+        BenchCmd::DistGrad(a) => bench_dist_grad(a),
         BenchCmd::Steps {
             clip,
             combiner,
@@ -433,16 +414,22 @@ fn bench_rank(
     Ok(())
 }
 
-fn bench_dist(rank: usize, world: usize, addr: &str, port: u16, timeout: u64) -> Result<()> {
-    use crate::model::dist::ProcessGroup;
+impl RankArgs {
+    fn join(&self) -> Result<crate::model::dist::ProcessGroup> {
+        Ok(crate::model::dist::ProcessGroup::init(
+            &self.addr,
+            self.port,
+            self.rank,
+            self.world,
+            std::time::Duration::from_secs(self.timeout),
+        )?)
+    }
+}
+
+fn bench_dist(a: &RankArgs) -> Result<()> {
     use tch::Tensor;
-    let mut pg = ProcessGroup::init(
-        addr,
-        port,
-        rank,
-        world,
-        std::time::Duration::from_secs(timeout),
-    )?;
+    let (rank, world) = (a.rank, a.world);
+    let mut pg = a.join()?;
     let r = rank as f32;
     let mut sum = Tensor::from_slice(&[r + 1.0; 4]);
     pg.all_reduce_sum(&mut sum)?;
@@ -458,16 +445,10 @@ fn bench_dist(rank: usize, world: usize, addr: &str, port: u16, timeout: u64) ->
     Ok(())
 }
 
-fn bench_dist_grad(rank: usize, world: usize, addr: &str, port: u16, timeout: u64) -> Result<()> {
-    use crate::model::dist::ProcessGroup;
+fn bench_dist_grad(a: &RankArgs) -> Result<()> {
     use tch::{Device, Kind, Tensor};
-    let mut pg = ProcessGroup::init(
-        addr,
-        port,
-        rank,
-        world,
-        std::time::Duration::from_secs(timeout),
-    )?;
+    let (rank, world) = (a.rank, a.world);
+    let mut pg = a.join()?;
     // The same draws on every rank: the model and the global batch.
     let (n, d, k) = (4i64, 16i64, 8i64);
     tch::manual_seed(7);

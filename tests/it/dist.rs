@@ -17,14 +17,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[test]
-fn gloo_collectives_across_processes() {
-    let world = 3usize;
+/// `genecis bench CMD` once per rank of a world of `world` on a free port.
+fn spawn_ranks(cmd: &str, world: usize) -> Vec<std::process::Child> {
     let port = free_port().to_string();
-    let children: Vec<_> = (0..world)
+    (0..world)
         .map(|r| {
             bin()
-                .args(["bench", "dist", "--rank", &r.to_string()])
+                .args(["bench", cmd, "--rank", &r.to_string()])
                 .args([
                     "--world",
                     &world.to_string(),
@@ -38,7 +37,13 @@ fn gloo_collectives_across_processes() {
                 .spawn()
                 .unwrap()
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn gloo_collectives_across_processes() {
+    let world = 3usize;
+    let children = spawn_ranks("dist", world);
     for (r, c) in children.into_iter().enumerate() {
         let o = c.wait_with_output().unwrap();
         assert!(
@@ -83,26 +88,7 @@ fn a_rank_alone_fails_within_its_timeout_naming_the_address() {
 /// terms per logit and 8 logits per row, a few products deep.
 #[test]
 fn gathered_gradients_summed_equal_one_process() {
-    let world = 2usize;
-    let port = free_port().to_string();
-    let children: Vec<_> = (0..world)
-        .map(|r| {
-            bin()
-                .args(["bench", "dist-grad", "--rank", &r.to_string()])
-                .args([
-                    "--world",
-                    &world.to_string(),
-                    "--port",
-                    &port,
-                    "--timeout",
-                    "60",
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let children = spawn_ranks("dist-grad", 2);
     let tol = crate::common::forward_tolerance(16 * 8, 6, tch::Device::Cpu);
     for (r, c) in children.into_iter().enumerate() {
         let o = c.wait_with_output().unwrap();
