@@ -188,9 +188,10 @@ pub struct RunArgs {
     /// Rerun even up-to-date stages (all, or the --only one).
     #[arg(long)]
     force: bool,
-    /// Run one shard I/N (0-based) of the shardable stages.
-    #[arg(long, value_name = "I/N")]
-    shard: Option<Shard>,
+    /// Run one shard I/N (0-based) of the shardable stages; `auto` takes
+    /// it from a SLURM job array (SLURM_ARRAY_TASK_ID, _COUNT, _MIN, _STEP).
+    #[arg(long, value_name = "I/N|auto")]
+    shard: Option<ShardArg>,
     /// No progress bars.
     #[arg(long, short)]
     quiet: bool,
@@ -268,6 +269,68 @@ impl ManifestArgs {
     }
 }
 
+/// `--shard`: a fixed I/N, or `auto` from a SLURM job array.
+#[derive(Debug, Clone)]
+pub enum ShardArg {
+    Fixed(Shard),
+    Auto,
+}
+
+impl std::str::FromStr for ShardArg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<ShardArg, String> {
+        match s {
+            "auto" => Ok(ShardArg::Auto),
+            _ => s
+                .parse()
+                .map(ShardArg::Fixed)
+                .map_err(|e| format!("{e}, or auto (a SLURM job array)")),
+        }
+    }
+}
+
+impl ShardArg {
+    /// The shard: for `auto`, this array task's place among the array's
+    /// tasks, `(ID - MIN) / STEP` of COUNT (`sbatch --array=0-15` or
+    /// `--array=1-31:2` alike).
+    fn resolve(self) -> Result<Shard> {
+        self.resolve_with(|k| std::env::var(k).ok())
+    }
+
+    fn resolve_with(self, var: impl Fn(&str) -> Option<String>) -> Result<Shard> {
+        if let ShardArg::Fixed(s) = self {
+            return Ok(s);
+        }
+        let usage = |m: String| Error::Usage {
+            arg: "--shard auto".into(),
+            message: m,
+        };
+        let num = |k: &str, default: Option<usize>| -> Result<usize> {
+            match (var(k), default) {
+                (Some(v), _) => v
+                    .trim()
+                    .parse()
+                    .map_err(|_| usage(format!("{k}={v} is not a whole number"))),
+                (None, Some(d)) => Ok(d),
+                (None, None) => Err(usage(format!(
+                    "{k} is not set: run it as a task of a SLURM job array (sbatch --array=0-N), or give --shard I/N"
+                ))),
+            }
+        };
+        let id = num("SLURM_ARRAY_TASK_ID", None)?;
+        let count = num("SLURM_ARRAY_TASK_COUNT", None)?;
+        let min = num("SLURM_ARRAY_TASK_MIN", Some(0))?;
+        let step = num("SLURM_ARRAY_TASK_STEP", Some(1))?.max(1);
+        let index = id.checked_sub(min).map(|d| d / step).filter(|&i| i < count);
+        match index {
+            Some(index) if count > 0 => Ok(Shard { index, count }),
+            _ => Err(usage(format!(
+                "SLURM_ARRAY_TASK_ID={id} is not one of {count} tasks from {min} in steps of {step}"
+            ))),
+        }
+    }
+}
+
 impl Cmd {
     /// Checks every path, stage name, shard and override, and loads the
     /// plan, before any work.
@@ -280,7 +343,7 @@ impl Cmd {
                     a.only.as_deref(),
                     a.from.as_deref(),
                     a.force,
-                    a.shard,
+                    a.shard.map(ShardArg::resolve).transpose()?,
                 )?;
                 req.progress = !a.quiet;
                 req.skip_check = a.skip_check;
@@ -413,5 +476,49 @@ impl Cmd {
                 })
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auto(vars: &[(&str, &str)]) -> std::result::Result<String, String> {
+        ShardArg::Auto
+            .resolve_with(|k| vars.iter().find(|v| v.0 == k).map(|v| v.1.to_string()))
+            .map(|s| s.to_string())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn auto_shard_follows_the_slurm_array() {
+        let base = [("SLURM_ARRAY_TASK_COUNT", "4")];
+        let with = |id: &'static str, more: &[(&'static str, &'static str)]| {
+            let mut v: Vec<(&str, &str)> = base.to_vec();
+            v.push(("SLURM_ARRAY_TASK_ID", id));
+            v.extend_from_slice(more);
+            v
+        };
+        assert_eq!(auto(&with("2", &[])).unwrap(), "2/4");
+        // --array=1-4: MIN 1.
+        assert_eq!(
+            auto(&with("1", &[("SLURM_ARRAY_TASK_MIN", "1")])).unwrap(),
+            "0/4"
+        );
+        // --array=10-16:2 (10, 12, 14, 16).
+        let stepped = [
+            ("SLURM_ARRAY_TASK_MIN", "10"),
+            ("SLURM_ARRAY_TASK_STEP", "2"),
+        ];
+        assert_eq!(auto(&with("14", &stepped)).unwrap(), "2/4");
+        assert!(auto(&with("18", &stepped))
+            .unwrap_err()
+            .contains("not one of 4 tasks"));
+        assert!(auto(&base)
+            .unwrap_err()
+            .contains("SLURM_ARRAY_TASK_ID is not set"));
+        assert!(auto(&with("x", &[]))
+            .unwrap_err()
+            .contains("not a whole number"));
     }
 }

@@ -239,6 +239,43 @@ fn shards_union_equals_the_unsharded_table() {
     }
 }
 
+/// `--shard auto` in a SLURM job array (`--array=1-3`): each task's shard
+/// from its SLURM variables, the same table as explicit shards; outside an
+/// array, a usage error naming the variable.
+#[test]
+fn shard_auto_takes_the_slurm_array_task() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("data.tsv"), 600);
+    let m = ingest_manifest(dir.path(), "data.tsv", ", chunk_rows = 100");
+    let m = m.to_str().unwrap();
+    for id in ["3", "1", "2"] {
+        let r: Res = bin()
+            .args(["run", m, "--shard", "auto", "-q"])
+            .env("SLURM_ARRAY_TASK_ID", id)
+            .env("SLURM_ARRAY_TASK_COUNT", "3")
+            .env("SLURM_ARRAY_TASK_MIN", "1")
+            .output()
+            .unwrap()
+            .into();
+        r.ok();
+    }
+    assert!(genecis(&["status", m]).stdout.contains("done"));
+    let whole = dir.path().join("whole");
+    genecis(&["run", m, "--workdir", whole.to_str().unwrap(), "-q"]).ok();
+    assert!(
+        parts(&dir.path().join("run/captions/captions")) == parts(&whole.join("captions/captions")),
+        "auto shards differ from the unsharded run"
+    );
+    let r: Res = bin()
+        .args(["run", m, "--shard", "auto"])
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("SLURM_ARRAY_TASK_ID"), "{}", r.stderr);
+}
+
 #[test]
 fn doctor_loads_libtorch_through_the_rpath() {
     // No LD_LIBRARY_PATH: the binary must find libtorch by itself.
