@@ -17,10 +17,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `genecis bench CMD` once per rank of a world of `world` on a free port.
-fn spawn_ranks(cmd: &str, world: usize) -> Vec<std::process::Child> {
+/// `genecis bench CMD` once per rank of a world of `world` on a free port,
+/// all at once; each rank's JSON line, in rank order.
+fn run_ranks(cmd: &str, world: usize) -> Vec<serde_json::Value> {
     let port = free_port().to_string();
-    (0..world)
+    let children: Vec<_> = (0..world)
         .map(|r| {
             bin()
                 .args(["bench", cmd, "--rank", &r.to_string()])
@@ -37,21 +38,26 @@ fn spawn_ranks(cmd: &str, world: usize) -> Vec<std::process::Child> {
                 .spawn()
                 .unwrap()
         })
+        .collect();
+    children
+        .into_iter()
+        .enumerate()
+        .map(|(r, c)| {
+            let o = c.wait_with_output().unwrap();
+            assert!(
+                o.status.success(),
+                "rank {r}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            serde_json::from_slice(&o.stdout).unwrap()
+        })
         .collect()
 }
 
 #[test]
 fn gloo_collectives_across_processes() {
     let world = 3usize;
-    let children = spawn_ranks("dist", world);
-    for (r, c) in children.into_iter().enumerate() {
-        let o = c.wait_with_output().unwrap();
-        assert!(
-            o.status.success(),
-            "rank {r}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for (r, j) in run_ranks("dist", world).into_iter().enumerate() {
         assert_eq!(j["rank"], r);
         // 1 + 2 + 3 on every rank.
         assert_eq!(j["all_reduce"], serde_json::json!([6.0, 6.0, 6.0, 6.0]));
@@ -88,16 +94,8 @@ fn a_rank_alone_fails_within_its_timeout_naming_the_address() {
 /// terms per logit and 8 logits per row, a few products deep.
 #[test]
 fn gathered_gradients_summed_equal_one_process() {
-    let children = spawn_ranks("dist-grad", 2);
     let tol = crate::common::forward_tolerance(16 * 8, 6, tch::Device::Cpu);
-    for (r, c) in children.into_iter().enumerate() {
-        let o = c.wait_with_output().unwrap();
-        assert!(
-            o.status.success(),
-            "rank {r}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for (r, j) in run_ranks("dist-grad", 2).into_iter().enumerate() {
         let (diff, scale) = (
             j["max_diff"].as_f64().unwrap(),
             j["grad_scale"].as_f64().unwrap(),

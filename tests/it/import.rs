@@ -33,6 +33,17 @@ fn manifest(
     w: &crate::eval::World,
     extra: &[(&str, &str, &[&str], String)],
 ) -> std::path::PathBuf {
+    manifest_with(dir, w, "device = \"cpu\", bootstrap = 0", extra)
+}
+
+/// templates -> embed (the tiny ViT) -> score with `score` params, then
+/// `extra` stages.
+pub(crate) fn manifest_with(
+    dir: &Path,
+    w: &crate::eval::World,
+    score: &str,
+    extra: &[(&str, &str, &[&str], String)],
+) -> std::path::PathBuf {
     let mut m = Manifest::new("import-test")
         .stage("templates", "templates", &[], &templates_params(w))
         .stage(
@@ -44,12 +55,7 @@ fn manifest(
                 fixtures().join("vit_state.pt").display()
             ),
         )
-        .stage(
-            "score",
-            "score",
-            &["templates", "embed"],
-            "device = \"cpu\", bootstrap = 0",
-        );
+        .stage("score", "score", &["templates", "embed"], score);
     for (name, kind, inputs, params) in extra {
         m = m.stage(name, kind, inputs, params);
     }

@@ -11,27 +11,15 @@ use arrow::array::AsArray;
 use arrow::datatypes::{Float64Type, UInt32Type};
 use genecis::framework::store::read_table;
 
-use crate::common::{forward_tolerance, genecis, Manifest};
-use crate::eval::{small_world, templates_params, World};
+use crate::common::{forward_tolerance, genecis};
+use crate::eval::{small_world, World};
 use crate::import::scores;
 use crate::model::fixtures;
 
 type Sims = HashMap<(String, String, u32), Vec<f64>>;
 
 fn manifest(dir: &Path, w: &World, score: &str) -> std::path::PathBuf {
-    Manifest::new("inversion")
-        .stage("templates", "templates", &[], &templates_params(w))
-        .stage(
-            "embed",
-            "embed",
-            &["templates"],
-            &format!(
-                "checkpoint = \"{}\", device = \"cpu\", batch_size = 4",
-                fixtures().join("vit_state.pt").display()
-            ),
-        )
-        .stage("score", "score", &["templates", "embed"], score)
-        .write(dir)
+    crate::import::manifest_with(dir, w, score, &[])
 }
 
 fn expected(dir: &Path, variant: &str) -> Sims {
