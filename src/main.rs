@@ -45,10 +45,12 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
-        Command::Run(plan, req) => {
+        Command::Run(plan, req, launch) => {
             println!("pipeline {} -> {}", plan.name, plan.workdir.display());
             let started = std::time::Instant::now();
-            let outcomes = runner::run(&plan, &req)?;
+            let Some(outcomes) = genecis::cli::launch::run(&plan, req, &launch)? else {
+                return Ok(());
+            };
             let count = |a: runner::Action| outcomes.iter().filter(|o| o.action == a).count();
             println!(
                 "done: {} ran, {} up to date, {:.2} s",

@@ -9,6 +9,7 @@ use crate::cli::compare::{CompareFormat, CompareRequest};
 use crate::cli::contamination::ContaminationRequest;
 use crate::cli::devtools::{BenchCmd, ParseEvalArgs};
 use crate::cli::encode::EncodeRequest;
+use crate::cli::launch::Launch;
 use crate::error::{Error, Result};
 use crate::framework::manifest::{Plan, SetOverride};
 use crate::framework::runner::RunRequest;
@@ -202,6 +203,16 @@ pub struct RunArgs {
     /// writes only its stage folders and .work/ there).
     #[arg(long)]
     adopt_workdir: bool,
+    /// Data-parallel training on N local ranks (Gloo on 127.0.0.1; one GPU
+    /// per rank): spawns them and stops all when one fails. Under torchrun
+    /// or srun leave it out: RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS
+    /// are read. `--nproc 1` runs one process whatever the variables say.
+    #[arg(long, value_name = "N")]
+    nproc: Option<usize>,
+    /// Seconds a rank waits for the others in a collective or the
+    /// rendezvous before it fails (PyTorch's default: 1800).
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::cli::launch::DEFAULT_TIMEOUT_S)]
+    dist_timeout: u64,
 }
 
 #[derive(Args)]
@@ -234,7 +245,7 @@ pub(crate) enum FormatArg {
 /// What the arguments ask for, validated: every path, stage name, shard
 /// and override checked once, before any work.
 pub enum Command {
-    Run(Plan, RunRequest),
+    Run(Plan, RunRequest, Launch),
     Status(Plan),
     Check(Plan),
     Sql {
@@ -348,7 +359,18 @@ impl Cmd {
                 req.progress = !a.quiet;
                 req.skip_check = a.skip_check;
                 req.adopt_workdir = a.adopt_workdir;
-                Command::Run(plan, req)
+                let launch = Launch::resolve(
+                    a.nproc,
+                    std::time::Duration::from_secs(a.dist_timeout.max(1)),
+                    |k| std::env::var(k).ok(),
+                )?;
+                if req.shard.is_some() && launch != Launch::Single {
+                    return Err(Error::Usage {
+                        arg: "--shard".into(),
+                        message: "shards are separate processes; data-parallel ranks (--nproc, torchrun, srun) are one run: use one or the other".into(),
+                    });
+                }
+                Command::Run(plan, req, launch)
             }
             Cmd::Status(a) => Command::Status(a.plan()?),
             Cmd::Check(a) => Command::Check(a.plan()?),

@@ -192,6 +192,10 @@ pub enum BenchCmd {
         /// fp16 autocast + GradScaler (GPU only).
         #[arg(long)]
         amp: bool,
+        /// Also run the steps data-parallel on N local ranks (Gloo), the
+        /// global batch split over them, and compare with one rank.
+        #[arg(long, default_value_t = 1)]
+        nproc: usize,
     },
     /// N training steps from given weights on a given batch, as the train
     /// stage takes them (the original's loss, clip_grad_norm_ on CLIP,
@@ -326,17 +330,36 @@ pub fn bench(cmd: &BenchCmd) -> Result<()> {
             hidden_dim,
             device,
             amp,
-        } => crate::stages::train::bench::bench_train(&crate::stages::train::bench::TrainBench {
-            samples: *samples,
-            batch: *batch,
-            dim: *dim,
-            steps: *steps,
-            checkpoint: checkpoint.as_deref(),
-            projection_dim: *projection_dim,
-            hidden_dim: *hidden_dim,
-            device,
-            amp: *amp,
-        }),
+            nproc,
+        } => {
+            use crate::cli::launch::Launch;
+            let launch = Launch::resolve(
+                Some(*nproc).filter(|&n| n > 1),
+                std::time::Duration::from_secs(300),
+                |k| std::env::var(k).ok(),
+            )?;
+            if let Launch::Spawn { nproc } = launch {
+                return bench_train_ranks(nproc);
+            }
+            let group = match launch {
+                Launch::Rank(r) => Some(crate::model::dist::ProcessGroup::init(
+                    &r.addr, r.port, r.rank, r.world, r.timeout,
+                )?),
+                _ => None,
+            };
+            crate::stages::train::bench::bench_train(&mut crate::stages::train::bench::TrainBench {
+                samples: *samples,
+                batch: *batch,
+                dim: *dim,
+                steps: *steps,
+                checkpoint: checkpoint.as_deref(),
+                projection_dim: *projection_dim,
+                hidden_dim: *hidden_dim,
+                device,
+                amp: *amp,
+                group,
+            })
+        }
         BenchCmd::Augment { dir, n_px, repeat } => {
             crate::stages::train::bench::bench_augment(dir, *n_px, *repeat)
         }
@@ -410,6 +433,47 @@ fn bench_rank(
         n_q as f64 / best,
         2.0 * n_q as f64 * n_g as f64 * d as f64 / best / 1e9,
         tch::get_num_threads()
+    );
+    Ok(())
+}
+
+/// `bench train --nproc N`: the same steps as 1 rank and as N local
+/// ranks (each a process of this command, started as `--nproc` starts
+/// ranks), side by side.
+fn bench_train_ranks(nproc: usize) -> Result<()> {
+    use crate::stages::train::bench::TrainBenchResult;
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--nproc") {
+        args.drain(i..(i + 2).min(args.len()));
+    }
+    args.retain(|a| !a.to_string_lossy().starts_with("--nproc="));
+    let mut results = Vec::new();
+    for world in [1, nproc] {
+        let outs = crate::cli::launch::spawn_ranks(world, |_, cmd| {
+            cmd.args(&args).stdout(std::process::Stdio::piped());
+        })?;
+        print!("--- {world} rank(s) ---\n{}", outs[0]);
+        let line = outs[0]
+            .lines()
+            .find_map(|l| l.strip_prefix("RESULT "))
+            .ok_or_else(|| {
+                Error::Internal(format!("{world} rank(s): rank 0 reported no result"))
+            })?;
+        let r: TrainBenchResult =
+            serde_json::from_str(line).map_err(|e| Error::Internal(format!("result: {e}")))?;
+        results.push(r);
+    }
+    let (one, many) = (&results[0], &results[1]);
+    println!(
+        "1 rank: {:.1} samples/s ({:.3} s/step); {} ranks: {:.1} samples/s ({:.3} s/step), {:.2}x; collectives {:.1}% of the {}-rank step",
+        one.samples_per_s,
+        one.seconds_per_step,
+        many.world,
+        many.samples_per_s,
+        many.seconds_per_step,
+        many.samples_per_s / one.samples_per_s,
+        100.0 * many.comm_share,
+        many.world
     );
     Ok(())
 }
@@ -497,6 +561,7 @@ fn bench_steps(
 ) -> Result<()> {
     use crate::model::clip::Clip;
     use crate::model::combiner::Combiner;
+    use crate::model::combiner::Dropout;
     use crate::model::optim::{AdamW, GradScaler};
     use crate::model::StateDict;
     use crate::stages::train::{train_step, Finetune, Optimizer, StepConfig};
@@ -520,7 +585,6 @@ fn bench_steps(
         lamda: 100.0,
         clip_grad_norm: 1.0,
         clip_before_unscale: true,
-        dropout: false,
         device,
         amp,
     };
@@ -537,7 +601,7 @@ fn bench_steps(
     let tokens = get("tokens")?.to_kind(Kind::Int64).to_device(device);
     let mut losses = Vec::with_capacity(steps);
     for _ in 0..steps {
-        let m = train_step(&cfg, &mut opt, &comb, lr, || {
+        let m = train_step(&cfg, &mut opt, &comb, lr, Dropout::Off, None, || {
             let f = clip.encode_image(&images)?;
             let p = f.chunk(3, 0);
             Ok((
@@ -546,7 +610,7 @@ fn bench_steps(
                 clip.encode_text(&tokens)?,
             ))
         })?;
-        losses.push(m[0].1);
+        losses.push(m.metrics[0].1);
     }
     std::fs::create_dir_all(out).map_err(Error::io("cannot create", out))?;
     let save = |name: &str, w: &StateDict| -> Result<()> {

@@ -7,3 +7,4 @@ pub mod compare;
 pub mod contamination;
 pub mod devtools;
 pub mod encode;
+pub mod launch;

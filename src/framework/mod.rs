@@ -5,6 +5,7 @@
 
 pub(crate) mod manifest;
 pub(crate) mod progress;
+pub mod ranks;
 pub mod runner;
 pub mod sql;
 pub(crate) mod stage;

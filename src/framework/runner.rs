@@ -6,6 +6,7 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::framework::manifest::{Plan, PlannedStage};
 use crate::framework::progress::{thousands, Progress};
+use crate::framework::ranks::{self, RankHandle, Ranks, Signal};
 use crate::framework::stage::{Driver, Finding, Severity, Shard, StageContext};
 use crate::framework::store::{self, StageRecord, StageWriter, WorkdirLock};
 
@@ -144,6 +145,8 @@ pub enum Action {
     Ran,
     /// A shard finished its chunks; other shards still have work.
     ShardDone,
+    /// A rank other than 0 did its share of a distributed stage.
+    Followed,
 }
 
 /// Which stages a run touches, validated against the plan once.
@@ -159,6 +162,8 @@ pub struct RunRequest {
     pub skip_check: bool,
     /// Run in a non-empty folder that holds no genecis run.
     pub adopt_workdir: bool,
+    /// This process's place in a data-parallel run.
+    pub ranks: Option<RankHandle>,
 }
 
 impl RunRequest {
@@ -205,6 +210,7 @@ impl RunRequest {
             progress: true,
             skip_check: false,
             adopt_workdir: false,
+            ranks: None,
         })
     }
 }
@@ -243,6 +249,13 @@ fn check_workdir(plan: &Plan, req: &RunRequest) -> Result<()> {
 
 pub fn run(plan: &Plan, req: &RunRequest) -> Result<Vec<StageOutcome>> {
     let (selected, forced) = (&req.selected, &req.forced);
+    let ranks = req.ranks.as_ref().map(|h| h.0.as_ref());
+    if let Some(r) = ranks {
+        check_world(plan, req, r.world())?;
+        if r.rank() > 0 {
+            return follow(plan, req, r);
+        }
+    }
     // Data checks of the stages that will run, before anything is written.
     if !req.skip_check {
         let mut to_run = Vec::new();
@@ -277,6 +290,9 @@ pub fn run(plan: &Plan, req: &RunRequest) -> Result<Vec<StageOutcome>> {
         }
         let state = stage_state(plan, s)?;
         if state == StageState::Done && !forced.contains(&s.name) {
+            if let Some(r) = ranks.filter(|_| s.kind.distributed()) {
+                ranks::post(r, &s.name, Signal::Skip)?;
+            }
             println!("= {} ({}): up to date", s.name, s.kind.kind());
             outcomes.push(StageOutcome {
                 stage: s.name.clone(),
@@ -319,7 +335,7 @@ pub fn run(plan: &Plan, req: &RunRequest) -> Result<Vec<StageOutcome>> {
                 store::remove_ours(&work, &format!("stage '{}''s work", s.name))?;
             }
         }
-        let outcome = run_stage(plan, s, req.shard, &progress).map_err(|e| match e {
+        let outcome = run_stage(plan, s, req.shard, &progress, ranks).map_err(|e| match e {
             e @ Error::StageFailed { .. } => e,
             other => Error::StageFailed {
                 stage: s.name.clone(),
@@ -329,6 +345,80 @@ pub fn run(plan: &Plan, req: &RunRequest) -> Result<Vec<StageOutcome>> {
         })?;
         outcomes.push(outcome);
     }
+    if let Some(r) = ranks {
+        ranks::await_all(r)?;
+    }
+    Ok(outcomes)
+}
+
+/// The params of the selected distributed stages fit `world` ranks.
+pub fn check_world(plan: &Plan, req: &RunRequest, world: usize) -> Result<()> {
+    let problems: Vec<String> = plan
+        .stages
+        .iter()
+        .filter(|s| req.selected.contains(&s.name) && s.kind.distributed())
+        .flat_map(|s| {
+            s.bound.validate_world(world).into_iter().map(move |f| {
+                format!(
+                    "stage '{}', field 'params.{}': {}",
+                    s.name, f.field, f.message
+                )
+            })
+        })
+        .collect();
+    match problems.is_empty() {
+        true => Ok(()),
+        false => Err(Error::CheckFailed { problems }),
+    }
+}
+
+/// A rank other than 0: joins each selected distributed stage when rank 0
+/// has planned it; writes nothing.
+fn follow(plan: &Plan, req: &RunRequest, r: &dyn Ranks) -> Result<Vec<StageOutcome>> {
+    let mut outcomes = Vec::new();
+    for s in &plan.stages {
+        if !req.selected.contains(&s.name) || !s.kind.distributed() {
+            continue;
+        }
+        let action = match ranks::await_signal(r, &s.name)? {
+            Signal::Skip => Action::Skipped,
+            Signal::Go => {
+                let started = Instant::now();
+                let inputs = s.input_dirs(&plan.workdir);
+                let ctx = StageContext {
+                    stage: &s.name,
+                    base_dir: &plan.base_dir,
+                    inputs: &inputs,
+                    input_files: &s.input_files,
+                    manifest: &plan.manifest_path,
+                    work_dir: store::work_dir(&plan.workdir, &s.name),
+                    committed_dir: store::stage_dir(&plan.workdir, &s.name),
+                    notes: Default::default(),
+                    ranks: Some(r),
+                };
+                s.bound.follow(&ctx).map_err(|e| Error::StageFailed {
+                    stage: s.name.clone(),
+                    kind: s.kind.kind().into(),
+                    source: Box::new(e),
+                })?;
+                println!(
+                    "+ {} ({}): rank {} of {} did its share in {:.2} s",
+                    s.name,
+                    s.kind.kind(),
+                    r.rank(),
+                    r.world(),
+                    started.elapsed().as_secs_f64()
+                );
+                Action::Followed
+            }
+        };
+        outcomes.push(StageOutcome {
+            stage: s.name.clone(),
+            action,
+            record: None,
+        });
+    }
+    ranks::leave(r)?;
     Ok(outcomes)
 }
 
@@ -337,6 +427,7 @@ fn run_stage(
     s: &PlannedStage,
     shard: Option<Shard>,
     progress: &Progress,
+    ranks: Option<&dyn Ranks>,
 ) -> Result<StageOutcome> {
     let started = Instant::now();
     let mut writer = StageWriter::open(&plan.workdir, &s.name, &s.fingerprint)?;
@@ -350,6 +441,7 @@ fn run_stage(
         work_dir: writer.dir().to_path_buf(),
         committed_dir: store::stage_dir(&plan.workdir, &s.name),
         notes: Default::default(),
+        ranks,
     };
     let driven = s.bound.run(
         &ctx,

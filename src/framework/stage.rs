@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::framework::progress::Progress;
+use crate::framework::ranks::{self, Ranks, Signal};
 use crate::framework::store::StageWriter;
 pub(crate) use crate::framework::tabledef::{InputTable, Shard, TableDef};
 
@@ -37,6 +38,8 @@ pub struct StageContext<'a> {
     pub(crate) work_dir: PathBuf,
     pub(crate) committed_dir: PathBuf,
     pub(crate) notes: Mutex<Vec<String>>,
+    /// The ranks of a data-parallel run (none: one process).
+    pub(crate) ranks: Option<&'a dyn Ranks>,
 }
 
 impl StageContext<'_> {
@@ -152,6 +155,9 @@ pub(crate) trait Stage: 'static {
     const VERSION: &'static str;
     /// Whether `--shard i/N` may split this stage's chunks over processes.
     const SHARDABLE: bool = false;
+    /// Whether every rank of a data-parallel run takes part: rank 0 runs
+    /// the chunks and writes; the others run [`Stage::follow`].
+    const DISTRIBUTED: bool = false;
     const ABOUT: &'static str;
 
     /// Parsed with `deny_unknown_fields`; defaults filled in, so the
@@ -197,6 +203,21 @@ pub(crate) trait Stage: 'static {
     /// before a run starts, so a long run does not fail late.
     fn check(_params: &Self::Params, _base_dir: &Path) -> Vec<Finding> {
         Vec::new()
+    }
+
+    /// Params that do not fit a run on `world` ranks (checked before
+    /// anything runs, on every rank).
+    fn validate_world(_params: &Self::Params, _world: usize) -> Vec<Finding> {
+        Vec::new()
+    }
+
+    /// A rank other than 0 of a [`Stage::DISTRIBUTED`] kind: its share of
+    /// the work, after rank 0 planned the stage; it writes nothing.
+    fn follow(_params: &Self::Params, _ctx: &StageContext) -> Result<()> {
+        Err(Error::Internal(format!(
+            "stage kind {} is not distributed",
+            Self::KIND
+        )))
     }
 
     /// Reads what every chunk needs and cuts the work into chunks. Runs in
@@ -295,6 +316,9 @@ pub struct Driven {
 /// chunks, compute and write them, finish.
 pub(crate) fn drive<S: Stage>(params: &S::Params, ctx: &StageContext, d: Driver) -> Result<Driven> {
     let chunks = S::plan(params, ctx)?;
+    if let Some(r) = ctx.ranks.filter(|r| S::DISTRIBUTED && r.rank() == 0) {
+        ranks::post(r, ctx.stage, Signal::Go)?;
+    }
     let tables = S::output_tables()
         .into_iter()
         .map(|t| Ok((t.name, t.schema(chunks.width)?)))
@@ -355,6 +379,7 @@ pub trait StageKind: Sync {
     /// Kind version plus a digest of [`Stage::code`].
     fn code_version(&self) -> String;
     fn shardable(&self) -> bool;
+    fn distributed(&self) -> bool;
     fn about(&self) -> &'static str;
     fn input_tables(&self) -> &'static [InputTable];
     fn output_tables(&self) -> Vec<TableDef>;
@@ -371,6 +396,8 @@ pub trait BoundStage: Send + Sync {
     fn files(&self, base_dir: &Path) -> Vec<(&'static str, PathBuf)>;
     fn check(&self, base_dir: &Path) -> Vec<Finding>;
     fn run(&self, ctx: &StageContext, d: Driver) -> Result<Driven>;
+    fn validate_world(&self, world: usize) -> Vec<Finding>;
+    fn follow(&self, ctx: &StageContext) -> Result<()>;
 }
 
 pub(crate) struct Kind<S>(std::marker::PhantomData<S>);
@@ -402,6 +429,12 @@ impl<S: Stage> BoundStage for Bound<S> {
     fn run(&self, ctx: &StageContext, d: Driver) -> Result<Driven> {
         drive::<S>(&self.0, ctx, d)
     }
+    fn validate_world(&self, world: usize) -> Vec<Finding> {
+        S::validate_world(&self.0, world)
+    }
+    fn follow(&self, ctx: &StageContext) -> Result<()> {
+        S::follow(&self.0, ctx)
+    }
 }
 
 impl<S: Stage> StageKind for Kind<S>
@@ -428,6 +461,9 @@ where
     }
     fn shardable(&self) -> bool {
         S::SHARDABLE
+    }
+    fn distributed(&self) -> bool {
+        S::DISTRIBUTED
     }
     fn about(&self) -> &'static str {
         S::ABOUT

@@ -220,7 +220,7 @@ pub(crate) fn stage_dir(workdir: &Path, stage: &str) -> PathBuf {
     workdir.join(stage)
 }
 
-fn work_dir(workdir: &Path, stage: &str) -> PathBuf {
+pub(crate) fn work_dir(workdir: &Path, stage: &str) -> PathBuf {
     workdir.join(WORK_DIR).join(stage)
 }
 

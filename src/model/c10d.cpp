@@ -95,4 +95,28 @@ int gc_barrier(gc_pg *g, char *err, int errlen) {
   GC_TRY({ g->pg->barrier()->wait(); })
 }
 
+// A key-value pair in the rendezvous store, for signals that may come
+// long after the last collective (no collective timeout applies).
+int gc_store_set(gc_pg *g, const char *key, const char *value, char *err, int errlen) {
+  GC_TRY({
+    std::string v(value);
+    g->store->set(std::string(key), std::vector<uint8_t>(v.begin(), v.end()));
+  })
+}
+
+// 1 and the value (NUL-terminated, cut to outlen) when `key` is set, 0
+// when not yet, -1 when the store cannot be reached (its server, rank 0,
+// is gone).
+int gc_store_try_get(gc_pg *g, const char *key, char *out, int outlen, char *err, int errlen) {
+  try {
+    if (!g->store->check({std::string(key)})) return 0;
+    auto v = g->store->get(std::string(key));
+    set_err(out, outlen, std::string(v.begin(), v.end()));
+    return 1;
+  } catch (const std::exception &e) {
+    set_err(err, errlen, e.what());
+    return -1;
+  }
+}
+
 }  // extern "C"

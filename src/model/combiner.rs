@@ -5,9 +5,19 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 use super::{linear, Result, StateDict};
+use crate::rng::Rng;
+
+/// How the training forward pass draws its Dropout(0.5) masks.
+pub enum Dropout<'a> {
+    /// Eval mode.
+    Off,
+    /// One row per sample from [`Combiner::sample_masks`].
+    Masks(&'a [Tensor; 4]),
+}
 
 /// The original's layer sizes: `Combiner(d, 2560, 2 * 2560)`.
 pub(crate) const PROJECTION_DIM: i64 = 2560;
@@ -98,22 +108,71 @@ impl Combiner {
     /// Normalised combined query for (image, text) features; eval mode
     /// (dropout off).
     pub fn forward(&self, image: &Tensor, text: &Tensor) -> Result<Tensor> {
-        self.forward_t(image, text, false)
+        self.forward_t(image, text, Dropout::Off)
+    }
+
+    /// Widths of the four dropout layers (text, image, combined, dynamic
+    /// scalar), in the module's order.
+    fn dropout_widths(&self) -> Result<[i64; 4]> {
+        let out = |n: &str| -> Result<i64> { Ok(self.w.get(&format!("{n}.weight"))?.size()[0]) };
+        Ok([
+            out("text_projection_layer")?,
+            out("image_projection_layer")?,
+            out("combiner_layer")?,
+            out("dynamic_scalar.0")?,
+        ])
+    }
+
+    /// Dropout(0.5) masks (0 or 2) of the four layers, one row per sample,
+    /// drawn from SplitMix64 seeded by the sample's key (seed, epoch,
+    /// sample): a sample is dropped the same way whatever batch or rank it
+    /// falls in, so one rank and many train the same weights.
+    pub(crate) fn sample_masks(&self, keys: &[[u64; 3]], device: Device) -> Result<[Tensor; 4]> {
+        let widths = self.dropout_widths()?;
+        let rows: Vec<[Vec<f32>; 4]> = keys
+            .par_iter()
+            .map(|k| {
+                let mut rng = Rng::new(&[k[0], k[1], k[2], 0xd40]);
+                widths.map(|w| {
+                    let mut row = Vec::with_capacity(w as usize);
+                    while row.len() < w as usize {
+                        let bits = rng.next();
+                        let take = (w as usize - row.len()).min(64);
+                        row.extend((0..take).map(|b| ((bits >> b) & 1) as f32 * 2.0));
+                    }
+                    row
+                })
+            })
+            .collect();
+        let b = keys.len() as i64;
+        let layer = |l: usize| {
+            let flat: Vec<f32> = rows.iter().flat_map(|r| r[l].iter().copied()).collect();
+            Tensor::from_slice(&flat)
+                .view([b, widths[l]])
+                .to_device(device)
+        };
+        Ok([layer(0), layer(1), layer(2), layer(3)])
     }
 
     /// [`Combiner::forward`] with the original's four Dropout(0.5) layers
-    /// active when `train`, drawn in the module's order (text, image,
-    /// combined, dynamic scalar).
-    pub(crate) fn forward_t(&self, image: &Tensor, text: &Tensor, train: bool) -> Result<Tensor> {
-        let drop = |x: Tensor| x.dropout(0.5, train);
-        let t = drop(self.lin("text_projection_layer", text)?.relu());
-        let i = drop(self.lin("image_projection_layer", image)?.relu());
+    /// drawn as `drop` says, in the module's order (text, image, combined,
+    /// dynamic scalar).
+    pub(crate) fn forward_t(&self, image: &Tensor, text: &Tensor, drop: Dropout) -> Result<Tensor> {
+        let drop = |x: Tensor, l: usize| match &drop {
+            Dropout::Off => x,
+            Dropout::Masks(m) => {
+                let k = x.kind();
+                x * m[l].to_kind(k)
+            }
+        };
+        let t = drop(self.lin("text_projection_layer", text)?.relu(), 0);
+        let i = drop(self.lin("image_projection_layer", image)?.relu(), 1);
         let raw = Tensor::cat(&[&t, &i], -1);
-        let c = drop(self.lin("combiner_layer", &raw)?.relu());
+        let c = drop(self.lin("combiner_layer", &raw)?.relu(), 2);
         let s = self
             .lin(
                 "dynamic_scalar.3",
-                &drop(self.lin("dynamic_scalar.0", &raw)?.relu()),
+                &drop(self.lin("dynamic_scalar.0", &raw)?.relu(), 3),
             )?
             .sigmoid();
         let out = self.lin("output_layer", &c)? + &s * text + (1.0 - &s) * image;

@@ -39,6 +39,21 @@ extern "C" {
         errlen: c_int,
     ) -> c_int;
     fn gc_barrier(g: *mut GcPg, err: *mut c_char, errlen: c_int) -> c_int;
+    fn gc_store_set(
+        g: *mut GcPg,
+        key: *const c_char,
+        value: *const c_char,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
+    fn gc_store_try_get(
+        g: *mut GcPg,
+        key: *const c_char,
+        out: *mut c_char,
+        outlen: c_int,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
 }
 
 /// What a collective or the rendezvous reports when it fails.
@@ -61,6 +76,18 @@ pub enum DistError {
     },
     #[error("{0}")]
     Usage(String),
+    #[error("rank {rank} of {world} {status}; the other ranks were stopped. Rerun them all together: train resumes from its last checkpoint")]
+    RankExited {
+        rank: usize,
+        world: usize,
+        status: String,
+    },
+    #[error("{var}={value}: {message}")]
+    Environment {
+        var: &'static str,
+        value: String,
+        message: String,
+    },
 }
 
 /// One rank's membership of a Gloo process group.
@@ -213,6 +240,58 @@ impl ProcessGroup {
             )
         };
         self.check("broadcast", rc, &err)
+    }
+
+    /// Sets `key` in the rendezvous store (served by rank 0).
+    pub fn store_set(&mut self, key: &str, value: &str) -> Result<(), DistError> {
+        let cstr = |s: &str| {
+            CString::new(s).map_err(|_| DistError::Usage("a store key holds a NUL byte".into()))
+        };
+        let (k, v) = (cstr(key)?, cstr(value)?);
+        let mut err = vec![0u8; ERR];
+        // SAFETY: the strings and buffer outlive the call.
+        let rc = unsafe {
+            gc_store_set(
+                self.ptr,
+                k.as_ptr(),
+                v.as_ptr(),
+                err.as_mut_ptr() as *mut c_char,
+                ERR as c_int,
+            )
+        };
+        self.check("store set", rc, &err)
+    }
+
+    /// `key`'s value when it is set. Fails when the store is gone (rank 0
+    /// exited), which is how the other ranks learn that it died.
+    pub fn store_try_get(&mut self, key: &str) -> Result<Option<String>, DistError> {
+        let k = CString::new(key)
+            .map_err(|_| DistError::Usage("a store key holds a NUL byte".into()))?;
+        let (mut out, mut err) = (vec![0u8; ERR], vec![0u8; ERR]);
+        // SAFETY: the key and buffers outlive the call.
+        let rc = unsafe {
+            gc_store_try_get(
+                self.ptr,
+                k.as_ptr(),
+                out.as_mut_ptr() as *mut c_char,
+                ERR as c_int,
+                err.as_mut_ptr() as *mut c_char,
+                ERR as c_int,
+            )
+        };
+        match rc {
+            1 => Ok(Some(
+                CStr::from_bytes_until_nul(&out)
+                    .map(|c| c.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            )),
+            0 => Ok(None),
+            _ => Err(DistError::Collective {
+                op: "store get",
+                rank: self.rank,
+                message: message(&err),
+            }),
+        }
     }
 
     pub fn barrier(&mut self) -> Result<(), DistError> {

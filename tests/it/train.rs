@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 use genecis::model::clip::{ArchSpec, Clip};
-use genecis::model::combiner::Combiner;
+use genecis::model::combiner::{Combiner, Dropout};
 use genecis::model::optim::{clip_grad_norm, AdamW, GradScaler};
 use genecis::model::torch_pickle::read_state_dict;
 use genecis::model::StateDict;
@@ -66,7 +66,6 @@ fn parity(name: &str, device: Device) {
         lamda: 100.0,
         clip_grad_norm: 1.0,
         clip_before_unscale: true,
-        dropout: false,
         device,
         amp: false,
     };
@@ -81,7 +80,7 @@ fn parity(name: &str, device: Device) {
         (9 * 512, 3 + 4 * 3 + 4)
     };
     for (s, want) in losses.iter().enumerate() {
-        let m = train_step(&cfg, &mut opt, &comb, lr, || {
+        let m = train_step(&cfg, &mut opt, &comb, lr, Dropout::Off, None, || {
             let f = clip.encode_image(&images)?;
             let p = f.chunk(3, 0);
             Ok((
@@ -95,7 +94,7 @@ fn parity(name: &str, device: Device) {
         // carry float32 reordering error up to their forward bound (see
         // model.rs), a cosine twice that, and CE is 2-Lipschitz in the
         // logits' max norm.
-        let got = m[0].1;
+        let got = m.metrics[0].1;
         let tol = 2.0 * cfg.lamda * 2.0 * forward_tolerance(tower.0, tower.1, device);
         assert!(
             (got - want).abs() <= tol,
@@ -690,4 +689,122 @@ fn shipped_train_manifest_runs_with_paths_set() {
             "focus_object"
         ]
     );
+}
+
+/// Largest |a - b| over the tensors two state dicts share, and the count
+/// of tensors (all keys must match).
+fn state_dict_gap(a: &Path, b: &Path) -> (f64, usize) {
+    let (a, b) = (load(a), load(b));
+    assert_eq!(
+        a.keys().collect::<std::collections::BTreeSet<_>>(),
+        b.keys().collect::<std::collections::BTreeSet<_>>()
+    );
+    let gap = a
+        .iter()
+        .map(|(k, t)| max_diff(t, &b[k]))
+        .fold(0.0, f64::max);
+    (gap, a.len())
+}
+
+/// Data-parallel training (`--nproc 2`, Gloo on 127.0.0.1) in cached mode
+/// ends with the Combiner one process trains: each rank steps on its
+/// DistributedSampler share of the same global batches, dropout is drawn
+/// per sample, features are gathered and gradients summed.
+///
+/// Bound: the ranks sum each gradient in another order (two partial sums
+/// of 8 rows each, then the all-reduce, instead of 16 rows), a relative
+/// change of at most ~16 float32 ulps of the summed terms. AdamW's step is
+/// lr * m / (sqrt(v) + eps): it moves by that relative error, except for
+/// an element whose gradient nearly cancels, where it can move by up to
+/// (the absolute error) / eps * lr. With gradients of size <= 1 here, the
+/// absolute error is <= 16 * EPS32 and so each step differs by at most
+/// lr * 16 * EPS32 / 1e-8 ~= 0.19 lr; over S steps, S * 0.19 * lr. A rank
+/// that trained on its own half without the gather would compare its rows
+/// with 8 targets instead of 16 and take other steps from the first on.
+#[test]
+fn two_ranks_train_what_one_rank_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = mined(tmp.path(), 400)
+        .stage(
+            "embed",
+            "embed",
+            &["mine", "captions"],
+            &format!(
+                "checkpoint = \"{}\", model = \"tiny-vit\", device = \"cpu\", batch_size = 32",
+                fixtures().join("vit_state.pt").display()
+            ),
+        )
+        .stage(
+            "train",
+            "train",
+            &["mine", "embed"],
+            &format!("finetune = \"none\", epochs = 2, batch_size = 16, lr = 1e-3, {SMALL_HEAD}"),
+        )
+        .write(tmp.path());
+    let ms = m.to_str().unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    genecis(&["run", ms, "-q", "--workdir", one.to_str().unwrap()]).ok();
+    let t0 = Instant::now();
+    let r = genecis(&[
+        "run",
+        ms,
+        "-q",
+        "--workdir",
+        two.to_str().unwrap(),
+        "--nproc",
+        "2",
+    ]);
+    r.ok();
+    println!(
+        "two ranks: {:.1} s\n{}",
+        t0.elapsed().as_secs_f64(),
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("rank 1 of 2 did its share"),
+        "{}",
+        r.stdout
+    );
+    let record = std::fs::read_to_string(two.join("train/_stage.json")).unwrap();
+    assert!(record.contains("x 2 ranks"), "{record}");
+    let q = "SELECT count(*) FROM train_metrics WHERE split = 'train_step'";
+    let steps: f64 = sql_csv(&one, q)[1].parse().unwrap();
+    let steps = steps / 2.0; // loss and accuracy rows
+    let bound = steps * 0.19 * 1e-3;
+    let (gap, n) = state_dict_gap(
+        &one.join("train/combiner_head.pt"),
+        &two.join("train/combiner_head.pt"),
+    );
+    println!("1 vs 2 ranks: {n} tensors, max |diff| {gap:e} after {steps} steps (bound {bound:e})");
+    assert!(gap <= bound, "{gap:e} > {bound:e}");
+    // The same metrics, each within the loss's float error. In-batch
+    // accuracy is left out of the training splits: its argmax breaks ties
+    // (a target twice in a batch) by position, and the gathered batch is
+    // in rank order, as the original's.
+    let q = "SELECT epoch, step, split, metric, value FROM train_metrics WHERE NOT (metric = 'base_acc' AND split LIKE 'train%') ORDER BY epoch, step, split, metric";
+    let (a, b) = (sql_csv(&one, q), sql_csv(&two, q));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a[1..].iter().zip(&b[1..]) {
+        let (kx, vx) = x.rsplit_once(',').unwrap();
+        let (ky, vy) = y.rsplit_once(',').unwrap();
+        assert_eq!(kx, ky);
+        let (vx, vy): (f64, f64) = (vx.parse().unwrap(), vy.parse().unwrap());
+        assert!((vx - vy).abs() <= 1e-3 * vx.abs().max(1.0), "{x} vs {y}");
+    }
+}
+
+/// A world size that does not split the batch is refused before any rank
+/// starts or anything is written.
+#[test]
+fn a_world_that_does_not_split_the_batch_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = fine_tune_manifest(tmp.path(), "");
+    let r = genecis(&["run", m.to_str().unwrap(), "-q", "--nproc", "3"]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("batch_size") && r.stderr.contains("world size 3"),
+        "{}",
+        r.stderr
+    );
+    assert!(!tmp.path().join("run").exists(), "nothing written");
 }

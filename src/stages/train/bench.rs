@@ -2,7 +2,7 @@
 //! and the image path cost, timed on the code the stage runs.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
@@ -10,7 +10,8 @@ use super::data::{self, ImageCache};
 use super::{peak_rss_mib, train_step, Finetune, Optimizer, StepConfig};
 use crate::error::{Error, Result};
 use crate::model::clip::Clip;
-use crate::model::combiner::Combiner;
+use crate::model::combiner::{Combiner, Dropout};
+use crate::model::dist::ProcessGroup;
 use crate::model::optim::{AdamW, GradScaler};
 use crate::model::preprocess::{open, to_tensor};
 use crate::model::select_device;
@@ -26,12 +27,26 @@ pub(crate) struct TrainBench<'a> {
     pub hidden_dim: i64,
     pub device: &'a str,
     pub amp: bool,
+    /// A rank of a data-parallel bench: `batch` is the global batch, this
+    /// rank steps on its share.
+    pub group: Option<ProcessGroup>,
+}
+
+/// What one bench run measured (rank 0's view), printed as a `RESULT`
+/// line for a parent that compares world sizes.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct TrainBenchResult {
+    pub world: usize,
+    pub seconds_per_step: f64,
+    pub samples_per_s: f64,
+    /// Share of the step time in collectives (gathers, gradient all-reduce).
+    pub comm_share: f64,
 }
 
 /// `train_step` on random inputs: cached mode (features gathered from a
 /// feature table, as the stage gathers them) or, with a checkpoint,
 /// fine-tuning all of that CLIP on random images and tokens.
-pub(crate) fn bench_train(b: &TrainBench) -> Result<()> {
+pub(crate) fn bench_train(b: &mut TrainBench) -> Result<()> {
     let device = select_device(b.device).map_err(|m| Error::Usage {
         arg: "--device".into(),
         message: m,
@@ -67,11 +82,18 @@ pub(crate) fn bench_train(b: &TrainBench) -> Result<()> {
         lamda: 100.0,
         clip_grad_norm: 1.0,
         clip_before_unscale: true,
-        dropout: true,
         device,
         amp,
     };
-    let bs = b.batch as i64;
+    let (rank, world) = b.group.as_ref().map_or((0, 1), |g| (g.rank, g.world));
+    if b.batch % world != 0 {
+        return Err(Error::Usage {
+            arg: "--batch".into(),
+            message: format!("{} does not split over {world} ranks", b.batch),
+        });
+    }
+    // This rank's share of the global batch.
+    let bs = (b.batch / world) as i64;
     // Cached mode gathers rows of a feature table, as the stage does.
     let rows = 200_000i64;
     let table = Tensor::randn([rows, dim], (Kind::Float, device));
@@ -86,50 +108,79 @@ pub(crate) fn bench_train(b: &TrainBench) -> Result<()> {
         if amp { ", AMP" } else { "" }
     );
     let mut times = Vec::new();
+    let mut comm = Duration::ZERO;
     for s in 0..b.steps.max(2) {
         let idx = Tensor::randint(rows, [3 * bs], (Kind::Int64, device));
         let t0 = Instant::now();
-        let m = train_step(&cfg, &mut opt, &comb, 1e-6, || match &clip {
-            None => {
-                let f = table.index_select(0, &idx);
-                let p = f.chunk(3, 0);
-                Ok((
-                    p[0].shallow_clone(),
-                    p[1].shallow_clone(),
-                    p[2].shallow_clone(),
-                ))
-            }
-            Some(c) => {
-                let n = c.config.image_resolution;
-                let x = Tensor::randn([3 * bs, 3, n, n], (Kind::Float, device));
-                let tok =
-                    Tensor::randint(49405, [bs, c.config.context_length], (Kind::Int64, device))
-                        + 1;
-                let _ = tok.narrow(1, 10, 1).fill_(49407);
-                let f = c.encode_image(&x)?;
-                let p = f.chunk(3, 0);
-                Ok((
-                    p[0].shallow_clone(),
-                    p[1].shallow_clone(),
-                    c.encode_text(&tok)?,
-                ))
-            }
-        })?;
+        // Per-sample dropout masks, as the stage draws them.
+        let keys: Vec<[u64; 3]> = (0..bs as u64).map(|i| [s as u64, rank as u64, i]).collect();
+        let masks = comb.sample_masks(&keys, device)?;
+        let m = train_step(
+            &cfg,
+            &mut opt,
+            &comb,
+            1e-6,
+            Dropout::Masks(&masks),
+            b.group.as_mut(),
+            || match &clip {
+                None => {
+                    let f = table.index_select(0, &idx);
+                    let p = f.chunk(3, 0);
+                    Ok((
+                        p[0].shallow_clone(),
+                        p[1].shallow_clone(),
+                        p[2].shallow_clone(),
+                    ))
+                }
+                Some(c) => {
+                    let n = c.config.image_resolution;
+                    let x = Tensor::randn([3 * bs, 3, n, n], (Kind::Float, device));
+                    let tok = Tensor::randint(
+                        49405,
+                        [bs, c.config.context_length],
+                        (Kind::Int64, device),
+                    ) + 1;
+                    let _ = tok.narrow(1, 10, 1).fill_(49407);
+                    let f = c.encode_image(&x)?;
+                    let p = f.chunk(3, 0);
+                    Ok((
+                        p[0].shallow_clone(),
+                        p[1].shallow_clone(),
+                        c.encode_text(&tok)?,
+                    ))
+                }
+            },
+        )?;
         if device.is_cuda() {
             tch::Cuda::synchronize(0);
         }
         let dt = t0.elapsed().as_secs_f64();
-        println!("step {s}: {dt:.3} s, loss {:.4}", m[0].1);
+        if rank == 0 {
+            println!("step {s}: {dt:.3} s, loss {:.4}", m.metrics[0].1);
+        }
+        if s > 0 {
+            comm += m.comm;
+        }
         times.push(dt);
     }
     let steady: f64 = times[1..].iter().sum::<f64>() / (times.len() - 1) as f64;
     let per_epoch = b.samples.div_ceil(b.batch as u64) as f64 * steady;
+    let result = TrainBenchResult {
+        world,
+        seconds_per_step: steady,
+        samples_per_s: b.batch as f64 / steady,
+        comm_share: comm.as_secs_f64() / times[1..].iter().sum::<f64>().max(1e-12),
+    };
+    if rank > 0 {
+        return Ok(());
+    }
     println!(
-        "{:.3} s/step after the first ({:.3} s): {:.2} steps/s, {:.0} samples/s",
+        "{:.3} s/step after the first ({:.3} s): {:.2} steps/s, {:.0} samples/s on {world} rank(s), collectives {:.1}% of the step",
         steady,
         times[0],
         1.0 / steady,
-        bs as f64 / steady
+        result.samples_per_s,
+        100.0 * result.comm_share
     );
     println!(
         "extrapolated: one epoch of {} samples {:.1} h; 6 epochs {:.1} h",
@@ -143,6 +194,10 @@ pub(crate) fn bench_train(b: &TrainBench) -> Result<()> {
     if device.is_cuda() {
         println!("(GPU memory: see nvidia-smi; libtorch's allocator stats are not exposed by tch)");
     }
+    println!(
+        "RESULT {}",
+        serde_json::to_string(&result).map_err(|e| Error::Internal(e.to_string()))?
+    );
     Ok(())
 }
 

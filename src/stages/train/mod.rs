@@ -29,22 +29,25 @@ mod step;
 use checkpoint::Progress;
 pub use params::{Finetune, TrainParams};
 use select::{Selection, SelectionFeatures};
-pub use step::{train_step, Optimizer, StepConfig};
+pub use step::{train_step, Optimizer, StepConfig, StepOut};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::error::{Error, Result};
+use crate::framework::ranks::Ranks;
 use crate::framework::stage::{
     resolve_path, ChunkTables, Chunks, Finding, InputTable, Stage, StageContext, TableDef,
 };
 use crate::model::arch::{arch_spec, ArchSpec, ASSUMED_NOTE};
 use crate::model::clip::{Clip, Vision};
-use crate::model::combiner::{l2_normalize, Combiner, HIDDEN_DIM, PROJECTION_DIM};
+use crate::model::combiner::{l2_normalize, Combiner, Dropout, HIDDEN_DIM, PROJECTION_DIM};
+use crate::model::dist::ProcessGroup;
 use crate::model::optim::{cosine_lrs, AdamW, GradScaler};
 use crate::model::preprocess::Preprocess;
 use crate::model::preprocess::{load_rgb, to_tensor, ImageKey, Raster};
@@ -69,7 +72,15 @@ enum Source {
     },
 }
 
+/// This process's place in a data-parallel run.
+struct Place {
+    group: Arc<Mutex<ProcessGroup>>,
+    rank: usize,
+    world: usize,
+}
+
 pub(crate) struct Trainer {
+    place: Option<Place>,
     device: Device,
     amp: bool,
     clip: Option<Clip>,
@@ -95,6 +106,8 @@ struct Timing {
     steps: u64,
     samples: u64,
     train: Duration,
+    /// Of `train`: in collectives.
+    comm: Duration,
     /// Counted while features are read through `&self` (the optimiser
     /// holds the rest): images augmented and nanoseconds spent on them.
     images: AtomicU64,
@@ -107,7 +120,10 @@ impl Stage for Train {
     const KIND: &'static str = "train";
     /// 2: the selected weights are listed in the last epoch's part (no extra
     /// empty chunk), so a run of version 1 reruns instead of resuming.
-    const VERSION: &'static str = "2";
+    /// 3: dropout masks drawn per sample (the same on any number of ranks).
+    const VERSION: &'static str = "3";
+    /// Data-parallel: each rank trains on its share of every global batch.
+    const DISTRIBUTED: bool = true;
     const ABOUT: &'static str = "triplets (+ captions or embeddings, + templates) -> a trained Combiner (and CLIP): train_metrics, weights";
     type Params = TrainParams;
     /// One epoch per chunk, in sequence, on the trainer's own state.
@@ -201,6 +217,28 @@ impl Stage for Train {
             ));
         }
         out
+    }
+
+    fn validate_world(p: &TrainParams, world: usize) -> Vec<Finding> {
+        match p.batch_size % world {
+            0 => Vec::new(),
+            _ => vec![Finding::error(
+                "batch_size",
+                format!(
+                    "{} is the global batch, split evenly over the ranks, so it must be a multiple of the world size {world} (the original's batch_size_per_gpu x GPUs)",
+                    p.batch_size
+                ),
+            )],
+        }
+    }
+
+    /// Trains the epochs rank 0 trains, from the same checkpoint.
+    fn follow(p: &TrainParams, ctx: &StageContext) -> Result<()> {
+        let mut t = Trainer::new(p, ctx)?;
+        while t.progress.epoch < p.epochs {
+            t.train_epoch(p, ctx)?;
+        }
+        Ok(())
     }
 
     fn validate_inputs(p: &TrainParams, tables: &[String]) -> Vec<Finding> {
@@ -302,8 +340,16 @@ impl Stage for Train {
         let tm = &t.timing;
         if tm.steps > 0 {
             let secs = tm.train.as_secs_f64().max(1e-9);
+            let ranks = match &t.place {
+                Some(pl) => format!(
+                    " x {} ranks; collectives {:.1}% of the step time",
+                    pl.world,
+                    100.0 * tm.comm.as_secs_f64() / secs
+                ),
+                None => String::new(),
+            };
             ctx.note(format!(
-                "{} steps, {} samples in {secs:.2} s: {:.2} steps/s, {:.1} samples/s on {:?}",
+                "{} steps, {} samples in {secs:.2} s: {:.2} steps/s, {:.1} samples/s on {:?}{ranks}",
                 tm.steps,
                 tm.samples,
                 tm.steps as f64 / secs,
@@ -375,7 +421,26 @@ fn seed_of(parts: &[u64]) -> i64 {
 
 impl Trainer {
     fn new(p: &TrainParams, ctx: &StageContext) -> Result<Trainer> {
-        let device = select_device(&p.device).map_err(Error::Data)?;
+        let place = match ctx.ranks.filter(|r| r.world() > 1) {
+            Some(r) => Some(Place {
+                group: r
+                    .group()
+                    .downcast_ref::<Arc<Mutex<ProcessGroup>>>()
+                    .ok_or_else(|| Error::Internal("the ranks hold no process group".into()))?
+                    .clone(),
+                rank: r.rank(),
+                world: r.world(),
+            }),
+            None => None,
+        };
+        if let Some(f) = Train::validate_world(p, place.as_ref().map_or(1, |pl| pl.world)).first() {
+            return Err(Error::Data(format!("{}: {}", f.field, f.message)));
+        }
+        let mut device = select_device(&p.device).map_err(Error::Data)?;
+        // One GPU per rank: the rank's place on its machine.
+        if let (Device::Cuda(_), Some(r)) = (device, ctx.ranks) {
+            device = Device::Cuda(r.local_rank());
+        }
         let amp = p.mixed_precision && device.is_cuda();
         let data = crate::tables::triplets::read_triplets(ctx.input("triplets")?)?;
         let (train_idx, val_idx) =
@@ -488,6 +553,7 @@ impl Trainer {
             GradScaler::new(amp),
         );
         let mut t = Trainer {
+            place,
             device,
             amp,
             clip,
@@ -518,9 +584,27 @@ impl Trainer {
         Ok(t)
     }
 
-    fn ensure_caches(&mut self, p: &TrainParams) -> Result<()> {
+    fn leader(&self) -> bool {
+        self.place.as_ref().is_none_or(|pl| pl.rank == 0)
+    }
+
+    /// The image caches. Rank 0 builds them; the other ranks open them when
+    /// it says they are complete (no timeout: a build may take hours).
+    fn ensure_caches(&mut self, p: &TrainParams, ranks: Option<&dyn Ranks>) -> Result<()> {
         let n_px = self.n_px;
         let dir = self.cache_dir.clone();
+        let leader = self.leader();
+        let key = format!("genecis/cache/{}", dir.display());
+        if let (
+            false,
+            Some(r),
+            Source::Images {
+                train_cache: None, ..
+            },
+        ) = (leader, ranks, &self.source)
+        {
+            r.wait(&key, None)?;
+        }
         if let Source::Images {
             paths,
             train_cache,
@@ -534,7 +618,7 @@ impl Trainer {
                     data::open_train_resized(&ps[i], n_px)
                 })?);
             }
-            if val_cache.is_none() && !self.val_idx.is_empty() {
+            if leader && val_cache.is_none() && !self.val_idx.is_empty() {
                 let ps = paths.clone();
                 *val_cache = Some(ImageCache::build(&dir, "val", ps.len(), &|i| {
                     data::open_eval(&ps[i], n_px)
@@ -546,7 +630,7 @@ impl Trainer {
             ..
         }) = &mut self.selection
         {
-            if cache.is_none() {
+            if leader && cache.is_none() {
                 let ks = keys.clone();
                 *cache = Some(ImageCache::build(&dir, "templates", ks.len(), &|i| {
                     let r = &ks[i];
@@ -561,6 +645,9 @@ impl Trainer {
                     Ok(Raster::from(img))
                 })?);
             }
+        }
+        if let (true, Some(r)) = (leader && self.place.is_some(), ranks) {
+            r.set(&key, "ready")?;
         }
         let _ = p;
         Ok(())
@@ -661,22 +748,26 @@ impl Trainer {
 
     /// One epoch: the remaining steps, validation, selection, checkpoint.
     fn train_epoch(&mut self, p: &TrainParams, ctx: &StageContext) -> Result<()> {
-        self.ensure_caches(p)?;
+        self.ensure_caches(p, ctx.ranks)?;
+        self.check_in_step()?;
         let epoch = self.progress.epoch;
         let lr = self.lrs[epoch];
-        let n = self.train_idx.len();
-        let steps = n.div_ceil(p.batch_size) as u64;
-        // DistributedSampler(shuffle=True) on one replica:
-        // randperm(n, generator seeded with seed + epoch).
-        tch::manual_seed((p.sampler_seed + epoch as u64) as i64);
-        let perm = Vec::<i64>::try_from(Tensor::randperm(n as i64, (Kind::Int64, Device::Cpu)))?;
+        let (rank, world) = self.place.as_ref().map_or((0, 1), |pl| (pl.rank, pl.world));
+        let mine = epoch_share(
+            self.train_idx.len(),
+            p.sampler_seed + epoch as u64,
+            rank,
+            world,
+        );
+        let per_rank = p.batch_size / world;
+        let steps = mine.len().div_ceil(per_rank) as u64;
         let mut meters = Meters(std::mem::take(&mut self.progress.meters));
         self.set_training(p.finetune != Finetune::None);
         for step in self.progress.step..steps {
-            let lo = step as usize * p.batch_size;
-            let idx: Vec<usize> = perm[lo..(lo + p.batch_size).min(n)]
+            let lo = step as usize * per_rank;
+            let idx: Vec<usize> = mine[lo..(lo + per_rank).min(mine.len())]
                 .iter()
-                .map(|&j| self.train_idx[j as usize])
+                .map(|&j| self.train_idx[j])
                 .collect();
             let global = epoch as u64 * steps + step + 1;
             let t0 = Instant::now();
@@ -688,9 +779,11 @@ impl Trainer {
                 e => e,
             })?;
             self.timing.train += t0.elapsed();
+            self.timing.comm += out.comm;
             self.timing.steps += 1;
-            self.timing.samples += idx.len() as u64;
-            let b = idx.len() as f64;
+            self.timing.samples += (idx.len() * world) as u64;
+            let out = out.metrics;
+            let b = (idx.len() * world) as f64;
             for (name, v) in &out {
                 meters.add(name, *v, b);
             }
@@ -707,7 +800,8 @@ impl Trainer {
                 }
             }
             self.progress.step = step + 1;
-            if p.checkpoint_every_steps > 0
+            if self.leader()
+                && p.checkpoint_every_steps > 0
                 && (step + 1) % p.checkpoint_every_steps == 0
                 && step + 1 < steps
             {
@@ -716,6 +810,12 @@ impl Trainer {
             }
         }
         let global = (epoch as u64 + 1) * steps;
+        if !self.leader() {
+            // Validation, selection and checkpoints are rank 0's.
+            self.progress.epoch = epoch + 1;
+            self.progress.step = 0;
+            return Ok(());
+        }
         for (m, v) in meters.averages() {
             self.progress
                 .metrics
@@ -772,22 +872,62 @@ impl Trainer {
         idx: &[usize],
         epoch: usize,
         lr: f64,
-    ) -> Result<Vec<(String, f64)>> {
+    ) -> Result<StepOut> {
         let cfg = StepConfig {
             lamda: p.lamda,
             clip_grad_norm: p.clip_grad_norm,
             clip_before_unscale: p.clip_before_unscale,
-            dropout: true,
             device: self.device,
             amp: self.amp,
         };
+        let keys: Vec<[u64; 3]> = idx
+            .iter()
+            .map(|&i| [p.seed, epoch as u64, i as u64])
+            .collect();
+        let masks = self.combiner.sample_masks(&keys, self.device)?;
+        let group = self.place.as_ref().map(|pl| pl.group.clone());
+        let mut guard = match &group {
+            Some(g) => Some(
+                g.lock()
+                    .map_err(|_| Error::Internal("process group lock".into()))?,
+            ),
+            None => None,
+        };
         // The optimiser steps while the features read the rest of self.
         let mut opt = std::mem::replace(&mut self.opt, Optimizer::empty());
-        let out = train_step(&cfg, &mut opt, &self.combiner, lr, || {
-            self.features(p, idx, true, epoch)
-        });
+        let out = train_step(
+            &cfg,
+            &mut opt,
+            &self.combiner,
+            lr,
+            Dropout::Masks(&masks),
+            guard.as_deref_mut(),
+            || self.features(p, idx, true, epoch),
+        );
         self.opt = opt;
         out
+    }
+
+    /// Every rank resumed from the same point (rank 0's `last/`): a rank
+    /// that read another checkpoint would train different batches.
+    fn check_in_step(&mut self) -> Result<()> {
+        let Some(pl) = &self.place else {
+            return Ok(());
+        };
+        let here = [self.progress.epoch as i64, self.progress.step as i64];
+        let mut t = Tensor::from_slice(&here);
+        pl.group
+            .lock()
+            .map_err(|_| Error::Internal("process group lock".into()))?
+            .broadcast(&mut t, 0)?;
+        let root = Vec::<i64>::try_from(&t)?;
+        if root != here {
+            return Err(Error::Data(format!(
+                "rank {} resumed at epoch {}, step {} but rank 0 at epoch {}, step {}: the ranks must share the workdir (rerun all ranks together)",
+                pl.rank, here[0], here[1], root[0], root[1]
+            )));
+        }
+        Ok(())
     }
 
     /// `val_one_epoch`: loss, accuracy and in-batch R@1/5/10 over the held
@@ -804,7 +944,7 @@ impl Trainer {
             let m = tch::no_grad(|| {
                 with_precision(device, amp, || -> Result<Vec<(String, f64)>> {
                     let (r, t, c) = self.features(p, batch, false, 0)?;
-                    let combined = l2_normalize(&self.combiner.forward_t(&r, &c, false)?);
+                    let combined = l2_normalize(&self.combiner.forward_t(&r, &c, Dropout::Off)?);
                     let logits =
                         (combined.matmul(&l2_normalize(&t).tr()) * p.lamda).to_kind(Kind::Float);
                     let labels = Tensor::arange(b, (Kind::Int64, logits.device()));
@@ -835,6 +975,25 @@ impl Trainer {
         }
         Ok(meters.averages())
     }
+}
+
+/// This rank's positions in the epoch's shuffle, as PyTorch's
+/// `DistributedSampler(shuffle=True)` gives them: `randperm(n)` from a
+/// generator seeded with `seed` (the sampler's seed + epoch), padded with
+/// its own start to a multiple of `world`, then every `world`-th from
+/// `rank`. Rank r's batch s is then its share of the one-rank batch s.
+fn epoch_share(n: usize, seed: u64, rank: usize, world: usize) -> Vec<usize> {
+    tch::manual_seed(seed as i64);
+    let perm = Vec::<i64>::try_from(Tensor::randperm(n as i64, (Kind::Int64, Device::Cpu)))
+        .unwrap_or_default();
+    let total = n.div_ceil(world) * world;
+    perm.iter()
+        .cycle()
+        .take(if n == 0 { 0 } else { total })
+        .skip(rank)
+        .step_by(world)
+        .map(|&j| j as usize)
+        .collect()
 }
 
 fn to_device(sd: &StateDict, device: Device) -> StateDict {

@@ -1,11 +1,14 @@
 //! One optimisation step of the original's `train_one_epoch` body: the
 //! contrastive loss, backward, clipping, the scaler, AdamW.
 
+use std::time::{Duration, Instant};
+
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::clip::Clip;
-use crate::model::combiner::{l2_normalize, Combiner};
+use crate::model::combiner::{l2_normalize, Combiner, Dropout};
+use crate::model::dist::ProcessGroup;
 use crate::model::optim::{clip_grad_norm, AdamW, GradScaler};
 use crate::model::with_precision;
 
@@ -72,31 +75,62 @@ pub struct StepConfig {
     pub lamda: f64,
     pub clip_grad_norm: f64,
     pub clip_before_unscale: bool,
-    /// The Combiner's dropout (training); off for parity checks.
-    pub dropout: bool,
     pub device: Device,
     pub amp: bool,
 }
 
+/// What one step reports.
+pub struct StepOut {
+    /// The batch's meters (loss, accuracy, combiner-feature distances), of
+    /// the global batch.
+    pub metrics: Vec<(String, f64)>,
+    /// Time spent in collectives (gathers and the gradient all-reduce).
+    pub comm: Duration,
+}
+
 /// The original's `train_one_epoch` body for one batch: `features` gives
 /// (reference, target, condition) features (CLIP runs inside it), then the
-/// contrastive loss, backward, clipping, loss scaling and AdamW. Returns
-/// the batch's meters (loss, accuracy, combiner-feature distances).
+/// contrastive loss, backward, clipping, loss scaling and AdamW.
+///
+/// With a process group, this rank's features are this rank's share of
+/// the global batch: the combined, target, reference and condition
+/// features are gathered (the first two with this rank's rows on the
+/// graph, as `all_gather_batch_with_grad` does), every rank computes the
+/// global loss, and the gradients are summed over the ranks, which gives
+/// one process's gradient of the global batch; every rank then takes the
+/// same AdamW step.
 pub fn train_step(
     cfg: &StepConfig,
     opt: &mut Optimizer,
     combiner: &Combiner,
     lr: f64,
+    dropout: Dropout,
+    mut group: Option<&mut ProcessGroup>,
     features: impl FnOnce() -> Result<(Tensor, Tensor, Tensor)>,
-) -> Result<Vec<(String, f64)>> {
+) -> Result<StepOut> {
+    let mut comm = Duration::ZERO;
     let (loss, metrics) = with_precision(
         cfg.device,
         cfg.amp,
         || -> Result<(Tensor, Vec<(String, f64)>)> {
             let (r, t, c) = features()?;
-            let b = r.size()[0];
-            let combined = l2_normalize(&combiner.forward_t(&r, &c, cfg.dropout)?);
+            let combined = l2_normalize(&combiner.forward_t(&r, &c, dropout)?);
             let target = l2_normalize(&t);
+            let (combined, target, r, c) = match group.as_deref_mut() {
+                None => (combined, target, r, c),
+                Some(g) => {
+                    let t0 = Instant::now();
+                    let out = (
+                        g.all_gather_with_grad(&combined)?,
+                        g.all_gather_with_grad(&target)?,
+                        g.all_gather_cat(&r.detach().contiguous())?,
+                        g.all_gather_cat(&c.detach().contiguous())?,
+                    );
+                    comm += t0.elapsed();
+                    out
+                }
+            };
+            let b = combined.size()[0];
             let logits = combined.matmul(&target.tr()) * cfg.lamda;
             let labels = Tensor::arange(b, (Kind::Int64, logits.device()));
             let loss =
@@ -134,6 +168,11 @@ pub fn train_step(
         .into_iter()
         .map(|g| g.defined().then_some(g))
         .collect();
+    if let Some(g) = group {
+        let t0 = Instant::now();
+        sum_over_ranks(g, &mut grads)?;
+        comm += t0.elapsed();
+    }
     let nc = opt.n_combiner;
     let clip = |g: &mut [Option<Tensor>]| -> Result<()> {
         if cfg.clip_grad_norm > 0.0 {
@@ -153,7 +192,26 @@ pub fn train_step(
         opt.adamw.step(lr, &opt.params, &grads)?;
     }
     opt.scaler.update(found_inf);
-    Ok(metrics)
+    Ok(StepOut { metrics, comm })
+}
+
+/// Every defined gradient summed over the ranks, in one all-reduce of
+/// their concatenation (the same parameters have gradients on every rank:
+/// the graphs are the same).
+fn sum_over_ranks(g: &mut ProcessGroup, grads: &mut [Option<Tensor>]) -> Result<()> {
+    let flat: Vec<Tensor> = grads.iter().flatten().map(|t| t.reshape([-1])).collect();
+    if flat.is_empty() {
+        return Ok(());
+    }
+    let mut all = Tensor::cat(&flat, 0);
+    g.all_reduce_sum(&mut all)?;
+    let mut at = 0i64;
+    for t in grads.iter_mut().flatten() {
+        let n = t.numel() as i64;
+        t.copy_(&all.narrow(0, at, n).view_as(t));
+        at += n;
+    }
+    Ok(())
 }
 
 /// Share of rows whose largest logit is their label: the original's
