@@ -808,3 +808,99 @@ fn a_world_that_does_not_split_the_batch_is_refused() {
     );
     assert!(!tmp.path().join("run").exists(), "nothing written");
 }
+
+/// Fine-tuning on 2 ranks started as torchrun starts them (RANK,
+/// WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): rank 1 killed with
+/// SIGKILL mid-epoch stops rank 0 well within its collective timeout and
+/// nothing is committed; `--nproc 2` then resumes from the last checkpoint
+/// and ends bit-identical to an uninterrupted 2-rank run, with weights
+/// PyTorch loads.
+#[test]
+fn two_rank_fine_tuning_survives_kill_9_of_a_rank() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let ma = fine_tune_manifest(a.path(), "");
+    let mb = fine_tune_manifest(b.path(), "");
+    genecis(&["run", ma.to_str().unwrap(), "-q", "--nproc", "2"]).ok();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let rank = |r: &str| {
+        bin()
+            .args(["run", mb.to_str().unwrap(), "-q", "--dist-timeout", "60"])
+            .envs([
+                ("RANK", r),
+                ("WORLD_SIZE", "2"),
+                ("LOCAL_RANK", r),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", port.as_str()),
+                ("OMP_NUM_THREADS", "1"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (mut r0, mut r1) = (rank("0"), rank("1"));
+    let state = b.path().join("run/.work/train/last/state.json");
+    let t0 = Instant::now();
+    let mut killed_at = None;
+    while t0.elapsed() < Duration::from_secs(600) && killed_at.is_none() {
+        if let Ok(s) = std::fs::read_to_string(&state) {
+            let v: serde_json::Value = serde_json::from_str(&s).unwrap_or_default();
+            if v["epoch"] == 0 && v["step"].as_u64().unwrap_or(0) >= 3 {
+                r1.kill().unwrap();
+                killed_at = Some((v["step"].as_u64().unwrap(), Instant::now()));
+            }
+        }
+        if r0.try_wait().unwrap().is_some() || r1.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = r1.wait();
+    let (step, at) = killed_at.expect("rank 1 was killed mid-epoch");
+    let out = r0.wait_with_output().unwrap();
+    let stopped = at.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("rank 1 killed at step {step}; rank 0 stopped after {stopped:?}: {err}");
+    assert!(!out.status.success(), "rank 0 fails when rank 1 dies");
+    assert!(stopped < Duration::from_secs(60), "took {stopped:?}");
+    assert!(err.contains("stage 'train'"), "{err}");
+    assert!(
+        !b.path().join("run/train/_stage.json").exists(),
+        "nothing committed"
+    );
+    genecis(&["run", mb.to_str().unwrap(), "-q", "--nproc", "2"]).ok();
+    let record = std::fs::read_to_string(b.path().join("run/train/_stage.json")).unwrap();
+    assert!(
+        record.contains("resumed from") && record.contains("x 2 ranks"),
+        "{record}"
+    );
+    for f in [
+        "combiner_head.pt",
+        "backbone.pt",
+        "last/optimizer.pt",
+        "last/backbone.pt",
+    ] {
+        assert!(
+            bytes(&a.path().join("run/train").join(f))
+                == bytes(&b.path().join("run/train").join(f)),
+            "{f} differs after resume (rank 1 killed at step {step})"
+        );
+    }
+    let q = "SELECT epoch, step, split, metric, value FROM train_metrics ORDER BY epoch, step, split, metric";
+    assert_eq!(
+        sql_csv(&a.path().join("run"), q),
+        sql_csv(&b.path().join("run"), q)
+    );
+    let out = python(&format!(
+        "import sys, torch; sys.path.insert(0, 'scripts'); from fixture_models import load_clip_module\n\
+         m = load_clip_module('model').build_model(torch.load('{}', weights_only=True)); print('built', m.visual.output_dim)",
+        a.path().join("run/train/backbone.pt").display()
+    ));
+    assert!(out.contains("built 32"), "{out}");
+}

@@ -86,7 +86,7 @@ pub(crate) fn bench_train(b: &mut TrainBench) -> Result<()> {
         amp,
     };
     let (rank, world) = b.group.as_ref().map_or((0, 1), |g| (g.rank, g.world));
-    if b.batch % world != 0 {
+    if !b.batch.is_multiple_of(world) {
         return Err(Error::Usage {
             arg: "--batch".into(),
             message: format!("{} does not split over {world} ranks", b.batch),
