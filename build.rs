@@ -37,12 +37,42 @@ fn main() {
             panic!("gloo's headers (/usr/include/gloo) are missing: run `make setup` (scripts/setup.sh installs Debian's libgloo-dev)");
         }
         let inc = std::path::Path::new(&p).join("include");
-        cc::Build::new()
-            .cpp(true)
+        let mut cpp = cc::Build::new();
+        cpp.cpp(true)
             .file("src/model/c10d.cpp")
             .include(&inc)
-            .include(inc.join("torch/csrc/api/include"))
-            .define("USE_C10D_GLOO", None)
+            .include(inc.join("torch/csrc/api/include"));
+        // NCCL for CUDA tensors where the CUDA libtorch and the wheels'
+        // nccl.h and CUDA headers are there (torch's own pip dependencies).
+        println!("cargo::rustc-check-cfg=cfg(genecis_nccl)");
+        let nvidia = std::path::Path::new(&p).join("../nvidia");
+        let nccl_h = nvidia.join("nccl/include/nccl.h");
+        let cuda_inc: Vec<std::path::PathBuf> = std::fs::read_dir(&nvidia)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path().join("include")))
+                    .filter(|d| d.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let has_cuda_rt = cuda_inc
+            .iter()
+            .any(|d| d.join("cuda_runtime_api.h").exists());
+        if std::path::Path::new(&p)
+            .join("lib/libtorch_cuda.so")
+            .exists()
+            && nccl_h.exists()
+            && has_cuda_rt
+            && std::env::var_os("GENECIS_NO_NCCL").is_none()
+        {
+            for d in &cuda_inc {
+                cpp.include(d);
+            }
+            cpp.define("USE_C10D_NCCL", None)
+                .define("GENECIS_NCCL", None);
+            println!("cargo:rustc-cfg=genecis_nccl");
+        }
+        println!("cargo:rerun-if-env-changed=GENECIS_NO_NCCL");
+        cpp.define("USE_C10D_GLOO", None)
             .define("_GLIBCXX_USE_CXX11_ABI", "1")
             .flag("-std=c++17")
             .warnings(false)

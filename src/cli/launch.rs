@@ -211,8 +211,14 @@ pub fn run(plan: &Plan, mut req: RunRequest, launch: &Launch) -> Result<Option<V
         Launch::Rank(rp) => {
             runner::check_world(plan, &req, rp.world)?;
             println!(
-                "rank {} of {} ({}; local rank {}), rendezvous at {}:{}",
-                rp.rank, rp.world, rp.source, rp.local_rank, rp.addr, rp.port
+                "rank {} of {} ({}; local rank {}), rendezvous at {}:{}, {}",
+                rp.rank,
+                rp.world,
+                rp.source,
+                rp.local_rank,
+                rp.addr,
+                rp.port,
+                crate::model::dist::backends()
             );
             req.ranks = Some(RankHandle(Arc::new(GroupRanks::join(rp)?)));
             runner::run(plan, &req).map(Some)

@@ -23,6 +23,7 @@ extern "C" {
         errlen: c_int,
     ) -> *mut GcPg;
     fn gc_free(g: *mut GcPg);
+    fn gc_has_nccl() -> c_int;
     fn gc_all_reduce_sum(g: *mut GcPg, t: *mut c_void, err: *mut c_char, errlen: c_int) -> c_int;
     fn gc_all_gather_cat(
         g: *mut GcPg,
@@ -88,6 +89,18 @@ pub enum DistError {
         value: String,
         message: String,
     },
+}
+
+/// The backends this build runs collectives on: Gloo always; NCCL for
+/// CUDA tensors where built against the CUDA libtorch and a GPU is there.
+pub fn backends() -> &'static str {
+    // SAFETY: a constant query.
+    let nccl = unsafe { gc_has_nccl() } == 1;
+    match (nccl, tch::Cuda::is_available()) {
+        (true, true) => "gloo (CPU tensors) + nccl (CUDA tensors)",
+        (true, false) => "gloo (no GPU: nccl built, unused)",
+        (false, _) => "gloo (built without nccl)",
+    }
 }
 
 /// One rank's membership of a Gloo process group.

@@ -99,7 +99,7 @@ pub(crate) fn bench_train(b: &mut TrainBench) -> Result<()> {
     let table = Tensor::randn([rows, dim], (Kind::Float, device));
     let n_params: i64 = opt.params.iter().map(|(_, t)| t.numel() as i64).sum();
     println!(
-        "{} mode, batch {bs}, {n_params} trainable parameters, device {device:?}{}",
+        "{} mode, batch {bs} per rank x {world}, {n_params} trainable parameters, device {device:?}{}",
         if clip.is_some() {
             "fine-tune (image_plus_text_whole)"
         } else {
