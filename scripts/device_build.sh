@@ -27,6 +27,11 @@ if ! "$VENV/bin/python" -c 'import torch; assert torch.__version__.startswith("2
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --disable-pip-version-check -q "torch==2.11.0"
 fi
+# The CUDA crt/cccl headers of its toolkit, for the NCCL half of c10d.cpp.
+if ! "$VENV/bin/python" -c 'import importlib.util as u, sys; sys.exit(0 if u.find_spec("nvidia") else 1)' 2>/dev/null \
+  || [ ! -d "$("$VENV/bin/python" -c 'import os, nvidia; print(os.path.dirname(nvidia.__path__[0]))')/nvidia/cu13/include/crt" ]; then
+  "$VENV/bin/pip" install --disable-pip-version-check -q --no-deps "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*"
+fi
 TORCH=$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)
 
 # The sources, with tch 0.24.

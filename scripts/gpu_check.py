@@ -325,6 +325,23 @@ report["finetune_steps"] = {
     "bound": 0.1 if GPU else 0.02, "keys_missing": missing,
 }
 log("fine-tune steps:", {k: v for k, v in report["finetune_steps"].items() if not k.startswith("losses_")})
+# 5. Data-parallel collectives on the GPU: a world-size-1 group whose
+# CUDA tensors go through NCCL (src/model/c10d.cpp), then 2 Gloo ranks of
+# `bench train` on the CPU beside 1, for the record.
+if GPU:
+    import socket
+    with socket.socket() as s_:
+        s_.bind(("127.0.0.1", 0))
+        port = str(s_.getsockname()[1])
+    out, _ = run(["bench", "dist", "--rank", "0", "--world", "1", "--port", port, "--cuda"])
+    nccl = json.loads(out.strip().splitlines()[-1])
+    nccl["ok"] = nccl["all_reduce"] == [1.0] * 4 and nccl["all_gather"] == [0.0, 1.0] and "nccl (CUDA" in nccl["backends"]
+    report["nccl_world_1"] = nccl
+    log("nccl:", nccl)
+else:
+    report["nccl_world_1"] = "GPU only: did not run"
+save()
+
 report["not_covered"] = "text parity against PyTorch needs CLIP's tokenizer files, which the GPU machine cannot fetch"
 save()
 # Verdicts: the figures above, checked.
@@ -336,6 +353,8 @@ if GPU:
         fails.append("encode: GPU fp32 differs from the CPU by more than 1e-4")
     if max(enc["gpu_amp_vs_cpu"]["image_rel"], enc["gpu_amp_vs_cpu"]["text_rel"]) > enc["gpu_amp_vs_cpu"]["bound"]:
         fails.append("encode: AMP differs from the CPU beyond its bound")
+if GPU and not report["nccl_world_1"]["ok"]:
+    fails.append("nccl: the world-size-1 collectives on CUDA tensors gave other values")
 ft = report["finetune_steps"]
 if ft["weights_worst_share_of_a_full_update"] > ft["bound"] or ft["keys_missing"]:
     fails.append("fine-tune: weights off PyTorch's beyond the bound")

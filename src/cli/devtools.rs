@@ -266,6 +266,9 @@ pub struct RankArgs {
     /// Seconds to wait for the other ranks.
     #[arg(long, default_value_t = 30)]
     timeout: u64,
+    /// Collectives on CUDA tensors (`bench dist`: NCCL where built with it).
+    #[arg(long)]
+    cuda: bool,
 }
 
 /// `genecis bench ...` (build with --release first).
@@ -494,17 +497,24 @@ fn bench_dist(a: &RankArgs) -> Result<()> {
     use tch::Tensor;
     let (rank, world) = (a.rank, a.world);
     let mut pg = a.join()?;
+    let dev = match a.cuda {
+        true => tch::Device::Cuda(rank),
+        false => tch::Device::Cpu,
+    };
     let r = rank as f32;
-    let mut sum = Tensor::from_slice(&[r + 1.0; 4]);
+    let mut sum = Tensor::from_slice(&[r + 1.0; 4]).to_device(dev);
     pg.all_reduce_sum(&mut sum)?;
-    let gathered = pg.all_gather_cat(&Tensor::from_slice(&[10.0 * r, 10.0 * r + 1.0]))?;
-    let mut b = Tensor::from_slice(&[r + 100.0; 3]);
+    let gathered =
+        pg.all_gather_cat(&Tensor::from_slice(&[10.0 * r, 10.0 * r + 1.0]).to_device(dev))?;
+    let mut b = Tensor::from_slice(&[r + 100.0; 3]).to_device(dev);
     pg.broadcast(&mut b, 0)?;
     pg.barrier()?;
-    let v = |t: &Tensor| Vec::<f32>::try_from(t.view([-1])).unwrap_or_default();
+    let v = |t: &Tensor| {
+        Vec::<f32>::try_from(t.to_device(tch::Device::Cpu).view([-1])).unwrap_or_default()
+    };
     println!(
         "{}",
-        serde_json::json!({ "rank": rank, "world": world, "all_reduce": v(&sum), "all_gather": v(&gathered), "broadcast": v(&b) })
+        serde_json::json!({ "rank": rank, "world": world, "device": format!("{dev:?}"), "backends": crate::model::dist::backends(), "all_reduce": v(&sum), "all_gather": v(&gathered), "broadcast": v(&b) })
     );
     Ok(())
 }
