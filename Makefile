@@ -19,5 +19,7 @@ demo: setup
 	cargo run --release --quiet -- sql pipelines/demo.toml --file sql/examples/demo_results.sql
 	@echo "Report: pipelines/runs/demo/score/report.html (and report.md)"
 
+# With Ballista (`genecis sql --cluster`): every example query also runs on
+# its in-process standalone cluster.
 test: setup
-	cargo test
+	cargo test --features ballista

@@ -13,7 +13,7 @@ use crate::cli::launch::Launch;
 use crate::error::{Error, Result};
 use crate::framework::manifest::{Plan, SetOverride};
 use crate::framework::runner::RunRequest;
-use crate::framework::sql::OutputFormat;
+use crate::framework::sql::{Engine, OutputFormat};
 use crate::framework::stage::Shard;
 use crate::model::arch::ArchSpec;
 use crate::model::select_device;
@@ -232,6 +232,12 @@ pub struct SqlArgs {
     /// With a manifest: use this workdir instead of the manifest's.
     #[arg(long)]
     workdir: Option<PathBuf>,
+    /// Run the query on an Apache Ballista cluster: `df://HOST:PORT` (its
+    /// scheduler; the executors must see the workdir at the same path), or
+    /// `standalone` (a scheduler and executor in this process). Needs a
+    /// build with `--features ballista`.
+    #[arg(long, value_name = "df://HOST:PORT|standalone")]
+    cluster: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -253,6 +259,7 @@ pub enum Command {
         query: Option<String>,
         format: OutputFormat,
         out: Option<PathBuf>,
+        engine: Engine,
     },
     Kinds,
     Doctor,
@@ -393,11 +400,16 @@ impl Cmd {
                     FormatArg::Json => OutputFormat::Json,
                     FormatArg::Parquet => OutputFormat::Parquet,
                 };
+                let engine = match &a.cluster {
+                    Some(c) => Engine::parse(c)?,
+                    None => Engine::Local,
+                };
                 Command::Sql {
                     workdir,
                     query,
                     format,
                     out: a.out,
+                    engine,
                 }
             }
             Cmd::Kinds => Command::Kinds,

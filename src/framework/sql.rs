@@ -71,6 +71,42 @@ pub(crate) fn discover(workdir: &Path) -> Result<Vec<TableEntry>> {
     Ok(out)
 }
 
+/// Where queries run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Engine {
+    /// DataFusion in this process.
+    Local,
+    /// An Apache Ballista cluster's scheduler at `df://HOST:PORT`: the
+    /// tables are registered by absolute path, which its executors must
+    /// read (shared storage).
+    Cluster(String),
+    /// A Ballista scheduler and executor started in this process
+    /// (Ballista's standalone mode): the cluster path, tried locally.
+    Standalone,
+}
+
+impl Engine {
+    /// `--cluster`: `df://HOST:PORT`, or `standalone`.
+    pub fn parse(s: &str) -> Result<Engine> {
+        let bad = |m: &str| Error::Usage {
+            arg: format!("--cluster {s}"),
+            message: m.to_string(),
+        };
+        if s == "standalone" {
+            return Ok(Engine::Standalone);
+        }
+        let rest = s
+            .strip_prefix("df://")
+            .ok_or_else(|| bad("use df://HOST:PORT (a Ballista scheduler) or standalone"))?;
+        match rest.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Engine::Cluster(s.to_string()))
+            }
+            _ => Err(bad("use df://HOST:PORT, the scheduler's host and port")),
+        }
+    }
+}
+
 /// `genecis sql`: runs `query` over the run in `workdir` and writes the
 /// result, or opens the interactive prompt when there is no query.
 pub fn run_cli(
@@ -78,6 +114,7 @@ pub fn run_cli(
     query_text: Option<&str>,
     format: OutputFormat,
     out: Option<&Path>,
+    engine: &Engine,
 ) -> Result<()> {
     if format == OutputFormat::Parquet && out.is_none() {
         return Err(Error::Usage {
@@ -88,8 +125,17 @@ pub fn run_cli(
     let entries = discover(workdir)?;
     let rt = tokio::runtime::Runtime::new()
         .map_err(Error::io("cannot start the query runtime", workdir))?;
+    let on_cluster = |e: Error| {
+        match (engine, e) {
+        (Engine::Cluster(url), Error::Sql(e)) => Error::Data(format!(
+            "the Ballista cluster at {url} could not run the query: {e}. Is its scheduler up, and do its executors see {} at that path?",
+            std::path::absolute(workdir).unwrap_or_else(|_| workdir.to_path_buf()).display()
+        )),
+        (_, e) => e,
+    }
+    };
     rt.block_on(async {
-        let ctx = session(&entries).await?;
+        let ctx = session_on(engine, &entries).await?;
         match query_text {
             Some(q) => {
                 let df = read_only_sql(&ctx, &entries, q).await?;
@@ -104,12 +150,38 @@ pub fn run_cli(
             None => repl(&ctx, &entries, &workdir.join(".sql_history")).await,
         }
     })
+    .map_err(on_cluster)
 }
 
 /// A session with every table registered (information_schema on, so
-/// `SHOW TABLES` and `DESCRIBE t` work).
-pub(crate) async fn session(entries: &[TableEntry]) -> Result<SessionContext> {
-    let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
+/// `SHOW TABLES` and `DESCRIBE t` work). On a Ballista `engine` the
+/// scheduler plans and the executors read the part files.
+pub(crate) async fn session_on(engine: &Engine, entries: &[TableEntry]) -> Result<SessionContext> {
+    let ctx = match engine {
+        Engine::Local => {
+            SessionContext::new_with_config(SessionConfig::new().with_information_schema(true))
+        }
+        #[cfg(feature = "ballista")]
+        Engine::Cluster(url) => {
+            use ballista::prelude::SessionContextExt;
+            SessionContext::remote(url).await.map_err(|e| Error::Usage {
+                arg: format!("--cluster {url}"),
+                message: format!("cannot reach the Ballista scheduler: {e}"),
+            })?
+        }
+        #[cfg(feature = "ballista")]
+        Engine::Standalone => {
+            use ballista::prelude::SessionContextExt;
+            SessionContext::standalone().await?
+        }
+        #[cfg(not(feature = "ballista"))]
+        _ => {
+            return Err(Error::Usage {
+                arg: "--cluster".into(),
+                message: "this genecis was built without Ballista: build it with `cargo build --release --features ballista`".into(),
+            })
+        }
+    };
     let catalog = ctx
         .catalog("datafusion")
         .ok_or_else(|| Error::Internal("DataFusion has no default catalog".into()))?;
@@ -121,7 +193,9 @@ pub(crate) async fn session(entries: &[TableEntry]) -> Result<SessionContext> {
         if catalog.schema(&e.stage).is_none() {
             catalog.register_schema(&e.stage, Arc::new(MemorySchemaProvider::new()))?;
         }
-        let url = format!("{}/", e.dir.display());
+        // Absolute: a cluster's executors resolve it on their machines.
+        let dir = std::path::absolute(&e.dir).map_err(Error::io("cannot resolve", &e.dir))?;
+        let url = format!("{}/", dir.display());
         ctx.register_parquet(
             TableReference::partial(e.stage.as_str(), e.table.as_str()),
             &url,

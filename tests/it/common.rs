@@ -158,6 +158,59 @@ pub fn sql_csv(target: &Path, query: &str) -> Vec<String> {
     r.stdout.lines().map(str::to_string).collect()
 }
 
+/// An example query file (`sql/examples/`) run by `genecis sql --format
+/// csv`; its CSV. Built with the `ballista` feature, the same query also
+/// runs on Ballista's standalone cluster (scheduler and executor in the
+/// process) and must give the same rows: as a multiset (a cluster returns
+/// rows without ORDER BY, and ties, in its own order), numbers within
+/// float64 reordering (its 16 partitions sum in another order: n terms,
+/// relative error <= n * 2^-52 for n up to 2^20 rows is below 1e-9).
+pub fn example_sql(target: &Path, file: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("sql/examples")
+        .join(file);
+    let args = [
+        "sql",
+        target.to_str().unwrap(),
+        "--file",
+        path.to_str().unwrap(),
+        "--format",
+        "csv",
+    ];
+    let local = genecis(&args);
+    local.ok();
+    #[cfg(feature = "ballista")]
+    {
+        let cluster = genecis(&[&args[..], &["--cluster", "standalone"]].concat());
+        cluster.ok();
+        let rows = |s: &str| {
+            let mut v: Vec<String> = s.lines().map(str::to_string).collect();
+            v.sort();
+            v
+        };
+        let (a, b) = (rows(&local.stdout), rows(&cluster.stdout));
+        assert_eq!(
+            a.len(),
+            b.len(),
+            "{file}: local\n{}\nBallista\n{}",
+            local.stdout,
+            cluster.stdout
+        );
+        for (x, y) in a.iter().zip(&b) {
+            let same = x.split(',').zip(y.split(',')).all(|(p, q)| {
+                p == q
+                    || matches!((p.parse::<f64>(), q.parse::<f64>()), (Ok(u), Ok(v))
+                        if (u - v).abs() <= 1e-9 * u.abs().max(v.abs()))
+            });
+            assert!(
+                same && x.split(',').count() == y.split(',').count(),
+                "{file}: local row {x} vs Ballista {y}"
+            );
+        }
+    }
+    local.stdout
+}
+
 /// A table folder's part files (name, bytes), sorted, for byte comparisons.
 pub fn parts(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<_> = std::fs::read_dir(dir)

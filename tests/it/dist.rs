@@ -71,21 +71,26 @@ fn gloo_collectives_across_processes() {
     }
 }
 
-#[test]
-fn a_rank_alone_fails_within_its_timeout_naming_the_address() {
-    let port = free_port().to_string();
+/// Runs a rank whose peers never come (3 s timeout): it fails within the
+/// timeout and names the rendezvous address and the variables to check.
+fn fails_alone(mut rank: std::process::Command, port: &str) {
     let t0 = Instant::now();
-    let o = bin()
-        .args(["bench", "dist", "--rank", "0", "--world", "2"])
-        .args(["--port", &port, "--timeout", "3"])
-        .output()
-        .unwrap();
+    let o = rank.output().unwrap();
     let took = t0.elapsed();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
     assert!(err.contains("MASTER_ADDR"), "{err}");
     assert!(took < Duration::from_secs(30), "gave up after {took:?}");
+}
+
+#[test]
+fn a_rank_alone_fails_within_its_timeout_naming_the_address() {
+    let port = free_port().to_string();
+    let mut rank = bin();
+    rank.args(["bench", "dist", "--rank", "0", "--world", "2"])
+        .args(["--port", &port, "--timeout", "3"]);
+    fails_alone(rank, &port);
 }
 
 /// The data-parallel gradient: each rank's slice gathered with gradient,
@@ -106,4 +111,31 @@ fn gathered_gradients_summed_equal_one_process() {
             "rank {r}: off by {diff:e} of {scale:e} (bound {tol:e} of it)"
         );
     }
+}
+
+/// `genecis run` as rank 1 of 2 (torchrun's variables) with no rank 0:
+/// it fails within `--dist-timeout`, naming MASTER_ADDR:MASTER_PORT, and
+/// writes nothing.
+#[test]
+fn a_run_rank_without_its_peers_fails_within_the_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = crate::common::Manifest::new("lonely")
+        .stage(
+            "synth",
+            "synth",
+            &[],
+            "train_scenes = 50, heldout_scenes = 40, templates_per_task = 2",
+        )
+        .write(tmp.path());
+    let port = free_port().to_string();
+    let mut rank = bin();
+    rank.args(["run", m.to_str().unwrap(), "-q", "--dist-timeout", "3"])
+        .envs([
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", port.as_str()),
+        ]);
+    fails_alone(rank, &port);
+    assert!(!tmp.path().join("run").exists(), "nothing written");
 }

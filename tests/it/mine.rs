@@ -212,7 +212,6 @@ fn example_queries_over_triplets() {
         ),
     );
     genecis(&["run", m.to_str().unwrap()]).ok();
-    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/examples");
     for (file, min_rows) in [
         ("top_conditions.sql", 5),
         ("subjects_by_count.sql", 3),
@@ -220,16 +219,8 @@ fn example_queries_over_triplets() {
         ("triplets_with_relations.sql", 5),
         ("attempts_profile.sql", 2),
     ] {
-        let r = genecis(&[
-            "sql",
-            m.to_str().unwrap(),
-            "--file",
-            ex.join(file).to_str().unwrap(),
-            "--format",
-            "csv",
-        ]);
-        let lines = r.ok().stdout.lines().count();
-        assert!(lines > min_rows, "{file}: {}", r.stdout);
+        let out = crate::common::example_sql(&m, file);
+        assert!(out.lines().count() > min_rows, "{file}: {out}");
     }
     let top = sql_csv(
         &m,

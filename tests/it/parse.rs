@@ -158,10 +158,35 @@ fn parse_stage_writes_entities_and_relations() {
             "path = \"c.tsv\", chunk_rows = 2",
         )
         .stage("graphs", "parse", &["captions"], "")
+        // A reference parser that agrees on rows 0 and 2 and reads row 1
+        // its own way, for sql/examples/parse_vs_reference.sql.
+        .stage("reference", "import-parses", &[], "path = \"ref.jsonl\"")
         .write(dir.path());
+    let rel = |s: &str, r: &str, o: &str| {
+        format!("{{\"subject\": \"{s}\", \"relation\": \"{r}\", \"object\": \"{o}\"}}")
+    };
+    let line = |row: usize, rels: &[String]| {
+        format!(
+            "{{\"row\": {row}, \"caption\": \"c\", \"entities\": [], \"entity_details\": [], \"relations\": [{}]}}\n",
+            rels.join(", ")
+        )
+    };
+    write(
+        &dir.path().join("ref.jsonl"),
+        [
+            line(0, &[rel("dog", "sitting on", "bench")]),
+            line(1, &[rel("man", "on", "horse")]),
+            line(2, &[rel("cats", "sleeping on", "table")]),
+        ]
+        .concat(),
+    );
     let r = genecis(&["run", m.to_str().unwrap()]);
     assert!(r.ok().stdout.contains("+ graphs (parse)"), "{}", r.stdout);
-    let rel = sql_csv(&m, "SELECT image_id, subject, relation, object, subject_idx, object_idx FROM relations ORDER BY image_id, relation_idx");
+    let cmp = crate::common::example_sql(&m, "parse_vs_reference.sql");
+    for want in ["on,0,1,1", "riding,0,1,0", "sitting on,1,0,0"] {
+        assert!(cmp.lines().any(|l| l == want), "{want} in {cmp}");
+    }
+    let rel = sql_csv(&m, "SELECT image_id, subject, relation, object, subject_idx, object_idx FROM graphs.relations ORDER BY image_id, relation_idx");
     assert_eq!(
         rel[1..],
         [
@@ -171,7 +196,7 @@ fn parse_stage_writes_entities_and_relations() {
             "2,cats,sleeping on,table,0,1"
         ]
     );
-    let ent = sql_csv(&m, "SELECT head, lemma_head, array_to_string(modifiers, '|'), kind FROM entities WHERE image_id = 2 ORDER BY entity_idx");
+    let ent = sql_csv(&m, "SELECT head, lemma_head, array_to_string(modifiers, '|'), kind FROM graphs.entities WHERE image_id = 2 ORDER BY entity_idx");
     assert_eq!(
         ent[1..],
         ["cats,cat,two,unknown", "table,table,a|wooden,unknown"]

@@ -78,23 +78,16 @@ fn report_page_renders_and_filters_in_chromium() {
         "SELECT sum(n) FROM recall_by_condition WHERE method = 'combiner'",
     );
     assert_eq!(rbc[1], "10", "every template counted once per method");
-    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/examples");
     for file in [
         "recall_by_condition.sql",
         "target_rank_distribution.sql",
         "combiner_wins_losses.sql",
         "hardest_conditions.sql",
         "audit_counts.sql",
+        "demo_results.sql",
     ] {
-        let r = genecis(&[
-            "sql",
-            m.to_str().unwrap(),
-            "--file",
-            ex.join(file).to_str().unwrap(),
-            "--format",
-            "csv",
-        ]);
-        assert!(r.ok().stdout.lines().count() >= 2, "{file}: {}", r.stdout);
+        let out = crate::common::example_sql(&m, file);
+        assert!(out.lines().count() >= 2, "{file}: {out}");
     }
     let Some(chrome) = chromium() else {
         return;

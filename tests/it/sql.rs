@@ -149,24 +149,10 @@ fn interactive_prompt_reads_statements_and_meta_commands() {
 #[test]
 fn example_queries_run() {
     let (_dir, m) = demo_run();
-    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/examples");
     // The ingest examples; the mining ones are exercised in mine.rs.
     for name in ["caption_lengths.sql", "reject_reasons.sql"] {
-        let p = examples.join(name);
-        let r = genecis(&[
-            "sql",
-            m.to_str().unwrap(),
-            "--file",
-            p.to_str().unwrap(),
-            "--format",
-            "csv",
-        ]);
-        assert!(
-            r.ok().stdout.lines().count() >= 1,
-            "{}: {}",
-            p.display(),
-            r.stdout
-        );
+        let out = crate::common::example_sql(&m, name);
+        assert!(out.lines().count() >= 1, "{name}: {out}");
     }
 }
 

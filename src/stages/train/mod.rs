@@ -439,6 +439,13 @@ impl Trainer {
         let mut device = select_device(&p.device).map_err(Error::Data)?;
         // One GPU per rank: the rank's place on its machine.
         if let (Device::Cuda(_), Some(r)) = (device, ctx.ranks) {
+            let gpus = tch::Cuda::device_count().max(0) as usize;
+            if r.local_rank() >= gpus {
+                return Err(Error::Data(format!(
+                    "local rank {} has no GPU of its own: this machine shows {gpus}; start at most {gpus} ranks per machine (--nproc, --nproc-per-node, --ntasks-per-node)",
+                    r.local_rank()
+                )));
+            }
             device = Device::Cuda(r.local_rank());
         }
         let amp = p.mixed_precision && device.is_cuda();
@@ -758,7 +765,7 @@ impl Trainer {
             p.sampler_seed + epoch as u64,
             rank,
             world,
-        );
+        )?;
         let per_rank = p.batch_size / world;
         let steps = mine.len().div_ceil(per_rank) as u64;
         let mut meters = Meters(std::mem::take(&mut self.progress.meters));
@@ -982,18 +989,18 @@ impl Trainer {
 /// generator seeded with `seed` (the sampler's seed + epoch), padded with
 /// its own start to a multiple of `world`, then every `world`-th from
 /// `rank`. Rank r's batch s is then its share of the one-rank batch s.
-fn epoch_share(n: usize, seed: u64, rank: usize, world: usize) -> Vec<usize> {
+fn epoch_share(n: usize, seed: u64, rank: usize, world: usize) -> Result<Vec<usize>> {
     tch::manual_seed(seed as i64);
-    let perm = Vec::<i64>::try_from(Tensor::randperm(n as i64, (Kind::Int64, Device::Cpu)))
-        .unwrap_or_default();
+    let perm = Vec::<i64>::try_from(Tensor::randperm(n as i64, (Kind::Int64, Device::Cpu)))?;
     let total = n.div_ceil(world) * world;
-    perm.iter()
+    Ok(perm
+        .iter()
         .cycle()
-        .take(if n == 0 { 0 } else { total })
+        .take(total)
         .skip(rank)
         .step_by(world)
         .map(|&j| j as usize)
-        .collect()
+        .collect())
 }
 
 fn to_device(sd: &StateDict, device: Device) -> StateDict {
@@ -1004,5 +1011,42 @@ fn to_device(sd: &StateDict, device: Device) -> StateDict {
             .iter()
             .map(|(k, t)| (k.clone(), t.to_device(device)))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::epoch_share;
+
+    /// Step s of W ranks (each taking batch / W of its share) covers the
+    /// one-rank batch s; the shares pad to equal length as
+    /// DistributedSampler pads (with the shuffle's own start).
+    #[test]
+    fn rank_shares_make_up_the_one_rank_batches() {
+        let (n, batch) = (22usize, 8usize);
+        let one = epoch_share(n, 5, 0, 1).unwrap();
+        let mut sorted = one.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..n).collect::<Vec<_>>());
+        let world = 2;
+        let shares: Vec<Vec<usize>> = (0..world)
+            .map(|r| epoch_share(n, 5, r, world).unwrap())
+            .collect();
+        for s in 0..n.div_ceil(batch) {
+            let mut want = one[s * batch..((s + 1) * batch).min(n)].to_vec();
+            let per = batch / world;
+            let mut got: Vec<usize> = shares
+                .iter()
+                .flat_map(|sh| sh[s * per..((s + 1) * per).min(sh.len())].to_vec())
+                .collect();
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "step {s}");
+        }
+        // 22 over 3 ranks: 24 slots, the first two of the shuffle again.
+        let three: Vec<Vec<usize>> = (0..3).map(|r| epoch_share(n, 5, r, 3).unwrap()).collect();
+        assert!(three.iter().all(|s| s.len() == 8));
+        assert_eq!(three[1][7], one[0]);
+        assert_eq!(three[2][7], one[1]);
     }
 }
