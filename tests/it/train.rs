@@ -823,6 +823,26 @@ fn two_rank_fine_tuning_survives_kill_9_of_a_rank() {
     let ma = fine_tune_manifest(a.path(), "");
     let mb = fine_tune_manifest(b.path(), "");
     genecis(&["run", ma.to_str().unwrap(), "-q", "--nproc", "2"]).ok();
+    // One rank fine-tunes the same weights, within rounding (the bound of
+    // two_ranks_train_what_one_rank_trains: lr, here 1e-4): crops are drawn
+    // per sample, a ViT has no batch statistics.
+    let one = a.path().join("one");
+    genecis(&[
+        "run",
+        ma.to_str().unwrap(),
+        "-q",
+        "--workdir",
+        one.to_str().unwrap(),
+    ])
+    .ok();
+    for f in ["combiner_head.pt", "backbone.pt"] {
+        let (gap, n) = state_dict_gap(
+            &one.join("train").join(f),
+            &a.path().join("run/train").join(f),
+        );
+        println!("fine-tuning, 1 vs 2 ranks, {f}: {n} tensors, max |diff| {gap:e} (bound 1e-4)");
+        assert!(gap <= 1e-4, "{f}: {gap:e}");
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
