@@ -452,7 +452,7 @@ fn bench_train_ranks(nproc: usize) -> Result<()> {
     args.retain(|a| !a.to_string_lossy().starts_with("--nproc="));
     let mut results = Vec::new();
     for world in [1, nproc] {
-        let outs = crate::cli::launch::spawn_ranks(world, |_, cmd| {
+        let outs = crate::cli::launch::spawn_ranks(world, |cmd| {
             cmd.args(&args).stdout(std::process::Stdio::piped());
         })?;
         print!("--- {world} rank(s) ---\n{}", outs[0]);

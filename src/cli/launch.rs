@@ -227,9 +227,8 @@ pub fn run(plan: &Plan, mut req: RunRequest, launch: &Launch) -> Result<Option<V
             // A plan that does not fit the world fails before any rank starts.
             runner::check_world(plan, &req, *nproc)?;
             let args = without_nproc(std::env::args_os().skip(1).collect());
-            spawn_ranks(*nproc, |rank, cmd| {
+            spawn_ranks(*nproc, |cmd| {
                 cmd.args(&args);
-                let _ = rank;
             })?;
             Ok(None)
         }
@@ -267,7 +266,7 @@ pub(crate) fn free_port() -> Result<u16> {
 /// variables set; `OMP_NUM_THREADS` split over them unless set), and waits
 /// for all. When one fails, the others are stopped (SIGTERM, then SIGKILL
 /// after 10 s), as torchrun stops its workers.
-pub(crate) fn spawn_ranks(nproc: usize, args: impl Fn(usize, &mut Command)) -> Result<Vec<String>> {
+pub(crate) fn spawn_ranks(nproc: usize, args: impl Fn(&mut Command)) -> Result<Vec<String>> {
     let exe = std::env::current_exe().map_err(|e| Error::Internal(format!("own path: {e}")))?;
     let port = free_port()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -275,7 +274,7 @@ pub(crate) fn spawn_ranks(nproc: usize, args: impl Fn(usize, &mut Command)) -> R
     let mut children: Vec<Child> = Vec::with_capacity(nproc);
     for rank in 0..nproc {
         let mut cmd = Command::new(&exe);
-        args(rank, &mut cmd);
+        args(&mut cmd);
         cmd.env("RANK", rank.to_string())
             .env("WORLD_SIZE", nproc.to_string())
             .env("LOCAL_RANK", rank.to_string())

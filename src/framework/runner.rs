@@ -385,17 +385,8 @@ fn follow(plan: &Plan, req: &RunRequest, r: &dyn Ranks) -> Result<Vec<StageOutco
             Signal::Go => {
                 let started = Instant::now();
                 let inputs = s.input_dirs(&plan.workdir);
-                let ctx = StageContext {
-                    stage: &s.name,
-                    base_dir: &plan.base_dir,
-                    inputs: &inputs,
-                    input_files: &s.input_files,
-                    manifest: &plan.manifest_path,
-                    work_dir: store::work_dir(&plan.workdir, &s.name),
-                    committed_dir: store::stage_dir(&plan.workdir, &s.name),
-                    notes: Default::default(),
-                    ranks: Some(r),
-                };
+                let work = store::work_dir(&plan.workdir, &s.name);
+                let ctx = context(plan, s, &inputs, work, Some(r));
                 s.bound.follow(&ctx).map_err(|e| Error::StageFailed {
                     stage: s.name.clone(),
                     kind: s.kind.kind().into(),
@@ -422,6 +413,27 @@ fn follow(plan: &Plan, req: &RunRequest, r: &dyn Ranks) -> Result<Vec<StageOutco
     Ok(outcomes)
 }
 
+/// What stage `s` may use, working in `work_dir`.
+fn context<'a>(
+    plan: &'a Plan,
+    s: &'a PlannedStage,
+    inputs: &'a std::collections::BTreeMap<String, std::path::PathBuf>,
+    work_dir: std::path::PathBuf,
+    ranks: Option<&'a dyn Ranks>,
+) -> StageContext<'a> {
+    StageContext {
+        stage: &s.name,
+        base_dir: &plan.base_dir,
+        inputs,
+        input_files: &s.input_files,
+        manifest: &plan.manifest_path,
+        work_dir,
+        committed_dir: store::stage_dir(&plan.workdir, &s.name),
+        notes: Default::default(),
+        ranks,
+    }
+}
+
 fn run_stage(
     plan: &Plan,
     s: &PlannedStage,
@@ -432,17 +444,7 @@ fn run_stage(
     let started = Instant::now();
     let mut writer = StageWriter::open(&plan.workdir, &s.name, &s.fingerprint)?;
     let inputs = s.input_dirs(&plan.workdir);
-    let ctx = StageContext {
-        stage: &s.name,
-        base_dir: &plan.base_dir,
-        inputs: &inputs,
-        input_files: &s.input_files,
-        manifest: &plan.manifest_path,
-        work_dir: writer.dir().to_path_buf(),
-        committed_dir: store::stage_dir(&plan.workdir, &s.name),
-        notes: Default::default(),
-        ranks,
-    };
+    let ctx = context(plan, s, &inputs, writer.dir().to_path_buf(), ranks);
     let driven = s.bound.run(
         &ctx,
         Driver {

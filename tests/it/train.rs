@@ -467,6 +467,13 @@ fn fine_tuning_resumes_after_kill_9_bit_identically() {
         record.contains("resumed from") && record.contains("epoch 0, step"),
         "the rerun resumed mid-epoch: {record}"
     );
+    same_training(a.path(), b.path(), &format!("killed at step {killed_at:?}"));
+}
+
+/// Two fine-tuning runs (`<dir>/run`) ended bit-identically: weights,
+/// optimiser state and every metric; and the backbone loads into OpenAI's
+/// `build_model`, strictly.
+fn same_training(a: &Path, b: &Path, what: &str) {
     for f in [
         "combiner_head.pt",
         "backbone.pt",
@@ -474,21 +481,16 @@ fn fine_tuning_resumes_after_kill_9_bit_identically() {
         "last/backbone.pt",
     ] {
         assert!(
-            bytes(&a.path().join("run/train").join(f))
-                == bytes(&b.path().join("run/train").join(f)),
-            "{f} differs after resume (killed at step {killed_at:?})"
+            bytes(&a.join("run/train").join(f)) == bytes(&b.join("run/train").join(f)),
+            "{f} differs after resume ({what})"
         );
     }
     let q = "SELECT epoch, step, split, metric, value FROM train_metrics ORDER BY epoch, step, split, metric";
-    assert_eq!(
-        sql_csv(&a.path().join("run"), q),
-        sql_csv(&b.path().join("run"), q)
-    );
-    // The fine-tuned backbone loads into OpenAI's build_model, strictly.
+    assert_eq!(sql_csv(&a.join("run"), q), sql_csv(&b.join("run"), q));
     let out = python(&format!(
         "import sys, torch; sys.path.insert(0, 'scripts'); from fixture_models import load_clip_module\n\
          m = load_clip_module('model').build_model(torch.load('{}', weights_only=True)); print('built', m.visual.output_dim)",
-        a.path().join("run/train/backbone.pt").display()
+        a.join("run/train/backbone.pt").display()
     ));
     assert!(out.contains("built 32"), "{out}");
 }
@@ -901,27 +903,5 @@ fn two_rank_fine_tuning_survives_kill_9_of_a_rank() {
         record.contains("resumed from") && record.contains("x 2 ranks"),
         "{record}"
     );
-    for f in [
-        "combiner_head.pt",
-        "backbone.pt",
-        "last/optimizer.pt",
-        "last/backbone.pt",
-    ] {
-        assert!(
-            bytes(&a.path().join("run/train").join(f))
-                == bytes(&b.path().join("run/train").join(f)),
-            "{f} differs after resume (rank 1 killed at step {step})"
-        );
-    }
-    let q = "SELECT epoch, step, split, metric, value FROM train_metrics ORDER BY epoch, step, split, metric";
-    assert_eq!(
-        sql_csv(&a.path().join("run"), q),
-        sql_csv(&b.path().join("run"), q)
-    );
-    let out = python(&format!(
-        "import sys, torch; sys.path.insert(0, 'scripts'); from fixture_models import load_clip_module\n\
-         m = load_clip_module('model').build_model(torch.load('{}', weights_only=True)); print('built', m.visual.output_dim)",
-        a.path().join("run/train/backbone.pt").display()
-    ));
-    assert!(out.contains("built 32"), "{out}");
+    same_training(a.path(), b.path(), &format!("rank 1 killed at step {step}"));
 }
