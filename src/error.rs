@@ -64,6 +64,26 @@ pub enum Error {
     #[error("{} {why}; genecis deletes only what its own records say it wrote, so nothing was run or written. Move it away, or use another --workdir.", .path.display())]
     NotOurs { path: PathBuf, why: String },
 
+    /// A call to the run's store (local folder or object store) failed.
+    #[error("{op} {key} in the run's store; check that the workdir is reachable and writable (for s3:// workdirs: the AWS_* credentials and endpoint)")]
+    Store {
+        op: &'static str,
+        key: String,
+        source: Box<object_store::Error>,
+    },
+
+    /// Two different plans wrote one stage at the same time.
+    #[error("stage '{stage}' was committed by a different plan (fingerprint {theirs}) while this run worked on fingerprint {ours}: two runs with different manifests or --set values are writing the same workdir. Nothing of this run was committed; run them one after the other, or give each its own --workdir.")]
+    Conflict {
+        stage: String,
+        ours: String,
+        theirs: String,
+    },
+
+    /// A workdir URL genecis cannot open.
+    #[error("workdir {url}: {why}")]
+    WorkdirUrl { url: String, why: String },
+
     #[error("stage '{stage}' cannot run now: {reason}")]
     NotReady { stage: String, reason: String },
 
@@ -115,7 +135,7 @@ pub enum Error {
     #[error("corrupt run record {}: {message}. Delete the stage folder and rerun it.", .path.display())]
     CorruptRecord { path: PathBuf, message: String },
 
-    #[error("no genecis run at {}: pass a manifest (.toml) or a workdir that holds <stage>/_stage.json files (run the pipeline first)", .0.display())]
+    #[error("no genecis run at {}: pass a manifest (.toml) or a workdir that holds <stage>/_log/ records (run the pipeline first)", .0.display())]
     NoRun(PathBuf),
 
     #[error("the embedded spaCy model (.spacy/en_core_web_sm.bin.gz) is unreadable: {0}. Delete .spacy/ and run `make setup` (scripts/setup.sh converts it again), then rebuild.")]
@@ -155,6 +175,7 @@ impl Error {
                 | Error::Usage { .. }
                 | Error::CheckFailed { .. }
                 | Error::NotOurs { .. }
+                | Error::WorkdirUrl { .. }
         )
     }
 

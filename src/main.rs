@@ -69,11 +69,19 @@ fn dispatch(cmd: Command) -> Result<()> {
         }
         Command::Sql {
             workdir,
+            store,
             query,
             format,
             out,
             engine,
-        } => sql::run_cli(&workdir, query.as_deref(), format, out.as_deref(), &engine)?,
+        } => sql::run_cli(
+            &workdir,
+            &store,
+            query.as_deref(),
+            format,
+            out.as_deref(),
+            &engine,
+        )?,
         Command::Kinds => print!("{}", genecis::stages::KINDS.describe()),
         Command::Doctor => devtools::doctor()?,
         Command::ParseEval(a) => devtools::parse_eval(&a)?,

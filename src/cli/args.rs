@@ -11,6 +11,7 @@ use crate::cli::devtools::{BenchCmd, ParseEvalArgs};
 use crate::cli::encode::EncodeRequest;
 use crate::cli::launch::Launch;
 use crate::error::{Error, Result};
+use crate::framework::commit::RunStore;
 use crate::framework::manifest::{Plan, SetOverride};
 use crate::framework::runner::RunRequest;
 use crate::framework::sql::{Engine, OutputFormat};
@@ -256,6 +257,7 @@ pub enum Command {
     Check(Plan),
     Sql {
         workdir: PathBuf,
+        store: RunStore,
         query: Option<String>,
         format: OutputFormat,
         out: Option<PathBuf>,
@@ -382,10 +384,9 @@ impl Cmd {
             Cmd::Status(a) => Command::Status(a.plan()?),
             Cmd::Check(a) => Command::Check(a.plan()?),
             Cmd::Sql(a) => {
-                let workdir = match (a.target.is_file(), a.workdir) {
-                    (true, Some(w)) => w,
-                    (true, None) => crate::framework::manifest::workdir_of(&a.target)?,
-                    (false, _) => a.target,
+                let (workdir, store) = match (a.target.is_file(), a.workdir) {
+                    (true, Some(w)) => crate::framework::store::open_target(&w)?,
+                    _ => crate::framework::store::open_target(&a.target)?,
                 };
                 let query = match (a.query, &a.file) {
                     (Some(q), _) => Some(q),
@@ -406,6 +407,7 @@ impl Cmd {
                 };
                 Command::Sql {
                     workdir,
+                    store,
                     query,
                     format,
                     out: a.out,

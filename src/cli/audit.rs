@@ -4,7 +4,6 @@
 use crate::error::{Error, Result};
 use crate::eval::audit::{counts, key_checks, AuditRow, KeyedTemplate, CHECKS};
 use crate::eval::template_file::read_template_file;
-use crate::framework::manifest::workdir_of;
 use crate::framework::store;
 
 /// `genecis audit`: template files get the key checks; a manifest or
@@ -75,18 +74,13 @@ pub fn audit_cli(targets: &[std::path::PathBuf]) -> Result<String> {
                 let _ = writeln!(out, "    ... {} more", rows.len() - 10);
             }
         } else {
-            let workdir = if t.is_file() {
-                workdir_of(t)?
-            } else {
-                t.clone()
-            };
+            let (workdir, run) = store::open_target(t)?;
             let mut found = false;
-            let mut dirs: Vec<_> = std::fs::read_dir(&workdir)
-                .map_err(Error::io("cannot read", &workdir))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.join("audit").is_dir() && p.join("_stage.json").is_file())
+            let dirs: Vec<_> = store::committed(&workdir, &run)?
+                .into_iter()
+                .map(|(_, d)| d)
+                .filter(|d| d.join("audit").is_dir())
                 .collect();
-            dirs.sort();
             for d in dirs {
                 found = true;
                 let mut rows = Vec::new();

@@ -13,8 +13,7 @@ use crate::error::{Error, Result};
 use crate::eval::hits;
 use crate::eval::stats::{paired, Paired};
 use crate::eval::TASKS;
-use crate::framework::manifest::workdir_of;
-use crate::framework::store::{column, read_table, RECORD_FILE};
+use crate::framework::store::{column, read_table};
 
 /// What to compare, validated.
 pub struct CompareRequest {
@@ -41,17 +40,12 @@ type Ranks = BTreeMap<(String, u32), u32>;
 
 /// A run's `scores` table: by method, the ranks of each template.
 fn read_scores(target: &Path) -> Result<(PathBuf, BTreeMap<String, Ranks>)> {
-    let workdir = if target.is_file() {
-        workdir_of(target)?
-    } else {
-        target.to_path_buf()
-    };
-    let mut stages: Vec<PathBuf> = std::fs::read_dir(&workdir)
-        .map_err(|_| Error::NoRun(workdir.clone()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join(RECORD_FILE).is_file() && p.join("scores").is_dir())
+    let (workdir, run) = crate::framework::store::open_target(target)?;
+    let stages: Vec<PathBuf> = crate::framework::store::committed(&workdir, &run)?
+        .into_iter()
+        .map(|(_, d)| d)
+        .filter(|d| d.join("scores").is_dir())
         .collect();
-    stages.sort();
     let dir = match stages.as_slice() {
         [one] => one.join("scores"),
         [] => {

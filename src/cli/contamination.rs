@@ -56,12 +56,20 @@ struct Hit {
     kind: &'static str,
 }
 
-/// An embed stage's record and the folders of the stages it read.
-fn stage(dir: &Path, role: &str) -> Result<(StageRecord, Vec<PathBuf>)> {
-    let rec = StageRecord::read(dir)?.ok_or_else(|| Error::Usage {
+/// An embed stage's record, its committed folder and the committed folders
+/// of the stages it read.
+fn stage(dir: &Path, role: &str) -> Result<(StageRecord, PathBuf, Vec<PathBuf>)> {
+    let workdir = dir.parent().unwrap_or(Path::new("."));
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let abs = std::path::absolute(workdir).map_err(Error::io("cannot resolve", workdir))?;
+    let run = crate::framework::commit::RunStore::local(&abs)?;
+    let rec = StageRecord::head(&run, &name)?.ok_or_else(|| Error::Usage {
         arg: role.into(),
         message: format!(
-            "{} is not a committed stage folder (no _stage.json): pass <workdir>/<embed stage>",
+            "{} is not a committed stage folder (no _log/): pass <workdir>/<embed stage>",
             dir.display()
         ),
     })?;
@@ -75,9 +83,13 @@ fn stage(dir: &Path, role: &str) -> Result<(StageRecord, Vec<PathBuf>)> {
             ),
         });
     }
-    let workdir = dir.parent().unwrap_or(Path::new("."));
-    let inputs = rec.inputs.iter().map(|i| workdir.join(&i.stage)).collect();
-    Ok((rec, inputs))
+    let inputs = rec
+        .inputs
+        .iter()
+        .map(|i| crate::framework::store::version_dir(workdir, &i.stage, &i.fingerprint))
+        .collect();
+    let own = rec.dir(workdir);
+    Ok((rec, own, inputs))
 }
 
 /// blake3 of an image's decoded pixels (size, mode, bytes), or why not.
@@ -109,13 +121,13 @@ fn unit_rows(e: &Embeddings, keys: &[String]) -> Result<Tensor> {
 
 /// Runs the check; returns the summary text (the table goes to `out`).
 pub fn contamination(req: &ContaminationRequest) -> Result<String> {
-    let (_, train_inputs) = stage(&req.train, "TRAIN")?;
-    let (_, eval_inputs) = stage(&req.eval, "EVAL")?;
+    let (_, train_dir, train_inputs) = stage(&req.train, "TRAIN")?;
+    let (_, eval_dir, eval_inputs) = stage(&req.eval, "EVAL")?;
     let (model, train_emb) =
-        read_embeddings(&req.train.join("image_embeddings"), "image_key", None)
+        read_embeddings(&train_dir.join("image_embeddings"), "image_key", None)
             .map_err(|m| Error::Data(format!("TRAIN image_embeddings: {m}")))?;
     let (eval_model, eval_emb) =
-        read_embeddings(&req.eval.join("image_embeddings"), "image_key", None)
+        read_embeddings(&eval_dir.join("image_embeddings"), "image_key", None)
             .map_err(|m| Error::Data(format!("EVAL image_embeddings: {m}")))?;
     if model != eval_model || train_emb.dim != eval_emb.dim {
         return Err(Error::Usage {

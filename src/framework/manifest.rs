@@ -9,6 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::error::{Error, ManifestIssue, Result};
+use crate::framework::commit::{open_workdir, RunStore};
 use crate::framework::stage::{resolve_path, BoundStage, Registry, StageKind};
 use crate::framework::store::{FileStamp, InputStamp};
 
@@ -111,14 +112,19 @@ impl PlannedStage {
             .collect()
     }
 
-    /// Input tables by table name -> committed folder.
-    pub(crate) fn input_dirs(&self, workdir: &Path) -> BTreeMap<String, PathBuf> {
+    /// Input tables by table name -> committed folder (the input stage's
+    /// folder of its planned fingerprint: inputs run only when current).
+    pub(crate) fn input_dirs(&self, plan: &Plan) -> BTreeMap<String, PathBuf> {
         let mut m = BTreeMap::new();
         for b in &self.inputs {
+            let fp = plan
+                .stage(&b.stage)
+                .map(|s| s.fingerprint.as_str())
+                .unwrap_or_default();
             for t in &b.tables {
                 m.insert(
                     t.clone(),
-                    crate::framework::store::stage_dir(workdir, &b.stage).join(t),
+                    crate::framework::store::version_dir(&plan.workdir, &b.stage, fp).join(t),
                 );
             }
         }
@@ -130,7 +136,12 @@ pub struct Plan {
     pub manifest_path: PathBuf,
     pub name: String,
     pub base_dir: PathBuf,
+    /// The local folder stages work in: the workdir, or the mirror of a
+    /// remote one.
     pub workdir: PathBuf,
+    /// Where the run's parts and log live (the workdir's file system, or
+    /// an object store).
+    pub store: RunStore,
     /// In dependency order (manifest order where dependencies allow).
     pub stages: Vec<PlannedStage>,
 }
@@ -190,15 +201,15 @@ impl Plan {
                 "the manifest has no [[stage]] tables; add at least one".into(),
             );
         }
-        let workdir = match workdir_override {
-            Some(w) => std::path::absolute(w).map_err(Error::io("cannot resolve", w))?,
+        let (workdir, store) = match workdir_override {
+            Some(w) => open_workdir(&w.to_string_lossy(), Path::new("."))?,
             None => {
                 let w = raw
                     .pipeline
                     .workdir
                     .clone()
                     .unwrap_or_else(|| format!("runs/{}", raw.pipeline.name));
-                resolve_path(&base_dir, Path::new(&w))
+                open_workdir(&w, &base_dir)?
             }
         };
 
@@ -263,6 +274,7 @@ impl Plan {
             name: raw.pipeline.name,
             base_dir,
             workdir,
+            store,
             stages,
         })
     }
@@ -295,9 +307,10 @@ pub(crate) fn fingerprint(
     hash.to_hex()[..32].to_string()
 }
 
-/// The workdir a manifest names, without validating its stages (for `sql`,
-/// which reads finished runs even when their inputs have moved).
-pub(crate) fn workdir_of(path: &Path) -> Result<PathBuf> {
+/// The workdir a manifest names (its local folder and its store), without
+/// validating its stages (for `sql`, which reads finished runs even when
+/// their inputs have moved).
+pub(crate) fn workdir_of(path: &Path) -> Result<(PathBuf, RunStore)> {
     #[derive(Deserialize)]
     struct Head {
         pipeline: RawPipeline,
@@ -329,7 +342,7 @@ pub(crate) fn workdir_of(path: &Path) -> Result<PathBuf> {
         .pipeline
         .workdir
         .unwrap_or_else(|| format!("runs/{}", head.pipeline.name));
-    Ok(resolve_path(&base, Path::new(&w)))
+    open_workdir(&w, &base)
 }
 
 /// The manifest being loaded: its text (for line numbers), its raw form

@@ -3,6 +3,7 @@
 //! knows stage kinds only through the [`stage::Stage`] contract and the
 //! registry it is handed.
 
+pub mod commit;
 pub(crate) mod manifest;
 pub(crate) mod progress;
 pub mod ranks;

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::framework::commit::{self, Outcome};
 use crate::framework::manifest::{Plan, PlannedStage};
 use crate::framework::progress::{thousands, Progress};
 use crate::framework::ranks::{self, RankHandle, Ranks, Signal};
@@ -33,11 +34,10 @@ impl StageState {
 
 /// Compares what the manifest asks for with what the workdir holds.
 pub(crate) fn stage_state(plan: &Plan, s: &PlannedStage) -> Result<StageState> {
-    let dir = store::stage_dir(&plan.workdir, &s.name);
-    let record = StageRecord::read(&dir)?;
+    let record = StageRecord::head(&plan.store, &s.name)?;
     let resumable = || {
         store::resumable_chunks(
-            &plan.workdir,
+            &plan.store,
             &s.name,
             &s.fingerprint,
             &s.kind.output_tables(),
@@ -45,11 +45,14 @@ pub(crate) fn stage_state(plan: &Plan, s: &PlannedStage) -> Result<StageState> {
     };
     let Some(rec) = record else {
         return Ok(StageState::Missing {
-            resumable_chunks: resumable(),
+            resumable_chunks: resumable()?,
         });
     };
     if rec.fingerprint == s.fingerprint {
-        let damaged = rec.damaged_parts(&dir, true);
+        let damaged = match plan.store.local {
+            Some(_) => rec.damaged_parts(&rec.dir(&plan.workdir), true),
+            None => rec.damaged_in_store(&plan.store)?,
+        };
         if damaged.is_empty() {
             return Ok(StageState::Done);
         }
@@ -240,9 +243,11 @@ fn check_workdir(plan: &Plan, req: &RunRequest) -> Result<()> {
         });
     }
     for name in &req.selected {
-        for (dir, role) in store::stage_folders(w, name) {
-            store::ensure_ours(&dir, &role)?;
-        }
+        store::ensure_ours(&store::stage_dir(w, name), &format!("stage '{name}'"))?;
+        store::ensure_ours(
+            &store::store_stage_dir(w, name),
+            &format!("stage '{name}''s store"),
+        )?;
     }
     Ok(())
 }
@@ -282,6 +287,9 @@ pub fn run(plan: &Plan, req: &RunRequest) -> Result<Vec<StageOutcome>> {
 
     check_workdir(plan, req)?;
     let _lock = WorkdirLock::acquire(&plan.workdir, req.shard)?;
+    for name in selected {
+        store::migrate_old_layout(&plan.store, &plan.workdir, name)?;
+    }
     let progress = Progress::new(req.progress);
     let mut outcomes = Vec::new();
     for s in &plan.stages {
@@ -292,6 +300,12 @@ pub fn run(plan: &Plan, req: &RunRequest) -> Result<Vec<StageOutcome>> {
         if state == StageState::Done && !forced.contains(&s.name) {
             if let Some(r) = ranks.filter(|_| s.kind.distributed()) {
                 ranks::post(r, &s.name, Signal::Skip)?;
+            }
+            // A run killed between its commit and its view left the view behind.
+            if let Some(rec) =
+                StageRecord::head(&plan.store, &s.name)?.filter(|_| plan.store.local.is_some())
+            {
+                store::point_view(&plan.workdir, &rec);
             }
             println!("= {} ({}): up to date", s.name, s.kind.kind());
             outcomes.push(StageOutcome {
@@ -328,21 +342,31 @@ pub fn run(plan: &Plan, req: &RunRequest) -> Result<Vec<StageOutcome>> {
                 ),
             });
         }
-        if forced.contains(&s.name) {
-            // A forced run starts from scratch: drop kept chunks.
-            let work = plan.workdir.join(".work").join(&s.name);
-            if req.shard.is_none() {
-                store::remove_ours(&work, &format!("stage '{}''s work", s.name))?;
-            }
-        }
-        let outcome = run_stage(plan, s, req.shard, &progress, ranks).map_err(|e| match e {
-            e @ Error::StageFailed { .. } => e,
-            other => Error::StageFailed {
+        // A forced run, or a rebuild of damaged parts, starts from scratch:
+        // the fingerprint's folder holds the committed parts themselves.
+        let damaged = matches!(state, StageState::Stale(_))
+            && StageRecord::head(&plan.store, &s.name)?
+                .is_some_and(|h| h.fingerprint == s.fingerprint);
+        if damaged && req.shard.is_some() {
+            return Err(Error::NotReady {
                 stage: s.name.clone(),
-                kind: s.kind.kind().into(),
-                source: Box::new(other),
-            },
-        })?;
+                reason: format!(
+                    "its committed parts are damaged (genecis status says which); rebuild it without --shard: genecis run {} --only {} --force",
+                    plan.manifest_path.display(),
+                    s.name
+                ),
+            });
+        }
+        let fresh = (forced.contains(&s.name) || damaged) && req.shard.is_none();
+        let outcome =
+            run_stage(plan, s, req.shard, fresh, &progress, ranks).map_err(|e| match e {
+                e @ Error::StageFailed { .. } => e,
+                other => Error::StageFailed {
+                    stage: s.name.clone(),
+                    kind: s.kind.kind().into(),
+                    source: Box::new(other),
+                },
+            })?;
         outcomes.push(outcome);
     }
     if let Some(r) = ranks {
@@ -384,8 +408,8 @@ fn follow(plan: &Plan, req: &RunRequest, r: &dyn Ranks) -> Result<Vec<StageOutco
             Signal::Skip => Action::Skipped,
             Signal::Go => {
                 let started = Instant::now();
-                let inputs = s.input_dirs(&plan.workdir);
-                let work = store::work_dir(&plan.workdir, &s.name);
+                let inputs = s.input_dirs(plan);
+                let work = store::version_dir(&plan.workdir, &s.name, &s.fingerprint);
                 let ctx = context(plan, s, &inputs, work, Some(r));
                 s.bound.follow(&ctx).map_err(|e| Error::StageFailed {
                     stage: s.name.clone(),
@@ -427,8 +451,17 @@ fn context<'a>(
         inputs,
         input_files: &s.input_files,
         manifest: &plan.manifest_path,
-        work_dir,
         committed_dir: store::stage_dir(&plan.workdir, &s.name),
+        work_dir,
+        input_records: {
+            let mut names: Vec<&str> = s.inputs.iter().map(|b| b.stage.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+                .into_iter()
+                .filter_map(|n| StageRecord::head(&plan.store, n).ok().flatten())
+                .collect()
+        },
         notes: Default::default(),
         ranks,
     }
@@ -438,12 +471,39 @@ fn run_stage(
     plan: &Plan,
     s: &PlannedStage,
     shard: Option<Shard>,
+    fresh: bool,
     progress: &Progress,
     ranks: Option<&dyn Ranks>,
 ) -> Result<StageOutcome> {
     let started = Instant::now();
-    let mut writer = StageWriter::open(&plan.workdir, &s.name, &s.fingerprint)?;
-    let inputs = s.input_dirs(&plan.workdir);
+    let run = &plan.store;
+    // The log as this run found it: a newer version of another plan at
+    // commit time means two plans wrote the stage at once.
+    let base = commit::block_on(run.versions(&s.name))?
+        .last()
+        .copied()
+        .unwrap_or(0);
+    let mut writer = StageWriter::open(
+        run,
+        &plan.workdir,
+        &s.name,
+        &s.fingerprint,
+        fresh,
+        shard.is_none(),
+    )?;
+    let inputs = s.input_dirs(plan);
+    if run.local.is_none() {
+        for b in &s.inputs {
+            let fp = plan
+                .stage(&b.stage)
+                .map(|u| u.fingerprint.as_str())
+                .unwrap_or_default();
+            run.sync_down(
+                &format!("{}/{}", b.stage, commit::folder_of(fp)),
+                &store::version_dir(&plan.workdir, &b.stage, fp),
+            )?;
+        }
+    }
     let ctx = context(plan, s, &inputs, writer.dir().to_path_buf(), ranks);
     let driven = s.bound.run(
         &ctx,
@@ -454,49 +514,19 @@ fn run_stage(
         },
     )?;
     let elapsed = started.elapsed();
-
-    if let Some(shard) = shard {
-        let _guard = WorkdirLock::commit_guard(&plan.workdir)?;
-        if stage_state(plan, s)? == StageState::Done {
-            println!(
-                "= {} ({}): shard {} done; the stage was committed by another shard",
-                s.name,
-                s.kind.kind(),
-                shard
-            );
-            return Ok(StageOutcome {
-                stage: s.name.clone(),
-                action: Action::ShardDone,
-                record: None,
-            });
-        }
-        let missing = (0..driven.chunks)
-            .filter(|&k| !writer.chunk_done(k))
-            .count();
-        if missing > 0 {
-            println!(
-                "~ {} ({}): shard {} done in {:.2} s; {missing} of {} chunks wait for other shards",
-                s.name,
-                s.kind.kind(),
-                shard,
-                elapsed.as_secs_f64(),
-                driven.chunks
-            );
-            return Ok(StageOutcome {
-                stage: s.name.clone(),
-                action: Action::ShardDone,
-                record: None,
-            });
-        }
-    } else if driven.chunks_missing > 0 {
+    if shard.is_none() && driven.chunks_missing > 0 {
         return Err(Error::Internal(format!(
             "{} of {} chunks are unwritten, yet the stage reported no error",
             driven.chunks_missing, driven.chunks
         )));
     }
+    let mine = shard.unwrap_or(Shard { index: 0, count: 1 });
+    writer.push_side_files()?;
+    commit::block_on(run.record_shard(&s.name, &writer.shard_record(mine, driven.chunks)?))?;
 
     let record = StageRecord {
         stage: s.name.clone(),
+        version: 0,
         kind: s.kind.kind().into(),
         kind_version: s.kind.code_version(),
         fingerprint: s.fingerprint.clone(),
@@ -515,13 +545,50 @@ fn run_stage(
         tool_version: format!("genecis {}", env!("CARGO_PKG_VERSION")),
         notes: driven.notes,
     };
-    let record = writer.commit(&plan.workdir, &s.name, record, driven.chunks)?;
-    print_summary(s, &record);
-    Ok(StageOutcome {
-        stage: s.name.clone(),
-        action: Action::Ran,
-        record: Some(record),
-    })
+    let shard_done = |line: String| {
+        println!("{line}");
+        Ok(StageOutcome {
+            stage: s.name.clone(),
+            action: Action::ShardDone,
+            record: None,
+        })
+    };
+    let label = format!("{} ({})", s.name, s.kind.kind());
+    match commit::block_on(run.commit(&s.name, mine.count, base, record))? {
+        Outcome::Waiting { missing } => shard_done(format!(
+            "~ {label}: shard {mine} done in {:.2} s; shard(s) {} of {} have not finished",
+            elapsed.as_secs_f64(),
+            missing
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            mine.count
+        )),
+        Outcome::ByAnother(rec) => {
+            store::point_view(&plan.workdir, &rec);
+            shard_done(format!(
+                "= {label}: shard {mine} done; the stage was committed by another shard (version {})",
+                rec.version
+            ))
+        }
+        Outcome::Committed(rec) => {
+            store::point_view(&plan.workdir, &rec);
+            if let Err(e) = commit::block_on(run.drop_superseded(&s.name, &rec)) {
+                eprintln!(
+                    "note: could not remove stage '{}''s older versions: {}",
+                    s.name,
+                    crate::error::report(&e)
+                );
+            }
+            print_summary(s, &rec);
+            Ok(StageOutcome {
+                stage: s.name.clone(),
+                action: Action::Ran,
+                record: Some(rec),
+            })
+        }
+    }
 }
 
 fn print_summary(s: &PlannedStage, r: &StageRecord) {

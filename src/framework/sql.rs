@@ -15,7 +15,7 @@ use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 
 use crate::error::{Error, Result};
-use crate::framework::store::{StageRecord, RECORD_FILE};
+use crate::framework::commit::RunStore;
 
 #[derive(Debug, Clone)]
 pub(crate) struct TableEntry {
@@ -26,41 +26,34 @@ pub(crate) struct TableEntry {
 }
 
 /// Committed tables of a workdir, sorted by stage then table.
-pub(crate) fn discover(workdir: &Path) -> Result<Vec<TableEntry>> {
-    let rd = std::fs::read_dir(workdir).map_err(|_| Error::NoRun(workdir.to_path_buf()))?;
+pub(crate) fn discover(workdir: &Path, run: &RunStore) -> Result<Vec<TableEntry>> {
     let mut out = Vec::new();
-    for e in rd.filter_map(|e| e.ok()) {
-        let dir = e.path();
-        if !dir.join(RECORD_FILE).is_file() {
-            continue;
+    for (rec, dir) in crate::framework::store::committed(workdir, run)? {
+        // Parts missing or resized since the commit: answering without
+        // them would be answering wrong.
+        let damaged = rec.damaged_parts(&dir, false);
+        if !damaged.is_empty() {
+            return Err(Error::Data(format!(
+                "stage '{}' is damaged: {}. Rebuild it (genecis run MANIFEST --only {} --force) before querying it",
+                rec.stage,
+                damaged.join("; "),
+                rec.stage
+            )));
         }
-        if let Some(rec) = StageRecord::read(&dir)? {
-            // Parts missing or resized since the commit: answering without
-            // them would be answering wrong.
-            let damaged = rec.damaged_parts(&dir, false);
-            if !damaged.is_empty() {
-                return Err(Error::Data(format!(
-                    "stage '{}' is damaged: {}. Rebuild it (genecis run MANIFEST --only {} --force) before querying it",
-                    rec.stage,
-                    damaged.join("; "),
-                    rec.stage
-                )));
-            }
-            for (name, stat) in &rec.tables {
-                let tdir = dir.join(name);
-                if tdir.is_dir() {
-                    // A truncated or overwritten part is named here, once,
-                    // instead of failing every query that touches it.
-                    for part in crate::framework::store::part_files(&tdir)? {
-                        crate::framework::store::part_rows(&part)?;
-                    }
-                    out.push(TableEntry {
-                        stage: rec.stage.clone(),
-                        table: name.clone(),
-                        dir: tdir,
-                        rows: stat.rows,
-                    });
+        for (name, stat) in &rec.tables {
+            let tdir = dir.join(name);
+            if tdir.is_dir() {
+                // A truncated or overwritten part is named here, once,
+                // instead of failing every query that touches it.
+                for part in crate::framework::store::part_files(&tdir)? {
+                    crate::framework::store::part_rows(&part)?;
                 }
+                out.push(TableEntry {
+                    stage: rec.stage.clone(),
+                    table: name.clone(),
+                    dir: tdir,
+                    rows: stat.rows,
+                });
             }
         }
     }
@@ -111,6 +104,7 @@ impl Engine {
 /// result, or opens the interactive prompt when there is no query.
 pub fn run_cli(
     workdir: &Path,
+    store: &RunStore,
     query_text: Option<&str>,
     format: OutputFormat,
     out: Option<&Path>,
@@ -122,7 +116,13 @@ pub fn run_cli(
             message: "needs --out FILE (Parquet is not written to a terminal)".into(),
         });
     }
-    let entries = discover(workdir)?;
+    if let (Engine::Cluster(url), None) = (engine, &store.local) {
+        return Err(Error::Usage {
+            arg: format!("--cluster {url}"),
+            message: "an object-store workdir is read here through a local mirror, which a cluster's executors do not see; query it in process (drop --cluster), or run the cluster on a shared file system workdir".into(),
+        });
+    }
+    let entries = discover(workdir, store)?;
     let rt = tokio::runtime::Runtime::new()
         .map_err(Error::io("cannot start the query runtime", workdir))?;
     let on_cluster = |e: Error| {

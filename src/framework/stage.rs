@@ -37,6 +37,8 @@ pub struct StageContext<'a> {
     pub manifest: &'a Path,
     pub(crate) work_dir: PathBuf,
     pub(crate) committed_dir: PathBuf,
+    /// The records of the input stages, by stage name (provenance).
+    pub(crate) input_records: Vec<crate::framework::store::StageRecord>,
     pub(crate) notes: Mutex<Vec<String>>,
     /// The ranks of a data-parallel run (none: one process).
     pub(crate) ranks: Option<&'a dyn Ranks>,
@@ -71,7 +73,7 @@ impl StageContext<'_> {
     }
 
     /// Writes a side file (a report, a chart) that is committed with the
-    /// tables into `<workdir>/<stage>/<name>`; returns where it will be.
+    /// tables; returns where it will be seen, `<workdir>/<stage>/<name>`.
     pub(crate) fn write_file(&self, name: &str, bytes: &[u8]) -> Result<PathBuf> {
         crate::framework::store::write_atomic(&self.work_dir.join(name), bytes)?;
         Ok(self.committed_dir.join(name))

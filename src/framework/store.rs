@@ -1,18 +1,24 @@
-//! The run directory: committed stages, in-progress work, part files, the
-//! `_stage.json` records and the workdir lock.
+//! The run directory: stage folders, part files, the stage log and the
+//! workdir lock. The commit protocol itself is in [`crate::framework::commit`].
 //!
 //! ```text
-//! <workdir>/<stage>/_stage.json
-//! <workdir>/<stage>/<table>/part-00000.parquet      committed
-//! <workdir>/.work/<stage>/_work.json                 in progress (fingerprint)
-//! <workdir>/.work/<stage>/<table>/part-00000.parquet  finished chunks, kept on resume
+//! <workdir>/.genecis/<stage>/_log/0000000001.json                stage record versions (the truth)
+//! <workdir>/.genecis/<stage>/<folder>/<table>/part-00000.parquet  one fingerprint's parts, immutable
+//! <workdir>/.genecis/<stage>/<folder>/_shards/0-of-1.json         what each shard wrote
+//! <workdir>/<stage> -> .genecis/<stage>/<folder>                  the head's folder, for people
 //! ```
-//! A chunk is finished when every output table has its part; a stage is
-//! committed by renaming its work folder into place.
+//! `.genecis/` is the run's store (an object store's prefix has the same
+//! keys); `<workdir>/<stage>` is a link genecis points at the head after
+//! each commit, so `<workdir>/<stage>/<table>/` reads as it always has. It
+//! is a view: genecis itself resolves stages through the log.
+//! A chunk is finished when every output table has its part; parts are
+//! written under a temp name and published with put-if-absent, so a part
+//! is complete or absent, and finished chunks are kept on resume.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
@@ -23,23 +29,27 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::framework::commit::{self, block_on, folder_of, PartStat, RunStore, ShardRecord};
 use crate::framework::tabledef::{Shard, TableDef};
 
+/// The record of the old layout (`<stage>/_stage.json` beside its tables),
+/// read once to move such a stage into the log layout.
 pub(crate) const RECORD_FILE: &str = "_stage.json";
-const WORK_FILE: &str = "_work.json";
 const WORK_DIR: &str = ".work";
 const LOCK_FILE: &str = ".genecis.lock";
-/// Written into every stage folder genecis creates and kept through the
-/// commit: what marks a folder as genecis's to replace or delete, even when
-/// a crash left it without its record.
+/// The run's store inside a local workdir (or a remote run's mirror).
+pub(crate) const STORE_DIR: &str = ".genecis";
+/// Written into every stage folder genecis creates: what marks a folder as
+/// genecis's to replace or delete, even when a crash left it without a log.
 const OWNER_FILE: &str = "_genecis";
 
-/// Whether genecis made `dir` (a stage or work folder): its marker, its
-/// record or its work record is there.
+/// Whether genecis made `dir` (a stage folder or one of its fingerprint
+/// folders): its marker, its log or an old-layout record is there.
 pub(crate) fn made_by_genecis(dir: &Path) -> bool {
-    [OWNER_FILE, RECORD_FILE, WORK_FILE]
+    [OWNER_FILE, RECORD_FILE]
         .iter()
         .any(|f| dir.join(f).is_file())
+        || dir.join(commit::LOG_DIR).is_dir()
 }
 
 /// Refuses a folder genecis would replace or delete but did not make.
@@ -62,28 +72,16 @@ pub(crate) fn remove_ours(dir: &Path, role: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether `workdir` holds a genecis run (a lock file, a work folder, or a
-/// committed stage).
+/// Whether `workdir` holds a genecis run (a lock file, a store, an old
+/// work folder, or a stage folder).
 pub(crate) fn holds_run(workdir: &Path) -> bool {
     workdir.join(LOCK_FILE).is_file()
+        || workdir.join(STORE_DIR).is_dir()
         || workdir.join(WORK_DIR).is_dir()
         || fs::read_dir(workdir).is_ok_and(|rd| {
             rd.filter_map(|e| e.ok())
                 .any(|e| made_by_genecis(&e.path()))
         })
-}
-
-/// The folders a run of `stage` may replace: its committed folder, its
-/// work folder and the commit's set-aside copy.
-pub(crate) fn stage_folders(workdir: &Path, stage: &str) -> [(PathBuf, String); 3] {
-    [
-        (stage_dir(workdir, stage), format!("stage '{stage}'")),
-        (work_dir(workdir, stage), format!("stage '{stage}''s work")),
-        (
-            workdir.join(WORK_DIR).join(format!("{stage}.old")),
-            format!("stage '{stage}''s commit"),
-        ),
-    ]
 }
 
 /// A file a stage read, as fingerprinted.
@@ -124,11 +122,11 @@ pub struct TableStat {
     pub rows: u64,
     pub parts: usize,
     /// Size of each part file, so `status` notices one that was truncated
-    /// or overwritten after the commit (absent in records of older runs).
+    /// or overwritten after the commit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub part_bytes: Vec<u64>,
     /// blake3 of each part file, so bytes overwritten at the same size are
-    /// noticed too (absent in records of older runs).
+    /// noticed too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub part_blake3: Vec<String>,
 }
@@ -141,10 +139,14 @@ pub(crate) fn file_blake3(path: &Path) -> Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
-/// `_stage.json`: what was run, from what, and what it produced.
+/// One version of a stage's log: what was run, from what, and what it
+/// produced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageRecord {
     pub stage: String,
+    /// The log version (1, 2, ...); 0 in an old-layout `_stage.json`.
+    #[serde(default)]
+    pub version: u64,
     pub kind: String,
     pub kind_version: String,
     pub fingerprint: String,
@@ -163,30 +165,46 @@ pub struct StageRecord {
 }
 
 impl StageRecord {
-    pub(crate) fn read(stage_dir: &Path) -> Result<Option<StageRecord>> {
-        let path = stage_dir.join(RECORD_FILE);
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("cannot read", &path)(e)),
-        };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::CorruptRecord {
-                path,
-                message: e.to_string(),
-            })
+    /// The head record of `stage` in `run`.
+    pub(crate) fn head(run: &RunStore, stage: &str) -> Result<Option<StageRecord>> {
+        block_on(run.head(stage))
     }
 
-    /// What is wrong with the committed part files: missing ones, ones
-    /// whose size differs from the record and, with `content`, ones whose
-    /// blake3 differs (every byte read: `status` and `run` pay this, `sql`
-    /// does not). Empty when all are intact.
-    pub(crate) fn damaged_parts(&self, stage_dir: &Path, content: bool) -> Vec<String> {
+    /// [`StageRecord::damaged_parts`] against a remote store: missing parts
+    /// and parts of another size (a remote store is not read whole).
+    pub(crate) fn damaged_in_store(&self, run: &RunStore) -> Result<Vec<String>> {
+        let rel = format!("{}/{}", self.stage, folder_of(&self.fingerprint));
+        let listed = block_on(run.list(&rel))?;
+        let mut out = Vec::new();
+        for (name, stat) in &self.tables {
+            for (k, want) in stat.part_bytes.iter().enumerate() {
+                let key = format!("{name}/{}", part_name(k));
+                match listed.get(&key) {
+                    None => out.push(format!("part {rel}/{key} is missing from the store")),
+                    Some(got) if got != want => out.push(format!(
+                        "part {rel}/{key} has {got} bytes in the store, the stage wrote {want}"
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The folder of this record's parts under `workdir`.
+    pub(crate) fn dir(&self, workdir: &Path) -> PathBuf {
+        version_dir(workdir, &self.stage, &self.fingerprint)
+    }
+
+    /// What is wrong with the committed part files in `dir`: missing ones,
+    /// ones whose size differs from the record and, with `content`, ones
+    /// whose blake3 differs (every byte read: `status` and `run` pay this,
+    /// `sql` does not). Empty when all are intact.
+    pub(crate) fn damaged_parts(&self, dir: &Path, content: bool) -> Vec<String> {
         let mut out = Vec::new();
         for (name, stat) in &self.tables {
             for k in 0..stat.parts {
-                let p = stage_dir.join(name).join(part_name(k));
+                let p = dir.join(name).join(part_name(k));
                 match (fs::metadata(&p), stat.part_bytes.get(k)) {
                     (Err(_), _) => out.push(format!("part file {} is missing", p.display())),
                     (Ok(m), Some(&want)) if m.len() != want => out.push(format!(
@@ -212,55 +230,175 @@ impl StageRecord {
     }
 }
 
+/// The committed stages of a run: each head record with its local folder
+/// (a remote run's folders are fetched into its mirror first).
+pub(crate) fn committed(workdir: &Path, run: &RunStore) -> Result<Vec<(StageRecord, PathBuf)>> {
+    let names = block_on(run.stage_names())?;
+    let mut out = Vec::new();
+    for n in names {
+        if let Some(rec) = StageRecord::head(run, &n)? {
+            let dir = rec.dir(workdir);
+            if run.local.is_none() {
+                run.sync_down(&format!("{n}/{}", folder_of(&rec.fingerprint)), &dir)?;
+                point_view(workdir, &rec);
+            }
+            out.push((rec, dir));
+        }
+    }
+    out.sort_by(|a, b| a.0.stage.cmp(&b.0.stage));
+    Ok(out)
+}
+
+/// A run named on the command line: a manifest, a workdir folder, or a
+/// workdir URL.
+pub(crate) fn open_target(target: &Path) -> Result<(PathBuf, RunStore)> {
+    if target.is_file() {
+        return crate::framework::manifest::workdir_of(target);
+    }
+    commit::open_workdir(&target.to_string_lossy(), Path::new("."))
+}
+
 pub(crate) fn part_name(chunk: usize) -> String {
     format!("part-{chunk:05}.parquet")
 }
 
+/// The stage's view: a link to its head's folder.
 pub(crate) fn stage_dir(workdir: &Path, stage: &str) -> PathBuf {
     workdir.join(stage)
 }
 
-pub(crate) fn work_dir(workdir: &Path, stage: &str) -> PathBuf {
-    workdir.join(WORK_DIR).join(stage)
+/// The stage's folder in the run's store.
+pub(crate) fn store_stage_dir(workdir: &Path, stage: &str) -> PathBuf {
+    workdir.join(STORE_DIR).join(stage)
 }
 
-#[derive(Serialize, Deserialize)]
-struct WorkInfo {
-    fingerprint: String,
+/// Where the parts and side files of `fingerprint`'s work on `stage` live.
+pub(crate) fn version_dir(workdir: &Path, stage: &str, fingerprint: &str) -> PathBuf {
+    store_stage_dir(workdir, stage).join(folder_of(fingerprint))
 }
 
-/// Writes one stage's tables chunk by chunk into its work folder, keeping
-/// chunks finished by an earlier, interrupted run with the same fingerprint.
-/// Every batch must match its table's declared schema exactly.
+/// Moves an old-layout stage (`<stage>/_stage.json` beside its tables)
+/// into the store: the folder becomes its fingerprint's folder, its record
+/// log version 1. Local workdirs only; a no-op otherwise.
+pub(crate) fn migrate_old_layout(run: &RunStore, workdir: &Path, stage: &str) -> Result<()> {
+    let dir = stage_dir(workdir, stage);
+    let old = dir.join(RECORD_FILE);
+    let is_link = fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink());
+    if run.local.is_none() || is_link || !old.is_file() {
+        return Ok(());
+    }
+    let text = fs::read_to_string(&old).map_err(Error::io("cannot read", &old))?;
+    let mut rec: StageRecord = serde_json::from_str(&text).map_err(|e| Error::CorruptRecord {
+        path: old.clone(),
+        message: e.to_string(),
+    })?;
+    let folder = rec.dir(workdir);
+    let parent = store_stage_dir(workdir, stage);
+    fs::create_dir_all(&parent).map_err(Error::io("cannot create", &parent))?;
+    write_atomic(
+        &parent.join(OWNER_FILE),
+        format!("genecis stage {stage}\n").as_bytes(),
+    )?;
+    remove_ours(&folder, &format!("stage '{stage}''s work"))?;
+    fs::rename(&dir, &folder).map_err(Error::io("cannot move", &dir))?;
+    let moved = folder.join(RECORD_FILE);
+    fs::remove_file(&moved).map_err(Error::io("cannot remove", &moved))?;
+    if block_on(run.versions(stage))?.is_empty() {
+        rec.version = 1;
+        let json = serde_json::to_vec_pretty(&rec)
+            .map_err(|e| Error::Internal(format!("stage record: {e}")))?;
+        block_on(run.put_if_absent(&commit::log_key(stage, 1), json))?;
+    }
+    point_view(workdir, &rec);
+    Ok(())
+}
+
+/// Points the view `<workdir>/<stage>` at the head's folder (a link
+/// replaced by a rename: readers see the old or the new folder, whole).
+pub(crate) fn point_view(workdir: &Path, rec: &StageRecord) {
+    let link = stage_dir(workdir, &rec.stage);
+    let target = Path::new(STORE_DIR)
+        .join(&rec.stage)
+        .join(folder_of(&rec.fingerprint));
+    if fs::read_link(&link).is_ok_and(|t| t == target) {
+        return;
+    }
+    let tmp = workdir.join(format!(
+        ".{}.link-{}-{}",
+        rec.stage,
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    if std::os::unix::fs::symlink(&target, &tmp).is_ok() && fs::rename(&tmp, &link).is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+}
+
+/// Writes one stage's tables chunk by chunk into its fingerprint's folder,
+/// keeping chunks an earlier, interrupted run finished. Every batch must
+/// match its table's declared schema exactly.
 pub struct StageWriter {
+    run: RunStore,
+    stage: String,
+    fingerprint: String,
+    /// Local folder of the parts (in the workdir, or its mirror for a
+    /// remote store).
     dir: PathBuf,
     tables: Vec<(&'static str, SchemaRef)>,
     props: WriterProperties,
 }
 
+/// Temp names unique across the processes and threads that may write the
+/// same chunk at once.
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
 impl StageWriter {
-    /// Opens (or, when its fingerprint differs, clears) the work folder.
-    pub(crate) fn open(workdir: &Path, stage: &str, fingerprint: &str) -> Result<StageWriter> {
-        let dir = work_dir(workdir, stage);
-        let info_path = dir.join(WORK_FILE);
-        let reusable = fs::read_to_string(&info_path)
-            .ok()
-            .and_then(|t| serde_json::from_str::<WorkInfo>(&t).ok())
-            .is_some_and(|w| w.fingerprint == fingerprint);
-        if !reusable {
+    /// Opens the fingerprint's folder. `fresh` (a forced, unsharded run)
+    /// drops what an earlier run left there; `exclusive` (an unsharded run)
+    /// also drops other plans' unfinished folders.
+    pub(crate) fn open(
+        run: &RunStore,
+        workdir: &Path,
+        stage: &str,
+        fingerprint: &str,
+        fresh: bool,
+        exclusive: bool,
+    ) -> Result<StageWriter> {
+        let sdir = store_stage_dir(workdir, stage);
+        let dir = version_dir(workdir, stage, fingerprint);
+        let rel = format!("{stage}/{}", folder_of(fingerprint));
+        ensure_ours(&sdir, &format!("stage '{stage}'"))?;
+        fs::create_dir_all(&sdir).map_err(Error::io("cannot create", &sdir))?;
+        write_atomic(
+            &sdir.join(OWNER_FILE),
+            format!("genecis stage {stage}\n").as_bytes(),
+        )?;
+        if fresh {
             remove_ours(&dir, &format!("stage '{stage}''s work"))?;
+            block_on(run.delete_prefix(&rel))?;
+        }
+        if exclusive && run.local.is_some() {
+            let head = block_on(run.head(stage))?.map(|r| folder_of(&r.fingerprint).to_string());
+            for e in fs::read_dir(&sdir).map_err(Error::io("cannot list", &sdir))? {
+                let e = e.map_err(Error::io("cannot list", &sdir))?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                let other = e.file_type().is_ok_and(|t| t.is_dir())
+                    && !name.starts_with(['_', '.'])
+                    && name != folder_of(fingerprint)
+                    && Some(&name) != head.as_ref();
+                if other {
+                    remove_ours(&e.path(), &format!("stage '{stage}''s unfinished work"))?;
+                }
+            }
         }
         fs::create_dir_all(&dir).map_err(Error::io("cannot create", &dir))?;
         write_atomic(
             &dir.join(OWNER_FILE),
             format!("genecis stage {stage}\n").as_bytes(),
         )?;
-        if !reusable {
-            let info = serde_json::to_string(&WorkInfo {
-                fingerprint: fingerprint.to_string(),
-            })
-            .map_err(|e| Error::Internal(format!("work record: {e}")))?;
-            write_atomic(&info_path, info.as_bytes())?;
+        if run.local.is_none() {
+            // What other processes finished is in the store: fetch it.
+            run.sync_down(&rel, &dir)?;
         }
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(
@@ -269,6 +407,9 @@ impl StageWriter {
             .set_created_by(format!("genecis {}", env!("CARGO_PKG_VERSION")))
             .build();
         Ok(StageWriter {
+            run: run.clone(),
+            stage: stage.to_string(),
+            fingerprint: fingerprint.to_string(),
             dir,
             tables: Vec::new(),
             props,
@@ -289,6 +430,10 @@ impl StageWriter {
         &self.dir
     }
 
+    fn rel(&self, tail: &str) -> String {
+        format!("{}/{}/{tail}", self.stage, folder_of(&self.fingerprint))
+    }
+
     /// A chunk is finished when every table has its part file.
     pub(crate) fn chunk_done(&self, chunk: usize) -> bool {
         !self.tables.is_empty()
@@ -300,7 +445,9 @@ impl StageWriter {
 
     /// Writes the chunk's batch for every table (empty batches included, so
     /// that "all tables have the part" marks it finished). Each part is
-    /// written under a temp name and renamed.
+    /// written under a temp name and published with put-if-absent: when
+    /// another process published the chunk first, its part (the same bytes:
+    /// stages are deterministic) stays.
     pub(crate) fn write_chunk(&self, chunk: usize, batches: &[(&str, RecordBatch)]) -> Result<()> {
         for (name, _) in &self.tables {
             let n = batches.iter().filter(|(b, _)| b == name).count();
@@ -319,28 +466,20 @@ impl StageWriter {
             if batch.schema().fields() != schema.fields() {
                 return Err(Error::Internal(format!(
                     "chunk {chunk} of table '{name}' has columns ({}) but the table declares ({})",
-                    batch
-                        .schema()
-                        .fields()
-                        .iter()
-                        .map(|f| format!("{}: {}", f.name(), f.data_type()))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    schema
-                        .fields()
-                        .iter()
-                        .map(|f| format!("{}: {}", f.name(), f.data_type()))
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    columns(&batch.schema()),
+                    columns(schema),
                 )));
             }
         }
         for (name, batch) in batches {
             let final_path = self.dir.join(name).join(part_name(chunk));
-            let tmp = self
-                .dir
-                .join(name)
-                .join(format!(".{}.tmp", part_name(chunk)));
+            let tmp_name = format!(
+                "{}.{}-{}.tmp",
+                part_name(chunk),
+                std::process::id(),
+                TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+            );
+            let tmp = self.dir.join(name).join(&tmp_name);
             let file = File::create(&tmp).map_err(Error::io("cannot create", &tmp))?;
             let perr = |source| Error::Parquet {
                 path: tmp.clone(),
@@ -350,112 +489,94 @@ impl StageWriter {
                 .map_err(perr)?;
             w.write(batch).map_err(perr)?;
             w.close().map_err(perr)?;
-            fs::rename(&tmp, &final_path).map_err(Error::io("cannot rename", &tmp))?;
+            let from = self.rel(&format!("{name}/{tmp_name}"));
+            let to = self.rel(&format!("{name}/{}", part_name(chunk)));
+            block_on(self.run.publish(&tmp, &from, &to, &final_path))?;
         }
         Ok(())
     }
 
-    /// Row counts (from the part files' footers) and part sizes.
-    fn table_stats(&self, chunks: usize) -> Result<BTreeMap<String, TableStat>> {
-        let mut out = BTreeMap::new();
+    /// This shard's record: every part of the chunks it owns, as they are
+    /// (written by this process or found finished).
+    pub(crate) fn shard_record(&self, shard: Shard, chunks: usize) -> Result<ShardRecord> {
+        let mut parts = Vec::new();
         for (t, _) in &self.tables {
-            let mut rows = 0u64;
-            let mut part_bytes = Vec::with_capacity(chunks);
-            let mut part_blake3 = Vec::with_capacity(chunks);
-            for k in 0..chunks {
+            for k in (0..chunks).filter(|&k| shard.owns(k)) {
                 let p = self.dir.join(t).join(part_name(k));
-                part_blake3.push(file_blake3(&p)?);
                 let f = File::open(&p).map_err(Error::io("cannot open", &p))?;
-                part_bytes.push(f.metadata().map_err(Error::io("cannot read", &p))?.len());
+                let bytes = f.metadata().map_err(Error::io("cannot read", &p))?.len();
                 let r = SerializedFileReader::new(f).map_err(|source| Error::Parquet {
                     path: p.clone(),
                     source,
                 })?;
-                rows += r.metadata().file_metadata().num_rows() as u64;
-            }
-            out.insert(
-                t.to_string(),
-                TableStat {
-                    rows,
-                    parts: chunks,
-                    part_bytes,
-                    part_blake3,
-                },
-            );
-        }
-        Ok(out)
-    }
-
-    /// Moves the work folder into `<workdir>/<stage>` with its record. The
-    /// old committed folder, if any, is invalidated first (record removed),
-    /// so a crash in between leaves the stage "missing", never half-new.
-    pub(crate) fn commit(
-        self,
-        workdir: &Path,
-        stage: &str,
-        mut record: StageRecord,
-        chunks: usize,
-    ) -> Result<StageRecord> {
-        for k in 0..chunks {
-            if !self.chunk_done(k) {
-                return Err(Error::NotReady {
-                    stage: stage.to_string(),
-                    reason: format!("chunk {k} of {chunks} is not finished"),
+                parts.push(PartStat {
+                    table: t.to_string(),
+                    chunk: k,
+                    bytes,
+                    blake3: file_blake3(&p)?,
+                    rows: r.metadata().file_metadata().num_rows() as u64,
                 });
             }
         }
-        record.tables = self.table_stats(chunks)?;
-        record.chunks = chunks;
-        let json = serde_json::to_string_pretty(&record)
-            .map_err(|e| Error::Internal(format!("stage record: {e}")))?;
-        write_atomic(&self.dir.join(RECORD_FILE), json.as_bytes())?;
-        let _ = fs::remove_file(self.dir.join(WORK_FILE));
-        let dest = stage_dir(workdir, stage);
-        let trash = workdir.join(WORK_DIR).join(format!("{stage}.old"));
-        ensure_ours(&dest, &format!("stage '{stage}'"))?;
-        remove_ours(&trash, &format!("stage '{stage}''s commit"))?;
-        if dest.exists() {
-            let _ = fs::remove_file(dest.join(RECORD_FILE));
-            fs::rename(&dest, &trash).map_err(Error::io("cannot move aside", &dest))?;
-            fs::rename(&self.dir, &dest).map_err(Error::io("cannot commit", &self.dir))?;
-            fs::remove_dir_all(&trash).map_err(Error::io("cannot remove", &trash))?;
-        } else {
-            fs::rename(&self.dir, &dest).map_err(Error::io("cannot commit", &self.dir))?;
+        Ok(ShardRecord {
+            fingerprint: self.fingerprint.clone(),
+            index: shard.index,
+            count: shard.count,
+            chunks,
+            tables: self.tables.iter().map(|(t, _)| t.to_string()).collect(),
+            parts,
+        })
+    }
+
+    /// Uploads the side files (reports, weights) a stage wrote beside its
+    /// tables; a local store already holds them.
+    pub(crate) fn push_side_files(&self) -> Result<()> {
+        if self.run.local.is_some() {
+            return Ok(());
         }
-        Ok(record)
+        let rel = format!("{}/{}", self.stage, folder_of(&self.fingerprint));
+        self.run.sync_up(&self.dir, &rel, |p| {
+            !p.starts_with(commit::SHARDS_DIR)
+                && !self
+                    .tables
+                    .iter()
+                    .any(|(t, _)| p.starts_with(&format!("{t}/")))
+        })
     }
 }
 
-/// Number of finished chunks in an interrupted run's work folder, if its
-/// fingerprint matches (for `status`).
+fn columns(schema: &SchemaRef) -> String {
+    schema
+        .fields()
+        .iter()
+        .map(|f| format!("{}: {}", f.name(), f.data_type()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Number of finished chunks an interrupted run of `fingerprint` left (for
+/// `status`).
 pub(crate) fn resumable_chunks(
-    workdir: &Path,
+    run: &RunStore,
     stage: &str,
     fingerprint: &str,
     tables: &[TableDef],
-) -> usize {
-    let dir = work_dir(workdir, stage);
-    let ok = fs::read_to_string(dir.join(WORK_FILE))
-        .ok()
-        .and_then(|t| serde_json::from_str::<WorkInfo>(&t).ok())
-        .is_some_and(|w| w.fingerprint == fingerprint);
-    if !ok || tables.is_empty() {
-        return 0;
+) -> Result<usize> {
+    if tables.is_empty() {
+        return Ok(0);
     }
+    let listed = block_on(run.list(&format!("{stage}/{}", folder_of(fingerprint))))?;
     let count = |t: &TableDef| {
-        fs::read_dir(dir.join(t.name))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter(|e| {
-                        let n = e.file_name();
-                        let n = n.to_string_lossy();
-                        n.starts_with("part-") && n.ends_with(".parquet")
-                    })
-                    .count()
+        listed
+            .keys()
+            .filter(|k| {
+                k.strip_prefix(t.name)
+                    .and_then(|r| r.strip_prefix("/part-"))
+                    .is_some_and(|r| r.ends_with(".parquet"))
             })
-            .unwrap_or(0)
+            .count()
     };
-    tables.iter().map(count).min().unwrap_or(0)
+    Ok(tables.iter().map(count).min().unwrap_or(0))
 }
 
 /// The part files of a table folder, in chunk order.
@@ -474,10 +595,12 @@ pub(crate) fn part_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// The stage a committed table folder belongs to (`<workdir>/<stage>/<table>`).
-fn stage_of(table_dir: &Path) -> String {
+/// The stage a committed table folder belongs to
+/// (`<workdir>/.genecis/<stage>/<folder>/<table>`), for messages.
+pub(crate) fn stage_of(table_dir: &Path) -> String {
     table_dir
         .parent()
+        .and_then(Path::parent)
         .and_then(Path::file_name)
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
@@ -523,7 +646,7 @@ pub fn read_table(dir: &Path) -> Result<Vec<RecordBatch>> {
 /// A column of a batch from one of our own tables, by name.
 /// In a table of (role, file) rows written by a stage (a `weights` or
 /// `sources` table), the file of `role`, resolved against that stage's
-/// folder (the table folder's parent).
+/// version folder (the table folder's parent).
 pub(crate) fn role_file(dir: &Path, role: &str, file_col: &str) -> Result<Option<PathBuf>> {
     let stage = dir.parent().unwrap_or(dir);
     for b in read_table(dir)? {
@@ -552,21 +675,30 @@ pub(crate) fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow
 }
 
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    // Unique per process and call: concurrent writers never share a temp.
+    let tmp = path.with_extension(format!(
+        "{}-{}.tmp",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
     fs::write(&tmp, bytes).map_err(Error::io("cannot write", &tmp))?;
     fs::rename(&tmp, path).map_err(Error::io("cannot rename", &tmp))
 }
 
-/// Held for the length of a run. `flock` locks vanish with the process, so a
-/// killed run never leaves a stale lock behind.
+/// Held for the length of a run: a local optimisation that keeps an
+/// unsharded run and shards of the same workdir on one machine apart. The
+/// commit protocol does not rely on it: where the file system has no
+/// `flock` (Lustre without `-o flock`, some NFS mounts) runs go on without.
+/// `flock` locks vanish with the process, so a killed run never leaves a
+/// stale lock behind.
 pub struct WorkdirLock {
-    _files: Vec<File>,
+    _file: Option<File>,
 }
 
 impl WorkdirLock {
-    /// Exclusive for a whole run; shared (plus an exclusive per-shard lock)
-    /// for `--shard` runs, so shards of one stage can run side by side but
-    /// never beside an unsharded run.
+    /// Exclusive for an unsharded run; shared for `--shard` runs, so shards
+    /// (duplicates of one shard included) run side by side but never beside
+    /// an unsharded run.
     pub fn acquire(workdir: &Path, shard: Option<Shard>) -> Result<WorkdirLock> {
         fs::create_dir_all(workdir).map_err(Error::io("cannot create workdir", workdir))?;
         let path = workdir.join(LOCK_FILE);
@@ -583,52 +715,36 @@ impl WorkdirLock {
                 .trim()
                 .to_string()
         };
-        let busy = |holder: String| Error::Locked {
-            workdir: workdir.to_path_buf(),
-            holder: if holder.is_empty() {
-                "unknown process".into()
-            } else {
-                holder
-            },
+        let got = match shard {
+            None => main.try_lock(),
+            Some(_) => main.try_lock_shared(),
         };
-        let mut files = Vec::new();
-        match shard {
-            None => {
-                if main.try_lock().is_err() {
-                    return Err(busy(holder()));
-                }
-                fs::write(&path, format!("pid {}", std::process::id()))
-                    .map_err(Error::io("cannot write", &path))?;
-                files.push(main);
+        match got {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = holder();
+                return Err(Error::Locked {
+                    workdir: workdir.to_path_buf(),
+                    holder: if holder.is_empty() {
+                        "unknown process".into()
+                    } else {
+                        holder
+                    },
+                });
             }
-            Some(s) => {
-                if main.try_lock_shared().is_err() {
-                    return Err(busy(holder()));
-                }
-                files.push(main);
-                let sp = workdir.join(format!("{LOCK_FILE}.shard-{}-of-{}", s.index, s.count));
-                let f = fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(&sp)
-                    .map_err(Error::io("cannot open lock file", &sp))?;
-                if f.try_lock().is_err() {
-                    return Err(busy(format!("shard {s} is already running")));
-                }
-                files.push(f);
+            Err(fs::TryLockError::Error(e)) => {
+                eprintln!(
+                    "note: {} cannot be locked ({e}); going on without the local lock (commits do not need it)",
+                    path.display()
+                );
+                return Ok(WorkdirLock { _file: None });
             }
         }
-        Ok(WorkdirLock { _files: files })
-    }
-
-    /// Serialises the final commit between concurrently finishing shards.
-    pub(crate) fn commit_guard(workdir: &Path) -> Result<File> {
-        let p = workdir.join(WORK_DIR).join(".commit.lock");
-        fs::create_dir_all(p.parent().unwrap()).map_err(Error::io("cannot create", &p))?;
-        let f = File::create(&p).map_err(Error::io("cannot open lock file", &p))?;
-        f.lock().map_err(Error::io("cannot lock", &p))?;
-        Ok(f)
+        if shard.is_none() {
+            fs::write(&path, format!("pid {}", std::process::id()))
+                .map_err(Error::io("cannot write", &path))?;
+        }
+        Ok(WorkdirLock { _file: Some(main) })
     }
 }
 
@@ -648,7 +764,8 @@ mod tests {
     #[test]
     fn every_batch_is_checked_against_the_declared_schema() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = StageWriter::open(dir.path(), "s", "fp").unwrap();
+        let run = RunStore::local(dir.path()).unwrap();
+        let mut w = StageWriter::open(&run, dir.path(), "s", "fp", false, true).unwrap();
         w.declare(vec![("t", schema(DataType::Int64))]).unwrap();
         let ints = RecordBatch::try_new(
             schema(DataType::Int64),

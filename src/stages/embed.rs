@@ -270,12 +270,7 @@ impl Stage for Embed {
                         f.display()
                     ));
                 }
-                (
-                    f,
-                    d.parent()
-                        .and_then(|s| s.file_name())
-                        .map(|s| s.to_string_lossy().into_owned()),
-                )
+                (f, Some(crate::framework::store::stage_of(d)))
             }
             (Some(c), None) => (ctx.resolve(c), None),
             (None, None) => {

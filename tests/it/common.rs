@@ -328,3 +328,43 @@ pub fn relative_max_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
     let scale = b.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
     (a - &b).abs().max().double_value(&[]) / scale
 }
+
+/// A stage's folder in a local run's store (`<run>/.genecis/<stage>`).
+pub fn store_of(run: &Path, stage: &str) -> PathBuf {
+    run.join(".genecis").join(stage)
+}
+
+/// The fingerprint folders of `stage` in the store (in progress or
+/// committed), sorted.
+pub fn work_folders(run: &Path, stage: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(store_of(run, stage))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .filter(|e| !e.file_name().to_string_lossy().starts_with(['_', '.']))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The head (highest version) of `stage`'s log, when it has one.
+pub fn head_record(run: &Path, stage: &str) -> Option<serde_json::Value> {
+    let log = store_of(run, stage).join("_log");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(log)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    v.sort();
+    let text = std::fs::read_to_string(v.last()?).unwrap();
+    Some(serde_json::from_str(&text).unwrap())
+}
+
+/// Removes a stage from a local run: its store folder and its view.
+pub fn drop_stage(run: &Path, stage: &str) {
+    let _ = std::fs::remove_dir_all(store_of(run, stage));
+    let _ = std::fs::remove_file(run.join(stage));
+}

@@ -738,7 +738,7 @@ fn embed_resumes_after_kill_minus_9_with_the_same_embeddings() {
     let ms = m.to_str().unwrap();
     let one = ["--set", "embed.chunk_size=1"];
     genecis(&["run", ms, "-q", "--only", "templates"]).ok();
-    let parts = tmp.path().join("run/.work/embed/image_embeddings");
+    let run = tmp.path().join("run");
     let mut killed_midway = false;
     for _attempt in 0..5 {
         let mut child = crate::common::bin()
@@ -748,7 +748,11 @@ fn embed_resumes_after_kill_minus_9_with_the_same_embeddings() {
             .unwrap();
         let t0 = Instant::now();
         loop {
-            let n = std::fs::read_dir(&parts).map(|d| d.count()).unwrap_or(0);
+            let n = crate::common::work_folders(&run, "embed")
+                .first()
+                .and_then(|f| std::fs::read_dir(f.join("image_embeddings")).ok())
+                .map(|d| d.count())
+                .unwrap_or(0);
             if n >= 3 || t0.elapsed() > Duration::from_secs(120) {
                 break;
             }
@@ -756,11 +760,11 @@ fn embed_resumes_after_kill_minus_9_with_the_same_embeddings() {
         }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        if !tmp.path().join("run/embed/_stage.json").exists() {
+        if crate::common::head_record(&run, "embed").is_none() {
             killed_midway = true;
             break;
         }
-        std::fs::remove_dir_all(tmp.path().join("run/embed")).unwrap();
+        crate::common::drop_stage(&run, "embed");
     }
     assert!(
         killed_midway,

@@ -377,9 +377,7 @@ fn other_families_run_through_embed_and_score_and_notes_say_which() {
         .write(dir.path());
     genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
     let notes = |stage: &str| -> Vec<String> {
-        let t = std::fs::read_to_string(dir.path().join("run").join(stage).join("_stage.json"))
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        let v = crate::common::head_record(&dir.path().join("run"), stage).unwrap();
         v["notes"]
             .as_array()
             .unwrap()

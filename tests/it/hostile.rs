@@ -5,7 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{bin, genecis, ingest_manifest, python, synthetic_tsv, write, Res};
+use crate::common::{
+    bin, genecis, head_record, ingest_manifest, python, store_of, synthetic_tsv, write, Res,
+};
 use crate::eval::{jpeg, manifest as eval_manifest, small_world};
 
 /// Peak RSS a refused bomb may reach: what libtorch, DataFusion and the
@@ -77,9 +79,10 @@ fn a_users_folder_named_like_a_stage_is_refused_not_deleted() {
         r.stderr
     );
     assert_untouched(&own);
-    // The same for the work folder of an unfinished stage.
-    let own_work = canary(&run.join(".work/captions"));
+    // The same for the stage's folder in the run's store.
     std::fs::remove_dir_all(run.join("captions")).unwrap();
+    std::fs::remove_dir_all(store_of(&run, "captions")).unwrap();
+    let own_work = canary(&store_of(&run, "captions"));
     let r = genecis(&["run", m.to_str().unwrap(), "-q"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert_untouched(&own_work);
@@ -117,7 +120,7 @@ fn root_and_foreign_workdirs_are_refused() {
         "--adopt-workdir",
     ])
     .ok();
-    assert!(theirs.join("captions/_stage.json").is_file());
+    assert!(head_record(&theirs, "captions").is_some());
     assert_untouched(&c);
 }
 

@@ -17,5 +17,6 @@ mod parse;
 mod report;
 mod run;
 mod sql;
+mod store;
 mod synth;
 mod train;

@@ -151,21 +151,23 @@ fn same_samples_whatever_shards_chunks_or_threads() {
     let a = dir.path().join("run/triplets/triplets");
     let b = other.join("triplets/triplets");
     let union = dir.path().join("cmp");
-    std::fs::create_dir_all(union.join("x")).unwrap();
-    // Compare through one SQL session: register both as stages of a scratch run.
+    // Compare through one SQL session: register both as tables of one stage
+    // of a scratch run (its store written here by hand).
+    let mut rec = head_record(&dir.path().join("run"), "triplets").unwrap();
+    rec["stage"] = "x".into();
+    let folder = rec["fingerprint"].as_str().unwrap()[..16].to_string();
+    let x = store_of(&union, "x");
     for (name, src) in [("triplets", &a), ("t2", &b)] {
-        let dst = union.join("x").join(name);
+        let dst = x.join(&folder).join(name);
         std::fs::create_dir_all(&dst).unwrap();
         for (f, bytes) in parts(src) {
             std::fs::write(dst.join(f), bytes).unwrap();
         }
     }
-    let rec = std::fs::read_to_string(dir.path().join("run/triplets/_stage.json")).unwrap();
-    let mut rec: serde_json::Value = serde_json::from_str(&rec).unwrap();
-    rec["stage"] = "x".into();
-    let n_other = std::fs::read_dir(&b).unwrap().count();
+    let n_other = parts(&b).len();
     rec["tables"] = serde_json::json!({"triplets": {"rows": 0, "parts": 5}, "t2": {"rows": 0, "parts": n_other}});
-    std::fs::write(union.join("x/_stage.json"), rec.to_string()).unwrap();
+    std::fs::create_dir_all(x.join("_log")).unwrap();
+    std::fs::write(x.join("_log/0000000001.json"), rec.to_string()).unwrap();
     assert_eq!(sql_csv(&union, q)[1], "0");
     assert_eq!(sql_csv(&union, "SELECT count(*) FROM t2")[1], "5000");
 }

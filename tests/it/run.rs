@@ -99,7 +99,7 @@ fn force_and_from_rerun_downstream() {
     );
 
     // --only on a stage whose input is not done is refused.
-    std::fs::remove_dir_all(dir.path().join("run/a")).unwrap();
+    drop_stage(&dir.path().join("run"), "a");
     let r = genecis(&["run", m, "--only", "b", "--force"]);
     assert_eq!(r.code, 1);
     assert!(
@@ -121,7 +121,7 @@ fn kill_minus_9_then_rerun_gives_the_same_table() {
     let dir = tempfile::tempdir().unwrap();
     synthetic_tsv(&dir.path().join("data.tsv"), 300_000);
     let m = ingest_manifest(dir.path(), "data.tsv", ", chunk_rows = 1000");
-    let work_parts = dir.path().join("run/.work/captions/captions");
+    let run = dir.path().join("run");
 
     let mut killed_midway = false;
     for _attempt in 0..3 {
@@ -131,7 +131,9 @@ fn kill_minus_9_then_rerun_gives_the_same_table() {
             .unwrap();
         let t0 = Instant::now();
         loop {
-            let n = std::fs::read_dir(&work_parts)
+            let n = work_folders(&run, "captions")
+                .first()
+                .and_then(|f| std::fs::read_dir(f.join("captions")).ok())
                 .map(|d| d.count())
                 .unwrap_or(0);
             if n >= 5 || t0.elapsed() > Duration::from_secs(120) {
@@ -141,7 +143,7 @@ fn kill_minus_9_then_rerun_gives_the_same_table() {
         }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        if !dir.path().join("run/captions/_stage.json").exists() {
+        if head_record(&run, "captions").is_none() {
             killed_midway = true;
             break;
         }
@@ -214,7 +216,7 @@ fn shards_union_equals_the_unsharded_table() {
     let m = m.to_str().unwrap();
     let r0 = genecis(&["run", m, "--shard", "0/3"]);
     assert!(
-        r0.ok().stdout.contains("chunks wait for other shards"),
+        r0.ok().stdout.contains("have not finished"),
         "{}",
         r0.stdout
     );
@@ -237,6 +239,124 @@ fn shards_union_equals_the_unsharded_table() {
             "{table}: shards differ from the unsharded run"
         );
     }
+}
+
+/// Six processes race on one stage's four shards (shards 1 and 3 run
+/// twice) in one local workdir; in every trial two of them are killed with
+/// SIGKILL at a random moment and rerun. Each trial ends with one log
+/// version that exactly one process committed (the others waited for
+/// shards or re-read that version), every part intact (`status` reads
+/// them all), and tables byte-identical to an unsharded run.
+#[test]
+fn racing_shard_processes_commit_once_and_match_the_unsharded_run() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("data.tsv"), 3_000);
+    let m = ingest_manifest(dir.path(), "data.tsv", ", chunk_rows = 100");
+    let m = m.to_str().unwrap();
+    let whole = dir.path().join("whole");
+    genecis(&["run", m, "-q", "--workdir", whole.to_str().unwrap()]).ok();
+    let shards = ["0/4", "1/4", "2/4", "3/4", "1/4", "3/4"];
+    let (mut kills, trials) = (0, 4u64);
+    for trial in 0..trials {
+        let run = dir.path().join(format!("race{trial}"));
+        let start = |shard: &str| {
+            bin()
+                .args([
+                    "run",
+                    m,
+                    "-q",
+                    "--workdir",
+                    run.to_str().unwrap(),
+                    "--shard",
+                    shard,
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let mut children: Vec<_> = shards.iter().map(|s| start(s)).collect();
+        // Two victims and a kill time, from the trial number.
+        let h = |k: u64| (trial * 0x9E37_79B9 + k * 0x85EB_CA6B).wrapping_mul(0xC2B2_AE35) >> 7;
+        let victims = [
+            h(1) as usize % 6,
+            (h(1) as usize % 6 + 1 + h(2) as usize % 5) % 6,
+        ];
+        std::thread::sleep(Duration::from_millis(150 + h(3) % 600));
+        let mut outs = Vec::new();
+        for &v in &victims {
+            if children[v].try_wait().unwrap().is_none() {
+                children[v].kill().unwrap(); // SIGKILL
+                kills += 1;
+            }
+        }
+        for c in children {
+            let o: Res = c.wait_with_output().unwrap().into();
+            outs.push(o.stdout);
+        }
+        for &v in &victims {
+            let o: Res = start(shards[v]).wait_with_output().unwrap().into();
+            outs.push(o.ok().stdout.clone());
+        }
+        let all = outs.join("");
+        let committed = all.matches("+ captions (").count();
+        assert_eq!(committed, 1, "trial {trial}: one commit\n{all}");
+        let log = std::fs::read_dir(store_of(&run, "captions").join("_log"))
+            .unwrap()
+            .count();
+        assert_eq!(log, 1, "trial {trial}: one log version");
+        let st = genecis(&["status", m, "--workdir", run.to_str().unwrap()]);
+        assert!(
+            st.ok().stdout.contains("captions             done"),
+            "{}",
+            st.stdout
+        );
+        for table in ["captions", "rejects"] {
+            assert!(
+                parts(&run.join("captions").join(table))
+                    == parts(&whole.join("captions").join(table)),
+                "trial {trial}: {table} differs from the unsharded run"
+            );
+        }
+        println!(
+            "trial {trial}: victims {victims:?}, {} re-read the commit, {} waited",
+            all.matches("committed by another shard").count(),
+            all.matches("have not finished").count()
+        );
+    }
+    println!("{trials} trials, {kills} processes killed mid-run, every table byte-identical");
+}
+
+/// A workdir of the old layout (`<stage>/_stage.json` beside the tables):
+/// the next run moves it into the store without recomputing it.
+#[test]
+fn an_old_layout_workdir_is_moved_into_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("data.tsv"), 500);
+    let m = ingest_manifest(dir.path(), "data.tsv", ", chunk_rows = 100");
+    let m = m.to_str().unwrap();
+    let run = dir.path().join("run");
+    genecis(&["run", m, "-q"]).ok();
+    let before = parts(&run.join("captions/captions"));
+    // Rebuild the old layout from the new one.
+    let mut rec = head_record(&run, "captions").unwrap();
+    let folder = work_folders(&run, "captions").pop().unwrap();
+    std::fs::remove_file(run.join("captions")).unwrap();
+    std::fs::rename(&folder, run.join("captions")).unwrap();
+    std::fs::remove_dir_all(run.join("captions/_shards")).unwrap();
+    rec["version"] = 0.into();
+    write(&run.join("captions/_stage.json"), rec.to_string());
+    std::fs::remove_dir_all(run.join(".genecis")).unwrap();
+
+    let r = genecis(&["run", m]);
+    assert!(
+        r.ok().stdout.contains("captions (ingest): up to date"),
+        "{}",
+        r.stdout
+    );
+    assert!(head_record(&run, "captions").is_some());
+    assert!(!run.join("captions/_stage.json").exists());
+    assert!(parts(&run.join("captions/captions")) == before);
 }
 
 /// `--shard auto` in a SLURM job array (`--array=1-3`): each task's shard

@@ -17,7 +17,8 @@ use genecis::model::StateDict;
 use genecis::stages::train::{train_step, Finetune, Optimizer, StepConfig};
 
 use crate::common::{
-    bin, forward_tolerance, genecis, python, script_fixtures, sql_csv, write, Manifest, EPS32,
+    bin, forward_tolerance, genecis, head_record, python, script_fixtures, sql_csv, work_folders,
+    write, Manifest, EPS32,
 };
 use crate::eval::{small_world, templates_params};
 use crate::model::fixtures;
@@ -438,11 +439,11 @@ fn fine_tuning_resumes_after_kill_9_bit_identically() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let state = b.path().join("run/.work/train/last/state.json");
+    let b_run = b.path().join("run");
     let t0 = Instant::now();
     let mut killed_at = None;
     while t0.elapsed() < Duration::from_secs(600) {
-        if let Ok(s) = std::fs::read_to_string(&state) {
+        if let Ok(s) = std::fs::read_to_string(checkpoint_state(&b_run)) {
             let v: serde_json::Value = serde_json::from_str(&s).unwrap_or_default();
             if v["epoch"] == 0 && v["step"].as_u64().unwrap_or(0) >= 3 {
                 child.kill().unwrap();
@@ -458,16 +459,25 @@ fn fine_tuning_resumes_after_kill_9_bit_identically() {
     let _ = child.wait();
     assert!(killed_at.is_some(), "run B was killed mid-epoch");
     assert!(
-        !b.path().join("run/train/_stage.json").exists(),
+        head_record(&b_run, "train").is_none(),
         "the killed run did not commit"
     );
     genecis(&["run", mb.to_str().unwrap(), "-q"]).ok();
-    let record = std::fs::read_to_string(b.path().join("run/train/_stage.json")).unwrap();
+    let record = head_record(&b_run, "train").unwrap().to_string();
     assert!(
         record.contains("resumed from") && record.contains("epoch 0, step"),
         "the rerun resumed mid-epoch: {record}"
     );
     same_training(a.path(), b.path(), &format!("killed at step {killed_at:?}"));
+}
+
+/// The resume state of a train stage in progress in `run` (empty until
+/// its folder exists).
+fn checkpoint_state(run: &Path) -> PathBuf {
+    work_folders(run, "train")
+        .first()
+        .map(|f| f.join("last/state.json"))
+        .unwrap_or_default()
 }
 
 /// Two fine-tuning runs (`<dir>/run`) ended bit-identically: weights,
@@ -768,7 +778,7 @@ fn two_ranks_train_what_one_rank_trains() {
         "{}",
         r.stdout
     );
-    let record = std::fs::read_to_string(two.join("train/_stage.json")).unwrap();
+    let record = head_record(&two, "train").unwrap().to_string();
     assert!(record.contains("x 2 ranks"), "{record}");
     let q = "SELECT count(*) FROM train_metrics WHERE split = 'train_step'";
     let steps: f64 = sql_csv(&one, q)[1].parse().unwrap();
@@ -868,11 +878,11 @@ fn two_rank_fine_tuning_survives_kill_9_of_a_rank() {
             .unwrap()
     };
     let (mut r0, mut r1) = (rank("0"), rank("1"));
-    let state = b.path().join("run/.work/train/last/state.json");
+    let b_run = b.path().join("run");
     let t0 = Instant::now();
     let mut killed_at = None;
     while t0.elapsed() < Duration::from_secs(600) && killed_at.is_none() {
-        if let Ok(s) = std::fs::read_to_string(&state) {
+        if let Ok(s) = std::fs::read_to_string(checkpoint_state(&b_run)) {
             let v: serde_json::Value = serde_json::from_str(&s).unwrap_or_default();
             if v["epoch"] == 0 && v["step"].as_u64().unwrap_or(0) >= 3 {
                 r1.kill().unwrap();
@@ -893,12 +903,9 @@ fn two_rank_fine_tuning_survives_kill_9_of_a_rank() {
     assert!(!out.status.success(), "rank 0 fails when rank 1 dies");
     assert!(stopped < Duration::from_secs(60), "took {stopped:?}");
     assert!(err.contains("stage 'train'"), "{err}");
-    assert!(
-        !b.path().join("run/train/_stage.json").exists(),
-        "nothing committed"
-    );
+    assert!(head_record(&b_run, "train").is_none(), "nothing committed");
     genecis(&["run", mb.to_str().unwrap(), "-q", "--nproc", "2"]).ok();
-    let record = std::fs::read_to_string(b.path().join("run/train/_stage.json")).unwrap();
+    let record = head_record(&b_run, "train").unwrap().to_string();
     assert!(
         record.contains("resumed from") && record.contains("x 2 ranks"),
         "{record}"

@@ -301,27 +301,14 @@ fn provenance(ctx: &StageContext, combiner: &Option<PathBuf>) -> Vec<(String, St
         ("genecis".to_string(), env!("CARGO_PKG_VERSION").to_string()),
         ("manifest".into(), ctx.manifest.display().to_string()),
     ];
-    let mut stages: Vec<&Path> = ctx.inputs.values().filter_map(|d| d.parent()).collect();
-    stages.sort();
-    stages.dedup();
-    for dir in stages {
-        let name = dir
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let Ok(text) = std::fs::read_to_string(dir.join("_stage.json")) else {
-            continue;
-        };
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-            continue;
-        };
-        if let Some(fp) = v.get("fingerprint").and_then(|f| f.as_str()) {
-            out.push((
-                format!("stage {name}"),
-                format!("fingerprint {}", &fp[..fp.len().min(16)]),
-            ));
-        }
-        if let Some(params) = v.get("params").and_then(|p| p.as_object()) {
+    for rec in &ctx.input_records {
+        let name = &rec.stage;
+        let fp = &rec.fingerprint;
+        out.push((
+            format!("stage {name}"),
+            format!("fingerprint {}", &fp[..fp.len().min(16)]),
+        ));
+        if let Some(params) = rec.params.as_object() {
             for (k, val) in params {
                 let Some(s) = val.as_str() else { continue };
                 let p = ctx.resolve(Path::new(s));

@@ -383,14 +383,6 @@ pub(crate) fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// The stage that made an input table (its folder's parent).
-fn stage_of(dir: &Path) -> String {
-    dir.parent()
-        .and_then(|p| p.file_name())
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "embed".into())
-}
-
 /// Rows of `keys` in an embedding table, as a [n, d] tensor; missing keys
 /// are an error that names a few and the stage to rerun.
 fn gather(e: &Embeddings, keys: &[String], what: &str, dir: &Path) -> Result<Tensor> {
@@ -408,7 +400,7 @@ fn gather(e: &Embeddings, keys: &[String], what: &str, dir: &Path) -> Result<Ten
             missing.len(),
             dir.display(),
             missing.iter().take(5).map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", "),
-            stage_of(dir)
+            crate::framework::store::stage_of(dir)
         )));
     }
     Ok(Tensor::from_slice(&flat).view([keys.len() as i64, e.dim as i64]))
