@@ -241,23 +241,28 @@ fn shards_union_equals_the_unsharded_table() {
     }
 }
 
-/// Six processes race on one stage's four shards (shards 1 and 3 run
-/// twice) in one local workdir; in every trial two of them are killed with
-/// SIGKILL at a random moment and rerun. Each trial ends with one log
-/// version that exactly one process committed (the others waited for
-/// shards or re-read that version), every part intact (`status` reads
-/// them all), and tables byte-identical to an unsharded run.
+/// Six processes race on one stage in one local workdir: in even trials
+/// its four shards (shards 1 and 3 run twice), in odd trials six copies of
+/// shard 0/1 (every process writes every part and reaches the commit at
+/// about the same time). In every trial two are killed with SIGKILL at a
+/// random moment and rerun. Each trial ends with one log version that
+/// exactly one process committed (the others waited for shards, or lost
+/// the race for the version and re-read it), every part intact (`status`
+/// reads them all), and tables byte-identical to an unsharded run.
 #[test]
 fn racing_shard_processes_commit_once_and_match_the_unsharded_run() {
     let dir = tempfile::tempdir().unwrap();
-    synthetic_tsv(&dir.path().join("data.tsv"), 3_000);
-    let m = ingest_manifest(dir.path(), "data.tsv", ", chunk_rows = 100");
+    synthetic_tsv(&dir.path().join("data.tsv"), 20_000);
+    let m = ingest_manifest(dir.path(), "data.tsv", ", chunk_rows = 500");
     let m = m.to_str().unwrap();
     let whole = dir.path().join("whole");
     genecis(&["run", m, "-q", "--workdir", whole.to_str().unwrap()]).ok();
-    let shards = ["0/4", "1/4", "2/4", "3/4", "1/4", "3/4"];
-    let (mut kills, trials) = (0, 4u64);
+    let (mut kills, mut reread, trials) = (0, 0, 6u64);
     for trial in 0..trials {
+        let shards = match trial % 2 {
+            0 => ["0/4", "1/4", "2/4", "3/4", "1/4", "3/4"],
+            _ => ["0/1"; 6],
+        };
         let run = dir.path().join(format!("race{trial}"));
         let start = |shard: &str| {
             bin()
@@ -318,13 +323,19 @@ fn racing_shard_processes_commit_once_and_match_the_unsharded_run() {
                 "trial {trial}: {table} differs from the unsharded run"
             );
         }
+        let lost = all.matches("committed by another shard").count();
+        reread += lost;
         println!(
-            "trial {trial}: victims {victims:?}, {} re-read the commit, {} waited",
-            all.matches("committed by another shard").count(),
-            all.matches("have not finished").count()
+            "trial {trial}: shards {:?}, victims {victims:?}, {lost} lost the commit and re-read it, {} waited for shards, {} found it done",
+            shards[0],
+            all.matches("have not finished").count(),
+            all.matches("): up to date").count()
         );
     }
-    println!("{trials} trials, {kills} processes killed mid-run, every table byte-identical");
+    println!(
+        "{trials} trials, {kills} processes killed mid-run, {reread} lost the race for the version; every table byte-identical"
+    );
+    assert!(reread > 0, "no process lost the race for the commit");
 }
 
 /// A workdir of the old layout (`<stage>/_stage.json` beside the tables):
