@@ -44,6 +44,12 @@ pub(crate) fn stage_state(plan: &Plan, s: &PlannedStage) -> Result<StageState> {
         )
     };
     let Some(rec) = record else {
+        if store::old_layout(&plan.workdir, &s.name) {
+            return Ok(StageState::Stale(vec![format!(
+                "committed in the old layout ({}/_stage.json): the next run moves it into the store, recomputing nothing that is current",
+                s.name
+            )]));
+        }
         return Ok(StageState::Missing {
             resumable_chunks: resumable()?,
         });

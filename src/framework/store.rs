@@ -281,12 +281,11 @@ pub(crate) fn version_dir(workdir: &Path, stage: &str, fingerprint: &str) -> Pat
 /// into the store: the folder becomes its fingerprint's folder, its record
 /// log version 1. Local workdirs only; a no-op otherwise.
 pub(crate) fn migrate_old_layout(run: &RunStore, workdir: &Path, stage: &str) -> Result<()> {
-    let dir = stage_dir(workdir, stage);
-    let old = dir.join(RECORD_FILE);
-    let is_link = fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink());
-    if run.local.is_none() || is_link || !old.is_file() {
+    if run.local.is_none() || !old_layout(workdir, stage) {
         return Ok(());
     }
+    let dir = stage_dir(workdir, stage);
+    let old = dir.join(RECORD_FILE);
     let text = fs::read_to_string(&old).map_err(Error::io("cannot read", &old))?;
     let mut rec: StageRecord = serde_json::from_str(&text).map_err(|e| Error::CorruptRecord {
         path: old.clone(),
@@ -311,6 +310,13 @@ pub(crate) fn migrate_old_layout(run: &RunStore, workdir: &Path, stage: &str) ->
     }
     point_view(workdir, &rec);
     Ok(())
+}
+
+/// Whether `<workdir>/<stage>` is a stage committed in the old layout.
+pub(crate) fn old_layout(workdir: &Path, stage: &str) -> bool {
+    let dir = stage_dir(workdir, stage);
+    let is_link = fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink());
+    !is_link && dir.join(RECORD_FILE).is_file()
 }
 
 /// Points the view `<workdir>/<stage>` at the head's folder (a link

@@ -359,6 +359,12 @@ fn an_old_layout_workdir_is_moved_into_the_store() {
     write(&run.join("captions/_stage.json"), rec.to_string());
     std::fs::remove_dir_all(run.join(".genecis")).unwrap();
 
+    let st = genecis(&["status", m]);
+    assert!(
+        st.ok().stdout.contains("next run moves it into the store"),
+        "{}",
+        st.stdout
+    );
     let r = genecis(&["run", m]);
     assert!(
         r.ok().stdout.contains("captions (ingest): up to date"),
