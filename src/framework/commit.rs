@@ -82,18 +82,24 @@ pub enum Outcome {
     Waiting { missing: Vec<usize> },
 }
 
-/// Runs a store call from synchronous code (stages and the runner are).
-pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
+/// Runs a store call from synchronous code (stages and the runner are), on
+/// one I/O runtime shared by every thread of the process.
+pub(crate) fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    static RT: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    let rt = RT.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("genecis-store")
             .enable_all()
             .build()
-            .expect("cannot start the store's I/O runtime")
-    })
-    .block_on(f)
+            .map_err(|e| e.to_string())
+    });
+    match rt {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => Err(Error::Data(format!(
+            "cannot start the I/O runtime of the run's store ({e}); the system is out of threads or memory"
+        ))),
+    }
 }
 
 fn store_err(op: &'static str, key: &Key) -> impl FnOnce(object_store::Error) -> Error {
@@ -822,7 +828,12 @@ mod tests {
             folder_of(fp),
             crate::framework::store::part_name(5)
         );
-        block_on(run.store.delete(&run.key(&gone))).unwrap();
+        block_on(async {
+            let key = run.key(&gone);
+            run.store.delete(&key).await.unwrap();
+            Ok(())
+        })
+        .unwrap();
         let e = block_on(run.commit("s", 1, 0, record(fp))).unwrap_err();
         assert!(e.to_string().contains("part-00005.parquet"), "{e}");
         assert!(block_on(run.versions("s")).unwrap().is_empty());
