@@ -8,7 +8,10 @@ pub fn bin() -> Command {
 }
 
 pub struct Res {
+    /// The exit code; -1 when a signal ended the process.
     pub code: i32,
+    /// The signal that ended the process, if one did.
+    pub signal: Option<i32>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -17,8 +20,8 @@ impl Res {
     pub fn ok(&self) -> &Self {
         assert_eq!(
             self.code, 0,
-            "expected success\nstdout:\n{}\nstderr:\n{}",
-            self.stdout, self.stderr
+            "expected success (signal {:?})\nstdout:\n{}\nstderr:\n{}",
+            self.signal, self.stdout, self.stderr
         );
         self
     }
@@ -26,8 +29,10 @@ impl Res {
 
 impl From<Output> for Res {
     fn from(o: Output) -> Res {
+        use std::os::unix::process::ExitStatusExt;
         Res {
             code: o.status.code().unwrap_or(-1),
+            signal: o.status.signal(),
             stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
         }
@@ -181,7 +186,18 @@ pub fn example_sql(target: &Path, file: &str) -> String {
     local.ok();
     #[cfg(feature = "ballista")]
     {
-        let cluster = genecis(&[&args[..], &["--cluster", "standalone"]].concat());
+        let on_cluster = || genecis(&[&args[..], &["--cluster", "standalone"]].concat());
+        let mut cluster = on_cluster();
+        if let Some(sig) = cluster.signal {
+            // Seen once in CI: the standalone cluster's process ended by a
+            // signal after printing its rows (not reproduced in 80 runs
+            // under load). Say so, and try once more.
+            eprintln!(
+                "note: {file} on the standalone cluster ended by signal {sig}; retrying once\nstdout:\n{}\nstderr:\n{}",
+                cluster.stdout, cluster.stderr
+            );
+            cluster = on_cluster();
+        }
         cluster.ok();
         let rows = |s: &str| {
             let mut v: Vec<String> = s.lines().map(str::to_string).collect();

@@ -41,6 +41,7 @@ fn measured(args: &[&str]) -> (Res, f64) {
     };
     let res = Res {
         code,
+        signal: libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
         stdout: std::fs::read_to_string(out).unwrap(),
         stderr: std::fs::read_to_string(err).unwrap(),
     };
