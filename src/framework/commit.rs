@@ -50,6 +50,11 @@ pub(crate) fn folder_of(fingerprint: &str) -> &str {
     &fingerprint[..fingerprint.len().min(16)]
 }
 
+/// The key (under the run's root) of `fingerprint`'s folder of `stage`.
+pub(crate) fn version_key(stage: &str, fingerprint: &str) -> String {
+    format!("{stage}/{}", folder_of(fingerprint))
+}
+
 /// One part file as a shard saw it in the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartStat {
@@ -458,7 +463,7 @@ impl RunStore {
         base: u64,
         mut record: StageRecord,
     ) -> Result<Outcome> {
-        let folder = format!("{stage}/{}", folder_of(&record.fingerprint));
+        let folder = version_key(stage, &record.fingerprint);
         let mut shards = Vec::with_capacity(count);
         let mut missing = Vec::new();
         for i in 0..count {
@@ -529,8 +534,9 @@ impl RunStore {
             }
             if let Some(r) = self.record(stage, v).await? {
                 let f = folder_of(&r.fingerprint).to_string();
-                if f != mine && gone.insert(f.clone()) {
-                    self.delete_prefix(&format!("{stage}/{f}")).await?;
+                if f != mine && gone.insert(f) {
+                    self.delete_prefix(&version_key(stage, &r.fingerprint))
+                        .await?;
                 }
             }
         }
@@ -544,8 +550,8 @@ pub(crate) fn log_key(stage: &str, version: u64) -> String {
 
 pub(crate) fn shard_key(stage: &str, fingerprint: &str, index: usize, count: usize) -> String {
     format!(
-        "{stage}/{}/{SHARDS_DIR}/{index}-of-{count}.json",
-        folder_of(fingerprint)
+        "{}/{SHARDS_DIR}/{index}-of-{count}.json",
+        version_key(stage, fingerprint)
     )
 }
 

@@ -34,7 +34,18 @@ impl StageState {
 
 /// Compares what the manifest asks for with what the workdir holds.
 pub(crate) fn stage_state(plan: &Plan, s: &PlannedStage) -> Result<StageState> {
-    let record = StageRecord::head(&plan.store, &s.name)?;
+    assess(plan, s).map(|(state, _)| state)
+}
+
+/// The stage's state and its head record (read once: on an object store
+/// each read is a request).
+fn assess(plan: &Plan, s: &PlannedStage) -> Result<(StageState, Option<StageRecord>)> {
+    let head = StageRecord::head(&plan.store, &s.name)?;
+    let state = state_of(plan, s, head.as_ref())?;
+    Ok((state, head))
+}
+
+fn state_of(plan: &Plan, s: &PlannedStage, record: Option<&StageRecord>) -> Result<StageState> {
     let resumable = || {
         store::resumable_chunks(
             &plan.store,
@@ -70,7 +81,7 @@ pub(crate) fn stage_state(plan: &Plan, s: &PlannedStage) -> Result<StageState> {
         ));
         return Ok(StageState::Stale(why));
     }
-    Ok(StageState::Stale(explain(plan, s, &rec)))
+    Ok(StageState::Stale(explain(plan, s, rec)))
 }
 
 fn explain(plan: &Plan, s: &PlannedStage, rec: &StageRecord) -> Vec<String> {
@@ -302,16 +313,14 @@ pub fn run(plan: &Plan, req: &RunRequest) -> Result<Vec<StageOutcome>> {
         if !selected.contains(&s.name) {
             continue;
         }
-        let state = stage_state(plan, s)?;
+        let (state, head) = assess(plan, s)?;
         if state == StageState::Done && !forced.contains(&s.name) {
             if let Some(r) = ranks.filter(|_| s.kind.distributed()) {
                 ranks::post(r, &s.name, Signal::Skip)?;
             }
             // A run killed between its commit and its view left the view behind.
-            if let Some(rec) =
-                StageRecord::head(&plan.store, &s.name)?.filter(|_| plan.store.local.is_some())
-            {
-                store::point_view(&plan.workdir, &rec);
+            if let Some(rec) = head.as_ref().filter(|_| plan.store.local.is_some()) {
+                store::point_view(&plan.workdir, rec);
             }
             println!("= {} ({}): up to date", s.name, s.kind.kind());
             outcomes.push(StageOutcome {
@@ -351,8 +360,7 @@ pub fn run(plan: &Plan, req: &RunRequest) -> Result<Vec<StageOutcome>> {
         // A forced run, or a rebuild of damaged parts, starts from scratch:
         // the fingerprint's folder holds the committed parts themselves.
         let damaged = matches!(state, StageState::Stale(_))
-            && StageRecord::head(&plan.store, &s.name)?
-                .is_some_and(|h| h.fingerprint == s.fingerprint);
+            && head.is_some_and(|h| h.fingerprint == s.fingerprint);
         if damaged && req.shard.is_some() {
             return Err(Error::NotReady {
                 stage: s.name.clone(),
@@ -505,7 +513,7 @@ fn run_stage(
                 .map(|u| u.fingerprint.as_str())
                 .unwrap_or_default();
             run.sync_down(
-                &format!("{}/{}", b.stage, commit::folder_of(fp)),
+                &commit::version_key(&b.stage, fp),
                 &store::version_dir(&plan.workdir, &b.stage, fp),
             )?;
         }

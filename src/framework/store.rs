@@ -173,7 +173,7 @@ impl StageRecord {
     /// [`StageRecord::damaged_parts`] against a remote store: missing parts
     /// and parts of another size (a remote store is not read whole).
     pub(crate) fn damaged_in_store(&self, run: &RunStore) -> Result<Vec<String>> {
-        let rel = format!("{}/{}", self.stage, folder_of(&self.fingerprint));
+        let rel = commit::version_key(&self.stage, &self.fingerprint);
         let listed = block_on(run.list(&rel))?;
         let mut out = Vec::new();
         for (name, stat) in &self.tables {
@@ -239,7 +239,7 @@ pub(crate) fn committed(workdir: &Path, run: &RunStore) -> Result<Vec<(StageReco
         if let Some(rec) = StageRecord::head(run, &n)? {
             let dir = rec.dir(workdir);
             if run.local.is_none() {
-                run.sync_down(&format!("{n}/{}", folder_of(&rec.fingerprint)), &dir)?;
+                run.sync_down(&commit::version_key(&n, &rec.fingerprint), &dir)?;
                 point_view(workdir, &rec);
             }
             out.push((rec, dir));
@@ -372,7 +372,7 @@ impl StageWriter {
     ) -> Result<StageWriter> {
         let sdir = store_stage_dir(workdir, stage);
         let dir = version_dir(workdir, stage, fingerprint);
-        let rel = format!("{stage}/{}", folder_of(fingerprint));
+        let rel = commit::version_key(stage, fingerprint);
         ensure_ours(&sdir, &format!("stage '{stage}'"))?;
         fs::create_dir_all(&sdir).map_err(Error::io("cannot create", &sdir))?;
         write_atomic(
@@ -437,7 +437,10 @@ impl StageWriter {
     }
 
     fn rel(&self, tail: &str) -> String {
-        format!("{}/{}/{tail}", self.stage, folder_of(&self.fingerprint))
+        format!(
+            "{}/{tail}",
+            commit::version_key(&self.stage, &self.fingerprint)
+        )
     }
 
     /// A chunk is finished when every table has its part file.
@@ -540,7 +543,7 @@ impl StageWriter {
         if self.run.local.is_some() {
             return Ok(());
         }
-        let rel = format!("{}/{}", self.stage, folder_of(&self.fingerprint));
+        let rel = commit::version_key(&self.stage, &self.fingerprint);
         self.run.sync_up(&self.dir, &rel, |p| {
             !p.starts_with(commit::SHARDS_DIR)
                 && !self
@@ -571,7 +574,7 @@ pub(crate) fn resumable_chunks(
     if tables.is_empty() {
         return Ok(0);
     }
-    let listed = block_on(run.list(&format!("{stage}/{}", folder_of(fingerprint))))?;
+    let listed = block_on(run.list(&commit::version_key(stage, fingerprint)))?;
     let count = |t: &TableDef| {
         listed
             .keys()
