@@ -132,8 +132,12 @@ pub enum Error {
         source: parquet::errors::ParquetError,
     },
 
-    #[error("corrupt run record {}: {message}. Delete the stage folder and rerun it.", .path.display())]
-    CorruptRecord { path: PathBuf, message: String },
+    #[error("corrupt run record {} of stage '{stage}': {message}. The record cannot be trusted: delete the stage's folder in the run's store (`.genecis/{stage}/` in a local workdir, the folder above `_log/`), then rebuild it with `genecis run MANIFEST --from {stage}`.", .path.display())]
+    CorruptRecord {
+        path: PathBuf,
+        stage: String,
+        message: String,
+    },
 
     #[error("no genecis run at {}: pass a manifest (.toml) or a workdir that holds <stage>/_log/ records (run the pipeline first)", .0.display())]
     NoRun(PathBuf),
@@ -176,6 +180,7 @@ impl Error {
                 | Error::CheckFailed { .. }
                 | Error::NotOurs { .. }
                 | Error::WorkdirUrl { .. }
+                | Error::Model(crate::model::ModelError::Config { .. })
         )
     }
 

@@ -47,7 +47,103 @@ pub struct RunStore {
 
 /// The folder (under the stage) of a fingerprint's parts.
 pub(crate) fn folder_of(fingerprint: &str) -> &str {
-    &fingerprint[..fingerprint.len().min(16)]
+    // Records are checked when read (hex only); never slice inside a char.
+    fingerprint.get(..16).unwrap_or(fingerprint)
+}
+
+/// The most parts or chunks a record may claim: a stage of a million
+/// chunks is far beyond any run; a record claiming more is damaged (and
+/// would make `status` loop for ever).
+const MAX_PARTS: usize = 1 << 20;
+
+/// Checks on what a record read from the store says, before any of it
+/// builds a key, a path or a loop.
+pub(crate) mod check {
+    use super::MAX_PARTS;
+
+    pub(crate) fn fingerprint(what: &str, f: &str) -> Result<(), String> {
+        if (16..=64).contains(&f.len()) && f.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(())
+        } else {
+            Err(format!("{what} '{}' is not a fingerprint (16 to 64 hex digits)", f.escape_debug()))
+        }
+    }
+
+    pub(crate) fn blake3(what: &str, h: &str) -> Result<(), String> {
+        if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(())
+        } else {
+            Err(format!("{what} '{}' is not a blake3 hash (64 hex digits)", h.escape_debug()))
+        }
+    }
+
+    /// A stage or table name: one plain path component.
+    pub(crate) fn name(what: &str, n: &str) -> Result<(), String> {
+        let ok = !n.is_empty()
+            && n.len() <= 255
+            && !n.starts_with('.')
+            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("{what} '{}' is not a plain name", n.escape_debug()))
+        }
+    }
+
+    pub(crate) fn count(what: &str, n: usize) -> Result<(), String> {
+        if n <= MAX_PARTS {
+            Ok(())
+        } else {
+            Err(format!("{what} is {n}, more than any run has ({MAX_PARTS})"))
+        }
+    }
+}
+
+/// A record of `stage` from the store, parsed and checked: a damaged one
+/// is named with what repairs it.
+pub(crate) fn parse_record<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    path: impl Into<PathBuf>,
+    stage: &str,
+    checked: impl FnOnce(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    let path: PathBuf = path.into();
+    let corrupt = |message: String| Error::CorruptRecord {
+        path: path.clone(),
+        stage: stage.to_string(),
+        message,
+    };
+    let rec: T = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    match checked(&rec) {
+        Ok(()) => Ok(rec),
+        Err(m) => Err(corrupt(m)),
+    }
+}
+
+impl ShardRecord {
+    /// What a shard record must hold to be used.
+    pub(crate) fn check(&self, index: usize, count: usize) -> std::result::Result<(), String> {
+        check::fingerprint("fingerprint", &self.fingerprint)?;
+        if (self.index, self.count) != (index, count) {
+            return Err(format!(
+                "it says shard {} of {}, its name {index} of {count}",
+                self.index, self.count
+            ));
+        }
+        check::count("chunks", self.chunks)?;
+        check::count("parts", self.parts.len())?;
+        for t in &self.tables {
+            check::name("table", t)?;
+        }
+        for p in &self.parts {
+            check::name("table", &p.table)?;
+            check::blake3("blake3", &p.blake3)?;
+            if p.chunk >= self.chunks {
+                return Err(format!("a part of chunk {} of {}", p.chunk, self.chunks));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The key (under the run's root) of `fingerprint`'s folder of `stage`.
@@ -420,12 +516,10 @@ impl RunStore {
         let Some(bytes) = self.get(&rel).await? else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| Error::CorruptRecord {
-                path: self.key(&rel).to_string().into(),
-                message: e.to_string(),
-            })
+        parse_record(&bytes, self.key(&rel).to_string(), stage, |r: &StageRecord| {
+            r.check(stage, Some(version))
+        })
+        .map(Some)
     }
 
     /// The current state: the highest version of the log.
@@ -446,9 +540,8 @@ impl RunStore {
             return Ok(rec.clone());
         }
         let bytes = self.get(&rel).await?.unwrap_or_default();
-        serde_json::from_slice(&bytes).map_err(|e| Error::CorruptRecord {
-            path: self.key(&rel).to_string().into(),
-            message: e.to_string(),
+        parse_record(&bytes, self.key(&rel).to_string(), stage, |r: &ShardRecord| {
+            r.check(rec.index, rec.count)
         })
     }
 
@@ -470,12 +563,12 @@ impl RunStore {
             let rel = shard_key(stage, &record.fingerprint, i, count);
             match self.get(&rel).await? {
                 None => missing.push(i),
-                Some(b) => shards.push(serde_json::from_slice::<ShardRecord>(&b).map_err(|e| {
-                    Error::CorruptRecord {
-                        path: self.key(&rel).to_string().into(),
-                        message: e.to_string(),
-                    }
-                })?),
+                Some(b) => shards.push(parse_record(
+                    &b,
+                    self.key(&rel).to_string(),
+                    stage,
+                    |r: &ShardRecord| r.check(i, count),
+                )?),
             }
         }
         if !missing.is_empty() {
@@ -742,7 +835,7 @@ mod tests {
                         let (run, barrier) = (&run, &barrier);
                         s.spawn(move || {
                             barrier.wait();
-                            writer(run, "fp-a-0123456789abcdef", i, 4, stop)
+                            writer(run, "aaaa0123456789abcdef", i, 4, stop)
                         })
                     })
                     .collect();
@@ -753,7 +846,7 @@ mod tests {
             for (who, stop) in plan.iter().enumerate() {
                 if *stop != Stop::Never {
                     all.extend(
-                        writer(&run, "fp-a-0123456789abcdef", shards[who], 4, Stop::Never).unwrap(),
+                        writer(&run, "aaaa0123456789abcdef", shards[who], 4, Stop::Never).unwrap(),
                     );
                 }
             }
@@ -797,7 +890,7 @@ mod tests {
             let run = RunStore::remote(Arc::new(InMemory::new()), "");
             let barrier = Barrier::new(2);
             let results: Vec<_> = std::thread::scope(|s| {
-                let hs: Vec<_> = ["fp-a-0123456789abcdef", "fp-b-0123456789abcdef"]
+                let hs: Vec<_> = ["aaaa0123456789abcdef", "bbbb0123456789abcdef"]
                     .into_iter()
                     .map(|fp| {
                         let (run, barrier) = (&run, &barrier);
@@ -827,7 +920,7 @@ mod tests {
     #[test]
     fn a_record_never_points_at_a_missing_part() {
         let run = RunStore::remote(Arc::new(InMemory::new()), "r");
-        let fp = "fp-a-0123456789abcdef";
+        let fp = "aaaa0123456789abcdef";
         writer(&run, fp, 0, 1, Stop::BeforeCommit).unwrap();
         let gone = format!(
             "s/{}/t/{}",
@@ -844,7 +937,7 @@ mod tests {
         assert!(e.to_string().contains("part-00005.parquet"), "{e}");
         assert!(block_on(run.versions("s")).unwrap().is_empty());
         // A later plan's version supersedes: the head is the highest version.
-        writer(&run, "fp-b-0123456789abcdef", 0, 1, Stop::Never).unwrap();
+        writer(&run, "bbbb0123456789abcdef", 0, 1, Stop::Never).unwrap();
         block_on(run.put(&gone, part(fp, 5))).unwrap();
         let Outcome::Committed(r) = block_on(run.commit("s", 1, 1, record(fp))).unwrap() else {
             panic!("plan a recommits on top of plan b")

@@ -165,6 +165,47 @@ pub struct StageRecord {
 }
 
 impl StageRecord {
+    /// What a record of `stage` (log `version`, when read from the log)
+    /// must hold before its fields build keys, paths or loops.
+    pub(crate) fn check(&self, stage: &str, version: Option<u64>) -> std::result::Result<(), String> {
+        use commit::check;
+        if self.stage != stage {
+            return Err(format!(
+                "it is a record of stage '{}', found under '{stage}'",
+                self.stage.escape_debug()
+            ));
+        }
+        if let Some(v) = version.filter(|&v| v != self.version) {
+            return Err(format!("it says version {}, its name {v}", self.version));
+        }
+        check::fingerprint("fingerprint", &self.fingerprint)?;
+        for i in &self.inputs {
+            check::name("input stage", &i.stage)?;
+            check::fingerprint("input fingerprint", &i.fingerprint)?;
+        }
+        check::count("chunks", self.chunks)?;
+        if self.chunks_resumed > self.chunks {
+            return Err(format!(
+                "{} of {} chunks resumed",
+                self.chunks_resumed, self.chunks
+            ));
+        }
+        check::count("tables", self.tables.len())?;
+        for (name, t) in &self.tables {
+            check::name("table", name)?;
+            check::count(&format!("table {name}'s parts"), t.parts)?;
+            for (what, n) in [("sizes", t.part_bytes.len()), ("hashes", t.part_blake3.len())] {
+                if n != 0 && n != t.parts {
+                    return Err(format!("table {name} has {} parts but {n} part {what}", t.parts));
+                }
+            }
+            for h in &t.part_blake3 {
+                check::blake3(&format!("table {name}'s part hash"), h)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The head record of `stage` in `run`.
     pub(crate) fn head(run: &RunStore, stage: &str) -> Result<Option<StageRecord>> {
         block_on(run.head(stage))
@@ -287,10 +328,10 @@ pub(crate) fn migrate_old_layout(run: &RunStore, workdir: &Path, stage: &str) ->
     let dir = stage_dir(workdir, stage);
     let old = dir.join(RECORD_FILE);
     let text = fs::read_to_string(&old).map_err(Error::io("cannot read", &old))?;
-    let mut rec: StageRecord = serde_json::from_str(&text).map_err(|e| Error::CorruptRecord {
-        path: old.clone(),
-        message: e.to_string(),
-    })?;
+    let mut rec: StageRecord =
+        commit::parse_record(text.as_bytes(), old.clone(), stage, |r: &StageRecord| {
+            r.check(stage, None)
+        })?;
     let folder = rec.dir(workdir);
     let parent = store_stage_dir(workdir, stage);
     fs::create_dir_all(&parent).map_err(Error::io("cannot create", &parent))?;
@@ -774,7 +815,7 @@ mod tests {
     fn every_batch_is_checked_against_the_declared_schema() {
         let dir = tempfile::tempdir().unwrap();
         let run = RunStore::local(dir.path()).unwrap();
-        let mut w = StageWriter::open(&run, dir.path(), "s", "fp", false, true).unwrap();
+        let mut w = StageWriter::open(&run, dir.path(), "s", "0123456789abcdef", false, true).unwrap();
         w.declare(vec![("t", schema(DataType::Int64))]).unwrap();
         let ints = RecordBatch::try_new(
             schema(DataType::Int64),

@@ -108,6 +108,167 @@ pub struct ClipConfig {
     pub source: String,
     /// True when nothing said which CLIP this is and OpenAI's was assumed.
     pub assumed: bool,
+    /// Whose names the fields had, for errors that name them.
+    pub fields: Fields,
+}
+
+/// The naming scheme of the source a configuration came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fields {
+    /// open_clip's model-config JSON (`vision_cfg`, `text_cfg`) or its table.
+    OpenClip,
+    /// A Hugging Face `config.json` (`vision_config`, `text_config`).
+    HuggingFace,
+    /// Inferred from an OpenAI state dict's tensors, as `build_model` does.
+    Inferred,
+}
+
+/// What a configuration sets, per tower where there are two.
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    Embed,
+    Image,
+    Patch,
+    Width(bool),
+    Layers(bool),
+    Heads(bool),
+    Mlp(bool),
+    Eps(bool),
+    Context,
+    Vocab,
+    Eos,
+}
+
+/// Bounds far beyond every released CLIP (ViT-bigG: width 1664, 48
+/// layers; EVA's 64) that keep a lying config from building a model no
+/// machine holds.
+const MAX_WIDTH: i64 = 1 << 14;
+const MAX_LAYERS: i64 = 256;
+const MAX_IMAGE: i64 = 4096;
+const MAX_VOCAB: i64 = 1 << 22;
+
+impl Fields {
+    /// The field's name in this scheme (`true` is the vision tower).
+    fn name(self, f: Field) -> &'static str {
+        use Field::*;
+        match (self, f) {
+            (Fields::OpenClip, Embed) => "embed_dim",
+            (Fields::OpenClip, Image) => "vision_cfg.image_size",
+            (Fields::OpenClip, Patch) => "vision_cfg.patch_size",
+            (Fields::OpenClip, Width(true)) => "vision_cfg.width",
+            (Fields::OpenClip, Width(false)) => "text_cfg.width",
+            (Fields::OpenClip, Layers(true)) => "vision_cfg.layers",
+            (Fields::OpenClip, Layers(false)) => "text_cfg.layers",
+            (Fields::OpenClip, Heads(true)) => "vision_cfg.head_width",
+            (Fields::OpenClip, Heads(false)) => "text_cfg.heads",
+            (Fields::OpenClip, Mlp(true)) => "vision_cfg.mlp_ratio",
+            (Fields::OpenClip, Mlp(false)) => "text_cfg.mlp_ratio",
+            (Fields::OpenClip, Eps(true)) => "vision_cfg.norm_kwargs.eps",
+            (Fields::OpenClip, Eps(false)) => "text_cfg.norm_kwargs.eps",
+            (Fields::OpenClip, Context) => "text_cfg.context_length",
+            (Fields::OpenClip, Vocab) => "text_cfg.vocab_size",
+            (Fields::OpenClip, Eos) => "text_cfg.eos_id",
+            (Fields::HuggingFace, Embed) => "projection_dim",
+            (Fields::HuggingFace, Image) => "vision_config.image_size",
+            (Fields::HuggingFace, Patch) => "vision_config.patch_size",
+            (Fields::HuggingFace, Width(true)) => "vision_config.hidden_size",
+            (Fields::HuggingFace, Width(false)) => "text_config.hidden_size",
+            (Fields::HuggingFace, Layers(true)) => "vision_config.num_hidden_layers",
+            (Fields::HuggingFace, Layers(false)) => "text_config.num_hidden_layers",
+            (Fields::HuggingFace, Heads(true)) => "vision_config.num_attention_heads",
+            (Fields::HuggingFace, Heads(false)) => "text_config.num_attention_heads",
+            (Fields::HuggingFace, Mlp(true)) => "vision_config.intermediate_size",
+            (Fields::HuggingFace, Mlp(false)) => "text_config.intermediate_size",
+            (Fields::HuggingFace, Eps(true)) => "vision_config.layer_norm_eps",
+            (Fields::HuggingFace, Eps(false)) => "text_config.layer_norm_eps",
+            (Fields::HuggingFace, Context) => "text_config.max_position_embeddings",
+            (Fields::HuggingFace, Vocab) => "text_config.vocab_size",
+            (Fields::HuggingFace, Eos) => "text_config.eos_token_id",
+            (Fields::Inferred, Embed) => "text_projection's columns",
+            (Fields::Inferred, Image) => "the image size (patch x grid of visual.positional_embedding)",
+            (Fields::Inferred, Patch) => "visual.conv1.weight's kernel",
+            (Fields::Inferred, Width(true)) => "visual.conv1.weight's rows",
+            (Fields::Inferred, Width(false)) => "ln_final.weight's size",
+            (Fields::Inferred, Layers(true)) => "the visual resblocks",
+            (Fields::Inferred, Layers(false)) => "the transformer resblocks",
+            (Fields::Inferred, Heads(_)) => "the heads (width // 64, as OpenAI's build_model infers them)",
+            (Fields::Inferred, Mlp(_)) => "the MLP width (4 x width)",
+            (Fields::Inferred, Eps(_)) => "the LayerNorm eps",
+            (Fields::Inferred, Context) => "positional_embedding's rows",
+            (Fields::Inferred, Vocab) => "token_embedding.weight's rows",
+            (Fields::Inferred, Eos) => "the end-of-text id",
+        }
+    }
+}
+
+impl ClipConfig {
+    /// Every field checked against its meaning before a tensor is built:
+    /// sizes positive and bounded, heads dividing widths, the patch inside
+    /// the image. The error names the field as the source spells it.
+    pub fn validate(&self) -> Result<(), String> {
+        let name = |f: Field| self.fields.name(f);
+        let range = |f: Field, v: i64, lo: i64, hi: i64| -> Result<(), String> {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{} is {v}; it must be {lo} to {hi}", name(f)))
+            }
+        };
+        let blocks = |b: &Blocks, vision: bool| -> Result<(), String> {
+            range(Field::Width(vision), b.width, 1, MAX_WIDTH)?;
+            range(Field::Layers(vision), b.layers, 1, MAX_LAYERS)?;
+            range(Field::Mlp(vision), b.mlp_width, 1, 16 * MAX_WIDTH)?;
+            if b.heads < 1 || b.width % b.heads != 0 {
+                return Err(format!(
+                    "{} gives {} attention heads for width {}: heads must be at least 1 and divide the width",
+                    name(Field::Heads(vision)),
+                    b.heads,
+                    b.width
+                ));
+            }
+            if !(b.ln_eps.is_finite() && b.ln_eps > 0.0) {
+                return Err(format!("{} is {}; it must be a positive number", name(Field::Eps(vision)), b.ln_eps));
+            }
+            Ok(())
+        };
+        range(Field::Embed, self.embed_dim, 1, MAX_WIDTH)?;
+        range(Field::Image, self.image_resolution, 1, MAX_IMAGE)?;
+        match &self.vision {
+            Vision::Vit { blocks: b, patch, .. } => {
+                blocks(b, true)?;
+                range(Field::Patch, *patch, 1, self.image_resolution)?;
+            }
+            Vision::ResNet { width, layers, heads } => {
+                range(Field::Width(true), *width, 1, MAX_WIDTH)?;
+                for l in layers {
+                    range(Field::Layers(true), *l, 1, MAX_LAYERS)?;
+                }
+                // The attention pool runs over the last stage's 32 x width
+                // channels on a grid of image / 32.
+                if *heads < 1 || (width * 32) % heads != 0 {
+                    return Err(format!(
+                        "{} gives {heads} attention-pool heads for {} channels: heads must be at least 1 and divide them",
+                        name(Field::Heads(true)),
+                        width * 32
+                    ));
+                }
+                if self.image_resolution % 32 != 0 {
+                    return Err(format!(
+                        "{} is {}; a ModifiedResNet needs a multiple of 32",
+                        name(Field::Image),
+                        self.image_resolution
+                    ));
+                }
+            }
+        }
+        blocks(&self.text, false)?;
+        range(Field::Context, self.context_length, 1, 1 << 14)?;
+        range(Field::Vocab, self.vocab_size, 1, MAX_VOCAB)?;
+        if let TextPool::Eos(id) = self.text_pool {
+            range(Field::Eos, id, 0, self.vocab_size - 1)?;
+        }
+        Ok(())
+    }
 }
 
 /// The note a stage writes when it assumed OpenAI's configuration.
@@ -409,6 +570,7 @@ pub fn named(name: &str) -> Option<ClipConfig> {
         preprocess: Preprocess::openai(c.image as u32),
         source: format!("open_clip {n}"),
         assumed: false,
+        fields: Fields::OpenClip,
     })
 }
 
@@ -669,6 +831,7 @@ pub fn from_open_clip_json(
         preprocess: pre,
         source: source.to_string(),
         assumed: false,
+        fields: Fields::OpenClip,
     })
 }
 
@@ -795,6 +958,7 @@ pub fn from_hf_config(
         preprocess,
         source: source.to_string(),
         assumed: false,
+        fields: Fields::HuggingFace,
     })
 }
 
@@ -1146,6 +1310,7 @@ impl ClipConfig {
             preprocess: Preprocess::openai(image_resolution as u32),
             source: "OpenAI CLIP (configuration inferred from the tensors)".into(),
             assumed: true,
+            fields: Fields::Inferred,
         })
     }
 }

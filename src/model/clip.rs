@@ -223,6 +223,10 @@ impl Clip {
     /// The weights under a known configuration: every tensor it reads
     /// present with its shape, nothing else, all finite.
     pub fn with_config(w: StateDict, config: ClipConfig) -> Result<Clip> {
+        config.validate().map_err(|m| ModelError::Config {
+            path: w.path.clone(),
+            message: format!("{}: {m}", config.source),
+        })?;
         let another = |e| {
             match e {
             ModelError::Missing { path, key, hint } => ModelError::Missing {

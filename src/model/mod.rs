@@ -271,7 +271,8 @@ pub(crate) fn read_named(path: &Path, device: Device) -> Result<Vec<(String, Ten
     } else if head.starts_with(b"PK") {
         match torch_pickle::read_state_dict(path) {
             Ok(v) => v,
-            Err(sd_err) => {
+            Err(torch_pickle::PickleError::Refused(m)) => return Err(err(m)),
+            Err(torch_pickle::PickleError::NotStateDict(sd_err)) => {
                 let m = tch::CModule::load_on_device(path, device).map_err(|e| {
                     err(format!(
                         "neither a state dict ({sd_err}) nor TorchScript ({})",

@@ -7,28 +7,60 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
+use std::rc::Rc;
 
 use tch::{Kind, Tensor};
 
+/// A pickle value. Containers live in the machine's arena and are held by
+/// index, so a memo reference shares its container as Python's unpickler
+/// does: a few hundred bytes that reuse one list at 40 levels cost 40
+/// nodes, not 2^40 copies, and dropping any nesting is flat.
 #[derive(Debug, Clone)]
 enum Value {
     None,
     Bool,
     Int(i64),
     Float,
-    Str(String),
+    Str(Rc<str>),
+    Global(Rc<str>, Rc<str>),
+    /// A persistent storage reference: (dtype name, key, numel).
+    Storage(Rc<str>, Rc<str>, i64),
+    Tensor(usize),
+    Mark,
+    /// A tuple, list, dict or object in the arena.
+    Node(usize),
+    /// Objects this reader does not need (hooks, metadata): kept opaque.
+    Opaque,
+}
+
+#[derive(Debug)]
+enum Node {
     Tuple(Vec<Value>),
     List(Vec<Value>),
     Dict(Vec<(Value, Value)>),
-    Global(String, String),
-    /// A persistent storage reference: (dtype name, key, numel).
-    Storage(String, String, i64),
-    Tensor(usize),
-    Mark,
-    /// An object (a TorchScript module) with the attributes BUILD gave it.
-    Object(Vec<(Value, Value)>),
-    /// Objects this reader does not need (hooks, metadata): kept opaque.
-    Opaque,
+    /// An object (a TorchScript module): the dicts BUILD gave it, by node.
+    Object(Vec<usize>),
+}
+
+/// Dicts and modules nested deeper than this are refused: a state dict
+/// nests a few levels per module (TorchScript's deepest here are ~20).
+const MAX_DEPTH: usize = 1000;
+
+/// Why a file is not read as a state dict.
+#[derive(Debug)]
+pub enum PickleError {
+    /// Not a torch.save'd state dict (perhaps TorchScript, which libtorch reads).
+    NotStateDict(String),
+    /// A state dict whose contents are refused: nothing else should try it.
+    Refused(String),
+}
+
+impl std::fmt::Display for PickleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PickleError::NotStateDict(m) | PickleError::Refused(m) => f.write_str(m),
+        }
+    }
 }
 
 struct Machine<'a> {
@@ -36,13 +68,14 @@ struct Machine<'a> {
     pos: usize,
     stack: Vec<Value>,
     memo: HashMap<u32, Value>,
+    nodes: Vec<Node>,
     tensors: Vec<Tensor>,
     storages: &'a dyn Fn(&str, &str, i64) -> Result<Tensor, String>,
 }
 
 impl Machine<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8], String> {
-        if self.pos + n > self.data.len() {
+        if n > self.data.len() - self.pos {
             return Err("truncated pickle".into());
         }
         let s = &self.data[self.pos..self.pos + n];
@@ -53,7 +86,8 @@ impl Machine<'_> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
     fn pop(&mut self) -> Result<Value, String> {
         self.stack
@@ -79,6 +113,37 @@ impl Machine<'_> {
         self.pos += 1;
         Ok(s)
     }
+    fn node(&mut self, n: Node) -> Value {
+        self.nodes.push(n);
+        Value::Node(self.nodes.len() - 1)
+    }
+    /// The node on top of the stack, if there is one.
+    fn top_node(&mut self) -> Option<&mut Node> {
+        match self.stack.last() {
+            Some(Value::Node(i)) => self.nodes.get_mut(*i),
+            _ => None,
+        }
+    }
+    /// The items of a tuple or list value.
+    fn items(&self, v: &Value) -> Option<&[Value]> {
+        match v {
+            Value::Node(i) => match &self.nodes[*i] {
+                Node::Tuple(t) | Node::List(t) => Some(t),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+    fn memo_put(&mut self, i: u32) -> Result<(), String> {
+        let v = self.stack.last().cloned().ok_or("memo of empty stack")?;
+        self.memo.insert(i, v);
+        Ok(())
+    }
+    fn memo_get(&mut self, i: u32) -> Result<(), String> {
+        let v = self.memo.get(&i).cloned().ok_or("missing memo")?;
+        self.stack.push(v);
+        Ok(())
+    }
 
     fn run(&mut self) -> Result<Value, String> {
         loop {
@@ -91,9 +156,18 @@ impl Machine<'_> {
                     self.take(8)?;
                 } // FRAME
                 b'.' => return self.pop(), // STOP
-                b'}' => self.stack.push(Value::Dict(Vec::new())),
-                b']' => self.stack.push(Value::List(Vec::new())),
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
+                b'}' => {
+                    let v = self.node(Node::Dict(Vec::new()));
+                    self.stack.push(v)
+                }
+                b']' => {
+                    let v = self.node(Node::List(Vec::new()));
+                    self.stack.push(v)
+                }
+                b')' => {
+                    let v = self.node(Node::Tuple(Vec::new()));
+                    self.stack.push(v)
+                }
                 b'(' => self.stack.push(Value::Mark),
                 b'N' => self.stack.push(Value::None),
                 0x88 | 0x89 => self.stack.push(Value::Bool),
@@ -107,7 +181,7 @@ impl Machine<'_> {
                     self.stack.push(Value::Int(v))
                 }
                 b'J' => {
-                    let v = i32::from_le_bytes(self.take(4)?.try_into().unwrap()) as i64;
+                    let v = self.u32()? as i32 as i64;
                     self.stack.push(Value::Int(v))
                 }
                 0x8a => {
@@ -129,43 +203,38 @@ impl Machine<'_> {
                 }
                 b'X' => {
                     let n = self.u32()? as usize;
-                    let s = String::from_utf8_lossy(self.take(n)?).into_owned();
+                    let s: Rc<str> = String::from_utf8_lossy(self.take(n)?).into();
                     self.stack.push(Value::Str(s))
                 }
                 0x8c => {
                     let n = self.u8()? as usize;
-                    let s = String::from_utf8_lossy(self.take(n)?).into_owned();
+                    let s: Rc<str> = String::from_utf8_lossy(self.take(n)?).into();
                     self.stack.push(Value::Str(s))
                 }
                 b'q' => {
                     let i = self.u8()? as u32;
-                    let v = self.stack.last().cloned().ok_or("memo of empty stack")?;
-                    self.memo.insert(i, v);
+                    self.memo_put(i)?
                 }
                 b'r' => {
                     let i = self.u32()?;
-                    let v = self.stack.last().cloned().ok_or("memo of empty stack")?;
-                    self.memo.insert(i, v);
+                    self.memo_put(i)?
                 }
                 0x94 => {
                     let i = self.memo.len() as u32;
-                    let v = self.stack.last().cloned().ok_or("memo of empty stack")?;
-                    self.memo.insert(i, v);
+                    self.memo_put(i)?
                 }
                 b'h' => {
                     let i = self.u8()? as u32;
-                    let v = self.memo.get(&i).cloned().ok_or("missing memo")?;
-                    self.stack.push(v)
+                    self.memo_get(i)?
                 }
                 b'j' => {
                     let i = self.u32()?;
-                    let v = self.memo.get(&i).cloned().ok_or("missing memo")?;
-                    self.stack.push(v)
+                    self.memo_get(i)?
                 }
                 b'c' => {
                     let m = self.line()?;
                     let n = self.line()?;
-                    self.stack.push(Value::Global(m, n))
+                    self.stack.push(Value::Global(m.into(), n.into()))
                 }
                 0x93 => {
                     let n = self.pop()?;
@@ -177,45 +246,40 @@ impl Machine<'_> {
                 }
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(items))
+                    let v = self.node(Node::Tuple(items));
+                    self.stack.push(v)
                 }
-                0x85 => {
-                    let a = self.pop()?;
-                    self.stack.push(Value::Tuple(vec![a]))
-                }
-                0x86 => {
-                    let b = self.pop()?;
-                    let a = self.pop()?;
-                    self.stack.push(Value::Tuple(vec![a, b]))
-                }
-                0x87 => {
-                    let c = self.pop()?;
-                    let b = self.pop()?;
-                    let a = self.pop()?;
-                    self.stack.push(Value::Tuple(vec![a, b, c]))
+                0x85..=0x87 => {
+                    let n = (op - 0x84) as usize;
+                    if self.stack.len() < n {
+                        return Err("pickle stack underflow".into());
+                    }
+                    let items = self.stack.split_off(self.stack.len() - n);
+                    let v = self.node(Node::Tuple(items));
+                    self.stack.push(v)
                 }
                 b'a' => {
                     let v = self.pop()?;
-                    if let Some(Value::List(l)) = self.stack.last_mut() {
+                    if let Some(Node::List(l)) = self.top_node() {
                         l.push(v)
                     }
                 }
                 b'e' => {
                     let items = self.pop_mark()?;
-                    if let Some(Value::List(l)) = self.stack.last_mut() {
+                    if let Some(Node::List(l)) = self.top_node() {
                         l.extend(items)
                     }
                 }
                 b's' => {
                     let v = self.pop()?;
                     let k = self.pop()?;
-                    if let Some(Value::Dict(d)) = self.stack.last_mut() {
+                    if let Some(Node::Dict(d)) = self.top_node() {
                         d.push((k, v))
                     }
                 }
                 b'u' => {
                     let items = self.pop_mark()?;
-                    if let Some(Value::Dict(d)) = self.stack.last_mut() {
+                    if let Some(Node::Dict(d)) = self.top_node() {
                         let mut it = items.into_iter();
                         while let (Some(k), Some(v)) = (it.next(), it.next()) {
                             d.push((k, v));
@@ -224,25 +288,23 @@ impl Machine<'_> {
                 }
                 b'Q' => {
                     let pid = self.pop()?;
-                    let v = match pid {
-                        Value::Tuple(t) if t.len() >= 5 => {
-                            let dtype = match &t[1] {
-                                Value::Global(_, n) => n.clone(),
-                                _ => return Err("storage without a type".into()),
-                            };
-                            let key = match &t[2] {
-                                Value::Str(s) => s.clone(),
-                                _ => return Err("storage without a key".into()),
-                            };
-                            let numel = match &t[4] {
-                                Value::Int(n) => *n,
-                                _ => return Err("storage without a size".into()),
-                            };
-                            Value::Storage(dtype, key, numel)
-                        }
-                        _ => return Err("unknown persistent id".into()),
+                    let t = self
+                        .items(&pid)
+                        .filter(|t| t.len() >= 5)
+                        .ok_or("unknown persistent id")?;
+                    let dtype = match &t[1] {
+                        Value::Global(_, n) => n.clone(),
+                        _ => return Err("storage without a type".into()),
                     };
-                    self.stack.push(v)
+                    let key = match &t[2] {
+                        Value::Str(s) => s.clone(),
+                        _ => return Err("storage without a key".into()),
+                    };
+                    let numel = match &t[4] {
+                        Value::Int(n) => *n,
+                        _ => return Err("storage without a size".into()),
+                    };
+                    self.stack.push(Value::Storage(dtype, key, numel))
                 }
                 b'R' => {
                     let args = self.pop()?;
@@ -253,15 +315,18 @@ impl Machine<'_> {
                 0x81 => {
                     let _args = self.pop()?;
                     let _cls = self.pop()?;
-                    self.stack.push(Value::Object(Vec::new()))
+                    let v = self.node(Node::Object(Vec::new()));
+                    self.stack.push(v)
                 }
                 b'b' => {
                     // BUILD: a module's attributes (TorchScript); other state is ignored.
                     let state = self.pop()?;
-                    if let (Some(Value::Object(attrs)), Value::Dict(items)) =
-                        (self.stack.last_mut(), state)
-                    {
-                        attrs.extend(items);
+                    if let Value::Node(i) = state {
+                        if matches!(self.nodes[i], Node::Dict(_)) {
+                            if let Some(Node::Object(attrs)) = self.top_node() {
+                                attrs.push(i);
+                            }
+                        }
                     }
                 }
                 other => {
@@ -278,39 +343,35 @@ impl Machine<'_> {
         let Value::Global(m, n) = f else {
             return Ok(Value::Opaque);
         };
-        let Value::Tuple(a) = args else {
+        let Some(a) = self.items(&args) else {
             return Ok(Value::Opaque);
         };
-        match (m.as_str(), n.as_str()) {
-            ("collections", "OrderedDict") => Ok(Value::Dict(Vec::new())),
+        match (&*m, &*n) {
+            ("collections", "OrderedDict") => Ok(self.node(Node::Dict(Vec::new()))),
             ("torch._utils", "_rebuild_tensor_v2") | ("torch._utils", "_rebuild_tensor") => {
                 let Some(Value::Storage(dtype, key, numel)) = a.first() else {
                     return Err("tensor without storage".into());
                 };
-                let ints = |v: &Value| -> Result<Vec<i64>, String> {
-                    match v {
-                        Value::Tuple(t) | Value::List(t) => t
-                            .iter()
-                            .map(|x| {
-                                if let Value::Int(i) = x {
-                                    Ok(*i)
-                                } else {
-                                    Err("bad size".to_string())
-                                }
-                            })
-                            .collect(),
-                        _ => Err("bad size".into()),
-                    }
+                let ints = |v: Option<&Value>, what: &str| -> Result<Vec<i64>, String> {
+                    v.and_then(|v| self.items(v))
+                        .ok_or_else(|| format!("tensor without a {what}"))?
+                        .iter()
+                        .map(|x| match x {
+                            Value::Int(i) => Ok(*i),
+                            _ => Err(format!("bad {what}")),
+                        })
+                        .collect()
                 };
                 let offset = if let Some(Value::Int(o)) = a.get(1) {
                     *o
                 } else {
                     0
                 };
-                let size = ints(a.get(2).ok_or("no size")?)?;
-                let stride = ints(a.get(3).ok_or("no stride")?)?;
-                check_view(key, *numel, offset, &size, &stride)?;
-                let storage = (self.storages)(dtype, key, *numel)?;
+                let size = ints(a.get(2), "size")?;
+                let stride = ints(a.get(3), "stride")?;
+                let (dtype, key, numel) = (dtype.clone(), key.clone(), *numel);
+                check_view(&key, numel, offset, &size, &stride)?;
+                let storage = (self.storages)(&dtype, &key, numel)?;
                 let t = storage
                     .f_as_strided(size.as_slice(), stride.as_slice(), Some(offset))
                     .and_then(|t| t.f_contiguous())
@@ -318,10 +379,8 @@ impl Machine<'_> {
                 self.tensors.push(t);
                 Ok(Value::Tensor(self.tensors.len() - 1))
             }
-            ("torch._utils", "_rebuild_parameter") => {
-                Ok(a.into_iter().next().unwrap_or(Value::None))
-            }
-            (m, _) if m.starts_with("__torch__") => Ok(Value::Object(Vec::new())),
+            ("torch._utils", "_rebuild_parameter") => Ok(a.first().cloned().unwrap_or(Value::None)),
+            (m, _) if m.starts_with("__torch__") => Ok(self.node(Node::Object(Vec::new()))),
             _ => Ok(Value::Opaque),
         }
     }
@@ -393,9 +452,15 @@ fn check_view(
     Ok(())
 }
 
-pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("not a zip archive: {e}"))?;
+/// The largest `data.pkl` read: a state dict's pickle names its tensors
+/// (a ViT-L's is ~100 KB); a compressed entry claiming more is refused.
+const MAX_PICKLE_BYTES: u64 = 256 << 20;
+
+pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, PickleError> {
+    use PickleError::{NotStateDict, Refused};
+    let file = std::fs::File::open(path).map_err(|e| NotStateDict(e.to_string()))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| NotStateDict(format!("not a zip archive: {e}")))?;
     let pkl_name = (0..zip.len())
         .filter_map(|i| {
             zip.by_index(i)
@@ -403,13 +468,20 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
                 .and_then(|f| f.name().ok().map(|n| n.to_string()))
         })
         .find(|n| n.ends_with("/data.pkl") || n == "data.pkl")
-        .ok_or("no data.pkl (not a torch.save archive)")?;
+        .ok_or_else(|| NotStateDict("no data.pkl (not a torch.save archive)".into()))?;
     let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
     let mut pkl = Vec::new();
     zip.by_name(&pkl_name)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| NotStateDict(e.to_string()))?
+        .take(MAX_PICKLE_BYTES + 1)
         .read_to_end(&mut pkl)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| NotStateDict(e.to_string()))?;
+    if pkl.len() as u64 > MAX_PICKLE_BYTES {
+        return Err(Refused(format!(
+            "its {pkl_name} is over {} MiB: no state dict's pickle is that large",
+            MAX_PICKLE_BYTES >> 20
+        )));
+    }
     let zip = std::cell::RefCell::new(zip);
     let storages = |dtype: &str, key: &str, numel: i64| -> Result<Tensor, String> {
         let (kind, width) =
@@ -456,35 +528,67 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
         pos: 0,
         stack: Vec::new(),
         memo: HashMap::new(),
+        nodes: Vec::new(),
         tensors: Vec::new(),
         storages: &storages,
     };
-    let root = m.run()?;
+    let root = m.run().map_err(NotStateDict)?;
     let mut out = Vec::new();
-    flatten("", &root, &m.tensors, &mut out);
+    // Every node a tree visits took at least one opcode byte; more visits
+    // than bytes means one dict is reached along exponentially many paths.
+    let mut budget = pkl.len();
+    flatten("", &root, &m, 0, &mut budget, &mut out).map_err(Refused)?;
     if out.is_empty() {
-        return Err("data.pkl holds no named tensors".into());
+        return Err(NotStateDict("data.pkl holds no named tensors".into()));
     }
     Ok(out)
 }
 
 /// Dotted names for the tensors under dicts (state dicts) and module
-/// objects (TorchScript: parameters and buffers alike).
-fn flatten(prefix: &str, v: &Value, tensors: &[Tensor], out: &mut Vec<(String, Tensor)>) {
+/// objects (TorchScript: parameters and buffers alike), to [`MAX_DEPTH`]
+/// levels and within `budget` visits.
+fn flatten(
+    prefix: &str,
+    v: &Value,
+    m: &Machine,
+    depth: usize,
+    budget: &mut usize,
+    out: &mut Vec<(String, Tensor)>,
+) -> Result<(), String> {
+    if depth > MAX_DEPTH {
+        return Err(format!(
+            "its dicts nest more than {MAX_DEPTH} levels deep: not a state dict"
+        ));
+    }
+    *budget = budget.checked_sub(1).ok_or(
+        "it reaches its dicts along more paths than its pickle has bytes (shared references nested many levels deep): not a state dict",
+    )?;
     match v {
-        Value::Tensor(i) => out.push((prefix.to_string(), tensors[*i].shallow_clone())),
-        Value::Dict(items) | Value::Object(items) => {
-            for (k, v) in items {
+        Value::Tensor(i) => out.push((prefix.to_string(), m.tensors[*i].shallow_clone())),
+        Value::Node(i) => {
+            let dicts: Vec<&[(Value, Value)]> = match &m.nodes[*i] {
+                Node::Dict(items) => vec![items.as_slice()],
+                Node::Object(ds) => ds
+                    .iter()
+                    .filter_map(|&d| match &m.nodes[d] {
+                        Node::Dict(items) => Some(items.as_slice()),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            for (k, v) in dicts.into_iter().flatten() {
                 if let Value::Str(k) = k {
                     let name = if prefix.is_empty() {
-                        k.clone()
+                        k.to_string()
                     } else {
                         format!("{prefix}.{k}")
                     };
-                    flatten(&name, v, tensors, out);
+                    flatten(&name, v, m, depth + 1, budget, out)?;
                 }
             }
         }
         _ => {}
     }
+    Ok(())
 }

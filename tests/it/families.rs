@@ -419,3 +419,91 @@ fn other_families_run_through_embed_and_score_and_notes_say_which() {
 fn _config_is_public(c: &ClipConfig) -> i64 {
     c.embed_dim
 }
+
+/// Configs that lie (heads that do not divide the width, no heads, patch
+/// 0, a billion layers) are errors naming the field and the file, exit 2,
+/// before a tensor is built; never a libtorch panic or an abort.
+#[test]
+fn model_configs_that_lie_are_refused_by_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let texts = write_texts(dir.path());
+    let src = fixtures().join("hf_gelu");
+    let hf_cases: [(&str, &str, serde_json::Value, &str); 5] = [
+        ("vision_config", "num_attention_heads", 3.into(), "vision_config.num_attention_heads"),
+        ("text_config", "num_attention_heads", 0.into(), "text_config.num_attention_heads"),
+        ("text_config", "num_attention_heads", (-2).into(), "text_config.num_attention_heads"),
+        ("vision_config", "patch_size", 0.into(), "vision_config.patch_size"),
+        ("text_config", "num_hidden_layers", 1_000_000_000.into(), "text_config.num_hidden_layers"),
+    ];
+    for (i, (tower, field, value, named)) in hf_cases.into_iter().enumerate() {
+        let folder = dir.path().join(format!("hf{i}"));
+        std::fs::create_dir(&folder).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), folder.join(e.file_name())).unwrap();
+        }
+        let cfg = folder.join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        v[tower][field] = value.clone();
+        std::fs::write(&cfg, v.to_string()).unwrap();
+        let r = genecis(&[
+            "encode",
+            "--checkpoint",
+            folder.to_str().unwrap(),
+            "--texts",
+            texts.to_str().unwrap(),
+            "--out",
+            dir.path().join(format!("out{i}")).to_str().unwrap(),
+            "--device",
+            "cpu",
+        ]);
+        assert_eq!(r.code, 2, "{tower}.{field} = {value}: {}{}", r.stdout, r.stderr);
+        assert!(
+            r.stderr.contains(named) && r.stderr.contains(folder.to_str().unwrap()),
+            "{tower}.{field} = {value}: {}",
+            r.stderr
+        );
+    }
+    // open_clip's model config: patch_size 0, and no heads (head_width over
+    // the width).
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("vit_gelu.json")).unwrap())
+            .unwrap();
+    for (i, (field, value, named)) in [
+        ("patch_size", 0, "vision_cfg.patch_size"),
+        ("head_width", 128, "vision_cfg.head_width"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut v = json.clone();
+        v["vision_cfg"][field] = value.into();
+        let arch = dir.path().join(format!("lie{i}.json"));
+        std::fs::write(&arch, v.to_string()).unwrap();
+        let e = Clip::load(
+            &fixtures().join("vit_gelu.pt"),
+            Some(&ArchSpec::Json(arch.clone())),
+            Device::Cpu,
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{field} = {value} loaded"))
+        .to_string();
+        assert!(e.contains(named), "{field} = {value}: {e}");
+        let r = genecis(&[
+            "encode",
+            "--checkpoint",
+            fixtures().join("vit_gelu.pt").to_str().unwrap(),
+            "--arch",
+            arch.to_str().unwrap(),
+            "--texts",
+            texts.to_str().unwrap(),
+            "--out",
+            dir.path().join(format!("oc{i}")).to_str().unwrap(),
+            "--device",
+            "cpu",
+        ]);
+        assert_eq!(r.code, 2, "{field} = {value}: {}", r.stderr);
+        assert!(r.stderr.contains(named), "{}", r.stderr);
+    }
+}

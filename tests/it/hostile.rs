@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::common::{
-    bin, genecis, head_record, ingest_manifest, python, store_of, synthetic_tsv, write, Res,
+    genecis, head_record, ingest_manifest, python, store_of, synthetic_tsv, write, Res,
 };
 use crate::eval::{jpeg, manifest as eval_manifest, small_world};
 
@@ -15,37 +15,68 @@ use crate::eval::{jpeg, manifest as eval_manifest, small_world};
 /// the bombs below would take 10 to 13 GB if decoded.
 const BOMB_RSS_MIB: f64 = 1024.0;
 
+/// A wrapper whose own footprint is small (a bare Python, ~10 MiB): it
+/// forks, execs the command and reports the child's `ru_maxrss` from
+/// `wait4`. Measuring from the test process itself would not do: on Linux
+/// a child's `ru_maxrss` keeps the high-water mark its memory had before
+/// `exec`, i.e. the forking process's own (the test binary's, over 1 GiB
+/// late in a full run).
+const PEAK_RSS_WRAPPER: &str = "import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], 'w').write(str(usage.ru_maxrss))
+if os.WIFSIGNALED(status):
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.waitstatus_to_exitcode(status))
+";
+
 /// Runs the binary and returns its result with its own peak RSS (MiB),
-/// from `wait4` on that child alone.
-// The child is reaped by wait4, which std's Child does not know of.
-#[allow(clippy::zombie_processes)]
+/// measured by [`PEAK_RSS_WRAPPER`].
 fn measured(args: &[&str]) -> (Res, f64) {
     let dir = tempfile::tempdir().unwrap();
-    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
-    let child = bin()
+    let (out, err, peak) = (
+        dir.path().join("out"),
+        dir.path().join("err"),
+        dir.path().join("peak"),
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let status = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg("-c")
+        .arg(PEAK_RSS_WRAPPER)
+        .arg(&peak)
+        .arg(env!("CARGO_BIN_EXE_genecis"))
         .args(args)
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
+        .status()
         .unwrap();
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value; wait4 fills it.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child, once; the pointers are live locals.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as i32, "wait4 failed");
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        -1
-    };
     let res = Res {
-        code,
-        signal: libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
+        code: status.code().unwrap_or(-1),
+        signal: std::os::unix::process::ExitStatusExt::signal(&status),
         stdout: std::fs::read_to_string(out).unwrap(),
         stderr: std::fs::read_to_string(err).unwrap(),
     };
-    (res, usage.ru_maxrss as f64 / 1024.0)
+    let kib: f64 = std::fs::read_to_string(&peak)
+        .unwrap_or_else(|e| panic!("the wrapper wrote no peak ({e}): {}", res.stderr))
+        .trim()
+        .parse()
+        .unwrap();
+    (res, kib / 1024.0)
+}
+
+/// The bound measures the child alone: with 2 GiB touched in this
+/// process, `genecis --version` still peaks far below it (measured from
+/// here with `wait4`, it would report at least 2 GiB).
+#[test]
+fn the_memory_bound_measures_the_child_alone() {
+    let ballast = vec![1u8; 2048 << 20];
+    let (r, rss) = measured(&["--version"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    eprintln!("genecis --version beside 2 GiB of ballast: peak RSS {rss:.0} MiB");
+    assert!(rss < BOMB_RSS_MIB, "peak RSS {rss:.0} MiB: the parent's memory was counted");
+    assert_eq!(ballast.iter().map(|&x| x as usize).sum::<usize>(), 2048 << 20);
 }
 
 /// A file outside every run, which no command may touch.
@@ -512,4 +543,123 @@ fn unclear_cases_get_messages_that_say_what_is_wrong() {
     let r = genecis(&["audit", bom.to_str().unwrap()]);
     r.ok();
     assert!(r.stdout.contains("reference_in_gallery"), "{}", r.stdout);
+}
+
+/// Pickles that would exhaust a naive reader: 40 levels of a dict shared
+/// by memo references (2^40 paths, ~500 bytes; Python shares them), a
+/// million nested lists and a million nested dicts (a recursive reader or
+/// drop overflows the stack). Each is a clear error naming the file, in
+/// bounded memory, never an abort.
+#[test]
+fn pickles_that_share_or_nest_without_end_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    python(&format!(
+        r#"
+import pickle, zipfile
+def write(path, pkl):
+    # torch.save's layout, by Python's zipfile.
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/version", "3\n")
+d = {{}}
+for _ in range(40):
+    d = {{"a": d, "b": d}}
+shared = pickle.dumps(d, protocol=2)
+assert len(shared) < 1024, len(shared)
+write("{d}/shared.pt", shared)
+n = 1_000_000
+write("{d}/lists.pt", b"\x80\x02}}X\x01\x00\x00\x00w" + b"]" * n + b"a" * (n - 1) + b"s.")
+write("{d}/dicts.pt", b"\x80\x02" + b"}}X\x01\x00\x00\x00k" * n + b"}}" + b"s" * n + b".")
+"#,
+        d = d.display()
+    ));
+    let texts = d.join("t.txt");
+    write(&texts, "red\n");
+    for (file, says) in [
+        ("shared.pt", "more paths than its pickle has bytes"),
+        ("lists.pt", "no named tensors"),
+        ("dicts.pt", "nest more than 1000 levels"),
+    ] {
+        let p = d.join(file);
+        let (r, rss) = measured(&[
+            "encode",
+            "--checkpoint",
+            p.to_str().unwrap(),
+            "--texts",
+            texts.to_str().unwrap(),
+            "--out",
+            d.join("o.parquet").to_str().unwrap(),
+            "--device",
+            "cpu",
+        ]);
+        assert_eq!(r.signal, None, "{file}: {}", r.stderr);
+        assert_eq!(r.code, 1, "{file}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(p.to_str().unwrap()) && r.stderr.contains(says),
+            "{file}: {}",
+            r.stderr
+        );
+        eprintln!("{file}: refused, peak RSS {rss:.0} MiB (bound {BOMB_RSS_MIB})");
+        assert!(rss < BOMB_RSS_MIB, "{file}: peak RSS {rss:.0} MiB");
+    }
+}
+
+/// A stage record that lies (a fingerprint with a character of several
+/// bytes where the folder name is cut, a table named like a path, a part
+/// count no run has) is named as corrupt, with the command that rebuilds
+/// it, by `sql`, `status` and `run`; never a panic or a loop.
+#[test]
+fn stage_records_that_lie_are_named_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_tsv(&dir.path().join("c.tsv"), 10);
+    let m = ingest_manifest(dir.path(), "c.tsv", "");
+    genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
+    let run = dir.path().join("run");
+    let log = store_of(&run, "captions").join("_log").join("0000000001.json");
+    let good = std::fs::read_to_string(&log).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let fp = rec["fingerprint"].as_str().unwrap().to_string();
+    let lies: [(&str, Box<dyn Fn(&mut serde_json::Value)>); 3] = [
+        (
+            "is not a fingerprint",
+            Box::new(|r| r["fingerprint"] = format!("{}\u{e9}{}", &fp[..15], &fp[16..]).into()),
+        ),
+        (
+            "is not a plain name",
+            Box::new(|r| {
+                let tables = r["tables"].as_object_mut().unwrap();
+                let t = tables.remove("captions").unwrap();
+                tables.insert("../../x".into(), t);
+            }),
+        ),
+        (
+            "more than any run has",
+            Box::new(|r| r["tables"]["captions"]["parts"] = u64::MAX.into()),
+        ),
+    ];
+    for (says, lie) in lies {
+        let mut r = rec.clone();
+        lie(&mut r);
+        write(&log, r.to_string());
+        for args in [
+            vec!["sql", run.to_str().unwrap(), "SELECT count(*) FROM captions"],
+            vec!["status", m.to_str().unwrap()],
+            vec!["run", m.to_str().unwrap(), "-q"],
+        ] {
+            let res = genecis(&args);
+            assert_eq!(res.signal, None, "{args:?}: {}", res.stderr);
+            assert_ne!(res.code, 101, "{args:?} panicked: {}", res.stderr);
+            assert_ne!(res.code, 0, "{args:?} trusted it: {}", res.stdout);
+            let all = format!("{}{}", res.stdout, res.stderr);
+            assert!(
+                all.contains("corrupt run record") && all.contains(says) && all.contains("--from captions"),
+                "{args:?}: {all}"
+            );
+        }
+    }
+    // The repair the message names works.
+    std::fs::remove_dir_all(store_of(&run, "captions")).unwrap();
+    genecis(&["run", m.to_str().unwrap(), "-q", "--from", "captions"]).ok();
+    assert_eq!(head_record(&run, "captions").unwrap()["fingerprint"], fp.as_str());
 }

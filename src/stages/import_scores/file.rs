@@ -258,8 +258,16 @@ fn read_npz(path: &Path) -> Result<(usize, BTreeMap<String, Col>)> {
             .map_err(|e| bad(path, format!("an array has no readable name: {e}")))?
             .trim_end_matches(".npy")
             .to_string();
+        // Never more than the member can hold: np.savez stores its arrays;
+        // DEFLATE expands at most 1032:1.
+        let can_hold = match entry.compression() {
+            zip::CompressionMethod::Stored => entry.compressed_size(),
+            _ => entry.compressed_size().saturating_mul(1032),
+        };
+        let limit = entry.size().min(can_hold);
         let mut bytes = Vec::new();
-        entry
+        (&mut entry)
+            .take(limit)
             .read_to_end(&mut bytes)
             .map_err(Error::io("cannot read", path))?;
         let (rows, col) = npy(&bytes).map_err(|m| bad(path, format!("array '{name}': {m}")))?;
@@ -293,13 +301,18 @@ fn npy(b: &[u8]) -> Result<(usize, Col), String> {
         Some(header[at..].trim_start())
     };
     let descr = field("descr").ok_or("no descr")?;
-    let descr = descr.trim_start_matches('\'');
+    let descr = descr.strip_prefix('\'').ok_or("bad descr")?;
     let descr = &descr[..descr.find('\'').ok_or("bad descr")?];
+    // A dtype is a byte order, a kind and an item size, all ASCII ('<f4').
+    if descr.len() < 3 || !descr.is_ascii() {
+        return Err(format!("dtype '{descr}' is not one this reads"));
+    }
     if field("fortran_order").is_some_and(|f| f.starts_with("True")) {
         return Err("Fortran order: save np.ascontiguousarray(a)".into());
     }
     let shape = field("shape").ok_or("no shape")?;
-    let shape = &shape[1..shape.find(')').ok_or("bad shape")?];
+    let shape = shape.strip_prefix('(').ok_or("bad shape")?;
+    let shape = &shape[..shape.find(')').ok_or("bad shape")?];
     let shape: Vec<usize> = shape
         .split(',')
         .map(str::trim)
@@ -311,11 +324,29 @@ fn npy(b: &[u8]) -> Result<(usize, Col), String> {
     let (kind, size) = descr.split_at(2);
     let size: usize = size
         .parse()
-        .map_err(|_| format!("dtype {descr} is not one this reads"))?;
-    let width: usize = shape[1..].iter().product();
-    let need = rows * width * if kind.ends_with('U') { 4 * size } else { size };
-    if data.len() < need {
-        return Err("truncated data".into());
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("dtype {descr} is not one this reads"))?;
+    // Every allocation below is bounded by the bytes the member holds: the
+    // header's shape is checked against them first, without overflow.
+    let item = if kind.ends_with('U') { size.checked_mul(4) } else { Some(size) };
+    let width = shape[1..]
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d));
+    let need = item
+        .zip(width)
+        .and_then(|(item, width)| rows.checked_mul(width)?.checked_mul(item));
+    let Some(need) = need.filter(|&n| n <= data.len()) else {
+        return Err(format!(
+            "its header claims shape {shape:?} of {descr}, more than the {} bytes of data it holds",
+            data.len()
+        ));
+    };
+    let width = width.unwrap_or(0);
+    if need == 0 && rows > 0 {
+        return Err(format!(
+            "shape {shape:?}: {rows} rows of nothing (a zero-width array)"
+        ));
     }
     let num = |i: usize| -> Option<f64> {
         let c = &data[i * size..(i + 1) * size];
@@ -386,5 +417,61 @@ fn npy(b: &[u8]) -> Result<(usize, Col), String> {
             "dtype {descr} with {} dimension(s): strings and integers are 1-D, similarities or embeddings a 2-D float array",
             shape.len()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::npy;
+
+    /// A `.npy` 1.0 member with this header dict and `data` after it.
+    fn member(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut h = header.as_bytes().to_vec();
+        while (10 + h.len() + 1) % 64 != 0 {
+            h.push(b' ');
+        }
+        h.push(b'\n');
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend((h.len() as u16).to_le_bytes());
+        b.extend(h);
+        b.extend(data);
+        b
+    }
+
+    fn err(header: &str, data: &[u8]) -> String {
+        match npy(&member(header, data)) {
+            Ok((rows, _)) => panic!("{header}: read {rows} rows"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn headers_that_lie_are_refused_before_allocating() {
+        let sims = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
+        let data: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        assert_eq!(npy(&member(sims, &data)).unwrap().0, 2);
+        // A shape of 10^12 rows over 24 bytes; one that overflows usize.
+        let e = err("{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000, 15), }", &data);
+        assert!(e.contains("more than the 24 bytes"), "{e}");
+        let e = err(
+            "{'descr': '<f8', 'fortran_order': False, 'shape': (18446744073709551615, 18446744073709551615), }",
+            &data,
+        );
+        assert!(e.contains("claims shape"), "{e}");
+        // Item size 0 (a billion empty strings), and rows of no width.
+        let e = err("{'descr': '<U0', 'fortran_order': False, 'shape': (1000000000,), }", &[]);
+        assert!(e.contains("<U0"), "{e}");
+        let e = err("{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000, 0), }", &[]);
+        assert!(e.contains("zero-width"), "{e}");
+        // A short descr, and one with a character of several bytes.
+        let e = err("{'descr': '<', 'fortran_order': False, 'shape': (2,), }", &data);
+        assert!(e.contains("not one this reads"), "{e}");
+        let e = err("{'descr': '\u{e9}4', 'fortran_order': False, 'shape': (2,), }", &data);
+        assert!(e.contains("not one this reads"), "{e}");
+        let e = err("{'descr': '<f4', 'fortran_order': False, 'shape': \u{e9}(2,), }", &data);
+        assert!(e.contains("bad shape"), "{e}");
+        // Strings: 4 bytes a character, bounded the same way.
+        let e = err("{'descr': '<U1000000', 'fortran_order': False, 'shape': (1000,), }", &data);
+        assert!(e.contains("more than the 24 bytes"), "{e}");
     }
 }

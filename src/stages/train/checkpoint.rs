@@ -58,7 +58,7 @@ impl Trainer {
         let progress: Progress = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let load = |f: &str| -> Result<HashMap<String, Tensor>> {
             Ok(crate::model::torch_pickle::read_state_dict(&dir.join(f))
-                .map_err(bad)?
+                .map_err(|e| bad(e.to_string()))?
                 .into_iter()
                 .collect())
         };
