@@ -27,10 +27,18 @@ What is transcribed, file by file:
   for OpenAI's module layout as SEARLE's src/encode_with_pseudo_tokens.py
   does; gallery normalised, similarities of the query with each candidate.
 
+- LinCIR's images (genecis/evaluate.py, datasets/*.py @e6727d9): a
+  CLIPImageProcessor built by hand (OpenAI's mean and std, bicubic,
+  shortest edge and crop at the model's size), applied to the PIL image as
+  opened (COCO) or as load_cropped_image crops and pads it (VAW: dilation
+  0.7, then expand2square with black), with no convert('RGB') before it;
+  reference and gallery alike through the same encode_image.
+
 Writes OUT/{pic2word,searle,lincir}.pt and OUT/expected/part-0.parquet with
 (method, variant, task, template_id, similarities): variant "published"
 reproduces the object-task prompt as the code builds it, "condition" puts
-the condition there. Similarities are cosines (the query normalised too;
+the condition there; both on the embed stage's features, and again as
+"published/lincir" and "condition/lincir" on LinCIR's preprocessing. Similarities are cosines (the query normalised too;
 LinCIR leaves it raw, which changes no rank).
 """
 import os
@@ -149,9 +157,54 @@ def encode_with_pseudo_tokens(text, pseudo_tokens):
 
 t = pq.read_table(f"{run}/templates/templates").to_pandas()
 t = t[t.gallery_set.isna()]
-emb = pq.read_table(f"{run}/embed/image_embeddings").to_pandas().set_index("image_key").embedding
+embed_emb = pq.read_table(f"{run}/embed/image_embeddings").to_pandas().set_index("image_key").embedding
+
+from PIL import Image  # noqa: E402
+from transformers import CLIPImageProcessor  # noqa: E402
+
+res = model.visual.input_resolution
+processor = CLIPImageProcessor(
+    crop_size={"height": res, "width": res}, do_center_crop=True, do_convert_rgb=True, do_normalize=True,
+    do_rescale=True, do_resize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
+    image_std=[0.26862954, 0.26130258, 0.27577711], resample=3, size={"shortest_edge": res})
+
+
+def expand2square(pil_img, background_color):
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    size = max(width, height)
+    result = Image.new(pil_img.mode, (size, size), background_color)
+    result.paste(pil_img, ((size - width) // 2, (size - height) // 2))
+    return result
+
+
+def load_cropped_image(path, bbox, dilate=0.7):
+    im = Image.open(path)
+    x, y, w, h = bbox
+    width, height = im.size
+    left = max(0, x - dilate * w)
+    upper = max(0, y - dilate * h)
+    right = min(width, left + (1 + dilate) * w)
+    lower = min(height, upper + (1 + dilate) * h)
+    im = im.crop((left, upper, right, lower))
+    return expand2square(im, (0,) * len(im.getbands()))
+
+
+keys = pq.read_table(f"{run}/templates/image_keys").to_pandas().drop_duplicates("image_key")
+lincir_emb = {}
+with torch.no_grad():
+    for r in keys.itertuples():
+        if pd.isna(r.bbox_x):
+            im = Image.open(r.path)
+        else:
+            im = load_cropped_image(r.path, (r.bbox_x, r.bbox_y, r.bbox_w, r.bbox_h))
+        px = processor(im, return_tensors="pt")["pixel_values"]
+        lincir_emb[r.image_key] = model.encode_image(px)[0].tolist()
+lincir_emb = pd.Series(lincir_emb)
 rows = []
 with torch.no_grad():
+  for suffix, emb in (("", embed_emb), ("/lincir", lincir_emb)):
     for (task, group) in t.groupby("task", sort=True):
         ref = torch.tensor(list(map(list, (emb[k] for k in group.reference_key))))
         if task in ("focus_object", "change_object"):
@@ -159,7 +212,7 @@ with torch.no_grad():
             published = torch.zeros(len(group), dtype=torch.long)
         else:
             published = list(group.condition)  # VAWValSubset returns the condition string last
-        for variant, captions in (("published", published), ("condition", list(group.condition))):
+        for variant, captions in (("published" + suffix, published), ("condition" + suffix, list(group.condition))):
             text = tokenize([f"a photo of $ that {c}" for c in captions])
             for name, net in nets.items():
                 q = encode_with_pseudo_tokens(text, net(ref))

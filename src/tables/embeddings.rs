@@ -33,6 +33,7 @@ pub(crate) fn text_embeddings_schema(dim: i32) -> SchemaRef {
 }
 
 /// Embeddings of one model: key -> row of a row-major matrix.
+#[derive(Clone)]
 pub(crate) struct Embeddings {
     pub index: HashMap<String, usize>,
     pub values: Vec<f32>,

@@ -57,6 +57,12 @@ fn textual_inversion_methods_match_their_published_inference() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let w = small_world(d);
+    // COCO's most common size: at the tiny CLIP's 32 px its resized long
+    // side is 47, a margin of 15, which torchvision's CenterCrop rounds to
+    // 8 and transformers' floors to 7: every object-task image moves.
+    for &id in &w.coco_ids {
+        crate::eval::jpeg(&w.coco_dir.join(format!("{id:012}.jpg")), id, 640, 427);
+    }
     let clip = fixtures().join("vit_state.pt");
     let base = "device = \"cpu\", bootstrap = 0, methods = [\"image_only\"]";
     genecis(&["run", manifest(d, &w, base).to_str().unwrap(), "-q"]).ok();
@@ -86,11 +92,17 @@ fn textual_inversion_methods_match_their_published_inference() {
     // (the text MLP, Phi's hidden layer); 3 network layers, 5 products in
     // each of the 2 text blocks and the projection chain 14 of them.
     let tol = forward_tolerance(256, 14, tch::Device::Cpu);
+    let embed_only = ", inversion_preprocess = \"embed\"";
     for (variant, extra) in [
-        ("published", String::new()),
+        ("published/lincir", String::new()),
+        (
+            "condition/lincir",
+            ", inversion_object_condition = \"condition\"".to_string(),
+        ),
+        ("published", embed_only.to_string()),
         (
             "condition",
-            ", inversion_object_condition = \"condition\"".to_string(),
+            format!(", inversion_object_condition = \"condition\"{embed_only}"),
         ),
     ] {
         let r = genecis(&[
@@ -127,9 +139,22 @@ fn textual_inversion_methods_match_their_published_inference() {
         }
         assert_eq!(n, 3 * 10, "three methods, ten templates");
         println!("{variant}: {n} (template, method) pairs, similarities within {worst:.2e} of the transcription (bound {tol:.2e})");
+        // `results` says how each method's images were prepared.
+        let lincir = variant.ends_with("/lincir");
+        for b in read_table(&run.join("score/results")).unwrap() {
+            let col = |n: &str| b.column_by_name(n).unwrap().as_string::<i32>().clone();
+            let (m, pre) = (col("method"), col("preprocess"));
+            for i in 0..b.num_rows() {
+                let want = match (m.value(i), lincir) {
+                    ("image_only", _) | (_, false) => "embed: torchvision",
+                    _ => "LinCIR: CLIPImageProcessor",
+                };
+                assert_eq!(pre.value(i), want, "{variant} {}", m.value(i));
+            }
+        }
         // The object prompt matters: the two variants' object scores differ.
-        if variant == "condition" {
-            let published = expected(&fx.join("expected"), "published");
+        if variant == "condition/lincir" {
+            let published = expected(&fx.join("expected"), "published/lincir");
             let k = ("lincir".to_string(), "focus_object".to_string(), 0);
             assert!(published[&k]
                 .iter()
@@ -137,6 +162,24 @@ fn textual_inversion_methods_match_their_published_inference() {
                 .any(|(a, b)| (a - b).abs() > 1e-3));
         }
     }
+    // The preprocessing matters: on the embed stage's torchvision crops the
+    // object tasks' similarities move far beyond the bound, and ranks with
+    // them; the default reproduces LinCIR's.
+    let (old, new) = (
+        expected(&fx.join("expected"), "published"),
+        expected(&fx.join("expected"), "published/lincir"),
+    );
+    let mut moved = 0f64;
+    let mut ranks_changed = 0;
+    let rank = |e: &[f64]| e[1..].iter().filter(|&&x| x > e[0]).count();
+    for (k, a) in &new {
+        let b = &old[k];
+        moved = moved.max(a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max));
+        ranks_changed += usize::from(rank(a) != rank(b));
+    }
+    println!("torchvision vs LinCIR's crops: similarities move by up to {moved:.2e}, {ranks_changed} of {} ranks change", new.len());
+    assert!(moved > 100.0 * tol, "{moved:e}");
+    assert!(ranks_changed > 0, "no rank changes: the case does not tell the crops apart");
     // Files that do not fit: a Phi given as Pic2Word's network names the
     // key; another CLIP than the embeddings' is refused.
     let swapped = nets("").replace("pic2word.pt", "lincir.pt");
@@ -165,4 +208,75 @@ fn textual_inversion_methods_match_their_published_inference() {
         "{}",
         r.stderr
     );
+}
+
+/// The two centre crops, against the libraries themselves on odd and even
+/// margins: torchvision's `CenterCrop` rounds `(n - 224) / 2` half to even,
+/// transformers' `center_crop` floors it; they part when `n - 224` is 3
+/// mod 4 (640x427: 335 - 224 = 111 gives 56 and 55). Every value of both
+/// pipelines equals ours, and the two differ exactly where they should.
+#[test]
+fn both_centre_crops_match_torchvision_and_transformers() {
+    use genecis::model::preprocess::{load_rgb_with, to_tensor_with, ImageKey, Preprocess};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // (width, height): margins 111 (3 mod 4), 74, 76, 77 (1 mod 4), 79 (3), 0.
+    let sizes = [(640, 427), (427, 640), (500, 375), (300, 224), (301, 224), (303, 224), (224, 224)];
+    for (i, (w, h)) in sizes.iter().enumerate() {
+        crate::eval::jpeg(&d.join(format!("{i}.jpg")), 7 + i as u64, *w, *h);
+    }
+    crate::common::python_with(
+        r#"
+import sys, torch
+from PIL import Image
+from torchvision import transforms as T
+from transformers import CLIPImageProcessor
+mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+# OpenAI's clip._transform(224).
+tv = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(mean, std)])
+# LinCIR's genecis/evaluate.py processor.
+hf = CLIPImageProcessor(crop_size={"height": 224, "width": 224}, do_center_crop=True, do_convert_rgb=True,
+                        do_normalize=True, do_rescale=True, do_resize=True, image_mean=mean, image_std=std,
+                        resample=3, size={"shortest_edge": 224})
+d, n = sys.argv[1], int(sys.argv[2])
+out = {}
+for i in range(n):
+    im = Image.open(f"{d}/{i}.jpg")
+    out[f"tv{i}"] = tv(im)
+    out[f"hf{i}"] = torch.from_numpy(hf(im, return_tensors="np")["pixel_values"][0])
+torch.save(out, f"{d}/ref.pt")
+"#,
+        &[d.to_str().unwrap(), &sizes.len().to_string()],
+    );
+    let refs: HashMap<String, tch::Tensor> = tch::Tensor::loadz_multi(d.join("ref.pt"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let tv = Preprocess::openai(224);
+    let hf = Preprocess::huggingface(
+        224,
+        [0.48145466, 0.4578275, 0.40821073],
+        [0.26862954, 0.26130258, 0.27577711],
+        1.0 / 255.0,
+    );
+    for (i, (w, h)) in sizes.iter().enumerate() {
+        let path = d.join(format!("{i}.jpg"));
+        let key = ImageKey {
+            path: &path,
+            bbox: None,
+            rgb_first: false,
+        };
+        let ours = |pre: &Preprocess| to_tensor_with(&load_rgb_with(&key, pre).unwrap(), pre);
+        let (a, b) = (ours(&tv), ours(&hf));
+        for (name, x) in [("tv", &a), ("hf", &b)] {
+            let theirs = &refs[&format!("{name}{i}")];
+            let differ = x.ne_tensor(theirs).sum(tch::Kind::Int64).int64_value(&[]);
+            assert_eq!(differ, 0, "{name} {w}x{h}: {differ} values differ from the library's");
+        }
+        let long = 224 * (*w).max(*h) / (*w).min(*h);
+        let parts = (long - 224) % 4 == 3;
+        let apart = a.ne_tensor(&b).sum(tch::Kind::Int64).int64_value(&[]);
+        assert_eq!(apart > 0, parts, "{w}x{h}: margin {}, {apart} values apart", long - 224);
+    }
 }

@@ -11,15 +11,17 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
-use super::{ObjectCondition, ScoreParams};
+use super::{InversionPreprocess, ObjectCondition, ScoreParams};
 use crate::error::{Error, Result};
-use crate::eval::{Method, TaskRows};
+use crate::eval::{Given, Method, TaskRows};
 use crate::framework::stage::{resolve_path, Finding, StageContext};
 use crate::model::arch::arch_spec;
 use crate::model::clip::Clip;
 use crate::model::mapper::{Mapper, MapperKind};
+use crate::model::preprocess::{load_batch_with, Family, ImageKey, Preprocess, CLIP_MEAN, CLIP_STD};
 use crate::model::tokenizer::ClipTokenizer;
-use crate::tables::embeddings::{tensor_rows, Embeddings};
+use crate::tables::embeddings::{finite_rows, tensor_rows, Embeddings};
+use crate::tables::image_keys::read_image_keys;
 
 /// Each textual-inversion method: its param, its network.
 fn networks(p: &ScoreParams) -> [(Method, &'static str, MapperKind, Option<&PathBuf>); 3] {
@@ -39,8 +41,6 @@ fn networks(p: &ScoreParams) -> [(Method, &'static str, MapperKind, Option<&Path
 /// dataset returns no caption string).
 const OBJECT_TASKS: [&str; 2] = ["focus_object", "change_object"];
 
-/// A method's query features per (task, template id).
-type Queries = HashMap<(String, u32), Vec<f32>>;
 
 /// Templates per forward pass.
 const BATCH: usize = 256;
@@ -119,8 +119,38 @@ fn prompt_tokens(
     Ok(ids)
 }
 
+/// LinCIR's GeneCIS preprocessing (`genecis/evaluate.py`): a
+/// `CLIPImageProcessor` built by hand with OpenAI's statistics, at the
+/// model's resolution: RGB first, bicubic resize of the shorter side, a
+/// centre crop at `(n - size) // 2` (torchvision rounds it: one column
+/// apart whenever `n - size` is 3 mod 4, as for COCO's 640x427 images).
+pub(crate) fn lincir_preprocess(size: u32) -> Preprocess {
+    Preprocess::huggingface(size, CLIP_MEAN, CLIP_STD, 1.0 / 255.0)
+}
+
+/// A preprocessing by whose arithmetic it is done, for `results`.
+pub(super) fn family_name(pre: &Preprocess) -> &'static str {
+    match pre.family {
+        Family::Torchvision => "torchvision",
+        Family::HuggingFace { .. } => "CLIPImageProcessor",
+    }
+}
+
+/// What the textual-inversion methods were scored with.
+pub(super) struct Inversion {
+    /// Per method: its queries, against the CLIP's gallery or its own.
+    pub methods: Vec<(&'static str, Given)>,
+    /// How the inversion methods' images were prepared (`results`).
+    pub preprocess: String,
+    /// How the embed stage's images were prepared, as the CLIP says.
+    pub embed_preprocess: &'static str,
+}
+
 /// The query features of each textual-inversion method in `methods`, per
-/// (task, template id).
+/// (task, template id), and the features they rank: LinCIR's preprocessing
+/// by default (the images re-encoded when the embed stage prepared them
+/// otherwise), or the embed stage's own.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn queries(
     p: &ScoreParams,
     ctx: &StageContext,
@@ -129,13 +159,13 @@ pub(super) fn queries(
     txt: &Embeddings,
     methods: &[Method],
     device: Device,
-) -> Result<Vec<(&'static str, Queries)>> {
+) -> Result<Option<Inversion>> {
     let wanted: Vec<_> = networks(p)
         .into_iter()
         .filter(|(m, ..)| methods.contains(m))
         .collect();
     if wanted.is_empty() {
-        return Ok(Vec::new());
+        return Ok(None);
     }
     let clip_path =
         p.clip.as_ref().map(|c| ctx.resolve(c)).ok_or_else(|| {
@@ -144,6 +174,21 @@ pub(super) fn queries(
     let arch = arch_spec(p.arch.as_deref(), ctx.base_dir).map_err(Error::Data)?;
     let clip = Clip::load(&clip_path, arch.as_ref(), device)?;
     check_same_model(&clip, txt, device)?;
+    let embed_preprocess = family_name(&clip.config.preprocess);
+    let lincir = lincir_preprocess(clip.config.image_resolution as u32);
+    let (own, preprocess) = match p.inversion_preprocess {
+        InversionPreprocess::Embed => (None, format!("embed: {embed_preprocess}")),
+        InversionPreprocess::Lincir if clip.config.preprocess == lincir => {
+            (None, "LinCIR: CLIPImageProcessor (the embed stage's own)".to_string())
+        }
+        InversionPreprocess::Lincir => (
+            Some(reencode(ctx, tasks, img, &clip, &lincir, device)?),
+            "LinCIR: CLIPImageProcessor".to_string(),
+        ),
+    };
+    // The features the networks read and the candidates are ranked by.
+    let feats_of = own.as_ref().unwrap_or(img);
+    let img_keys = row_keys(img);
     let id = placeholder_id(p).map_err(Error::Data)?;
     // Prompts, once per template.
     let mut rows: Vec<(String, u32, usize, Vec<i64>)> = Vec::new();
@@ -155,7 +200,14 @@ pub(super) fn queries(
             };
             let toks = prompt_tokens(p, cond, id)
                 .map_err(|m| Error::Data(format!("{} template {tid}: {m}", t.task)))?;
-            rows.push((t.task.clone(), tid, t.reference[i], toks));
+            let r = match &own {
+                Some(e) => *e
+                    .index
+                    .get(img_keys[t.reference[i]])
+                    .ok_or_else(|| Error::Internal("a reference not re-encoded".into()))?,
+                None => t.reference[i],
+            };
+            rows.push((t.task.clone(), tid, r, toks));
         }
     }
     let width = clip.token_width()?;
@@ -165,13 +217,13 @@ pub(super) fn queries(
             path.ok_or_else(|| Error::Data(format!("method '{field}' needs params.{field}")))?,
         );
         let net = Mapper::load(&path, kind, device)?;
-        if net.in_dim != img.dim as i64 || net.out_dim != width {
+        if net.in_dim != feats_of.dim as i64 || net.out_dim != width {
             return Err(Error::Data(format!(
                 "params.{field}: its {} maps {}-d image features to {}-d tokens, but the embeddings are {}-d and the CLIP's tokens {}-d: use the network trained for this backbone",
                 kind.name(),
                 net.in_dim,
                 net.out_dim,
-                img.dim,
+                feats_of.dim,
                 width
             )));
         }
@@ -179,10 +231,10 @@ pub(super) fn queries(
         for block in rows.chunks(BATCH) {
             let feats: Vec<f32> = block
                 .iter()
-                .flat_map(|r| img.row(r.2).iter().copied())
+                .flat_map(|r| feats_of.row(r.2).iter().copied())
                 .collect();
             let feats = Tensor::f_from_slice(&feats)?
-                .f_view([block.len() as i64, img.dim as i64])?
+                .f_view([block.len() as i64, feats_of.dim as i64])?
                 .f_to_device(device)?;
             let toks: Vec<i64> = block.iter().flat_map(|r| r.3.iter().copied()).collect();
             let toks = Tensor::f_from_slice(&toks)?
@@ -204,7 +256,7 @@ pub(super) fn queries(
             }
         }
         ctx.note(format!(
-            "{field}: {} ({}), prompt \"{}\"{}",
+            "{field}: {} ({}), images by {preprocess}, prompt \"{}\"{}",
             path.display(),
             kind.name(),
             p.inversion_prompt,
@@ -215,7 +267,104 @@ pub(super) fn queries(
         ));
         out.push((method.name(), q));
     }
-    Ok(out)
+    let methods = out
+        .into_iter()
+        .map(|(name, queries)| {
+            let given = match &own {
+                Some(gallery) => Given::Embeddings {
+                    queries,
+                    gallery: gallery.clone(),
+                },
+                None => Given::Queries(queries),
+            };
+            (name, given)
+        })
+        .collect();
+    Ok(Some(Inversion {
+        methods,
+        preprocess,
+        embed_preprocess,
+    }))
+}
+
+/// Each embedding row's key.
+fn row_keys(e: &Embeddings) -> Vec<&str> {
+    let mut keys = vec![""; e.index.len()];
+    for (k, &r) in &e.index {
+        keys[r] = k.as_str();
+    }
+    keys
+}
+
+/// Images per forward pass when re-encoding.
+const ENCODE_BATCH: usize = 32;
+
+/// The images the tasks use (references, candidates, global galleries),
+/// encoded again by `clip` under `pre`, as the embed stage would.
+fn reencode(
+    ctx: &StageContext,
+    tasks: &[TaskRows],
+    img: &Embeddings,
+    clip: &Clip,
+    pre: &Preprocess,
+    device: Device,
+) -> Result<Embeddings> {
+    let started = std::time::Instant::now();
+    let dir = ctx.optional_input("image_keys").ok_or_else(|| {
+        Error::Data(
+            "the textual-inversion methods use LinCIR's preprocessing, which encodes the images again: list the templates stage (its image_keys table) in inputs, or set inversion_preprocess = \"embed\"".into(),
+        )
+    })?;
+    let rows: HashMap<String, _> = read_image_keys(dir)?
+        .into_iter()
+        .map(|r| (r.key.clone(), r))
+        .collect();
+    let keys = row_keys(img);
+    let mut used = std::collections::BTreeSet::new();
+    for t in tasks {
+        used.extend(t.reference.iter().copied());
+        used.extend(t.candidates.iter().flatten().copied());
+        if let Some(g) = &t.global {
+            used.extend(g.gallery.iter().copied());
+        }
+    }
+    let used: Vec<&str> = used.into_iter().map(|r| keys[r]).collect();
+    let mut values = Vec::with_capacity(used.len() * img.dim);
+    for batch in used.chunks(ENCODE_BATCH) {
+        let ik = batch
+            .iter()
+            .map(|k| {
+                let r = rows.get(*k).ok_or_else(|| {
+                    Error::Data(format!(
+                        "image {k} has an embedding but no row in image_keys: give score the templates stage the embed stage read"
+                    ))
+                })?;
+                Ok(ImageKey {
+                    path: &r.path,
+                    bbox: r.bbox,
+                    rgb_first: r.rgb_first,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tensors = load_batch_with(&ik, pre)
+            .into_iter()
+            .zip(batch)
+            .map(|(t, k)| {
+                t.map_err(|m| Error::Data(format!("image {k}, encoded again for LinCIR's preprocessing: {m}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let x = Tensor::stack(&tensors, 0).to_device(device);
+        let f = tch::no_grad(|| clip.encode_image(&x))?;
+        values.extend(finite_rows(&f, "image")?);
+    }
+    let owned: Vec<String> = used.iter().map(|k| k.to_string()).collect();
+    ctx.note(format!(
+        "textual inversion: {} images encoded again with LinCIR's CLIPImageProcessor (the embed stage's are {}) in {:.1} s; inversion_preprocess = \"embed\" uses the embed stage's",
+        owned.len(),
+        family_name(&clip.config.preprocess),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(Embeddings::new(&owned, values, img.dim))
 }
 
 /// The CLIP given must be the model whose embeddings are scored: its text

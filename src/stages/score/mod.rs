@@ -13,7 +13,8 @@
 //!   hidden). A task with subsets (CIRR) adds `<task>_subset` rows: the
 //!   target ranked within the query's subset (Recall_subset).
 //! - `results(task, method, recall_at_1, recall_at_2, recall_at_3,
-//!   recall_at_5, recall_at_10, recall_at_50, n_templates)`: task `average`
+//!   recall_at_5, recall_at_10, recall_at_50, n_templates, ..., preprocess)`:
+//!   `preprocess` says how the method's images were prepared; task `average`
 //!   is the mean over the GeneCIS tasks scored (the paper's average R@1).
 //!
 //! A task whose labels are hidden (CIRR test1) gets no recall but the CIRR
@@ -95,6 +96,9 @@ pub(crate) static RESULTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("recall_at_3_lo", DataType::Float64, true),
         Field::new("recall_at_3_hi", DataType::Float64, true),
         Field::new("subset", DataType::Utf8, false),
+        // How the method's images were prepared: `embed: torchvision`,
+        // `LinCIR: CLIPImageProcessor`, `imported`, ...
+        Field::new("preprocess", DataType::Utf8, false),
     ]))
 });
 
@@ -171,6 +175,19 @@ pub(crate) struct ScoreParams {
     /// tensor) where the condition should be: `published` reproduces that
     /// ("a photo of $ that 0"), `condition` uses the condition.
     pub inversion_object_condition: ObjectCondition,
+    /// The images the textual-inversion methods see: `lincir` prepares
+    /// them as LinCIR's GeneCIS code does (CLIPImageProcessor, whatever
+    /// the checkpoint; re-encoded here when the embed stage prepared them
+    /// otherwise), `embed` uses the embed stage's features.
+    pub inversion_preprocess: InversionPreprocess,
+}
+
+/// Whose preprocessing the textual-inversion methods' images get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum InversionPreprocess {
+    Lincir,
+    Embed,
 }
 
 /// What the textual-inversion prompt of an object task holds.
@@ -205,6 +222,7 @@ impl Default for ScoreParams {
             inversion_prompt: "a photo of $ that {}".into(),
             inversion_placeholder: "$".into(),
             inversion_object_condition: ObjectCondition::Published,
+            inversion_preprocess: InversionPreprocess::Lincir,
         }
     }
 }
@@ -235,8 +253,9 @@ impl Stage for Score {
     const KIND: &'static str = "score";
     /// 3: the audit's `reference_in_gallery` check. 4: 95% intervals in
     /// `results`, the `paired` table. 5: `recall_at_50`, CIRR's subsets,
-    /// the reference out of global top lists, imported methods.
-    const VERSION: &'static str = "5";
+    /// the reference out of global top lists, imported methods. 6: the
+    /// inversion methods under LinCIR's preprocessing, `preprocess`.
+    const VERSION: &'static str = "6";
     const ABOUT: &'static str =
         "templates + embeddings (+ Combiner) -> scores, results (R@1/2/3), report.md, results.png";
     type Params = ScoreParams;
@@ -423,9 +442,24 @@ impl Stage for Score {
             ctx.optional_input("imported_gallery"),
         )?;
         let mut imported: Vec<&'static str> = given.keys().copied().collect();
-        for (name, queries) in inversion::queries(p, ctx, &tasks, &img, &txt, &methods, device)? {
-            given.insert(name, crate::eval::Given::Queries(queries));
+        let mut preprocess: BTreeMap<&'static str, String> = imported
+            .iter()
+            .map(|&n| (n, "imported".to_string()))
+            .collect();
+        let mut embed_preprocess = "embed".to_string();
+        if let Some(inv) = inversion::queries(p, ctx, &tasks, &img, &txt, &methods, device)? {
+            embed_preprocess = format!("embed: {}", inv.embed_preprocess);
+            for (name, g) in inv.methods {
+                preprocess.insert(name, inv.preprocess.clone());
+                given.insert(name, g);
+            }
         }
+        let preprocess_of = |m: &str| -> String {
+            preprocess
+                .get(m)
+                .cloned()
+                .unwrap_or_else(|| embed_preprocess.clone())
+        };
         imported.sort_unstable();
         methods.extend(
             imported
@@ -521,11 +555,11 @@ impl Stage for Score {
             with_intervals(&mut sub, &kept, p.bootstrap, p.seed);
             sub
         });
-        let mut results = results_batch(&recalls, "all")?;
+        let mut results = results_batch(&recalls, "all", &preprocess_of)?;
         if let Some(sub) = &audited {
             results = arrow::compute::concat_batches(
                 &RESULTS_SCHEMA,
-                &[results, results_batch(sub, "audited")?],
+                &[results, results_batch(sub, "audited", &preprocess_of)?],
             )?;
             // Templates of one method (every method scores the same ones).
             let n = |rs: &[Recall]| -> u64 {
@@ -650,7 +684,11 @@ fn write_submission(
     Ok(names.join(" and "))
 }
 
-fn results_batch(recalls: &[Recall], subset: &str) -> Result<RecordBatch> {
+fn results_batch(
+    recalls: &[Recall],
+    subset: &str,
+    preprocess: &dyn Fn(&str) -> String,
+) -> Result<RecordBatch> {
     let mut task = StringBuilder::new();
     let mut method = StringBuilder::new();
     let mut at: [Float64Builder; 6] = Default::default();
@@ -678,6 +716,9 @@ fn results_batch(recalls: &[Recall], subset: &str) -> Result<RecordBatch> {
     }
     cols.push(Arc::new(StringArray::from_iter_values(
         recalls.iter().map(|_| subset),
+    )));
+    cols.push(Arc::new(StringArray::from_iter_values(
+        recalls.iter().map(|r| preprocess(r.method)),
     )));
     Ok(RecordBatch::try_new(RESULTS_SCHEMA.clone(), cols)?)
 }
