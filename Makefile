@@ -14,6 +14,8 @@ build: setup
 # Release: the world's rendering and the pretraining are several times
 # slower in a debug build.
 demo: setup
+	@echo "demo: building genecis (release). The first build takes about 30 minutes on 2 cores (measured on a fresh 2-core machine); cargo shows its progress."
+	cargo build --release
 	cargo run --release --quiet -- run pipelines/demo.toml
 	@echo "Recall (%) by task and method; chance at R@1 is 1/15 = 6.7%:"
 	cargo run --release --quiet -- sql pipelines/demo.toml --file sql/examples/demo_results.sql

@@ -508,6 +508,15 @@ impl RunStore {
             .filter_map(|k| k.strip_suffix(".json")?.parse().ok())
             .collect();
         v.sort_unstable();
+        // Names are written with ten digits; a larger one was not written
+        // by genecis (and its next version would overflow).
+        if let Some(&bad) = v.last().filter(|&&x| x > MAX_VERSION) {
+            return Err(Error::CorruptRecord {
+                path: self.key(&log_key(stage, bad)).to_string().into(),
+                stage: stage.to_string(),
+                message: format!("log version {bad} is beyond any genecis writes ({MAX_VERSION})"),
+            });
+        }
         Ok(v)
     }
 
@@ -636,6 +645,9 @@ impl RunStore {
         Ok(())
     }
 }
+
+/// The highest log version: what ten digits hold.
+const MAX_VERSION: u64 = 9_999_999_999;
 
 pub(crate) fn log_key(stage: &str, version: u64) -> String {
     format!("{stage}/{LOG_DIR}/{version:010}.json")

@@ -547,9 +547,10 @@ fn unclear_cases_get_messages_that_say_what_is_wrong() {
 
 /// Pickles that would exhaust a naive reader: 40 levels of a dict shared
 /// by memo references (2^40 paths, ~500 bytes; Python shares them), a
-/// million nested lists and a million nested dicts (a recursive reader or
+/// million nested lists and nested dicts (a recursive reader or
 /// drop overflows the stack). Each is a clear error naming the file, in
-/// bounded memory, never an abort.
+/// bounded memory, never an abort. (100,000 nested dicts: far past the
+/// depth limit and a recursive reader's stack.)
 #[test]
 fn pickles_that_share_or_nest_without_end_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -570,7 +571,8 @@ assert len(shared) < 1024, len(shared)
 write("{d}/shared.pt", shared)
 n = 1_000_000
 write("{d}/lists.pt", b"\x80\x02}}X\x01\x00\x00\x00w" + b"]" * n + b"a" * (n - 1) + b"s.")
-write("{d}/dicts.pt", b"\x80\x02" + b"}}X\x01\x00\x00\x00k" * n + b"}}" + b"s" * n + b".")
+m = 100_000
+write("{d}/dicts.pt", b"\x80\x02" + b"}}X\x01\x00\x00\x00k" * m + b"}}" + b"s" * m + b".")
 "#,
         d = d.display()
     ));
@@ -658,6 +660,13 @@ fn stage_records_that_lie_are_named_not_trusted() {
             );
         }
     }
+    // A log version no writer made (its successor would overflow).
+    write(&log, &good);
+    let huge = log.with_file_name(format!("{}.json", u64::MAX));
+    write(&huge, &good);
+    let res = genecis(&["run", m.to_str().unwrap(), "-q"]);
+    assert_ne!(res.code, 101, "panicked: {}", res.stderr);
+    assert!(res.stderr.contains("beyond any genecis writes"), "{}", res.stderr);
     // The repair the message names works.
     std::fs::remove_dir_all(store_of(&run, "captions")).unwrap();
     genecis(&["run", m.to_str().unwrap(), "-q", "--from", "captions"]).ok();
