@@ -65,7 +65,10 @@ pub(crate) mod check {
         if (16..=64).contains(&f.len()) && f.bytes().all(|b| b.is_ascii_hexdigit()) {
             Ok(())
         } else {
-            Err(format!("{what} '{}' is not a fingerprint (16 to 64 hex digits)", f.escape_debug()))
+            Err(format!(
+                "{what} '{}' is not a fingerprint (16 to 64 hex digits)",
+                f.escape_debug()
+            ))
         }
     }
 
@@ -73,7 +76,10 @@ pub(crate) mod check {
         if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
             Ok(())
         } else {
-            Err(format!("{what} '{}' is not a blake3 hash (64 hex digits)", h.escape_debug()))
+            Err(format!(
+                "{what} '{}' is not a blake3 hash (64 hex digits)",
+                h.escape_debug()
+            ))
         }
     }
 
@@ -82,7 +88,8 @@ pub(crate) mod check {
         let ok = !n.is_empty()
             && n.len() <= 255
             && !n.starts_with('.')
-            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
         if ok {
             Ok(())
         } else {
@@ -94,7 +101,9 @@ pub(crate) mod check {
         if n <= MAX_PARTS {
             Ok(())
         } else {
-            Err(format!("{what} is {n}, more than any run has ({MAX_PARTS})"))
+            Err(format!(
+                "{what} is {n}, more than any run has ({MAX_PARTS})"
+            ))
         }
     }
 }
@@ -525,9 +534,12 @@ impl RunStore {
         let Some(bytes) = self.get(&rel).await? else {
             return Ok(None);
         };
-        parse_record(&bytes, self.key(&rel).to_string(), stage, |r: &StageRecord| {
-            r.check(stage, Some(version))
-        })
+        parse_record(
+            &bytes,
+            self.key(&rel).to_string(),
+            stage,
+            |r: &StageRecord| r.check(stage, Some(version)),
+        )
         .map(Some)
     }
 
@@ -549,9 +561,12 @@ impl RunStore {
             return Ok(rec.clone());
         }
         let bytes = self.get(&rel).await?.unwrap_or_default();
-        parse_record(&bytes, self.key(&rel).to_string(), stage, |r: &ShardRecord| {
-            r.check(rec.index, rec.count)
-        })
+        parse_record(
+            &bytes,
+            self.key(&rel).to_string(),
+            stage,
+            |r: &ShardRecord| r.check(rec.index, rec.count),
+        )
     }
 
     /// Writes the stage's next version from the shard records of sharding

@@ -167,7 +167,11 @@ pub struct StageRecord {
 impl StageRecord {
     /// What a record of `stage` (log `version`, when read from the log)
     /// must hold before its fields build keys, paths or loops.
-    pub(crate) fn check(&self, stage: &str, version: Option<u64>) -> std::result::Result<(), String> {
+    pub(crate) fn check(
+        &self,
+        stage: &str,
+        version: Option<u64>,
+    ) -> std::result::Result<(), String> {
         use commit::check;
         if self.stage != stage {
             return Err(format!(
@@ -194,9 +198,15 @@ impl StageRecord {
         for (name, t) in &self.tables {
             check::name("table", name)?;
             check::count(&format!("table {name}'s parts"), t.parts)?;
-            for (what, n) in [("sizes", t.part_bytes.len()), ("hashes", t.part_blake3.len())] {
+            for (what, n) in [
+                ("sizes", t.part_bytes.len()),
+                ("hashes", t.part_blake3.len()),
+            ] {
                 if n != 0 && n != t.parts {
-                    return Err(format!("table {name} has {} parts but {n} part {what}", t.parts));
+                    return Err(format!(
+                        "table {name} has {} parts but {n} part {what}",
+                        t.parts
+                    ));
                 }
             }
             for h in &t.part_blake3 {
@@ -815,7 +825,8 @@ mod tests {
     fn every_batch_is_checked_against_the_declared_schema() {
         let dir = tempfile::tempdir().unwrap();
         let run = RunStore::local(dir.path()).unwrap();
-        let mut w = StageWriter::open(&run, dir.path(), "s", "0123456789abcdef", false, true).unwrap();
+        let mut w =
+            StageWriter::open(&run, dir.path(), "s", "0123456789abcdef", false, true).unwrap();
         w.declare(vec![("t", schema(DataType::Int64))]).unwrap();
         let ints = RecordBatch::try_new(
             schema(DataType::Int64),

@@ -185,13 +185,17 @@ impl Fields {
             (Fields::HuggingFace, Vocab) => "text_config.vocab_size",
             (Fields::HuggingFace, Eos) => "text_config.eos_token_id",
             (Fields::Inferred, Embed) => "text_projection's columns",
-            (Fields::Inferred, Image) => "the image size (patch x grid of visual.positional_embedding)",
+            (Fields::Inferred, Image) => {
+                "the image size (patch x grid of visual.positional_embedding)"
+            }
             (Fields::Inferred, Patch) => "visual.conv1.weight's kernel",
             (Fields::Inferred, Width(true)) => "visual.conv1.weight's rows",
             (Fields::Inferred, Width(false)) => "ln_final.weight's size",
             (Fields::Inferred, Layers(true)) => "the visual resblocks",
             (Fields::Inferred, Layers(false)) => "the transformer resblocks",
-            (Fields::Inferred, Heads(_)) => "the heads (width // 64, as OpenAI's build_model infers them)",
+            (Fields::Inferred, Heads(_)) => {
+                "the heads (width // 64, as OpenAI's build_model infers them)"
+            }
             (Fields::Inferred, Mlp(_)) => "the MLP width (4 x width)",
             (Fields::Inferred, Eps(_)) => "the LayerNorm eps",
             (Fields::Inferred, Context) => "positional_embedding's rows",
@@ -227,18 +231,28 @@ impl ClipConfig {
                 ));
             }
             if !(b.ln_eps.is_finite() && b.ln_eps > 0.0) {
-                return Err(format!("{} is {}; it must be a positive number", name(Field::Eps(vision)), b.ln_eps));
+                return Err(format!(
+                    "{} is {}; it must be a positive number",
+                    name(Field::Eps(vision)),
+                    b.ln_eps
+                ));
             }
             Ok(())
         };
         range(Field::Embed, self.embed_dim, 1, MAX_WIDTH)?;
         range(Field::Image, self.image_resolution, 1, MAX_IMAGE)?;
         match &self.vision {
-            Vision::Vit { blocks: b, patch, .. } => {
+            Vision::Vit {
+                blocks: b, patch, ..
+            } => {
                 blocks(b, true)?;
                 range(Field::Patch, *patch, 1, self.image_resolution)?;
             }
-            Vision::ResNet { width, layers, heads } => {
+            Vision::ResNet {
+                width,
+                layers,
+                heads,
+            } => {
                 range(Field::Width(true), *width, 1, MAX_WIDTH)?;
                 for l in layers {
                     range(Field::Layers(true), *l, 1, MAX_LAYERS)?;

@@ -429,11 +429,36 @@ fn model_configs_that_lie_are_refused_by_field() {
     let texts = write_texts(dir.path());
     let src = fixtures().join("hf_gelu");
     let hf_cases: [(&str, &str, serde_json::Value, &str); 5] = [
-        ("vision_config", "num_attention_heads", 3.into(), "vision_config.num_attention_heads"),
-        ("text_config", "num_attention_heads", 0.into(), "text_config.num_attention_heads"),
-        ("text_config", "num_attention_heads", (-2).into(), "text_config.num_attention_heads"),
-        ("vision_config", "patch_size", 0.into(), "vision_config.patch_size"),
-        ("text_config", "num_hidden_layers", 1_000_000_000.into(), "text_config.num_hidden_layers"),
+        (
+            "vision_config",
+            "num_attention_heads",
+            3.into(),
+            "vision_config.num_attention_heads",
+        ),
+        (
+            "text_config",
+            "num_attention_heads",
+            0.into(),
+            "text_config.num_attention_heads",
+        ),
+        (
+            "text_config",
+            "num_attention_heads",
+            (-2).into(),
+            "text_config.num_attention_heads",
+        ),
+        (
+            "vision_config",
+            "patch_size",
+            0.into(),
+            "vision_config.patch_size",
+        ),
+        (
+            "text_config",
+            "num_hidden_layers",
+            1_000_000_000.into(),
+            "text_config.num_hidden_layers",
+        ),
     ];
     for (i, (tower, field, value, named)) in hf_cases.into_iter().enumerate() {
         let folder = dir.path().join(format!("hf{i}"));
@@ -458,7 +483,11 @@ fn model_configs_that_lie_are_refused_by_field() {
             "--device",
             "cpu",
         ]);
-        assert_eq!(r.code, 2, "{tower}.{field} = {value}: {}{}", r.stdout, r.stderr);
+        assert_eq!(
+            r.code, 2,
+            "{tower}.{field} = {value}: {}{}",
+            r.stdout, r.stderr
+        );
         assert!(
             r.stderr.contains(named) && r.stderr.contains(folder.to_str().unwrap()),
             "{tower}.{field} = {value}: {}",

@@ -75,8 +75,14 @@ fn the_memory_bound_measures_the_child_alone() {
     let (r, rss) = measured(&["--version"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     eprintln!("genecis --version beside 2 GiB of ballast: peak RSS {rss:.0} MiB");
-    assert!(rss < BOMB_RSS_MIB, "peak RSS {rss:.0} MiB: the parent's memory was counted");
-    assert_eq!(ballast.iter().map(|&x| x as usize).sum::<usize>(), 2048 << 20);
+    assert!(
+        rss < BOMB_RSS_MIB,
+        "peak RSS {rss:.0} MiB: the parent's memory was counted"
+    );
+    assert_eq!(
+        ballast.iter().map(|&x| x as usize).sum::<usize>(),
+        2048 << 20
+    );
 }
 
 /// A file outside every run, which no command may touch.
@@ -618,7 +624,9 @@ fn stage_records_that_lie_are_named_not_trusted() {
     let m = ingest_manifest(dir.path(), "c.tsv", "");
     genecis(&["run", m.to_str().unwrap(), "-q"]).ok();
     let run = dir.path().join("run");
-    let log = store_of(&run, "captions").join("_log").join("0000000001.json");
+    let log = store_of(&run, "captions")
+        .join("_log")
+        .join("0000000001.json");
     let good = std::fs::read_to_string(&log).unwrap();
     let rec: serde_json::Value = serde_json::from_str(&good).unwrap();
     let fp = rec["fingerprint"].as_str().unwrap().to_string();
@@ -645,7 +653,11 @@ fn stage_records_that_lie_are_named_not_trusted() {
         lie(&mut r);
         write(&log, r.to_string());
         for args in [
-            vec!["sql", run.to_str().unwrap(), "SELECT count(*) FROM captions"],
+            vec![
+                "sql",
+                run.to_str().unwrap(),
+                "SELECT count(*) FROM captions",
+            ],
             vec!["status", m.to_str().unwrap()],
             vec!["run", m.to_str().unwrap(), "-q"],
         ] {
@@ -655,7 +667,9 @@ fn stage_records_that_lie_are_named_not_trusted() {
             assert_ne!(res.code, 0, "{args:?} trusted it: {}", res.stdout);
             let all = format!("{}{}", res.stdout, res.stderr);
             assert!(
-                all.contains("corrupt run record") && all.contains(says) && all.contains("--from captions"),
+                all.contains("corrupt run record")
+                    && all.contains(says)
+                    && all.contains("--from captions"),
                 "{args:?}: {all}"
             );
         }
@@ -666,9 +680,16 @@ fn stage_records_that_lie_are_named_not_trusted() {
     write(&huge, &good);
     let res = genecis(&["run", m.to_str().unwrap(), "-q"]);
     assert_ne!(res.code, 101, "panicked: {}", res.stderr);
-    assert!(res.stderr.contains("beyond any genecis writes"), "{}", res.stderr);
+    assert!(
+        res.stderr.contains("beyond any genecis writes"),
+        "{}",
+        res.stderr
+    );
     // The repair the message names works.
     std::fs::remove_dir_all(store_of(&run, "captions")).unwrap();
     genecis(&["run", m.to_str().unwrap(), "-q", "--from", "captions"]).ok();
-    assert_eq!(head_record(&run, "captions").unwrap()["fingerprint"], fp.as_str());
+    assert_eq!(
+        head_record(&run, "captions").unwrap()["fingerprint"],
+        fp.as_str()
+    );
 }

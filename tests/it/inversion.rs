@@ -174,12 +174,20 @@ fn textual_inversion_methods_match_their_published_inference() {
     let rank = |e: &[f64]| e[1..].iter().filter(|&&x| x > e[0]).count();
     for (k, a) in &new {
         let b = &old[k];
-        moved = moved.max(a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max));
+        moved = moved.max(
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max),
+        );
         ranks_changed += usize::from(rank(a) != rank(b));
     }
     println!("torchvision vs LinCIR's crops: similarities move by up to {moved:.2e}, {ranks_changed} of {} ranks change", new.len());
     assert!(moved > 100.0 * tol, "{moved:e}");
-    assert!(ranks_changed > 0, "no rank changes: the case does not tell the crops apart");
+    assert!(
+        ranks_changed > 0,
+        "no rank changes: the case does not tell the crops apart"
+    );
     // Files that do not fit: a Phi given as Pic2Word's network names the
     // key; another CLIP than the embeddings' is refused.
     let swapped = nets("").replace("pic2word.pt", "lincir.pt");
@@ -221,7 +229,15 @@ fn both_centre_crops_match_torchvision_and_transformers() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // (width, height): margins 111 (3 mod 4), 74, 76, 77 (1 mod 4), 79 (3), 0.
-    let sizes = [(640, 427), (427, 640), (500, 375), (300, 224), (301, 224), (303, 224), (224, 224)];
+    let sizes = [
+        (640, 427),
+        (427, 640),
+        (500, 375),
+        (300, 224),
+        (301, 224),
+        (303, 224),
+        (224, 224),
+    ];
     for (i, (w, h)) in sizes.iter().enumerate() {
         crate::eval::jpeg(&d.join(format!("{i}.jpg")), 7 + i as u64, *w, *h);
     }
@@ -272,11 +288,19 @@ torch.save(out, f"{d}/ref.pt")
         for (name, x) in [("tv", &a), ("hf", &b)] {
             let theirs = &refs[&format!("{name}{i}")];
             let differ = x.ne_tensor(theirs).sum(tch::Kind::Int64).int64_value(&[]);
-            assert_eq!(differ, 0, "{name} {w}x{h}: {differ} values differ from the library's");
+            assert_eq!(
+                differ, 0,
+                "{name} {w}x{h}: {differ} values differ from the library's"
+            );
         }
         let long = 224 * (*w).max(*h) / (*w).min(*h);
         let parts = (long - 224) % 4 == 3;
         let apart = a.ne_tensor(&b).sum(tch::Kind::Int64).int64_value(&[]);
-        assert_eq!(apart > 0, parts, "{w}x{h}: margin {}, {apart} values apart", long - 224);
+        assert_eq!(
+            apart > 0,
+            parts,
+            "{w}x{h}: margin {}, {apart} values apart",
+            long - 224
+        );
     }
 }

@@ -329,10 +329,12 @@ fn npy(b: &[u8]) -> Result<(usize, Col), String> {
         .ok_or_else(|| format!("dtype {descr} is not one this reads"))?;
     // Every allocation below is bounded by the bytes the member holds: the
     // header's shape is checked against them first, without overflow.
-    let item = if kind.ends_with('U') { size.checked_mul(4) } else { Some(size) };
-    let width = shape[1..]
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d));
+    let item = if kind.ends_with('U') {
+        size.checked_mul(4)
+    } else {
+        Some(size)
+    };
+    let width = shape[1..].iter().try_fold(1usize, |n, &d| n.checked_mul(d));
     let need = item
         .zip(width)
         .and_then(|(item, width)| rows.checked_mul(width)?.checked_mul(item));
@@ -451,7 +453,10 @@ mod tests {
         let data: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
         assert_eq!(npy(&member(sims, &data)).unwrap().0, 2);
         // A shape of 10^12 rows over 24 bytes; one that overflows usize.
-        let e = err("{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000, 15), }", &data);
+        let e = err(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000, 15), }",
+            &data,
+        );
         assert!(e.contains("more than the 24 bytes"), "{e}");
         let e = err(
             "{'descr': '<f8', 'fortran_order': False, 'shape': (18446744073709551615, 18446744073709551615), }",
@@ -459,19 +464,37 @@ mod tests {
         );
         assert!(e.contains("claims shape"), "{e}");
         // Item size 0 (a billion empty strings), and rows of no width.
-        let e = err("{'descr': '<U0', 'fortran_order': False, 'shape': (1000000000,), }", &[]);
+        let e = err(
+            "{'descr': '<U0', 'fortran_order': False, 'shape': (1000000000,), }",
+            &[],
+        );
         assert!(e.contains("<U0"), "{e}");
-        let e = err("{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000, 0), }", &[]);
+        let e = err(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000, 0), }",
+            &[],
+        );
         assert!(e.contains("zero-width"), "{e}");
         // A short descr, and one with a character of several bytes.
-        let e = err("{'descr': '<', 'fortran_order': False, 'shape': (2,), }", &data);
+        let e = err(
+            "{'descr': '<', 'fortran_order': False, 'shape': (2,), }",
+            &data,
+        );
         assert!(e.contains("not one this reads"), "{e}");
-        let e = err("{'descr': '\u{e9}4', 'fortran_order': False, 'shape': (2,), }", &data);
+        let e = err(
+            "{'descr': '\u{e9}4', 'fortran_order': False, 'shape': (2,), }",
+            &data,
+        );
         assert!(e.contains("not one this reads"), "{e}");
-        let e = err("{'descr': '<f4', 'fortran_order': False, 'shape': \u{e9}(2,), }", &data);
+        let e = err(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': \u{e9}(2,), }",
+            &data,
+        );
         assert!(e.contains("bad shape"), "{e}");
         // Strings: 4 bytes a character, bounded the same way.
-        let e = err("{'descr': '<U1000000', 'fortran_order': False, 'shape': (1000,), }", &data);
+        let e = err(
+            "{'descr': '<U1000000', 'fortran_order': False, 'shape': (1000,), }",
+            &data,
+        );
         assert!(e.contains("more than the 24 bytes"), "{e}");
     }
 }

@@ -18,7 +18,9 @@ use crate::framework::stage::{resolve_path, Finding, StageContext};
 use crate::model::arch::arch_spec;
 use crate::model::clip::Clip;
 use crate::model::mapper::{Mapper, MapperKind};
-use crate::model::preprocess::{load_batch_with, Family, ImageKey, Preprocess, CLIP_MEAN, CLIP_STD};
+use crate::model::preprocess::{
+    load_batch_with, Family, ImageKey, Preprocess, CLIP_MEAN, CLIP_STD,
+};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::tables::embeddings::{finite_rows, tensor_rows, Embeddings};
 use crate::tables::image_keys::read_image_keys;
@@ -40,7 +42,6 @@ fn networks(p: &ScoreParams) -> [(Method, &'static str, MapperKind, Option<&Path
 /// The tasks whose condition LinCIR's published code loses (its COCO
 /// dataset returns no caption string).
 const OBJECT_TASKS: [&str; 2] = ["focus_object", "change_object"];
-
 
 /// Templates per forward pass.
 const BATCH: usize = 256;
@@ -178,9 +179,10 @@ pub(super) fn queries(
     let lincir = lincir_preprocess(clip.config.image_resolution as u32);
     let (own, preprocess) = match p.inversion_preprocess {
         InversionPreprocess::Embed => (None, format!("embed: {embed_preprocess}")),
-        InversionPreprocess::Lincir if clip.config.preprocess == lincir => {
-            (None, "LinCIR: CLIPImageProcessor (the embed stage's own)".to_string())
-        }
+        InversionPreprocess::Lincir if clip.config.preprocess == lincir => (
+            None,
+            "LinCIR: CLIPImageProcessor (the embed stage's own)".to_string(),
+        ),
         InversionPreprocess::Lincir => (
             Some(reencode(ctx, tasks, img, &clip, &lincir, device)?),
             "LinCIR: CLIPImageProcessor".to_string(),
@@ -350,7 +352,11 @@ fn reencode(
             .into_iter()
             .zip(batch)
             .map(|(t, k)| {
-                t.map_err(|m| Error::Data(format!("image {k}, encoded again for LinCIR's preprocessing: {m}")))
+                t.map_err(|m| {
+                    Error::Data(format!(
+                        "image {k}, encoded again for LinCIR's preprocessing: {m}"
+                    ))
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         let x = Tensor::stack(&tensors, 0).to_device(device);
